@@ -1,0 +1,75 @@
+"""The ``mmaccel`` command line.
+
+User errors (bad arguments, missing files) print one readable line and exit with code 2;
+nothing a user can mistype ends in a stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed as one line, exit code 2."""
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from runtime.environment import device_summary, library_versions, probe_backends
+
+    report = {
+        "versions": library_versions(),
+        "device": device_summary(),
+        "backends": [b.to_dict() for b in probe_backends(compile_flex=not args.no_compile)],
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print("mmaccel environment")
+    print("  versions:")
+    for name, version in report["versions"].items():
+        print(f"    {name:<13} {version or 'not installed'}")
+    dev = report["device"]
+    print(f"  device:      {dev['device']} ({dev['cpu']}, {dev['threads']} threads)")
+    for i, name in enumerate(dev["cuda_devices"]):
+        print(f"    cuda:{i}      {name}")
+    print("  backends:")
+    for b in report["backends"]:
+        print(f"    {b['name']:<26} {'usable' if b['usable'] else 'unusable'}  ({b['detail']})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmaccel", description="Fast multimodal understanding and visual generation."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    info = sub.add_parser("info", help="versions, device and usable backends")
+    info.add_argument("--json", action="store_true", help="print a JSON report")
+    info.add_argument("--no-compile", action="store_true", help="skip the compiled flex_attention probe")
+    info.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (UserError, ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"mmaccel {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mmaccel {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

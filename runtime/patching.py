@@ -1,0 +1,131 @@
+"""Reversible, instance-level patches.
+
+Every ``apply_*`` in mmaccel returns a :class:`PatchHandle`. The handle records each change
+it makes to a model instance (attributes, forward hooks, diffusers hooks, attention
+processors) and :meth:`PatchHandle.remove` undoes them in reverse order, restoring the model
+bit-for-bit. Classes and other instances are never touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["PatchHandle"]
+
+_MISSING = object()
+_REGISTRY_ATTR = "_mmaccel_patches"
+
+
+class PatchHandle:
+    """Undo log for the patches one technique installs on one model instance.
+
+    Usable as a context manager: ``with apply_x(model, cfg): ...`` removes on exit.
+    A technique may be applied to a model at most once at a time (``ValueError`` otherwise).
+    """
+
+    def __init__(self, model: torch.nn.Module, name: str) -> None:
+        active: set[str] = model.__dict__.setdefault(_REGISTRY_ATTR, set())
+        if name in active:
+            raise ValueError(
+                f"{name} is already applied to this {type(model).__name__}; call .remove() on its handle first"
+            )
+        active.add(name)
+        self.model = model
+        self.name = name
+        self._undo: list[Callable[[], None]] = []
+        self._removed = False
+
+    # -- recording -----------------------------------------------------------------------
+    def set_attr(self, obj: Any, attr: str, value: Any) -> None:
+        """Set ``obj.attr = value`` on the instance, remembering how to restore it."""
+        if isinstance(obj, torch.nn.Module):
+            own = any(attr in d for d in (obj._parameters, obj._buffers, obj._modules)) or attr in obj.__dict__
+        else:
+            own = attr in getattr(obj, "__dict__", {})
+        old = getattr(obj, attr) if own else _MISSING
+        setattr(obj, attr, value)
+
+        def undo() -> None:
+            if old is _MISSING:
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, old)
+
+        self._undo.append(undo)
+
+    def add_torch_hook(self, removable: torch.utils.hooks.RemovableHandle) -> None:
+        """Track a handle returned by ``register_forward_hook`` and friends."""
+        self._undo.append(removable.remove)
+
+    def add_diffusers_hook(self, module: torch.nn.Module, hook: Any, hook_name: str) -> None:
+        """Register a diffusers ``ModelHook`` on ``module`` under ``hook_name`` and track it.
+
+        On removal the module's hook registry and instance ``forward`` are deleted again when
+        this handle created them, so the module's ``__dict__`` is restored too.
+        """
+        from diffusers.hooks import HookRegistry
+
+        had_registry = hasattr(module, "_diffusers_hook")
+        had_forward = "forward" in module.__dict__
+        registry = HookRegistry.check_if_exists_or_initialize(module)
+        registry.register_hook(hook, hook_name)
+        _invalidate_registry_caches(self.model)
+
+        def undo() -> None:
+            registry.remove_hook(hook_name, recurse=False)
+            if not had_registry and not registry.hooks:
+                del module._diffusers_hook
+                if not had_forward:
+                    module.__dict__.pop("forward", None)
+            _invalidate_registry_caches(self.model)
+
+        self._undo.append(undo)
+
+    def set_processor(self, attention: torch.nn.Module, processor: Any) -> None:
+        """Swap a diffusers ``Attention`` module's processor, restoring the same object later."""
+        old = attention.processor
+        attention.set_processor(processor)
+        self._undo.append(lambda: attention.set_processor(old))
+
+    def on_remove(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` when the handle is removed (after the patches recorded later)."""
+        self._undo.append(fn)
+
+    # -- undo ----------------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        return not self._removed
+
+    def remove(self) -> None:
+        """Undo every recorded patch, newest first. Calling it twice is a no-op."""
+        if self._removed:
+            return
+        self._removed = True
+        while self._undo:
+            self._undo.pop()()
+        active = self.model.__dict__.get(_REGISTRY_ATTR)
+        if active is not None:
+            active.discard(self.name)
+            if not active:
+                del self.model.__dict__[_REGISTRY_ATTR]
+
+    def __enter__(self) -> PatchHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return f"<PatchHandle {self.name} on {type(self.model).__name__} ({state}, {len(self._undo)} patches)>"
+
+
+def _invalidate_registry_caches(model: torch.nn.Module) -> None:
+    """Drop diffusers' cached child-registry lists, which go stale when hooks come and go."""
+    for module in model.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None:
+            registry._child_registries_cache = None

@@ -1,0 +1,26 @@
+import torch
+
+from benchmarks.harness import append_results, machine_description, markdown_table, measure
+
+
+def test_measure_counts_calls_and_memory():
+    calls = []
+
+    def work():
+        calls.append(1)
+        x = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched
+        return x.sum()
+
+    m = measure(work, repeats=3, warmup=2)
+    assert len(calls) == 5 and len(m.times_s) == 3
+    assert m.median_s > 0
+    assert m.peak_bytes >= 32 * 1024 * 1024  # the 64 MiB buffer shows up (sampling may miss part)
+
+
+def test_markdown_and_results(tmp_path):
+    table = markdown_table(["setting", "speed-up"], [["dense", 1.0], ["sparse", 2.345]])
+    assert table.splitlines()[0] == "| setting | speed-up |" and "2.35" in table
+    path = tmp_path / "RESULTS.md"
+    append_results("demo", table, notes="a note", path=path)
+    text = path.read_text()
+    assert "## demo" in text and "torch" in text and machine_description().split(",")[0] in text
