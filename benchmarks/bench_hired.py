@@ -1,0 +1,325 @@
+"""HiRED benchmark: LLaVA-NeXT-shaped model, 5 partitions per image, budgets 100/40/20/10%.
+
+HiRED only shrinks the language model's work, so the model keeps LLaVA-NeXT-7B's proportion
+of a vision tower of ~4-5% of the language model's parameters, scaled down to a shared CPU:
+a 12-layer CLIP tower at 336 px / patch 14 (576 tokens per partition) and a Llama-shaped
+language model, random weights, built from configs (no download). A 672 x 672 image is the
+base image + 2 x 2 crops: 5 x 576 = 2,880 patch tokens + 48 row newlines = 2,928 visual tokens.
+
+Per batch size and budget it reports the stages (vision, scoring, prefill, decode), time to
+first token (TTFT), end-to-end generated tokens/s, peak memory, KV-cache bytes, the ideal
+TTFT ratio from the measured stages (vision does not shrink), and fidelity against the dense
+run (first-token top-1 agreement and KL, generated-token agreement; random weights, so these
+only show that pruning changes outputs by this much, not task accuracy). A separate table
+measures the [CLS]-row scoring overhead on the real CLIP ViT-L/14-336 tower config.
+
+    .venv/bin/python -m benchmarks.bench_hired [--quick] [--write] [--threads N] [--skip-clip-l]
+
+On a CPU shared with other jobs, ``--threads 1`` gives steadier numbers (small ops stall on
+intra-op thread barriers when the other core is busy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+from transformers import LogitsProcessorList
+
+from apps.tiny_models import tiny_image, tiny_tokenizer
+from benchmarks.harness import append_results, machine_description, markdown_table, measure
+from runtime.budget import TokenBudget
+from vlm.api import StepClock
+from vlm.cls_attention import ClsAttentionRecorder, cls_attention_row
+from vlm.hired import HiREDConfig, apply_hired, select_visual_tokens
+
+RESULTS = Path("benchmarks/results/hired.md")
+BUDGETS = (1.0, 0.4, 0.2, 0.1)
+PROMPT = "USER: <image>\nWhat is shown in the image? ASSISTANT:"
+
+SIZES: dict[str, dict[str, Any]] = {
+    "full": dict(
+        vision=dict(hidden_size=96, intermediate_size=384, num_hidden_layers=12, num_attention_heads=2),
+        text=dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=12),
+        image_size=336, new_tokens=32, batches=(1, 4), repeats=1,
+    ),
+    "quick": dict(
+        vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=12, num_attention_heads=1),
+        text=dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4),
+        image_size=112, new_tokens=8, batches=(1, 4), repeats=1,
+    ),
+}  # fmt: skip
+
+CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  image_size=336, patch_size=14, projection_dim=768)  # fmt: skip
+
+
+def build(size: dict[str, Any]):
+    """A random-init LlavaNextForConditionalGeneration + LlavaNextProcessor of the given size."""
+    import transformers
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextProcessor,
+    )
+
+    tok = tiny_tokenizer("llama")
+    tok.model_max_length = 4 * 4096  # 4 x 2,928 visual tokens fit
+    b = size["image_size"]
+    pinpoints = [[b, 2 * b], [2 * b, b], [2 * b, 2 * b], [3 * b, b], [b, 3 * b]]  # LLaVA-NeXT's
+    vision = CLIPVisionConfig(image_size=b, patch_size=14, projection_dim=32, **size["vision"])
+    text = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id, max_position_embeddings=4 * 4096, **size["text"])  # fmt: skip
+    config = LlavaNextConfig(
+        vision_config=vision, text_config=text, image_grid_pinpoints=pinpoints,
+        image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+        vision_feature_select_strategy="default", image_seq_length=(b // 14) ** 2, tie_word_embeddings=False,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlavaNextForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    image_processor_cls = getattr(transformers, "LlavaNextImageProcessorPil", None) or transformers.LlavaNextImageProcessor
+    processor = LlavaNextProcessor(
+        image_processor=image_processor_cls(size={"shortest_edge": b}, crop_size={"height": b, "width": b},
+                                            image_grid_pinpoints=pinpoints),
+        tokenizer=tok, patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_token="<image>",
+    )  # fmt: skip
+    return model, processor
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def kv_bytes(model, batch: int, seq: int) -> int:
+    cfg = model.config.text_config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * seq * batch * 4
+
+
+def scoring_work(model, inputs, config: HiREDConfig, handle) -> float:
+    """Median seconds of the work HiRED adds to the vision stage: two [CLS] rows from the
+    captured q/k (O(N) each), the token layout and the per-image selection."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    cfg = model.config
+    v = cfg.vision_config
+    sizes = inputs["image_sizes"]
+    parts = sum(image_size_to_num_patches(s, cfg.image_grid_pinpoints, v.image_size) for s in sizes)
+    q = torch.randn(parts, v.hidden_size)
+    k = torch.randn(parts, (v.image_size // v.patch_size) ** 2 + 1, v.hidden_size)
+    heads, scale = v.num_attention_heads, (v.hidden_size // v.num_attention_heads) ** -0.5
+
+    def work() -> None:
+        content = cls_attention_row(q, k, heads, scale)[:, 1:]
+        select = cls_attention_row(q, k, heads, scale)[:, 1:]
+        for m in handle.hired._layout(content, select, sizes, len(sizes)):
+            select_visual_tokens(m[:, 0].round().long(), m[:, 1], m[:, 2], config.budget, config.alpha)
+
+    return measure(work, repeats=5, warmup=1).median_s
+
+
+def prefill_stage(model, batch: int, seq: int, repeats: int):
+    """The language model's prefill alone (embeddings in, KV cache + first logits out)."""
+    emb = torch.randn(batch, seq, model.config.text_config.hidden_size) * 0.02
+
+    def run() -> None:
+        out = model.model.language_model(inputs_embeds=emb, use_cache=True)
+        model.lm_head(out.last_hidden_state[:, -1:])
+
+    return measure(run, repeats=repeats, warmup=0)
+
+
+def first_token_fidelity(dense_logits: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
+    """Top-1 agreement and mean KL(dense || pruned) of the first generated token."""
+    agree = float((dense_logits.argmax(-1) == logits.argmax(-1)).float().mean())
+    kl = torch.nn.functional.kl_div(logits.log_softmax(-1), dense_logits.log_softmax(-1), log_target=True,
+                                    reduction="batchmean")  # fmt: skip
+    return agree, float(kl)
+
+
+def release_memory() -> None:
+    """Hand freed heap pages back to the OS so the next run's peak-RSS delta is its own."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def run_budget(model, inputs, ratio: float, new: int, repeats: int, warmup: int) -> dict[str, Any]:
+    """One budget on one batch: scoring work, end-to-end generate (TTFT inside it), LM prefill."""
+    batch = inputs["input_ids"].shape[0]
+    handle, config = None, None
+    if ratio < 1.0:  # 100% is the unpatched model
+        config = HiREDConfig(budget=TokenBudget(ratio=ratio))
+        handle = apply_hired(model, config)
+    ttfts, totals, outs = [], [], []
+
+    def e2e() -> None:
+        clock = StepClock()
+        start = time.perf_counter()
+        outs.append(model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                   logits_processor=LogitsProcessorList([clock]), return_dict_in_generate=True,
+                                   output_logits=True))  # fmt: skip
+        totals.append(time.perf_counter() - start)
+        ttfts.append(clock.times[0] - start)
+
+    try:
+        with torch.inference_mode():
+            scoring = scoring_work(model, inputs, config, handle) if handle is not None else 0.0
+            release_memory()
+            e2e_m = measure(e2e, repeats=repeats, warmup=warmup)
+            seq = inputs["input_ids"].shape[1]
+            visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+            if handle is not None:
+                sel = handle.last_selections[0]
+                seq, visual = seq - (sel.tokens_before - sel.tokens_after), sel.tokens_after
+            release_memory()
+            prefill = prefill_stage(model, batch, seq, repeats)
+    finally:
+        if handle is not None:
+            handle.remove()
+    release_memory()
+    return dict(scoring=scoring, ttft=statistics.median(ttfts[warmup:]), total=statistics.median(totals[warmup:]),
+                e2e_peak=e2e_m.peak_bytes, prefill=prefill, seq=seq, visual=visual,
+                logits=outs[-1].logits[0].float(), tokens=outs[-1].sequences[:, -new:])  # fmt: skip
+
+
+def run_model(size_name: str) -> tuple[str, str, list[str]]:
+    size = SIZES[size_name]
+    model, processor = build(size)
+    vision_p, lm_p = n_params(model.model.vision_tower), n_params(model.model.language_model)
+    new, repeats = size["new_tokens"], size["repeats"]
+    headers = ["batch", "budget", "visual tok/img", "seq", "vision s", "scoring s (% vision)", "prefill s",
+               "decode s", "TTFT s", "TTFT x", "ideal TTFT x", "% of ideal", "tok/s", "tok/s x",
+               "peak vision MB", "peak prefill MB", "peak e2e MB", "KV MB", "top-1 agree", "KL",
+               "token agree"]  # fmt: skip
+    rows: list[list[object]] = []
+    checks: list[str] = []
+    jobs = [(b, r) for b in size["batches"] for r in sorted(BUDGETS)]  # small first: RSS peaks stay honest
+    results: dict[tuple[int, float], dict[str, Any]] = {}
+    vision: dict[int, Any] = {}
+    for j, (batch, ratio) in enumerate(tqdm(jobs, desc="hired bench", unit="run")):
+        images = [tiny_image(2 * size["image_size"], 2 * size["image_size"], seed=i) for i in range(batch)]
+        inputs = processor(images=images, text=[PROMPT] * batch, return_tensors="pt", padding=True)
+        if batch not in vision:  # the vision stage is the same for every budget
+            pv, sizes = inputs["pixel_values"], inputs["image_sizes"]
+            release_memory()
+            with torch.inference_mode():
+                vision[batch] = measure(lambda: model.model.get_image_features(pv, sizes), repeats=1, warmup=1)  # noqa: B023
+        results[batch, ratio] = run_budget(model, inputs, ratio, new, repeats, warmup=1 if j == 0 else 0)
+    for batch, ratio in sorted(results, key=lambda k: (k[0], -k[1])):
+        r, d, v = results[batch, ratio], results[batch, 1.0], vision[batch]
+        v_s, scoring = v.median_s, r["scoring"]
+        ideal = (v_s + d["prefill"].median_s) / (v_s + r["prefill"].median_s)
+        speed = d["ttft"] / r["ttft"]
+        tps, tps_x = batch * new / r["total"], d["total"] / r["total"]
+        agree, kl = first_token_fidelity(d["logits"], r["logits"])
+        token_agree = float((r["tokens"] == d["tokens"]).float().mean())
+        rows.append([
+            batch, f"{ratio:.0%}", r["visual"], r["seq"], v_s, f"{scoring:.3g} ({100 * scoring / v_s:.2g}%)",
+            r["prefill"].median_s, r["total"] - r["ttft"], r["ttft"], speed, ideal, f"{100 * speed / ideal:.0f}%",
+            tps, tps_x, v.peak_bytes / 2**20, r["prefill"].peak_bytes / 2**20, r["e2e_peak"] / 2**20,
+            kv_bytes(model, batch, r["seq"] + new) / 2**20, agree, kl, token_agree,
+        ])  # fmt: skip
+        if ratio == 0.2:
+            checks.append(f"batch {batch}, 20%: TTFT {speed:.2f}x (target >= 3.5x: {'met' if speed >= 3.5 else 'MISSED'}); "
+                          f"{100 * speed / ideal:.0f}% of the ideal {ideal:.2f}x (target >= 90%: "
+                          f"{'met' if speed / ideal >= 0.9 else 'MISSED'}); scoring {100 * scoring / v_s:.2g}% "
+                          f"of vision (target <= 3%: {'met' if scoring <= 0.03 * v_s else 'MISSED'}); "
+                          f"end-to-end throughput {tps_x:.2f}x" + (f" (target >= 2.5x: {'met' if tps_x >= 2.5 else 'MISSED'})"
+                                                                  if batch == 4 else ""))  # fmt: skip
+    if size_name == "quick":
+        checks.insert(0, "quick = smoke sizes (the tower is ~18% of the LM): the targets apply to the full size")
+    t, v = model.config.text_config, model.config.vision_config
+    desc = (f"`{size_name}` size: CLIP tower {v.num_hidden_layers} layers x {v.hidden_size} wide at {v.image_size} px "
+            f"({vision_p / 1e6:.2f} M params), Llama LM {t.num_hidden_layers} layers x {t.hidden_size} wide, "
+            f"{t.num_attention_heads} heads ({lm_p / 1e6:.1f} M params); vision = {100 * vision_p / lm_p:.1f}% of the LM. "
+            f"Images {2 * v.image_size} px = 5 partitions; {new} new tokens (forced); fp32; median of "
+            f"{repeats} run(s). Dense (100%) = the unpatched model. TTFT and tok/s are measured inside one "
+            f"generate call (TTFT = first logits); prefill = the language model alone on the final length; "
+            f"ideal TTFT x = (vision + dense prefill) / (vision + pruned prefill); peaks are RSS above the level "
+            f"before each stage; KV = the cache after the last token.")  # fmt: skip
+    return markdown_table(headers, rows), desc, checks
+
+
+def run_clip_l(pairs: int = 5) -> str:
+    """[CLS]-row scoring overhead on the real CLIP ViT-L/14-336 config (random init), one partition.
+
+    The hooks touch only the two scored layers, so their cost is measured on one layer
+    (plain and hooked runs interleaved, medians) and related to a whole tower forward.
+    """
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tower = CLIPVisionModel(CLIPVisionConfig(**CLIP_L_336)).eval()
+    pixels = torch.randn(1, 3, 336, 336)
+    inner = getattr(tower, "vision_model", tower)
+    layers = inner.encoder.layers
+    recorder = ClsAttentionRecorder([layer.self_attn for layer in layers], [0, 22])
+    hooks = recorder.install()
+    times: dict[bool, list[float]] = {False: [], True: []}
+    with torch.inference_mode():
+        forward = measure(lambda: tower(pixels), repeats=1, warmup=0).median_s
+        hidden = inner.pre_layrnorm(inner.embeddings(pixels))
+        layers[22](hidden, None)  # warm-up
+        for i in tqdm(range(pairs), desc="CLIP-L layer pairs"):
+            for active in (i % 2 == 0, i % 2 == 1):  # alternate which runs first
+                recorder.active = active
+                start = time.perf_counter()
+                layers[22](hidden, None)
+                times[active].append(time.perf_counter() - start)
+        recorder.active = False
+        q, k = torch.randn(1, 1024), torch.randn(1, 577, 1024)
+        rows_only = measure(lambda: [cls_attention_row(q, k, 16, 64**-0.5) for _ in range(2)], repeats=20).median_s
+    for h in hooks:
+        h.remove()
+    plain, hooked = statistics.median(times[False]), statistics.median(times[True])
+    overhead = 2 * max(hooked - plain, 0.0)
+    row = ["CLIP ViT-L/14-336 (24 x 1024, 577 tokens)", forward, plain, hooked, f"{100 * overhead / forward:.2g}%",
+           rows_only, f"{100 * rows_only / forward:.2g}%"]  # fmt: skip
+    headers = ["tower", "forward s", "layer s", "layer + hooks s", "2 hooked layers / forward",
+               "2 [CLS] rows s", "rows / forward"]  # fmt: skip
+    return markdown_table(headers, [row])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, < 1 min")
+    parser.add_argument("--write", action="store_true", help=f"append the tables to {RESULTS}")
+    parser.add_argument("--skip-clip-l", action="store_true", help="skip the CLIP ViT-L/14-336 overhead run")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    size = "quick" if args.quick else "full"
+    print(f"Machine: {machine_description()}")
+    table, desc, checks = run_model(size)
+    print(f"\n{desc}\n\n{table}\n")
+    print("\n".join(checks))
+    clip = None
+    if not (args.quick or args.skip_clip_l):
+        clip = run_clip_l()
+        print(f"\n{clip}\n")
+    if args.write:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        append_results(f"HiRED ({size})", table, notes=desc + "\n\n" + "\n".join(f"- {c}" for c in checks), path=RESULTS)
+        if clip is not None:
+            append_results("HiRED scoring overhead, CLIP ViT-L/14-336", clip, path=RESULTS)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,353 @@
+"""HiRED: selection arithmetic, [CLS]-row scoring vs eager attention, patching LLaVA / LLaVA-NeXT."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from apps.tiny_models import TINY_CALL_KWARGS, tiny_image, tiny_llava, tiny_llava_next
+from runtime.budget import TokenBudget, allocate
+from vlm.cls_attention import ClsAttentionRecorder
+from vlm.hired import NEWLINE, HiREDConfig, apply_hired, select_visual_tokens
+from vlm.placeholders import shrink_placeholders
+
+PROMPT = TINY_CALL_KWARGS["llava"]["text"]
+PROMPT2 = "USER: <image>\nWhat color is the big disc on the left? ASSISTANT:"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and lose a lot to them on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def llava():
+    return tiny_llava()
+
+
+@pytest.fixture(scope="module")
+def llava_next():
+    return tiny_llava_next()
+
+
+def _inputs(processor, images, prompts):
+    processor.tokenizer.padding_side = "left"
+    return processor(images=images, text=prompts, return_tensors="pt", padding=True)
+
+
+def _eager_cls_rows(tower, pixel_values, layers):
+    """Reference: full eager attention matrices, row 0, heads summed."""
+    eager = copy.deepcopy(tower)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = eager(pixel_values, output_attentions=True)
+    return {i: out.attentions[i][:, :, 0, :].sum(1) for i in layers}
+
+
+# ---------------------------------------------------------------------------------------------
+# Config validation
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, word",
+    [
+        (dict(alpha=-0.1), ValueError, "alpha"),
+        (dict(alpha=1.5), ValueError, "alpha"),
+        (dict(alpha="half"), TypeError, "alpha"),
+        (dict(budget=0.2), TypeError, "budget"),
+        (dict(content_layer=1.5), TypeError, "content_layer"),
+        (dict(select_layer="last"), TypeError, "select_layer"),
+        (dict(keep_newlines=1), TypeError, "keep_newlines"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, err, word):
+    with pytest.raises(err, match=word):
+        HiREDConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, word", [(dict(ratio=0.0), "ratio"), (dict(ratio=1.01), "ratio"), (dict(count=0), "count")]
+)
+def test_budget_outside_range_is_rejected(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        HiREDConfig(budget=TokenBudget(**kwargs))
+
+
+def test_layer_out_of_range_names_the_parameter(llava):
+    model, _ = llava
+    with pytest.raises(ValueError, match="select_layer"):
+        apply_hired(model, HiREDConfig(select_layer=4))
+    with pytest.raises(ValueError, match="content_layer"):
+        apply_hired(model, HiREDConfig(content_layer=-5))
+    assert "_mmaccel_patches" not in model.__dict__  # nothing was installed
+
+
+def test_unsupported_models_raise_type_error():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    lm = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, vocab_size=32))  # fmt: skip
+    with pytest.raises(TypeError, match="LlavaNextForConditionalGeneration"):
+        apply_hired(lm, HiREDConfig())
+
+
+def test_tower_without_cls_raises_clearly():
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=32, patch_size=8)  # fmt: skip
+    text = LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=40
+    )
+    model = LlavaForConditionalGeneration(
+        LlavaConfig(vision_config=vision, text_config=text, image_token_index=39)
+    )
+    with pytest.raises(NotImplementedError, match=r"\[CLS\]"):
+        apply_hired(model, HiREDConfig())
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection arithmetic (pure)
+# ---------------------------------------------------------------------------------------------
+
+
+def _grid_layout(base: int, crop_rows: int, crop_cols: int, crops_w: int, crops_h: int):
+    """Partition ids of a LLaVA-NeXT packed layout: base, then the crop grid row by row + newline."""
+    parts = [0] * base
+    for r in range(crops_h * crop_rows):
+        for c in range(crops_w * crop_cols):
+            parts.append(1 + (r // crop_rows) * crops_w + c // crop_cols)
+        parts.append(NEWLINE)
+    return torch.tensor(parts)
+
+
+def test_selection_uses_the_budget_exactly_and_follows_the_allocation():
+    gen = torch.Generator().manual_seed(0)
+    part = _grid_layout(base=16, crop_rows=4, crop_cols=4, crops_w=2, crops_h=2)  # 16 + 4 x 16 tokens
+    content = torch.rand(part.numel(), generator=gen)
+    select = torch.rand(part.numel(), generator=gen)
+    content[part == 3] *= 5  # crop 3 has most content
+    for ratio in (0.05, 0.2, 0.37, 0.6, 1.0):
+        budget = TokenBudget(ratio=ratio)
+        sel = select_visual_tokens(part, content, select, budget, alpha=0.5)
+        total = budget.resolve(80)
+        assert sel.budget == total
+        assert sum(sel.kept_per_partition) == total
+        assert int(sel.keep[part != NEWLINE].sum()) == total
+        base = min(math.floor(0.5 * total), 16)
+        assert sel.kept_per_partition[0] == base
+        mass = torch.stack([content[part == p].sum() for p in range(1, 5)])
+        expected = allocate(total - base, mass, torch.full((4,), 16))
+        assert list(sel.kept_per_partition[1:]) == expected.tolist()
+        for p in range(5):  # the kept tokens are the top ones of their partition
+            scores = select[part == p]
+            kept = sel.keep[part == p]
+            if 0 < kept.sum() < kept.numel():
+                assert scores[kept].min() > scores[~kept].max()
+
+
+def test_full_crops_hand_the_rest_to_the_base():
+    part = torch.tensor([0] * 10 + [1, 1, NEWLINE])
+    sel = select_visual_tokens(part, torch.ones(13), torch.arange(13.0), TokenBudget(count=8), alpha=0.0)
+    assert sel.kept_per_partition == (6, 2)
+    assert sel.budget == 8
+
+
+def test_newlines_follow_their_rows():
+    part = _grid_layout(base=4, crop_rows=2, crop_cols=2, crops_w=1, crops_h=1)  # base, [1 1 nl 1 1 nl]
+    select = torch.tensor([0.0, 0, 0, 0, 9, 8, 0, 1, 2, 0])  # crop row 0 wins
+    sel = select_visual_tokens(part, torch.ones(10), select, TokenBudget(count=4), alpha=0.5)
+    # base keeps 2 (ties: first ones), the crop its 2 best, both in row 0 -> only row 0's newline
+    assert sel.keep.tolist() == [True, True, False, False, True, True, True, False, False, False]
+    sel = select_visual_tokens(part, torch.ones(10), select, TokenBudget(count=4), keep_newlines=False)
+    assert not sel.keep[part == NEWLINE].any()
+    assert sel.tokens_after == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# [CLS]-row scoring vs eager attention
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cls_row_matches_eager_attention(llava):
+    model, _ = llava
+    tower = model.model.vision_tower
+    assert tower.config._attn_implementation == "sdpa"
+    pixel_values = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    recorder = ClsAttentionRecorder([layer.self_attn for layer in tower.encoder.layers], [0, 2])
+    hooks = recorder.install()
+    try:
+        recorder.active = True
+        with torch.no_grad():
+            tower(pixel_values)
+    finally:
+        for h in hooks:
+            h.remove()
+    reference = _eager_cls_rows(tower, pixel_values, [0, 2])
+    for layer in (0, 2):
+        torch.testing.assert_close(recorder.scores[layer], reference[layer], atol=1e-6, rtol=1e-5)
+
+
+def test_llava_keeps_the_true_top_k(llava):
+    model, processor = llava
+    images = [tiny_image(seed=0), tiny_image(seed=5)]
+    inputs = _inputs(processor, images, [PROMPT, PROMPT2])
+    with apply_hired(model, HiREDConfig(budget=TokenBudget(count=10))) as handle:
+        assert handle.hired.select_layer == 2  # vision_feature_layer=-2 of a 4-layer tower
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        selections = handle.last_selections
+    reference = _eager_cls_rows(model.model.vision_tower, inputs["pixel_values"], [2])[2][:, 1:]
+    for sel, ref in zip(selections, reference):
+        assert sel.kept_per_partition == (10,)
+        assert set(sel.keep.nonzero().squeeze(1).tolist()) == set(ref.topk(10).indices.tolist())
+
+
+def test_llava_next_allocation_and_top_k_vs_eager(llava_next):
+    """128 x 128 input = base + 2 x 2 crops of 8 x 8 without unpadding: check against eager."""
+    model, processor = llava_next
+    inputs = _inputs(processor, [tiny_image(128, 128, seed=2)], [PROMPT])
+    budget = TokenBudget(ratio=0.3)
+    with apply_hired(model, HiREDConfig(budget=budget)) as handle:
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        (sel,) = handle.last_selections
+    pixel = inputs["pixel_values"][0]
+    ref = _eager_cls_rows(model.model.vision_tower, pixel, [0, 2])
+    content, select = ref[0][:, 1:], ref[2][:, 1:]  # (5 partitions, 64)
+    total = budget.resolve(5 * 64)
+    assert sel.budget == total and sum(sel.kept_per_partition) == total
+    base = math.floor(0.5 * total)
+    expected = allocate(total - base, content[1:].sum(1), torch.full((4,), 64))
+    assert sel.kept_per_partition == (base, *expected.tolist())
+    # Rebuild which packed positions belong to which crop / local patch, independently.
+    keep = sel.keep
+    assert set(keep[:64].nonzero().squeeze(1).tolist()) == set(select[0].topk(base).indices.tolist())
+    kept_local = {p: set() for p in range(1, 5)}
+    for r in range(16):
+        row = keep[64 + r * 17 : 64 + (r + 1) * 17]
+        for c in range(16):
+            if row[c]:
+                kept_local[1 + (r // 8) * 2 + c // 8].add((r % 8) * 8 + c % 8)
+        assert bool(row[16]) == bool(row[:16].any())  # newline iff the row keeps a token
+    for p in range(1, 5):
+        assert kept_local[p] == set(select[p].topk(int(expected[p - 1])).indices.tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# Patched models
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["llava", "llava_next"])
+def test_full_budget_reproduces_the_dense_model(which, llava, llava_next):
+    model, processor = llava if which == "llava" else llava_next
+    size = (64, 64) if which == "llava" else (64, 128)
+    inputs = _inputs(processor, [tiny_image(*size, seed=0), tiny_image(128, 128, seed=1)], [PROMPT, PROMPT2])
+    with torch.no_grad():
+        dense_logits = model(**inputs).logits
+    dense = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    with apply_hired(model, HiREDConfig(budget=TokenBudget(ratio=1.0))):
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    torch.testing.assert_close(logits, dense_logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(tokens, dense)
+
+
+def test_batch_with_different_partition_counts_equals_single_runs(llava_next):
+    model, processor = llava_next
+    images = [tiny_image(64, 128, seed=3), tiny_image(128, 128, seed=4)]  # 3 and 5 partitions
+    prompts = [PROMPT, PROMPT2]
+    kw = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    with apply_hired(model, HiREDConfig(budget=TokenBudget(ratio=0.25))) as handle:
+        batch = model.generate(**_inputs(processor, images, prompts), **kw)
+        assert [s.partitions for s in handle.last_selections] == [3, 5]
+        singles = [model.generate(**_inputs(processor, [i], [p]), **kw) for i, p in zip(images, prompts)]
+    for b, single in enumerate(singles):
+        n = single.sequences.shape[1]
+        assert torch.equal(batch.sequences[b, -5:], single.sequences[0, -5:])
+        assert torch.equal(batch.sequences[b, -n:], single.sequences[0])  # the caller's prompt comes back
+        for step in range(5):
+            torch.testing.assert_close(batch.scores[step][b], single.scores[step][0], atol=1e-4, rtol=1e-4)
+
+
+def test_forward_shrinks_the_sequence_and_respects_position_ids(llava_next):
+    model, processor = llava_next
+    inputs = _inputs(processor, [tiny_image(64, 128, seed=3)], [PROMPT])
+    t = inputs["input_ids"].shape[1]
+    with apply_hired(model, HiREDConfig(budget=TokenBudget(count=20))) as handle:
+        with torch.no_grad():
+            out = model(**inputs)
+        (sel,) = handle.last_selections
+        assert out.logits.shape[1] == t - (sel.tokens_before - sel.tokens_after)
+        with torch.no_grad():  # explicit positions are shrunk with the tokens: kept tokens keep theirs
+            gapped = model(**inputs, position_ids=torch.arange(t)[None]).logits
+    assert gapped.shape == out.logits.shape
+    assert not torch.allclose(gapped, out.logits)  # gapped original positions differ from contiguous ones
+
+
+def test_remove_restores_bit_for_bit(llava_next):
+    model, processor = llava_next
+    inputs = _inputs(processor, [tiny_image(64, 128, seed=0)], [PROMPT])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    dicts = {name: dict(m.__dict__) for name, m in model.named_modules()}
+    hooks = {name: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for name, m in model.named_modules()}
+    with torch.no_grad():
+        before = model(**inputs).logits
+    handle = apply_hired(model, HiREDConfig(budget=TokenBudget(ratio=0.2)))
+    with pytest.raises(ValueError, match="already applied"):
+        apply_hired(model, HiREDConfig())
+    model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    handle.remove()
+    for name, m in model.named_modules():
+        assert m.__dict__.keys() == dicts[name].keys(), name
+        assert (dict(m._forward_hooks), dict(m._forward_pre_hooks)) == hooks[name], name
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert "generate" not in model.__dict__ and "forward" not in model.__dict__
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Placeholder shrinking
+# ---------------------------------------------------------------------------------------------
+
+
+def test_shrink_placeholders_left_and_right_padding():
+    img, pad = 9, 0
+    ids = torch.tensor([[pad, 5, img, img, img, 6], [5, img, img, img, 7, 8]])
+    mask = (ids != pad).long()
+    keep = torch.tensor([True, False, True, False, False, True])
+    out = shrink_placeholders(ids, keep, img, pad_token_id=pad, attention_mask=mask,
+                              position_ids=torch.arange(6).expand(2, 6), labels=ids.clone())  # fmt: skip
+    assert out["input_ids"].tolist() == [[pad, 5, img, img, 6], [pad, 5, img, 7, 8]]
+    assert out["attention_mask"].tolist() == [[0, 1, 1, 1, 1], [0, 1, 1, 1, 1]]
+    assert out["position_ids"].tolist() == [[0, 1, 2, 4, 5], [0, 0, 3, 4, 5]]
+    assert out["labels"].tolist() == [[pad, 5, img, img, 6], [-100, 5, img, 7, 8]]
+    right = shrink_placeholders(ids[1:], keep[3:], img, pad_token_id=pad, padding_side="right")
+    assert right["input_ids"].tolist() == [[5, img, 7, 8]]
+    with pytest.raises(ValueError, match="one entry per <image>"):
+        shrink_placeholders(ids, keep[:4], img, pad_token_id=pad)
+
+
+def test_get_image_features_returns_the_pruned_features(llava_next):
+    model, processor = llava_next
+    inputs = _inputs(
+        processor, [tiny_image(64, 128, seed=1), tiny_image(128, 128, seed=2)], [PROMPT, PROMPT2]
+    )
+    with torch.no_grad():
+        dense = model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+        with apply_hired(model, HiREDConfig(budget=TokenBudget(ratio=0.3))) as handle:
+            pruned = model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+            selections = handle.last_selections
+    for d, p, sel in zip(dense, pruned, selections):
+        assert p.shape[0] == sel.tokens_after
+        torch.testing.assert_close(p, d[sel.keep])
