@@ -2,22 +2,23 @@
 
 Speed and memory are reported as ratios against the baseline measured in the same process
 run: median of ``repeats`` timed calls after ``warmup`` untimed ones. Peak memory is
-``torch.cuda.max_memory_allocated`` on CUDA; on CPU it is the peak resident set size above
-the level before the call, sampled every millisecond from ``/proc/self/statm``.
+``torch.cuda.max_memory_allocated`` on CUDA and the peak of live tensor storage
+(:class:`PeakTensorBytes`) on CPU.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import os
 import statistics
-import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from runtime.environment import cpu_model
 
@@ -31,34 +32,43 @@ class Measurement:
     peak_bytes: int
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+class PeakTensorBytes(TorchDispatchMode):
+    """Peak bytes of tensor storage allocated and alive inside the ``with`` block.
 
+    Counts the storages every op produces and releases them when their last tensor dies, so
+    it measures activations (not weights created earlier) independently of the allocator,
+    whose cached memory makes RSS deltas read ~0. Adds per-op Python overhead: never time
+    code while it is active.
+    """
 
-class _PeakRSS:
-    """Samples RSS in a background thread; ``peak`` is the maximum above the starting level."""
+    def __enter__(self) -> PeakTensorBytes:
+        self.live, self.peak, self._refs = 0, 0, {}
+        return super().__enter__()
 
-    def __init__(self, interval_s: float = 1e-3) -> None:
-        self.interval_s = interval_s
-        self.peak = 0
-        self._stop = threading.Event()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                self._track(t)
+        return out
 
-    def __enter__(self) -> _PeakRSS:
-        self._base = _rss_bytes()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
+    def _track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in self._refs:
+            self._refs[key] = [0, storage.nbytes()]
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+        self._refs[key][0] += 1
+        weakref.finalize(t, self._release, key)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes() - self._base)
-            time.sleep(self.interval_s)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_bytes() - self._base)
+    def _release(self, key: int) -> None:
+        entry = self._refs.get(key)
+        if entry is not None:
+            entry[0] -= 1
+            if entry[0] == 0:
+                self.live -= entry[1]
+                del self._refs[key]
 
 
 def _sync(device: torch.device | str | None) -> None:
@@ -69,32 +79,32 @@ def _sync(device: torch.device | str | None) -> None:
 def measure(
     fn: Callable[[], object], repeats: int = 3, warmup: int = 1, device: torch.device | str | None = None
 ) -> Measurement:
-    """Time ``fn`` (median of ``repeats`` after ``warmup``) and record its peak memory."""
+    """Time ``fn`` (median of ``repeats`` after ``warmup``) and record its peak memory.
+
+    Peak memory: ``torch.cuda.max_memory_allocated`` above the starting level on CUDA; on CPU
+    one extra, untimed call under :class:`PeakTensorBytes`.
+    """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
     cuda = device is not None and torch.device(device).type == "cuda"
     for _ in range(warmup):
         fn()
     _sync(device)
-    times: list[float] = []
-    peak = 0
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
+    times: list[float] = []
     for _ in range(repeats):
-        if cuda:
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append(time.perf_counter() - start)
-        else:
-            with _PeakRSS() as rss:
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-            peak = max(peak, rss.peak)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
     if cuda:
         peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        with PeakTensorBytes() as tracker:
+            fn()
+        peak = tracker.peak
     return Measurement(statistics.median(times), tuple(times), int(peak))
 
 
