@@ -19,17 +19,14 @@ import argparse
 import functools
 import math
 import statistics
-import weakref
 from pathlib import Path
 
 import torch
-import torch.utils._pytree as pytree
 from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
 from torch.utils import flop_counter
-from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm.auto import tqdm
 
-from benchmarks.harness import append_results, markdown_table, measure
+from benchmarks.harness import PeakTensorBytes, append_results, markdown_table, measure
 from diffusion.flexdit import FlexDiTConfig, FlexDiTTransformer2DModel, convert_to_flexdit
 from diffusion.train import DistillConfig, LatentDataset, distill, distillation_loss
 from runtime.budget import LinearSchedule
@@ -50,43 +47,6 @@ def flops_and_peak(fn) -> tuple[int, int]:
     ):
         fn()
     return counter.get_total_flops(), mem.peak
-
-
-class PeakTensorBytes(TorchDispatchMode):
-    """Peak bytes of tensor storage allocated and alive during a call (activations, not weights).
-
-    The harness' RSS peak reads ~0 once the allocator has cached a previous model's memory, so
-    this counts the storages produced by every op instead, freeing them when their last tensor dies.
-    """
-
-    def __enter__(self) -> PeakTensorBytes:
-        self.live, self.peak, self._refs = 0, 0, {}
-        return super().__enter__()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                self._track(t)
-        return out
-
-    def _track(self, t: torch.Tensor) -> None:
-        storage = t.untyped_storage()
-        key = storage.data_ptr()
-        if key not in self._refs:
-            self._refs[key] = [0, storage.nbytes()]
-            self.live += storage.nbytes()
-            self.peak = max(self.peak, self.live)
-        self._refs[key][0] += 1
-        weakref.finalize(t, self._release, key)
-
-    def _release(self, key: int) -> None:
-        entry = self._refs.get(key)
-        if entry is not None:
-            entry[0] -= 1
-            if entry[0] == 0:
-                self.live -= entry[1]
-                del self._refs[key]
 
 
 def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
