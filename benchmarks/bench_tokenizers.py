@@ -1,0 +1,105 @@
+"""Tokenizer benchmark: reconstruction fidelity and speed of the 2-D VQ vs the 1-D compact tokenizer.
+
+Both tokenizers (LlamaGen-architecture VQ, downsample 4, codebook 512 x 8; TiTok/FlexTok-style 1-D
+tokenizer, 32 tokens, codebook 512 x 8, nested dropout; both with dead-code restarts) are trained from scratch on CPU for the same
+number of steps on 32 x 32 random crops of 12 ``skimage.data`` images, and evaluated on crops
+of a held-out photograph (``chelsea``). Reported per tokenizer / prefix length: tokens per
+image and the ratio to the 2-D grid (what an autoregressive generator must produce), held-out
+PSNR before and after training, distinct codes used on the held-out crops, and encode + decode images/s and peak memory as ratios vs the
+2-D VQ measured in the same run. A first row gives the PSNR of predicting each crop's mean
+colour, the floor a useful tokenizer must beat. One torch thread (the machine is shared; tiny models are
+latency-bound).
+
+    .venv/bin/python -m benchmarks.bench_tokenizers [--quick] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from benchmarks.harness import append_results, machine_description, markdown_table, measure
+from tokenizers_img.compact_1d import Compact1DTokenizer
+from tokenizers_img.train_tokenizer import (
+    load_images,
+    psnr,
+    sample_crops,
+    tiny_compact_config,
+    tiny_vq_config,
+    train,
+)
+from tokenizers_img.vq import VQModel
+
+RESULTS = Path("benchmarks/results/tokenizers.md")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="20 training steps instead of 250")
+    parser.add_argument("--write", action="store_true", help=f"append the table to {RESULTS}")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    steps, size, batch = (20, 32, 16) if args.quick else (250, 32, 16)
+
+    train_images = load_images("skimage", "train")
+    eval_batch = sample_crops(load_images("skimage", "eval"), 32, size, torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    vq = VQModel(tiny_vq_config())
+    torch.manual_seed(0)
+    compact = Compact1DTokenizer(tiny_compact_config(image_size=size))
+    k_max = compact.config.num_latent_tokens
+    lengths = (1, 4, 8, 16, k_max)
+
+    vq_report = train(vq, train_images, eval_batch, steps, batch)
+    c_report = train(compact, train_images, eval_batch, steps, batch, prefix_lengths=lengths)
+
+    @torch.no_grad()
+    def vq_roundtrip() -> torch.Tensor:
+        return vq.decode(vq.encode(eval_batch))
+
+    def compact_roundtrip(k: int):
+        @torch.no_grad()
+        def run() -> torch.Tensor:
+            return compact.decode(compact.encode(eval_batch)[:, :k])
+
+        return run
+
+    grid = size // vq.downsample_factor
+    base = measure(vq_roundtrip, repeats=5, warmup=1)
+    n = eval_batch.shape[0]
+    with torch.no_grad():
+        vq_codes, c_ids = vq.encode(eval_batch).unique().numel(), compact.encode(eval_batch)
+    mean_colour = psnr(eval_batch.mean((2, 3), keepdim=True).expand_as(eval_batch), eval_batch)
+    rows = [
+        ["mean colour of each crop (floor)", "-", "-", "-", "-", "-", mean_colour, "-", "-", "-", "-", "-"],
+        ["2-D VQ (LlamaGen arch.)", f"{grid}x{grid}", grid * grid, 1.0, sum(p.numel() for p in vq.parameters()) / 1e6,
+         vq_report.psnr_before["psnr"], vq_report.psnr_after["psnr"], vq_codes, n / base.median_s, 1.0, 1.0,
+         vq_report.seconds / steps],
+    ]
+    params = sum(p.numel() for p in compact.parameters()) / 1e6
+    for k in lengths:
+        m = measure(compact_roundtrip(k), repeats=5, warmup=1)
+        rows.append([
+            "1-D compact (nested dropout)", f"k={k}", k, k / (grid * grid), params,
+            c_report.psnr_before[f"k={k}"], c_report.psnr_after[f"k={k}"], c_ids[:, :k].unique().numel(),
+            n / m.median_s, base.median_s / m.median_s, m.peak_bytes / max(base.peak_bytes, 1),
+            c_report.seconds / steps,
+        ])
+    headers = ["tokenizer", "tokens", "tokens/img", "tokens vs 2-D", "params (M)", "PSNR before (dB)",
+               "PSNR after (dB)", "codes used", "enc+dec img/s", "speed vs 2-D", "peak mem vs 2-D", "train s/step"]
+    table = markdown_table(headers, rows)
+    notes = (
+        f"{steps} Adam steps (lr 1e-3, cosine decay), batch {batch}, {size}x{size} crops of 12 skimage images; "
+        f"PSNR on {n} crops of held-out `chelsea` through the discrete tokens; speed = encode + decode of "
+        f"{n} images, median of 5, 1 thread; loss = MSE + quantiser terms (no LPIPS/GAN). "
+        "Machine shared with other jobs; absolute numbers are noisy, ratios are from one run."
+    )
+    print(f"Machine: {machine_description()}\n\n{table}\n\n{notes}")
+    if args.write:
+        append_results("Image tokenizers: 2-D VQ vs 1-D compact" + (" (quick)" if args.quick else ""), table, notes, RESULTS)
+
+
+if __name__ == "__main__":
+    main()
