@@ -118,3 +118,19 @@ def test_unsupported_models_are_refused(tmp_path):
         load_vlm(tmp_path)
     with pytest.raises(ValueError, match="processor"):
         load_vlm(lm)
+
+
+def test_vista_through_the_api_composes_with_hired(next_folder, dense):
+    from vlm import VISTAConfig
+
+    images = [tiny_image(64, 128, seed=6), tiny_image(128, 128, seed=7)]
+    prompts = ["What is shown in the image?", "Describe the picture."]
+    off = load_vlm(next_folder, vista=VISTAConfig(lam=0.0, gamma=0.0))
+    assert off.generate(images, prompts, max_new_tokens=4).texts == dense.generate(images, prompts, 4).texts
+    vlm = load_vlm(next_folder, hired=HiREDConfig(budget=TokenBudget(ratio=0.5)), vista=VISTAConfig())
+    out = vlm.generate(images, prompts, max_new_tokens=4)
+    assert len(out.texts) == 2 and vlm.vista.steering_vectors is not None
+    assert vlm.vista.steering_vectors.shape[1] == 2  # one steering vector per sample
+    vlm.remove_vista()
+    vlm.remove_vista()  # no-op
+    assert vlm.vista is None

@@ -1,6 +1,7 @@
-"""Multimodal understanding: HiRED visual-token dropping and the VLM inference API."""
+"""Multimodal understanding: HiRED token dropping, VISTA steering, attention rebalancing, the VLM API."""
 
 from vlm.api import VLM, SampleStats, StepClock, VLMOutput, load_image, load_vlm
+from vlm.attention_balance import AttentionBalanceConfig, AttentionBalanceHandle, apply_attention_balance
 from vlm.cls_attention import ClsAttentionRecorder, cls_attention_row
 from vlm.hired import (
     SUPPORTED_MODELS,
@@ -11,6 +12,7 @@ from vlm.hired import (
     select_visual_tokens,
 )
 from vlm.placeholders import shrink_placeholders
+from vlm.steering import VISTAConfig, VISTAHandle, apply_vista, compute_steering_vectors
 
 __all__ = [
     "HiREDConfig",
@@ -28,4 +30,11 @@ __all__ = [
     "StepClock",
     "load_vlm",
     "load_image",
+    "VISTAConfig",
+    "VISTAHandle",
+    "apply_vista",
+    "compute_steering_vectors",
+    "AttentionBalanceConfig",
+    "AttentionBalanceHandle",
+    "apply_attention_balance",
 ]

@@ -21,6 +21,7 @@ from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from vlm.hired import SUPPORTED_MODELS, HiREDConfig, HiREDHandle, apply_hired
+from vlm.steering import VISTAConfig, VISTAHandle, apply_vista
 
 __all__ = ["VLM", "VLMOutput", "SampleStats", "StepClock", "load_vlm", "load_image"]
 
@@ -85,12 +86,20 @@ def load_image(image: ImageLike) -> Image.Image:
 class VLM:
     """A loaded vision-language model ready for batched ``generate``; see :func:`load_vlm`."""
 
-    def __init__(self, model: torch.nn.Module, processor: Any, hired: HiREDConfig | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        processor: Any,
+        hired: HiREDConfig | None = None,
+        vista: VISTAConfig | None = None,
+    ) -> None:
         if type(model).__name__ not in SUPPORTED_MODELS:
             raise TypeError(f"VLM supports {', '.join(SUPPORTED_MODELS)}; got {type(model).__name__}")
         self.model = model.eval()
         self.processor = processor
         self.handle: HiREDHandle | None = apply_hired(model, hired) if hired is not None else None
+        # VISTA computes each sample's steering vector at every generate prefill.
+        self.vista: VISTAHandle | None = apply_vista(model, vista) if vista is not None else None
 
     @property
     def device(self) -> torch.device:
@@ -180,10 +189,16 @@ class VLM:
         return before, [1] * len(before)
 
     def remove_hired(self) -> None:
-        """Restore the dense model (no-op without HiRED)."""
+        """Remove HiRED (no-op without it)."""
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
+
+    def remove_vista(self) -> None:
+        """Remove VISTA steering (no-op without it)."""
+        if self.vista is not None:
+            self.vista.remove()
+            self.vista = None
 
 
 def _count_new(tokens: torch.Tensor, eos: set[int]) -> int:
@@ -205,12 +220,14 @@ def load_vlm(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     processor: Any = None,
+    vista: VISTAConfig | None = None,
 ) -> VLM:
     """Load a LLaVA-1.5 / LLaVA-NeXT folder (or wrap a model instance) as a :class:`VLM`.
 
     ``path_or_model``: a local folder / Hub id saved with ``save_pretrained`` (model and
     processor), or a model instance together with ``processor``. ``hired``: a
     :class:`~vlm.hired.HiREDConfig` to drop visual tokens, ``None`` for the dense model.
+    ``vista``: a :class:`~vlm.steering.VISTAConfig` to steer against hallucination.
     """
     if isinstance(path_or_model, torch.nn.Module):
         if processor is None:
@@ -218,7 +235,7 @@ def load_vlm(
         model = path_or_model
         if device is not None or dtype is not None:
             model = model.to(device=device, dtype=dtype)
-        return VLM(model, processor, hired)
+        return VLM(model, processor, hired, vista)
     if not isinstance(path_or_model, (str, Path)):
         raise TypeError(
             f"path_or_model must be a folder, a Hub id or a model, got {type(path_or_model).__name__}"
@@ -236,4 +253,4 @@ def load_vlm(
     model = cls.from_pretrained(path_or_model, dtype=dtype or torch.float32)
     if device is not None:
         model = model.to(device)
-    return VLM(model, processor or AutoProcessor.from_pretrained(path_or_model), hired)
+    return VLM(model, processor or AutoProcessor.from_pretrained(path_or_model), hired, vista)

@@ -1,0 +1,414 @@
+"""Attention rebalancing against hallucination: dual-stream visual tokens + head-specific boosts.
+
+Arif et al., "Fixing Imbalanced Attention to Mitigate In-Context Hallucination of Large
+Vision-Language Model" (PAINT, 2025).
+
+* **Dual-stream token selection** from the vision tower's [CLS] attention (computed from the
+  layers' q/k projections, :mod:`vlm.cls_attention`): "local" tokens are the top
+  ``local_ratio`` of an image's tokens by early-layer attention, minus the "summary" tokens,
+  the IQR outliers (``> Q3 + iqr_factor * IQR``) of late-layer attention.
+* **Head-specific modulation**: in LLM layers ``start_layer..L-1`` the pre-softmax logits
+  ``a`` of the current query row (the last prompt token at prefill, the new token while
+  decoding) become ``a + s_h * (alpha * |a| * local + beta * |a| * summary)``, where ``s_h``
+  is the head's visual sensitivity, its attention mass on the image tokens at the last prompt
+  token, divided by the layer's largest (``head_modulation=False``: ``s_h = 1`` for every
+  head, as the released code does).
+
+The modulation runs inside a registered transformers attention function
+(``AttentionInterface``, name :data:`ATTENTION_NAME`): the other rows go through SDPA, only
+the current query's row is recomputed, so decoding costs one row per layer, as before.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from runtime.budget import TokenBudget
+from runtime.patching import PatchHandle
+from vlm.cls_attention import ClsAttentionRecorder
+
+__all__ = [
+    "ATTENTION_NAME",
+    "AttentionBalanceConfig",
+    "AttentionBalanceHandle",
+    "TokenStreams",
+    "apply_attention_balance",
+    "balanced_row",
+    "select_streams",
+]
+
+ATTENTION_NAME = "mmaccel_attention_balance"
+SUPPORTED_MODELS = ("LlavaForConditionalGeneration",)
+_STATE_ATTR = "_mmaccel_attention_balance"
+
+
+@dataclass(frozen=True)
+class AttentionBalanceConfig:
+    """Rebalancing knobs (defaults: the paper's).
+
+    ``alpha`` / ``beta`` >= 0: boosts toward local / summary tokens (0.7 / 0.3).
+    ``local_ratio`` in (0, 1]: share of an image's tokens that are local candidates (0.25).
+    ``iqr_factor`` >= 0: summary tokens are late-layer outliers above ``Q3 + iqr_factor * IQR``.
+    ``early_layer`` / ``late_layer``: vision-tower layers ranking local / summary tokens
+    (``late_layer=None``: the layer whose output LLaVA uses, the penultimate for CLIP-L).
+    ``start_layer``: first LLM layer (0-based) modulated; all later layers are too.
+    ``head_modulation``: scale each head by its visual sensitivity (paper) or not (code).
+    """
+
+    alpha: float = 0.7
+    beta: float = 0.3
+    local_ratio: float = 0.25
+    iqr_factor: float = 1.5
+    early_layer: int = 0
+    late_layer: int | None = None
+    start_layer: int = 2
+    head_modulation: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "beta", "local_ratio", "iqr_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
+        if not 0.0 < self.local_ratio <= 1.0:
+            raise ValueError(f"local_ratio must be in (0, 1], got {self.local_ratio!r}")
+        for name in ("early_layer", "late_layer", "start_layer"):
+            value = getattr(self, name)
+            if value is None and name == "late_layer":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int layer index, got {value!r}")
+        if self.start_layer < 0:
+            raise ValueError(f"start_layer must be >= 0, got {self.start_layer}")
+        if not isinstance(self.head_modulation, bool):
+            raise TypeError(f"head_modulation must be a bool, got {type(self.head_modulation).__name__}")
+
+
+@dataclass(frozen=True)
+class TokenStreams:
+    """One image's dual-stream selection over its visual tokens (LLM order)."""
+
+    local: torch.Tensor  # (N,) bool
+    summary: torch.Tensor  # (N,) bool
+
+
+def select_streams(
+    early: torch.Tensor, late: torch.Tensor, local_ratio: float, iqr_factor: float
+) -> TokenStreams:
+    """Local = top ``local_ratio`` by ``early`` minus summary; summary = IQR outliers of ``late``."""
+    if early.shape != late.shape or early.ndim != 1:
+        raise ValueError(
+            f"early and late must be equal 1-D score vectors, got {tuple(early.shape)}, {tuple(late.shape)}"
+        )
+    late = late.double()
+    q1, q3 = torch.quantile(late, torch.tensor([0.25, 0.75], dtype=late.dtype, device=late.device))
+    summary = late > q3 + iqr_factor * (q3 - q1)
+    k = TokenBudget(ratio=local_ratio).resolve(early.numel())
+    local = torch.zeros_like(summary)
+    local[torch.topk(early.double(), k, sorted=False).indices] = True
+    return TokenStreams(local & ~summary, summary)
+
+
+def balanced_row(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask_row: torch.Tensor | None,
+    scaling: float,
+    boost: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one query row with pre-softmax boosts ``a + boost * |a|``.
+
+    ``query`` (B, H, hd), ``key`` / ``value`` (B, Hkv, T, hd) (grouped-query: H = g * Hkv),
+    ``mask_row`` (B, 1|H, T) bool (True = attend) or float (additive) or ``None``, ``boost``
+    (B, H, T) or ``None``. Returns the output (B, H, hd) and the probabilities it used
+    (B, H, T), float32.
+    """
+    b, h, hd = query.shape
+    hkv, t = key.shape[1], key.shape[2]
+    q = query.reshape(b, hkv, h // hkv, hd)
+    logits = (q @ key.transpose(-1, -2)).float().reshape(b, h, t) * scaling
+    if boost is not None:
+        logits = torch.addcmul(logits, boost, logits.abs())
+    if mask_row is not None:
+        if mask_row.dtype == torch.bool:
+            logits = logits.masked_fill(~mask_row, float("-inf"))
+        else:
+            logits = logits + mask_row.float()
+    probs = logits.softmax(-1)
+    out = probs.to(value.dtype).reshape(b, hkv, h // hkv, t) @ value
+    return out.reshape(b, h, hd), probs
+
+
+@dataclass
+class _Sequence:
+    """What one prompt (batch) needs: its image positions, boosts, and heads' sensitivities."""
+
+    input_ids: torch.Tensor | None
+    weights: torch.Tensor | None = None  # (B, S) alpha * local + beta * summary
+    is_image: torch.Tensor | None = None  # (B, S) bool
+    streams: list[TokenStreams] = field(default_factory=list)
+    sensitivity: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, H)
+    _padded: tuple[tuple[int, int], torch.Tensor, torch.Tensor] | None = None
+
+    def padded(self, batch: int, keys: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``weights`` / ``is_image`` for ``batch`` rows (repeated per beam) over ``keys`` keys
+        (generated keys get no boost); built once per decoding step, shared by the layers."""
+        if self._padded is None or self._padded[0] != (batch, keys):
+            reps = batch // self.weights.shape[0]
+            pad = (0, keys - self.weights.shape[1])
+            weights = F.pad(self.weights.to(device).repeat_interleave(reps, 0), pad)
+            is_image = F.pad(self.is_image.to(device).repeat_interleave(reps, 0), pad)
+            self._padded = ((batch, keys), weights, is_image)
+        return self._padded[1], self._padded[2]
+
+
+class _BalancePatch:
+    """State and hooks of attention rebalancing on one LLaVA instance."""
+
+    def __init__(self, model: nn.Module, config: AttentionBalanceConfig) -> None:
+        if type(model).__name__ == "LlavaNextForConditionalGeneration":
+            raise NotImplementedError(
+                "attention rebalancing on LLaVA-NeXT is not implemented yet: generate drops image_sizes "
+                "before the prefill, so the anyres token layout cannot be mapped back to the tower's scores"
+            )
+        if type(model).__name__ not in SUPPORTED_MODELS:
+            raise TypeError(
+                f"apply_attention_balance supports {', '.join(SUPPORTED_MODELS)}; got {type(model).__name__}"
+            )
+        if "hired" in model.__dict__.get("_mmaccel_patches", ()):
+            raise NotImplementedError(
+                "attention rebalancing with HiRED is not implemented: HiRED drops the visual tokens the "
+                "streams index; remove HiRED first"
+            )
+        self.model = model
+        self.config = config
+        self.text_config = model.get_decoder().config
+        impl = self.text_config._attn_implementation
+        if impl != "sdpa":
+            raise NotImplementedError(
+                f"attention rebalancing wraps the 'sdpa' attention; this model uses {impl!r} "
+                "(load it with attn_implementation='sdpa')"
+            )
+        tower = model.model.vision_tower
+        inner = getattr(tower, "vision_model", tower)
+        if getattr(getattr(inner, "embeddings", None), "class_embedding", None) is None:
+            raise NotImplementedError(
+                f"the token streams rank tokens by [CLS] attention; {type(tower).__name__} has no [CLS] token"
+            )
+        tower_layers = inner.encoder.layers
+        n = len(tower_layers)
+        late = config.late_layer
+        if late is None:
+            feature = model.config.vision_feature_layer
+            if not isinstance(feature, int):
+                raise ValueError(f"vision_feature_layer is {feature!r}; pass late_layer=... explicitly")
+            late = feature % (n + 1) - 1  # hidden_states[h] is the output of layer h - 1
+        for name, value in (("early_layer", config.early_layer), ("late_layer", late)):
+            if not -n <= value < n:
+                raise ValueError(
+                    f"{name} must be in [-{n}, {n - 1}] for this {n}-layer vision tower, got {value}"
+                )
+        self.early, self.late = config.early_layer % n, late % n
+        self.layers = model.get_decoder().layers
+        if config.start_layer >= len(self.layers):
+            raise ValueError(
+                f"start_layer must be in [0, {len(self.layers) - 1}] for this {len(self.layers)}-layer LLM, "
+                f"got {config.start_layer}"
+            )
+        self.recorder = ClsAttentionRecorder(
+            [layer.self_attn for layer in tower_layers], [self.early, self.late]
+        )
+        self.image_token_id = model.config.image_token_id
+        self.current: _Sequence | None = None
+        self.tower_scores: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._stack: list[_Sequence | None] = []
+
+    # -- hooks ---------------------------------------------------------------------------
+    def tower_pre(self, module: nn.Module, args: tuple) -> None:
+        self.recorder.reset()
+        self.recorder.active = True
+
+    def tower_post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """Keep the [CLS] rows of the tower run (generate encodes images before the prefill)."""
+        self.recorder.active = False
+        scores = self.recorder.scores
+        if self.early in scores and self.late in scores:
+            self.tower_scores = (scores[self.early][:, 1:], scores[self.late][:, 1:])  # drop [CLS]
+        self.recorder.reset()
+
+    def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        """A new sequence (empty cache) starts a fresh state; nested forwards get their own."""
+        self._stack.append(self.current)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and cache.get_seq_length() > 0:
+            return
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        encoded = kwargs.get("mm_encoder_outputs") or {}  # generate passes {} for text-only prompts
+        visual = kwargs.get("pixel_values") is not None or any(v is not None for v in encoded.values())
+        if visual and input_ids is None:
+            raise NotImplementedError(
+                "attention rebalancing locates image tokens in input_ids; inputs_embeds is not supported"
+            )
+        self.current = _Sequence(input_ids if visual else None)
+
+    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        outer = self._stack.pop()
+        if self._stack:  # nested forward (e.g. VISTA's steering runs): back to the outer prompt
+            self.current = outer
+
+    # -- selection -----------------------------------------------------------------------
+    def _prepare(self, seq: _Sequence) -> None:
+        """Map the last tower run's [CLS] rows onto the prompt's image positions."""
+        if self.tower_scores is None:
+            raise RuntimeError("the vision tower's [CLS] attention was not recorded for this prompt")
+        early, late = self.tower_scores
+        ids = seq.input_ids
+        is_image = ids == self.image_token_id
+        n_images, n = early.shape
+        per_row = is_image.sum(1)
+        copies = int(per_row.sum()) // (n_images * n) if n_images * n else 0
+        if copies < 1 or int(per_row.sum()) != copies * n_images * n or bool((per_row % n).any()):
+            raise NotImplementedError(
+                f"{int(per_row.sum())} image positions in input_ids do not match {n_images} images x {n} "
+                "scored tokens (only vision_feature_select_strategy='default' layouts are supported)"
+            )
+        # generate repeats rows (beams / num_return_sequences) after encoding each image once.
+        images = (per_row // n).tolist()
+        starts = [0]
+        for count in images[::copies]:
+            starts.append(starts[-1] + count)
+        order = [starts[r // copies] + j for r in range(len(images)) for j in range(images[r])]
+        cfg = self.config
+        seq.streams = [select_streams(e, s, cfg.local_ratio, cfg.iqr_factor) for e, s in zip(early, late)]
+        local = torch.cat([seq.streams[i].local for i in order]).to(ids.device)
+        summary = torch.cat([seq.streams[i].summary for i in order]).to(ids.device)
+        weights = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
+        weights[is_image] = cfg.alpha * local.float() + cfg.beta * summary.float()
+        seq.weights, seq.is_image = weights, is_image
+
+    # -- attention -----------------------------------------------------------------------
+    def attention(
+        self, layer: int, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        attention_mask: torch.Tensor | None, scaling: float | None = None, **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:  # fmt: skip
+        seq = self.current
+        cfg = self.config
+        active = (
+            layer >= cfg.start_layer
+            and seq is not None
+            and seq.input_ids is not None
+            and (cfg.alpha or cfg.beta)
+        )
+        if not active:
+            return sdpa_attention_forward(
+                module, query, key, value, attention_mask, scaling=scaling, **kwargs
+            )
+        if seq.weights is None:
+            self._prepare(seq)
+        b, _, s, hd = query.shape
+        t = key.shape[2]
+        scaling = hd**-0.5 if scaling is None else scaling
+        if s > 1:
+            out, _ = sdpa_attention_forward(
+                module, query, key, value, attention_mask, scaling=scaling, **kwargs
+            )
+        else:
+            out = None
+        rows = seq.weights.shape[0]
+        if b % rows:
+            raise ValueError(f"rebalancing state is for {rows} samples, but the batch has {b} rows")
+        weights, is_image = seq.padded(b, t, query.device)
+        sens = seq.sensitivity.get(layer)
+        mask_row = None if attention_mask is None else attention_mask[:, :, -1, :]
+        if sens is None:  # prefill: measure this layer's heads at the last prompt token
+            _, probs = balanced_row(query[:, :, -1], key, value, mask_row, scaling, None)
+            mass = (probs * is_image[:, None, :]).sum(-1)  # (B, H)
+            sens = (
+                mass / mass.amax(-1, keepdim=True).clamp_min(1e-12)
+                if cfg.head_modulation
+                else torch.ones_like(mass)
+            )
+            seq.sensitivity[layer] = sens
+        row, _ = balanced_row(
+            query[:, :, -1], key, value, mask_row, scaling, sens[:, :, None] * weights[:, None, :]
+        )
+        if out is None:
+            return row[:, None].to(query.dtype), None  # (B, 1, H, hd)
+        out[:, -1] = row.to(out.dtype)
+        return out, None
+
+
+def _balanced_attention(
+    module: nn.Module, query: torch.Tensor, *args: Any, **kwargs: Any
+) -> tuple[torch.Tensor, None]:
+    """The registered attention function: rebalanced for patched layers, plain SDPA otherwise."""
+    state = module.__dict__.get(_STATE_ATTR)
+    if state is None:
+        return sdpa_attention_forward(module, query, *args, **kwargs)
+    patch, layer = state
+    return patch.attention(layer, module, query, *args, **kwargs)
+
+
+def _register() -> None:
+    if ATTENTION_NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ATTENTION_NAME, _balanced_attention)
+        AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+class AttentionBalanceHandle(PatchHandle):
+    """A :class:`~runtime.patching.PatchHandle` exposing the last prompt's streams and head weights."""
+
+    balance: _BalancePatch
+
+    @property
+    def last_streams(self) -> list[TokenStreams]:
+        """Per image of the last prompt, its local / summary token masks (LLM order)."""
+        seq = self.balance.current
+        return [] if seq is None else seq.streams
+
+    @property
+    def last_sensitivity(self) -> dict[int, torch.Tensor]:
+        """Per modulated LLM layer, the (batch, heads) head scales of the last prompt."""
+        seq = self.balance.current
+        return {} if seq is None else dict(seq.sensitivity)
+
+
+def apply_attention_balance(
+    model: nn.Module, config: AttentionBalanceConfig | None = None
+) -> AttentionBalanceHandle:
+    """Install attention rebalancing on a LLaVA-1.5 instance; ``.remove()`` restores it.
+
+    Registers :data:`ATTENTION_NAME` in transformers' ``AttentionInterface`` (once per
+    process), points this instance's language-model config at it, tags each LLM attention
+    module with its layer, hooks the vision tower's q/k projections of the two scoring layers
+    and the model's forward (to start a fresh state at each new prompt).
+    """
+    config = AttentionBalanceConfig() if config is None else config
+    if not isinstance(config, AttentionBalanceConfig):
+        raise TypeError(f"config must be an AttentionBalanceConfig, got {type(config).__name__}")
+    patch = _BalancePatch(model, config)  # validates before anything is changed
+    _register()
+    handle = AttentionBalanceHandle(model, "attention_balance")
+    handle.balance = patch
+    for hook in patch.recorder.install():
+        handle.add_torch_hook(hook)
+    tower = model.model.vision_tower
+    handle.add_torch_hook(tower.register_forward_pre_hook(patch.tower_pre))
+    handle.add_torch_hook(tower.register_forward_hook(patch.tower_post, always_call=True))
+    handle.add_torch_hook(model.register_forward_pre_hook(patch.pre_forward, with_kwargs=True))
+    handle.add_torch_hook(model.register_forward_hook(patch.post_forward, with_kwargs=True, always_call=True))
+    for i, layer in enumerate(patch.layers):
+        handle.set_attr(layer.self_attn, _STATE_ATTR, (patch, i))
+    handle.set_attr(patch.text_config, "_attn_implementation_internal", ATTENTION_NAME)
+    return handle
