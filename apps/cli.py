@@ -43,6 +43,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_smoke(args: argparse.Namespace) -> int:
+    from apps.smoke import format_results, run_smoke
+
+    print(format_results(run_smoke(args.only)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmaccel", description="Fast multimodal understanding and visual generation."
@@ -54,6 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print a JSON report")
     info.add_argument("--no-compile", action="store_true", help="skip the compiled flex_attention probe")
     info.set_defaults(func=_cmd_info)
+
+    from apps.smoke import SMOKE_CHECKS
+
+    smoke = sub.add_parser(
+        "smoke", help="run every technique dense vs accelerated on the built-in tiny models (fidelity check)"
+    )
+    smoke.add_argument("--only", nargs="+", choices=sorted(SMOKE_CHECKS), help="run only these checks")
+    smoke.set_defaults(func=_cmd_smoke)
+
+    from parallel_video.cli import add_video_parser
+
+    add_video_parser(sub)
     return parser
 
 

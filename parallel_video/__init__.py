@@ -1,0 +1,49 @@
+"""Multi-GPU long-video denoising for Wan: clip parallelism with dual-scope attention
+(Video-Infinity, ``mode="clip"``) and the block-wise layer pipeline (DualParal, ``mode="pipeline"``).
+
+Launch every rank with ``torchrun``/``accelerate``; gloo on CPU and NCCL on GPU alike.
+"""
+
+from parallel_video.clip_parallel import (
+    SUPPORTED_TRANSFORMERS,
+    ClipParallelConfig,
+    ClipParallelHandle,
+    ClipParallelState,
+    DualScopeAttnProcessor,
+    apply_clip_parallel,
+)
+from parallel_video.decode import decode_clip
+from parallel_video.generate import LongVideoConfig, LongVideoOutput, check_long_video, generate_long_video
+from parallel_video.layer_pipeline import (
+    CachedContextAttnProcessor,
+    LayerPipelineConfig,
+    block_noise,
+    run_layer_pipeline,
+)
+from parallel_video.noise import frame_noise, frame_seed
+from parallel_video.plan import ClipPlan, latent_frame_count
+from parallel_video.schedule import BlockSchedule, split_stages
+
+__all__ = [
+    "SUPPORTED_TRANSFORMERS",
+    "BlockSchedule",
+    "CachedContextAttnProcessor",
+    "LayerPipelineConfig",
+    "ClipParallelConfig",
+    "ClipParallelHandle",
+    "ClipParallelState",
+    "ClipPlan",
+    "DualScopeAttnProcessor",
+    "LongVideoConfig",
+    "LongVideoOutput",
+    "apply_clip_parallel",
+    "block_noise",
+    "check_long_video",
+    "decode_clip",
+    "frame_noise",
+    "frame_seed",
+    "generate_long_video",
+    "latent_frame_count",
+    "run_layer_pipeline",
+    "split_stages",
+]

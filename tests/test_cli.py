@@ -44,3 +44,23 @@ def test_console_entry_point_runs():
     )
     assert out.returncode == 0, out.stderr
     assert "mmaccel environment" in out.stdout
+
+
+def test_video_subcommand_is_wired(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["video", "--help"])
+    assert exc.value.code == 0
+    assert "torchrun" in capsys.readouterr().out
+
+
+def test_video_user_error_is_one_line(capsys):
+    # 10 frames is not 1 + 4k for the Wan VAE: a user error, exit code 2, no traceback
+    assert main(["video", "--model", "tiny", "--prompt", "a car", "--frames", "10", "--steps", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmaccel video: error:") and "Traceback" not in err
+
+
+def test_smoke_rejects_unknown_check(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["smoke", "--only", "nope"])
+    assert exc.value.code == 2

@@ -1,0 +1,260 @@
+"""Benchmark clip parallelism (Video-Infinity) and the layer pipeline (DualParal) against one process.
+
+A Wan-shaped ``WanTransformer3DModel`` (random weights) runs one denoising forward over a video
+of latent frames: in one process (the baseline), and on 2 ranks launched with ``torchrun`` (gloo
+on CPU, NCCL on GPU), each rank its own clip. One compute thread per process, so a rank stands
+for one device. Reported per rank, as ratios to the single process of the same video:
+
+* wall time and peak activation memory (weights are replicated on every rank and not counted);
+* "frames per rank at constant memory": a 2x longer video on 2 ranks vs the 1x video on one;
+* K/V bytes received per denoising step (2 forwards, CFG) vs an all-gather of every frame's K/V;
+* fidelity: relative L2 of the 2-rank output vs the dense output of the same video, and the PSNR
+  of clip-wise VAE decoding (with overlap) vs decoding the whole latent video (tiny Wan VAE).
+
+Second table, DualParal: a few denoising steps of the whole video with the block-wise schedule,
+one process vs one layer stage per rank: time, activation memory, weights held, parity.
+
+    .venv/bin/python -m benchmarks.bench_parallel_video --quick
+    .venv/bin/python -m benchmarks.bench_parallel_video --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from benchmarks.harness import append_results, machine_description, markdown_table, measure
+from parallel_video import ClipParallelConfig, ClipPlan, apply_clip_parallel, decode_clip, frame_noise
+from parallel_video.layer_pipeline import LayerPipelineConfig, run_layer_pipeline
+from parallel_video.schedule import split_stages
+from runtime.distributed import destroy_distributed, gather_to_main, init_distributed
+
+RESULTS = Path("benchmarks/results/parallel_video.md")
+ROOT = Path(__file__).resolve().parents[1]
+# Wan 2.1 block structure, scaled down: 4 heads x 64, FFN 4x, 4 blocks, 16 latent channels
+MODEL = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=64, in_channels=16, out_channels=16,
+             text_dim=64, freq_dim=64, ffn_dim=1024, num_layers=4, rope_max_seq_len=1024)  # fmt: skip
+SIZES = {  # latent frames, latent height, latent width (tokens per frame = h/2 * w/2)
+    "quick": dict(frames=8, height=16, width=24),
+    "full": dict(frames=16, height=24, width=32),
+}
+TEXT_TOKENS = 32
+
+
+def build_transformer(device: torch.device):
+    from diffusers import WanTransformer3DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return WanTransformer3DModel(**MODEL).eval().to(device)
+
+
+def inputs(frames: range, height: int, width: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    latents = frame_noise(0, frames, (MODEL["in_channels"], height, width), device=device)
+    text = torch.randn(1, TEXT_TOKENS, MODEL["text_dim"], generator=torch.Generator().manual_seed(1)).to(
+        device
+    )
+    return latents, torch.tensor([500.0], device=device), text
+
+
+def kv_bytes_per_frame(height: int, width: int) -> int:
+    """Bytes of one latent frame's K and V in one layer (float32)."""
+    tokens = (height // 2) * (width // 2)
+    return 2 * tokens * MODEL["num_attention_heads"] * MODEL["attention_head_dim"] * 4
+
+
+def pipeline_worker(args: argparse.Namespace, ctx) -> None:
+    """One rank of the DualParal layer pipeline: ``args.steps`` denoising steps of the whole video."""
+    from diffusers import UniPCMultistepScheduler
+
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+    )
+    pipe = SimpleNamespace(transformer=build_transformer(ctx.device), scheduler=scheduler)
+    lo, hi = split_stages(MODEL["num_layers"], ctx.world_size)[ctx.rank]
+    for i in range(MODEL["num_layers"]):  # a stage holds only its own blocks
+        if not lo <= i < hi:
+            pipe.transformer.blocks[i] = torch.nn.Identity()
+    weights = sum(p.numel() * p.element_size() for p in pipe.transformer.parameters())
+    text = torch.randn(2, TEXT_TOKENS, MODEL["text_dim"], generator=torch.Generator().manual_seed(1)).to(
+        ctx.device
+    )
+    config = LayerPipelineConfig(frames_per_block=args.frames_per_block, num_cat=1)
+    result: list[torch.Tensor | None] = []
+
+    def run() -> None:
+        result[:] = [
+            run_layer_pipeline(
+                pipe, ctx, config, text=text, guidance_scale=5.0, num_latent_frames=args.frames,
+                latent_hw=(args.height, args.width), steps=args.steps, seed=0, progress=False,
+            )[0]
+        ]  # fmt: skip
+
+    m = measure(run, 1, 1, ctx.device)
+    row = torch.tensor([m.median_s, m.peak_bytes, weights, hi - lo], dtype=torch.float64, device=ctx.device)
+    rows = gather_to_main(ctx, row.unsqueeze(0))
+    if ctx.is_main:
+        torch.save(result[0].cpu(), args.worker + ".pt")
+        Path(args.worker).write_text(json.dumps([r[0].tolist() for r in rows]))
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank: its clip through the clip-parallel transformer (or a pipeline stage); rank 0 writes
+    the JSON report and the gathered output."""
+    torch.set_num_threads(1)
+    ctx = init_distributed()
+    if args.mode == "pipeline":
+        with ctx.guard(), torch.no_grad():
+            pipeline_worker(args, ctx)
+        destroy_distributed(ctx)
+        return
+    with ctx.guard():
+        transformer = build_transformer(ctx.device)
+        config = ClipParallelConfig(padding=args.padding, global_frames=args.global_frames)
+        handle = apply_clip_parallel(transformer, config, ctx, args.frames)
+        start, end = handle.state.clip
+        latents, t, text = inputs(range(start, end), args.height, args.width, ctx.device)
+        with torch.no_grad():
+            m = measure(lambda: transformer(latents, t, text, return_dict=False), args.repeats, 1, ctx.device)
+            out = transformer(latents, t, text, return_dict=False)[0]
+        recv = handle.state.recv_bytes / handle.state.calls  # per self-attention call: per forward and layer
+        handle.remove()
+        row = torch.tensor(
+            [m.median_s, m.peak_bytes, recv, end - start], dtype=torch.float64, device=ctx.device
+        )
+        rows = gather_to_main(ctx, row.unsqueeze(0))
+        outs = gather_to_main(ctx, out.movedim(2, 0).contiguous())
+        if ctx.is_main:
+            torch.save(torch.cat(outs).movedim(0, 2).cpu(), args.worker + ".pt")
+            Path(args.worker).write_text(json.dumps([r[0].tolist() for r in rows]))
+    destroy_distributed(ctx)
+
+
+def launch(
+    args: argparse.Namespace, ranks: int, frames: int, out: str, mode: str = "clip"
+) -> tuple[list[list[float]], torch.Tensor]:
+    """Run :func:`worker` on ``ranks`` processes; per-rank rows and the gathered output."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+           "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "benchmarks.bench_parallel_video",
+           "--worker", out, "--frames", str(frames), "--height", str(args.height), "--width", str(args.width),
+           "--padding", str(args.padding), "--global-frames", str(args.global_frames),
+           "--repeats", str(args.repeats), "--mode", mode, "--steps", str(args.steps),
+           "--frames-per-block", str(args.frames_per_block)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+    return json.loads(Path(out).read_text()), torch.load(out + ".pt", weights_only=True)
+
+
+def vae_psnr(world_size: int) -> float:
+    """PSNR of clip-wise decoding (``decode_overlap=1``) vs decoding the whole latent video."""
+    from apps.tiny_models import tiny_wan_pipeline
+
+    pipe = tiny_wan_pipeline()  # random weights: a pessimistic case, nothing trained damps far context
+    latents = frame_noise(5, range(9), (16, 8, 12)) * 0.5
+    whole = decode_clip(pipe, latents, None)
+    plan = ClipPlan.build(9, world_size, 1, 0)
+    parts = [
+        decode_clip(pipe, latents[:, :, s:e], latents[:, :, s - 1 : s] if s else None) for s, e in plan.clips
+    ]
+    clipwise = torch.cat([torch.from_numpy(p) for p in parts])
+    mse = float(((clipwise - torch.from_numpy(whole)) ** 2).mean())
+    return 10 * math.log10(1.0 / mse) if mse > 0 else float("inf")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (< 1 min)")
+    parser.add_argument("--write", action="store_true", help=f"append the table to {RESULTS}")
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--padding", type=int, default=1)
+    parser.add_argument("--global-frames", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="pipeline mode: denoising steps")
+    parser.add_argument(
+        "--frames-per-block", type=int, default=2, help="pipeline mode: latent frames per block"
+    )
+    parser.add_argument("--mode", default="clip", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--frames", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--height", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--width", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    size = SIZES["quick" if args.quick else "full"]
+    args.height, args.width = size["height"], size["width"]
+    args.repeats = args.repeats or (2 if args.quick else 3)
+    args.steps = args.steps or (2 if args.quick else 4)
+    frames = size["frames"]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        [(base_s, base_mem, _, _)], dense = launch(args, 1, frames, f"{tmp}/base.json")
+        rows = [
+            [f"{frames} frames, 1 process", frames, base_s, 1.0, base_mem / 2**20, 1.0, float("nan"), 0.0]
+        ]
+        for length in (frames,) if args.quick else (frames, 2 * frames):
+            ranks, out = launch(args, args.ranks, length, f"{tmp}/r{length}.json")
+            rel = float((out - dense).norm() / dense.norm()) if length == frames else float("nan")
+            per_frame = kv_bytes_per_frame(args.height, args.width)
+            for rank, (secs, mem, recv, owned) in enumerate(ranks):
+                all_gather = (length - owned) * per_frame  # every other frame's K/V, per layer and forward
+                rows.append([f"{length} frames, rank {rank}/{args.ranks}", int(owned), secs, secs / base_s,
+                             mem / 2**20, mem / base_mem, recv / all_gather, rel])  # fmt: skip
+        # DualParal: the same block-wise algorithm on 1 process vs one layer stage per rank
+        [(one_s, one_mem, one_w, _)], one_out = launch(args, 1, frames, f"{tmp}/p1.json", "pipeline")
+        prow = [
+            [f"{frames} frames, 1 process", MODEL["num_layers"], one_s, 1.0, one_mem / 2**20, 1.0, 1.0, 0.0]
+        ]
+        ranks, out = launch(args, args.ranks, frames, f"{tmp}/p2.json", "pipeline")
+        rel = float((out - one_out).norm() / one_out.norm())
+        for rank, (secs, mem, weights, layers) in enumerate(ranks):
+            prow.append([f"{frames} frames, rank {rank}/{args.ranks}", int(layers), secs, secs / one_s,
+                         mem / 2**20, mem / one_mem, weights / one_w, rel])  # fmt: skip
+    headers = ["run", "latent frames on rank", "s / forward", "time vs 1 proc", "peak MiB",
+               "memory vs 1 proc", "K/V bytes vs all-gather", "rel L2 vs dense"]  # fmt: skip
+    table = markdown_table(headers, rows)
+    pheaders = ["run", "blocks on rank", f"s / {args.steps} steps", "time vs 1 proc", "peak MiB",
+                "activations vs 1 proc", "weights vs 1 proc", "rel L2 vs 1 proc"]  # fmt: skip
+    ptable = markdown_table(pheaders, prow)
+    psnr = vae_psnr(args.ranks)
+    tokens = (args.height // 2) * (args.width // 2)
+    notes = (
+        f"Transformer {MODEL['num_layers']} blocks, {MODEL['num_attention_heads']}x{MODEL['attention_head_dim']} "
+        f"heads, {tokens} tokens per latent frame, padding {args.padding}, global frames {args.global_frames}, "
+        f"{args.ranks} ranks, one thread per process, median of {args.repeats}. Peak = activation memory "
+        f"(peak bytes of tensors created during a call, so weights excluded; harness.measure). K/V bytes: received per rank per forward (x2 per CFG step for both) "
+        f"vs receiving every other frame's K/V. Clip-wise VAE decode vs whole decode (tiny Wan VAE, 9 latent "
+        f"frames, {args.ranks} clips, overlap 1): PSNR {psnr:.1f} dB. Machine shared with other jobs."
+    )
+    blocks = frames // args.frames_per_block
+    pnotes = (
+        f"DualParal layer pipeline: {blocks} blocks of {args.frames_per_block} latent frames, num_cat 1, "
+        f"{args.steps} steps with CFG batched, stages of {MODEL['num_layers'] // args.ranks} transformer blocks. "
+        f"Time = whole denoising of the video (1 run after 1 warm-up). Activations = peak bytes of tensors created during the run; weights "
+        f"= parameter bytes held by the rank (a stage keeps only its blocks). rel L2 = 2-rank output vs the "
+        f"same schedule on 1 process. With {blocks} blocks and {args.steps} steps the pipeline holds at most "
+        f"{min(blocks, args.steps)} blocks in flight for {args.ranks} stages."
+    )
+    print(f"Machine: {machine_description()}\n\n{table}\n\n{notes}\n\n{ptable}\n\n{pnotes}")
+    if args.write:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        append_results("Clip parallelism (Video-Infinity dual-scope attention)", table, notes, path=RESULTS)
+        append_results("Block-wise layer pipeline (DualParal)", ptable, pnotes, path=RESULTS)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""``mmaccel video``: long-video generation over all ranks of a ``torchrun`` / ``accelerate`` launch.
+
+    torchrun --nproc-per-node 2 -m parallel_video.cli video --model tiny --prompt "a red car" \\
+        --frames 33 --steps 4 --out car.mp4
+
+Every rank runs the same command; rank 0 shows the progress bar and writes the MP4 (atomically:
+a temporary file renamed into place). In ``--mode clip`` each rank checkpoints its clip after
+every step in ``--checkpoint-dir`` (default ``<out>.parts``), so a killed run continues with
+``--resume`` and writes the identical video. ``--mode pipeline`` runs the DualParal layer pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from parallel_video.clip_parallel import ClipParallelConfig
+from parallel_video.generate import LongVideoConfig, check_long_video, generate_long_video
+from parallel_video.layer_pipeline import LayerPipelineConfig
+from runtime.distributed import destroy_distributed, init_distributed
+
+__all__ = ["add_video_parser", "main", "run_video", "write_video"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_TINY_DEFAULTS = {"height": 64, "width": 96, "max_sequence_length": 32}
+_REAL_DEFAULTS = {"height": 480, "width": 832, "max_sequence_length": 512}
+
+
+def add_video_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``video`` command to an ``argparse`` subparsers object (sets ``func=run_video``)."""
+    p = subparsers.add_parser(
+        "video",
+        help="long video generation over all ranks (launch with torchrun)",
+        description="Generate a long video with a Wan pipeline over all ranks: one clip per rank with "
+        "dual-scope attention (--mode clip, Video-Infinity) or one layer stage per rank (--mode pipeline, "
+        "DualParal). Launch with `torchrun --nproc-per-node N` or "
+        "`accelerate launch --multi_gpu --num_processes N -m parallel_video.cli video ...`.",
+    )
+    p.add_argument(
+        "--model", default="tiny", help="WanPipeline folder, or 'tiny' for the built-in random tiny model"
+    )
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--frames", type=int, default=81, help="video frames; frames - 1 divisible by 4 (Wan VAE)")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps")
+    p.add_argument("--mode", choices=("clip", "pipeline"), default="clip",
+                   help="clip: clip parallelism (Video-Infinity); pipeline: block-wise layer pipeline (DualParal)")  # fmt: skip
+    p.add_argument("--height", type=int, default=None, help="default 64 for tiny, 480 otherwise")
+    p.add_argument("--width", type=int, default=None, help="default 96 for tiny, 832 otherwise")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument(
+        "--max-sequence-length", type=int, default=None, help="text tokens; 32 for tiny, 512 otherwise"
+    )
+    p.add_argument(
+        "--padding", type=int, default=1, help="latent frames of K/V exchanged with each neighbour"
+    )
+    p.add_argument("--global-frames", type=int, default=4, help="latent frames in the global attention scope")
+    p.add_argument(
+        "--phase-bias", type=float, default=0.0, help="logit bias toward local/global scope (paper: 10)"
+    )
+    p.add_argument("--decode-overlap", type=_overlap, default=1,
+                   help="latent frames of left context per clip decode, or 'all' (exact, slower on later ranks)")  # fmt: skip
+    p.add_argument("--frames-per-block", type=int, default=2, help="pipeline mode: latent frames per block")
+    p.add_argument(
+        "--num-cat", type=int, default=1, help="pipeline mode: cached frames of the previous block"
+    )
+    p.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
+    p.add_argument("--fps", type=int, default=16)
+    p.add_argument("--out", default="video.mp4", help="MP4 written by rank 0")
+    p.add_argument("--checkpoint-dir", default=None, help="per-clip checkpoints (default: <out>.parts)")
+    p.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoints")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds any communication may wait")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_video)
+    return p
+
+
+def _overlap(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1 or 'all', got {text!r}") from None
+
+
+def _config(args: argparse.Namespace) -> LongVideoConfig:
+    defaults = _TINY_DEFAULTS if args.model == "tiny" else _REAL_DEFAULTS
+    out = Path(args.out)
+    if args.mode == "pipeline" and (args.resume or args.checkpoint_dir):
+        raise ValueError("--resume and --checkpoint-dir are implemented for --mode clip only")
+    checkpoints = args.checkpoint_dir or str(out.with_name(out.name + ".parts"))
+    return LongVideoConfig(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        num_frames=args.frames,
+        num_inference_steps=args.steps,
+        height=args.height if args.height is not None else defaults["height"],
+        width=args.width if args.width is not None else defaults["width"],
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+        max_sequence_length=args.max_sequence_length or defaults["max_sequence_length"],
+        mode=args.mode,
+        clip=ClipParallelConfig(
+            padding=args.padding, global_frames=args.global_frames, phase_bias=args.phase_bias
+        ),
+        decode_overlap=args.decode_overlap,
+        pipeline=LayerPipelineConfig(frames_per_block=args.frames_per_block, num_cat=args.num_cat),
+        checkpoint_dir=checkpoints if args.mode == "clip" else None,
+        resume=args.resume,
+    )
+
+
+def _load(model: str, device: torch.device, dtype: torch.dtype) -> Any:
+    if model == "tiny":
+        from apps.tiny_models import tiny_wan_pipeline  # built-in test model; apps owns the tiny builders
+
+        pipe = tiny_wan_pipeline(device=device, dtype=dtype)
+    else:
+        from diffusers import WanPipeline
+
+        if not Path(model).is_dir():
+            raise FileNotFoundError(f"--model {model!r} is neither 'tiny' nor a local WanPipeline folder")
+        pipe = WanPipeline.from_pretrained(model, dtype=dtype).to(device)
+        if dtype != torch.float32:
+            pipe.vae.to(torch.float32)  # the Wan VAE decodes in float32, as in diffusers' Wan examples
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def write_video(frames: np.ndarray, path: str | Path, fps: int) -> Path:
+    """Write ``frames`` ``(F, H, W, 3)`` float in [0, 1] to an MP4 atomically (temp file + rename)."""
+    from diffusers.utils import export_to_video
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix or '.mp4'}")
+    try:
+        export_to_video(list(frames), str(tmp), fps=fps)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def run_video(args: argparse.Namespace) -> int:
+    """Run ``mmaccel video`` on this rank; returns the exit code (0 on success)."""
+    config = _config(args)
+    ctx = init_distributed(timeout_s=args.timeout)
+    try:
+        pipe = _load(args.model, ctx.device, _DTYPES[args.dtype])
+        check_long_video(pipe, config, ctx.world_size)  # same verdict on every rank, before any exchange
+        with ctx.guard():
+            result = generate_long_video(pipe, config, ctx, progress=not args.quiet)
+            if ctx.is_main:
+                path = write_video(result.frames, args.out, args.fps)
+                stats = result.stats
+                print(
+                    f"wrote {path}: {result.frames.shape[0]} frames {config.height}x{config.width}, "
+                    f"{ctx.world_size} rank(s), denoise {stats['denoise_s']:.1f}s, decode {stats['decode_s']:.1f}s"
+                    + (
+                        f", resumed from step {stats['resumed_from_step']}"
+                        if stats["resumed_from_step"]
+                        else ""
+                    )
+                )
+    finally:
+        destroy_distributed(ctx)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m parallel_video.cli video ...``: the same command without the rest of ``mmaccel``."""
+    parser = argparse.ArgumentParser(prog="mmaccel")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_video_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"mmaccel video: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""`generate_long_video`: a long Wan video over all ranks, frames gathered to rank 0.
+
+``mode="clip"``: the ``WanPipeline`` denoising loop (same prompt encoding, classifier-free
+guidance and scheduler calls), run by every rank on its own clip with :func:`apply_clip_parallel`
+installed, so one rank reproduces ``pipe(..., latents=...)`` exactly; resumable from per-clip
+checkpoints. ``mode="pipeline"``: :func:`run_layer_pipeline` (DualParal).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from parallel_video import checkpoint
+from parallel_video.clip_parallel import ClipParallelConfig, apply_clip_parallel
+from parallel_video.decode import decode_clip
+from parallel_video.layer_pipeline import LayerPipelineConfig, run_layer_pipeline
+from parallel_video.noise import frame_noise
+from parallel_video.plan import ClipPlan, latent_frame_count
+from parallel_video.schedule import split_stages
+from runtime.distributed import (
+    DistContext,
+    all_gather_varlen,
+    exchange_neighbours,
+    gather_to_main,
+    init_distributed,
+)
+
+__all__ = ["LongVideoConfig", "LongVideoOutput", "check_long_video", "generate_long_video"]
+
+MODES = ("clip", "pipeline")
+
+
+@dataclass(frozen=True)
+class LongVideoConfig:
+    """What to generate and how it is split.
+
+    num_frames: video frames; ``num_frames - 1`` must be divisible by the VAE's temporal stride.
+    mode: ``"clip"`` (clip parallelism with dual-scope attention, knobs in ``clip``) or
+        ``"pipeline"`` (DualParal block-wise layer pipeline, knobs in ``pipeline``).
+    decode_overlap: latent frames of left context each clip's VAE decode starts from (>= 1), or
+        ``None`` for all preceding frames, which decodes exactly as the whole video at once (the
+        Wan VAE's causal convolutions have a long temporal receptive field).
+    checkpoint_dir: where each rank saves its clip after every ``checkpoint_every`` steps
+        (``None``: no checkpoints); ``resume=True`` continues from the last common step there.
+        Clip mode only.
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    num_frames: int = 81
+    num_inference_steps: int = 50
+    height: int = 480
+    width: int = 832
+    guidance_scale: float = 5.0
+    seed: int = 0
+    max_sequence_length: int = 512
+    mode: str = "clip"
+    clip: ClipParallelConfig = field(default_factory=ClipParallelConfig)
+    pipeline: LayerPipelineConfig = field(default_factory=LayerPipelineConfig)
+    decode_overlap: int | None = 1
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 1
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(self.prompt).__name__}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "pipeline" and self.checkpoint_dir is not None:
+            raise ValueError(
+                "checkpoint_dir / resume are implemented for mode='clip' only; pass checkpoint_dir=None"
+            )
+        for name, low in (("num_frames", 1), ("num_inference_steps", 1), ("height", 1), ("width", 1),
+                          ("max_sequence_length", 1), ("decode_overlap", 1), ("checkpoint_every", 1)):  # fmt: skip
+            value = getattr(self, name)
+            if name == "decode_overlap" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int >= {low}, got {type(value).__name__}")
+            if value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value}")
+        if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float)):
+            raise TypeError(f"guidance_scale must be a number >= 0, got {type(self.guidance_scale).__name__}")
+        if not self.guidance_scale >= 0:
+            raise ValueError(f"guidance_scale must be a number >= 0, got {self.guidance_scale}")
+        if not isinstance(self.clip, ClipParallelConfig):
+            raise TypeError(f"clip must be a ClipParallelConfig, got {type(self.clip).__name__}")
+        if not isinstance(self.pipeline, LayerPipelineConfig):
+            raise TypeError(f"pipeline must be a LayerPipelineConfig, got {type(self.pipeline).__name__}")
+        if self.resume and self.checkpoint_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir")
+
+
+@dataclass
+class LongVideoOutput:
+    """``frames`` ``(F, H, W, 3)`` float in [0, 1] and ``latents`` ``(1, C, f, h, w)`` on rank 0
+    (``None`` elsewhere); ``stats`` on every rank (timings, bytes communicated, resumed step)."""
+
+    frames: np.ndarray | None
+    latents: torch.Tensor | None
+    stats: dict[str, Any]
+
+
+def _fingerprint(pipe: Any, config: LongVideoConfig, world_size: int) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the settings that change the result."""
+    settings = {
+        k: v for k, v in asdict(config).items() if k not in ("checkpoint_dir", "checkpoint_every", "resume")
+    }
+    public = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}
+    model = json.dumps(public, sort_keys=True, default=str)
+    return {
+        "settings": json.dumps(settings, sort_keys=True),
+        "transformer": hashlib.sha256(model.encode()).hexdigest(),
+        "world_size": world_size,
+    }
+
+
+def check_long_video(pipe: Any, config: LongVideoConfig, world_size: int) -> None:
+    """Validate ``config`` for ``pipe`` on ``world_size`` ranks, without communicating.
+
+    ``ValueError`` names the offending setting: frames not matching the VAE's temporal stride,
+    sizes the patching cannot take, more ranks than latent frames (clip) or blocks (pipeline),
+    padding or decode overlap larger than a clip, blocks that do not divide the video.
+    """
+    num_latent, _, _ = _check_geometry(pipe, config)
+    if config.mode == "pipeline":
+        fpb = config.pipeline.frames_per_block
+        if num_latent % fpb:
+            raise ValueError(f"frames_per_block={fpb} must divide the video's {num_latent} latent frames")
+        split_stages(len(pipe.transformer.blocks), world_size)
+        return
+    plan = ClipPlan.build(num_latent, world_size, config.clip.padding, config.clip.global_frames)
+    shortest = min(e - s for s, e in plan.clips)
+    if world_size > 1 and config.decode_overlap is not None and config.decode_overlap > shortest:
+        raise ValueError(
+            f"decode_overlap={config.decode_overlap} is larger than the shortest clip ({shortest} latent frames)"
+        )
+
+
+def _check_geometry(pipe: Any, config: LongVideoConfig) -> tuple[int, int, int]:
+    """Latent frames, height and width; ``ValueError`` for sizes the VAE/patching cannot take."""
+    if type(pipe.transformer).__name__ != "WanTransformer3DModel":
+        raise TypeError(f"generate_long_video supports WanPipeline, got a {type(pipe.transformer).__name__}")
+    frames = latent_frame_count(config.num_frames, pipe.vae_scale_factor_temporal)
+    multiple = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
+    for name in ("height", "width"):
+        if getattr(config, name) % multiple:
+            raise ValueError(f"{name} must be a multiple of {multiple}, got {getattr(config, name)}")
+    spatial = pipe.vae_scale_factor_spatial
+    return frames, config.height // spatial, config.width // spatial
+
+
+def _resume_step(ctx: DistContext, directory: Path) -> int:
+    """The last step every rank has a checkpoint for (0: start from noise)."""
+    latest = max(checkpoint.available_steps(directory, ctx.rank, ctx.world_size), default=0)
+    everyone = all_gather_varlen(ctx, torch.tensor([latest], device=ctx.device))
+    return int(min(int(t[0]) for t in everyone))
+
+
+@torch.no_grad()
+def generate_long_video(
+    pipe: Any, config: LongVideoConfig, ctx: DistContext | None = None, *, progress: bool = True
+) -> LongVideoOutput:
+    """Generate ``config.num_frames`` frames with ``pipe`` (a diffusers ``WanPipeline``) on all ranks.
+
+    Call on every rank (``torchrun``/``accelerate launch``) with the same arguments; ``ctx`` defaults
+    to :func:`init_distributed`. With one process the result equals
+    ``pipe(..., latents=frame_noise(...))``. A progress bar is shown on rank 0 only.
+    """
+    ctx = ctx or init_distributed()
+    check_long_video(pipe, config, ctx.world_size)
+    if config.mode == "pipeline":
+        return _generate_pipelined(pipe, config, ctx, progress)
+    num_latent, latent_h, latent_w = _check_geometry(pipe, config)
+    handle = apply_clip_parallel(pipe.transformer, config.clip, ctx, num_latent)
+    state = handle.state
+    start, end = state.clip
+    stats: dict[str, Any] = {"clip": (start, end), "latent_frames": num_latent, "resumed_from_step": 0}
+    try:
+        transformer = pipe.transformer
+        device, dtype = ctx.device, transformer.dtype
+        do_cfg = config.guidance_scale > 1.0
+        prompt_embeds, negative_embeds = pipe.encode_prompt(
+            prompt=config.prompt,
+            negative_prompt=config.negative_prompt,
+            do_classifier_free_guidance=do_cfg,
+            max_sequence_length=config.max_sequence_length,
+            device=device,
+        )
+        prompt_embeds = prompt_embeds.to(dtype)
+        negative_embeds = negative_embeds.to(dtype) if do_cfg else None
+        scheduler = pipe.scheduler
+        scheduler.set_timesteps(config.num_inference_steps, device=device)
+        scheduler.set_begin_index(0)
+        channels = transformer.config.in_channels
+        latents = frame_noise(config.seed, range(start, end), (channels, latent_h, latent_w), device=device)
+
+        directory = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+        meta = _fingerprint(pipe, config, ctx.world_size)
+        first = 0
+        if directory is not None and config.resume:
+            first = _resume_step(ctx, directory)
+            if first:
+                saved, sched = checkpoint.load_step(directory, ctx.rank, ctx.world_size, first, meta)
+                latents = saved.to(device)
+                checkpoint.restore_scheduler(scheduler, sched)
+        elif directory is not None:
+            checkpoint.clear(directory, ctx.rank, ctx.world_size)
+        stats["resumed_from_step"] = first
+
+        began = time.perf_counter()
+        timesteps = scheduler.timesteps
+        bar = tqdm(
+            total=len(timesteps), initial=first, desc="denoising", disable=not (progress and ctx.is_main)
+        )
+        for i in range(first, len(timesteps)):
+            t = timesteps[i]
+            model_input = latents.to(dtype)
+            timestep = t.expand(latents.shape[0])
+            noise_pred = transformer(
+                hidden_states=model_input,
+                timestep=timestep,
+                encoder_hidden_states=prompt_embeds,
+                return_dict=False,
+            )[0]
+            if do_cfg:
+                noise_uncond = transformer(
+                    hidden_states=model_input, timestep=timestep, encoder_hidden_states=negative_embeds,
+                    return_dict=False,
+                )[0]  # fmt: skip
+                noise_pred = noise_uncond + config.guidance_scale * (noise_pred - noise_uncond)
+            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            step = i + 1
+            if directory is not None and (step % config.checkpoint_every == 0 or step == len(timesteps)):
+                checkpoint.save_step(directory, ctx.rank, ctx.world_size, step, latents, scheduler, meta)
+            bar.update()
+        bar.close()
+        steps_run = len(timesteps) - first
+        stats.update(
+            denoise_s=time.perf_counter() - began,
+            steps_run=steps_run,
+            attention_calls=state.calls,
+            sent_bytes=state.sent_bytes,
+            recv_bytes=state.recv_bytes,
+            comm_wait_s=state.comm_wait_s,
+        )
+    finally:
+        handle.remove()
+
+    began = time.perf_counter()
+    if config.decode_overlap is None:
+        previous = all_gather_varlen(ctx, latents.movedim(2, 0).contiguous())[: ctx.rank]
+        left = torch.cat(previous).movedim(0, 2) if previous else None
+    else:
+        tail = latents[:, :, end - start - config.decode_overlap :].contiguous()
+        left, _ = exchange_neighbours(ctx, None, tail)
+    frames = decode_clip(pipe, latents, left)
+    stats["decode_s"] = time.perf_counter() - began
+    all_frames = gather_to_main(ctx, torch.from_numpy(np.ascontiguousarray(frames)))
+    all_latents = gather_to_main(ctx, latents.movedim(2, 0).contiguous())
+    if not ctx.is_main:
+        return LongVideoOutput(None, None, stats)
+    video = torch.cat(all_frames).numpy()
+    return LongVideoOutput(video, torch.cat(all_latents).movedim(0, 2), stats)
+
+
+def _generate_pipelined(
+    pipe: Any, config: LongVideoConfig, ctx: DistContext, progress: bool
+) -> LongVideoOutput:
+    """``mode="pipeline"``: DualParal over the ranks' layer stages; rank 0 decodes the whole video."""
+    num_latent, latent_h, latent_w = _check_geometry(pipe, config)
+    do_cfg = config.guidance_scale > 1.0
+    prompt_embeds, negative_embeds = pipe.encode_prompt(
+        prompt=config.prompt,
+        negative_prompt=config.negative_prompt,
+        do_classifier_free_guidance=do_cfg,
+        max_sequence_length=config.max_sequence_length,
+        device=ctx.device,
+    )
+    text = torch.cat([prompt_embeds, negative_embeds]) if do_cfg else prompt_embeds
+    latents, stats = run_layer_pipeline(
+        pipe, ctx, config.pipeline, text=text.to(pipe.transformer.dtype), guidance_scale=config.guidance_scale,
+        num_latent_frames=num_latent, latent_hw=(latent_h, latent_w), steps=config.num_inference_steps,
+        seed=config.seed, progress=progress,
+    )  # fmt: skip
+    stats.update(latent_frames=num_latent, resumed_from_step=0)
+    if not ctx.is_main:
+        return LongVideoOutput(None, None, stats)
+    began = time.perf_counter()
+    frames = decode_clip(pipe, latents, None)
+    stats["decode_s"] = time.perf_counter() - began
+    return LongVideoOutput(frames, latents, stats)

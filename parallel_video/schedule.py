@@ -1,0 +1,64 @@
+"""The block-wise layer pipeline's schedule (DualParal), as pure data: which block is at which step.
+
+The video is a queue of frame blocks at staggered noise levels: iteration ``k`` admits block ``k``
+(while blocks remain) and advances every block in flight by one step, so block ``b`` takes step
+``s`` at iteration ``b + s`` (a FIFO diagonal). Within an iteration the oldest block goes first,
+so each block finds its predecessor's freshest K/V in the feature cache. Every rank walks the same
+:meth:`BlockSchedule.order`; rank ``r`` runs layers ``stages[r]`` of each item. Communication
+lives in :mod:`parallel_video.layer_pipeline`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from runtime.budget import allocate
+
+__all__ = ["BlockSchedule", "split_stages"]
+
+
+def split_stages(num_layers: int, world_size: int) -> tuple[tuple[int, int], ...]:
+    """Contiguous, balanced layer ranges ``[lo, hi)``, one per rank (earlier ranks get the extra)."""
+    if world_size > num_layers:
+        raise ValueError(
+            f"more ranks ({world_size}) than transformer blocks ({num_layers}) for a layer pipeline"
+        )
+    sizes = allocate(num_layers, torch.ones(world_size), torch.full((world_size,), num_layers)).tolist()
+    bounds = [0]
+    for size in sizes:
+        bounds.append(bounds[-1] + int(size))
+    return tuple(zip(bounds[:-1], bounds[1:]))
+
+
+@dataclass(frozen=True)
+class BlockSchedule:
+    """``num_blocks`` frame blocks, each denoised for ``steps`` steps on the FIFO diagonal."""
+
+    num_blocks: int
+    steps: int
+
+    def __post_init__(self) -> None:
+        for name in ("num_blocks", "steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+    @property
+    def num_iterations(self) -> int:
+        return self.num_blocks + self.steps - 1
+
+    def iteration(self, k: int) -> list[tuple[int, int]]:
+        """``(block, step)`` pairs of iteration ``k``, oldest block first."""
+        first = max(0, k - self.steps + 1)
+        last = min(k, self.num_blocks - 1)
+        return [(b, k - b) for b in range(first, last + 1)]
+
+    def order(self) -> list[tuple[int, int]]:
+        """Every ``(block, step)`` work item in the order all ranks process them."""
+        return [item for k in range(self.num_iterations) for item in self.iteration(k)]
+
+    def in_flight(self, k: int) -> int:
+        """Blocks in flight at iteration ``k`` (at most ``min(num_blocks, steps)``)."""
+        return len(self.iteration(k))
