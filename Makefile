@@ -21,6 +21,7 @@ install: $(VENV)/.installed
 
 run: install
 	$(VENV)/bin/mmaccel info
+	$(VENV)/bin/mmaccel smoke
 
 test: install
 	$(TEST_ENV) $(PY) -m pytest -q
