@@ -29,7 +29,7 @@ RESULTS_PATH = Path(__file__).with_name("RESULTS.md")
 class Measurement:
     median_s: float
     times_s: tuple[float, ...]
-    peak_bytes: int
+    peak_bytes: int | None  # None: the call uses ops the CPU tracker cannot follow (see measure)
 
 
 class PeakTensorBytes(TorchDispatchMode):
@@ -82,7 +82,8 @@ def measure(
     """Time ``fn`` (median of ``repeats`` after ``warmup``) and record its peak memory.
 
     Peak memory: ``torch.cuda.max_memory_allocated`` above the starting level on CUDA; on CPU
-    one extra, untimed call under :class:`PeakTensorBytes`.
+    one extra, untimed call under :class:`PeakTensorBytes`. Compiled higher-order ops (e.g.
+    ``flex_attention``) cannot run under a dispatch mode: their peak is reported as ``None``.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
@@ -102,10 +103,13 @@ def measure(
     if cuda:
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
-        with PeakTensorBytes() as tracker:
-            fn()
-        peak = tracker.peak
-    return Measurement(statistics.median(times), tuple(times), int(peak))
+        try:
+            with PeakTensorBytes() as tracker:
+                fn()
+            peak = tracker.peak
+        except NotImplementedError:  # higher-order op under a TorchDispatchMode
+            peak = None
+    return Measurement(statistics.median(times), tuple(times), peak)
 
 
 def machine_description() -> str:

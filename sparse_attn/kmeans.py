@@ -1,0 +1,104 @@
+"""Batched Lloyd k-means with warm start, as SVG2 clusters queries and keys.
+
+Sparse VideoGen2 (Yang et al., 2025, arXiv:2505.18875) clusters Q and K of every attention
+head with k-means, initialising from random tokens once and afterwards warm-starting from the
+previous step's centroids for a few iterations. Everything here is vectorised over a leading
+batch dimension (batch x heads); empty clusters keep their centroid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["KMeansResult", "assign", "inertia", "kmeans", "random_init"]
+
+
+@dataclass(frozen=True)
+class KMeansResult:
+    """``labels`` (N, S) long, ``centroids`` (N, C, D) float32, ``counts`` (N, C) long.
+
+    ``labels`` is the last assignment and ``centroids`` the means of those clusters (an empty
+    cluster keeps the centroid it had), so ``centroids`` summarise exactly the tokens labelled.
+    """
+
+    labels: torch.Tensor
+    centroids: torch.Tensor
+    counts: torch.Tensor
+    iterations: int
+
+
+def random_init(x: torch.Tensor, num_clusters: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Centroids drawn as ``num_clusters`` distinct random tokens per batch row: (N, C, D) float32."""
+    n, s, _ = x.shape
+    if not 1 <= num_clusters <= s:
+        raise ValueError(f"num_clusters must be in [1, {s}] (the number of tokens), got {num_clusters}")
+    noise = torch.rand(n, s, generator=generator)  # a CPU generator keeps the draw device-independent
+    idx = noise.argsort(dim=1)[:, :num_clusters].to(x.device)
+    return torch.gather(x.float(), 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centroid (Euclidean) for every token: (N, S) long."""
+    c_sq = centroids.square().sum(-1).unsqueeze(1)  # (N, 1, C)
+    dist = torch.baddbmm(c_sq, x, centroids.transpose(1, 2), alpha=-2.0)  # ||c||^2 - 2 x.c
+    return dist.argmin(-1)
+
+
+def _update(
+    x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n, c, d = centroids.shape
+    sums = torch.zeros(n, c, d, dtype=x.dtype, device=x.device)
+    sums.scatter_add_(1, labels.unsqueeze(-1).expand(-1, -1, d), x)
+    counts = torch.zeros(n, c, dtype=torch.long, device=x.device)
+    counts.scatter_add_(1, labels, torch.ones_like(labels))
+    means = sums / counts.clamp_min(1).unsqueeze(-1).to(x.dtype)
+    return torch.where((counts > 0).unsqueeze(-1), means, centroids), counts
+
+
+def inertia(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Sum of squared distances of tokens to their cluster's centroid, per batch row: (N,)."""
+    picked = torch.gather(centroids, 1, labels.unsqueeze(-1).expand(-1, -1, centroids.shape[-1]))
+    return (x.float() - picked).square().sum((-1, -2))
+
+
+def kmeans(
+    x: torch.Tensor,
+    num_clusters: int,
+    *,
+    init: torch.Tensor | None = None,
+    iterations: int = 2,
+    tol: float = 1e-4,
+    generator: torch.Generator | None = None,
+) -> KMeansResult:
+    """Lloyd's k-means on ``x`` (N, S, D), batched over N.
+
+    ``init`` (N, C, D) warm-starts from given centroids; without it, centroids are random
+    tokens. Runs at most ``iterations`` assignment + update rounds and stops early once no
+    centroid moves more than ``tol`` (Euclidean). Inertia never increases along the way.
+    """
+    if x.ndim != 3:
+        raise ValueError(f"x must be (N, S, D), got shape {tuple(x.shape)}")
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    xf = x.float()
+    if init is None:
+        centroids = random_init(xf, num_clusters, generator)
+    else:
+        if init.shape != (x.shape[0], num_clusters, x.shape[2]):
+            raise ValueError(
+                f"init must have shape {(x.shape[0], num_clusters, x.shape[2])}, got {tuple(init.shape)}"
+            )
+        centroids = init.to(device=x.device, dtype=torch.float32)
+    done = 0
+    while done < iterations:
+        done += 1
+        labels = assign(xf, centroids)
+        new, counts = _update(xf, labels, centroids)
+        shift = (new - centroids).square().sum(-1).max()
+        centroids = new
+        if shift.sqrt().item() <= tol:
+            break
+    return KMeansResult(labels=labels, centroids=centroids, counts=counts, iterations=done)
