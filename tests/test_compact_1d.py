@@ -6,17 +6,18 @@ import torch
 from tokenizers_img.compact_1d import Compact1DConfig, Compact1DTokenizer, FSQuantizer
 from tokenizers_img.train_tokenizer import load_images, main, sample_crops, train_step
 
-TINY = dict(image_size=8, patch_size=2, width=32, encoder_depth=2, decoder_depth=1, num_heads=2,
-            num_latent_tokens=6, fsq_levels=(5, 4, 3), codebook_size=16, token_dim=4)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny ops are latency-bound; OpenMP threads on a shared 2-core machine stall them ~100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+TINY = dict(
+    image_size=8,
+    patch_size=2,
+    width=32,
+    encoder_depth=2,
+    decoder_depth=1,
+    num_heads=2,
+    num_latent_tokens=6,
+    fsq_levels=(5, 4, 3),
+    codebook_size=16,
+    token_dim=4,
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,9 @@ def test_latent_tokens_are_causal(model: Compact1DTokenizer, images: torch.Tenso
         z = model._latents(images)
         saved = model.latent_tokens.detach().clone()
         try:
-            model.latent_tokens[3] += torch.randn(model.config.width)  # (a constant would vanish in LayerNorm)
+            model.latent_tokens[3] += torch.randn(
+                model.config.width
+            )  # (a constant would vanish in LayerNorm)
             z2 = model._latents(images)
         finally:
             model.latent_tokens.copy_(saved)
@@ -139,7 +142,9 @@ def test_config_validation(overrides: dict, error: type, name: str) -> None:
 
 def test_nested_dropout_samples_prefixes_and_training_reduces_loss() -> None:
     torch.manual_seed(0)
-    crops = sample_crops(load_images("skimage", "eval", short_side=32), 8, 8, torch.Generator().manual_seed(0))
+    crops = sample_crops(
+        load_images("skimage", "eval", short_side=32), 8, 8, torch.Generator().manual_seed(0)
+    )
     model = Compact1DTokenizer(Compact1DConfig(**TINY))
     model.train()
     lengths = torch.cat([model(crops)[1].prefix_lengths for _ in range(5)])
@@ -163,7 +168,23 @@ def test_nested_dropout_samples_prefixes_and_training_reduces_loss() -> None:
 
 
 def test_train_script_cli_compact(tmp_path) -> None:
-    report = main(["--model", "compact1d", "--data", "digits", "--steps", "2", "--batch-size", "2",
-                   "--image-size", "8", "--eval-size", "2", "--out", str(tmp_path / "c")])
+    report = main(
+        [
+            "--model",
+            "compact1d",
+            "--data",
+            "digits",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--image-size",
+            "8",
+            "--eval-size",
+            "2",
+            "--out",
+            str(tmp_path / "c"),
+        ]
+    )
     assert len(report.losses) == 2 and "k=32" in report.psnr_after and "k=1" in report.psnr_after
     assert Compact1DTokenizer.from_pretrained(tmp_path / "c").config.num_latent_tokens == 32

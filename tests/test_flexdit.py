@@ -21,16 +21,6 @@ from diffusion.flexdit import (
 from diffusion.train import DistillConfig, LatentDataset, distill, distillation_loss, main
 from runtime.budget import LinearSchedule, StepSchedule
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread, and far faster when the machine is oversubscribed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 #: 6 blocks: 1 Poolingformer, one SDTM (cross, sparse, recovery, dense), 1 dense on top.
 SMALL = FlexDiTConfig(
     pooling_blocks=1, num_modules=1, module_layout=(1, 1, 1, 1), top_dense_blocks=1, sparse_grid=(4, 4)

@@ -13,15 +13,6 @@ from tokenizers_img.orders import proximity_mask
 TINY = dict(vocab_size=32, dim=32, n_layer=2, n_head=2, num_classes=4, multiple_of=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: the test machine is shared, and oversubscribed OpenMP threads crawl."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny_gpt(seed: int = 0, **overrides: object) -> GPT:
     torch.manual_seed(seed)
     return GPT(GPTConfig(**{**TINY, **overrides})).eval()

@@ -18,15 +18,6 @@ PROMPT = TINY_CALL_KWARGS["llava"]["text"]
 PROMPT2 = "USER: <image>\nWhat color is the big disc on the left? ASSISTANT:"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot to them on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def llava():
     return tiny_llava()

@@ -25,15 +25,6 @@ GREEDY = SamplingConfig(greedy=True)
 GRIDS = [(1, 1), (1, 5), (4, 1), (3, 5), (5, 3), (6, 6)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: the test machine is shared, and oversubscribed OpenMP threads crawl."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def model() -> GPT:
     torch.manual_seed(0)

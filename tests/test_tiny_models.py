@@ -25,16 +25,6 @@ VLMS = ["llava", "llava_next"]
 PIPELINES = ["dit", "pixart", "wan", "cogvideox"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny ops gain nothing from intra-op threads, and on a shared 2-core box OpenMP spin-waiting
-    makes them several times slower; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _state(built) -> dict[str, torch.Tensor]:
     """All parameters and buffers of a built VLM or pipeline, keyed by component."""
     modules = (

@@ -10,17 +10,16 @@ from einops import rearrange
 from tokenizers_img.train_tokenizer import load_images, main, psnr, sample_crops, train_step
 from tokenizers_img.vq import VQConfig, VQModel
 
-TINY = dict(codebook_size=32, codebook_embed_dim=4, ch=16, norm_groups=8, encoder_ch_mult=(1, 2),
-            decoder_ch_mult=(1, 2), z_channels=8, num_res_blocks=1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny ops are latency-bound; OpenMP threads on a shared 2-core machine stall them ~100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+TINY = dict(
+    codebook_size=32,
+    codebook_embed_dim=4,
+    ch=16,
+    norm_groups=8,
+    encoder_ch_mult=(1, 2),
+    decoder_ch_mult=(1, 2),
+    z_channels=8,
+    num_res_blocks=1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,23 +52,42 @@ def test_encode_picks_nearest_l2_normalised_code(model: VQModel, images: torch.T
         codes = F.normalize(model.quantize.embedding.weight, dim=-1)
         dist = torch.cdist(z, codes)
         chosen = model.encode(images).flatten()
-        torch.testing.assert_close(dist.gather(1, chosen[:, None])[:, 0], dist.min(1).values, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            dist.gather(1, chosen[:, None])[:, 0], dist.min(1).values, atol=1e-5, rtol=0
+        )
         assert (chosen == dist.argmin(1)).float().mean() > 0.9
         looked_up = model.codebook_lookup(chosen.view(2, 4, 6))
         torch.testing.assert_close(looked_up, rearrange(codes[chosen], "(b h w) c -> b c h w", b=2, h=4))
 
 
 def test_llamagen_state_dict_names_and_vq16_size() -> None:
-    keys = set(VQModel(VQConfig(**{**TINY, "encoder_ch_mult": (1, 1, 2), "decoder_ch_mult": (1, 1, 2)})).state_dict())
+    keys = set(
+        VQModel(VQConfig(**{**TINY, "encoder_ch_mult": (1, 1, 2), "decoder_ch_mult": (1, 1, 2)})).state_dict()
+    )
     for name in (
-        "encoder.conv_in.weight", "encoder.conv_blocks.0.res.0.conv1.weight", "encoder.conv_blocks.1.downsample.conv.weight",
-        "encoder.conv_blocks.2.res.0.nin_shortcut.weight", "encoder.conv_blocks.2.attn.0.q.weight", "encoder.mid.1.proj_out.weight",
-        "encoder.norm_out.weight", "encoder.conv_out.weight", "quant_conv.weight", "quantize.embedding.weight",
-        "post_quant_conv.weight", "decoder.conv_in.weight", "decoder.mid.0.norm1.weight", "decoder.conv_blocks.0.attn.1.k.weight",
-        "decoder.conv_blocks.0.upsample.conv.weight", "decoder.conv_blocks.2.res.1.conv2.weight", "decoder.conv_out.bias",
+        "encoder.conv_in.weight",
+        "encoder.conv_blocks.0.res.0.conv1.weight",
+        "encoder.conv_blocks.1.downsample.conv.weight",
+        "encoder.conv_blocks.2.res.0.nin_shortcut.weight",
+        "encoder.conv_blocks.2.attn.0.q.weight",
+        "encoder.mid.1.proj_out.weight",
+        "encoder.norm_out.weight",
+        "encoder.conv_out.weight",
+        "quant_conv.weight",
+        "quantize.embedding.weight",
+        "post_quant_conv.weight",
+        "decoder.conv_in.weight",
+        "decoder.mid.0.norm1.weight",
+        "decoder.conv_blocks.0.attn.1.k.weight",
+        "decoder.conv_blocks.0.upsample.conv.weight",
+        "decoder.conv_blocks.2.res.1.conv2.weight",
+        "decoder.conv_out.bias",
     ):
         assert name in keys, name
-    assert not any(k.startswith("encoder.conv_blocks.2.downsample") or k.startswith("decoder.conv_blocks.2.upsample") for k in keys)
+    assert not any(
+        k.startswith("encoder.conv_blocks.2.downsample") or k.startswith("decoder.conv_blocks.2.upsample")
+        for k in keys
+    )
     assert not any(k.startswith("encoder.conv_blocks.0.attn") for k in keys)
     with torch.device("meta"):
         vq16 = VQModel(VQConfig.vq_16())
@@ -112,9 +130,18 @@ def test_llamagen_style_torch_checkpoint(model: VQModel, images: torch.Tensor, t
 
 
 def test_config_from_llamagen_model_args() -> None:
-    args = dict(codebook_size=32, codebook_embed_dim=4, codebook_l2_norm=True, codebook_show_usage=True,
-                commit_loss_beta=0.25, entropy_loss_ratio=0.0, encoder_ch_mult=[1, 2], decoder_ch_mult=[1, 2],
-                z_channels=8, dropout_p=0.0)
+    args = dict(
+        codebook_size=32,
+        codebook_embed_dim=4,
+        codebook_l2_norm=True,
+        codebook_show_usage=True,
+        commit_loss_beta=0.25,
+        entropy_loss_ratio=0.0,
+        encoder_ch_mult=[1, 2],
+        decoder_ch_mult=[1, 2],
+        z_channels=8,
+        dropout_p=0.0,
+    )
     config = VQConfig.from_dict(args)
     assert config.encoder_ch_mult == (1, 2) and config.downsample_factor == 2
     assert VQConfig.from_dict(config.to_dict()) == config
@@ -167,7 +194,9 @@ def test_bad_inputs_raise_clear_errors(model: VQModel, images: torch.Tensor) -> 
 
 def test_training_steps_reduce_loss_on_real_images() -> None:
     torch.manual_seed(0)
-    crops = sample_crops(load_images("skimage", "eval", short_side=48), 4, 16, torch.Generator().manual_seed(0))
+    crops = sample_crops(
+        load_images("skimage", "eval", short_side=48), 4, 16, torch.Generator().manual_seed(0)
+    )
     model = VQModel(VQConfig(**TINY))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = [train_step(model, optimizer, crops) for _ in range(12)]
@@ -193,8 +222,24 @@ def test_train_script_cli(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "--model" in capsys.readouterr().out
-    report = main(["--model", "vq", "--data", "digits", "--steps", "2", "--batch-size", "2", "--image-size", "8",
-                   "--eval-size", "2", "--out", str(tmp_path / "vq")])
+    report = main(
+        [
+            "--model",
+            "vq",
+            "--data",
+            "digits",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--image-size",
+            "8",
+            "--eval-size",
+            "2",
+            "--out",
+            str(tmp_path / "vq"),
+        ]
+    )
     assert len(report.losses) == 2 and "psnr" in report.psnr_after
     assert VQModel.from_pretrained(tmp_path / "vq").downsample_factor == 4
 

@@ -11,15 +11,6 @@ from runtime.budget import TokenBudget
 from vlm import VLM, HiREDConfig, load_image, load_vlm
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot to them on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def next_folder(tmp_path_factory):
     return save_tiny("llava_next", tmp_path_factory.mktemp("llava_next"))
