@@ -8,23 +8,29 @@ TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 TEST_ENV := HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TRANSFORMERS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
 
-.PHONY: install run test test-slow lint bench clean
+.PHONY: install browser run test test-slow lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_INDEX) "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,video]" "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev,video,demo]" "$(TORCH)"
 	touch $@
 
 install: $(VENV)/.installed
 
-run: install
-	$(VENV)/bin/mmaccel info
-	$(VENV)/bin/mmaccel smoke
+# Debian chromium for the browser test (Playwright drives it; `playwright install` is never used).
+browser:
+	bash scripts/install_browser.sh
 
-test: install
-	$(TEST_ENV) $(PY) -m pytest -q
+# The main job: the Gradio demo on the built-in tiny models (real checkpoints: ARGS="--vlm-model PATH").
+run: install
+	$(VENV)/bin/mmaccel info --no-compile
+	$(VENV)/bin/mmaccel demo $(ARGS)
+
+# Default suite + the browser test; heavy checks are `make test-slow`.
+test: install browser
+	$(TEST_ENV) $(PY) -m pytest -q -m "not slow"
 
 test-slow: install
 	$(TEST_ENV) $(PY) -m pytest -q -m slow

@@ -11,6 +11,9 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
+from apps.commands import add_bench_parser, add_demo_parser, add_vlm_parser
+from parallel_video.cli import add_video_parser
+
 __all__ = ["main", "build_parser"]
 
 
@@ -43,13 +46,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_smoke(args: argparse.Namespace) -> int:
-    from apps.smoke import format_results, run_smoke
-
-    print(format_results(run_smoke(args.only)))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmaccel", description="Fast multimodal understanding and visual generation."
@@ -62,17 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--no-compile", action="store_true", help="skip the compiled flex_attention probe")
     info.set_defaults(func=_cmd_info)
 
-    from apps.smoke import SMOKE_CHECKS
-
-    smoke = sub.add_parser(
-        "smoke", help="run every technique dense vs accelerated on the built-in tiny models (fidelity check)"
-    )
-    smoke.add_argument("--only", nargs="+", choices=sorted(SMOKE_CHECKS), help="run only these checks")
-    smoke.set_defaults(func=_cmd_smoke)
-
-    from parallel_video.cli import add_video_parser
-
     add_video_parser(sub)
+    add_demo_parser(sub)
+    add_vlm_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

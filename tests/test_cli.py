@@ -58,9 +58,3 @@ def test_video_user_error_is_one_line(capsys):
     assert main(["video", "--model", "tiny", "--prompt", "a car", "--frames", "10", "--steps", "1", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mmaccel video: error:") and "Traceback" not in err
-
-
-def test_smoke_rejects_unknown_check(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["smoke", "--only", "nope"])
-    assert exc.value.code == 2

@@ -1,0 +1,491 @@
+"""The demo's app functions: one dense-vs-accelerated run per capability, UI-free.
+
+The Gradio app (:mod:`apps.demo`) and the tests call these directly. Each takes plain Python
+values, validates them (``ValueError`` / ``TypeError`` with a readable message), runs the dense
+and the accelerated path on the same model and inputs, and returns a :class:`TabResult`. Files
+(videos, animations) are written only under the ``out_dir`` the caller gives.
+"""
+
+from __future__ import annotations
+
+import shlex
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = [
+    "MAX_IMAGE_SIDE",
+    "MIN_IMAGE_SIDE",
+    "MAX_FRAMES",
+    "DemoModels",
+    "TabResult",
+    "validate_image",
+    "run_vlm_tab",
+    "run_dit_tab",
+    "run_video_tab",
+    "run_ar_tab",
+    "torchrun_command",
+]
+
+MAX_IMAGE_SIDE = 4096
+MIN_IMAGE_SIDE = 16
+MAX_IMAGE_PIXELS = 16_000_000
+MAX_FRAMES = 33
+MAX_STEPS = 50
+MAX_NEW_TOKENS = 64
+IMAGE_PIPELINES = ("DiTPipeline", "PixArtAlphaPipeline")
+
+
+@dataclass(frozen=True)
+class TabResult:
+    """What a tab shows: dense / accelerated outputs, a stats table and extra artefacts."""
+
+    dense: Any
+    accelerated: Any
+    stats: dict[str, Any]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def markdown(self) -> str:
+        """The stats as a two-column markdown table."""
+        rows = "\n".join(f"| {k} | {v} |" for k, v in self.stats.items())
+        return f"| measure | value |\n|---|---|\n{rows}"
+
+
+@dataclass
+class DemoModels:
+    """Lazily built models for the demo: tiny random ones unless a folder is given.
+
+    ``vlm``: a LLaVA(-NeXT) folder for :func:`vlm.load_vlm`; ``dit``: a ``DiTPipeline`` or
+    ``PixArtAlphaPipeline`` folder;
+    ``video``: a ``WanPipeline`` folder (the tab renders 64 x 96 px). The AR tab always uses a
+    tiny LlamaGen-style GPT + VQ. ``lock`` serialises the runs: patches are per model instance.
+    """
+
+    vlm: str | None = None
+    dit: str | None = None
+    video: str | None = None
+    device: str = "cpu"
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+    _warmed: set[str] = field(default_factory=set, repr=False)
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    def get(self, name: str) -> Any:
+        """The model ``name`` (``vlm``, ``dit``, ``video``, ``ar``), built on first use."""
+        builders: dict[str, Callable[[], Any]] = {
+            "vlm": self._build_vlm,
+            "dit": self._build_dit,
+            "video": self._build_video,
+            "ar": _build_ar,
+        }
+        if name not in builders:
+            raise ValueError(f"unknown demo model {name!r}; choose from {sorted(builders)}")
+        with self.lock:
+            if name not in self._cache:
+                self._cache[name] = builders[name]()
+            return self._cache[name]
+
+    def _build_vlm(self) -> Any:
+        from vlm import load_vlm
+
+        if self.vlm is not None:
+            return load_vlm(_existing(self.vlm, "--vlm-model"), device=self.device)
+        from apps.tiny_models import tiny_llava_next
+
+        model, processor = tiny_llava_next(device=self.device)
+        return load_vlm(model, processor=processor)
+
+    def _build_dit(self) -> Any:
+        if self.dit is not None:
+            from diffusers import DiffusionPipeline
+
+            pipe = DiffusionPipeline.from_pretrained(_existing(self.dit, "--dit-model"))
+            if type(pipe).__name__ not in IMAGE_PIPELINES:
+                raise TypeError(f"--dit-model must hold one of {IMAGE_PIPELINES}, got {type(pipe).__name__}")
+            return pipe.to(self.device)
+        from apps.tiny_models import tiny_dit_pipeline
+
+        return tiny_dit_pipeline(device=self.device)
+
+    def _build_video(self) -> Any:
+        if self.video is not None:
+            from diffusers import WanPipeline
+
+            return WanPipeline.from_pretrained(_existing(self.video, "--video-model")).to(self.device)
+        from apps.tiny_models import tiny_wan_pipeline
+
+        return tiny_wan_pipeline(device=self.device)
+
+    def warm_up(self, name: str, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` (a short call of model ``name``) once, so one-time costs stay out of the timings."""
+        with self.lock:
+            if name not in self._warmed:
+                fn()
+                self._warmed.add(name)
+
+
+def _existing(path: str, flag: str) -> str:
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{flag} {path!r} is not a folder saved with save_pretrained")
+    return path
+
+
+def _build_ar() -> tuple[Any, Any]:
+    from tokenizers_img.gpt import GPT, GPTConfig
+    from tokenizers_img.vq import VQConfig, VQModel
+
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=64, dim=64, n_layer=2, n_head=4, num_classes=10, multiple_of=32)).eval()
+    vq = VQModel(
+        VQConfig(codebook_size=64, codebook_embed_dim=4, ch=16, norm_groups=8, encoder_ch_mult=(1, 2),
+                 decoder_ch_mult=(1, 2), z_channels=8, num_res_blocks=1)
+    ).eval()  # fmt: skip
+    return gpt, vq
+
+
+def _psnr(x: np.ndarray, ref: np.ndarray) -> float:
+    """PSNR in dB of arrays in [0, 1] (inf when identical)."""
+    mse = float(np.mean((np.asarray(x, np.float64) - np.asarray(ref, np.float64)) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def _check_number(name: str, value: Any, low: float, high: float, integer: bool = False) -> None:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+
+
+def _check_out_dir(out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise ValueError(f"output folder {str(out)!r} does not exist")
+    return out
+
+
+def validate_image(image: Any) -> Image.Image:
+    """An RGB PIL image from a PIL image / uint8 array within the demo's size limits."""
+    if image is None:
+        raise ValueError("upload an image first")
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise ValueError(f"image arrays must be uint8 (H, W[, C]); got {image.dtype} {image.shape}")
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image must be a PIL image or a uint8 array, got {type(image).__name__}")
+    w, h = image.size
+    if min(w, h) < MIN_IMAGE_SIDE or max(w, h) > MAX_IMAGE_SIDE or w * h > MAX_IMAGE_PIXELS:
+        raise ValueError(
+            f"image is {w}x{h}; sides must be in [{MIN_IMAGE_SIDE}, {MAX_IMAGE_SIDE}] px and at most "
+            f"{MAX_IMAGE_PIXELS // 1_000_000} MP"
+        )
+    return image.convert("RGB")
+
+
+# ------------------------------------------------------------------------------------------
+# VLM: HiRED token budget + VISTA steering
+# ------------------------------------------------------------------------------------------
+
+
+def _kept_overlay(image: Image.Image, keep: torch.Tensor, tokens: int) -> Image.Image:
+    """The image with the base partition's dropped patches darkened (kept ones at full colour)."""
+    side = int(round(tokens**0.5))
+    if side * side != tokens:
+        raise ValueError(f"base partition of {tokens} tokens is not a square grid")
+    mask = keep[:tokens].reshape(side, side).float().numpy()
+    mask_img = Image.fromarray((mask * 255).astype(np.uint8)).resize(image.size, Image.NEAREST)
+    shade = np.asarray(mask_img, np.float32)[..., None] / 255.0
+    arr = np.asarray(image, np.float32) * (0.25 + 0.75 * shade)
+    return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+
+
+def run_vlm_tab(
+    models: DemoModels,
+    image: Any,
+    question: str,
+    budget: float = 0.2,
+    hired: bool = True,
+    vista: bool = False,
+    max_new_tokens: int = 16,
+) -> TabResult:
+    """Answer ``question`` about ``image`` dense and with HiRED (``budget`` of visual tokens) / VISTA.
+
+    ``dense``/``accelerated`` are the answers; ``extras["overlay"]`` shows the kept tokens of the
+    base image (the whole image when HiRED is off).
+    """
+    from runtime import TokenBudget
+    from vlm import HiREDConfig, VISTAConfig
+
+    pil = validate_image(image)
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("type a question")
+    if len(question) > 2000:
+        raise ValueError(f"question is {len(question)} characters; at most 2000")
+    _check_number("budget", budget, 0.01, 1.0)
+    _check_number("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS, integer=True)
+    if not (hired or vista):
+        raise ValueError("turn on HiRED or VISTA (or both) to compare against the dense model")
+    vlm = models.get("vlm")
+    models.warm_up("vlm", lambda: vlm.generate(pil, question, max_new_tokens=1))
+    with models.lock:
+        dense = vlm.generate(pil, question, max_new_tokens=max_new_tokens)
+        from vlm import apply_hired, apply_vista
+
+        hired_handle = (
+            apply_hired(vlm.model, HiREDConfig(budget=TokenBudget(ratio=float(budget)))) if hired else None
+        )
+        vista_handle = apply_vista(vlm.model, VISTAConfig()) if vista else None
+        vlm.handle = hired_handle  # VLM reads its token counts from the handle
+        try:
+            fast = vlm.generate(pil, question, max_new_tokens=max_new_tokens)
+            selection = hired_handle.last_selections[0] if hired_handle is not None else None
+        finally:
+            vlm.handle = None
+            if vista_handle is not None:
+                vista_handle.remove()
+            if hired_handle is not None:
+                hired_handle.remove()
+    d, f = dense.stats[0], fast.stats[0]
+    if selection is not None:
+        overlay = _kept_overlay(pil, selection.keep, selection.tokens_per_partition[0])
+    else:
+        overlay = pil
+    stats = {
+        "visual tokens (dense -> accelerated)": f"{d.visual_tokens_before} -> {f.visual_tokens_after}",
+        "partitions": d.partitions,
+        "TTFT dense / accelerated (s)": f"{d.time_to_first_token_s:.3f} / {f.time_to_first_token_s:.3f}",
+        "TTFT speed-up": f"{d.time_to_first_token_s / f.time_to_first_token_s:.2f}x",
+        "decode tokens/s dense / accelerated": f"{d.decode_tokens_per_s:.1f} / {f.decode_tokens_per_s:.1f}",
+        "answers agree": dense.texts[0] == fast.texts[0],
+    }
+    return TabResult(dense.texts[0], fast.texts[0], stats, {"overlay": overlay, "selection": selection})
+
+
+# ------------------------------------------------------------------------------------------
+# Image DiT: FlexDiT-style token density
+# ------------------------------------------------------------------------------------------
+
+
+def run_dit_tab(
+    models: DemoModels,
+    text: str,
+    steps: int = 8,
+    keep_ratio: float = 0.25,
+    dense_from: float = 0.8,
+    seed: int = 0,
+) -> TabResult:
+    """Generate ``text`` dense and with token density (``keep_ratio`` until ``dense_from``).
+
+    ``text`` is a class name for a ``DiTPipeline`` and a prompt for a ``PixArtAlphaPipeline``.
+
+    ``dense``/``accelerated`` are ``(H, W, 3)`` float images in [0, 1].
+    """
+    from diffusion.token_density import TokenDensityConfig, apply_token_density
+    from runtime.budget import ConstantSchedule, StepSchedule
+
+    _check_number("steps", steps, 1, MAX_STEPS, integer=True)
+    _check_number("keep_ratio", keep_ratio, 0.01, 1.0)
+    _check_number("dense_from", dense_from, 0.0, 1.0)
+    _check_number("seed", seed, 0, 2**31 - 1, integer=True)
+    pipe = models.get("dit")
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("type a class name or a prompt")
+    if hasattr(pipe, "get_label_ids"):  # class-conditional DiT
+        labels = getattr(pipe, "labels", None) or {}
+        if text not in labels:
+            raise ValueError(f"unknown class {text!r}; choose one of {sorted(labels)[:10]}...")
+        inputs: dict[str, Any] = {"class_labels": pipe.get_label_ids([text])}
+    else:  # PixArt-alpha: text-to-image at the transformer's native size
+        if steps < 2:  # diffusers' PixArt takes a 1-step path meant for DMD checkpoints only
+            raise ValueError("PixArt needs steps >= 2")
+        size = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+        inputs = dict(prompt=text, height=size, width=size, use_resolution_binning=False, clean_caption=False)
+
+    def run(num_steps: int = steps) -> np.ndarray:
+        gen = torch.Generator("cpu").manual_seed(seed)
+        return pipe(**inputs, num_inference_steps=num_steps, generator=gen, output_type="np").images[0]
+
+    if dense_from == 0.0:
+        raise ValueError("dense_from 0 runs every step dense: nothing to accelerate; use > 0")
+    schedule = (
+        StepSchedule(boundaries=(dense_from,), ratios=(keep_ratio, 1.0))
+        if dense_from < 1
+        else ConstantSchedule(keep_ratio)
+    )
+    config = TokenDensityConfig(schedule=schedule)
+    models.warm_up("dit", lambda: run(min(steps, 2)))
+    with models.lock:
+        dense, t_dense = _timed(run)
+        with apply_token_density(pipe.transformer, config) as handle:
+            fast, t_fast = _timed(run)
+            ratio = handle.stats.token_ratio
+    stats = {
+        "time dense / accelerated (s)": f"{t_dense:.3f} / {t_fast:.3f}",
+        "speed-up": f"{t_dense / t_fast:.2f}x",
+        "mean token ratio": f"{ratio:.2f}",
+        "PSNR vs dense (dB)": f"{_psnr(fast, dense):.1f}",
+    }
+    return TabResult(dense, fast, stats)
+
+
+# ------------------------------------------------------------------------------------------
+# Video: SVG2 semantic sparse attention
+# ------------------------------------------------------------------------------------------
+
+
+def torchrun_command(prompt: str = "a red car on a coast road", frames: int = 129, nproc: int = 2) -> str:
+    """The command line that runs the multi-process long-video path (:mod:`parallel_video.cli`)."""
+    return (
+        f"torchrun --nproc-per-node {nproc} -m parallel_video.cli video --model tiny "
+        f"--prompt {shlex.quote(prompt)} --frames {frames} --mode clip --out video.mp4"
+    )
+
+
+def _write_mp4(frames: np.ndarray, path: Path, fps: int = 8) -> Path:
+    from diffusers.utils import export_to_video
+
+    export_to_video(list(frames), str(path), fps=fps)
+    return path
+
+
+def run_video_tab(
+    models: DemoModels,
+    prompt: str,
+    out_dir: str | Path,
+    frames: int = 9,
+    steps: int = 4,
+    top_p: float = 0.9,
+    dense_steps: float = 0.25,
+    seed: int = 0,
+) -> TabResult:
+    """Generate a video dense and with SVG2 sparse attention; both saved as MP4 under ``out_dir``.
+
+    ``frames`` must be ``1 + 4k`` (the Wan VAE) and at most `MAX_FRAMES`.
+    """
+    from sparse_attn import SVG2Config, apply_sparse_attention, pipeline_progress
+
+    out = _check_out_dir(out_dir)
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("type a prompt")
+    _check_number("frames", frames, 1, MAX_FRAMES, integer=True)
+    if (frames - 1) % 4:
+        raise ValueError(f"frames must be 1 + 4k (1, 5, 9, ...) for the Wan VAE, got {frames}")
+    _check_number("steps", steps, 1, MAX_STEPS, integer=True)
+    _check_number("seed", seed, 0, 2**31 - 1, integer=True)
+    config = SVG2Config(num_q_clusters=8, num_k_clusters=16, top_p=float(top_p), dense_steps=float(dense_steps),
+                        dense_layers=0.0)  # fmt: skip
+    pipe = models.get("video")
+
+    def run(num_steps: int = steps) -> np.ndarray:
+        gen = torch.Generator("cpu").manual_seed(seed)
+        return pipe(
+            prompt=prompt, height=64, width=96, num_frames=frames, num_inference_steps=num_steps,
+            guidance_scale=5.0, negative_prompt="", max_sequence_length=32, output_type="np", generator=gen,
+        ).frames[0]  # fmt: skip
+
+    models.warm_up("video", lambda: run(1))
+    with models.lock:
+        dense, t_dense = _timed(run)
+        with apply_sparse_attention(pipe.transformer, config, pipeline_progress(pipe)) as handle:
+            fast, t_fast = _timed(run)
+            summary = handle.stats.summary()
+    tag = uuid.uuid4().hex[:8]
+    dense_mp4 = _write_mp4(dense, out / f"dense-{tag}.mp4")
+    fast_mp4 = _write_mp4(fast, out / f"svg2-{tag}.mp4")
+    stats = {
+        "time dense / accelerated (s)": f"{t_dense:.3f} / {t_fast:.3f}",
+        "speed-up": f"{t_dense / t_fast:.2f}x",
+        "measured attention density (all calls)": f"{summary['density']:.2f}",
+        "density of the sparse calls": f"{summary['sparse_density']:.2f}",
+        "PSNR vs dense (dB)": f"{_psnr(fast, dense):.1f}",
+    }
+    return TabResult(dense_mp4, fast_mp4, stats, {"dense_frames": dense, "fast_frames": fast})
+
+
+# ------------------------------------------------------------------------------------------
+# AR image: raster vs next-neighbour (NAR) decoding
+# ------------------------------------------------------------------------------------------
+
+
+def _order_animation(groups: torch.Tensor, grid: tuple[int, int], path: Path, cell: int = 16) -> Path:
+    """A GIF of the decoding order: frame ``k`` lights the cells decoded by forward pass ``k``."""
+    h, w = grid
+    g = groups.reshape(h, w).numpy()
+    frames = []
+    for k in range(int(g.max()) + 1):
+        img = np.zeros((h, w, 3), np.uint8)
+        img[g < k] = (70, 110, 200)
+        img[g == k] = (255, 190, 40)
+        frames.append(Image.fromarray(img).resize((w * cell, h * cell), Image.NEAREST))
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=120, loop=0)
+    return path
+
+
+def run_ar_tab(
+    models: DemoModels,
+    class_id: int,
+    out_dir: str | Path,
+    grid: int = 8,
+    seed: int = 0,
+    progress: bool = False,
+) -> TabResult:
+    """Sample a ``grid x grid`` token image raster-order and NAR; decode both with the VQ.
+
+    ``progress`` shows tqdm bars over the forward passes (the UI binds them to its progress bar).
+
+    ``extras`` holds the forward-pass counts and GIFs of both decoding orders (under ``out_dir``).
+    Different orders sample different images: compare cost, not pixels.
+    """
+    from tokenizers_img.nar import generate_nar
+    from tokenizers_img.orders import nar_schedule, raster_schedule
+    from tokenizers_img.raster import generate_raster
+    from tokenizers_img.sampling import SamplingConfig
+
+    out = _check_out_dir(out_dir)
+    _check_number("class_id", class_id, 0, 9, integer=True)
+    _check_number("grid", grid, 2, 16, integer=True)
+    _check_number("seed", seed, 0, 2**31 - 1, integer=True)
+    gpt, vq = models.get("ar")
+    labels = torch.tensor([class_id])
+    sampling = SamplingConfig(temperature=1.0, top_k=16)
+    shape = (grid, grid)
+
+    def sample(fn: Callable[..., Any], size: tuple[int, int] = shape) -> Any:
+        gen = torch.Generator().manual_seed(seed)
+        return fn(gpt, labels, grid=size, sampling=sampling, generator=gen, progress=progress)
+
+    with torch.no_grad():
+        models.warm_up("ar", lambda: [sample(f, (2, 2)) for f in (generate_raster, generate_nar)])
+    with models.lock, torch.no_grad():
+        raster, t_raster = _timed(lambda: sample(generate_raster))
+        nar, t_nar = _timed(lambda: sample(generate_nar))
+        images = [
+            ((vq.decode(d.tokens)[0].permute(1, 2, 0).clamp(-1, 1) + 1) / 2).numpy() for d in (raster, nar)
+        ]
+    tag = uuid.uuid4().hex[:8]
+    extras = {
+        "raster_gif": _order_animation(raster_schedule(*shape).groups, shape, out / f"raster-{tag}.gif"),
+        "nar_gif": _order_animation(nar_schedule(*shape).groups, shape, out / f"nar-{tag}.gif"),
+        "raster_forwards": raster.forward_passes,
+        "nar_forwards": nar.forward_passes,
+    }
+    stats = {
+        "forward passes raster / NAR": f"{raster.forward_passes} / {nar.forward_passes}",
+        "time raster / NAR (s)": f"{t_raster:.3f} / {t_nar:.3f}",
+        "speed-up": f"{t_raster / t_nar:.2f}x",
+    }
+    return TabResult(images[0], images[1], stats, extras)

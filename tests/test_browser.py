@@ -1,0 +1,65 @@
+"""The demo in a real headless browser: Debian chromium driven by Playwright (marker ``browser``).
+
+Install the browser with ``scripts/install_browser.sh`` (apt-get; never ``playwright install``).
+Set ``MMACCEL_UPDATE_SCREENSHOT=1`` to also write the screenshot to ``docs/images/demo.png``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+]
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.skip("Debian chromium not found: run scripts/install_browser.sh")
+
+
+def test_vlm_tab_end_to_end_in_chromium(tmp_path):
+    pytest.importorskip("gradio", reason="the demo needs the 'demo' extra (gradio)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    from apps.demo import launch
+    from apps.tiny_models import tiny_image
+
+    image = tmp_path / "input.png"
+    tiny_image(128, 128, seed=5).save(image)
+    demo = launch(port=None, out_dir=tmp_path / "out", block=False, quiet=True)
+    shot = tmp_path / "demo.png"
+    try:
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=_chromium(), headless=True, args=CHROMIUM_FLAGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(demo.local_url, wait_until="networkidle")
+            assert "mmaccel" in page.title()
+            for tab in ("VLM", "Image DiT", "Video", "AR image"):
+                assert page.get_by_role("tab", name=tab).count() == 1
+            page.locator("input[type=file]").first.set_input_files(str(image))
+            page.get_by_role("button", name="Answer").click()
+            stats = page.get_by_text("visual tokens (dense -> accelerated)")
+            stats.wait_for(timeout=60_000)
+            assert page.get_by_text("TTFT speed-up").count() == 1
+            page.screenshot(path=str(shot), full_page=True)
+            browser.close()
+    finally:
+        demo.close()
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("MMACCEL_UPDATE_SCREENSHOT") == "1":
+        target = ROOT / "docs" / "images" / "demo.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, target)

@@ -1,0 +1,169 @@
+"""The demo's app functions (called directly) and the launched Gradio app (through gradio_client)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("gradio", reason="the demo needs the 'demo' extra (gradio)")
+
+from apps.demo_tabs import DemoModels, run_ar_tab, run_dit_tab, run_video_tab, run_vlm_tab, validate_image  # noqa: E402
+from apps.tiny_models import tiny_image  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def models() -> DemoModels:
+    return DemoModels()
+
+
+@pytest.fixture(scope="module")
+def image() -> Image.Image:
+    return tiny_image(128, 128, seed=3)
+
+
+def test_validate_image_limits():
+    assert validate_image(np.zeros((32, 48, 3), np.uint8)).size == (48, 32)
+    with pytest.raises(ValueError, match="upload an image"):
+        validate_image(None)
+    with pytest.raises(ValueError, match=r"sides must be in \[16, 4096\]"):
+        validate_image(Image.new("RGB", (8, 64)))
+    with pytest.raises(ValueError, match="sides must be"):
+        validate_image(Image.new("L", (5000, 20)))
+    with pytest.raises(ValueError, match="uint8"):
+        validate_image(np.zeros((32, 32, 3), np.float32))
+    with pytest.raises(TypeError, match="PIL image"):
+        validate_image("a/path.png")
+    assert validate_image(Image.new("RGBA", (20, 20))).mode == "RGB"
+
+
+def test_vlm_full_budget_is_dense(models, image):
+    r = run_vlm_tab(models, image, "What is it?", budget=1.0, hired=True, vista=False, max_new_tokens=4)
+    assert r.accelerated == r.dense
+    before, after = r.stats["visual tokens (dense -> accelerated)"].split(" -> ")
+    assert before == after and r.stats["answers agree"] is True
+    assert np.array_equal(np.asarray(r.extras["overlay"]), np.asarray(image))  # nothing dropped
+
+
+def test_vlm_budget_drops_tokens_and_draws_overlay(models, image):
+    r = run_vlm_tab(models, image, "What is it?", budget=0.2, hired=True, vista=True, max_new_tokens=4)
+    sel = r.extras["selection"]
+    assert sel.tokens_after < sel.tokens_before
+    overlay = np.asarray(r.extras["overlay"], np.int32)
+    assert overlay.shape == np.asarray(image).shape
+    darker = (overlay < np.asarray(image, np.int32)).any(-1).mean()
+    base = sel.tokens_per_partition[0]
+    dropped_base = 1 - sel.keep[:base].float().mean().item()
+    assert darker == pytest.approx(dropped_base, abs=0.1)  # dropped patches are darkened
+    assert "TTFT speed-up" in r.markdown()
+    # the model is restored after the accelerated run
+    assert not models.get("vlm").model._forward_hooks and models.get("vlm").handle is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        (dict(question=" "), "type a question"),
+        (dict(budget=0.0), r"budget must be in \[0.01, 1.0\]"),
+        (dict(hired=False, vista=False), "turn on HiRED or VISTA"),
+        (dict(max_new_tokens=1000), "max_new_tokens must be in"),
+    ],
+)
+def test_vlm_user_errors(models, image, kwargs, error):
+    args = dict(question="q", budget=0.2, hired=True, vista=False, max_new_tokens=2) | kwargs
+    with pytest.raises(ValueError, match=error):
+        run_vlm_tab(models, image, **args)
+
+
+def test_dit_full_density_is_dense_and_reduced_density_measured(models):
+    exact = run_dit_tab(models, "dog", steps=2, keep_ratio=1.0, dense_from=1.0)
+    assert np.array_equal(exact.dense, exact.accelerated)
+    assert exact.stats["PSNR vs dense (dB)"] == "inf"
+    r = run_dit_tab(models, "dog", steps=4, keep_ratio=0.25, dense_from=0.5)
+    assert r.dense.shape == r.accelerated.shape == (64, 64, 3)
+    assert float(r.stats["mean token ratio"]) < 1.0
+    assert 10 < float(r.stats["PSNR vs dense (dB)"]) < float("inf")
+    with pytest.raises(ValueError, match="unknown class"):
+        run_dit_tab(models, "unicorn")
+    with pytest.raises(ValueError, match="dense_from 0"):
+        run_dit_tab(models, "dog", dense_from=0.0)
+
+
+def test_video_writes_mp4s_only_into_out_dir(models, tmp_path):
+    r = run_video_tab(models, "a car", tmp_path, frames=5, steps=2, top_p=0.5, dense_steps=0.5)
+    assert {p.parent for p in (r.dense, r.accelerated)} == {tmp_path}
+    assert all(p.suffix == ".mp4" and p.stat().st_size > 0 for p in (r.dense, r.accelerated))
+    assert sorted(tmp_path.iterdir()) == sorted([r.dense, r.accelerated])
+    assert 0 < float(r.stats["density of the sparse calls"]) < 1
+    assert r.extras["dense_frames"].shape[0] == 5
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        run_video_tab(models, "a car", tmp_path, frames=6)
+    with pytest.raises(ValueError, match=r"frames must be in \[1, 33\]"):
+        run_video_tab(models, "a car", tmp_path, frames=65)
+    with pytest.raises(ValueError, match="does not exist"):
+        run_video_tab(models, "a car", tmp_path / "missing")
+
+
+def test_ar_counts_forwards_and_animates_order(models, tmp_path):
+    r = run_ar_tab(models, class_id=2, out_dir=tmp_path, grid=4)
+    assert (r.extras["raster_forwards"], r.extras["nar_forwards"]) == (16, 7)
+    assert r.dense.shape == r.accelerated.shape == (8, 8, 3)  # VQ downsamples by 2
+    for key, frames in (("raster_gif", 16), ("nar_gif", 7)):
+        with Image.open(r.extras[key]) as gif:
+            assert gif.n_frames == frames
+        assert r.extras[key].parent == tmp_path
+    with pytest.raises(ValueError, match=r"class_id must be in \[0, 9\]"):
+        run_ar_tab(models, class_id=10, out_dir=tmp_path)
+
+
+def test_launched_server_through_gradio_client(models, tmp_path):
+    from gradio_client import Client, handle_file
+
+    from apps.demo import launch
+
+    demo = launch(models, port=None, out_dir=tmp_path, block=False, quiet=True)
+    try:
+        client = Client(demo.local_url, verbose=False)
+        assert {"/vlm", "/dit", "/video", "/ar"} <= set(
+            client.view_api(return_format="dict")["named_endpoints"]
+        )
+        path = tmp_path / "in.png"
+        tiny_image(64, 128, seed=1).save(path)
+        dense, fast, overlay, stats = client.predict(
+            handle_file(str(path)), "What?", 0.3, True, False, 3, api_name="/vlm"
+        )
+        assert isinstance(dense, str) and isinstance(fast, str) and "visual tokens" in stats
+        with Image.open(overlay) as img:
+            assert img.size == (128, 64)
+        *images, stats = client.predict(1, 4, 0, api_name="/ar")
+        assert "16 / 7" in stats and len(images) == 4
+        with Image.open(images[0]) as img:
+            assert img.size == (256, 256)  # the 8 px sample, enlarged for display
+        *images, stats = client.predict("dog", 2, 0.25, 0.8, 0, api_name="/dit")
+        assert "PSNR vs dense" in stats
+        for path in images:
+            with Image.open(path) as img:
+                assert img.size == (256, 256)
+        with pytest.raises(Exception, match="frames must be 1 \\+ 4k"):
+            client.predict("a car", 6, 2, 0.9, 0.25, 0, api_name="/video")
+    finally:
+        demo.close()
+    # outputs of the app stay inside its output folder
+    assert all(p.parent == tmp_path for p in tmp_path.iterdir())
+
+
+def test_dit_tab_loads_a_pixart_folder_and_takes_a_prompt(tmp_path):
+    from apps.tiny_models import save_tiny
+
+    folder = save_tiny("pixart", tmp_path / "pixart")
+    pixart = DemoModels(dit=str(folder))
+    exact = run_dit_tab(pixart, "a small cat", steps=2, keep_ratio=1.0, dense_from=1.0)
+    assert exact.dense.shape == (64, 64, 3) and np.array_equal(exact.dense, exact.accelerated)
+    r = run_dit_tab(pixart, "a small cat", steps=2, keep_ratio=0.25, dense_from=0.9)
+    assert float(r.stats["mean token ratio"]) < 1.0
+    with pytest.raises(ValueError, match="PixArt needs steps >= 2"):
+        run_dit_tab(pixart, "a small cat", steps=1)
+    with pytest.raises(FileNotFoundError, match="--dit-model"):
+        DemoModels(dit=str(tmp_path / "missing")).get("dit")
+    with pytest.raises(TypeError, match="--dit-model must hold one of"):
+        DemoModels(dit=str(save_tiny("wan", tmp_path / "wan"))).get("dit")
