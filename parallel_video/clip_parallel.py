@@ -32,6 +32,7 @@ from torch import Tensor
 from parallel_video.plan import ClipPlan
 from runtime.distributed import CommError, CommHandle, DistContext, exchange_neighbours_async
 from runtime.patching import PatchHandle
+from runtime.rotary import apply_wan_rotary
 
 __all__ = [
     "SUPPORTED_TRANSFORMERS",
@@ -133,16 +134,6 @@ class ClipParallelHandle(PatchHandle):
     """The :class:`PatchHandle` of :func:`apply_clip_parallel`; ``state`` holds plan and counters."""
 
     state: ClipParallelState
-
-
-def apply_wan_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Wan's interleaved rotary embedding, as in diffusers' ``WanAttnProcessor``."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
 
 
 def _all_gather_frames_async(state: ClipParallelState, frames: Tensor) -> CommHandle[list[Tensor]]:

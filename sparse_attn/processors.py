@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from runtime.patching import PatchHandle
+from runtime.rotary import apply_wan_rotary
 from sparse_attn.svg2 import SparseAttentionState, SVG2Config, semantic_sparse_attention
 
 __all__ = [
@@ -56,16 +57,6 @@ class SparseAttentionStats:
 
     def clear(self) -> None:
         self.records.clear()
-
-
-def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Wan's interleaved rotary embedding, as in ``WanAttnProcessor``."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
 
 
 class _SVG2Processor:
@@ -144,7 +135,7 @@ class SVG2WanAttnProcessor(_SVG2Processor):
         query, key = attn.norm_q(query), attn.norm_k(key)
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
         if rotary_emb is not None:
-            query, key = _apply_rotary(query, *rotary_emb), _apply_rotary(key, *rotary_emb)
+            query, key = apply_wan_rotary(query, *rotary_emb), apply_wan_rotary(key, *rotary_emb)
         out = self._sparse(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), progress)
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
