@@ -19,19 +19,18 @@ import argparse
 import functools
 import math
 import statistics
-from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
 from torch.utils import flop_counter
 from tqdm.auto import tqdm
 
-from benchmarks.harness import PeakTensorBytes, append_results, markdown_table, measure
+from benchmarks.harness import RESULTS_DIR, PeakTensorBytes, append_results, markdown_table, measure
 from diffusion.flexdit import FlexDiTConfig, FlexDiTTransformer2DModel, convert_to_flexdit
 from diffusion.train import DistillConfig, LatentDataset, distill, distillation_loss
 from runtime.budget import LinearSchedule
 
-RESULTS = Path("benchmarks/results/flexdit.md")
+RESULTS = RESULTS_DIR / "flexdit.md"
 
 
 def _sdpa_cpu_flops(query, key, value, *args, **kwargs) -> int:

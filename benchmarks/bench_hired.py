@@ -27,7 +27,6 @@ import ctypes
 import gc
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,13 +34,13 @@ from tqdm import tqdm
 from transformers import LogitsProcessorList
 
 from apps.tiny_models import tiny_image, tiny_tokenizer
-from benchmarks.harness import append_results, machine_description, markdown_table, measure
+from benchmarks.harness import RESULTS_DIR, append_results, machine_description, markdown_table, measure
 from runtime.budget import TokenBudget
 from vlm.api import StepClock
 from vlm.cls_attention import ClsAttentionRecorder, cls_attention_row
 from vlm.hired import HiREDConfig, apply_hired, select_visual_tokens
 
-RESULTS = Path("benchmarks/results/hired.md")
+RESULTS = RESULTS_DIR / "hired.md"
 BUDGETS = (1.0, 0.4, 0.2, 0.1)
 PROMPT = "USER: <image>\nWhat is shown in the image? ASSISTANT:"
 

@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from benchmarks.harness import append_results, markdown_table, measure
+from benchmarks.harness import RESULTS_DIR, append_results, markdown_table, measure
 from tokenizers_img.decoding import decode
 from tokenizers_img.gpt import GPT, GPTConfig
 from tokenizers_img.orders import nar_schedule, par_schedule, raster_schedule
@@ -123,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     print(notes)
     if args.write:
         title = "NAR decoding (quick)" if args.quick else "NAR decoding"
-        append_results(title, table, notes, path=Path("benchmarks/results/nar.md"))
+        append_results(title, table, notes, path=RESULTS_DIR / "nar.md")
 
 
 if __name__ == "__main__":

@@ -33,13 +33,13 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks.harness import append_results, machine_description, markdown_table, measure
+from benchmarks.harness import RESULTS_DIR, append_results, machine_description, markdown_table, measure
 from parallel_video import ClipParallelConfig, ClipPlan, apply_clip_parallel, decode_clip, frame_noise
 from parallel_video.layer_pipeline import LayerPipelineConfig, run_layer_pipeline
 from parallel_video.schedule import split_stages
 from runtime.distributed import destroy_distributed, gather_to_main, init_distributed
 
-RESULTS = Path("benchmarks/results/parallel_video.md")
+RESULTS = RESULTS_DIR / "parallel_video.md"
 ROOT = Path(__file__).resolve().parents[1]
 # Wan 2.1 block structure, scaled down: 4 heads x 64, FFN 4x, 4 blocks, 16 latent channels
 MODEL = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=64, in_channels=16, out_channels=16,

@@ -22,13 +22,12 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from benchmarks.harness import append_results, machine_description, markdown_table, measure
+from benchmarks.harness import RESULTS_DIR, append_results, machine_description, markdown_table, measure
 from sparse_attn import (
     SparseAttentionState,
     SVG2Config,
@@ -40,7 +39,7 @@ from sparse_attn import (
     semantic_sparse_attention,
 )
 
-RESULTS = Path("benchmarks/results/sparse_attn.md")
+RESULTS = RESULTS_DIR / "sparse_attn.md"
 
 
 def object_labels(frames: int, rows: int, cols: int, num_objects: int, gen: torch.Generator) -> torch.Tensor:

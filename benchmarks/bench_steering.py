@@ -24,7 +24,6 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,11 +32,11 @@ from tqdm import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from apps.tiny_models import tiny_image, tiny_tokenizer
-from benchmarks.harness import append_results, machine_description, markdown_table, measure
+from benchmarks.harness import RESULTS_DIR, append_results, machine_description, markdown_table, measure
 from vlm.attention_balance import AttentionBalanceConfig, apply_attention_balance
 from vlm.steering import VISTAConfig, apply_vista
 
-RESULTS = Path("benchmarks/results/steering.md")
+RESULTS = RESULTS_DIR / "steering.md"
 PROMPT = "USER: <image>\nDescribe the image. ASSISTANT:"
 
 SIZES: dict[str, dict[str, Any]] = {

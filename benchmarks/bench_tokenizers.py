@@ -16,11 +16,10 @@ latency-bound).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
-from benchmarks.harness import append_results, machine_description, markdown_table, measure
+from benchmarks.harness import RESULTS_DIR, append_results, machine_description, markdown_table, measure
 from tokenizers_img.compact_1d import Compact1DTokenizer
 from tokenizers_img.train_tokenizer import (
     load_images,
@@ -32,7 +31,7 @@ from tokenizers_img.train_tokenizer import (
 )
 from tokenizers_img.vq import VQModel
 
-RESULTS = Path("benchmarks/results/tokenizers.md")
+RESULTS = RESULTS_DIR / "tokenizers.md"
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from runtime.environment import cpu_model
 
 RESULTS_PATH = Path(__file__).with_name("RESULTS.md")
+RESULTS_DIR = Path(__file__).with_name("results")  # one file of full tables per benchmark
 
 
 @dataclass(frozen=True)
