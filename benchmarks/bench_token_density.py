@@ -1,0 +1,252 @@
+"""Benchmark: training-free token density (FlexDiT-style) vs the dense transformer.
+
+Random-weight transformers shaped like DiT-XL/2 at 512 px (28 blocks, 1152 wide, 32x32 = 1,024
+tokens) and Wan 2.1 1.3B (1536 wide, 12 heads, FFN 8960; 10 of its 30 blocks, a 4 x 16 x 16 =
+1,024-token latent video, 512 text tokens). For each setting: one forward at a reduced step
+(progress 0.1) -- time, FLOPs (``torch.utils.flop_counter``), peak memory, PSNR of the denoiser
+output vs dense -- and, for the default schedule, a short sampling run: wall time and PSNR of
+the final latents vs the dense run. Ratios are against the dense model in the same process.
+
+    .venv/bin/python -m benchmarks.bench_token_density [--quick] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from tqdm import tqdm
+
+from benchmarks.harness import RESULTS_DIR, append_results, markdown_table, measure
+from diffusion.token_density import TokenDensityConfig, apply_token_density, count_flops
+from runtime.budget import ConstantSchedule
+
+RESULTS = RESULTS_DIR / "token_density.md"
+QUARTER = ConstantSchedule(0.25)
+SPEED_TARGET_DEFAULT = 1.8  # training-free, default schedule (issue 3)
+
+
+def psnr(ref: torch.Tensor, x: torch.Tensor) -> float:
+    """PSNR of ``x`` against ``ref`` with the reference's dynamic range as peak."""
+    mse = float(((x.double() - ref.double()) ** 2).mean())
+    peak = float(ref.max() - ref.min())
+    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
+
+
+def _build_dit(
+    quick: bool,
+) -> tuple[torch.nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor], tuple]:
+    from diffusers import DiTTransformer2DModel
+
+    dims = (
+        dict(num_layers=6, num_attention_heads=6, attention_head_dim=64, sample_size=32)
+        if quick
+        else dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, sample_size=64)
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = DiTTransformer2DModel(
+            in_channels=4, out_channels=8, patch_size=2, attention_bias=True, activation_fn="gelu-approximate",
+            num_embeds_ada_norm=1000, norm_type="ada_norm_zero", norm_elementwise_affine=False, **dims,
+        ).eval()  # fmt: skip
+    labels = torch.tensor([207])
+
+    def denoise(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return model(latents, timestep=t.reshape(1), class_labels=labels).sample[:, :4]
+
+    s = dims["sample_size"]
+    return model, denoise, (1, 4, s, s)
+
+
+def _build_wan(
+    quick: bool,
+) -> tuple[torch.nn.Module, Callable[[torch.Tensor, torch.Tensor], torch.Tensor], tuple]:
+    from diffusers import WanTransformer3DModel
+
+    dims = (
+        dict(
+            num_layers=4, num_attention_heads=4, attention_head_dim=64, ffn_dim=1024, text_dim=64, freq_dim=64
+        )
+        if quick
+        else dict(
+            num_layers=10,
+            num_attention_heads=12,
+            attention_head_dim=128,
+            ffn_dim=8960,
+            text_dim=4096,
+            freq_dim=256,
+        )
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = WanTransformer3DModel(
+            patch_size=(1, 2, 2), in_channels=16, out_channels=16, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024, **dims,
+        ).eval()  # fmt: skip
+        text = torch.randn(1, 32 if quick else 512, dims["text_dim"])
+
+    def denoise(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return model(latents, timestep=t.reshape(1), encoder_hidden_states=text).sample
+
+    shape = (1, 16, 2, 16, 16) if quick else (1, 16, 4, 32, 32)
+    return model, denoise, shape
+
+
+def _sample(kind: str, denoise: Callable, shape: tuple, steps: int) -> torch.Tensor:
+    """A short sampling run (DDIM for DiT, flow-matching Euler with shift 3 for Wan)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    scheduler = (
+        DDIMScheduler(num_train_timesteps=1000)
+        if kind == "dit"
+        else FlowMatchEulerDiscreteScheduler(shift=3.0)
+    )
+    scheduler.set_timesteps(steps)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    for t in tqdm(scheduler.timesteps, desc=f"{kind} sampling", leave=False):
+        latents = scheduler.step(denoise(latents, t), t, latents).prev_sample
+    return latents
+
+
+def _timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """One call's result and wall time (for long runs where `measure`'s extra memory call is too costly)."""
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def _settings(kind: str, depth: int, quick: bool) -> list[tuple[str, TokenDensityConfig | None]]:
+    video = kind == "wan"
+    reduced = TokenDensityConfig().layout(depth)[1].stop  # blocks below the dense top of the auto layout
+    f = (1, 2, 2) if video else (2, 2)
+    rows: list[tuple[str, TokenDensityConfig | None]] = [
+        ("dense", None),
+        ("pool 2x2, sparse_q", TokenDensityConfig(factor=f, schedule=QUARTER)),
+        ("pool 2x2, sparse_kv", TokenDensityConfig(factor=f, schedule=QUARTER, sparse_mode="sparse_kv")),
+        ("merge 2x2 (ToMe), sparse_q", TokenDensityConfig(reducer="merge", factor=f, schedule=QUARTER)),
+        (
+            f"pool 2x2, blocks 0-{reduced - 1} all pooled",
+            TokenDensityConfig(factor=f, schedule=QUARTER, pooled_blocks=(0, reduced), sparse_blocks=None),
+        ),
+    ]
+    if quick:  # linear expansion costs the same FLOPs as nearest; kept out of the long full run
+        rows.insert(
+            3,
+            (
+                "pool 2x2, sparse_q, linear expand",
+                TokenDensityConfig(factor=f, schedule=QUARTER, expand="linear"),
+            ),
+        )
+    if video:
+        rows.insert(
+            2,
+            (
+                "pool 2x2x2 (frames), sparse_q",
+                TokenDensityConfig(factor=(2, 2, 2), schedule=ConstantSchedule(0.125)),
+            ),
+        )
+    return rows
+
+
+@torch.no_grad()
+def bench(kind: str, quick: bool, steps: int, repeats: int) -> tuple[str, str]:
+    """Forward-time table at a reduced step and sampling table for the default schedule."""
+    model, denoise, shape = (_build_dit if kind == "dit" else _build_wan)(quick)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor(900.0)  # progress 0.1: a reduced step under the default schedule
+    rows = []
+    base: dict[str, float] = {}
+    depth = len(getattr(model, "blocks", None) or model.transformer_blocks)
+    for name, cfg in tqdm(_settings(kind, depth, quick), desc=f"{kind} settings", leave=False):
+        # Paired timing: the dense forward is re-timed right before each setting, so a change in
+        # the load of the shared machine biases the ratio less.
+        dense_now = (
+            statistics.median(_timed(lambda: denoise(latents, t))[1] for _ in range(repeats)) if cfg else None
+        )
+        handle = apply_token_density(model, cfg) if cfg is not None else None
+        out, flops = count_flops(lambda: denoise(latents, t))  # doubles as warm-up
+        m = measure(lambda: denoise(latents, t), repeats=repeats, warmup=0)
+        tokens = handle.stats.steps[0].token_ratio if handle else 1.0
+        if handle:
+            handle.remove()
+        if cfg is None:
+            base = dict(time=m.median_s, flops=flops, peak=max(m.peak_bytes, 1), out=out)
+        dense_time = dense_now if dense_now else m.median_s
+        rows.append([
+            name, f"{dense_time:.2f}", f"{m.median_s:.2f}", f"{dense_time / m.median_s:.2f}x", f"{flops / 1e9:.1f}",
+            f"{flops / base['flops']:.2f}", f"{m.peak_bytes / 2**20:.0f}", f"{m.peak_bytes / base['peak']:.2f}",
+            f"{tokens:.3f}", f"{psnr(base['out'], out):.1f}",
+        ])  # fmt: skip
+    headers = ["setting (keep 0.25, progress 0.1)", "dense s (paired)", "forward s", "speed-up", "GFLOPs", "FLOPs ratio",
+               "peak MiB", "peak ratio", "token ratio", "PSNR dB (output)"]  # fmt: skip
+    forward_table = markdown_table(headers, rows)
+
+    # Short sampling run with the default schedule (keep 0.25 until progress 0.8, then dense).
+    sample_rows = []
+    ref = None
+    ref_time = 0.0
+    f = (1, 2, 2) if kind == "wan" else (2, 2)
+    sampling = [("dense", None), ("default (pool, sparse_q)", TokenDensityConfig(factor=f))]
+    if quick:  # the merge run doubles the cost of the full benchmark on a shared 2-core machine
+        sampling.append(("default, merge", TokenDensityConfig(reducer="merge", factor=f)))
+    for name, cfg in sampling:
+        handle = apply_token_density(model, cfg) if cfg is not None else None
+        latents_out, seconds = _timed(lambda: _sample(kind, denoise, shape, steps))
+        tokens = handle.stats.token_ratio if handle else 1.0
+        reduced = sum(s.token_ratio < 1 for s in handle.stats.steps) if handle else 0
+        if handle:
+            handle.remove()
+        if ref is None:
+            ref, ref_time = latents_out, seconds
+        speed = ref_time / seconds
+        target = "" if cfg is None else ("met" if speed >= SPEED_TARGET_DEFAULT else "missed")
+        sample_rows.append([name, f"{seconds:.1f}", f"{speed:.2f}x", target, f"{reduced}/{steps}",
+                            f"{tokens:.3f}", f"{psnr(ref, latents_out):.1f}"])  # fmt: skip
+    sample_table = markdown_table(
+        [f"{steps}-step sampling", "wall s", "speed-up", f">= {SPEED_TARGET_DEFAULT}x", "reduced steps",
+         "token ratio", "PSNR dB (final latents)"], sample_rows,
+    )  # fmt: skip
+    return forward_table, sample_table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, under a minute")
+    parser.add_argument("--write", action="store_true", help=f"append the tables to {RESULTS}")
+    parser.add_argument("--only", choices=("dit", "wan"), help="run one model only")
+    args = parser.parse_args()
+    steps, repeats = (4, 1) if args.quick else (6, 3)
+    for kind in ("dit", "wan"):
+        if args.only and kind != args.only:
+            continue
+        title = {
+            "dit": "DiT-XL/2-shaped, 512 px (1,024 tokens)",
+            "wan": "Wan 2.1 1.3B-shaped, 10 blocks, 4x16x16 video tokens",
+        }[kind]
+        if args.quick:
+            title = {
+                "dit": "DiT --quick (6 blocks, 384 wide, 256 tokens)",
+                "wan": "Wan --quick (4 blocks, 256 wide, 2x8x8 tokens)",
+            }[kind]
+        forward_table, sample_table = bench(kind, args.quick, steps, repeats)
+        print(f"\n## Token density: {title}\n\n{forward_table}\n\n{sample_table}\n", flush=True)
+        if args.write:
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            notes = (
+                "Random weights, fp32, batch 1. Forward rows: one denoiser call at progress 0.1 (t = 900), "
+                f"median of {repeats}, each setting timed right after a paired dense forward; FLOPs from torch.utils.flop_counter (matmuls + attention); peak memory "
+                "is the peak of live activation tensors (harness PeakTensorBytes), set by the dense top blocks. "
+                "Sampling rows use the default schedule "
+                "(StepSchedule: keep 0.25 until progress 0.8, dense after). Machine shared with other jobs."
+            )
+            append_results(
+                f"Token density: {title}", f"{forward_table}\n\n{sample_table}", notes, path=RESULTS
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,644 @@
+"""Training-free dynamic token density for diffusion transformers (FlexDiT-style), as diffusers hooks.
+
+FlexDiT (Chang et al., "FlexDiT: Dynamic Token Density Control for Diffusion Transformer",
+arXiv:2412.06028) spends fewer tokens in the bottom and middle blocks and at the noisiest
+steps. This plugin does the same on any pretrained checkpoint without fine-tuning:
+
+- **pooled** blocks run entirely on reduced tokens;
+- **sparse** blocks run on reduced queries attending to dense keys/values (``"sparse_q"``) or
+  on dense queries attending to reduced keys/values (``"sparse_kv"``);
+- the other (top) blocks stay dense.
+
+The residual stream always stays at full resolution: a reduced block's update
+``block(reduce(x)) - reduce(x)`` is expanded back and added to ``x``. Tokens are reduced by
+average pooling over (frames, height, width) windows or by ToMe bipartite merging on grid
+cells (`diffusion.token_reduce`). A `runtime.budget` density schedule over denoising progress
+(``1 - t / num_train_timesteps``, from the transformer's ``timestep`` or a
+``timestep_callback``) sets the keep ratio of each forward; keep ratio 1 runs the original
+blocks untouched. Supported: ``DiTTransformer2DModel``, ``PixArtTransformer2DModel``,
+``WanTransformer3DModel`` (RoPE reduced with the tokens) and ``CogVideoXTransformer3DModel``
+(pooled blocks only).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.hooks import ModelHook
+from torch.utils import flop_counter
+
+from diffusion.token_reduce import BipartiteMerge, Grid, GridPool, check_divides, pool_factors_at_most
+from runtime.budget import DensitySchedule, StepSchedule
+from runtime.patching import PatchHandle
+from runtime.rotary import apply_wan_rotary
+
+__all__ = [
+    "TokenDensityConfig",
+    "TokenDensityStats",
+    "DensityStep",
+    "apply_token_density",
+    "count_flops",
+]
+
+_HOOK = "mmaccel_token_density"
+_REDUCERS = ("pool", "merge")
+_SPARSE_MODES = ("sparse_q", "sparse_kv")
+_EXPAND = ("nearest", "linear")
+Segment = tuple[int, int]
+
+
+def _check_segment(name: str, value: object) -> None:
+    if value is None or value == "auto":
+        return
+    if (
+        not isinstance(value, tuple)
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        raise TypeError(f"{name} must be 'auto', None or a (start, stop) tuple of ints, got {value!r}")
+    start, stop = value
+    if not 0 <= start < stop:
+        raise ValueError(f"{name} must satisfy 0 <= start < stop, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TokenDensityConfig:
+    """Where, when and how tokens are reduced.
+
+    Args:
+        reducer: ``"pool"`` (average pooling over ``factor`` windows) or ``"merge"`` (ToMe
+            bipartite matching, one destination per ``factor`` cell).
+        factor: window / cell per axis, ``(h, w)`` or ``(frames, h, w)``; ints >= 1 that must
+            divide the token grid. At keep ratio ``r`` pooling uses the divisor window of
+            ``factor`` whose keep ratio is nearest to ``r`` (in log scale, ties to denser);
+            merging keeps ``max(round(r * N), N / prod(factor))`` tokens.
+        pooled_blocks: block range ``(start, stop)`` run on reduced tokens, ``None`` for none,
+            ``"auto"`` for FlexDiT's layout (bottom 2/28 of the depth, at least one block).
+        sparse_blocks: block range run sparse-dense, ``None`` or ``"auto"`` (from the end of the
+            pooled blocks to the top 4/28 of the depth, which stay dense).
+        sparse_mode: ``"sparse_q"`` (reduced queries, dense keys/values) or ``"sparse_kv"``.
+        expand: how a pooled update returns to the grid: ``"nearest"`` or ``"linear"``.
+        schedule: denoising progress in [0, 1] -> keep ratio in (0, 1] (`runtime.budget`).
+        num_train_timesteps: ``progress = 1 - t / num_train_timesteps``.
+        merge_seed: seed of the random destination per cell (re-seeded each forward), or
+            ``None`` for the first token of each cell.
+        count_flops: count the FLOPs of each forward (slower) into the stats.
+    """
+
+    reducer: str = "pool"
+    factor: tuple[int, ...] = (2, 2)
+    pooled_blocks: Segment | str | None = "auto"
+    sparse_blocks: Segment | str | None = "auto"
+    sparse_mode: str = "sparse_q"
+    expand: str = "nearest"
+    schedule: DensitySchedule = field(
+        default_factory=lambda: StepSchedule(boundaries=(0.8,), ratios=(0.25, 1.0))
+    )
+    num_train_timesteps: int = 1000
+    merge_seed: int | None = 0
+    count_flops: bool = False
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (
+            ("reducer", self.reducer, _REDUCERS),
+            ("sparse_mode", self.sparse_mode, _SPARSE_MODES),
+            ("expand", self.expand, _EXPAND),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.reducer == "merge" and self.expand != "nearest":
+            raise ValueError(
+                "expand applies to reducer='pool' only; merged tokens expand by copying (nearest)"
+            )
+        if (
+            not isinstance(self.factor, tuple)
+            or len(self.factor) not in (2, 3)
+            or not all(isinstance(f, int) and not isinstance(f, bool) for f in self.factor)
+        ):
+            raise TypeError(
+                f"factor must be a tuple of 2 or 3 ints ((h, w) or (frames, h, w)), got {self.factor!r}"
+            )
+        if min(self.factor) < 1:
+            raise ValueError(f"factor entries must be >= 1, got {self.factor!r}")
+        _check_segment("pooled_blocks", self.pooled_blocks)
+        _check_segment("sparse_blocks", self.sparse_blocks)
+        p, s = self.pooled_blocks, self.sparse_blocks
+        if isinstance(p, tuple) and isinstance(s, tuple) and p[0] < s[1] and s[0] < p[1]:
+            raise ValueError(f"pooled_blocks {p} and sparse_blocks {s} overlap")
+        if not callable(self.schedule):
+            raise TypeError("schedule must be callable: progress in [0, 1] -> keep ratio in (0, 1]")
+        if isinstance(self.num_train_timesteps, bool) or not isinstance(self.num_train_timesteps, int):
+            raise TypeError("num_train_timesteps must be an int >= 1")
+        if self.num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps must be >= 1, got {self.num_train_timesteps}")
+        if self.merge_seed is not None and (not isinstance(self.merge_seed, int) or self.merge_seed < 0):
+            raise ValueError(f"merge_seed must be None or an int >= 0, got {self.merge_seed!r}")
+
+    @property
+    def factor3(self) -> Grid:
+        return self.factor if len(self.factor) == 3 else (1, *self.factor)  # type: ignore[return-value]
+
+    def layout(self, depth: int) -> tuple[range, range]:
+        """The (pooled, sparse) block ranges for a model with ``depth`` blocks."""
+        p, s = self.pooled_blocks, self.sparse_blocks
+        if "auto" in (p, s) and depth < 3:
+            raise ValueError(f"'auto' segments need at least 3 blocks, the model has {depth}; give ranges")
+        n_pooled = max(1, round(2 * depth / 28))
+        n_top = max(1, round(4 * depth / 28))
+        pooled = range(0, n_pooled) if p == "auto" else range(*p) if p else range(0)
+        sparse_start = pooled.stop if p is not None else 0
+        sparse = (
+            range(sparse_start, max(sparse_start, depth - n_top))
+            if s == "auto"
+            else range(*s)
+            if s
+            else range(0)
+        )
+        for name, seg in (("pooled_blocks", pooled), ("sparse_blocks", sparse)):
+            if seg and seg.stop > depth:
+                raise ValueError(
+                    f"{name} {(seg.start, seg.stop)} is out of range for a model with {depth} blocks"
+                )
+        if set(pooled) & set(sparse):
+            raise ValueError(f"pooled blocks {pooled} and sparse blocks {sparse} overlap")
+        return pooled, sparse
+
+
+# ------------------------------------------------------------------------------------------
+# Statistics
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DensityStep:
+    """One transformer forward: progress, scheduled and realised density, tokens per block.
+
+    ``block_tokens[i] = (query_tokens, key_value_tokens)`` of block ``i``'s self-attention.
+    ``setting`` is the pooling window ``(f, h, w)`` or the number of merged tokens.
+    """
+
+    progress: float
+    keep_ratio: float
+    setting: Grid | int | None
+    dense_tokens: int
+    block_tokens: list[tuple[int, int]]
+    flops: int | None = None
+
+    @property
+    def token_ratio(self) -> float:
+        """Query tokens processed by all blocks over the dense count."""
+        return sum(q for q, _ in self.block_tokens) / (self.dense_tokens * len(self.block_tokens))
+
+
+@dataclass
+class TokenDensityStats:
+    """Per-forward records of an applied `TokenDensityConfig` (``handle.stats``)."""
+
+    steps: list[DensityStep] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.steps.clear()
+
+    @property
+    def token_ratio(self) -> float:
+        """Mean over forwards of `DensityStep.token_ratio`."""
+        if not self.steps:
+            raise ValueError("no forward recorded yet")
+        return sum(s.token_ratio for s in self.steps) / len(self.steps)
+
+    @property
+    def total_flops(self) -> int:
+        if not self.steps or any(s.flops is None for s in self.steps):
+            raise ValueError("FLOPs were not counted; apply with TokenDensityConfig(count_flops=True)")
+        return sum(s.flops for s in self.steps)  # type: ignore[misc]
+
+    def summary(self) -> str:
+        """A markdown table, one row per forward."""
+        rows = [
+            "| forward | progress | keep ratio | setting | token ratio | GFLOPs |",
+            "|---|---|---|---|---|---|",
+        ]
+        for i, s in enumerate(self.steps):
+            gflops = "-" if s.flops is None else f"{s.flops / 1e9:.2f}"
+            rows.append(
+                f"| {i} | {s.progress:.3f} | {s.keep_ratio:.3f} | {s.setting} | {s.token_ratio:.3f} | {gflops} |"
+            )
+        return "\n".join(rows)
+
+
+def _cpu_sdpa_flops(
+    query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any
+) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def count_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """Run ``fn`` under ``torch.utils.flop_counter.FlopCounterMode``; returns (result, FLOPs).
+
+    Adds the formula for CPU flash attention, which torch does not count by itself.
+    """
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        out = fn()
+    return out, counter.get_total_flops()
+
+
+# ------------------------------------------------------------------------------------------
+# Model families
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Family:
+    blocks_attr: str
+    hidden: str = "hidden_states"
+    rotary: str | None = None  # block argument holding (cos, sin)
+    rotary_token_dim: int = 1  # token dim of cos/sin ((1, N, 1, D) for Wan, (N, D) for CogVideoX)
+    temb: str | None = None  # block argument that may be per-token (Wan 2.2)
+    tuple_output: bool = False
+    sparse_ok: bool = True
+
+
+_FAMILIES = {
+    "DiTTransformer2DModel": _Family("transformer_blocks"),
+    "PixArtTransformer2DModel": _Family("transformer_blocks"),
+    "WanTransformer3DModel": _Family("blocks", rotary="rotary_emb", temb="temb"),
+    "CogVideoXTransformer3DModel": _Family(
+        "transformer_blocks",
+        rotary="image_rotary_emb",
+        rotary_token_dim=0,
+        tuple_output=True,
+        sparse_ok=False,
+    ),
+}
+
+
+def _token_grid(model: torch.nn.Module, hidden_states: torch.Tensor) -> Grid:
+    """(frames, height, width) of the transformer's image/video tokens for this input."""
+    name = type(model).__name__
+    cfg = model.config
+    if name in ("DiTTransformer2DModel", "PixArtTransformer2DModel"):
+        p = cfg.patch_size
+        return (1, hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
+    if name == "WanTransformer3DModel":
+        pt, ph, pw = cfg.patch_size
+        _, _, f, h, w = hidden_states.shape
+        return (f // pt, h // ph, w // pw)
+    p, pt = cfg.patch_size, cfg.patch_size_t or 1  # CogVideoX: (B, F, C, H, W)
+    _, f, _, h, w = hidden_states.shape
+    return ((f + (-f) % pt) // pt, h // p, w // p)
+
+
+# ------------------------------------------------------------------------------------------
+# Per-forward plan and hooks
+# ------------------------------------------------------------------------------------------
+
+
+class _Plan:
+    """What every reduced block of one transformer forward does."""
+
+    def __init__(self, config: TokenDensityConfig, grid: Grid, keep: float, progress: float) -> None:
+        self.config = config
+        self.grid = grid
+        self.n = math.prod(grid)
+        self.progress = progress
+        self.keep = keep
+        self.records: dict[int, tuple[int, int]] = {}
+        self.pool: GridPool | None = None
+        self.num_merge = 0
+        self.generator: torch.Generator | None = None
+        if config.reducer == "pool":
+            target = math.log(keep)
+            window = min(
+                pool_factors_at_most(config.factor3), key=lambda c: abs(-math.log(math.prod(c)) - target)
+            )  # densest first, so ties go to the denser window
+            if math.prod(window) > 1:
+                self.pool = GridPool(grid, window, config.expand)
+            self.setting: Grid | int = window
+        else:
+            cells = self.n // math.prod(config.factor3)
+            self.num_merge = self.n - max(cells, round(keep * self.n))
+            self.setting = self.num_merge
+            if config.merge_seed is not None:
+                self.generator = torch.Generator().manual_seed(config.merge_seed)
+
+    @property
+    def dense(self) -> bool:
+        return self.pool is None and self.num_merge == 0
+
+    def reducer(self, x: torch.Tensor) -> GridPool | BipartiteMerge:
+        if self.pool is not None:
+            return self.pool
+        return BipartiteMerge(x, self.grid, self.config.factor3, self.num_merge, self.generator)
+
+
+class _Shared:
+    """State shared by the hooks of one application."""
+
+    def __init__(self) -> None:
+        self.plan: _Plan | None = None
+
+
+class _TransformerHook(ModelHook):
+    """Builds the plan of each forward from the schedule and records its statistics."""
+
+    def __init__(
+        self,
+        config: TokenDensityConfig,
+        shared: _Shared,
+        stats: TokenDensityStats,
+        depth: int,
+        signature: inspect.Signature,
+        timestep_callback: Callable[[], Any] | None,
+    ) -> None:
+        super().__init__()
+        self.config, self.shared, self.stats, self.depth = config, shared, stats, depth
+        self.signature, self.timestep_callback = signature, timestep_callback
+
+    def _progress(self, bound: inspect.BoundArguments) -> float:
+        if self.timestep_callback is not None:
+            t = self.timestep_callback()
+            if t is None:
+                raise ValueError("timestep_callback returned None; it must return the current timestep")
+        else:
+            t = bound.arguments.get("timestep")
+            if t is None:
+                raise ValueError("the transformer was called without a timestep; pass timestep_callback")
+        t = float(torch.as_tensor(t).flatten()[0])
+        return min(1.0, max(0.0, 1.0 - t / self.config.num_train_timesteps))
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        bound = self.signature.bind(*args, **kwargs)
+        grid = _token_grid(module, bound.arguments["hidden_states"])
+        check_divides(self.config.factor3, grid, "factor")
+        progress = self._progress(bound)
+        keep = float(self.config.schedule(progress))
+        if not 0.0 < keep <= 1.0:
+            raise ValueError(
+                f"schedule returned keep ratio {keep!r} at progress {progress:.3f}; it must be in (0, 1]"
+            )
+        plan = _Plan(self.config, grid, keep, progress)
+        self.shared.plan = None if plan.dense else plan
+        try:
+            if self.config.count_flops:
+                out, flops = count_flops(lambda: self.fn_ref.original_forward(*args, **kwargs))
+            else:
+                out, flops = self.fn_ref.original_forward(*args, **kwargs), None
+        finally:
+            self.shared.plan = None
+        tokens = [plan.records.get(i, (plan.n, plan.n)) for i in range(self.depth)]
+        self.stats.steps.append(DensityStep(progress, keep, plan.setting, plan.n, tokens, flops))
+        return out
+
+
+@dataclass
+class _AttnRoute:
+    """How the next self-attention call of a block mixes reduced and dense tokens."""
+
+    mode: str
+    n_query: int = 0  # sparse_q: the first n_query tokens of the input are the queries
+    reducer: GridPool | BipartiteMerge | None = None  # sparse_kv: reduces the keys/values
+    rope_q: tuple[torch.Tensor, torch.Tensor] | None = None
+    rope_k: tuple[torch.Tensor, torch.Tensor] | None = None
+    used: bool = False
+
+
+class _BlockState:
+    def __init__(self) -> None:
+        self.companion: torch.Tensor | None = None  # dense tokens appended to norm1's input
+        self.route: _AttnRoute | None = None
+
+
+class _BlockHook(ModelHook):
+    """Reduce before a block, expand its update after (pooled / sparse_q), or route attention."""
+
+    def __init__(
+        self,
+        index: int,
+        kind: str,
+        family: _Family,
+        shared: _Shared,
+        state: _BlockState,
+        signature: inspect.Signature,
+    ) -> None:
+        super().__init__()
+        self.index, self.kind, self.family = index, kind, family
+        self.shared, self.state, self.signature = shared, state, signature
+
+    def _reduce_rotary(
+        self, reducer: GridPool | BipartiteMerge, rope: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = rope
+        if self.family.rotary_token_dim == 0:
+            if isinstance(reducer, BipartiteMerge):
+                raise NotImplementedError("token merging with CogVideoX rotary embeddings is not implemented")
+            cos, sin = reducer.reduce_rotary(cos[None], sin[None])
+            return cos[0], sin[0]
+        return reducer.reduce_rotary(cos, sin)
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        plan = self.shared.plan
+        original = self.fn_ref.original_forward
+        if plan is None:
+            return original(*args, **kwargs)
+        fam = self.family
+        bound = self.signature.bind(*args, **kwargs)
+        x = bound.arguments[fam.hidden]
+        if x.shape[1] != plan.n:
+            raise ValueError(f"block {self.index} got {x.shape[1]} tokens, the grid {plan.grid} has {plan.n}")
+        if bound.arguments.get("attention_mask") is not None:
+            raise NotImplementedError("token density with a self-attention mask is not implemented")
+        reducer = plan.reducer(x)
+        m = reducer.num_tokens
+        rope = bound.arguments.get(fam.rotary) if fam.rotary else None
+        rope_r = self._reduce_rotary(reducer, rope) if rope is not None else None
+
+        if self.kind == "sparse_kv":
+            self.state.route = _AttnRoute("sparse_kv", reducer=reducer, rope_q=rope, rope_k=rope_r)
+            try:
+                out = original(*bound.args, **bound.kwargs)
+                self._check_routed()
+            finally:
+                self.state.route = None
+            plan.records[self.index] = (plan.n, m)
+            return out
+
+        x_r = reducer.reduce(x)
+        bound.arguments[fam.hidden] = x_r
+        if fam.temb is not None and bound.arguments[fam.temb].ndim == 4:  # per-token modulation (Wan 2.2)
+            if self.kind == "sparse_q":
+                raise NotImplementedError("sparse_q with per-token timestep embeddings is not implemented")
+            temb = bound.arguments[fam.temb]
+            bound.arguments[fam.temb] = reducer.reduce(temb.flatten(2)).unflatten(2, temb.shape[2:])
+        if self.kind == "pooled":
+            if rope is not None:
+                bound.arguments[fam.rotary] = rope_r
+            out = original(*bound.args, **bound.kwargs)
+            plan.records[self.index] = (m, m)
+        else:  # sparse_q: norm1 sees [reduced; dense], attention splits queries from keys/values
+            self.state.companion = x
+            self.state.route = _AttnRoute("sparse_q", n_query=m, rope_q=rope_r, rope_k=rope)
+            try:
+                out = original(*bound.args, **bound.kwargs)
+                if self.state.companion is not None:
+                    raise RuntimeError(f"block {self.index}: norm1 was not called, cannot run sparse_q")
+                self._check_routed()
+            finally:
+                self.state.companion = None
+                self.state.route = None
+            plan.records[self.index] = (m, plan.n)
+        y = out[0] if fam.tuple_output else out
+        x_new = reducer.add_expanded(x, y - x_r)
+        return (x_new, *out[1:]) if fam.tuple_output else x_new
+
+    def _check_routed(self) -> None:
+        if not self.state.route.used:  # type: ignore[union-attr]
+            raise RuntimeError(f"block {self.index}: its self-attention (attn1) was not called")
+
+
+class _NormConcatHook(ModelHook):
+    """sparse_q: norm1 normalises and modulates the reduced and the dense tokens in one call."""
+
+    def __init__(self, state: _BlockState) -> None:
+        super().__init__()
+        self.state = state
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        dense = self.state.companion
+        if dense is None:
+            return args, kwargs
+        self.state.companion = None
+        x = args[0]
+        return (torch.cat([x, dense.to(x.dtype)], dim=1), *args[1:]), kwargs
+
+
+class _AttentionHook(ModelHook):
+    """Self-attention with queries and keys/values from different token sets."""
+
+    def __init__(self, state: _BlockState) -> None:
+        super().__init__()
+        self.state = state
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        route = self.state.route
+        if route is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        route.used = True
+        h = args[0] if args else kwargs.pop("hidden_states")
+        args = args[1:]
+        if route.mode == "sparse_q":
+            q_in, kv_in = h[:, : route.n_query], h[:, route.n_query :]
+        else:
+            q_in, kv_in = h, route.reducer.reduce(h)  # type: ignore[union-attr]
+        if type(module).__name__ == "WanAttention":
+            return _wan_attention(module, q_in, kv_in, route.rope_q, route.rope_k)
+        if route.rope_q is not None:
+            raise NotImplementedError(f"sparse attention with rotary embeddings on {type(module).__name__}")
+        if args or kwargs.get("encoder_hidden_states") is not None:
+            raise NotImplementedError(
+                "sparse attention expects a self-attention call (no encoder_hidden_states)"
+            )
+        kwargs["encoder_hidden_states"] = kv_in
+        return self.fn_ref.original_forward(q_in, **kwargs)
+
+
+def _wan_attention(
+    attn: torch.nn.Module,
+    q_in: torch.Tensor,
+    kv_in: torch.Tensor,
+    rope_q: tuple[torch.Tensor, torch.Tensor] | None,
+    rope_k: tuple[torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """``WanAttnProcessor``'s self-attention with separate query and key/value tokens and RoPE."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    if attn.fused_projections or attn.add_k_proj is not None:
+        raise NotImplementedError(
+            "sparse attention on fused or image-conditioned WanAttention is not implemented"
+        )
+    query = attn.norm_q(attn.to_q(q_in)).unflatten(2, (attn.heads, -1))
+    key = attn.norm_k(attn.to_k(kv_in)).unflatten(2, (attn.heads, -1))
+    value = attn.to_v(kv_in).unflatten(2, (attn.heads, -1))
+    if rope_q is not None:
+        query, key = apply_wan_rotary(query, *rope_q), apply_wan_rotary(key, *rope_k)  # type: ignore[misc]
+    out = dispatch_attention_fn(
+        query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+        backend=getattr(attn.processor, "_attention_backend", None),
+    )  # fmt: skip
+    out = out.flatten(2, 3).type_as(query)
+    return attn.to_out[1](attn.to_out[0](out))
+
+
+# ------------------------------------------------------------------------------------------
+# Entry point
+# ------------------------------------------------------------------------------------------
+
+
+def apply_token_density(
+    transformer: torch.nn.Module,
+    config: TokenDensityConfig,
+    timestep_callback: Callable[[], Any] | None = None,
+) -> PatchHandle:
+    """Install training-free token density on a diffusers transformer instance.
+
+    ``timestep_callback`` (e.g. ``lambda: pipe.current_timestep``) gives the current timestep;
+    without it the transformer's own ``timestep`` argument is used. Returns a `PatchHandle`
+    whose ``stats`` (`TokenDensityStats`) records every forward; ``.remove()`` restores the
+    model bit-for-bit.
+    """
+    if not isinstance(config, TokenDensityConfig):
+        raise TypeError(f"config must be a TokenDensityConfig, got {type(config).__name__}")
+    name = type(transformer).__name__
+    family = _FAMILIES.get(name)
+    if family is None:
+        raise NotImplementedError(f"token density supports {sorted(_FAMILIES)}, not {name}")
+    blocks = getattr(transformer, family.blocks_attr)
+    depth = len(blocks)
+    pooled, sparse = config.layout(depth)
+    if sparse and not family.sparse_ok:
+        raise NotImplementedError(f"sparse blocks are not implemented for {name}; use sparse_blocks=None")
+    if (
+        len(config.factor) == 3
+        and config.factor[0] != 1
+        and name in ("DiTTransformer2DModel", "PixArtTransformer2DModel")
+    ):
+        raise ValueError(f"factor {config.factor} pools frames, but {name} is an image model (use (h, w))")
+
+    handle = PatchHandle(transformer, "token_density")
+    shared = _Shared()
+    stats = TokenDensityStats()
+    try:
+        for i in [*pooled, *sparse]:
+            block = blocks[i]
+            kind = "pooled" if i in pooled else config.sparse_mode
+            state = _BlockState()
+            signature = inspect.signature(block.forward)
+            if kind != "pooled":
+                _check_sparse_block(block, i)
+                handle.add_diffusers_hook(block.attn1, _AttentionHook(state), _HOOK)
+                if kind == "sparse_q":
+                    handle.add_diffusers_hook(block.norm1, _NormConcatHook(state), _HOOK)
+            handle.add_diffusers_hook(block, _BlockHook(i, kind, family, shared, state, signature), _HOOK)
+        signature = inspect.signature(transformer.forward)
+        hook = _TransformerHook(config, shared, stats, depth, signature, timestep_callback)
+        handle.add_diffusers_hook(transformer, hook, _HOOK)
+    except BaseException:
+        handle.remove()
+        raise
+    handle.stats = stats  # type: ignore[attr-defined]
+    return handle
+
+
+def _check_sparse_block(block: torch.nn.Module, index: int) -> None:
+    """Sparse-dense needs norm1 -> attn1 (self-attention) with token-independent modulation."""
+    if not hasattr(block, "norm1") or not hasattr(block, "attn1"):
+        raise NotImplementedError(f"block {index} ({type(block).__name__}) has no norm1/attn1 to route")
+    if getattr(block, "pos_embed", None) is not None or getattr(block, "only_cross_attention", False):
+        raise NotImplementedError(
+            f"block {index}: sparse attention with per-block pos_embed or cross-only attention"
+        )

@@ -1,0 +1,271 @@
+"""Training-free token density (FlexDiT-style) on tiny DiT / PixArt / Wan / CogVideoX models."""
+
+import math
+
+import pytest
+import torch
+
+import diffusion.token_density as td
+from apps.tiny_models import (
+    call_kwargs,
+    tiny_cogvideox_pipeline,
+    tiny_dit_pipeline,
+    tiny_pixart_pipeline,
+    tiny_wan_pipeline,
+)
+from diffusion.token_density import TokenDensityConfig, apply_token_density
+from diffusion.token_reduce import GridPool
+from runtime.budget import ConstantSchedule, StepSchedule
+
+FULL = ConstantSchedule(1.0)
+QUARTER = ConstantSchedule(0.25)
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return {"dit": tiny_dit_pipeline(), "pixart": tiny_pixart_pipeline(), "wan": tiny_wan_pipeline()}
+
+
+def _inputs(name: str, t: float = 500.0, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    if name == "dit":
+        return dict(hidden_states=torch.randn(2, 4, 32, 32, generator=g), timestep=torch.tensor([t, t]),
+                    class_labels=torch.tensor([1, 5]))  # fmt: skip
+    if name == "pixart":
+        return dict(hidden_states=torch.randn(2, 4, 32, 32, generator=g), timestep=torch.tensor([t, t]),
+                    encoder_hidden_states=torch.randn(2, 8, 32, generator=g),
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None})  # fmt: skip
+    if name == "wan":
+        return dict(hidden_states=torch.randn(2, 16, 3, 8, 12, generator=g), timestep=torch.tensor([t, t]),
+                    encoder_hidden_states=torch.randn(2, 8, 32, generator=g))  # fmt: skip
+    return dict(hidden_states=torch.randn(1, 3, 4, 8, 12, generator=g), timestep=torch.tensor([int(t)]),
+                encoder_hidden_states=torch.randn(1, 32, 32, generator=g))  # fmt: skip
+
+
+@torch.no_grad()
+def _run(model, name, **kw):
+    return model(**_inputs(name, **kw)).sample
+
+
+# --------------------------------------------------------------------------------------------
+# Config validation
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(reducer="drop"), ValueError, "reducer"),
+        (dict(sparse_mode="dense"), ValueError, "sparse_mode"),
+        (dict(expand="cubic"), ValueError, "expand"),
+        (dict(reducer="merge", expand="linear"), ValueError, "expand"),
+        (dict(factor=(2,)), TypeError, "factor"),
+        (dict(factor=[2, 2]), TypeError, "factor"),
+        (dict(factor=(0, 2)), ValueError, "factor"),
+        (dict(pooled_blocks=(2, 1)), ValueError, "pooled_blocks"),
+        (dict(sparse_blocks=(-1, 3)), ValueError, "sparse_blocks"),
+        (dict(sparse_blocks=[1, 3]), TypeError, "sparse_blocks"),
+        (dict(pooled_blocks=(0, 3), sparse_blocks=(2, 5)), ValueError, "overlap"),
+        (dict(schedule=0.5), TypeError, "schedule"),
+        (dict(num_train_timesteps=0), ValueError, "num_train_timesteps"),
+        (dict(merge_seed=-1), ValueError, "merge_seed"),
+    ],
+)
+def test_bad_configs(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        TokenDensityConfig(**kwargs)
+
+
+def test_ratio_outside_unit_interval_is_rejected():
+    with pytest.raises(ValueError, match="ratio"):
+        TokenDensityConfig(schedule=ConstantSchedule(1.5))
+    with pytest.raises(ValueError, match="ratio"):
+        TokenDensityConfig(schedule=ConstantSchedule(0.0))
+
+
+def test_runtime_errors(pipes):
+    model = pipes["dit"].transformer  # 6 blocks, 16x16 token grid
+    with pytest.raises(ValueError, match="out of range"):
+        apply_token_density(model, TokenDensityConfig(pooled_blocks=(0, 2), sparse_blocks=(2, 7)))
+    with pytest.raises(ValueError, match="image model"):
+        apply_token_density(model, TokenDensityConfig(factor=(2, 2, 2)))
+    handle = apply_token_density(model, TokenDensityConfig(factor=(3, 3), schedule=QUARTER))
+    with pytest.raises(ValueError, match="must divide the token grid"):
+        _run(model, "dit")
+    handle.remove()
+    handle = apply_token_density(model, TokenDensityConfig(schedule=lambda p: 1.5))
+    with pytest.raises(ValueError, match="keep ratio"):
+        _run(model, "dit")
+    handle.remove()
+    with pytest.raises(ValueError, match="already applied"):
+        with apply_token_density(model, TokenDensityConfig()):
+            apply_token_density(model, TokenDensityConfig())
+    with pytest.raises(NotImplementedError, match="supports"):
+        apply_token_density(pipes["dit"].vae, TokenDensityConfig())
+
+
+def test_auto_layout():
+    cfg = TokenDensityConfig()
+    assert cfg.layout(28) == (range(0, 2), range(2, 24))
+    assert cfg.layout(6) == (range(0, 1), range(1, 5))
+    assert TokenDensityConfig(pooled_blocks=None).layout(28) == (range(0), range(0, 24))
+    assert TokenDensityConfig(sparse_blocks=(3, 5)).layout(6) == (range(0, 1), range(3, 5))
+
+
+# --------------------------------------------------------------------------------------------
+# Exactness and removal
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["dit", "pixart", "wan"])
+def test_density_one_is_exact_and_remove_restores(pipes, name):
+    model = pipes[name].transformer
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    dense = _run(model, name)
+    with apply_token_density(model, TokenDensityConfig(schedule=FULL)) as handle:
+        assert torch.equal(_run(model, name), dense)
+        assert handle.stats.steps[-1].token_ratio == 1.0
+    with apply_token_density(model, TokenDensityConfig(schedule=QUARTER, reducer="merge")):
+        assert not torch.equal(_run(model, name), dense)
+    # removed: same forward, same parameters, no hooks or instance forwards left behind
+    assert torch.equal(_run(model, name), dense)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    for module in model.modules():
+        assert "_diffusers_hook" not in module.__dict__ and "forward" not in module.__dict__
+
+
+@pytest.mark.parametrize("name", ["dit", "pixart", "wan"])
+@pytest.mark.parametrize("mode", ["sparse_q", "sparse_kv"])
+def test_identity_reducer_reproduces_dense(pipes, name, mode, monkeypatch):
+    """With a 1x1 window every routing path (pooled, sparse_q's norm concat, sparse_kv, Wan's
+    separate-RoPE attention) must compute exactly the dense function."""
+    model = pipes[name].transformer
+    dense = _run(model, name)
+    monkeypatch.setattr(td._Plan, "dense", property(lambda self: False))
+    monkeypatch.setattr(td._Plan, "reducer", lambda self, x: GridPool(self.grid, (1, 1, 1)))
+    with apply_token_density(model, TokenDensityConfig(schedule=FULL, sparse_mode=mode)) as handle:
+        out = _run(model, name)
+        kinds = handle.stats.steps[-1].block_tokens
+    torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
+    assert len(kinds) == len(getattr(model, "blocks", None) or model.transformer_blocks)
+
+
+# --------------------------------------------------------------------------------------------
+# Token counts, schedules, FLOPs
+# --------------------------------------------------------------------------------------------
+
+
+def test_token_counts_follow_layout_and_schedule(pipes):
+    model = pipes["dit"].transformer  # 6 blocks, 256 tokens
+    schedule = StepSchedule(boundaries=(0.4, 0.8), ratios=(0.25, 0.5, 1.0))
+    cfg = TokenDensityConfig(pooled_blocks=(0, 2), sparse_blocks=(2, 4), schedule=schedule)
+    with apply_token_density(model, cfg) as handle:
+        for t in (900, 500, 100):  # progress 0.1, 0.5, 0.9
+            _run(model, "dit", t=t)
+        steps = handle.stats.steps
+    assert [s.setting for s in steps] == [(1, 2, 2), (1, 1, 2), (1, 1, 1)]
+    assert steps[0].block_tokens == [(64, 64)] * 2 + [(64, 256)] * 2 + [(256, 256)] * 2
+    assert steps[1].block_tokens == [(128, 128)] * 2 + [(128, 256)] * 2 + [(256, 256)] * 2
+    assert steps[2].block_tokens == [(256, 256)] * 6
+    assert steps[0].token_ratio == pytest.approx((4 * 64 + 2 * 256) / (6 * 256))
+    assert "| 0 |" in handle.stats.summary()
+
+
+def test_merge_counts_and_sparse_kv_counts(pipes):
+    model = pipes["pixart"].transformer  # 4 blocks, 256 tokens
+    cfg = TokenDensityConfig(reducer="merge", schedule=ConstantSchedule(0.1), sparse_mode="sparse_kv")
+    with apply_token_density(model, cfg) as handle:
+        _run(model, "pixart")
+    # merging keeps at least one token per 2x2 cell: 64 of 256
+    assert handle.stats.steps[0].block_tokens == [(64, 64), (256, 64), (256, 64), (256, 256)]
+
+
+def test_timestep_callback_drives_progress(pipes):
+    model = pipes["dit"].transformer
+    current = {"t": 999.0}
+    with apply_token_density(model, TokenDensityConfig(), timestep_callback=lambda: current["t"]) as handle:
+        _run(model, "dit", t=0)  # the callback wins over the forward's own timestep
+        current["t"] = 0.0
+        _run(model, "dit", t=999)
+    assert [s.setting for s in handle.stats.steps] == [(1, 2, 2), (1, 1, 1)]
+    assert handle.stats.steps[0].progress == pytest.approx(0.001)
+
+
+def test_flops_are_counted_and_drop(pipes):
+    model = pipes["dit"].transformer
+    with apply_token_density(model, TokenDensityConfig(schedule=FULL, count_flops=True)) as handle:
+        _run(model, "dit")
+    with apply_token_density(model, TokenDensityConfig(schedule=QUARTER, count_flops=True)) as reduced:
+        _run(model, "dit")
+    _, dense_flops = td.count_flops(lambda: _run(model, "dit"))
+    assert handle.stats.total_flops == dense_flops > 0
+    assert reduced.stats.total_flops < 0.6 * dense_flops
+    with apply_token_density(model, TokenDensityConfig()) as uncounted:
+        _run(model, "dit")
+    with pytest.raises(ValueError, match="count_flops"):
+        _ = uncounted.stats.total_flops
+
+
+# --------------------------------------------------------------------------------------------
+# Video: Wan RoPE, merge with RoPE, CogVideoX, pipelines end to end
+# --------------------------------------------------------------------------------------------
+
+
+def test_wan_video_pooling_over_frames(pipes):
+    model = pipes["wan"].transformer  # grid (3, 4, 6) = 72 tokens
+    with pytest.raises(ValueError, match="must divide"):
+        with apply_token_density(model, TokenDensityConfig(factor=(2, 2, 2), schedule=QUARTER)):
+            _run(model, "wan")
+    cfg = TokenDensityConfig(factor=(3, 2, 2), schedule=ConstantSchedule(1 / 12), expand="linear")
+    with apply_token_density(model, cfg) as handle:
+        out = _run(model, "wan")
+    assert torch.isfinite(out).all() and out.shape == (2, 16, 3, 8, 12)
+    assert handle.stats.steps[0].setting == (3, 2, 2)
+    assert handle.stats.steps[0].block_tokens[0] == (6, 6)
+
+
+@pytest.mark.parametrize("mode", ["sparse_q", "sparse_kv"])
+def test_wan_merge_with_rope(pipes, mode):
+    model = pipes["wan"].transformer
+    dense = _run(model, "wan")
+    cfg = TokenDensityConfig(reducer="merge", schedule=ConstantSchedule(0.5), sparse_mode=mode)
+    with apply_token_density(model, cfg) as handle:
+        out = _run(model, "wan")
+    assert torch.isfinite(out).all()
+    rel = float((out - dense).norm() / dense.norm())
+    assert 0 < rel < 0.5
+    q, kv = handle.stats.steps[0].block_tokens[1]
+    assert (q, kv) == ((36, 72) if mode == "sparse_q" else (72, 36))
+
+
+def test_cogvideox_pooled_blocks():
+    model = tiny_cogvideox_pipeline().transformer  # grid (3, 4, 6)
+    with pytest.raises(NotImplementedError, match="sparse_blocks=None"):
+        apply_token_density(model, TokenDensityConfig())
+    dense = _run(model, "cog")
+    cfg = TokenDensityConfig(pooled_blocks=(0, 3), sparse_blocks=None, factor=(1, 2, 2), schedule=QUARTER)
+    with apply_token_density(model, cfg) as handle:
+        out = _run(model, "cog")
+    assert torch.isfinite(out).all() and not torch.equal(out, dense)
+    assert handle.stats.steps[0].block_tokens == [(18, 18)] * 3 + [(72, 72)]
+    with apply_token_density(
+        model, TokenDensityConfig(pooled_blocks=(0, 3), sparse_blocks=None, schedule=FULL)
+    ):
+        assert torch.equal(_run(model, "cog"), dense)
+
+
+@pytest.mark.parametrize("name", ["dit", "pixart", "wan"])
+def test_pipelines_end_to_end(pipes, name):
+    pipe = pipes[name]
+    kwargs = call_kwargs(name)
+    callback = (lambda: pipe.current_timestep) if name == "wan" else None
+    with apply_token_density(pipe.transformer, TokenDensityConfig(), timestep_callback=callback) as handle:
+        out = pipe(**kwargs)
+    images = out.frames if name == "wan" else out.images
+    assert images.shape == {"dit": (2, 64, 64, 3), "pixart": (1, 64, 64, 3), "wan": (1, 9, 64, 96, 3)}[name]
+    assert math.isfinite(float(abs(images).sum()))
+    forwards = kwargs["num_inference_steps"] * (2 if name == "wan" else 1)  # Wan runs cond and uncond
+    assert len(handle.stats.steps) == forwards
+    # the default schedule (StepSchedule at progress 0.8) reduces the noisy steps only
+    assert handle.stats.steps[0].token_ratio < 1.0
+    assert all((s.token_ratio < 1.0) == (s.progress < 0.8) for s in handle.stats.steps)
