@@ -88,7 +88,7 @@ def _launch(worker: Callable[..., Any], *args: Any, world_size: int = 2, limit_s
             record: dict[str, Any] = {"rank": rank, "exitcode": proc.exitcode}
             path = Path(out, f"rank{rank}.pt")
             if path.exists():
-                record.update(torch.load(path, weights_only=False))
+                record.update(torch.load(path, weights_only=True))
             err = Path(out, f"rank{rank}.err")
             record["stderr"] = err.read_text(errors="replace") if err.exists() else ""
             records.append(record)
