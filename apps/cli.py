@@ -1,13 +1,14 @@
 """The ``mmaccel`` command line.
 
 User errors (bad arguments, missing files) print one readable line and exit with code 2;
-nothing a user can mistype ends in a stack trace.
+nothing a user can mistype ends in a stack trace. ``MMACCEL_DEBUG=1`` re-raises them instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -72,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return func(args)
     except (UserError, ValueError, TypeError, FileNotFoundError) as exc:
+        if os.environ.get("MMACCEL_DEBUG"):
+            raise
         print(f"mmaccel {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

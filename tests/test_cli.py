@@ -58,3 +58,9 @@ def test_video_user_error_is_one_line(capsys):
     assert main(["video", "--model", "tiny", "--prompt", "a car", "--frames", "10", "--steps", "1", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mmaccel video: error:") and "Traceback" not in err
+
+
+def test_debug_env_reraises(monkeypatch):
+    monkeypatch.setenv("MMACCEL_DEBUG", "1")
+    with pytest.raises(ValueError):
+        main(["video", "--model", "tiny", "--prompt", "a car", "--frames", "10", "--steps", "1", "--quiet"])
