@@ -18,10 +18,6 @@ from parallel_video.cli import add_video_parser
 __all__ = ["main", "build_parser"]
 
 
-class UserError(Exception):
-    """An error caused by the user's input: printed as one line, exit code 2."""
-
-
 def _cmd_info(args: argparse.Namespace) -> int:
     from runtime.environment import device_summary, library_versions, probe_backends
 
@@ -72,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (UserError, ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError) as exc:
         if os.environ.get("MMACCEL_DEBUG"):
             raise
         print(f"mmaccel {args.command}: error: {exc}", file=sys.stderr)
