@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from runtime.metrics import psnr
+
 __all__ = [
     "MAX_IMAGE_SIDE",
     "MIN_IMAGE_SIDE",
@@ -148,12 +150,6 @@ def _build_ar() -> tuple[Any, Any]:
                  decoder_ch_mult=(1, 2), z_channels=8, num_res_blocks=1)
     ).eval()  # fmt: skip
     return gpt, vq
-
-
-def _psnr(x: np.ndarray, ref: np.ndarray) -> float:
-    """PSNR in dB of arrays in [0, 1] (inf when identical)."""
-    mse = float(np.mean((np.asarray(x, np.float64) - np.asarray(ref, np.float64)) ** 2))
-    return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -337,7 +333,7 @@ def run_dit_tab(
         "time dense / accelerated (s)": f"{t_dense:.3f} / {t_fast:.3f}",
         "speed-up": f"{t_dense / t_fast:.2f}x",
         "mean token ratio": f"{ratio:.2f}",
-        "PSNR vs dense (dB)": f"{_psnr(fast, dense):.1f}",
+        "PSNR vs dense (dB)": f"{psnr(fast, dense, data_range=1.0):.1f}",
     }
     return TabResult(dense, fast, stats)
 
@@ -411,7 +407,7 @@ def run_video_tab(
         "speed-up": f"{t_dense / t_fast:.2f}x",
         "measured attention density (all calls)": f"{summary['density']:.2f}",
         "density of the sparse calls": f"{summary['sparse_density']:.2f}",
-        "PSNR vs dense (dB)": f"{_psnr(fast, dense):.1f}",
+        "PSNR vs dense (dB)": f"{psnr(fast, dense, data_range=1.0):.1f}",
     }
     return TabResult(dense_mp4, fast_mp4, stats, {"dense_frames": dense, "fast_frames": fast})
 

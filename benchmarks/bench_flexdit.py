@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 import statistics
 
 import torch
@@ -29,6 +28,7 @@ from benchmarks.harness import RESULTS_DIR, PeakTensorBytes, append_results, mar
 from diffusion.flexdit import FlexDiTConfig, FlexDiTTransformer2DModel, convert_to_flexdit
 from diffusion.train import DistillConfig, LatentDataset, distill, distillation_loss
 from runtime.budget import LinearSchedule
+from runtime.metrics import psnr
 
 RESULTS = RESULTS_DIR / "flexdit.md"
 
@@ -46,13 +46,6 @@ def flops_and_peak(fn) -> tuple[int, int]:
     ):
         fn()
     return counter.get_total_flops(), mem.peak
-
-
-def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """PSNR of ``x`` against ``ref`` with the reference's value range as peak."""
-    mse = torch.mean((x.double() - ref.double()) ** 2).item()
-    peak = (ref.max() - ref.min()).item()
-    return float("inf") if mse == 0 else 10 * math.log10(peak**2 / mse)
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:

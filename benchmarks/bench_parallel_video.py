@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import socket
 import subprocess
@@ -37,6 +36,7 @@ from benchmarks.harness import RESULTS_DIR, append_results, machine_description,
 from parallel_video import ClipParallelConfig, ClipPlan, apply_clip_parallel, decode_clip, frame_noise
 from parallel_video.layer_pipeline import LayerPipelineConfig, run_layer_pipeline
 from parallel_video.schedule import split_stages
+from runtime import metrics
 from runtime.distributed import destroy_distributed, gather_to_main, init_distributed
 
 RESULTS = RESULTS_DIR / "parallel_video.md"
@@ -170,8 +170,7 @@ def vae_psnr(world_size: int) -> float:
         decode_clip(pipe, latents[:, :, s:e], latents[:, :, s - 1 : s] if s else None) for s, e in plan.clips
     ]
     clipwise = torch.cat([torch.from_numpy(p) for p in parts])
-    mse = float(((clipwise - torch.from_numpy(whole)) ** 2).mean())
-    return 10 * math.log10(1.0 / mse) if mse > 0 else float("inf")
+    return metrics.psnr(clipwise, torch.from_numpy(whole), data_range=1.0)
 
 
 def main() -> None:

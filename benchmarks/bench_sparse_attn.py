@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from benchmarks.harness import RESULTS_DIR, append_results, machine_description, markdown_table, measure
+from runtime import metrics
 from sparse_attn import (
     SparseAttentionState,
     SVG2Config,
@@ -222,8 +223,7 @@ def bench_end_to_end(
     sparse_s = time.perf_counter() - start
     summary = handle.stats.summary()
     handle.remove()
-    peak = dense.abs().max()
-    psnr = 10 * math.log10(peak.item() ** 2 / F.mse_loss(sparse, dense).item())
+    psnr = metrics.psnr(sparse, dense, data_range=dense.abs().max().item())
     row = [tokens, layers, steps, f"{config.dense_steps:.2f}", f"{dense_s:.1f}", f"{sparse_s:.1f}",
            f"{dense_s / sparse_s:.2f}x", f"{summary['sparse_density']:.3f}", f"{psnr:.1f}",
            f"{summary['kmeans_s']:.1f}", ",".join(summary["backends"])]  # fmt: skip

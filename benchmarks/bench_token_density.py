@@ -13,7 +13,6 @@ the final latents vs the dense run. Ratios are against the dense model in the sa
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 from collections.abc import Callable
@@ -24,17 +23,11 @@ from tqdm import tqdm
 from benchmarks.harness import RESULTS_DIR, append_results, markdown_table, measure
 from diffusion.token_density import TokenDensityConfig, apply_token_density, count_flops
 from runtime.budget import ConstantSchedule
+from runtime.metrics import psnr
 
 RESULTS = RESULTS_DIR / "token_density.md"
 QUARTER = ConstantSchedule(0.25)
 SPEED_TARGET_DEFAULT = 1.8  # training-free, default schedule (issue 3)
-
-
-def psnr(ref: torch.Tensor, x: torch.Tensor) -> float:
-    """PSNR of ``x`` against ``ref`` with the reference's dynamic range as peak."""
-    mse = float(((x.double() - ref.double()) ** 2).mean())
-    peak = float(ref.max() - ref.min())
-    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
 
 
 def _build_dit(
@@ -179,7 +172,7 @@ def bench(kind: str, quick: bool, steps: int, repeats: int) -> tuple[str, str]:
         rows.append([
             name, f"{dense_time:.2f}", f"{m.median_s:.2f}", f"{dense_time / m.median_s:.2f}x", f"{flops / 1e9:.1f}",
             f"{flops / base['flops']:.2f}", f"{m.peak_bytes / 2**20:.0f}", f"{m.peak_bytes / base['peak']:.2f}",
-            f"{tokens:.3f}", f"{psnr(base['out'], out):.1f}",
+            f"{tokens:.3f}", f"{psnr(out, base['out']):.1f}",
         ])  # fmt: skip
     headers = ["setting (keep 0.25, progress 0.1)", "dense s (paired)", "forward s", "speed-up", "GFLOPs", "FLOPs ratio",
                "peak MiB", "peak ratio", "token ratio", "PSNR dB (output)"]  # fmt: skip
@@ -205,7 +198,7 @@ def bench(kind: str, quick: bool, steps: int, repeats: int) -> tuple[str, str]:
         speed = ref_time / seconds
         target = "" if cfg is None else ("met" if speed >= SPEED_TARGET_DEFAULT else "missed")
         sample_rows.append([name, f"{seconds:.1f}", f"{speed:.2f}x", target, f"{reduced}/{steps}",
-                            f"{tokens:.3f}", f"{psnr(ref, latents_out):.1f}"])  # fmt: skip
+                            f"{tokens:.3f}", f"{psnr(latents_out, ref):.1f}"])  # fmt: skip
     sample_table = markdown_table(
         [f"{steps}-step sampling", "wall s", "speed-up", f">= {SPEED_TARGET_DEFAULT}x", "reduced steps",
          "token ratio", "PSNR dB (final latents)"], sample_rows,

@@ -11,7 +11,6 @@ losses; LlamaGen's LPIPS and GAN terms are left out (they need pretrained VGG we
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from runtime import metrics
 from tokenizers_img.compact_1d import Compact1DConfig, Compact1DTokenizer
 from tokenizers_img.vq import VQConfig, VQModel
 
@@ -99,8 +99,7 @@ def sample_crops(images: Sequence[torch.Tensor], n: int, size: int, generator: t
 
 def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> float:
     """PSNR in dB for images in [-1, 1] (peak-to-peak 2), after clamping the reconstruction."""
-    mse = F.mse_loss(reconstruction.clamp(-1, 1), target).item()
-    return math.inf if mse == 0 else 10 * math.log10(4.0 / mse)
+    return metrics.psnr(reconstruction.clamp(-1, 1), target, data_range=2.0)
 
 
 def tiny_vq_config(**overrides: object) -> VQConfig:
