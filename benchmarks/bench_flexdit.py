@@ -28,7 +28,7 @@ from benchmarks.harness import RESULTS_DIR, PeakTensorBytes, append_results, mar
 from diffusion.flexdit import FlexDiTConfig, FlexDiTTransformer2DModel, convert_to_flexdit
 from diffusion.train import DistillConfig, LatentDataset, distill, distillation_loss
 from runtime.budget import LinearSchedule
-from runtime.metrics import psnr
+from runtime.metrics import psnr, relative_l2
 
 RESULTS = RESULTS_DIR / "flexdit.md"
 
@@ -46,10 +46,6 @@ def flops_and_peak(fn) -> tuple[int, int]:
     ):
         fn()
     return counter.get_total_flops(), mem.peak
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 @torch.no_grad()
@@ -116,7 +112,7 @@ def speed_table(quick: bool) -> tuple[str, list[str]]:
             with torch.no_grad():
                 out = model(x, torch.tensor([500]), label).sample
                 latents = sample(model, steps, size)
-            fid_out = f"{psnr(out, ref_out):.1f} dB (rel err {rel_err(out, ref_out):.2f})"
+            fid_out = f"{psnr(out, ref_out):.1f} dB (rel err {relative_l2(out, ref_out):.2f})"
             fid_lat = f"{psnr(latents, ref_latents):.1f} dB"
         rows.append([
             name, f"{median:.2f}", f"{base[0] / median:.2f}x", f"{flops / 1e9:.0f}",
@@ -156,7 +152,7 @@ def distill_table(quick: bool) -> tuple[str, list[str]]:
                 student, teacher, held_out, scheduler, torch.Generator().manual_seed(9)
             )
             out, ref = student(x, t, y).sample, teacher(x, t, y).sample
-        return [name, f"{loss.item():.4f}", f"{psnr(out, ref):.1f}", f"{rel_err(out, ref):.3f}"]
+        return [name, f"{loss.item():.4f}", f"{psnr(out, ref):.1f}", f"{relative_l2(out, ref):.3f}"]
 
     rows = [row("converted, no training")]
     threads = torch.get_num_threads()

@@ -207,7 +207,7 @@ def main() -> None:
         ]
         for length in (frames,) if args.quick else (frames, 2 * frames):
             ranks, out = launch(args, args.ranks, length, f"{tmp}/r{length}.json")
-            rel = float((out - dense).norm() / dense.norm()) if length == frames else float("nan")
+            rel = metrics.relative_l2(out, dense) if length == frames else float("nan")
             per_frame = kv_bytes_per_frame(args.height, args.width)
             for rank, (secs, mem, recv, owned) in enumerate(ranks):
                 all_gather = (length - owned) * per_frame  # every other frame's K/V, per layer and forward
@@ -219,7 +219,7 @@ def main() -> None:
             [f"{frames} frames, 1 process", MODEL["num_layers"], one_s, 1.0, one_mem / 2**20, 1.0, 1.0, 0.0]
         ]
         ranks, out = launch(args, args.ranks, frames, f"{tmp}/p2.json", "pipeline")
-        rel = float((out - one_out).norm() / one_out.norm())
+        rel = metrics.relative_l2(out, one_out)
         for rank, (secs, mem, weights, layers) in enumerate(ranks):
             prow.append([f"{frames} frames, rank {rank}/{args.ranks}", int(layers), secs, secs / one_s,
                          mem / 2**20, mem / one_mem, weights / one_w, rel])  # fmt: skip

@@ -83,10 +83,6 @@ def median_time(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).norm() / ref.norm()).item()
-
-
 def mass_recall(
     q: torch.Tensor, k: torch.Tensor, q_labels: torch.Tensor, k_labels: torch.Tensor, selected: torch.Tensor
 ) -> float:
@@ -165,8 +161,8 @@ def bench_attention(
                 [s, f"{config.num_q_clusters}/{config.num_k_clusters}", f"{dense_m.median_s:.2f}",
                  f"{sparse_s:.2f}", f"{dense_m.median_s / sparse_s:.2f}x", f"{km / total:.0%}",
                  f"{info.kmeans_iterations}", f"{info.density:.3f}", f"{info.block_density:.3f}",
-                 f"{rel_l2(out, ref):.3f}", f"{recall:.3f}", f"{dense_m.median_s / p_s:.2f}x", f"{p_dens:.3f}",
-                 f"{rel_l2(p_out, ref):.3f}", f"{p_recall:.3f}", f"{cold_s:.1f}"]
+                 f"{metrics.relative_l2(out, ref):.3f}", f"{recall:.3f}", f"{dense_m.median_s / p_s:.2f}x", f"{p_dens:.3f}",
+                 f"{metrics.relative_l2(p_out, ref):.3f}", f"{p_recall:.3f}", f"{cold_s:.1f}"]
             )  # fmt: skip
     headers = [
         "S", "clusters q/k", "dense s", "SVG2 s", "speedup", "k-means share", "warm iters (q,k)", "density",

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["psnr"]
+__all__ = ["psnr", "relative_l2"]
 
 
 def psnr(x: torch.Tensor | np.ndarray, ref: torch.Tensor | np.ndarray, data_range: float | None = None) -> float:
@@ -25,3 +25,9 @@ def psnr(x: torch.Tensor | np.ndarray, ref: torch.Tensor | np.ndarray, data_rang
     if peak <= 0:
         raise ValueError(f"data_range must be > 0, got {peak}")
     return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
+
+
+def relative_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||x - ref|| / ||ref||`` in float64."""
+    x64, ref64 = x.double(), ref.double()
+    return float((x64 - ref64).norm() / ref64.norm())

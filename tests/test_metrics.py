@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.metrics import psnr
+from runtime.metrics import psnr, relative_l2
 
 
 def test_psnr_values():
@@ -21,3 +21,9 @@ def test_psnr_bad_input():
         psnr(torch.zeros(2), torch.zeros(3), data_range=1.0)
     with pytest.raises(ValueError, match="data_range"):
         psnr(torch.ones(2), torch.ones(2) * 0.5)  # constant reference, no range given
+
+
+def test_relative_l2():
+    ref = torch.tensor([3.0, 4.0])
+    assert relative_l2(ref, ref) == 0.0
+    assert math.isclose(relative_l2(ref + torch.tensor([0.3, 0.4]), ref), 0.1, abs_tol=1e-7)
