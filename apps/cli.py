@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from apps.commands import add_bench_parser, add_demo_parser, add_vlm_parser
+from apps.zoo.cli import add_zoo_parser
 from parallel_video.cli import add_video_parser
 
 __all__ = ["main", "build_parser"]
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_parser(sub)
     add_vlm_parser(sub)
     add_bench_parser(sub)
+    add_zoo_parser(sub)
     return parser
 
 
