@@ -101,6 +101,30 @@ def test_checkpoint_round_trip(tmp_path, suffix: str) -> None:
         assert torch.equal(a, b)
 
 
+def test_save_pretrained_round_trip(tmp_path) -> None:
+    model = tiny_gpt(seed=3, column_blocks=0, n_kv_head=1)
+    model.save_pretrained(tmp_path / "gpt")
+    assert sorted(p.name for p in (tmp_path / "gpt").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = GPT.from_pretrained(tmp_path / "gpt")
+    assert loaded.config == model.config and not loaded.training
+    mask = torch.ones(6, 6, dtype=torch.bool).tril()
+
+    def logits(m: GPT) -> torch.Tensor:
+        x = m.tok_embeddings(torch.arange(6)[None])
+        return m.row_logits(m.hidden(x, torch.arange(1, 7), mask, (2, 3), column=False)[0])
+
+    assert torch.equal(logits(model), logits(loaded))
+
+
+def test_from_pretrained_errors(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        GPT.from_pretrained(tmp_path)
+    tiny_gpt().save_pretrained(tmp_path / "gpt")
+    (tmp_path / "gpt" / "config.json").write_text('{"dim": 32, "depth": 2}')
+    with pytest.raises(ValueError, match="depth"):
+        GPT.from_pretrained(tmp_path / "gpt")
+
+
 def test_loads_llamagen_style_training_checkpoint(tmp_path) -> None:
     model = tiny_gpt(seed=2)
     state = {f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}

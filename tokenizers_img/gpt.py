@@ -16,9 +16,11 @@ so their checkpoints load with :meth:`GPT.from_checkpoint`.
 
 from __future__ import annotations
 
+import json
 import math
 import pickle
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -26,6 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["GPTConfig", "GPT", "KVCache", "rope_2d", "GPT_PRESETS"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
 
 GPT_PRESETS: dict[str, dict[str, int]] = {
     "B": {"n_layer": 12, "n_head": 12, "dim": 768},
@@ -107,6 +112,18 @@ class GPTConfig:
         if size not in GPT_PRESETS:
             raise ValueError(f"size must be one of {sorted(GPT_PRESETS)}, got {size!r}")
         return cls(**{**GPT_PRESETS[size], **overrides})
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> GPTConfig:
+        """Build from :meth:`to_dict` output; unknown keys raise ``ValueError``."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown GPTConfig fields {sorted(unknown)}; allowed: {sorted(known)}")
+        return cls(**data)
 
     @property
     def head_dim(self) -> int:
@@ -421,6 +438,23 @@ class GPT(nn.Module):
             save_file(state, str(path))
         else:
             torch.save(state, path)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write ``config.json`` and ``model.safetensors`` into directory ``path``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2))
+        self.save_checkpoint(path / WEIGHTS_NAME)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> GPT:
+        """Load a directory written by :meth:`save_pretrained`, in eval mode."""
+        path = Path(path)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path / name} not found; expected a save_pretrained directory")
+        config = GPTConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
+        return cls.from_checkpoint(path / WEIGHTS_NAME, config, map_location=str(map_location)).eval()
 
 
 def _clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -106,7 +106,7 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
             raise ValueError(f"{name} must be [N >= 2, D], got {tuple(f.shape)}")
     if feats_a.shape[1] != feats_b.shape[1]:
         raise ValueError(f"feature dims differ: {feats_a.shape[1]} vs {feats_b.shape[1]}")
-    a, b = feats_a.double().cpu().numpy(), feats_b.double().cpu().numpy()
+    a, b = (f.detach().double().cpu().numpy() for f in (feats_a, feats_b))
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     # tr sqrt(A B) = tr sqrt(A^1/2 B A^1/2): symmetric PSD eigenproblems, stable for singular A, B.
     w, v = np.linalg.eigh(cov_a)
