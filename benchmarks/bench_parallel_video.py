@@ -14,6 +14,11 @@ for one device. Reported per rank, as ratios to the single process of the same v
 Second table, DualParal: a few denoising steps of the whole video with the block-wise schedule,
 one process vs one layer stage per rank: time, activation memory, weights held, parity.
 
+Third table, fidelity on a trained model: ``generate_long_video`` (clip mode) with the zoo's
+``moving-digits`` WanPipeline, a video longer than it was trained on, on 2 ranks vs 1 process:
+PSNR of the frames vs the single process, and the digit/direction accuracy of 17-frame windows
+(zoo digit classifier + motion estimate) for both.
+
     .venv/bin/python -m benchmarks.bench_parallel_video --quick
     .venv/bin/python -m benchmarks.bench_parallel_video --write
 """
@@ -108,11 +113,44 @@ def pipeline_worker(args: argparse.Namespace, ctx) -> None:
         Path(args.worker).write_text(json.dumps([r[0].tolist() for r in rows]))
 
 
+ZOO_TITLE = "Clip parallelism: fidelity on the moving-digits zoo model"
+#: Prompts of the zoo fidelity run: (digit, direction).
+ZOO_PROMPTS = [(3, "left"), (7, "down"), (0, "right"), (5, "up")]
+
+
+def zoo_worker(args: argparse.Namespace, ctx) -> None:
+    """One rank of ``generate_long_video`` on the `moving-digits` zoo model, for each prompt of
+    `ZOO_PROMPTS` (the first ``args.prompts``); rank 0 saves the videos and per-prompt seconds."""
+    from apps.zoo import moving_digits as md
+    from parallel_video import LongVideoConfig, generate_long_video
+
+    pipe = md.load(device=ctx.device)
+    videos, seconds = [], []
+    for digit, direction in ZOO_PROMPTS[: args.prompts]:
+        config = LongVideoConfig(
+            prompt=md.prompt_for(digit, direction), num_frames=args.frames, num_inference_steps=args.steps,
+            height=md.SIZE, width=md.SIZE, guidance_scale=md.GUIDANCE_SCALE, seed=0,
+            clip=ClipParallelConfig(padding=args.padding, global_frames=args.global_frames),
+        )  # fmt: skip
+        out = generate_long_video(pipe, config, ctx, progress=False)
+        seconds.append(out.stats["denoise_s"] + out.stats["decode_s"])
+        if ctx.is_main:
+            videos.append(torch.from_numpy(out.frames).float().mean(-1))  # grey [F, H, W]
+    if ctx.is_main:
+        torch.save(torch.stack(videos), args.worker + ".pt")
+        Path(args.worker).write_text(json.dumps(seconds))
+
+
 def worker(args: argparse.Namespace) -> None:
-    """One rank: its clip through the clip-parallel transformer (or a pipeline stage); rank 0 writes
-    the JSON report and the gathered output."""
+    """One rank: its clip through the clip-parallel transformer (or a pipeline stage, or a zoo-model
+    long video); rank 0 writes the JSON report and the gathered output."""
     torch.set_num_threads(1)
     ctx = init_distributed()
+    if args.mode == "zoo":
+        with ctx.guard():
+            zoo_worker(args, ctx)
+        destroy_distributed(ctx)
+        return
     if args.mode == "pipeline":
         with ctx.guard(), torch.no_grad():
             pipeline_worker(args, ctx)
@@ -152,7 +190,7 @@ def launch(
            "--worker", out, "--frames", str(frames), "--height", str(args.height), "--width", str(args.width),
            "--padding", str(args.padding), "--global-frames", str(args.global_frames),
            "--repeats", str(args.repeats), "--mode", mode, "--steps", str(args.steps),
-           "--frames-per-block", str(args.frames_per_block)]  # fmt: skip
+           "--frames-per-block", str(args.frames_per_block), "--prompts", str(args.prompts)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
     return json.loads(Path(out).read_text()), torch.load(out + ".pt", weights_only=True)
@@ -173,6 +211,56 @@ def vae_psnr(world_size: int) -> float:
     return metrics.psnr(clipwise, torch.from_numpy(whole), data_range=1.0)
 
 
+def window_accuracy(videos: torch.Tensor) -> tuple[float, float]:
+    """Digit and direction accuracy of the 17-frame windows (starting every 16 frames) of grey
+    ``videos`` ``[P, F, H, W]`` generated for the first ``P`` of `ZOO_PROMPTS`."""
+    from apps.zoo import moving_digits as md
+
+    n = md.NUM_FRAMES
+    windows = [
+        (p, videos[p, s : s + n])
+        for p in range(videos.shape[0])
+        for s in range(0, videos.shape[1] - n + 1, n - 1)
+    ]
+    pred_d, pred_r = md.classify_videos(torch.stack([w for _, w in windows]))
+    want_d = torch.tensor([ZOO_PROMPTS[p][0] for p, _ in windows])
+    want_r = torch.tensor([md.DIRECTIONS.index(ZOO_PROMPTS[p][1]) for p, _ in windows])
+    return (pred_d == want_d).float().mean().item(), (pred_r == want_r).float().mean().item()
+
+
+def zoo_fidelity(args: argparse.Namespace, tmp: str) -> tuple[str, str]:
+    """Long videos of the `moving-digits` zoo model: 1 process vs ``args.ranks`` ranks."""
+    from diffusers import WanTransformer3DModel
+
+    from apps.zoo import moving_digits as md
+    from apps.zoo import zoo_path
+
+    patch = WanTransformer3DModel.load_config(zoo_path(md.NAME) / "transformer")["patch_size"]
+    tokens = (md.SIZE // 4 // patch[1]) * (md.SIZE // 4 // patch[2])  # the VAE is 4x spatial
+    frames = args.zoo_frames
+    rows = []
+    one_s, one = launch(args, 1, frames, f"{tmp}/z1.json", "zoo")
+    many_s, many = launch(args, args.ranks, frames, f"{tmp}/z{args.ranks}.json", "zoo")
+    for label, secs, videos in (("1 process", one_s, one), (f"{args.ranks} ranks (clip)", many_s, many)):
+        acc_d, acc_r = window_accuracy(videos)
+        psnr = metrics.psnr(videos, one, data_range=1.0)
+        rows.append([label, frames, f"{sum(secs):.1f}", f"{sum(secs) / sum(one_s):.2f}x",
+                     f"{psnr:.1f}", f"{acc_d:.3f}", f"{acc_r:.3f}"])  # fmt: skip
+    headers = ["run", "frames", "s (all prompts)", "time vs 1 proc", "PSNR dB vs 1 proc",
+               "digit acc (17-frame windows)", "direction acc"]  # fmt: skip
+    latent = (frames - 1) // 4 + 1
+    notes = (
+        f"`moving-digits` zoo WanPipeline (trained on {md.NUM_FRAMES}-frame videos, 5 latent frames), "
+        f"`generate_long_video` clip mode, {frames} frames = {latent} latent frames x {tokens} tokens, {args.steps} UniPC "
+        f"steps, guidance {md.GUIDANCE_SCALE}, seed 0, padding {args.padding}, global frames {args.global_frames}, "
+        f"decode overlap 1, prompts {ZOO_PROMPTS[: args.prompts]}. PSNR over all grey frames vs the 1-process "
+        "run of the same algorithm. Accuracy over the 17-frame windows of each video starting every 16 frames "
+        "(digit classifier on the sprite, direction of the measured motion). Time = denoise + decode on "
+        "rank 0, one thread per process, machine shared with other jobs."
+    )
+    return markdown_table(headers, rows), notes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (< 1 min)")
@@ -185,6 +273,9 @@ def main() -> None:
     parser.add_argument(
         "--frames-per-block", type=int, default=2, help="pipeline mode: latent frames per block"
     )
+    parser.add_argument("--skip-zoo", action="store_true", help="skip the fidelity run on the zoo model")
+    parser.add_argument("--zoo-only", action="store_true", help="only the fidelity run on the zoo model")
+    parser.add_argument("--prompts", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="clip", help=argparse.SUPPRESS)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--frames", type=int, default=None, help=argparse.SUPPRESS)
@@ -199,7 +290,19 @@ def main() -> None:
     args.repeats = args.repeats or (2 if args.quick else 3)
     args.steps = args.steps or (2 if args.quick else 4)
     frames = size["frames"]
+    args.prompts = args.prompts or (2 if args.quick else len(ZOO_PROMPTS))
+    # zoo fidelity: 33 frames (9 latent frames, ~2x the training length), its own step count
+    zoo_args = argparse.Namespace(**{**vars(args), "zoo_frames": 33, "steps": 8 if args.quick else 20})
 
+    if args.zoo_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            ztable, znotes = zoo_fidelity(zoo_args, tmp)
+        print(f"Machine: {machine_description()}\n\n### Fidelity on the trained zoo model `moving-digits`\n")
+        print(f"{ztable}\n\n{znotes}")
+        if args.write:
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            append_results(ZOO_TITLE, ztable, znotes, path=RESULTS)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         [(base_s, base_mem, _, _)], dense = launch(args, 1, frames, f"{tmp}/base.json")
         rows = [
@@ -223,6 +326,7 @@ def main() -> None:
         for rank, (secs, mem, weights, layers) in enumerate(ranks):
             prow.append([f"{frames} frames, rank {rank}/{args.ranks}", int(layers), secs, secs / one_s,
                          mem / 2**20, mem / one_mem, weights / one_w, rel])  # fmt: skip
+        ztable, znotes = ("", "") if args.skip_zoo else zoo_fidelity(zoo_args, tmp)
     headers = ["run", "latent frames on rank", "s / forward", "time vs 1 proc", "peak MiB",
                "memory vs 1 proc", "K/V bytes vs all-gather", "rel L2 vs dense"]  # fmt: skip
     table = markdown_table(headers, rows)
@@ -249,10 +353,14 @@ def main() -> None:
         f"{min(blocks, args.steps)} blocks in flight for {args.ranks} stages."
     )
     print(f"Machine: {machine_description()}\n\n{table}\n\n{notes}\n\n{ptable}\n\n{pnotes}")
+    if ztable:
+        print(f"\n### Fidelity on the trained zoo model `moving-digits`\n\n{ztable}\n\n{znotes}")
     if args.write:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         append_results("Clip parallelism (Video-Infinity dual-scope attention)", table, notes, path=RESULTS)
         append_results("Block-wise layer pipeline (DualParal)", ptable, pnotes, path=RESULTS)
+        if ztable:
+            append_results(ZOO_TITLE, ztable, znotes, path=RESULTS)
 
 
 if __name__ == "__main__":
