@@ -23,7 +23,7 @@ install: $(VENV)/.installed
 browser:
 	bash scripts/install_browser.sh
 
-# The main job: the Gradio demo on the built-in tiny models (real checkpoints: ARGS="--vlm-model PATH").
+# The main job: the Gradio demo on the built-in zoo models (real checkpoints: ARGS="--vlm-model PATH").
 run: install
 	$(VENV)/bin/mmaccel info --no-compile
 	$(VENV)/bin/mmaccel demo $(ARGS)

@@ -18,13 +18,13 @@ _BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def _model_flag(value: str) -> str:
-    """'tiny' or a folder written by ``save_pretrained`` (holding config.json / model_index.json)."""
+    """'zoo', 'tiny' or a folder written by ``save_pretrained`` (holding config.json / model_index.json)."""
     folder = Path(value)
-    if value != "tiny" and not (
+    if value not in ("zoo", "tiny") and not (
         (folder / "config.json").is_file() or (folder / "model_index.json").is_file()
     ):
         raise argparse.ArgumentTypeError(
-            f"{value!r} is neither 'tiny' nor a folder saved with save_pretrained"
+            f"{value!r} is neither 'zoo', 'tiny' nor a folder saved with save_pretrained"
         )
     return value
 
@@ -39,10 +39,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from apps.demo_tabs import DemoModels
 
     models = DemoModels(
-        vlm=None if args.vlm_model == "tiny" else args.vlm_model,
-        dit=None if args.dit_model == "tiny" else args.dit_model,
-        video=None if args.video_model == "tiny" else args.video_model,
-        device=args.device,
+        vlm=args.vlm_model, dit=args.dit_model, video=args.video_model, ar=args.ar_model, device=args.device
     )
     launch(models, host=args.host, port=args.port, out_dir=args.out_dir, block=True)
     return 0
@@ -59,14 +56,14 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)"
     )
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    p.add_argument("--vlm-model", type=_model_flag, default="tiny", help="LLaVA(-NeXT) folder or 'tiny'")
+    models = "'zoo' (default: the trained reference model), 'tiny' (random) or"
+    p.add_argument("--vlm-model", type=_model_flag, default="zoo", help=f"{models} a LLaVA(-NeXT) folder")
     p.add_argument(
-        "--dit-model",
-        type=_model_flag,
-        default="tiny",
-        help="DiTPipeline or PixArtAlphaPipeline folder, or 'tiny'",
-    )
-    p.add_argument("--video-model", type=_model_flag, default="tiny", help="WanPipeline folder or 'tiny'")
+        "--dit-model", type=_model_flag, default="zoo",
+        help=f"{models} a DiTPipeline / PixArtAlphaPipeline folder",
+    )  # fmt: skip
+    p.add_argument("--video-model", type=_model_flag, default="zoo", help=f"{models} a WanPipeline folder")
+    p.add_argument("--ar-model", choices=("zoo", "tiny"), default="zoo", help="digits VQ + GPTs, or random tiny")
     p.add_argument("--device", default="cpu", help="torch device for the models (default cpu)")
     p.add_argument(
         "--out-dir", type=Path, default=None, help="folder for videos / animations (default: a temp folder)"
@@ -95,6 +92,10 @@ def _run_vlm(args: argparse.Namespace) -> int:
         model, processor = tiny_llava_next(device=args.device)
         vlm = load_vlm(model, processor=processor, hired=hired, vista=vista)
     else:
+        if args.model == "zoo":
+            from apps.zoo import zoo_path
+
+            args.model = str(zoo_path("shapes-vlm"))
         vlm = load_vlm(args.model, hired=hired, vista=vista, device=args.device)
     out = vlm.generate(image, args.prompt, max_new_tokens=args.max_new_tokens)
     s = out.stats[0]
@@ -133,7 +134,8 @@ def add_vlm_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--vista", action="store_true", help="steer decoding against hallucination (VISTA)")
     p.add_argument("--vista-lam", type=float, default=0.17, help="VISTA steering strength (default 0.17)")
     p.add_argument(
-        "--model", type=_model_flag, default="tiny", help="LLaVA(-NeXT) folder or 'tiny' (default)"
+        "--model", type=_model_flag, default="zoo",
+        help="'zoo' (default: the trained shapes VLM), 'tiny' (random) or a LLaVA(-NeXT) folder",
     )
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")

@@ -112,17 +112,20 @@ def build_demo(models: DemoModels | None = None, out_dir: str | Path | None = No
             r.markdown(),
         )
 
+    defaults = models.defaults()
     with gr.Blocks(title="mmaccel demo") as demo:
         gr.Markdown(
             "# mmaccel: dense vs accelerated\nEach tab runs the same model and inputs twice. "
-            "The built-in models are tiny and random: outputs are noise and timings show overheads; "
-            "load real checkpoints with `mmaccel demo --vlm-model PATH ...`."
+            "By default the tabs run the zoo's small trained reference models (shapes VLM, digits DiT, "
+            "moving-digits Wan, digits VQ + GPTs; `mmaccel zoo list`): real attention structure, toy "
+            "scale. `--vlm-model tiny` etc. gives random tiny models; real checkpoints load with "
+            "`mmaccel demo --vlm-model PATH ...`."
         )
         with gr.Tab("VLM"):
             with gr.Row():
                 with gr.Column():
-                    image = gr.Image(type="pil", label="image", image_mode="RGB")
-                    question = gr.Textbox(value="What is shown in the image?", label="question")
+                    image = gr.Image(value=defaults["vlm_image"], type="pil", label="image", image_mode="RGB")
+                    question = gr.Textbox(value=defaults["vlm_question"], label="question")
                     budget = gr.Slider(0.05, 1.0, value=0.2, step=0.05, label="HiRED visual-token budget")
                     hired = gr.Checkbox(value=True, label="HiRED (drop visual tokens)")
                     vista = gr.Checkbox(value=False, label="VISTA (steer against hallucination)")
@@ -141,9 +144,10 @@ def build_demo(models: DemoModels | None = None, out_dir: str | Path | None = No
             labels = sorted(getattr(models.get("dit"), "labels", {}) or {})
             with gr.Row():
                 with gr.Column():
+                    choices = labels or ["a small cat sitting on grass"]
                     label = gr.Dropdown(
-                        labels or ["a small cat sitting on grass"],
-                        value=(labels or ["a small cat sitting on grass"])[0],
+                        choices,
+                        value=defaults["dit_label"] if defaults["dit_label"] in choices else choices[0],
                         label="class (DiT) or prompt (PixArt)",
                         allow_custom_value=True,
                     )
@@ -166,7 +170,7 @@ def build_demo(models: DemoModels | None = None, out_dir: str | Path | None = No
         with gr.Tab("Video"):
             with gr.Row():
                 with gr.Column():
-                    prompt = gr.Textbox(value="a red car on a coast road", label="prompt")
+                    prompt = gr.Textbox(value=defaults["video_prompt"], label="prompt")
                     frames = gr.Slider(1, MAX_FRAMES, value=9, step=4, label="frames (1 + 4k)")
                     v_steps = gr.Slider(1, MAX_STEPS, value=4, step=1, label="denoising steps")
                     top_p = gr.Slider(
@@ -194,7 +198,9 @@ def build_demo(models: DemoModels | None = None, out_dir: str | Path | None = No
             with gr.Row():
                 with gr.Column():
                     class_id = gr.Slider(0, 9, value=1, step=1, label="class id")
-                    grid = gr.Slider(2, 16, value=8, step=1, label="token grid (H = W)")
+                    ar_grid = models.get("ar").grid
+                    grid = gr.Slider(2, 16, value=ar_grid or 8, step=1, label="token grid (H = W)",
+                                     interactive=ar_grid is None)  # fmt: skip
                     ar_seed = gr.Number(value=0, precision=0, label="seed")
                     ar_btn = gr.Button("Sample", variant="primary")
                 with gr.Column():

@@ -27,6 +27,7 @@ __all__ = [
     "MAX_IMAGE_SIDE",
     "MIN_IMAGE_SIDE",
     "MAX_FRAMES",
+    "ARModels",
     "DemoModels",
     "TabResult",
     "validate_image",
@@ -61,23 +62,50 @@ class TabResult:
         return f"| measure | value |\n|---|---|\n{rows}"
 
 
+#: ``DemoModels`` sources: a zoo entry (small trained reference model), a tiny random model, or a folder.
+ZOO, TINY = "zoo", "tiny"
+_ZOO_NAMES = {"vlm": "shapes-vlm", "dit": "digits-dit", "video": "moving-digits", "ar": "digits-nar"}
+
+
+@dataclass(frozen=True)
+class ARModels:
+    """The AR tab's models: one GPT per decoding order, the VQ decoder and the token grid
+    (``None``: any grid, for the random tiny GPT; the zoo's GPTs know only their trained grid)."""
+
+    raster: Any
+    nar: Any
+    vq: Any
+    grid: int | None
+
+
 @dataclass
 class DemoModels:
-    """Lazily built models for the demo: tiny random ones unless a folder is given.
+    """Lazily built models for the demo.
 
-    ``vlm``: a LLaVA(-NeXT) folder for :func:`vlm.load_vlm`; ``dit``: a ``DiTPipeline`` or
-    ``PixArtAlphaPipeline`` folder;
-    ``video``: a ``WanPipeline`` folder (the tab renders 64 x 96 px). The AR tab always uses a
-    tiny LlamaGen-style GPT + VQ. ``lock`` serialises the runs: patches are per model instance.
+    Each of ``vlm``, ``dit``, ``video`` is ``"zoo"`` (default: the zoo's trained shapes VLM, digits
+    DiT and moving-digits Wan, see :mod:`apps.zoo`), ``"tiny"`` (random tiny models: timings
+    only) or a folder: a LLaVA(-NeXT) folder for :func:`vlm.load_vlm`, a ``DiTPipeline`` /
+    ``PixArtAlphaPipeline`` folder, a ``WanPipeline`` folder. ``ar`` is ``"zoo"`` (the digits
+    VQ + raster and NAR GPTs) or ``"tiny"``. ``lock`` serialises the runs: patches are per model
+    instance.
     """
 
-    vlm: str | None = None
-    dit: str | None = None
-    video: str | None = None
+    vlm: str = ZOO
+    dit: str = ZOO
+    video: str = ZOO
+    ar: str = ZOO
     device: str = "cpu"
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
     _warmed: set[str] = field(default_factory=set, repr=False)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("vlm", "dit", "video", "ar"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise TypeError(f"{name} must be 'zoo', 'tiny' or a folder path, got {value!r}")
+        if self.ar not in (ZOO, TINY):
+            raise ValueError(f"ar must be 'zoo' or 'tiny', got {self.ar!r}")
 
     def get(self, name: str) -> Any:
         """The model ``name`` (``vlm``, ``dit``, ``video``, ``ar``), built on first use."""
@@ -85,7 +113,7 @@ class DemoModels:
             "vlm": self._build_vlm,
             "dit": self._build_dit,
             "video": self._build_video,
-            "ar": _build_ar,
+            "ar": self._build_ar,
         }
         if name not in builders:
             raise ValueError(f"unknown demo model {name!r}; choose from {sorted(builders)}")
@@ -94,36 +122,97 @@ class DemoModels:
                 self._cache[name] = builders[name]()
             return self._cache[name]
 
+    def _folder(self, name: str) -> str | None:
+        """The folder to load for ``name``: the zoo entry's, the user's, or ``None`` for tiny."""
+        value = getattr(self, name)
+        if value == TINY:
+            return None
+        if value == ZOO:
+            from apps.zoo import zoo_path
+
+            return str(zoo_path(_ZOO_NAMES[name]))
+        return _existing(value, f"--{name}-model")
+
     def _build_vlm(self) -> Any:
         from vlm import load_vlm
 
-        if self.vlm is not None:
-            return load_vlm(_existing(self.vlm, "--vlm-model"), device=self.device)
+        folder = self._folder("vlm")
+        if folder is not None:
+            return load_vlm(folder, device=self.device)
         from apps.tiny_models import tiny_llava_next
 
         model, processor = tiny_llava_next(device=self.device)
         return load_vlm(model, processor=processor)
 
     def _build_dit(self) -> Any:
-        if self.dit is not None:
+        folder = self._folder("dit")
+        if folder is not None:
             from diffusers import DiffusionPipeline
 
-            pipe = DiffusionPipeline.from_pretrained(_existing(self.dit, "--dit-model"))
+            pipe = DiffusionPipeline.from_pretrained(folder)
             if type(pipe).__name__ not in IMAGE_PIPELINES:
                 raise TypeError(f"--dit-model must hold one of {IMAGE_PIPELINES}, got {type(pipe).__name__}")
+            pipe.set_progress_bar_config(disable=True)
             return pipe.to(self.device)
         from apps.tiny_models import tiny_dit_pipeline
 
         return tiny_dit_pipeline(device=self.device)
 
     def _build_video(self) -> Any:
-        if self.video is not None:
+        folder = self._folder("video")
+        if folder is not None:
             from diffusers import WanPipeline
 
-            return WanPipeline.from_pretrained(_existing(self.video, "--video-model")).to(self.device)
+            pipe = WanPipeline.from_pretrained(folder)
+            pipe.set_progress_bar_config(disable=True)
+            return pipe.to(self.device)
         from apps.tiny_models import tiny_wan_pipeline
 
         return tiny_wan_pipeline(device=self.device)
+
+    def _build_ar(self) -> ARModels:
+        if self.ar == ZOO:
+            from apps.zoo.digits_nar import GRID
+            from apps.zoo.digits_nar import load as load_digits_nar
+
+            zoo = load_digits_nar(device=self.device)
+            return ARModels(raster=zoo.raster, nar=zoo.nar, vq=zoo.tokenizer, grid=GRID)
+        from tokenizers_img.gpt import GPT, GPTConfig
+        from tokenizers_img.vq import VQConfig, VQModel
+
+        torch.manual_seed(0)
+        gpt = GPT(GPTConfig(vocab_size=64, dim=64, n_layer=2, n_head=4, num_classes=10, multiple_of=32)).eval()
+        vq = VQModel(
+            VQConfig(codebook_size=64, codebook_embed_dim=4, ch=16, norm_groups=8, encoder_ch_mult=(1, 2),
+                     decoder_ch_mult=(1, 2), z_channels=8, num_res_blocks=1)
+        ).eval()  # fmt: skip
+        return ARModels(raster=gpt, nar=gpt, vq=vq, grid=None)
+
+    def video_shape(self) -> tuple[int, int]:
+        """``(height, width)`` the video tab renders: the zoo model's training size, else 64 x 96."""
+        if self.video == ZOO:
+            from apps.zoo.moving_digits import SIZE
+
+            return SIZE, SIZE
+        return 64, 96
+
+    def defaults(self) -> dict[str, Any]:
+        """Inputs that suit the chosen models: the VLM question and image, video prompt, DiT class."""
+        zoo_vlm = self.vlm == ZOO
+        if zoo_vlm:
+            from apps.zoo.shapes_data import CAPTION_PROMPT, make_scene
+
+            image = make_scene(np.random.default_rng(7), size=(128, 128), n_objects=4).image
+        else:
+            from apps.tiny_models import tiny_image
+
+            image = tiny_image(128, 128, seed=5)
+        return {
+            "vlm_question": CAPTION_PROMPT if zoo_vlm else "What is shown in the image?",
+            "vlm_image": image,
+            "video_prompt": "digit 3 moving left" if self.video == ZOO else "a red car on a coast road",
+            "dit_label": "three" if self.dit == ZOO else None,
+        }
 
     def warm_up(self, name: str, fn: Callable[[], Any]) -> None:
         """Run ``fn`` (a short call of model ``name``) once, so one-time costs stay out of the timings."""
@@ -137,19 +226,6 @@ def _existing(path: str, flag: str) -> str:
     if not Path(path).is_dir():
         raise FileNotFoundError(f"{flag} {path!r} is not a folder saved with save_pretrained")
     return path
-
-
-def _build_ar() -> tuple[Any, Any]:
-    from tokenizers_img.gpt import GPT, GPTConfig
-    from tokenizers_img.vq import VQConfig, VQModel
-
-    torch.manual_seed(0)
-    gpt = GPT(GPTConfig(vocab_size=64, dim=64, n_layer=2, n_head=4, num_classes=10, multiple_of=32)).eval()
-    vq = VQModel(
-        VQConfig(codebook_size=64, codebook_embed_dim=4, ch=16, norm_groups=8, encoder_ch_mult=(1, 2),
-                 decoder_ch_mult=(1, 2), z_channels=8, num_res_blocks=1)
-    ).eval()  # fmt: skip
-    return gpt, vq
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -313,7 +389,8 @@ def run_dit_tab(
 
     def run(num_steps: int = steps) -> np.ndarray:
         gen = torch.Generator("cpu").manual_seed(seed)
-        return pipe(**inputs, num_inference_steps=num_steps, generator=gen, output_type="np").images[0]
+        image = pipe(**inputs, num_inference_steps=num_steps, generator=gen, output_type="np").images[0]
+        return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image  # grey models (zoo digits)
 
     if dense_from == 0.0:
         raise ValueError("dense_from 0 runs every step dense: nothing to accelerate; use > 0")
@@ -385,11 +462,12 @@ def run_video_tab(
     config = SVG2Config(num_q_clusters=8, num_k_clusters=16, top_p=float(top_p), dense_steps=float(dense_steps),
                         dense_layers=0.0)  # fmt: skip
     pipe = models.get("video")
+    height, width = models.video_shape()
 
     def run(num_steps: int = steps) -> np.ndarray:
         gen = torch.Generator("cpu").manual_seed(seed)
         return pipe(
-            prompt=prompt, height=64, width=96, num_frames=frames, num_inference_steps=num_steps,
+            prompt=prompt, height=height, width=width, num_frames=frames, num_inference_steps=num_steps,
             guidance_scale=5.0, negative_prompt="", max_sequence_length=32, output_type="np", generator=gen,
         ).frames[0]  # fmt: skip
 
@@ -441,6 +519,8 @@ def run_ar_tab(
 ) -> TabResult:
     """Sample a ``grid x grid`` token image raster-order and NAR; decode both with the VQ.
 
+    With the zoo model each order uses the GPT trained for it and ``grid`` must be its grid (8).
+
     ``progress`` shows tqdm bars over the forward passes (the UI binds them to its progress bar).
 
     ``extras`` holds the forward-pass counts and GIFs of both decoding orders (under ``out_dir``).
@@ -455,23 +535,25 @@ def run_ar_tab(
     _check_number("class_id", class_id, 0, 9, integer=True)
     _check_number("grid", grid, 2, 16, integer=True)
     _check_number("seed", seed, 0, 2**31 - 1, integer=True)
-    gpt, vq = models.get("ar")
+    ar = models.get("ar")
+    if ar.grid is not None and grid != ar.grid:
+        raise ValueError(f"grid must be {ar.grid} for this model (the token grid it was trained on), got {grid}")
     labels = torch.tensor([class_id])
     sampling = SamplingConfig(temperature=1.0, top_k=16)
     shape = (grid, grid)
 
-    def sample(fn: Callable[..., Any], size: tuple[int, int] = shape) -> Any:
+    def sample(fn: Callable[..., Any], gpt: Any, size: tuple[int, int] = shape) -> Any:
         gen = torch.Generator().manual_seed(seed)
         return fn(gpt, labels, grid=size, sampling=sampling, generator=gen, progress=progress)
 
     with torch.no_grad():
-        models.warm_up("ar", lambda: [sample(f, (2, 2)) for f in (generate_raster, generate_nar)])
+        warm = (ar.grid, ar.grid) if ar.grid is not None else (2, 2)
+        models.warm_up("ar", lambda: [sample(generate_raster, ar.raster, warm), sample(generate_nar, ar.nar, warm)])
     with models.lock, torch.no_grad():
-        raster, t_raster = _timed(lambda: sample(generate_raster))
-        nar, t_nar = _timed(lambda: sample(generate_nar))
-        images = [
-            ((vq.decode(d.tokens)[0].permute(1, 2, 0).clamp(-1, 1) + 1) / 2).numpy() for d in (raster, nar)
-        ]
+        raster, t_raster = _timed(lambda: sample(generate_raster, ar.raster))
+        nar, t_nar = _timed(lambda: sample(generate_nar, ar.nar))
+        decoded = [ar.vq.decode(d.tokens)[0] for d in (raster, nar)]  # [C, H, W] in [-1, 1]; C = 1 or 3
+        images = [((x.expand(3, -1, -1).permute(1, 2, 0).clamp(-1, 1) + 1) / 2).numpy() for x in decoded]
     tag = uuid.uuid4().hex[:8]
     extras = {
         "raster_gif": _order_animation(raster_schedule(*shape).groups, shape, out / f"raster-{tag}.gif"),

@@ -31,6 +31,7 @@ __all__ = ["add_video_parser", "main", "run_video", "write_video"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TINY_DEFAULTS = {"height": 64, "width": 96, "max_sequence_length": 32}
 _REAL_DEFAULTS = {"height": 480, "width": 832, "max_sequence_length": 512}
+_ZOO_DEFAULTS = {"height": 64, "width": 64, "max_sequence_length": 512}  # apps.zoo.moving_digits
 
 
 def add_video_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -44,7 +45,8 @@ def add_video_parser(subparsers: Any) -> argparse.ArgumentParser:
         "`accelerate launch --multi_gpu --num_processes N -m parallel_video.cli video ...`.",
     )
     p.add_argument(
-        "--model", default="tiny", help="WanPipeline folder, or 'tiny' for the built-in random tiny model"
+        "--model", default="tiny",
+        help="WanPipeline folder, 'tiny' (built-in random tiny model) or 'zoo' (the trained moving-digits model)",
     )
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
@@ -52,8 +54,8 @@ def add_video_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
     p.add_argument("--mode", choices=("clip", "pipeline"), default="clip",
                    help="clip: clip parallelism (Video-Infinity); pipeline: block-wise layer pipeline (DualParal)")  # fmt: skip
-    p.add_argument("--height", type=int, default=None, help="default 64 for tiny, 480 otherwise")
-    p.add_argument("--width", type=int, default=None, help="default 96 for tiny, 832 otherwise")
+    p.add_argument("--height", type=int, default=None, help="default 64 for tiny and zoo, 480 otherwise")
+    p.add_argument("--width", type=int, default=None, help="default 96 for tiny, 64 for zoo, 832 otherwise")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance-scale", type=float, default=5.0)
     p.add_argument(
@@ -93,7 +95,7 @@ def _overlap(text: str) -> int | None:
 
 
 def _config(args: argparse.Namespace) -> LongVideoConfig:
-    defaults = _TINY_DEFAULTS if args.model == "tiny" else _REAL_DEFAULTS
+    defaults = {"tiny": _TINY_DEFAULTS, "zoo": _ZOO_DEFAULTS}.get(args.model, _REAL_DEFAULTS)
     out = Path(args.out)
     if args.mode == "pipeline" and (args.resume or args.checkpoint_dir):
         raise ValueError("--resume and --checkpoint-dir are implemented for --mode clip only")
@@ -127,8 +129,12 @@ def _load(model: str, device: torch.device, dtype: torch.dtype) -> Any:
     else:
         from diffusers import WanPipeline
 
+        if model == "zoo":
+            from apps.zoo import zoo_path  # the trained moving-digits reference model
+
+            model = str(zoo_path("moving-digits"))
         if not Path(model).is_dir():
-            raise FileNotFoundError(f"--model {model!r} is neither 'tiny' nor a local WanPipeline folder")
+            raise FileNotFoundError(f"--model {model!r} is neither 'tiny', 'zoo' nor a local WanPipeline folder")
         pipe = WanPipeline.from_pretrained(model, dtype=dtype).to(device)
         if dtype != torch.float32:
             pipe.vae.to(torch.float32)  # the Wan VAE decodes in float32, as in diffusers' Wan examples

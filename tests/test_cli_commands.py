@@ -65,7 +65,7 @@ def test_help(mmaccel, capsys, command):
 
 def test_vlm_runs_and_prints_answer_and_stats(mmaccel, capsys, image_path):
     assert mmaccel(["vlm", "--image", str(image_path), "--prompt", "What is it?", "--budget", "0.2",
-                    "--vista", "--max-new-tokens", "3"]) == 0  # fmt: skip
+                    "--vista", "--max-new-tokens", "3", "--model", "tiny"]) == 0  # fmt: skip
     answer, stats = capsys.readouterr().out.strip().splitlines()[-2:]
     assert answer
     before, after = (int(x) for x in stats.split("visual tokens ")[1].split(" (")[0].split(" -> "))
@@ -75,7 +75,8 @@ def test_vlm_runs_and_prints_answer_and_stats(mmaccel, capsys, image_path):
 def test_vlm_full_budget_keeps_every_token(mmaccel, capsys, image_path):
     assert (
         mmaccel(
-            ["vlm", "--image", str(image_path), "--prompt", "hi", "--budget", "1", "--max-new-tokens", "2"]
+            ["vlm", "--image", str(image_path), "--prompt", "hi", "--budget", "1", "--max-new-tokens", "2",
+             "--model", "tiny"]
         )
         == 0
     )
@@ -92,10 +93,10 @@ def test_vlm_full_budget_keeps_every_token(mmaccel, capsys, image_path):
             "mmaccel vlm: error: image '/no/such.png' not found",
         ),
         (["vlm", "--image", "IMG", "--prompt", "hi", "--budget", "0"], "budget must be in (0, 1]"),
-        (["vlm", "--image", "IMG", "--prompt", "hi", "--model", "/no/model"], "neither 'tiny' nor a folder"),
+        (["vlm", "--image", "IMG", "--prompt", "hi", "--model", "/no/model"], "neither 'zoo', 'tiny' nor a folder"),
         (["bench", "no_such_bench"], "unknown benchmark 'no_such_bench'; choose from"),
-        (["demo", "--vlm-model", "/no/model"], "neither 'tiny' nor a folder"),
-        (["demo", "--dit-model", "EMPTY"], "neither 'tiny' nor a folder"),
+        (["demo", "--vlm-model", "/no/model"], "neither 'zoo', 'tiny' nor a folder"),
+        (["demo", "--dit-model", "EMPTY"], "neither 'zoo', 'tiny' nor a folder"),
     ],
 )
 def test_user_errors_are_one_line_exit_2(mmaccel, capsys, image_path, argv, message):

@@ -14,7 +14,7 @@ from apps.tiny_models import tiny_image  # noqa: E402
 
 @pytest.fixture(scope="module")
 def models() -> DemoModels:
-    return DemoModels()
+    return DemoModels(vlm="tiny", dit="tiny", video="tiny", ar="tiny")
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +167,26 @@ def test_dit_tab_loads_a_pixart_folder_and_takes_a_prompt(tmp_path):
         DemoModels(dit=str(tmp_path / "missing")).get("dit")
     with pytest.raises(TypeError, match="--dit-model must hold one of"):
         DemoModels(dit=str(save_tiny("wan", tmp_path / "wan"))).get("dit")
+
+
+@pytest.fixture(scope="module")
+def zoo_models() -> DemoModels:
+    return DemoModels()  # the default: the zoo's trained reference models
+
+
+def test_zoo_models_drive_every_tab(zoo_models, tmp_path):
+    from apps.zoo.shapes_data import SHAPES
+
+    d = zoo_models.defaults()
+    r = run_vlm_tab(zoo_models, d["vlm_image"], d["vlm_question"], budget=1.0, max_new_tokens=24)
+    assert r.dense == r.accelerated
+    assert any(shape in r.dense for shape in SHAPES), r.dense  # a trained captioner names shapes
+    r = run_dit_tab(zoo_models, "three", steps=2, keep_ratio=1.0, dense_from=1.0)
+    assert np.array_equal(r.dense, r.accelerated) and r.dense.shape[-1] == 3
+    r = run_ar_tab(zoo_models, 3, tmp_path, grid=8)
+    assert r.dense.shape == r.accelerated.shape == (32, 32, 3)
+    assert r.extras["nar_forwards"] < r.extras["raster_forwards"]
+    with pytest.raises(ValueError, match="grid must be 8"):
+        run_ar_tab(zoo_models, 3, tmp_path, grid=6)
+    r = run_video_tab(zoo_models, d["video_prompt"], tmp_path, frames=5, steps=2, top_p=1.0)
+    assert r.extras["dense_frames"].shape[1:3] == zoo_models.video_shape()

@@ -1,0 +1,132 @@
+"""Shapes VLM zoo entry: scene ground truth, training examples, and the committed weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from apps.zoo import zoo_path
+from apps.zoo.shapes_data import COLOURS, SIZES, Scene, ShapeObject, caption, draw_scene, make_scene, question
+from apps.zoo.shapes_vlm import _training_batch, build, caption_scores, eval_set, evaluate, load
+from runtime.budget import TokenBudget
+from vlm import HiREDConfig, load_vlm
+
+#: Measured on the committed weights over the 200 held-out questions: 0.58 overall, 0.725 on
+#: "how many shapes are there?" and 0.65 on "what shape is the X object?" (apps/zoo/models/
+#: shapes-vlm/README.md); answering every kind with its most frequent answer, without the image,
+#: scores 0.415, 0.225 and 0.4. Thresholds keep a margin and stay above those baselines.
+MIN_QA_ACCURACY = 0.52
+MIN_TOTAL_COUNT_ACCURACY = 0.6
+MIN_SHAPE_ACCURACY = 0.55
+
+
+@pytest.fixture(scope="module")
+def shapes_vlm():
+    return load()
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_scene_ground_truth_matches_drawn_pixels(seed):
+    rng = np.random.default_rng(seed)
+    scene = make_scene(rng, size=SIZES[seed % len(SIZES)])
+    pixels = np.asarray(scene.image)
+    assert pixels.shape[:2] == SIZES[seed % len(SIZES)]
+    for name, rgb in COLOURS.items():
+        mask = (pixels == np.array(rgb)).all(-1)
+        _, regions = ndimage.label(mask, structure=np.ones((3, 3)))
+        assert regions == sum(o.colour == name for o in scene.objects), name
+    background = (pixels == np.array(scene.background)).all(-1)
+    assert (
+        background.sum() + sum((pixels == np.array(c)).all(-1).sum() for c in COLOURS.values())
+        == background.size
+    )
+
+
+def test_caption_and_answers_follow_the_objects():
+    objects = [ShapeObject("blue", "square", 10, 10, 6), ShapeObject("red", "circle", 30, 30, 6),
+               ShapeObject("red", "circle", 50, 50, 6)]  # fmt: skip
+    assert caption(objects) == "two red circles and one blue square."
+    rng = np.random.default_rng(0)
+    assert question(objects, "total", rng) == ("how many shapes are there?", "three")
+    assert question(objects, "colour", rng) == ("what colour is the square?", "blue")
+    assert question(objects, "shape", rng) == ("what shape is the blue object?", "square")
+    assert question(objects, "colour", rng) is not None
+    assert question(objects[1:], "colour", rng) is None  # two circles, no single shape
+    for _ in range(20):
+        q, a = question(objects, "count", rng)
+        colour, shape = q.removeprefix("how many ").removesuffix("s?").split()
+        assert a == ("zero", "one", "two")[sum(o.colour == colour and o.shape == shape for o in objects)]
+
+
+def test_caption_scores_count_hallucinations_exactly():
+    objects = (ShapeObject("red", "circle", 10, 10, 6), ShapeObject("blue", "star", 40, 40, 6))
+    scene = Scene(draw_scene(objects, 64, 64, (240, 240, 240)), objects, (240, 240, 240))
+    scores = caption_scores(["one red circle and two green stars.", caption(objects)], [scene, scene])
+    assert scores["CHAIR_i"] == pytest.approx(1 / 4) and scores["CHAIR_s"] == pytest.approx(1 / 2)
+    assert scores["object recall"] == pytest.approx(3 / 4) and scores["caption exact match"] == 0.5
+
+
+def test_vision_pretraining_targets_follow_the_objects():
+    from apps.zoo.shapes_vlm import _patch_example, pretrain_vision
+
+    model, processor = build(0)
+    rng = np.random.default_rng(3)
+    image, colour, shape = _patch_example(processor, rng, 8)
+    assert image.shape == (3, 64, 64) and colour.shape == shape.shape == (64,)
+    assert torch.equal(colour > 0, shape > 0) and 0 < int((shape > 0).sum()) < 64
+    accuracy = pretrain_vision(model, processor, rng, steps=2, batch_size=2, progress=False)
+    assert 0.0 <= accuracy <= 1.0
+
+
+def test_training_labels_cover_only_answers():
+    model, processor = build(0)
+    batch = _training_batch(processor, np.random.default_rng(0), 2)
+    tok = processor.tokenizer
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        supervised = tok.decode(ids[labels != -100])
+        assert supervised.count("</s>") == (ids == tok.convert_tokens_to_ids("▁ASSISTANT:")).sum()
+        assert "USER" not in supervised and "<image>" not in supervised
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).loss)
+
+
+def test_committed_model_answers_held_out_questions(shapes_vlm):
+    model, processor = shapes_vlm
+    assert type(model).__name__ == "LlavaNextForConditionalGeneration"
+    metrics = evaluate(load_vlm(model, processor=processor), n_questions=200, n_captions=0)
+    assert metrics["QA accuracy"] >= MIN_QA_ACCURACY, metrics
+    assert metrics["QA accuracy (total)"] >= MIN_TOTAL_COUNT_ACCURACY, metrics
+    assert metrics["QA accuracy (shape)"] >= MIN_SHAPE_ACCURACY, metrics
+
+
+def test_load_vlm_from_zoo_path_and_full_budget_hired_is_exact(shapes_vlm):
+    dense = load_vlm(zoo_path("shapes-vlm"))
+    hired = load_vlm(zoo_path("shapes-vlm"), hired=HiREDConfig(budget=TokenBudget(ratio=1.0)))
+    _, caps = eval_set(0, 4)
+    images, prompts = [it.scene.image for it in caps], [it.prompt for it in caps]
+    a, b = (
+        dense.generate(images, prompts, max_new_tokens=24),
+        hired.generate(images, prompts, max_new_tokens=24),
+    )
+    assert a.texts == b.texts
+    assert [s.visual_tokens_after for s in a.stats] == [s.visual_tokens_after for s in b.stats]
+    assert {s.partitions for s in a.stats} >= {2}
+
+
+def test_bad_input_raises(shapes_vlm):
+    with pytest.raises(TypeError, match="rng"):
+        make_scene(0)
+    with pytest.raises(ValueError, match="n_objects"):
+        make_scene(np.random.default_rng(0), n_objects=7)
+    with pytest.raises(ValueError, match="size"):
+        make_scene(np.random.default_rng(0), size=(16, 64))
+    with pytest.raises(ValueError, match="kind"):
+        question([ShapeObject("red", "circle", 5, 5, 3)], "size", np.random.default_rng(0))
+    with pytest.raises(ValueError, match="n_questions"):
+        eval_set(-1, 0)
+    with pytest.raises(TypeError, match="vlm"):
+        evaluate(shapes_vlm.model)
+    with pytest.raises(TypeError, match="path"):
+        load(3)
