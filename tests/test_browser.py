@@ -35,10 +35,12 @@ def test_vlm_tab_end_to_end_in_chromium(tmp_path):
     pytest.importorskip("gradio", reason="the demo needs the 'demo' extra (gradio)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
     from apps.demo import launch
-    from apps.tiny_models import tiny_image
+    import numpy as np
 
-    image = tmp_path / "input.png"
-    tiny_image(128, 128, seed=5).save(image)
+    from apps.zoo.shapes_data import make_scene
+
+    image = tmp_path / "input.png"  # a scene of the kind the default (zoo) VLM was trained on
+    make_scene(np.random.default_rng(11), size=(128, 128), n_objects=3).image.save(image)
     demo = launch(port=None, out_dir=tmp_path / "out", block=False, quiet=True)
     shot = tmp_path / "demo.png"
     try:
