@@ -50,7 +50,7 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "demo",
         help="serve the Gradio demo: dense vs accelerated for every capability",
-        description="Serve the Gradio demo. Models default to the built-in tiny random ones.",
+        description="Serve the Gradio demo. Models default to the zoo's small trained reference models.",
     )
     p.add_argument(
         "--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)"

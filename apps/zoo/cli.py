@@ -36,8 +36,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     metrics = train_model(args.name, output=args.output, seed=args.seed, progress=not args.quiet)
-    print(json.dumps({"model": args.name, "seconds": round(time.perf_counter() - start, 1),
-                      **{k: v for k, v in metrics.items()}}, indent=2, default=str))  # fmt: skip
+    seconds = round(time.perf_counter() - start, 1)
+    print(json.dumps({"model": args.name, "seconds": seconds, **metrics}, indent=2, default=str))
     return 0
 
 
