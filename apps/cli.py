@@ -12,15 +12,15 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from apps.commands import add_bench_parser, add_demo_parser, add_vlm_parser
-from apps.zoo.cli import add_zoo_parser
-from parallel_video.cli import add_video_parser
+from mmaccel.apps.commands import add_bench_parser, add_demo_parser, add_vlm_parser
+from mmaccel.apps.video import add_video_parser
+from mmaccel.apps.zoo.cli import add_zoo_parser
 
 __all__ = ["main", "build_parser"]
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from runtime.environment import device_summary, library_versions, probe_backends
+    from mmaccel.runtime.environment import device_summary, library_versions, probe_backends
 
     report = {
         "versions": library_versions(),

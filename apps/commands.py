@@ -1,7 +1,7 @@
-"""``mmaccel demo``, ``mmaccel vlm`` and ``mmaccel bench``: parsers and handlers for :mod:`apps.cli`.
+"""``mmaccel demo``, ``mmaccel vlm`` and ``mmaccel bench``: parsers and handlers for :mod:`mmaccel.apps.cli`.
 
 Each ``add_*_parser(subparsers)`` adds one command and sets ``func``; user errors raise
-``ValueError`` / ``FileNotFoundError`` so ``apps.cli.main`` prints one line and exits 2.
+``ValueError`` / ``FileNotFoundError`` so ``mmaccel.apps.cli.main`` prints one line and exits 2.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ def _model_flag(value: str) -> str:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from apps.demo import launch
-    from apps.demo_tabs import DemoModels
+    from mmaccel.apps.demo import launch
+    from mmaccel.apps.demo_tabs import DemoModels
 
     models = DemoModels(
         vlm=args.vlm_model, dit=args.dit_model, video=args.video_model, ar=args.ar_model, device=args.device
@@ -78,8 +78,8 @@ def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _run_vlm(args: argparse.Namespace) -> int:
-    from runtime import TokenBudget
-    from vlm import HiREDConfig, VISTAConfig, load_image, load_vlm
+    from mmaccel.runtime import TokenBudget
+    from mmaccel.vlm import HiREDConfig, VISTAConfig, load_image, load_vlm
 
     if not Path(args.image).is_file():
         raise FileNotFoundError(f"image {args.image!r} not found")
@@ -87,13 +87,13 @@ def _run_vlm(args: argparse.Namespace) -> int:
     hired = None if args.budget >= 1.0 else HiREDConfig(budget=TokenBudget(ratio=args.budget))
     vista = VISTAConfig(lam=args.vista_lam) if args.vista else None
     if args.model == "tiny":
-        from apps.tiny_models import tiny_llava_next
+        from mmaccel.testing import tiny_llava_next
 
         model, processor = tiny_llava_next(device=args.device)
         vlm = load_vlm(model, processor=processor, hired=hired, vista=vista)
     else:
         if args.model == "zoo":
-            from apps.zoo import zoo_path
+            from mmaccel.apps.zoo import zoo_path
 
             args.model = str(zoo_path("shapes-vlm"))
         vlm = load_vlm(args.model, hired=hired, vista=vista, device=args.device)

@@ -1,6 +1,6 @@
 """The Gradio demo (``mmaccel demo``): one tab per capability, dense vs accelerated side by side.
 
-The handlers are thin wrappers around the UI-free app functions in :mod:`apps.demo_tabs`;
+The handlers are thin wrappers around the UI-free app functions in :mod:`mmaccel.apps.demo_tabs`;
 user errors become ``gr.Error`` messages in the page. Videos and animations are written only
 under the demo's output folder (a fresh temp folder by default).
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from apps.demo_tabs import (
+from mmaccel.apps.demo_tabs import (
     MAX_FRAMES,
     MAX_NEW_TOKENS,
     MAX_STEPS,

@@ -1,6 +1,6 @@
 """The demo's app functions: one dense-vs-accelerated run per capability, UI-free.
 
-The Gradio app (:mod:`apps.demo`) and the tests call these directly. Each takes plain Python
+The Gradio app (:mod:`mmaccel.apps.demo`) and the tests call these directly. Each takes plain Python
 values, validates them (``ValueError`` / ``TypeError`` with a readable message), runs the dense
 and the accelerated path on the same model and inputs, and returns a :class:`TabResult`. Files
 (videos, animations) are written only under the ``out_dir`` the caller gives.
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from runtime.metrics import psnr
+from mmaccel.runtime.metrics import psnr
 
 __all__ = [
     "MAX_IMAGE_SIDE",
@@ -83,7 +83,7 @@ class DemoModels:
     """Lazily built models for the demo.
 
     Each of ``vlm``, ``dit``, ``video`` is ``"zoo"`` (default: the zoo's trained shapes VLM, digits
-    DiT and moving-digits Wan, see :mod:`apps.zoo`), ``"tiny"`` (random tiny models: timings
+    DiT and moving-digits Wan, see :mod:`mmaccel.apps.zoo`), ``"tiny"`` (random tiny models: timings
     only) or a folder: a LLaVA(-NeXT) folder for :func:`vlm.load_vlm`, a ``DiTPipeline`` /
     ``PixArtAlphaPipeline`` folder, a ``WanPipeline`` folder. ``ar`` is ``"zoo"`` (the digits
     VQ + raster and NAR GPTs) or ``"tiny"``. ``lock`` serialises the runs: patches are per model
@@ -128,18 +128,18 @@ class DemoModels:
         if value == TINY:
             return None
         if value == ZOO:
-            from apps.zoo import zoo_path
+            from mmaccel.apps.zoo import zoo_path
 
             return str(zoo_path(_ZOO_NAMES[name]))
         return _existing(value, f"--{name}-model")
 
     def _build_vlm(self) -> Any:
-        from vlm import load_vlm
+        from mmaccel.vlm import load_vlm
 
         folder = self._folder("vlm")
         if folder is not None:
             return load_vlm(folder, device=self.device)
-        from apps.tiny_models import tiny_llava_next
+        from mmaccel.testing import tiny_llava_next
 
         model, processor = tiny_llava_next(device=self.device)
         return load_vlm(model, processor=processor)
@@ -154,7 +154,7 @@ class DemoModels:
                 raise TypeError(f"--dit-model must hold one of {IMAGE_PIPELINES}, got {type(pipe).__name__}")
             pipe.set_progress_bar_config(disable=True)
             return pipe.to(self.device)
-        from apps.tiny_models import tiny_dit_pipeline
+        from mmaccel.testing import tiny_dit_pipeline
 
         return tiny_dit_pipeline(device=self.device)
 
@@ -166,19 +166,19 @@ class DemoModels:
             pipe = WanPipeline.from_pretrained(folder)
             pipe.set_progress_bar_config(disable=True)
             return pipe.to(self.device)
-        from apps.tiny_models import tiny_wan_pipeline
+        from mmaccel.testing import tiny_wan_pipeline
 
         return tiny_wan_pipeline(device=self.device)
 
     def _build_ar(self) -> ARModels:
         if self.ar == ZOO:
-            from apps.zoo.digits_nar import GRID
-            from apps.zoo.digits_nar import load as load_digits_nar
+            from mmaccel.apps.zoo.digits_nar import GRID
+            from mmaccel.apps.zoo.digits_nar import load as load_digits_nar
 
             zoo = load_digits_nar(device=self.device)
             return ARModels(raster=zoo.raster, nar=zoo.nar, vq=zoo.tokenizer, grid=GRID)
-        from tokenizers_img.gpt import GPT, GPTConfig
-        from tokenizers_img.vq import VQConfig, VQModel
+        from mmaccel.tokenizers_img.gpt import GPT, GPTConfig
+        from mmaccel.tokenizers_img.vq import VQConfig, VQModel
 
         torch.manual_seed(0)
         gpt = GPT(GPTConfig(vocab_size=64, dim=64, n_layer=2, n_head=4, num_classes=10, multiple_of=32)).eval()
@@ -191,7 +191,7 @@ class DemoModels:
     def video_shape(self) -> tuple[int, int]:
         """``(height, width)`` the video tab renders: the zoo model's training size, else 64 x 96."""
         if self.video == ZOO:
-            from apps.zoo.moving_digits import SIZE
+            from mmaccel.apps.zoo.moving_digits import SIZE
 
             return SIZE, SIZE
         return 64, 96
@@ -200,11 +200,11 @@ class DemoModels:
         """Inputs that suit the chosen models: the VLM question and image, video prompt, DiT class."""
         zoo_vlm = self.vlm == ZOO
         if zoo_vlm:
-            from apps.zoo.shapes_data import CAPTION_PROMPT, make_scene
+            from mmaccel.apps.zoo.shapes_data import CAPTION_PROMPT, make_scene
 
             image = make_scene(np.random.default_rng(7), size=(128, 128), n_objects=4).image
         else:
-            from apps.tiny_models import tiny_image
+            from mmaccel.testing import tiny_image
 
             image = tiny_image(128, 128, seed=5)
         return {
@@ -299,8 +299,8 @@ def run_vlm_tab(
     ``dense``/``accelerated`` are the answers; ``extras["overlay"]`` shows the kept tokens of the
     base image (the whole image when HiRED is off).
     """
-    from runtime import TokenBudget
-    from vlm import HiREDConfig, VISTAConfig
+    from mmaccel.runtime import TokenBudget
+    from mmaccel.vlm import HiREDConfig, VISTAConfig
 
     pil = validate_image(image)
     if not isinstance(question, str) or not question.strip():
@@ -315,7 +315,7 @@ def run_vlm_tab(
     models.warm_up("vlm", lambda: vlm.generate(pil, question, max_new_tokens=1))
     with models.lock:
         dense = vlm.generate(pil, question, max_new_tokens=max_new_tokens)
-        from vlm import apply_hired, apply_vista
+        from mmaccel.vlm import apply_hired, apply_vista
 
         hired_handle = (
             apply_hired(vlm.model, HiREDConfig(budget=TokenBudget(ratio=float(budget)))) if hired else None
@@ -366,8 +366,8 @@ def run_dit_tab(
 
     ``dense``/``accelerated`` are ``(H, W, 3)`` float images in [0, 1].
     """
-    from diffusion.token_density import TokenDensityConfig, apply_token_density
-    from runtime.budget import ConstantSchedule, StepSchedule
+    from mmaccel.diffusion.token_density import TokenDensityConfig, apply_token_density
+    from mmaccel.runtime.budget import ConstantSchedule, StepSchedule
 
     _check_number("steps", steps, 1, MAX_STEPS, integer=True)
     _check_number("keep_ratio", keep_ratio, 0.01, 1.0)
@@ -421,9 +421,9 @@ def run_dit_tab(
 
 
 def torchrun_command(prompt: str = "a red car on a coast road", frames: int = 129, nproc: int = 2) -> str:
-    """The command line that runs the multi-process long-video path (:mod:`parallel_video.cli`)."""
+    """The command line that runs the multi-process long-video path (:mod:`mmaccel.apps.cli`)."""
     return (
-        f"torchrun --nproc-per-node {nproc} -m parallel_video.cli video --model tiny "
+        f"torchrun --nproc-per-node {nproc} -m mmaccel.apps.cli video --model tiny "
         f"--prompt {shlex.quote(prompt)} --frames {frames} --mode clip --out video.mp4"
     )
 
@@ -449,7 +449,7 @@ def run_video_tab(
 
     ``frames`` must be ``1 + 4k`` (the Wan VAE) and at most `MAX_FRAMES`.
     """
-    from sparse_attn import SVG2Config, apply_sparse_attention, pipeline_progress
+    from mmaccel.sparse_attn import SVG2Config, apply_sparse_attention, pipeline_progress
 
     out = _check_out_dir(out_dir)
     if not isinstance(prompt, str) or not prompt.strip():
@@ -526,10 +526,10 @@ def run_ar_tab(
     ``extras`` holds the forward-pass counts and GIFs of both decoding orders (under ``out_dir``).
     Different orders sample different images: compare cost, not pixels.
     """
-    from tokenizers_img.nar import generate_nar
-    from tokenizers_img.orders import nar_schedule, raster_schedule
-    from tokenizers_img.raster import generate_raster
-    from tokenizers_img.sampling import SamplingConfig
+    from mmaccel.tokenizers_img.nar import generate_nar
+    from mmaccel.tokenizers_img.orders import nar_schedule, raster_schedule
+    from mmaccel.tokenizers_img.raster import generate_raster
+    from mmaccel.tokenizers_img.sampling import SamplingConfig
 
     out = _check_out_dir(out_dir)
     _check_number("class_id", class_id, 0, 9, integer=True)

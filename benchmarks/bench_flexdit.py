@@ -7,13 +7,13 @@ same layout with a linear temporal schedule at the noisiest step (4x4 grid). Spe
 are ratios to the dense forward measured in the same run; FLOPs are counted by
 ``torch.utils.flop_counter`` (CPU SDPA included). Fidelity of the *untrained* conversion
 (output PSNR at t=500 and final-latent PSNR after a short DDIM run) is poor by construction:
-the SDTMs skip the dense path until fine-tuned (``diffusion.train``). A second table shows that
+the SDTMs skip the dense path until fine-tuned (``mmaccel.diffusion.train``). A second table shows that
 a few distillation steps on a tiny DiT raise that fidelity. A third table does the same on the
-trained zoo Digits DiT (``apps.zoo.digits_dit``, 6 blocks, 8x8 tokens), distilled on the VAE
+trained zoo Digits DiT (``mmaccel.apps.zoo.digits_dit``, 6 blocks, 8x8 tokens), distilled on the VAE
 latents of the training digits, and scores the samples: PSNR / SSIM against the dense model's
 samples from the same noise, digit-classifier accuracy and feature Frechet distance.
 
-    .venv/bin/python -m benchmarks.bench_flexdit [--quick] [--write] [--only speed|distill|zoo]
+    .venv/bin/python -m mmaccel.benchmarks.bench_flexdit [--quick] [--write] [--only speed|distill|zoo]
 """
 
 from __future__ import annotations
@@ -28,11 +28,12 @@ from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
 from torch.utils import flop_counter
 from tqdm.auto import tqdm
 
-from benchmarks.harness import RESULTS_DIR, PeakTensorBytes, append_results, markdown_table, measure
-from diffusion.flexdit import FlexDiTConfig, FlexDiTTransformer2DModel, convert_to_flexdit
-from diffusion.train import DistillConfig, LatentDataset, distill, distillation_loss
-from runtime.budget import LinearSchedule
-from runtime.metrics import psnr, relative_l2
+from mmaccel.benchmarks.harness import RESULTS_DIR, PeakTensorBytes, append_results, measure
+from mmaccel.diffusion.flexdit import FlexDiTConfig, FlexDiTTransformer2DModel, convert_to_flexdit
+from mmaccel.diffusion.train import DistillConfig, LatentDataset, distill, distillation_loss
+from mmaccel.runtime.budget import LinearSchedule
+from mmaccel.runtime.metrics import psnr, relative_l2
+from mmaccel.runtime.tables import markdown_table
 
 RESULTS = RESULTS_DIR / "flexdit.md"
 
@@ -183,8 +184,8 @@ def zoo_table(quick: bool) -> tuple[str, list[str]]:
     """Sample fidelity of FlexDiT on the trained zoo Digits DiT, before and after distillation."""
     from diffusers import DiTPipeline
 
-    from apps.zoo import digits_dit
-    from apps.zoo.digits import digit_images, digit_split, load_digit_classifier
+    from mmaccel.apps.zoo import digits_dit
+    from mmaccel.apps.zoo.digits import digit_images, digit_split, load_digit_classifier
 
     rounds, steps = (1, 30) if quick else (2, 300)
     pipe = digits_dit.load()

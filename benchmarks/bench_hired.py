@@ -14,10 +14,10 @@ only show that pruning changes outputs by this much, not task accuracy). A separ
 measures the [CLS]-row scoring overhead on the real CLIP ViT-L/14-336 tower config.
 
 The fidelity section runs the trained zoo model ``shapes-vlm`` (a tiny LLaVA-NeXT, see
-:mod:`apps.zoo.shapes_vlm`) on its held-out scenes at each budget: QA accuracy, CHAIR_i /
+:mod:`mmaccel.apps.zoo.shapes_vlm`) on its held-out scenes at each budget: QA accuracy, CHAIR_i /
 CHAIR_s and object recall of greedy captions, and the visual tokens each image keeps.
 
-    .venv/bin/python -m benchmarks.bench_hired [--quick] [--write] [--threads N] [--skip-clip-l] [--fidelity-only]
+    .venv/bin/python -m mmaccel.benchmarks.bench_hired [--quick] [--write] [--threads N] [--skip-clip-l] [--fidelity-only]
 
 On a CPU shared with other jobs, ``--threads 1`` gives steadier numbers (small ops stall on
 intra-op thread barriers when the other core is busy).
@@ -37,12 +37,14 @@ import torch
 from tqdm import tqdm
 from transformers import LogitsProcessorList
 
-from apps.tiny_models import tiny_image, tiny_tokenizer
-from benchmarks.harness import RESULTS_DIR, append_results, machine_description, markdown_table, measure
-from runtime.budget import TokenBudget
-from vlm.api import StepClock
-from vlm.cls_attention import ClsAttentionRecorder, cls_attention_row
-from vlm.hired import HiREDConfig, apply_hired, select_visual_tokens
+from mmaccel.benchmarks.harness import RESULTS_DIR, append_results, measure
+from mmaccel.runtime.budget import TokenBudget
+from mmaccel.runtime.environment import machine_description
+from mmaccel.runtime.tables import markdown_table
+from mmaccel.testing import tiny_image, tiny_tokenizer
+from mmaccel.vlm.api import StepClock
+from mmaccel.vlm.cls_attention import ClsAttentionRecorder, cls_attention_row
+from mmaccel.vlm.hired import HiREDConfig, apply_hired, select_visual_tokens
 
 RESULTS = RESULTS_DIR / "hired.md"
 BUDGETS = (1.0, 0.4, 0.2, 0.1)
@@ -302,8 +304,8 @@ def run_clip_l(pairs: int = 5) -> str:
 
 def run_fidelity(quick: bool) -> tuple[str, str]:
     """Task quality of the zoo's Shapes VLM per HiRED budget (dense = no HiRED)."""
-    from apps.zoo.shapes_vlm import evaluate, load
-    from vlm.api import load_vlm
+    from mmaccel.apps.zoo.shapes_vlm import evaluate, load
+    from mmaccel.vlm.api import load_vlm
 
     n_questions, n_captions = (50, 25) if quick else (200, 100)
     model, processor = load()

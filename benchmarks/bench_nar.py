@@ -1,10 +1,10 @@
 """NAR vs raster (and PAR-4X-style) decoding speed of a LlamaGen GPT with random weights, then
 fidelity: raster vs NAR samples of the trained zoo model ``digits-nar``.
 
-    .venv/bin/python -m benchmarks.bench_nar            # GPT-B, 16x16 and 24x24, batch 1 and 8
-    .venv/bin/python -m benchmarks.bench_nar --quick    # a small GPT, small grids (< 1 min)
-    .venv/bin/python -m benchmarks.bench_nar --write    # append the tables to benchmarks/results/nar.md
-    .venv/bin/python -m benchmarks.bench_nar --fidelity-only   # only the zoo-model section
+    .venv/bin/python -m mmaccel.benchmarks.bench_nar            # GPT-B, 16x16 and 24x24, batch 1 and 8
+    .venv/bin/python -m mmaccel.benchmarks.bench_nar --quick    # a small GPT, small grids (< 1 min)
+    .venv/bin/python -m mmaccel.benchmarks.bench_nar --write    # append the tables to benchmarks/results/nar.md
+    .venv/bin/python -m mmaccel.benchmarks.bench_nar --fidelity-only   # only the zoo-model section
 
 All orders run on the same model with KV cache, in the same process; speed-ups and memory are
 ratios against raster decoding of the same grid and batch. Besides wall-clock time the table
@@ -25,12 +25,13 @@ import time
 
 import torch
 
-from apps.zoo import digits_nar
-from benchmarks.harness import RESULTS_DIR, append_results, markdown_table, measure
-from tokenizers_img.decoding import decode
-from tokenizers_img.gpt import GPT, GPTConfig
-from tokenizers_img.orders import nar_schedule, par_schedule, raster_schedule
-from tokenizers_img.sampling import SamplingConfig
+from mmaccel.apps.zoo import digits_nar
+from mmaccel.benchmarks.harness import RESULTS_DIR, append_results, measure
+from mmaccel.runtime.tables import markdown_table
+from mmaccel.tokenizers_img.decoding import decode
+from mmaccel.tokenizers_img.gpt import GPT, GPTConfig
+from mmaccel.tokenizers_img.orders import nar_schedule, par_schedule, raster_schedule
+from mmaccel.tokenizers_img.sampling import SamplingConfig
 
 ORDERS = {"raster": raster_schedule, "nar": nar_schedule, "par-4x": lambda h, w: par_schedule(h, w, 2)}
 TARGET = 6.0

@@ -19,8 +19,8 @@ Third table, fidelity on a trained model: ``generate_long_video`` (clip mode) wi
 PSNR of the frames vs the single process, and the digit/direction accuracy of 17-frame windows
 (zoo digit classifier + motion estimate) for both.
 
-    .venv/bin/python -m benchmarks.bench_parallel_video --quick
-    .venv/bin/python -m benchmarks.bench_parallel_video --write
+    .venv/bin/python -m mmaccel.benchmarks.bench_parallel_video --quick
+    .venv/bin/python -m mmaccel.benchmarks.bench_parallel_video --write
 """
 
 from __future__ import annotations
@@ -37,12 +37,14 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks.harness import RESULTS_DIR, append_results, machine_description, markdown_table, measure
-from parallel_video import ClipParallelConfig, ClipPlan, apply_clip_parallel, decode_clip, frame_noise
-from parallel_video.layer_pipeline import LayerPipelineConfig, run_layer_pipeline
-from parallel_video.schedule import split_stages
-from runtime import metrics
-from runtime.distributed import destroy_distributed, gather_to_main, init_distributed
+from mmaccel.benchmarks.harness import RESULTS_DIR, append_results, measure
+from mmaccel.parallel_video import ClipParallelConfig, ClipPlan, apply_clip_parallel, decode_clip, frame_noise
+from mmaccel.parallel_video.layer_pipeline import LayerPipelineConfig, run_layer_pipeline
+from mmaccel.parallel_video.schedule import split_stages
+from mmaccel.runtime import metrics
+from mmaccel.runtime.distributed import destroy_distributed, gather_to_main, init_distributed
+from mmaccel.runtime.environment import machine_description
+from mmaccel.runtime.tables import markdown_table
 
 RESULTS = RESULTS_DIR / "parallel_video.md"
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,8 +123,8 @@ ZOO_PROMPTS = [(3, "left"), (7, "down"), (0, "right"), (5, "up")]
 def zoo_worker(args: argparse.Namespace, ctx) -> None:
     """One rank of ``generate_long_video`` on the `moving-digits` zoo model, for each prompt of
     `ZOO_PROMPTS` (the first ``args.prompts``); rank 0 saves the videos and per-prompt seconds."""
-    from apps.zoo import moving_digits as md
-    from parallel_video import LongVideoConfig, generate_long_video
+    from mmaccel.apps.zoo import moving_digits as md
+    from mmaccel.parallel_video import LongVideoConfig, generate_long_video
 
     pipe = md.load(device=ctx.device)
     videos, seconds = [], []
@@ -186,7 +188,7 @@ def launch(
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
-           "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "benchmarks.bench_parallel_video",
+           "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "mmaccel.benchmarks.bench_parallel_video",
            "--worker", out, "--frames", str(frames), "--height", str(args.height), "--width", str(args.width),
            "--padding", str(args.padding), "--global-frames", str(args.global_frames),
            "--repeats", str(args.repeats), "--mode", mode, "--steps", str(args.steps),
@@ -198,7 +200,7 @@ def launch(
 
 def vae_psnr(world_size: int) -> float:
     """PSNR of clip-wise decoding (``decode_overlap=1``) vs decoding the whole latent video."""
-    from apps.tiny_models import tiny_wan_pipeline
+    from mmaccel.testing import tiny_wan_pipeline
 
     pipe = tiny_wan_pipeline()  # random weights: a pessimistic case, nothing trained damps far context
     latents = frame_noise(5, range(9), (16, 8, 12)) * 0.5
@@ -214,7 +216,7 @@ def vae_psnr(world_size: int) -> float:
 def window_accuracy(videos: torch.Tensor) -> tuple[float, float]:
     """Digit and direction accuracy of the 17-frame windows (starting every 16 frames) of grey
     ``videos`` ``[P, F, H, W]`` generated for the first ``P`` of `ZOO_PROMPTS`."""
-    from apps.zoo import moving_digits as md
+    from mmaccel.apps.zoo import moving_digits as md
 
     n = md.NUM_FRAMES
     windows = [
@@ -232,8 +234,8 @@ def zoo_fidelity(args: argparse.Namespace, tmp: str) -> tuple[str, str]:
     """Long videos of the `moving-digits` zoo model: 1 process vs ``args.ranks`` ranks."""
     from diffusers import WanTransformer3DModel
 
-    from apps.zoo import moving_digits as md
-    from apps.zoo import zoo_path
+    from mmaccel.apps.zoo import moving_digits as md
+    from mmaccel.apps.zoo import zoo_path
 
     patch = WanTransformer3DModel.load_config(zoo_path(md.NAME) / "transformer")["patch_size"]
     tokens = (md.SIZE // 4 // patch[1]) * (md.SIZE // 4 // patch[2])  # the VAE is 4x spatial

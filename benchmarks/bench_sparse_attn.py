@@ -15,8 +15,8 @@ moving-digits``) generates the same prompts with the same seed dense and with SV
 settings: PSNR/SSIM of the decoded frames vs dense, attention density reached, digit and
 direction accuracy of the samples (zoo digit classifier + motion estimate), time ratio.
 
-    .venv/bin/python -m benchmarks.bench_sparse_attn --quick
-    .venv/bin/python -m benchmarks.bench_sparse_attn --write
+    .venv/bin/python -m mmaccel.benchmarks.bench_sparse_attn --quick
+    .venv/bin/python -m mmaccel.benchmarks.bench_sparse_attn --write
 """
 
 from __future__ import annotations
@@ -32,9 +32,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from benchmarks.harness import RESULTS_DIR, append_results, machine_description, markdown_table, measure
-from runtime import metrics
-from sparse_attn import (
+from mmaccel.benchmarks.harness import RESULTS_DIR, append_results, measure
+from mmaccel.runtime import metrics
+from mmaccel.runtime.environment import machine_description
+from mmaccel.runtime.tables import markdown_table
+from mmaccel.sparse_attn import (
     SparseAttentionState,
     SVG2Config,
     apply_sparse_attention,
@@ -239,9 +241,9 @@ def bench_zoo_fidelity(
     """Dense vs each SVG2 config on the `moving-digits` zoo model, same prompts and seed."""
     from skimage.metrics import structural_similarity
 
-    from apps.zoo import moving_digits as md
-    from apps.zoo.digits import load_digit_classifier
-    from sparse_attn import pipeline_progress
+    from mmaccel.apps.zoo import moving_digits as md
+    from mmaccel.apps.zoo.digits import load_digit_classifier
+    from mmaccel.sparse_attn import pipeline_progress
 
     pipe, clf = md.load(), load_digit_classifier()
     digits = [i % 10 for i in range(num_prompts)]

@@ -16,10 +16,10 @@ hallucination rate; ``lam = gamma = 0`` must (and does) reproduce vanilla exactl
 interleaved, repeat by repeat, so load on a shared machine hits them alike.
 
 The fidelity section runs VISTA on the trained zoo model ``shapes-vlm`` (a tiny LLaVA-NeXT, see
-:mod:`apps.zoo.shapes_vlm`): CHAIR_i / CHAIR_s and object recall of greedy captions on its
+:mod:`mmaccel.apps.zoo.shapes_vlm`): CHAIR_i / CHAIR_s and object recall of greedy captions on its
 held-out scenes, and QA accuracy, against no steering.
 
-    .venv/bin/python -m benchmarks.bench_steering [--quick] [--write] [--fidelity-only]
+    .venv/bin/python -m mmaccel.benchmarks.bench_steering [--quick] [--write] [--fidelity-only]
 """
 
 from __future__ import annotations
@@ -35,10 +35,12 @@ import torch
 from tqdm import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from apps.tiny_models import tiny_image, tiny_tokenizer
-from benchmarks.harness import RESULTS_DIR, append_results, machine_description, markdown_table, measure
-from vlm.attention_balance import AttentionBalanceConfig, apply_attention_balance
-from vlm.steering import VISTAConfig, apply_vista
+from mmaccel.benchmarks.harness import RESULTS_DIR, append_results, measure
+from mmaccel.runtime.environment import machine_description
+from mmaccel.runtime.tables import markdown_table
+from mmaccel.testing import tiny_image, tiny_tokenizer
+from mmaccel.vlm.attention_balance import AttentionBalanceConfig, apply_attention_balance
+from mmaccel.vlm.steering import VISTAConfig, apply_vista
 
 RESULTS = RESULTS_DIR / "steering.md"
 PROMPT = "USER: <image>\nDescribe the image. ASSISTANT:"
@@ -180,8 +182,8 @@ FIDELITY_VARIANTS: dict[str, VISTAConfig | None] = {
 
 def run_fidelity(quick: bool) -> tuple[str, str]:
     """Hallucination and accuracy of the zoo's Shapes VLM with and without VISTA (greedy)."""
-    from apps.zoo.shapes_vlm import evaluate, load
-    from vlm.api import load_vlm
+    from mmaccel.apps.zoo.shapes_vlm import evaluate, load
+    from mmaccel.vlm.api import load_vlm
 
     n_questions, n_captions = (50, 25) if quick else (200, 100)
     model, processor = load()

@@ -7,13 +7,13 @@ tokens) and Wan 2.1 1.3B (1536 wide, 12 heads, FFN 8960; 10 of its 30 blocks, a 
 output vs dense -- and, for the default schedule, a short sampling run: wall time and PSNR of
 the final latents vs the dense run. Ratios are against the dense model in the same process.
 
-Fidelity on a trained model: the zoo's Digits DiT (`apps.zoo.digits_dit`, 6 blocks, 8x8 = 64
+Fidelity on a trained model: the zoo's Digits DiT (`mmaccel.apps.zoo.digits_dit`, 6 blocks, 8x8 = 64
 tokens) sampled with its default settings (DPM-Solver++, 20 steps, guidance 2) from the same
 noise with and without token density: PSNR / SSIM of the images against the dense samples,
 digit-classifier accuracy on the requested classes, classifier-feature Frechet distance to the
 test digits, and the sampling-time ratio.
 
-    .venv/bin/python -m benchmarks.bench_token_density [--quick] [--write] [--only dit|wan|zoo]
+    .venv/bin/python -m mmaccel.benchmarks.bench_token_density [--quick] [--write] [--only dit|wan|zoo]
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
-from benchmarks.harness import RESULTS_DIR, append_results, markdown_table, measure
-from diffusion.token_density import TokenDensityConfig, apply_token_density, count_flops
-from runtime.budget import ConstantSchedule, StepSchedule
-from runtime.metrics import psnr
+from mmaccel.benchmarks.harness import RESULTS_DIR, append_results, measure
+from mmaccel.diffusion.token_density import TokenDensityConfig, apply_token_density, count_flops
+from mmaccel.runtime.budget import ConstantSchedule, StepSchedule
+from mmaccel.runtime.metrics import psnr
+from mmaccel.runtime.tables import markdown_table
 
 RESULTS = RESULTS_DIR / "token_density.md"
 QUARTER = ConstantSchedule(0.25)
@@ -235,8 +236,8 @@ def _zoo_settings() -> list[tuple[str, TokenDensityConfig | None]]:
 def fidelity(quick: bool) -> tuple[str, int]:
     """Token density on the trained zoo Digits DiT vs its dense samples (same noise); returns the
     markdown table and the number of samples."""
-    from apps.zoo import digits_dit
-    from apps.zoo.digits import load_digit_classifier
+    from mmaccel.apps.zoo import digits_dit
+    from mmaccel.apps.zoo.digits import load_digit_classifier
 
     pipe = digits_dit.load()
     clf = load_digit_classifier()
@@ -301,7 +302,7 @@ def main() -> None:
         title = f"Token density fidelity: zoo Digits DiT, {n} samples"
         print(f"\n## {title}\n\n{table}\n", flush=True)
         if args.write:
-            from apps.zoo.digits_dit import SAMPLING
+            from mmaccel.apps.zoo.digits_dit import SAMPLING
 
             notes = (
                 f"Trained zoo model `digits-dit` (6 blocks, 64 tokens, auto layout: block 0 pooled, 1-4 sparse, "

@@ -14,7 +14,7 @@ A fidelity table follows for the trained zoo tokenizer (``digits-nar``: the same
 1 channel, codebook 64, trained on digits): PSNR, codes used, and the zoo digit classifier's
 accuracy and feature Frechet distance on its reconstructions of the 360 held-out digits.
 
-    .venv/bin/python -m benchmarks.bench_tokenizers [--quick] [--write] [--fidelity-only]
+    .venv/bin/python -m mmaccel.benchmarks.bench_tokenizers [--quick] [--write] [--fidelity-only]
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ import argparse
 
 import torch
 
-from apps.zoo import digits_nar
-from benchmarks.harness import RESULTS_DIR, append_results, machine_description, markdown_table, measure
-from tokenizers_img.compact_1d import Compact1DTokenizer
-from tokenizers_img.train_tokenizer import (
+from mmaccel.apps.zoo import digits_nar
+from mmaccel.benchmarks.harness import RESULTS_DIR, append_results, measure
+from mmaccel.runtime.environment import machine_description
+from mmaccel.runtime.tables import markdown_table
+from mmaccel.tokenizers_img.compact_1d import Compact1DTokenizer
+from mmaccel.tokenizers_img.train_tokenizer import (
     load_images,
     psnr,
     sample_crops,
@@ -34,7 +36,7 @@ from tokenizers_img.train_tokenizer import (
     tiny_vq_config,
     train,
 )
-from tokenizers_img.vq import VQModel
+from mmaccel.tokenizers_img.vq import VQModel
 
 RESULTS = RESULTS_DIR / "tokenizers.md"
 
@@ -60,7 +62,7 @@ def zoo_fidelity() -> tuple[str, str]:
                "classifier accuracy of reconstructions", "FD vs test digits"]  # fmt: skip
     notes = (
         "Trained weights from `mmaccel zoo path digits-nar` (32x32 digits in [0, 1], PSNR with peak 1); "
-        "evaluated on the 360 held-out digits of `apps.zoo.digits.digit_split()`. Classifier: the zoo "
+        "evaluated on the 360 held-out digits of `mmaccel.apps.zoo.digits.digit_split()`. Classifier: the zoo "
         "`digit-classifier`; FD: Frechet distance of its features, reconstructions vs the real digits."
     )
     return markdown_table(headers, [row]), notes

@@ -8,11 +8,10 @@ run: median of ``repeats`` timed calls after ``warmup`` untimed ones. Peak memor
 
 from __future__ import annotations
 
-import datetime as _dt
 import statistics
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from runtime.environment import cpu_model
+from mmaccel.runtime.environment import machine_description
 
 RESULTS_PATH = Path(__file__).with_name("RESULTS.md")
 RESULTS_DIR = Path(__file__).with_name("results")  # one file of full tables per benchmark
@@ -111,32 +110,6 @@ def measure(
         except NotImplementedError:  # higher-order op under a TorchDispatchMode
             peak = None
     return Measurement(statistics.median(times), tuple(times), peak)
-
-
-def machine_description() -> str:
-    """One line naming the machine a table was measured on."""
-    parts = [
-        f"CPU {cpu_model()}",
-        f"{torch.get_num_threads()} threads",
-        f"torch {torch.__version__}",
-    ]
-    if torch.cuda.is_available():
-        parts.append(f"GPU {torch.cuda.get_device_name(0)}")
-    else:
-        parts.append("no GPU")
-    parts.append(_dt.date.today().isoformat())
-    return ", ".join(parts)
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    def fmt(v: object) -> str:
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def append_results(title: str, table: str, notes: str = "", path: Path = RESULTS_PATH) -> None:

@@ -7,7 +7,7 @@ Modules** (SDTM) pool the dense tokens to a small grid, let those sparse tokens 
 ones by cross-attention, run ordinary blocks on the sparse tokens, and recover the dense tokens
 with a block that merges the nearest-upsampled sparse tokens with the module's dense input
 (``merge_sparse`` zero-init + ``merge_dense`` identity-init linear layers) and cross-attends to the
-sparse tokens; top blocks stay dense. A temporal schedule (``runtime.budget`` schedules over
+sparse tokens; top blocks stay dense. A temporal schedule (``mmaccel.runtime.budget`` schedules over
 denoising progress) shrinks the sparse grid at high noise.
 
 :func:`convert_to_flexdit` builds a :class:`FlexDiTTransformer2DModel` from a dense
@@ -15,7 +15,7 @@ denoising progress) shrinks the sparse grid at high noise.
 order) and copying the weights, so the input is left untouched. The new model takes exactly the
 original forward's arguments, so it drops into ``DiTPipeline`` / ``PixArtAlphaPipeline``, and
 saves/loads with ``save_pretrained`` / ``from_pretrained`` (safetensors). Without fine-tuning
-(``diffusion.train``) its output differs from the dense model's: the SDTM skips the dense path.
+(``mmaccel.diffusion.train``) its output differs from the dense model's: the SDTM skips the dense path.
 """
 
 from __future__ import annotations
@@ -37,7 +37,13 @@ from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 from torch import nn
 
-from runtime.budget import ConstantSchedule, CosineSchedule, DensitySchedule, LinearSchedule, StepSchedule
+from mmaccel.runtime.budget import (
+    ConstantSchedule,
+    CosineSchedule,
+    DensitySchedule,
+    LinearSchedule,
+    StepSchedule,
+)
 
 __all__ = [
     "FlexDiTConfig",
@@ -111,7 +117,7 @@ class FlexDiTConfig:
             _check_int(f"sparse_grid {name}", value, 1)
         if not isinstance(self.schedule, tuple(_SCHEDULES.values())):
             raise TypeError(
-                f"schedule must be one of {sorted(_SCHEDULES)} from runtime.budget, got {self.schedule!r}"
+                f"schedule must be one of {sorted(_SCHEDULES)} from mmaccel.runtime.budget, got {self.schedule!r}"
             )
         if self.merge_init not in _MERGE_INITS:
             raise ValueError(f"merge_init must be one of {_MERGE_INITS}, got {self.merge_init!r}")

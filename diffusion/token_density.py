@@ -12,7 +12,7 @@ steps. This plugin does the same on any pretrained checkpoint without fine-tunin
 The residual stream always stays at full resolution: a reduced block's update
 ``block(reduce(x)) - reduce(x)`` is expanded back and added to ``x``. Tokens are reduced by
 average pooling over (frames, height, width) windows or by ToMe bipartite merging on grid
-cells (`diffusion.token_reduce`). A `runtime.budget` density schedule over denoising progress
+cells (`mmaccel.diffusion.token_reduce`). A `mmaccel.runtime.budget` density schedule over denoising progress
 (``1 - t / num_train_timesteps``, from the transformer's ``timestep`` or a
 ``timestep_callback``) sets the keep ratio of each forward; keep ratio 1 runs the original
 blocks untouched. Supported: ``DiTTransformer2DModel``, ``PixArtTransformer2DModel``,
@@ -32,10 +32,10 @@ import torch
 from diffusers.hooks import ModelHook
 from torch.utils import flop_counter
 
-from diffusion.token_reduce import BipartiteMerge, Grid, GridPool, check_divides, pool_factors_at_most
-from runtime.budget import DensitySchedule, StepSchedule
-from runtime.patching import PatchHandle
-from runtime.rotary import apply_wan_rotary
+from mmaccel.diffusion.token_reduce import BipartiteMerge, Grid, GridPool, check_divides, pool_factors_at_most
+from mmaccel.runtime.adapters import wan
+from mmaccel.runtime.budget import DensitySchedule, StepSchedule
+from mmaccel.runtime.patching import PatchHandle
 
 __all__ = [
     "TokenDensityConfig",
@@ -83,7 +83,7 @@ class TokenDensityConfig:
             pooled blocks to the top 4/28 of the depth, which stay dense).
         sparse_mode: ``"sparse_q"`` (reduced queries, dense keys/values) or ``"sparse_kv"``.
         expand: how a pooled update returns to the grid: ``"nearest"`` or ``"linear"``.
-        schedule: denoising progress in [0, 1] -> keep ratio in (0, 1] (`runtime.budget`).
+        schedule: denoising progress in [0, 1] -> keep ratio in (0, 1] (`mmaccel.runtime.budget`).
         num_train_timesteps: ``progress = 1 - t / num_train_timesteps``.
         merge_seed: seed of the random destination per cell (re-seeded each forward), or
             ``None`` for the first token of each cell.
@@ -555,23 +555,8 @@ def _wan_attention(
     rope_k: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor:
     """``WanAttnProcessor``'s self-attention with separate query and key/value tokens and RoPE."""
-    from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-    if attn.fused_projections or attn.add_k_proj is not None:
-        raise NotImplementedError(
-            "sparse attention on fused or image-conditioned WanAttention is not implemented"
-        )
-    query = attn.norm_q(attn.to_q(q_in)).unflatten(2, (attn.heads, -1))
-    key = attn.norm_k(attn.to_k(kv_in)).unflatten(2, (attn.heads, -1))
-    value = attn.to_v(kv_in).unflatten(2, (attn.heads, -1))
-    if rope_q is not None:
-        query, key = apply_wan_rotary(query, *rope_q), apply_wan_rotary(key, *rope_k)  # type: ignore[misc]
-    out = dispatch_attention_fn(
-        query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-        backend=getattr(attn.processor, "_attention_backend", None),
-    )  # fmt: skip
-    out = out.flatten(2, 3).type_as(query)
-    return attn.to_out[1](attn.to_out[0](out))
+    query, key, value = wan.project_qkv(attn, q_in, kv_in, rope_q, rope_k)
+    return wan.project_out(attn, wan.attention(attn, query, key, value), query)
 
 
 # ------------------------------------------------------------------------------------------
@@ -602,6 +587,8 @@ def apply_token_density(
     pooled, sparse = config.layout(depth)
     if sparse and not family.sparse_ok:
         raise NotImplementedError(f"sparse blocks are not implemented for {name}; use sparse_blocks=None")
+    if sparse and name in wan.TRANSFORMERS:
+        wan.check_self_attention(transformer, "token density's sparse blocks")
     if (
         len(config.factor) == 3
         and config.factor[0] != 1

@@ -1,14 +1,14 @@
 """Distillation fine-tuning of a FlexDiT student against its dense teacher.
 
 FlexDiT (Chang et al., arXiv:2412.06028) is fine-tuned from the pretrained DiT. Here the
-student (:class:`~diffusion.flexdit.FlexDiTTransformer2DModel`) learns to reproduce the dense
+student (:class:`~mmaccel.diffusion.flexdit.FlexDiTTransformer2DModel`) learns to reproduce the dense
 teacher's output on noised latents: MSE between the two predictions (noise and, for learned-sigma
 models, variance channels), plus an optional feature loss between full-resolution hidden states at
 matching depths. Training runs through ``accelerate`` (multi-GPU with ``accelerate launch``),
 optionally with gradient checkpointing; the student is saved with ``save_pretrained``
 (safetensors).
 
-    python -m diffusion.train --model path/to/dit-pipeline --output flexdit-out --steps 1000 \\
+    python -m mmaccel.diffusion.train --model path/to/dit-pipeline --output flexdit-out --steps 1000 \\
         --latents imagenet_latents.safetensors --gradient-checkpointing
 """
 
@@ -32,8 +32,8 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from diffusion.flexdit import FlexDiTConfig, FlexDiTTransformer2DModel, convert_to_flexdit
-from runtime.budget import ConstantSchedule, CosineSchedule, LinearSchedule
+from mmaccel.diffusion.flexdit import FlexDiTConfig, FlexDiTTransformer2DModel, convert_to_flexdit
+from mmaccel.runtime.budget import ConstantSchedule, CosineSchedule, LinearSchedule
 
 __all__ = ["DistillConfig", "LatentDataset", "distill", "distillation_loss", "load_transformer", "main"]
 
@@ -329,7 +329,7 @@ def _ints(sep: str):
 
 def build_parser() -> argparse.ArgumentParser:
     d, f = DistillConfig(), FlexDiTConfig()
-    p = argparse.ArgumentParser(prog="python -m diffusion.train", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m mmaccel.diffusion.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     p.add_argument(
         "--model", required=True, help="dense teacher: a DiT/PixArt pipeline or transformer folder"

@@ -4,7 +4,10 @@
 Launch every rank with ``torchrun``/``accelerate``; gloo on CPU and NCCL on GPU alike.
 """
 
-from parallel_video.clip_parallel import (
+if __name__ != "mmaccel.parallel_video":  # installed as mmaccel.parallel_video; a second copy must never load
+    raise ImportError("import mmaccel.parallel_video, not the bare folder name 'parallel_video'")
+
+from mmaccel.parallel_video.clip_parallel import (
     SUPPORTED_TRANSFORMERS,
     ClipParallelConfig,
     ClipParallelHandle,
@@ -12,17 +15,22 @@ from parallel_video.clip_parallel import (
     DualScopeAttnProcessor,
     apply_clip_parallel,
 )
-from parallel_video.decode import decode_clip
-from parallel_video.generate import LongVideoConfig, LongVideoOutput, check_long_video, generate_long_video
-from parallel_video.layer_pipeline import (
+from mmaccel.parallel_video.decode import decode_clip
+from mmaccel.parallel_video.generate import (
+    LongVideoConfig,
+    LongVideoOutput,
+    check_long_video,
+    generate_long_video,
+)
+from mmaccel.parallel_video.layer_pipeline import (
     CachedContextAttnProcessor,
     LayerPipelineConfig,
     block_noise,
     run_layer_pipeline,
 )
-from parallel_video.noise import frame_noise, frame_seed
-from parallel_video.plan import ClipPlan, latent_frame_count
-from parallel_video.schedule import BlockSchedule, split_stages
+from mmaccel.parallel_video.noise import frame_noise, frame_seed
+from mmaccel.parallel_video.plan import ClipPlan, latent_frame_count
+from mmaccel.parallel_video.schedule import BlockSchedule, split_stages
 
 __all__ = [
     "SUPPORTED_TRANSFORMERS",

@@ -26,13 +26,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from torch import Tensor
 
-from parallel_video.plan import ClipPlan
-from runtime.distributed import CommError, CommHandle, DistContext, exchange_neighbours_async
-from runtime.patching import PatchHandle
-from runtime.rotary import apply_wan_rotary
+from mmaccel.parallel_video.plan import ClipPlan
+from mmaccel.runtime.adapters import wan
+from mmaccel.runtime.distributed import CommError, CommHandle, DistContext, exchange_neighbours_async
+from mmaccel.runtime.patching import PatchHandle
 
 __all__ = [
     "SUPPORTED_TRANSFORMERS",
@@ -41,7 +40,6 @@ __all__ = [
     "ClipParallelState",
     "DualScopeAttnProcessor",
     "apply_clip_parallel",
-    "apply_wan_rotary",
     "offset_rope",
 ]
 
@@ -183,10 +181,7 @@ class DualScopeAttnProcessor:
         per_frame = tokens // frames
         st.calls += 1
 
-        key = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            key = apply_wan_rotary(key, *rotary_emb)
+        query, key, value = wan.project_qkv(attn, hidden_states, rotary=rotary_emb)
         # frames first: (frames, 2, batch, tokens per frame, heads, head dim)
         kv = torch.stack([key, value]).unflatten(2, (frames, per_frame)).movedim(2, 0)
 
@@ -206,10 +201,6 @@ class DualScopeAttnProcessor:
             )
             gathered = _all_gather_frames_async(st, kv.index_select(0, own))
 
-        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            query = apply_wan_rotary(query, *rotary_emb)
-
         waited = time.perf_counter()
         parts = [kv]
         if halo is not None:
@@ -225,9 +216,8 @@ class DualScopeAttnProcessor:
         keys = torch.cat(parts) if len(parts) > 1 else kv
         keys = keys.movedim(0, 2).flatten(2, 3)  # (2, batch, key tokens, heads, head dim)
         bias = st.key_bias(per_frame, query.device, query.dtype)
-        out = dispatch_attention_fn(query, keys[0], keys[1], attn_mask=bias, dropout_p=0.0, is_causal=False)
-        out = out.flatten(2, 3).type_as(query)
-        return attn.to_out[1](attn.to_out[0](out))
+        out = wan.attention(attn, query, keys[0], keys[1], mask=bias)
+        return wan.project_out(attn, out, query)
 
 
 def _extra_sources(plan: ClipPlan, rank: int) -> list[tuple[int, int]]:

@@ -19,14 +19,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from parallel_video import checkpoint
-from parallel_video.clip_parallel import ClipParallelConfig, apply_clip_parallel
-from parallel_video.decode import decode_clip
-from parallel_video.layer_pipeline import LayerPipelineConfig, run_layer_pipeline
-from parallel_video.noise import frame_noise
-from parallel_video.plan import ClipPlan, latent_frame_count
-from parallel_video.schedule import split_stages
-from runtime.distributed import (
+from mmaccel.parallel_video import checkpoint
+from mmaccel.parallel_video.clip_parallel import ClipParallelConfig, apply_clip_parallel
+from mmaccel.parallel_video.decode import decode_clip
+from mmaccel.parallel_video.layer_pipeline import LayerPipelineConfig, run_layer_pipeline
+from mmaccel.parallel_video.noise import frame_noise
+from mmaccel.parallel_video.plan import ClipPlan, latent_frame_count
+from mmaccel.parallel_video.schedule import split_stages
+from mmaccel.runtime.distributed import (
     DistContext,
     all_gather_varlen,
     exchange_neighbours,

@@ -3,9 +3,9 @@
 The transformer's blocks are split into contiguous, balanced stages, one per rank; rank 0 also
 runs the patch embedding, the last rank the output head, classifier-free guidance and the
 scheduler step. The video is a queue of frame blocks at staggered noise levels
-(:class:`~parallel_video.schedule.BlockSchedule`): every rank walks the same list of
+(:class:`~mmaccel.parallel_video.schedule.BlockSchedule`): every rank walks the same list of
 ``(block, step)`` work items, so blocks stream rank to rank through preallocated
-:class:`~runtime.distributed.PipeChannel` buffers (hidden states ``[CFG batch, tokens, dim]``
+:class:`~mmaccel.runtime.distributed.PipeChannel` buffers (hidden states ``[CFG batch, tokens, dim]``
 forward, updated latents from the last rank back to rank 0).
 
 Feature cache: in every layer, a block's queries also attend to the K/V of the previous block's
@@ -23,15 +23,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from parallel_video.clip_parallel import apply_wan_rotary, offset_rope
-from parallel_video.noise import frame_noise, frame_seed
-from parallel_video.schedule import BlockSchedule, split_stages
-from runtime.distributed import CommHandle, DistContext, PipeChannel, gather_to_main
-from runtime.patching import PatchHandle
+from mmaccel.parallel_video.clip_parallel import offset_rope
+from mmaccel.parallel_video.noise import frame_noise, frame_seed
+from mmaccel.parallel_video.schedule import BlockSchedule, split_stages
+from mmaccel.runtime.adapters import wan
+from mmaccel.runtime.distributed import CommHandle, DistContext, PipeChannel, gather_to_main
+from mmaccel.runtime.patching import PatchHandle
 
 __all__ = ["CachedContextAttnProcessor", "LayerPipelineConfig", "block_noise", "run_layer_pipeline"]
 
@@ -94,22 +94,14 @@ class CachedContextAttnProcessor:
             )
         st = self.state
 
-        def heads(x: Tensor) -> Tensor:
-            return x.unflatten(2, (attn.heads, -1))
-
-        query = heads(attn.norm_q(attn.to_q(hidden_states)))
-        key = heads(attn.norm_k(attn.to_k(hidden_states)))
-        value = heads(attn.to_v(hidden_states))
-        if rotary_emb is not None:
-            query, key = apply_wan_rotary(query, *rotary_emb), apply_wan_rotary(key, *rotary_emb)
+        query, key, value = wan.project_qkv(attn, hidden_states, rotary=rotary_emb)
         context = st.kv.get((self.layer, st.block - 1))
         if st.num_cat:
             tail = st.num_cat * st.tokens_per_frame
             st.kv[(self.layer, st.block)] = (key[:, -tail:], value[:, -tail:])
         if context is not None:
             key, value = torch.cat([context[0], key], dim=1), torch.cat([context[1], value], dim=1)
-        out = dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False)
-        return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(query)))
+        return wan.project_out(attn, wan.attention(attn, query, key, value), query)
 
 
 def block_noise(seed: int, block: int, frames_per_block: int, frame_shape: tuple[int, int, int]) -> Tensor:

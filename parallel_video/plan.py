@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.budget import allocate
+from mmaccel.runtime.budget import allocate
 
 __all__ = ["ClipPlan", "latent_frame_count"]
 

@@ -5,7 +5,7 @@ The video is a queue of frame blocks at staggered noise levels: iteration ``k`` 
 ``s`` at iteration ``b + s`` (a FIFO diagonal). Within an iteration the oldest block goes first,
 so each block finds its predecessor's freshest K/V in the feature cache. Every rank walks the same
 :meth:`BlockSchedule.order`; rank ``r`` runs layers ``stages[r]`` of each item. Communication
-lives in :mod:`parallel_video.layer_pipeline`.
+lives in :mod:`mmaccel.parallel_video.layer_pipeline`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.budget import allocate
+from mmaccel.runtime.budget import allocate
 
 __all__ = ["BlockSchedule", "split_stages"]
 

@@ -1,6 +1,9 @@
 """The shared layer: token budgets, reversible patches, the distributed runtime, environment probes."""
 
-from runtime.budget import (
+if __name__ != "mmaccel.runtime":  # installed as mmaccel.runtime; a second copy must never load
+    raise ImportError("import mmaccel.runtime, not the bare folder name 'runtime'")
+
+from mmaccel.runtime.budget import (
     ConstantSchedule,
     CosineSchedule,
     DensitySchedule,
@@ -10,7 +13,7 @@ from runtime.budget import (
     allocate,
     top_p_mask,
 )
-from runtime.patching import PatchHandle
+from mmaccel.runtime.patching import PatchHandle
 
 __all__ = [
     "TokenBudget",

@@ -6,6 +6,7 @@ imports on CPU but cannot run there).
 
 from __future__ import annotations
 
+import datetime
 import importlib.metadata
 import platform
 import time
@@ -14,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["BackendStatus", "probe_backends", "library_versions", "device_summary", "cpu_model"]
+__all__ = ["BackendStatus", "probe_backends", "library_versions", "device_summary", "cpu_model", "machine_description"]
 
 _LIBRARIES = ("torch", "diffusers", "transformers", "accelerate", "einops", "safetensors", "gradio", "xformers")
 
@@ -113,3 +114,18 @@ def probe_backends(compile_flex: bool = True) -> list[BackendStatus]:
         probes.append(("flex_attention (compiled)", _flex_attention))
     probes.append(("xformers", _xformers))
     return [_probe(name, fn) for name, fn in probes]
+
+
+def machine_description() -> str:
+    """One line naming the machine a table was measured on."""
+    parts = [
+        f"CPU {cpu_model()}",
+        f"{torch.get_num_threads()} threads",
+        f"torch {torch.__version__}",
+    ]
+    if torch.cuda.is_available():
+        parts.append(f"GPU {torch.cuda.get_device_name(0)}")
+    else:
+        parts.append("no GPU")
+    parts.append(datetime.date.today().isoformat())
+    return ", ".join(parts)

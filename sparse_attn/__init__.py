@@ -1,8 +1,11 @@
 """Semantic-aware sparse attention for video diffusion transformers (Sparse VideoGen2)."""
 
-from sparse_attn.backends import flex_attention_available
-from sparse_attn.kmeans import KMeansResult, kmeans
-from sparse_attn.processors import (
+if __name__ != "mmaccel.sparse_attn":  # installed as mmaccel.sparse_attn; a second copy must never load
+    raise ImportError("import mmaccel.sparse_attn, not the bare folder name 'sparse_attn'")
+
+from mmaccel.sparse_attn.backends import flex_attention_available
+from mmaccel.sparse_attn.kmeans import KMeansResult, kmeans
+from mmaccel.sparse_attn.processors import (
     SUPPORTED_TRANSFORMERS,
     SparseAttentionHandle,
     SparseAttentionStats,
@@ -11,7 +14,7 @@ from sparse_attn.processors import (
     apply_sparse_attention,
     pipeline_progress,
 )
-from sparse_attn.svg2 import (
+from mmaccel.sparse_attn.svg2 import (
     AttentionInfo,
     SparseAttentionState,
     SVG2Config,

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from runtime.patching import PatchHandle
-from runtime.rotary import apply_wan_rotary
-from sparse_attn.svg2 import SparseAttentionState, SVG2Config, semantic_sparse_attention
+from mmaccel.runtime.adapters import wan
+from mmaccel.runtime.patching import PatchHandle
+from mmaccel.sparse_attn.svg2 import SparseAttentionState, SVG2Config, semantic_sparse_attention
 
 __all__ = [
     "SUPPORTED_TRANSFORMERS",
@@ -129,16 +129,9 @@ class SVG2WanAttnProcessor(_SVG2Processor):
         if dense:
             return self.dense_processor(attn, hidden_states, None, None, rotary_emb)
 
-        from diffusers.models.transformers.transformer_wan import _get_qkv_projections
-
-        query, key, value = _get_qkv_projections(attn, hidden_states, None)
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
-        if rotary_emb is not None:
-            query, key = apply_wan_rotary(query, *rotary_emb), apply_wan_rotary(key, *rotary_emb)
+        query, key, value = wan.project_qkv(attn, hidden_states, rotary=rotary_emb)
         out = self._sparse(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), progress)
-        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
-        return attn.to_out[1](attn.to_out[0](out))
+        return wan.project_out(attn, out.transpose(1, 2), query)
 
 
 class SVG2CogVideoXAttnProcessor(_SVG2Processor):

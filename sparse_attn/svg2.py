@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from runtime.budget import top_p_mask
-from sparse_attn.backends import (
+from mmaccel.runtime.budget import top_p_mask
+from mmaccel.sparse_attn.backends import (
     BACKENDS,
     ClusterLayout,
     flex_attention_available,
@@ -25,7 +25,7 @@ from sparse_attn.backends import (
     masked_block_sparse,
     reference_block_sparse,
 )
-from sparse_attn.kmeans import kmeans
+from mmaccel.sparse_attn.kmeans import kmeans
 
 __all__ = [
     "AttentionInfo",

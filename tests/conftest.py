@@ -1,4 +1,4 @@
-"""Shared test setup: no network, deterministic threads, tiny models come from apps.tiny_models."""
+"""Shared test setup: no network, deterministic threads, tiny models come from mmaccel.testing."""
 
 import os
 

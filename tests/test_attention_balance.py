@@ -7,15 +7,15 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from apps.tiny_models import tiny_image, tiny_llava, tiny_llava_next
-from vlm.attention_balance import (
+from mmaccel.testing import tiny_image, tiny_llava, tiny_llava_next
+from mmaccel.vlm.attention_balance import (
     AttentionBalanceConfig,
     apply_attention_balance,
     balanced_row,
     select_streams,
 )
-from vlm.hired import apply_hired
-from vlm.steering import VISTAConfig, apply_vista
+from mmaccel.vlm.hired import apply_hired
+from mmaccel.vlm.steering import VISTAConfig, apply_vista
 
 PROMPTS = [
     "USER: <image>\nWhat is shown in the image? ASSISTANT:",

@@ -34,10 +34,10 @@ def _chromium() -> str:
 def test_vlm_tab_end_to_end_in_chromium(tmp_path):
     pytest.importorskip("gradio", reason="the demo needs the 'demo' extra (gradio)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
-    from apps.demo import launch
     import numpy as np
 
-    from apps.zoo.shapes_data import make_scene
+    from mmaccel.apps.demo import launch
+    from mmaccel.apps.zoo.shapes_data import make_scene
 
     image = tmp_path / "input.png"  # a scene of the kind the default (zoo) VLM was trained on
     make_scene(np.random.default_rng(11), size=(128, 128), n_objects=3).image.save(image)

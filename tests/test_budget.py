@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.budget import (
+from mmaccel.runtime.budget import (
     ConstantSchedule,
     CosineSchedule,
     DensitySchedule,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vlm.eval import COCO_SYNONYMS, chair, extract_objects
-from vlm.eval.chair import singularize
+from mmaccel.vlm.eval import COCO_SYNONYMS, chair, extract_objects
+from mmaccel.vlm.eval.chair import singularize
 
 
 def test_every_coco_category_and_no_ambiguous_synonym():

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from apps.cli import main
+from mmaccel.apps.cli import main
 
 
 def test_info_json(capsys):
@@ -40,7 +40,7 @@ def test_help_and_usage_errors(capsys):
 
 def test_console_entry_point_runs():
     out = subprocess.run(
-        [sys.executable, "-m", "apps.cli", "info", "--no-compile"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "mmaccel.apps.cli", "info", "--no-compile"], capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr
     assert "mmaccel environment" in out.stdout

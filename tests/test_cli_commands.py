@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 
-import apps.cli as cli
-from apps.commands import add_bench_parser, add_demo_parser, add_vlm_parser, available_benchmarks
-from apps.tiny_models import tiny_image
+import mmaccel.apps.cli as cli
+from mmaccel.apps.commands import add_bench_parser, add_demo_parser, add_vlm_parser, available_benchmarks
+from mmaccel.testing import tiny_image
 
 ROOT = Path(__file__).resolve().parent.parent
 _ADDERS = {"demo": add_demo_parser, "vlm": add_vlm_parser, "bench": add_bench_parser}
 
 
 def _wired_parser(original):
-    """``apps.cli.build_parser`` plus these commands where apps/cli.py does not add them yet."""
+    """``mmaccel.apps.cli.build_parser`` plus these commands where apps/cli.py does not add them yet."""
 
     def build() -> argparse.ArgumentParser:
         parser = original()
@@ -36,7 +36,7 @@ def _wired_parser(original):
 
 # The same wiring for subprocesses (python -c), so `mmaccel demo` runs as a real process.
 _WIRED_MAIN = (
-    "import sys, apps.cli as cli; from tests.test_cli_commands import _wired_parser; "
+    "import sys, mmaccel.apps.cli as cli; from tests.test_cli_commands import _wired_parser; "
     "cli.build_parser = _wired_parser(cli.build_parser); sys.exit(cli.main(sys.argv[1:]))"
 )
 
@@ -162,9 +162,9 @@ def test_bench_runs_quick_benchmark_and_prints_table(mmaccel, capfd):
 def test_demo_torchrun_command_parses_with_the_video_cli():
     import shlex
 
-    from apps.demo_tabs import torchrun_command
+    from mmaccel.apps.demo_tabs import torchrun_command
 
     argv = shlex.split(torchrun_command(prompt="a 'quoted' car", frames=17))
     assert argv[:3] == ["torchrun", "--nproc-per-node", "2"]
-    args = cli.build_parser().parse_args(argv[argv.index("parallel_video.cli") + 1 :])
+    args = cli.build_parser().parse_args(argv[argv.index("mmaccel.apps.cli") + 1 :])
     assert (args.command, args.prompt, args.frames, args.mode) == ("video", "a 'quoted' car", 17, "clip")

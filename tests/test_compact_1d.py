@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from tokenizers_img.compact_1d import Compact1DConfig, Compact1DTokenizer, FSQuantizer
-from tokenizers_img.train_tokenizer import load_images, main, sample_crops, train_step
+from mmaccel.tokenizers_img.compact_1d import Compact1DConfig, Compact1DTokenizer, FSQuantizer
+from mmaccel.tokenizers_img.train_tokenizer import load_images, main, sample_crops, train_step
 
 TINY = dict(
     image_size=8,

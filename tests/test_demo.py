@@ -8,8 +8,15 @@ from PIL import Image
 
 pytest.importorskip("gradio", reason="the demo needs the 'demo' extra (gradio)")
 
-from apps.demo_tabs import DemoModels, run_ar_tab, run_dit_tab, run_video_tab, run_vlm_tab, validate_image  # noqa: E402
-from apps.tiny_models import tiny_image  # noqa: E402
+from mmaccel.apps.demo_tabs import (  # noqa: E402
+    DemoModels,
+    run_ar_tab,
+    run_dit_tab,
+    run_video_tab,
+    run_vlm_tab,
+    validate_image,
+)
+from mmaccel.testing import tiny_image  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +126,7 @@ def test_ar_counts_forwards_and_animates_order(models, tmp_path):
 def test_launched_server_through_gradio_client(models, tmp_path):
     from gradio_client import Client, handle_file
 
-    from apps.demo import launch
+    from mmaccel.apps.demo import launch
 
     demo = launch(models, port=None, out_dir=tmp_path, block=False, quiet=True)
     try:
@@ -153,7 +160,7 @@ def test_launched_server_through_gradio_client(models, tmp_path):
 
 
 def test_dit_tab_loads_a_pixart_folder_and_takes_a_prompt(tmp_path):
-    from apps.tiny_models import save_tiny
+    from mmaccel.testing import save_tiny
 
     folder = save_tiny("pixart", tmp_path / "pixart")
     pixart = DemoModels(dit=str(folder))
@@ -175,7 +182,7 @@ def zoo_models() -> DemoModels:
 
 
 def test_zoo_models_drive_every_tab(zoo_models, tmp_path):
-    from apps.zoo.shapes_data import SHAPES
+    from mmaccel.apps.zoo.shapes_data import SHAPES
 
     d = zoo_models.defaults()
     r = run_vlm_tab(zoo_models, d["vlm_image"], d["vlm_question"], budget=1.0, max_new_tokens=24)

@@ -1,4 +1,4 @@
-"""runtime.distributed: 2- and 3-rank gloo runs on CPU against single-process references.
+"""mmaccel.runtime.distributed: 2- and 3-rank gloo runs on CPU against single-process references.
 
 Ranks are separate spawned processes (not ``torch.multiprocessing.spawn``, which kills every rank
 as soon as one exits, and the failure tests need the survivors). Each rank reads the same
@@ -26,7 +26,7 @@ from unittest import mock
 import pytest
 import torch
 
-from runtime.distributed import (
+from mmaccel.runtime.distributed import (
     CommError,
     PipeChannel,
     all_gather_varlen,
@@ -458,7 +458,7 @@ def test_guard_brings_the_group_down_under_torchrun(tmp_path: Path) -> None:
         textwrap.dedent(
             """
             import torch
-            from runtime.distributed import all_gather_varlen, init_distributed
+            from mmaccel.runtime.distributed import all_gather_varlen, init_distributed
 
             ctx = init_distributed(backend="gloo", timeout_s=30)
             with ctx.guard():

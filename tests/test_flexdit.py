@@ -1,4 +1,4 @@
-"""FlexDiT layout (diffusion.flexdit) and its distillation fine-tuning (diffusion.train)."""
+"""FlexDiT layout (mmaccel.diffusion.flexdit) and its distillation fine-tuning (mmaccel.diffusion.train)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, DiTPipeline, DiTTransformer2DModel, PixArtTransformer2DModel
 
-from apps.tiny_models import call_kwargs, tiny_dit_pipeline, tiny_pixart_pipeline
-from diffusion.flexdit import (
+from mmaccel.diffusion.flexdit import (
     FlexDiTConfig,
     FlexDiTTransformer2DModel,
     PoolingformerBlock,
@@ -18,8 +17,9 @@ from diffusion.flexdit import (
     pool_tokens,
     upsample_tokens,
 )
-from diffusion.train import DistillConfig, LatentDataset, distill, distillation_loss, main
-from runtime.budget import LinearSchedule, StepSchedule
+from mmaccel.diffusion.train import DistillConfig, LatentDataset, distill, distillation_loss, main
+from mmaccel.runtime.budget import LinearSchedule, StepSchedule
+from mmaccel.testing import call_kwargs, tiny_dit_pipeline, tiny_pixart_pipeline
 
 #: 6 blocks: 1 Poolingformer, one SDTM (cross, sparse, recovery, dense), 1 dense on top.
 SMALL = FlexDiTConfig(
@@ -182,7 +182,7 @@ def test_poolingformer_attention_is_mean_of_v():
     # With identical tokens every attention row averages identical values: same as dense attention.
     x = torch.randn(2, 1, 32).expand(2, 64, 32).contiguous()
     t, y = torch.tensor([10, 900]), torch.tensor([1, 2])
-    from diffusion.flexdit import _Cond
+    from mmaccel.diffusion.flexdit import _Cond
 
     with torch.no_grad():
         got = block(x, _Cond(t, y, None, None, None))
@@ -198,7 +198,7 @@ def test_poolingformer_attention_is_mean_of_v():
         )
         gate_msa = gate.chunk(6, dim=1)[2][:, None]
         after_attn = x + gate_msa * mixed
-        from diffusion.flexdit import _modulation, _text_and_ff
+        from mmaccel.diffusion.flexdit import _modulation, _text_and_ff
 
         cond = _Cond(t, y, None, None, None)
         want = _text_and_ff(block.block, after_attn, _modulation(block.block, cond, x), cond)
@@ -320,7 +320,7 @@ def test_runs_inside_dit_pipeline_and_the_pipeline_round_trips(tmp_path):
 
     images = run(pipe)
     assert images.shape == (2, 64, 64, 3) and (images >= 0).all() and (images <= 1).all()
-    pipe.save_pretrained(tmp_path)  # model_index.json names diffusion.flexdit.FlexDiTTransformer2DModel
+    pipe.save_pretrained(tmp_path)  # model_index.json names mmaccel.diffusion.flexdit.FlexDiTTransformer2DModel
     reloaded = DiTPipeline.from_pretrained(tmp_path)
     reloaded.set_progress_bar_config(disable=True)
     assert isinstance(reloaded.transformer, FlexDiTTransformer2DModel)

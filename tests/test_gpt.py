@@ -7,8 +7,8 @@ import argparse
 import pytest
 import torch
 
-from tokenizers_img.gpt import GPT, GPTConfig, rope_2d
-from tokenizers_img.orders import proximity_mask
+from mmaccel.tokenizers_img.gpt import GPT, GPTConfig, rope_2d
+from mmaccel.tokenizers_img.orders import proximity_mask
 
 TINY = dict(vocab_size=32, dim=32, n_layer=2, n_head=2, num_classes=4, multiple_of=16)
 

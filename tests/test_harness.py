@@ -1,6 +1,8 @@
 import torch
 
-from benchmarks.harness import append_results, machine_description, markdown_table, measure
+from mmaccel.benchmarks.harness import append_results, measure
+from mmaccel.runtime.environment import machine_description
+from mmaccel.runtime.tables import markdown_table
 
 
 def test_measure_counts_calls_and_memory():

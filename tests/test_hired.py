@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from apps.tiny_models import TINY_CALL_KWARGS, tiny_image, tiny_llava, tiny_llava_next
-from runtime.budget import TokenBudget, allocate
-from vlm.cls_attention import ClsAttentionRecorder
-from vlm.hired import NEWLINE, HiREDConfig, apply_hired, select_visual_tokens
-from vlm.placeholders import shrink_placeholders
+from mmaccel.runtime.budget import TokenBudget, allocate
+from mmaccel.testing import TINY_CALL_KWARGS, tiny_image, tiny_llava, tiny_llava_next
+from mmaccel.vlm.cls_attention import ClsAttentionRecorder
+from mmaccel.vlm.hired import NEWLINE, HiREDConfig, apply_hired, select_visual_tokens
+from mmaccel.vlm.placeholders import shrink_placeholders
 
 PROMPT = TINY_CALL_KWARGS["llava"]["text"]
 PROMPT2 = "USER: <image>\nWhat color is the big disc on the left? ASSISTANT:"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.metrics import psnr, relative_l2
+from mmaccel.runtime.metrics import psnr, relative_l2
 
 
 def test_psnr_values():

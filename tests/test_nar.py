@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tokenizers_img.decoding import decode
-from tokenizers_img.gpt import GPT, GPTConfig
-from tokenizers_img.nar import generate_nar
-from tokenizers_img.orders import (
+from mmaccel.tokenizers_img.decoding import decode
+from mmaccel.tokenizers_img.gpt import GPT, GPTConfig
+from mmaccel.tokenizers_img.nar import generate_nar
+from mmaccel.tokenizers_img.orders import (
     Schedule,
     group_mask,
     nar_schedule,
@@ -16,9 +16,9 @@ from tokenizers_img.orders import (
     proximity_mask,
     raster_schedule,
 )
-from tokenizers_img.raster import generate_raster
-from tokenizers_img.sampling import SamplingConfig, sample_logits
-from tokenizers_img.train_ar import TrainConfig, ar_loss, source_indices, teacher_forced_logits, train
+from mmaccel.tokenizers_img.raster import generate_raster
+from mmaccel.tokenizers_img.sampling import SamplingConfig, sample_logits
+from mmaccel.tokenizers_img.train_ar import TrainConfig, ar_loss, source_indices, teacher_forced_logits, train
 
 TINY = dict(vocab_size=48, dim=32, n_layer=2, n_head=2, num_classes=4, multiple_of=16)
 GREEDY = SamplingConfig(greedy=True)
@@ -252,7 +252,7 @@ def test_training_loss_falls(make) -> None:
 
 def test_nar_tokens_decode_with_the_vq_tokenizer() -> None:
     """End to end: NAR indices on a non-square grid are valid codebook entries for a tiny VQ tokenizer."""
-    from tokenizers_img.vq import VQConfig, VQModel
+    from mmaccel.tokenizers_img.vq import VQConfig, VQModel
 
     torch.manual_seed(0)
     vq = VQModel(

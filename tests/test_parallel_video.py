@@ -26,8 +26,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from apps.tiny_models import load_tiny, save_tiny
-from parallel_video import (
+from mmaccel.apps.cli import main as cli_main
+from mmaccel.parallel_video import (
     ClipParallelConfig,
     ClipPlan,
     LongVideoConfig,
@@ -38,10 +38,10 @@ from parallel_video import (
     generate_long_video,
     latent_frame_count,
 )
-from parallel_video.cli import main as cli_main
-from parallel_video.layer_pipeline import LayerPipelineConfig, run_layer_pipeline
-from runtime.distributed import init_distributed
-from runtime.patching import PatchHandle
+from mmaccel.parallel_video.layer_pipeline import LayerPipelineConfig, run_layer_pipeline
+from mmaccel.runtime.distributed import init_distributed
+from mmaccel.runtime.patching import PatchHandle
+from mmaccel.testing import load_tiny, save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red car on a street"
@@ -58,11 +58,11 @@ PIPELINE_STEPS = 8  # 5 blocks x 8 steps: up to 5 blocks in flight, 40 work item
 FULL_DRIVER = textwrap.dedent(
     f"""
     import sys, torch
-    from apps.tiny_models import load_tiny
-    from parallel_video import LongVideoConfig, generate_long_video
-    from parallel_video.cli import main
-    from parallel_video.layer_pipeline import LayerPipelineConfig, run_layer_pipeline
-    from runtime.distributed import init_distributed
+    from mmaccel.testing import load_tiny
+    from mmaccel.parallel_video import LongVideoConfig, generate_long_video
+    from mmaccel.apps.cli import main
+    from mmaccel.parallel_video.layer_pipeline import LayerPipelineConfig, run_layer_pipeline
+    from mmaccel.runtime.distributed import init_distributed
 
     # the 2-rank layer pipeline first, then (same process group) the uninterrupted clip-mode CLI run
     ctx = init_distributed(timeout_s=60)
@@ -81,7 +81,7 @@ FULL_DRIVER = textwrap.dedent(
 KILL_DRIVER = textwrap.dedent(
     """
     import os, sys, time
-    import parallel_video.checkpoint as checkpoint
+    import mmaccel.parallel_video.checkpoint as checkpoint
     save_step = checkpoint.save_step
 
     def dying_save_step(directory, rank, world_size, step, *args, **kwargs):
@@ -93,7 +93,7 @@ KILL_DRIVER = textwrap.dedent(
         return path
 
     checkpoint.save_step = dying_save_step
-    from parallel_video.cli import main
+    from mmaccel.apps.cli import main
     sys.exit(main(sys.argv[1:]))
     """
 )
@@ -206,7 +206,7 @@ def test_bad_inputs_are_clear_errors(pipe, capsys):
 def test_cli_maps_arguments_to_config():
     import argparse
 
-    from parallel_video.cli import _config, add_video_parser
+    from mmaccel.apps.video import _config, add_video_parser
 
     parser = argparse.ArgumentParser()
     add_video_parser(parser.add_subparsers())
@@ -285,7 +285,7 @@ class _MaskedDualScope:
         return mask
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        from parallel_video.clip_parallel import apply_wan_rotary
+        from mmaccel.runtime.adapters.wan import apply_rotary as apply_wan_rotary
 
         def heads(x):
             return x.unflatten(2, (attn.heads, -1))
@@ -389,7 +389,7 @@ def two_rank_runs(_two_rank_launches):
     died = float((tmp / "death").read_text()) if (tmp / "death").exists() else float("nan")
     full_result = _finish(procs["full"])
     resumed = _finish(
-        _torchrun(["-m", "parallel_video.cli"], [*args, "--out", str(tmp / "resumed.mp4"), "--resume"])
+        _torchrun(["-m", "mmaccel.apps.cli"], [*args, "--out", str(tmp / "resumed.mp4"), "--resume"])
     )
     return tmp, full_result, (killed_rc, killed_out, ended - died), resumed
 

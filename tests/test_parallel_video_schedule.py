@@ -1,4 +1,4 @@
-"""parallel_video.schedule: the DualParal block/step schedule and stage split, without processes."""
+"""mmaccel.parallel_video.schedule: the DualParal block/step schedule and stage split, without processes."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from parallel_video.layer_pipeline import LayerPipelineConfig, block_noise
-from parallel_video.schedule import BlockSchedule, split_stages
+from mmaccel.parallel_video.layer_pipeline import LayerPipelineConfig, block_noise
+from mmaccel.parallel_video.schedule import BlockSchedule, split_stages
 
 
 @given(blocks=st.integers(1, 12), steps=st.integers(1, 12))

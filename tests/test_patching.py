@@ -3,7 +3,7 @@ import torch
 from diffusers.hooks import ModelHook
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
-from runtime.patching import PatchHandle
+from mmaccel.runtime.patching import PatchHandle
 
 
 class Block(torch.nn.Module):

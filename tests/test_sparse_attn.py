@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparse_attn import (
+from mmaccel.sparse_attn import (
     SparseAttentionState,
     SVG2Config,
     cluster_sparse_attention,
@@ -18,14 +18,14 @@ from sparse_attn import (
     select_clusters,
     semantic_sparse_attention,
 )
-from sparse_attn.backends import (
+from mmaccel.sparse_attn.backends import (
     ClusterLayout,
     PaddedLayout,
     flex_block_sparse,
     masked_block_sparse,
     reference_block_sparse,
 )
-from sparse_attn.kmeans import assign, inertia, random_init
+from mmaccel.sparse_attn.kmeans import assign, inertia, random_init
 
 
 def _qkv(b=1, h=2, s=96, d=16, seed=0, dtype=torch.float32):

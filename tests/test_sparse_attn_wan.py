@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from apps.tiny_models import call_kwargs, tiny_wan_pipeline
-from sparse_attn import SVG2Config, SVG2WanAttnProcessor, apply_sparse_attention, pipeline_progress
+from mmaccel.sparse_attn import SVG2Config, SVG2WanAttnProcessor, apply_sparse_attention, pipeline_progress
+from mmaccel.testing import call_kwargs, tiny_wan_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_wan_pipeline_end_to_end_dense_warmup_bit_identical(pipe):
 
 
 def test_cogvideox_joint_attention():
-    from apps.tiny_models import tiny_cogvideox_pipeline
+    from mmaccel.testing import tiny_cogvideox_pipeline
 
     model = tiny_cogvideox_pipeline().transformer
     g = torch.Generator().manual_seed(0)

@@ -8,7 +8,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from apps.tiny_models import (  # noqa: E402
+from mmaccel.testing import (  # noqa: E402
     IMAGE_TOKEN,
     TINY_BUILDERS,
     TINY_CALL_KWARGS,

@@ -5,17 +5,17 @@ import math
 import pytest
 import torch
 
-import diffusion.token_density as td
-from apps.tiny_models import (
+import mmaccel.diffusion.token_density as td
+from mmaccel.diffusion.token_density import TokenDensityConfig, apply_token_density
+from mmaccel.diffusion.token_reduce import GridPool
+from mmaccel.runtime.budget import ConstantSchedule, StepSchedule
+from mmaccel.testing import (
     call_kwargs,
     tiny_cogvideox_pipeline,
     tiny_dit_pipeline,
     tiny_pixart_pipeline,
     tiny_wan_pipeline,
 )
-from diffusion.token_density import TokenDensityConfig, apply_token_density
-from diffusion.token_reduce import GridPool
-from runtime.budget import ConstantSchedule, StepSchedule
 
 FULL = ConstantSchedule(1.0)
 QUARTER = ConstantSchedule(0.25)

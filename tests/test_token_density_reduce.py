@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusion.token_reduce import BipartiteMerge, GridPool, check_divides, pool_factors_at_most
+from mmaccel.diffusion.token_reduce import BipartiteMerge, GridPool, check_divides, pool_factors_at_most
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from tokenizers_img.train_tokenizer import load_images, main, psnr, sample_crops, train_step
-from tokenizers_img.vq import VQConfig, VQModel
+from mmaccel.tokenizers_img.train_tokenizer import load_images, main, psnr, sample_crops, train_step
+from mmaccel.tokenizers_img.vq import VQConfig, VQModel
 
 TINY = dict(
     codebook_size=32,
@@ -246,7 +246,7 @@ def test_train_script_cli(tmp_path, capsys) -> None:
 
 def test_attention_block_matches_llamagen_formula() -> None:
     """AttnBlock uses SDPA; LlamaGen writes it as bmm + softmax(q k^T / sqrt(C)) -- same numbers."""
-    from tokenizers_img.vq import AttnBlock
+    from mmaccel.tokenizers_img.vq import AttnBlock
 
     torch.manual_seed(0)
     block = AttnBlock(16, groups=8)
@@ -261,7 +261,7 @@ def test_attention_block_matches_llamagen_formula() -> None:
 
 
 def test_dead_code_restart_reseeds_unused_codes_in_training_only() -> None:
-    from tokenizers_img.vq import VectorQuantizer
+    from mmaccel.tokenizers_img.vq import VectorQuantizer
 
     torch.manual_seed(0)
     quantizer = VectorQuantizer(16, 4, 0.25, 0.0, l2_norm=True, restart_every=2)

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from apps.tiny_models import tiny_image, tiny_llava, tiny_llava_next
-from vlm.hired import HiREDConfig, apply_hired
-from vlm.steering import (
+from mmaccel.testing import tiny_image, tiny_llava, tiny_llava_next
+from mmaccel.vlm.hired import HiREDConfig, apply_hired
+from mmaccel.vlm.steering import (
     VISTAConfig,
     apply_vista,
     compute_steering_vectors,
@@ -307,7 +307,7 @@ def test_composes_with_hired_on_llava_next(llava_next, vista_first):
 
 
 def test_works_under_the_vlm_api(llava):
-    from vlm.api import load_vlm
+    from mmaccel.vlm.api import load_vlm
 
     model, processor = llava
     vlm = load_vlm(model, processor=processor)

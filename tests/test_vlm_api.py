@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from apps.tiny_models import save_tiny, tiny_image, tiny_llava
-from runtime.budget import TokenBudget
-from vlm import VLM, HiREDConfig, load_image, load_vlm
+from mmaccel.runtime.budget import TokenBudget
+from mmaccel.testing import save_tiny, tiny_image, tiny_llava
+from mmaccel.vlm import VLM, HiREDConfig, load_image, load_vlm
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_unsupported_models_are_refused(tmp_path):
 
 
 def test_vista_through_the_api_composes_with_hired(next_folder, dense):
-    from vlm import VISTAConfig
+    from mmaccel.vlm import VISTAConfig
 
     images = [tiny_image(64, 128, seed=6), tiny_image(128, 128, seed=7)]
     prompts = ["What is shown in the image?", "Describe the picture."]

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from apps.cli import main
-from apps.zoo import REGISTRY, ZOO_DIR, train_model, zoo_path
-from apps.zoo.card import DISCLAIMER, write_model_card
-from apps.zoo.digits import (
+from mmaccel.apps.cli import main
+from mmaccel.apps.zoo import REGISTRY, ZOO_DIR, train_model, zoo_path
+from mmaccel.apps.zoo.card import DISCLAIMER, write_model_card
+from mmaccel.apps.zoo.digits import (
     DigitClassifier,
     classifier_accuracy,
     digit_images,
@@ -21,7 +21,7 @@ from apps.zoo.digits import (
 
 
 def test_registry_modules_expose_the_contract():
-    from apps.zoo import zoo_module
+    from mmaccel.apps.zoo import zoo_module
 
     for name in REGISTRY:
         module = zoo_module(name)
@@ -56,14 +56,14 @@ def test_cli_path_and_list(capsys):
 
 
 def test_cli_missing_weights_is_one_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("apps.zoo.ZOO_DIR", tmp_path)
+    monkeypatch.setattr("mmaccel.apps.zoo.ZOO_DIR", tmp_path)
     assert main(["zoo", "path", "digits-dit"]) == 2
     err = capsys.readouterr().err
     assert "mmaccel zoo train digits-dit" in err and "Traceback" not in err
 
 
 def test_cli_train_writes_a_loadable_model(tmp_path, capsys, monkeypatch):
-    import apps.zoo.digits as digits
+    import mmaccel.apps.zoo.digits as digits
 
     real_train = digits.train
     monkeypatch.setattr(digits, "train", lambda output, **kw: real_train(output, steps=5, **kw))

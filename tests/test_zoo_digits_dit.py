@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from apps.zoo import digits_dit, zoo_path
-from apps.zoo.digits import classifier_accuracy, load_digit_classifier
-from diffusion.token_density import TokenDensityConfig, apply_token_density
-from runtime.budget import ConstantSchedule
+from mmaccel.apps.zoo import digits_dit, zoo_path
+from mmaccel.apps.zoo.digits import classifier_accuracy, load_digit_classifier
+from mmaccel.diffusion.token_density import TokenDensityConfig, apply_token_density
+from mmaccel.runtime.budget import ConstantSchedule
 
 LABELS = list(range(10)) * 2
 FEW_STEPS = dict(num_inference_steps=10, guidance_scale=digits_dit.SAMPLING["guidance_scale"])

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from apps.zoo import digits_nar, zoo_path
-from apps.zoo.card import DISCLAIMER
-from apps.zoo.digits import classifier_accuracy, digit_images, digit_split, load_digit_classifier
-from runtime.metrics import psnr
-from tokenizers_img.gpt import GPT
-from tokenizers_img.vq import VQModel
+from mmaccel.apps.zoo import digits_nar, zoo_path
+from mmaccel.apps.zoo.card import DISCLAIMER
+from mmaccel.apps.zoo.digits import classifier_accuracy, digit_images, digit_split, load_digit_classifier
+from mmaccel.runtime.metrics import psnr
+from mmaccel.tokenizers_img.gpt import GPT
+from mmaccel.tokenizers_img.vq import VQModel
 
 # Thresholds: the measured values with margin (see the model card in apps/zoo/models/digits-nar).
 MIN_PSNR_DB = 28.0  # measured: 30.41 dB on these 64 test digits (30.48 on all 360)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from apps.zoo import moving_digits as md
-from apps.zoo import zoo_path
+from mmaccel.apps.zoo import moving_digits as md
+from mmaccel.apps.zoo import zoo_path
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_generated_videos_move_as_prompted(pipe):
 
 
 def test_svg2_at_full_density_reproduces_dense(pipe):
-    from sparse_attn import SVG2Config, apply_sparse_attention
+    from mmaccel.sparse_attn import SVG2Config, apply_sparse_attention
 
     dense = md.generate(pipe, [2], ["up"], seed=1, num_inference_steps=3)
     config = SVG2Config(num_q_clusters=8, num_k_clusters=16, top_p=1.0, min_kc_ratio=1.0, dense_steps=0.0,

@@ -7,11 +7,20 @@ import pytest
 import torch
 from scipy import ndimage
 
-from apps.zoo import zoo_path
-from apps.zoo.shapes_data import COLOURS, SIZES, Scene, ShapeObject, caption, draw_scene, make_scene, question
-from apps.zoo.shapes_vlm import _training_batch, build, caption_scores, eval_set, evaluate, load
-from runtime.budget import TokenBudget
-from vlm import HiREDConfig, load_vlm
+from mmaccel.apps.zoo import zoo_path
+from mmaccel.apps.zoo.shapes_data import (
+    COLOURS,
+    SIZES,
+    Scene,
+    ShapeObject,
+    caption,
+    draw_scene,
+    make_scene,
+    question,
+)
+from mmaccel.apps.zoo.shapes_vlm import _training_batch, build, caption_scores, eval_set, evaluate, load
+from mmaccel.runtime.budget import TokenBudget
+from mmaccel.vlm import HiREDConfig, load_vlm
 
 #: Measured on the committed weights over the 200 held-out questions: 0.58 overall, 0.725 on
 #: "how many shapes are there?" and 0.65 on "what shape is the X object?" (apps/zoo/models/
@@ -69,7 +78,7 @@ def test_caption_scores_count_hallucinations_exactly():
 
 
 def test_vision_pretraining_targets_follow_the_objects():
-    from apps.zoo.shapes_vlm import _patch_example, pretrain_vision
+    from mmaccel.apps.zoo.shapes_vlm import _patch_example, pretrain_vision
 
     model, processor = build(0)
     rng = np.random.default_rng(3)

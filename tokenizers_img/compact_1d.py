@@ -22,7 +22,7 @@ from einops import rearrange
 from safetensors.torch import save_file
 from torch import nn
 
-from tokenizers_img.vq import (
+from mmaccel.tokenizers_img.vq import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     VectorQuantizer,
@@ -52,7 +52,7 @@ class Compact1DConfig:
     ``quantizer="fsq"`` uses ``fsq_levels`` (codebook = their product, token dim = their count);
     ``"vq"`` uses an L2-normalised ``codebook_size`` x ``token_dim`` codebook with
     ``commit_beta`` and, if ``dead_code_restart > 0``, dead-code restarts (see
-    :class:`~tokenizers_img.vq.VQConfig`). ``nested_dropout`` trains every prefix length 1..K.
+    :class:`~mmaccel.tokenizers_img.vq.VQConfig`). ``nested_dropout`` trains every prefix length 1..K.
     """
 
     image_size: int = 256

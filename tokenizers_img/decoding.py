@@ -1,6 +1,6 @@
 """The decoding engine shared by raster, NAR and PAR-style orders.
 
-:func:`decode` runs a :class:`~tokenizers_img.orders.Schedule` on a :class:`~tokenizers_img.gpt.GPT`:
+:func:`decode` runs a :class:`~mmaccel.tokenizers_img.orders.Schedule` on a :class:`~mmaccel.tokenizers_img.gpt.GPT`:
 each step is one forward pass that writes the fed tokens' keys/values into a static KV cache at
 their raster positions, attends under the schedule's group mask, assembles each target's
 logits from the row head, the column head or their mean, applies CFG and samples. With
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from tokenizers_img.gpt import GPT
-from tokenizers_img.orders import Schedule, Step
-from tokenizers_img.sampling import SamplingConfig, apply_cfg, sample_logits
+from mmaccel.tokenizers_img.gpt import GPT
+from mmaccel.tokenizers_img.orders import Schedule, Step
+from mmaccel.tokenizers_img.sampling import SamplingConfig, apply_cfg, sample_logits
 
 __all__ = ["Decoded", "decode"]
 

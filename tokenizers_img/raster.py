@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from tokenizers_img.decoding import Decoded, decode
-from tokenizers_img.gpt import GPT
-from tokenizers_img.orders import raster_schedule
-from tokenizers_img.sampling import SamplingConfig
+from mmaccel.tokenizers_img.decoding import Decoded, decode
+from mmaccel.tokenizers_img.gpt import GPT
+from mmaccel.tokenizers_img.orders import raster_schedule
+from mmaccel.tokenizers_img.sampling import SamplingConfig
 
 __all__ = ["generate_raster"]
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.budget import top_p_mask
+from mmaccel.runtime.budget import top_p_mask
 
 __all__ = ["SamplingConfig", "apply_cfg", "sample_logits"]
 

@@ -6,7 +6,7 @@ does: from the row head of the fed token the schedule names, the column head, or
 (He et al., "Neighboring Autoregressive Modeling for Efficient Visual Generation", 2025).
 So a greedy decode reproduces the argmax of these logits on its own output.
 
-``python -m tokenizers_img.train_ar`` trains tiny raster and NAR models on scikit-learn's
+``python -m mmaccel.tokenizers_img.train_ar`` trains tiny raster and NAR models on scikit-learn's
 8x8 digits (pixel intensities 0..16 as tokens, digit as class) and reports held-out NLL and how
 often a digit classifier recognises the requested class in generated samples.
 """
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from tokenizers_img.gpt import GPT, GPTConfig
-from tokenizers_img.orders import Schedule, nar_schedule, raster_schedule
+from mmaccel.tokenizers_img.gpt import GPT, GPTConfig
+from mmaccel.tokenizers_img.orders import Schedule, nar_schedule, raster_schedule
 
 __all__ = [
     "TrainConfig",
@@ -155,9 +155,9 @@ def tiny_digit_gpt(seed: int = 0) -> GPT:
 def main(argv: list[str] | None = None) -> None:
     from sklearn.linear_model import LogisticRegression
 
-    from benchmarks.harness import markdown_table
-    from tokenizers_img.decoding import decode
-    from tokenizers_img.sampling import SamplingConfig
+    from mmaccel.runtime.tables import markdown_table
+    from mmaccel.tokenizers_img.decoding import decode
+    from mmaccel.tokenizers_img.sampling import SamplingConfig
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300)

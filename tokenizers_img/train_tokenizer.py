@@ -4,8 +4,8 @@ Data: random crops of 12 ``skimage.data`` images (``chelsea`` held out for evalu
 scikit-learn's 8x8 digits (the last 297 held out). The loss is pixel MSE plus the quantiser
 losses; LlamaGen's LPIPS and GAN terms are left out (they need pretrained VGG weights).
 
-    python -m tokenizers_img.train_tokenizer --model vq --steps 200
-    python -m tokenizers_img.train_tokenizer --model compact1d --steps 200 --out /tmp/tok
+    python -m mmaccel.tokenizers_img.train_tokenizer --model vq --steps 200
+    python -m mmaccel.tokenizers_img.train_tokenizer --model compact1d --steps 200 --out /tmp/tok
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from runtime import metrics
-from tokenizers_img.compact_1d import Compact1DConfig, Compact1DTokenizer
-from tokenizers_img.vq import VQConfig, VQModel
+from mmaccel.runtime import metrics
+from mmaccel.tokenizers_img.compact_1d import Compact1DConfig, Compact1DTokenizer
+from mmaccel.tokenizers_img.vq import VQConfig, VQModel
 
 __all__ = [
     "SKIMAGE_TRAIN",

@@ -2,7 +2,7 @@
 
 Wraps a LLaVA-1.5 / LLaVA-NeXT model and its own processor (chat template when it has one),
 batches any number of (image, prompt) pairs with left padding, optionally applies HiRED
-(:func:`vlm.hired.apply_hired`), and reports per sample the visual tokens before / after
+(:func:`mmaccel.vlm.hired.apply_hired`), and reports per sample the visual tokens before / after
 dropping, the partitions, time to first token, decode speed and peak memory.
 """
 
@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from vlm.hired import SUPPORTED_MODELS, HiREDConfig, HiREDHandle, apply_hired
-from vlm.steering import VISTAConfig, VISTAHandle, apply_vista
+from mmaccel.vlm.hired import SUPPORTED_MODELS, HiREDConfig, HiREDHandle, apply_hired
+from mmaccel.vlm.steering import VISTAConfig, VISTAHandle, apply_vista
 
 __all__ = ["VLM", "VLMOutput", "SampleStats", "StepClock", "load_vlm", "load_image"]
 
@@ -226,8 +226,8 @@ def load_vlm(
 
     ``path_or_model``: a local folder / Hub id saved with ``save_pretrained`` (model and
     processor), or a model instance together with ``processor``. ``hired``: a
-    :class:`~vlm.hired.HiREDConfig` to drop visual tokens, ``None`` for the dense model.
-    ``vista``: a :class:`~vlm.steering.VISTAConfig` to steer against hallucination.
+    :class:`~mmaccel.vlm.hired.HiREDConfig` to drop visual tokens, ``None`` for the dense model.
+    ``vista``: a :class:`~mmaccel.vlm.steering.VISTAConfig` to steer against hallucination.
     """
     if isinstance(path_or_model, torch.nn.Module):
         if processor is None:

@@ -4,7 +4,7 @@ Arif et al., "Fixing Imbalanced Attention to Mitigate In-Context Hallucination o
 Vision-Language Model" (PAINT, 2025).
 
 * **Dual-stream token selection** from the vision tower's [CLS] attention (computed from the
-  layers' q/k projections, :mod:`vlm.cls_attention`): "local" tokens are the top
+  layers' q/k projections, :mod:`mmaccel.vlm.cls_attention`): "local" tokens are the top
   ``local_ratio`` of an image's tokens by early-layer attention, minus the "summary" tokens,
   the IQR outliers (``> Q3 + iqr_factor * IQR``) of late-layer attention.
 * **Head-specific modulation**: in LLM layers ``start_layer..L-1`` the pre-softmax logits
@@ -32,9 +32,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from runtime.budget import TokenBudget
-from runtime.patching import PatchHandle
-from vlm.cls_attention import ClsAttentionRecorder
+from mmaccel.runtime.budget import TokenBudget
+from mmaccel.runtime.patching import PatchHandle
+from mmaccel.vlm.cls_attention import ClsAttentionRecorder
 
 __all__ = [
     "ATTENTION_NAME",
@@ -367,7 +367,7 @@ def _register() -> None:
 
 
 class AttentionBalanceHandle(PatchHandle):
-    """A :class:`~runtime.patching.PatchHandle` exposing the last prompt's streams and head weights."""
+    """A :class:`~mmaccel.runtime.patching.PatchHandle` exposing the last prompt's streams and head weights."""
 
     balance: _BalancePatch
 

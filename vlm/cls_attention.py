@@ -38,7 +38,7 @@ class ClsAttentionRecorder:
     ``attentions`` are the tower's attention modules (each with ``q_proj``, ``k_proj``,
     ``num_heads``, ``scale``); ``layers`` the indices to record. After a forward,
     ``scores[i]`` is the (B, N) row of layer ``i`` (heads summed). Hooks are returned by
-    :meth:`install` for the caller's :class:`~runtime.patching.PatchHandle` to own.
+    :meth:`install` for the caller's :class:`~mmaccel.runtime.patching.PatchHandle` to own.
     """
 
     def __init__(self, attentions: Sequence[nn.Module], layers: Sequence[int]) -> None:

@@ -4,12 +4,12 @@ Arif et al., "HiRED: Attention-Guided Token Dropping for Efficient Inference of
 High-Resolution Vision-Language Models" (AAAI 2025). For each image, a budget ``B`` of its
 visual tokens is kept: the base image gets ``floor(alpha * B)`` (capped by its size), the rest
 is split over the anyres crops in proportion to their early-layer [CLS]-attention mass
-(:func:`runtime.budget.allocate`: exact, capacity-aware), and inside every partition the tokens
+(:func:`mmaccel.runtime.budget.allocate`: exact, capacity-aware), and inside every partition the tokens
 with the highest [CLS] attention at the feature layer are kept, in their original order.
 
 Differences from the public code, on purpose: the budget is used exactly (no flooring loss),
 crops are the real 2-D tiles (after LLaVA-NeXT's unpadding), the [CLS] row is computed from the
-layer's q/k projections without an attention matrix (:mod:`vlm.cls_attention`), batches of
+layer's q/k projections without an attention matrix (:mod:`mmaccel.vlm.cls_attention`), batches of
 images with different partition counts work, and ``image_newline`` is kept after every row of
 the crop grid that keeps at least one token (``keep_newlines=True``; the public code drops all).
 Newlines are layout markers, not visual tokens: they do not count against the budget.
@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from runtime.budget import TokenBudget, allocate
-from runtime.patching import PatchHandle
-from vlm.cls_attention import ClsAttentionRecorder
-from vlm.placeholders import shrink_placeholders
+from mmaccel.runtime.budget import TokenBudget, allocate
+from mmaccel.runtime.patching import PatchHandle
+from mmaccel.vlm.cls_attention import ClsAttentionRecorder
+from mmaccel.vlm.placeholders import shrink_placeholders
 
 __all__ = [
     "HiREDConfig",
@@ -360,7 +360,7 @@ class HiREDPatch:
 
 
 class HiREDHandle(PatchHandle):
-    """A :class:`~runtime.patching.PatchHandle` that also exposes the last selections."""
+    """A :class:`~mmaccel.runtime.patching.PatchHandle` that also exposes the last selections."""
 
     hired: HiREDPatch
 

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import slice_logits_to_keep
 
-from runtime.patching import PatchHandle
-from vlm.placeholders import padding_side_of, shrink_placeholders
+from mmaccel.runtime.patching import PatchHandle
+from mmaccel.vlm.placeholders import padding_side_of, shrink_placeholders
 
 __all__ = [
     "VISTAConfig",
@@ -350,7 +350,7 @@ class _VISTAPatch:
 
 
 class VISTAHandle(PatchHandle):
-    """A :class:`~runtime.patching.PatchHandle` with VISTA's steering controls."""
+    """A :class:`~mmaccel.runtime.patching.PatchHandle` with VISTA's steering controls."""
 
     vista: _VISTAPatch
 
@@ -387,7 +387,7 @@ def apply_vista(model: nn.Module, config: VISTAConfig | None = None) -> VISTAHan
     Forward hooks on every decoder layer's ``mlp`` (VSV injection, when ``lam > 0``) and on the
     SLA window's decoder layers, a pre-hook on ``lm_head`` (SLA, when ``gamma > 0``), and a
     pre-hook on the model that computes the VSV at each new sequence with an image. Composes with
-    :func:`vlm.hired.apply_hired` in either order.
+    :func:`mmaccel.vlm.hired.apply_hired` in either order.
     """
     config = VISTAConfig() if config is None else config
     if not isinstance(config, VISTAConfig):

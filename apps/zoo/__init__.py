@@ -21,11 +21,11 @@ ZOO_DIR = Path(__file__).resolve().parent / "models"
 
 #: name -> module with ``NAME``, ``train(output, *, seed, progress)`` and ``load(path=None, ...)``.
 REGISTRY: dict[str, str] = {
-    "digit-classifier": "apps.zoo.digits",
-    "digits-dit": "apps.zoo.digits_dit",
-    "moving-digits": "apps.zoo.moving_digits",
-    "shapes-vlm": "apps.zoo.shapes_vlm",
-    "digits-nar": "apps.zoo.digits_nar",
+    "digit-classifier": "mmaccel.apps.zoo.digits",
+    "digits-dit": "mmaccel.apps.zoo.digits_dit",
+    "moving-digits": "mmaccel.apps.zoo.moving_digits",
+    "shapes-vlm": "mmaccel.apps.zoo.shapes_vlm",
+    "digits-nar": "mmaccel.apps.zoo.digits_nar",
 }
 
 

@@ -35,7 +35,7 @@ def write_model_card(
     limitations: str = "",
 ) -> Path:
     """Write ``output/README.md`` for zoo entry ``name`` and return its path."""
-    from benchmarks.harness import machine_description
+    from mmaccel.runtime.environment import machine_description
 
     for field, text in (("name", name), ("summary", summary), ("architecture", architecture),
                         ("data", data), ("training", training)):  # fmt: skip
@@ -54,7 +54,7 @@ def write_model_card(
     if limitations.strip():
         sections.append(f"## Limitations\n\n{limitations.strip()}")
     sections.append(
-        "## Load\n\n```python\nfrom apps.zoo import zoo_path\n"
+        "## Load\n\n```python\nfrom mmaccel.apps.zoo import zoo_path\n"
         f'path = zoo_path("{name}")  # pass to the classes\' from_pretrained\n```'
     )
     path = Path(output) / "README.md"

@@ -7,7 +7,7 @@ import json
 import time
 from typing import Any
 
-from apps.zoo import REGISTRY, ZOO_DIR, train_model, zoo_path
+from mmaccel.apps.zoo import REGISTRY, ZOO_DIR, train_model, zoo_path
 
 __all__ = ["add_zoo_parser"]
 

@@ -81,7 +81,7 @@ class DigitClassifier(nn.Module, PyTorchModelHubMixin):
 
 def load(path: str | Path | None = None, *, device: str | torch.device = "cpu") -> DigitClassifier:
     """The committed classifier (or one at ``path``) in eval mode."""
-    from apps.zoo import zoo_path
+    from mmaccel.apps.zoo import zoo_path
 
     model = DigitClassifier.from_pretrained(str(zoo_path(NAME) if path is None else path))
     return model.to(device).eval()
@@ -126,7 +126,7 @@ def _shift(images: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> to
 
 def train(output: Path, *, seed: int = 0, progress: bool = True, steps: int = 1500) -> dict[str, object]:
     """Train on the 1,437 training digits (random shifts), save to ``output``, return test accuracy."""
-    from apps.zoo.card import write_model_card
+    from mmaccel.apps.zoo.card import write_model_card
 
     start = time.perf_counter()
     images, labels = digit_images(32)

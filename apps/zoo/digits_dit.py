@@ -4,12 +4,12 @@ A tiny ``AutoencoderKL`` (1-channel 32x32 digits -> 4 x 8 x 8 latents) and a
 ``DiTTransformer2DModel`` (Peebles & Xie, "Scalable Diffusion Models with Transformers",
 arXiv:2212.09748) with patch size 1, so every forward sees a real 8x8 grid of 64 tokens for
 token pooling and merging. Both are trained here from scratch on the 1,437 training digits of
-`apps.zoo.digits.digit_split`; the folder loads with ``DiTPipeline.from_pretrained`` and
+`mmaccel.apps.zoo.digits.digit_split`; the folder loads with ``DiTPipeline.from_pretrained`` and
 ``pipe.get_label_ids(["three"])`` works. Sample quality is measured with the zoo's digit
 classifier: accuracy on the requested classes and feature Frechet distance to the 360 test
 digits.
 
-    from apps.zoo import digits_dit
+    from mmaccel.apps.zoo import digits_dit
     pipe = digits_dit.load()
     images = pipe(pipe.get_label_ids(["three", "seven"]), **digits_dit.SAMPLING, output_type="pt").images
 """
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from apps.zoo.digits import (
+from mmaccel.apps.zoo.digits import (
     classifier_accuracy,
     digit_images,
     digit_split,
@@ -166,7 +166,7 @@ def sample_metrics(
     the same noise from another model, e.g. the dense one) also PSNR and mean SSIM against it."""
     from skimage.metrics import structural_similarity
 
-    from runtime.metrics import psnr
+    from mmaccel.runtime.metrics import psnr
 
     clf = load_digit_classifier() if classifier is None else classifier
     images, _ = digit_images(32)
@@ -302,7 +302,7 @@ def train(
 ) -> dict[str, float | int | str]:
     """Train the VAE, then the DiT on its latents, save the pipeline to ``output`` with a model
     card, and return the quality metrics. The defaults produce the committed weights."""
-    from apps.zoo.card import write_model_card
+    from mmaccel.apps.zoo.card import write_model_card
 
     _check_int("seed", seed, 0)
     _check_int("vae_steps", vae_steps, 1)
@@ -354,7 +354,7 @@ def train(
         "epsilon prediction, no learned sigma); `DPMSolverMultistepScheduler` over DDPM linear betas (1000 steps). "
         "Class 1000 is the null label for classifier-free guidance, as in DiT.",
         data="scikit-learn `load_digits` (1,797 8x8 images) bilinearly upsampled to 32x32 "
-        "(`apps.zoo.digits.digit_images`); the 1,437 training digits of `digit_split()`, no augmentation.",
+        "(`mmaccel.apps.zoo.digits.digit_images`); the 1,437 training digits of `digit_split()`, no augmentation.",
         training=f"VAE: {vae_steps} AdamW steps, batch 64, lr 2e-3 one-cycle, MSE + 1e-6 KL. DiT: on the VAE "
         f"posterior (mean + std noise), {dit_steps} AdamW steps, batch 128, lr 1e-3 one-cycle, "
         "grad clip 1, 10% label dropout, uniform timesteps, EMA 0.995 (saved). "
@@ -375,7 +375,7 @@ def load(
     mode with the progress bar off."""
     from diffusers import DiTPipeline
 
-    from apps.zoo import zoo_path
+    from mmaccel.apps.zoo import zoo_path
 
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")

@@ -1,7 +1,7 @@
 """Zoo entry ``digits-nar``: a 2-D VQ tokenizer and two class-conditional token GPTs on digits.
 
-The repo's LlamaGen-architecture :class:`~tokenizers_img.vq.VQModel` turns 32x32 digits into an
-8x8 grid of 64 codes; two LlamaGen-style :class:`~tokenizers_img.gpt.GPT` models of equal depth
+The repo's LlamaGen-architecture :class:`~mmaccel.tokenizers_img.vq.VQModel` turns 32x32 digits into an
+8x8 grid of 64 codes; two LlamaGen-style :class:`~mmaccel.tokenizers_img.gpt.GPT` models of equal depth
 generate such grids per class: one trained with the NAR objective (He et al., "Neighboring
 Autoregressive Modeling for Efficient Visual Generation", 2025; row and column heads, proximity
 mask, 15 forward passes for 8x8) and one with the raster objective (64 forward passes). The NAR
@@ -9,7 +9,7 @@ model cannot stand in for the raster one: its row head never learnt to predict t
 the next row, and in raster order its held-out bits/token are far worse (``evaluate`` reports
 both), hence two models.
 
-Sample quality is measured with the zoo's digit classifier (:mod:`apps.zoo.digits`): accuracy on
+Sample quality is measured with the zoo's digit classifier (:mod:`mmaccel.apps.zoo.digits`): accuracy on
 the requested class and the Frechet distance of its features to the 360 held-out digits.
 """
 
@@ -23,22 +23,22 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from apps.zoo.digits import (
+from mmaccel.apps.zoo.digits import (
     classifier_accuracy,
     digit_images,
     digit_split,
     frechet_distance,
     load_digit_classifier,
 )
-from runtime.metrics import psnr
-from tokenizers_img.decoding import Decoded, decode
-from tokenizers_img.gpt import GPT, GPTConfig
-from tokenizers_img.orders import Schedule, nar_schedule, raster_schedule
-from tokenizers_img.sampling import SamplingConfig
-from tokenizers_img.train_ar import TrainConfig, ar_loss
-from tokenizers_img.train_ar import train as train_gpt
-from tokenizers_img.train_tokenizer import train as train_vq
-from tokenizers_img.vq import VQConfig, VQModel
+from mmaccel.runtime.metrics import psnr
+from mmaccel.tokenizers_img.decoding import Decoded, decode
+from mmaccel.tokenizers_img.gpt import GPT, GPTConfig
+from mmaccel.tokenizers_img.orders import Schedule, nar_schedule, raster_schedule
+from mmaccel.tokenizers_img.sampling import SamplingConfig
+from mmaccel.tokenizers_img.train_ar import TrainConfig, ar_loss
+from mmaccel.tokenizers_img.train_ar import train as train_gpt
+from mmaccel.tokenizers_img.train_tokenizer import train as train_vq
+from mmaccel.tokenizers_img.vq import VQConfig, VQModel
 
 __all__ = [
     "NAME",
@@ -200,7 +200,7 @@ def evaluate(
 
 def train(output: Path, *, seed: int = 0, progress: bool = True) -> dict[str, float | int | str]:
     """Train the tokenizer, then the NAR and raster GPTs on its token grids; save to ``output``."""
-    from apps.zoo.card import write_model_card
+    from mmaccel.apps.zoo.card import write_model_card
 
     start, cpu_start = time.perf_counter(), time.process_time()
     output = Path(output)
@@ -238,7 +238,7 @@ def train(output: Path, *, seed: int = 0, progress: bool = True) -> dict[str, fl
         f"(L2-normalised), {params['VQ']:,} parameters. GPTs: dim 64, 4 heads, SwiGLU, 2-D RoPE, "
         f"class token with a null class for CFG; NAR = 4 trunk blocks + 1 column block "
         f"({params['nar']:,} parameters), raster = 5 blocks ({params['raster']:,} parameters).",
-        data="scikit-learn `load_digits` at 32x32 in [0, 1] (`apps.zoo.digits.digit_images`), the 1,437 "
+        data="scikit-learn `load_digits` at 32x32 in [0, 1] (`mmaccel.apps.zoo.digits.digit_images`), the 1,437 "
         "training digits of `digit_split()`; the GPTs see their token grids at all 9 shifts of up to "
         "1 px (12,933 grids). All metrics use the 360 held-out digits.",
         training=f"VQ: Adam lr {_VQ_LR} (cosine), batch {_VQ_BATCH}, {_VQ_STEPS} steps, pixel MSE + "
@@ -260,7 +260,7 @@ def load(
     path: str | Path | None = None, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> DigitsNAR:
     """The committed models (or those under ``path``) on ``device`` in ``dtype``, eval mode."""
-    from apps.zoo import zoo_path
+    from mmaccel.apps.zoo import zoo_path
 
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")

@@ -203,7 +203,7 @@ def load(
     """``WanPipeline.from_pretrained`` of the committed model (or ``path``), in eval mode."""
     from diffusers import WanPipeline
 
-    from apps.zoo import zoo_path
+    from mmaccel.apps.zoo import zoo_path
 
     if path is not None and not isinstance(path, (str, Path)):
         raise TypeError(f"path must be a str, Path or None, got {type(path).__name__}")
@@ -261,7 +261,7 @@ def classify_videos(videos: torch.Tensor, classifier: Any | None = None) -> tupl
     """(digit ``[N]``, direction index ``[N]``) of grey ``videos`` ``[N, F, H, W]`` in [0, 1]: the zoo
     digit classifier's log-probabilities summed over the frames' sprite crops, and the direction
     closest to the measured motion."""
-    from apps.zoo.digits import load_digit_classifier
+    from mmaccel.apps.zoo.digits import load_digit_classifier
 
     _check_videos(videos)
     clf = load_digit_classifier() if classifier is None else classifier
@@ -309,7 +309,7 @@ def _all_prompts() -> tuple[list[int], list[str]]:
 @torch.no_grad()
 def vae_psnr(pipe: Any, videos: torch.Tensor) -> float:
     """PSNR (dB, [0, 1] range) of the VAE's reconstruction (posterior mean) of grey ``videos``."""
-    from runtime.metrics import psnr
+    from mmaccel.runtime.metrics import psnr
 
     _check_videos(videos)
     vae = pipe.vae
@@ -320,7 +320,7 @@ def vae_psnr(pipe: Any, videos: torch.Tensor) -> float:
 
 def _test_videos(count: int = 80, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Real videos of held-out digits (test split), every direction equally often."""
-    from apps.zoo.digits import digit_images, digit_split
+    from mmaccel.apps.zoo.digits import digit_images, digit_split
 
     images, labels = digit_images(SPRITE)
     _, test_idx = digit_split()
@@ -342,7 +342,7 @@ def evaluate(
     """Quality of ``pipe``: 40 generated videos (every digit x direction prompt once) scored by
     `classify_videos`, the same scores on 80 real held-out videos (the scorer's ceiling), and
     the VAE's reconstruction PSNR on those real videos."""
-    from apps.zoo.digits import load_digit_classifier
+    from mmaccel.apps.zoo.digits import load_digit_classifier
 
     clf = load_digit_classifier() if classifier is None else classifier
     digits, directions = _all_prompts()
@@ -505,8 +505,8 @@ def _train_transformer(
 def train(output: Path, *, seed: int = 0, progress: bool = True) -> dict[str, float | int | str]:
     """Train the VAE, then the transformer (text encoder frozen at its seeded init), save the
     ``WanPipeline`` to ``output`` with ``save_pretrained``, evaluate, write the model card."""
-    from apps.zoo.card import write_model_card
-    from apps.zoo.digits import digit_images, digit_split
+    from mmaccel.apps.zoo.card import write_model_card
+    from mmaccel.apps.zoo.digits import digit_images, digit_split
 
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
@@ -569,7 +569,7 @@ def train(output: Path, *, seed: int = 0, progress: bool = True) -> dict[str, fl
         ),
         data=(
             "Drawn by the script: 24 px sprites of the 1,437 training digits of scikit-learn `load_digits` "
-            "(`apps.zoo.digits.digit_split`), centred in frame 0 and moved 2 px per frame left, right, up "
+            "(`mmaccel.apps.zoo.digits.digit_split`), centred in frame 0 and moved 2 px per frame left, right, up "
             "or down with wrap-around. The VAE also sees random start positions. Evaluation uses the 360 "
             "held-out digits."
         ),

@@ -7,7 +7,7 @@ anti-aliasing so every object pixel has exactly its colour. Sizes 64x64, 64x128,
 ground-truth object list gives the canonical caption ("two red circles and one blue square.")
 and exact answers to the question templates below, so CHAIR and QA accuracy need no annotator.
 
-    from apps.zoo.shapes_data import make_scene, caption, questions
+    from mmaccel.apps.zoo.shapes_data import make_scene, caption, questions
     scene = make_scene(np.random.default_rng(0))
     caption(scene.objects), questions(scene.objects, np.random.default_rng(1))
 """

@@ -1,5 +1,5 @@
 """Shapes VLM: a small LLaVA-NeXT trained from scratch to caption and answer questions about
-procedural scenes of coloured shapes (:mod:`apps.zoo.shapes_data`).
+procedural scenes of coloured shapes (:mod:`mmaccel.apps.zoo.shapes_data`).
 
 Real ``LlavaNextForConditionalGeneration`` (CLIP vision tower with [CLS], anyres partitions,
 ``image_newline``, a Llama language model) + ``LlavaNextProcessor`` with a word-level Unigram
@@ -7,8 +7,8 @@ tokenizer, so HiRED and VISTA run on a model whose attention has learned where t
 Ground-truth object lists make the quality figures exact: QA accuracy (exact match), and CHAIR
 (Rohrbach et al., EMNLP 2018) on captions with the 16 colour+shape categories.
 
-    from apps.zoo.shapes_vlm import evaluate, load
-    from vlm import load_vlm
+    from mmaccel.apps.zoo.shapes_vlm import evaluate, load
+    from mmaccel.vlm import load_vlm
     model, processor = load()
     print(evaluate(load_vlm(model, processor=processor), n_questions=20, n_captions=10))
 """
@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from apps.tiny_models import LLAVA_CHAT_TEMPLATE, TinyVLM
-from apps.zoo.shapes_data import (
+from mmaccel.apps.zoo.shapes_data import (
     CAPTION_PROMPT,
     COLOURS,
     QUESTION_KINDS,
@@ -46,6 +45,7 @@ from apps.zoo.shapes_data import (
     question,
     questions,
 )
+from mmaccel.testing import LLAVA_CHAT_TEMPLATE, TinyVLM
 
 __all__ = [
     "EVAL_SEED",
@@ -150,7 +150,7 @@ def load(
     """The committed Shapes VLM (or the one saved at ``path``) as ``(model, processor)``, eval mode."""
     from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
 
-    from apps.zoo import zoo_path
+    from mmaccel.apps.zoo import zoo_path
 
     if path is not None and not isinstance(path, (str, Path)):
         raise TypeError(f"path must be a str, a Path or None, got {type(path).__name__}")
@@ -257,7 +257,7 @@ def caption_scores(captions: Sequence[str], scenes: Sequence[Scene]) -> dict[str
     they show in ``caption exact match`` (the whole canonical caption, counts included).
     Recall = ground-truth categories mentioned / ground-truth categories, over all captions.
     """
-    from vlm.eval.chair import chair
+    from mmaccel.vlm.eval.chair import chair
 
     if len(captions) != len(scenes):
         raise ValueError(f"need one scene per caption, got {len(captions)} and {len(scenes)}")
@@ -290,13 +290,13 @@ def _generate(
 def evaluate(
     vlm: Any, *, n_questions: int = 200, n_captions: int = 100, batch_size: int = 16, seed: int = EVAL_SEED
 ) -> dict[str, float]:
-    """Greedy answers of ``vlm`` (a :class:`vlm.api.VLM`, with or without HiRED / VISTA) on the
+    """Greedy answers of ``vlm`` (a :class:`mmaccel.vlm.api.VLM`, with or without HiRED / VISTA) on the
     held-out `eval_set`: QA accuracy (exact match after lower-casing and dropping ``.?``), per
     question kind, the :func:`caption_scores` of the captions, and mean visual tokens per image."""
-    from vlm.api import VLM
+    from mmaccel.vlm.api import VLM
 
     if not isinstance(vlm, VLM):
-        raise TypeError(f"vlm must be a vlm.api.VLM (see vlm.load_vlm), got {type(vlm).__name__}")
+        raise TypeError(f"vlm must be a mmaccel.vlm.api.VLM (see vlm.load_vlm), got {type(vlm).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     qa, caps = eval_set(n_questions, n_captions, seed)
@@ -400,8 +400,8 @@ def train(
 ) -> dict[str, float | int | str]:
     """Train from scratch on fresh scenes (AdamW, warm-up + cosine, loss on answer tokens only,
     teacher forcing), evaluate on the held-out set, save model + processor and the model card."""
-    from apps.zoo.card import write_model_card
-    from vlm.api import load_vlm
+    from mmaccel.apps.zoo.card import write_model_card
+    from mmaccel.vlm.api import load_vlm
 
     for name, value in (("steps", steps), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -1,5 +1,5 @@
 """Evaluation tools for multimodal outputs (hallucination metrics)."""
 
-from vlm.eval.chair import COCO_SYNONYMS, CaptionReport, ChairResult, chair, extract_objects
+from mmaccel.vlm.eval.chair import COCO_SYNONYMS, CaptionReport, ChairResult, chair, extract_objects
 
 __all__ = ["COCO_SYNONYMS", "ChairResult", "CaptionReport", "chair", "extract_objects"]

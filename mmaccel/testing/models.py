@@ -7,7 +7,7 @@ built from an in-code vocabulary), takes well under 2 s on CPU, and returns the 
 test are the library's own. `save_tiny` / `load_tiny` exercise `save_pretrained` /
 `from_pretrained` on a local folder.
 
-    from apps.tiny_models import tiny_wan_pipeline, call_kwargs
+    from mmaccel.testing import tiny_wan_pipeline, call_kwargs
     pipe = tiny_wan_pipeline()
     frames = pipe(**call_kwargs("wan")).frames          # (1, 9, 64, 96, 3) float in [0, 1]
 
@@ -34,6 +34,8 @@ import torch
 from PIL import Image
 
 __all__ = [
+    "IMAGE_TOKEN",
+    "LLAVA_CHAT_TEMPLATE",
     "TINY_BUILDERS",
     "TINY_CALL_KWARGS",
     "TinyVLM",

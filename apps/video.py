@@ -1,6 +1,6 @@
 """``mmaccel video``: long-video generation over all ranks of a ``torchrun`` / ``accelerate`` launch.
 
-    torchrun --nproc-per-node 2 -m parallel_video.cli video --model tiny --prompt "a red car" \\
+    torchrun --nproc-per-node 2 -m mmaccel.apps.cli video --model tiny --prompt "a red car" \\
         --frames 33 --steps 4 --out car.mp4
 
 Every rank runs the same command; rank 0 shows the progress bar and writes the MP4 (atomically:
@@ -13,25 +13,23 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from parallel_video.clip_parallel import ClipParallelConfig
-from parallel_video.generate import LongVideoConfig, check_long_video, generate_long_video
-from parallel_video.layer_pipeline import LayerPipelineConfig
-from runtime.distributed import destroy_distributed, init_distributed
+from mmaccel.parallel_video.clip_parallel import ClipParallelConfig
+from mmaccel.parallel_video.generate import LongVideoConfig, check_long_video, generate_long_video
+from mmaccel.parallel_video.layer_pipeline import LayerPipelineConfig
+from mmaccel.runtime.distributed import destroy_distributed, init_distributed
 
-__all__ = ["add_video_parser", "main", "run_video", "write_video"]
+__all__ = ["add_video_parser", "run_video", "write_video"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TINY_DEFAULTS = {"height": 64, "width": 96, "max_sequence_length": 32}
 _REAL_DEFAULTS = {"height": 480, "width": 832, "max_sequence_length": 512}
-_ZOO_DEFAULTS = {"height": 64, "width": 64, "max_sequence_length": 512}  # apps.zoo.moving_digits
+_ZOO_DEFAULTS = {"height": 64, "width": 64, "max_sequence_length": 512}  # mmaccel.apps.zoo.moving_digits
 
 
 def add_video_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -42,7 +40,7 @@ def add_video_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Generate a long video with a Wan pipeline over all ranks: one clip per rank with "
         "dual-scope attention (--mode clip, Video-Infinity) or one layer stage per rank (--mode pipeline, "
         "DualParal). Launch with `torchrun --nproc-per-node N` or "
-        "`accelerate launch --multi_gpu --num_processes N -m parallel_video.cli video ...`.",
+        "`accelerate launch --multi_gpu --num_processes N -m mmaccel.apps.cli video ...`.",
     )
     p.add_argument(
         "--model", default="tiny",
@@ -123,14 +121,14 @@ def _config(args: argparse.Namespace) -> LongVideoConfig:
 
 def _load(model: str, device: torch.device, dtype: torch.dtype) -> Any:
     if model == "tiny":
-        from apps.tiny_models import tiny_wan_pipeline  # built-in test model; apps owns the tiny builders
+        from mmaccel.testing import tiny_wan_pipeline  # built-in test model; apps owns the tiny builders
 
         pipe = tiny_wan_pipeline(device=device, dtype=dtype)
     else:
         from diffusers import WanPipeline
 
         if model == "zoo":
-            from apps.zoo import zoo_path  # the trained moving-digits reference model
+            from mmaccel.apps.zoo import zoo_path  # the trained moving-digits reference model
 
             model = str(zoo_path("moving-digits"))
         if not Path(model).is_dir():
@@ -181,20 +179,3 @@ def run_video(args: argparse.Namespace) -> int:
     finally:
         destroy_distributed(ctx)
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m parallel_video.cli video ...``: the same command without the rest of ``mmaccel``."""
-    parser = argparse.ArgumentParser(prog="mmaccel")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_video_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"mmaccel video: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

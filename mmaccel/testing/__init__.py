@@ -1,0 +1,42 @@
+"""Test helpers for mmaccel and its users: tiny random models of the real classes
+(:mod:`mmaccel.testing.models`) and the technique contract check (:mod:`mmaccel.testing.contract`)."""
+
+from mmaccel.testing.contract import check_technique_contract
+from mmaccel.testing.models import (
+    IMAGE_TOKEN,
+    LLAVA_CHAT_TEMPLATE,
+    TINY_BUILDERS,
+    TINY_CALL_KWARGS,
+    TinyVLM,
+    call_kwargs,
+    load_tiny,
+    save_tiny,
+    tiny_cogvideox_pipeline,
+    tiny_dit_pipeline,
+    tiny_image,
+    tiny_llava,
+    tiny_llava_next,
+    tiny_pixart_pipeline,
+    tiny_tokenizer,
+    tiny_wan_pipeline,
+)
+
+__all__ = [
+    "IMAGE_TOKEN",
+    "LLAVA_CHAT_TEMPLATE",
+    "TINY_BUILDERS",
+    "TINY_CALL_KWARGS",
+    "TinyVLM",
+    "call_kwargs",
+    "check_technique_contract",
+    "load_tiny",
+    "save_tiny",
+    "tiny_cogvideox_pipeline",
+    "tiny_dit_pipeline",
+    "tiny_image",
+    "tiny_llava",
+    "tiny_llava_next",
+    "tiny_pixart_pipeline",
+    "tiny_tokenizer",
+    "tiny_wan_pipeline",
+]

@@ -1,0 +1,78 @@
+"""Wan (``WanTransformer3DModel``): self-attention pieces for custom attention processors.
+
+Mirrors diffusers' ``WanAttnProcessor``: q/k/v projections, RMS norms on q and k, the
+interleaved rotary embedding on ``(B, S, H, D)`` tensors, attention through diffusers'
+dispatch (so ``set_attention_backend`` chooses the kernel) and the output projection.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "TRANSFORMERS",
+    "apply_rotary",
+    "attention",
+    "check_self_attention",
+    "project_out",
+    "project_qkv",
+]
+
+TRANSFORMERS = ("WanTransformer3DModel",)
+
+
+def check_self_attention(transformer: torch.nn.Module, technique: str) -> None:
+    """``NotImplementedError`` if a block's ``attn1`` has fused or image (I2V) projections."""
+    for i, block in enumerate(transformer.blocks):
+        attn = block.attn1
+        if getattr(attn, "add_k_proj", None) is not None or getattr(attn, "fused_projections", False):
+            raise NotImplementedError(
+                f"{technique}: blocks[{i}].attn1 has fused or image-conditioning projections "
+                "(call unfuse_qkv(); image-to-video Wan is not supported)"
+            )
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Wan's interleaved rotary embedding on ``(B, S, H, D)``, as in diffusers' ``WanAttnProcessor``."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+def project_qkv(
+    attn: Any,
+    hidden_states: Tensor,
+    kv_states: Tensor | None = None,
+    rotary: tuple[Tensor, Tensor] | None = None,
+    rotary_k: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Normed, rotated ``(B, S, H, D)`` query (from ``hidden_states``) and key/value (from
+    ``kv_states``, default the same tokens); ``rotary_k`` defaults to ``rotary``."""
+    kv_states = hidden_states if kv_states is None else kv_states
+    query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+    key = attn.norm_k(attn.to_k(kv_states)).unflatten(2, (attn.heads, -1))
+    value = attn.to_v(kv_states).unflatten(2, (attn.heads, -1))
+    if rotary is not None:
+        query = apply_rotary(query, *rotary)
+        key = apply_rotary(key, *(rotary if rotary_k is None else rotary_k))
+    return query, key, value
+
+
+def attention(attn: Any, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Dense attention on ``(B, S, H, D)`` tensors through diffusers' dispatch, with the backend
+    ``set_attention_backend`` put on ``attn.processor`` (None: the active default)."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    backend = getattr(attn.processor, "_attention_backend", None)
+    return dispatch_attention_fn(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False, backend=backend)
+
+
+def project_out(attn: Any, out: Tensor, like: Tensor) -> Tensor:
+    """``(B, S, H, D)`` attention output -> ``(B, S, C)`` through ``to_out`` (dtype of ``like``)."""
+    return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(like)))
