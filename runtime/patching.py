@@ -40,7 +40,11 @@ class PatchHandle:
 
     # -- recording -----------------------------------------------------------------------
     def set_attr(self, obj: Any, attr: str, value: Any) -> None:
-        """Set ``obj.attr = value`` on the instance, remembering how to restore it."""
+        """Set ``obj.attr = value`` on the instance, remembering how to restore it.
+
+        On removal the old value comes back only if ``obj.attr`` is still ``value``: whatever
+        replaced it later is not ours to undo.
+        """
         if isinstance(obj, torch.nn.Module):
             own = any(attr in d for d in (obj._parameters, obj._buffers, obj._modules)) or attr in obj.__dict__
         else:
@@ -49,6 +53,8 @@ class PatchHandle:
         setattr(obj, attr, value)
 
         def undo() -> None:
+            if getattr(obj, attr, _MISSING) is not value:
+                return
             if old is _MISSING:
                 delattr(obj, attr)
             else:
@@ -64,7 +70,9 @@ class PatchHandle:
         """Register a diffusers ``ModelHook`` on ``module`` under ``hook_name`` and track it.
 
         On removal the module's hook registry and instance ``forward`` are deleted again when
-        this handle created them, so the module's ``__dict__`` is restored too.
+        this handle created them, so the module's ``__dict__`` is restored too. A wrapper that
+        was put around ``forward`` after this hook (accelerate's offload hooks keep the wrapped
+        forward in ``_old_forward``) survives: only our layer is taken out from under it.
         """
         from diffusers.hooks import HookRegistry
 
@@ -72,23 +80,37 @@ class PatchHandle:
         had_forward = "forward" in module.__dict__
         registry = HookRegistry.check_if_exists_or_initialize(module)
         registry.register_hook(hook, hook_name)
+        installed = module.__dict__["forward"]
         _invalidate_registry_caches(self.model)
 
         def undo() -> None:
+            outer = module.__dict__.get("forward", _MISSING)
+            wrapped_later = outer is not _MISSING and outer is not installed and registry._hook_order[-1:] == [hook_name]
             registry.remove_hook(hook_name, recurse=False)
+            if wrapped_later:  # e.g. accelerate's hook: re-point its inner forward past our layer
+                inner = module.__dict__.get("forward", _MISSING)
+                if module.__dict__.get("_old_forward") is installed:
+                    module._old_forward = inner if inner is not _MISSING else type(module).forward.__get__(module)
+                module.forward = outer
             if not had_registry and not registry.hooks:
                 del module._diffusers_hook
-                if not had_forward:
+                if not had_forward and not wrapped_later:
                     module.__dict__.pop("forward", None)
             _invalidate_registry_caches(self.model)
 
         self._undo.append(undo)
 
     def set_processor(self, attention: torch.nn.Module, processor: Any) -> None:
-        """Swap a diffusers ``Attention`` module's processor, restoring the same object later."""
+        """Swap a diffusers ``Attention`` module's processor; on removal the old one comes back
+        unless another processor replaced ours meanwhile."""
         old = attention.processor
         attention.set_processor(processor)
-        self._undo.append(lambda: attention.set_processor(old))
+
+        def undo() -> None:
+            if attention.processor is processor:
+                attention.set_processor(old)
+
+        self._undo.append(undo)
 
     def on_remove(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` when the handle is removed (after the patches recorded later)."""
