@@ -1,8 +1,11 @@
 """Shared benchmark plumbing: timing, peak memory, machine description, RESULTS.md tables.
 
 Speed and memory are reported as ratios against the baseline measured in the same process
-run: median of ``repeats`` timed calls after ``warmup`` untimed ones. Peak memory is
-``torch.cuda.max_memory_allocated`` on CUDA and the peak of live tensor storage
+run. :func:`compare` is the method every ratio should come from: each variant warmed up on its
+shape, then at least 5 interleaved repeats (baseline and variants alternating, the order
+rotated each round), the median ratio with its min-max spread, and a flag where the time
+ranges overlap (the ratio is then within noise). :func:`measure` times a single callable.
+Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA and the peak of live tensor storage
 (:class:`PeakTensorBytes`) on CPU.
 """
 
@@ -11,7 +14,7 @@ from __future__ import annotations
 import statistics
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,29 +90,101 @@ def measure(
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
-    cuda = device is not None and torch.device(device).type == "cuda"
     for _ in range(warmup):
         fn()
     _sync(device)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
     times: list[float] = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
-    if cuda:
-        peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        try:
-            with PeakTensorBytes() as tracker:
-                fn()
-            peak = tracker.peak
-        except NotImplementedError:  # higher-order op under a TorchDispatchMode
-            peak = None
+    peak = _peak_bytes(fn, device)
     return Measurement(statistics.median(times), tuple(times), peak)
+
+
+MIN_REPEATS = 5
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One variant's times and its speed-up over the baseline, from interleaved repeats."""
+
+    times_s: tuple[float, ...]
+    ratio: float  # median over rounds of baseline time / this time (> 1: faster than the baseline)
+    ratio_min: float
+    ratio_max: float
+    overlaps: bool  # this variant's [min, max] time range overlaps the baseline's: within noise
+    peak_bytes: int | None
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times_s)
+
+    def ratio_text(self) -> str:
+        """``"2.01x (1.85-2.20)"``, with ``" ~noise"`` where the time ranges overlap."""
+        return f"{self.ratio:.2f}x ({self.ratio_min:.2f}-{self.ratio_max:.2f})" + (" ~noise" if self.overlaps else "")
+
+    def time_text(self) -> str:
+        """``"0.123 s (0.120-0.131)"``: median and min-max of the repeats."""
+        return f"{self.median_s:.3g} s ({min(self.times_s):.3g}-{max(self.times_s):.3g})"
+
+
+def compare(
+    fns: Mapping[str, Callable[[], object]],
+    repeats: int = MIN_REPEATS,
+    warmup: int = 1,
+    device: torch.device | str | None = None,
+    memory: bool = False,
+) -> dict[str, Comparison]:
+    """Time every callable of ``fns`` (the first is the baseline) in interleaved rounds.
+
+    Each callable is warmed up ``warmup`` times on its own first (per-shape warm-up: compiles,
+    caches, allocator). Then ``repeats`` rounds each time every callable once, the order rotated
+    by one each round, so drift and neighbour load hit all alike. A variant's ratio is the median
+    of the per-round ``baseline / variant`` times, with their min and max. ``memory=True`` adds one
+    untimed call per callable for peak memory (see :func:`measure`).
+    """
+    if len(fns) < 2:
+        raise ValueError(f"fns needs a baseline and at least one variant, got {len(fns)}")
+    if repeats < MIN_REPEATS:
+        raise ValueError(f"repeats must be >= {MIN_REPEATS} for a ratio with spread, got {repeats}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    base = times[names[0]]
+    out = {}
+    for name in names:
+        ratios = [b / t for b, t in zip(base, times[name])]
+        overlaps = min(times[name]) <= max(base) and min(base) <= max(times[name])
+        peak = _peak_bytes(fns[name], device) if memory else None
+        out[name] = Comparison(tuple(times[name]), statistics.median(ratios), min(ratios), max(ratios), overlaps, peak)
+    return out
+
+
+def _peak_bytes(fn: Callable[[], object], device: torch.device | str | None) -> int | None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        return torch.cuda.max_memory_allocated(device) - base
+    try:
+        with PeakTensorBytes() as tracker:
+            fn()
+        return tracker.peak
+    except NotImplementedError:  # higher-order op under a TorchDispatchMode
+        return None
 
 
 def append_results(title: str, table: str, notes: str = "", path: Path = RESULTS_PATH) -> None:

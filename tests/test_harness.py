@@ -26,3 +26,34 @@ def test_markdown_and_results(tmp_path):
     append_results("demo", table, notes="a note", path=path)
     text = path.read_text()
     assert "## demo" in text and "torch" in text and machine_description().split(",")[0] in text
+
+
+def test_compare_interleaves_rotates_and_reports_spread():
+    import time
+
+    import pytest
+
+    from mmaccel.benchmarks.harness import compare
+
+    order = []
+
+    def sleeper(name, seconds):
+        def fn():
+            order.append(name)
+            time.sleep(seconds)
+
+        return fn
+
+    out = compare({"slow": sleeper("slow", 0.02), "fast": sleeper("fast", 0.005)}, repeats=5, warmup=1)
+    assert order[:2] == ["slow", "fast"]  # per-variant warm-up first
+    rounds = [tuple(order[2 + 2 * r : 4 + 2 * r]) for r in range(5)]
+    assert rounds == [("slow", "fast"), ("fast", "slow")] * 2 + [("slow", "fast")]  # rotated each round
+    fast = out["fast"]
+    assert len(fast.times_s) == 5 and 2.5 < fast.ratio < 4.5
+    assert fast.ratio_min <= fast.ratio <= fast.ratio_max and not fast.overlaps
+    assert out["slow"].ratio == 1.0 and out["slow"].overlaps
+    assert fast.ratio_text().startswith(f"{fast.ratio:.2f}x (") and "noise" not in fast.ratio_text()
+    with pytest.raises(ValueError, match="repeats must be >= 5"):
+        compare({"a": lambda: None, "b": lambda: None}, repeats=3)
+    with pytest.raises(ValueError, match="baseline and at least one variant"):
+        compare({"a": lambda: None})
