@@ -8,7 +8,7 @@ TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 TEST_ENV := HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TRANSFORMERS_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
 
-.PHONY: install browser run test test-slow lint clean
+.PHONY: install browser run test test-slow lint clean gpu-bundle
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ test-slow: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+
+# Offline wheels for the GPU machine (diffusers and what it lacks + mmaccel itself): docs/gpu.md.
+gpu-bundle: install
+	$(PY) benchmarks/gpu/bundle.py build --out .gpu-bundle
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
