@@ -15,7 +15,11 @@ measures the [CLS]-row scoring overhead on the real CLIP ViT-L/14-336 tower conf
 
 The fidelity section runs the trained zoo model ``shapes-vlm`` (a tiny LLaVA-NeXT, see
 :mod:`mmaccel.apps.zoo.shapes_vlm`) on its held-out scenes at each budget: QA accuracy, CHAIR_i /
-CHAIR_s and object recall of greedy captions, and the visual tokens each image keeps.
+CHAIR_s and object recall of greedy captions, and the visual tokens each image keeps; next to
+HiRED, three baselines at the same budgets: random pruning and uniform spatial subsampling
+(both with HiRED's per-partition budgets, only the choice inside a partition differs) and
+FastV (visual positions ranked by the language model's layer-K attention from the last prompt
+token, K = 2, masked out of layers K.. as FastV drops them there).
 
     .venv/bin/python -m mmaccel.benchmarks.bench_hired [--quick] [--write] [--threads N] [--skip-clip-l] [--fidelity-only]
 
@@ -31,7 +35,9 @@ import ctypes
 import gc
 import statistics
 import time
+from collections.abc import Iterator
 from typing import Any
+from unittest import mock
 
 import torch
 from tqdm import tqdm
@@ -42,6 +48,7 @@ from mmaccel.runtime.budget import TokenBudget
 from mmaccel.runtime.environment import machine_description
 from mmaccel.runtime.tables import markdown_table
 from mmaccel.testing import tiny_image, tiny_tokenizer
+from mmaccel.vlm import hired as hired_module
 from mmaccel.vlm.api import StepClock
 from mmaccel.vlm.cls_attention import ClsAttentionRecorder, cls_attention_row
 from mmaccel.vlm.hired import HiREDConfig, apply_hired, select_visual_tokens
@@ -49,6 +56,8 @@ from mmaccel.vlm.hired import HiREDConfig, apply_hired, select_visual_tokens
 RESULTS = RESULTS_DIR / "hired.md"
 BUDGETS = (1.0, 0.4, 0.2, 0.1)
 FIDELITY_BUDGETS = (1.0, 0.5, 0.2, 0.1)
+BASELINE_BUDGETS = (0.5, 0.2, 0.1)
+FASTV_K = 2
 PROMPT = "USER: <image>\nWhat is shown in the image? ASSISTANT:"
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -302,31 +311,141 @@ def run_clip_l(pairs: int = 5) -> str:
     return markdown_table(headers, [row])
 
 
+@contextlib.contextmanager
+def within_partition_baseline(kind: str, seed: int = 0) -> Iterator[None]:
+    """While active, HiRED's per-partition budgets stand but the tokens inside each partition are
+    chosen at random (``"random"``) or evenly spaced in raster order (``"uniform"``) instead of by
+    [CLS] attention. Newline handling is HiRED's."""
+    original = select_visual_tokens
+    gen = torch.Generator().manual_seed(seed)
+
+    def select(partition, content, select_scores, budget, *args, **kwargs):
+        counts = original(partition, content, select_scores, budget, *args, **kwargs).kept_per_partition
+        scores = torch.zeros(partition.shape, dtype=torch.float64)
+        for p, k in enumerate(counts):
+            idx = (partition.cpu() == p).nonzero().squeeze(1)
+            n = idx.numel()
+            if k == 0:
+                continue
+            if kind == "random":
+                chosen = torch.randperm(n, generator=gen)[:k]
+            else:
+                chosen = ((torch.arange(k, dtype=torch.float64) + 0.5) * n / k).long().clamp_max(n - 1)
+            scores[idx[chosen]] = 1.0
+        return original(partition, content, scores, budget, *args, **kwargs)
+
+    with mock.patch.object(hired_module, "select_visual_tokens", select):
+        yield
+
+
+class FastV:
+    """FastV (Chen et al., 2024) on a LLaVA model for evaluation: at the prefill, the last prompt
+    token's attention in decoder layer ``k - 1`` (heads averaged) ranks the ``<image>`` positions
+    of each row; the top ``ratio`` of them stay, the rest are masked out of the keys of layers
+    ``k``.. for the prefill and every decode step, which gives the outputs of FastV's dropping
+    (kept tokens keep their positions; layers < k see everything). Needs eager attention (it
+    reads the weights); costs nothing less than dense here: it measures quality only."""
+
+    def __init__(self, model: torch.nn.Module, ratio: float, k: int = FASTV_K) -> None:
+        self.model, self.ratio, self.k = model, ratio, k
+        self.layers = model.get_decoder().layers
+        if not 1 <= k < len(self.layers):
+            raise ValueError(f"k must be in [1, {len(self.layers) - 1}], got {k}")
+        self.pruned: torch.Tensor | None = None  # (B, prompt_len) bool
+        self.input_ids: torch.Tensor | None = None
+        self.kept: list[int] = []
+        self.hooks: list[Any] = []
+
+    def __enter__(self) -> FastV:
+        self.old_impl = self.model.config._attn_implementation
+        self.model.set_attn_implementation("eager")
+        self.hooks.append(self.model.register_forward_pre_hook(self._start, with_kwargs=True))
+        self.hooks.append(self.layers[self.k - 1].self_attn.register_forward_hook(self._rank))
+        for layer in self.layers[self.k :]:
+            self.hooks.append(layer.self_attn.register_forward_pre_hook(self._mask, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.model.set_attn_implementation(self.old_impl)
+
+    def _start(self, module, args, kwargs):
+        cache = kwargs.get("cache")
+        cache = kwargs.get("past_key_values") if cache is None else cache
+        if cache is None or cache.get_seq_length() == 0:
+            self.input_ids, self.pruned = kwargs.get("input_ids"), None
+
+    def _rank(self, module, args, output):
+        if self.pruned is not None or self.input_ids is None:
+            return
+        weights = output[1]  # (B, H, Q, K): the prefill's
+        if weights is None:
+            raise RuntimeError("FastV needs attention weights (eager attention)")
+        row = weights[:, :, -1, :].float().mean(1)  # (B, K)
+        is_image = self.input_ids == self.model.config.image_token_id
+        pruned = torch.zeros_like(is_image)
+        for b in range(row.shape[0]):
+            idx = is_image[b].nonzero().squeeze(1)
+            keep = TokenBudget(ratio=self.ratio).resolve(idx.numel())
+            order = torch.sort(row[b, idx], descending=True, stable=True).indices
+            pruned[b, idx[order[keep:]]] = True
+            self.kept.append(keep)
+        self.pruned = pruned
+
+    def _mask(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if self.pruned is None:
+            return None
+        if mask is None or mask.dtype == torch.bool:
+            raise RuntimeError("FastV expects eager's additive float attention mask")
+        cols = torch.zeros(mask.shape[0], mask.shape[-1], dtype=torch.bool, device=mask.device)
+        cols[:, : self.pruned.shape[1]] = self.pruned.to(mask.device)
+        kwargs["attention_mask"] = mask.masked_fill(cols[:, None, None, :], torch.finfo(mask.dtype).min)
+        return args, kwargs
+
+
 def run_fidelity(quick: bool) -> tuple[str, str]:
-    """Task quality of the zoo's Shapes VLM per HiRED budget (dense = no HiRED)."""
+    """Task quality of the zoo's Shapes VLM per HiRED budget (dense = no HiRED), with baselines."""
     from mmaccel.apps.zoo.shapes_vlm import evaluate, load
     from mmaccel.vlm.api import load_vlm
 
     n_questions, n_captions = (50, 25) if quick else (200, 100)
     model, processor = load()
-    variants = [("dense (no HiRED)", None)] + [
-        (f"HiRED {r:.0%}", HiREDConfig(budget=TokenBudget(ratio=r))) for r in FIDELITY_BUDGETS
-    ]
+    variants: list[tuple[str, HiREDConfig | None, Any]] = [("dense (no HiRED)", None, None)]
+    variants += [(f"HiRED {r:.0%}", HiREDConfig(budget=TokenBudget(ratio=r)), None) for r in FIDELITY_BUDGETS]
+    for r in BASELINE_BUDGETS:
+        config = HiREDConfig(budget=TokenBudget(ratio=r))
+        variants += [
+            (f"HiRED {r:.0%} crop_regions=tiles", HiREDConfig(budget=TokenBudget(ratio=r), crop_regions="tiles"), None),
+            (f"random {r:.0%}", config, lambda: within_partition_baseline("random")),
+            (f"uniform spatial {r:.0%}", config, lambda: within_partition_baseline("uniform")),
+            (f"FastV K={FASTV_K} {r:.0%}", None, lambda r=r: FastV(model, r)),
+        ]
     rows = []
-    for name, config in tqdm(variants, desc="hired fidelity"):
+    for name, config, baseline in tqdm(variants, desc="hired fidelity"):
         vlm = load_vlm(model, processor=processor, hired=config)
         try:
-            m = evaluate(vlm, n_questions=n_questions, n_captions=n_captions)
+            with baseline() if baseline is not None else contextlib.nullcontext() as active:
+                m = evaluate(vlm, n_questions=n_questions, n_captions=n_captions)
         finally:
             vlm.remove_hired()
-        rows.append([name, f"{m['visual tokens / image']:.1f}", f"{m['QA accuracy']:.3f}", f"{m['CHAIR_i']:.3f}",
+        visual = m["visual tokens / image"]
+        if isinstance(active, FastV):  # positions the layers >= K still see
+            visual = statistics.mean(active.kept)
+        rows.append([name, f"{visual:.1f}", f"{m['QA accuracy']:.3f}", f"{m['CHAIR_i']:.3f}",
                      f"{m['CHAIR_s']:.3f}", f"{m['object recall']:.3f}", f"{m['caption exact match']:.3f}"])  # fmt: skip
     headers = ["variant", "visual tok/img", "QA accuracy", "CHAIR_i", "CHAIR_s", "object recall", "caption exact"]
     notes = (f"Zoo model `shapes-vlm` (trained LLaVA-NeXT, 2-5 anyres partitions of 64 tokens), held-out scenes: "
              f"{n_questions} questions (count / is-there / colour / shape / total, exact match) and {n_captions} "
              f"greedy captions; CHAIR over the 16 colour+shape categories (count errors are not hallucinations), "
              f"recall = ground-truth categories mentioned. Visual tokens per image are the LLM positions kept, "
-             f"row newlines included; HiRED alpha 0.5.")  # fmt: skip
+             f"row newlines included; HiRED alpha 0.5, crop split as the reference (base image's layer-0 [CLS] "
+             f"top tokens counted per strip). random / uniform spatial: HiRED's per-partition budgets, tokens inside "
+             f"a partition chosen at random (seed 0) / evenly spaced in raster order. FastV: the last prompt "
+             f"token's layer-{FASTV_K - 1} attention (0-based, heads averaged) ranks all <image> positions "
+             f"(newlines included), the rest are masked from layers {FASTV_K}..{model.config.text_config.num_hidden_layers - 1}; "
+             f"its tok/img column is what those layers see (layers < {FASTV_K} see all).")  # fmt: skip
     return markdown_table(headers, rows), notes
 
 

@@ -15,7 +15,7 @@ from mmaccel.vlm.attention_balance import (
     select_streams,
 )
 from mmaccel.vlm.hired import apply_hired
-from mmaccel.vlm.steering import VISTAConfig, apply_vista
+from mmaccel.vlm.vista import VISTAConfig, apply_vista
 
 PROMPTS = [
     "USER: <image>\nWhat is shown in the image? ASSISTANT:",

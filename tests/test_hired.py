@@ -57,6 +57,7 @@ def _eager_cls_rows(tower, pixel_values, layers):
         (dict(content_layer=1.5), TypeError, "content_layer"),
         (dict(select_layer="last"), TypeError, "select_layer"),
         (dict(keep_newlines=1), TypeError, "keep_newlines"),
+        (dict(crop_regions="grid"), ValueError, "crop_regions"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, err, word):
@@ -135,7 +136,10 @@ def test_selection_uses_the_budget_exactly_and_follows_the_allocation():
         assert int(sel.keep[part != NEWLINE].sum()) == total
         base = min(math.floor(0.5 * total), 16)
         assert sel.kept_per_partition[0] == base
-        mass = torch.stack([content[part == p].sum() for p in range(1, 5)])
+        # the reference's content score: the base image's top int(16 * (1 - alpha)) early-layer
+        # tokens counted per contiguous strip of 16 / 4 tokens
+        top = content[part == 0].topk(8).indices
+        mass = torch.bincount(top // 4, minlength=4).double()
         expected = allocate(total - base, mass, torch.full((4,), 16))
         assert list(sel.kept_per_partition[1:]) == expected.tolist()
         for p in range(5):  # the kept tokens are the top ones of their partition
@@ -143,6 +147,65 @@ def test_selection_uses_the_budget_exactly_and_follows_the_allocation():
             kept = sel.keep[part == p]
             if 0 < kept.sum() < kept.numel():
                 assert scores[kept].min() > scores[~kept].max()
+
+
+def _reference_crop_budgets(base_early, crops, n, rate, alpha):
+    """Independent transcription of the reference's rule (HiRED_token_selection +
+    HiRED_sub_img_budgets in its modeling_llava_next.py), every partition holding ``n`` tokens."""
+    parts = crops + 1
+    total = int(parts * n * rate)
+    full = min(int(total * alpha), n)
+    sub = min(total - full, crops * n)
+    spatial = torch.zeros(n, dtype=torch.bool)
+    spatial[base_early.topk(int(n * (1 - alpha))).indices] = True
+    counts = spatial.reshape(crops, -1).sum(-1)  # the reference reshapes to (rows, cols, -1)
+    share = counts / counts.sum()
+    return total, full, sub, torch.clamp((share * sub).int(), max=n)
+
+
+def test_crop_budgets_follow_the_reference_rule_on_random_maps():
+    gen = torch.Generator().manual_seed(1)
+    n = 64
+    for trial in range(40):
+        crops = (2, 4)[trial % 2]
+        rate = (0.1, 0.25, 0.5)[trial % 3]
+        alpha = (0.5, 0.3)[trial % 2]
+        early = torch.rand(n * (crops + 1), generator=gen) ** 4
+        select = torch.rand(n * (crops + 1), generator=gen)
+        part = torch.arange(crops + 1).repeat_interleave(n)
+        total, full, sub, ref = _reference_crop_budgets(early[:n], crops, n, rate, alpha)
+        sel = select_visual_tokens(part, early, select, TokenBudget(count=total), alpha=alpha)
+        assert sel.kept_per_partition[0] == full
+        ours = torch.tensor(sel.kept_per_partition[1:])
+        # the one deliberate difference: the reference floors each share, we hand out the rest
+        assert set((ours - ref).tolist()) <= {0, 1}
+        assert int(ours.sum()) == sub
+
+
+def test_content_in_one_crop_gets_most_of_the_crop_budget():
+    # base image 8 x 8; all of its early-layer attention mass sits in one crop's region
+    n, g = 64, 8
+    gen = torch.Generator().manual_seed(2)
+    for regions, hot_cells, hot_crop in (
+        ("strips", range(32, 48), 3),  # strip 2 of 4 (raster rows 4-5) -> crop 3
+        ("tiles", [r * g + c for r in range(4, 8) for c in range(4)], 3),  # bottom-left quadrant
+    ):
+        early = torch.rand(5 * n, generator=gen) * 0.01
+        early[torch.tensor(list(hot_cells))] += 1.0
+        part = torch.arange(5).repeat_interleave(n)
+        for alpha in (0.5, 0.75):  # the reference counts the top int(64 * (1 - alpha)) tokens
+            sel = select_visual_tokens(
+                part, early, torch.rand(5 * n, generator=gen), TokenBudget(ratio=0.3), alpha=alpha,
+                crop_regions=regions, grid=(2, 2),
+            )  # fmt: skip
+            crops = sorted(sel.kept_per_partition[1:])
+            hot = sel.kept_per_partition[hot_crop]
+            assert hot == crops[-1] and hot >= 1.5 * crops[-2]
+            if alpha == 0.75:  # 16 counted tokens, all in the hot region
+                assert hot == sum(crops)
+    # the same hot quadrant read as strips spreads over two crops, as the reference does
+    sel = select_visual_tokens(part, early, torch.rand(5 * n), TokenBudget(ratio=0.2), alpha=0.5)
+    assert sorted(sel.kept_per_partition[1:])[-2] > 0
 
 
 def test_full_crops_hand_the_rest_to_the_base():
@@ -215,7 +278,8 @@ def test_llava_next_allocation_and_top_k_vs_eager(llava_next):
     total = budget.resolve(5 * 64)
     assert sel.budget == total and sum(sel.kept_per_partition) == total
     base = math.floor(0.5 * total)
-    expected = allocate(total - base, content[1:].sum(1), torch.full((4,), 64))
+    mass = torch.bincount(content[0].topk(32).indices // 16, minlength=4).double()  # reference rule
+    expected = allocate(total - base, mass, torch.full((4,), 64))
     assert sel.kept_per_partition == (base, *expected.tolist())
     # Rebuild which packed positions belong to which crop / local patch, independently.
     keep = sel.keep

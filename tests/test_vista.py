@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from mmaccel.testing import tiny_image, tiny_llava, tiny_llava_next
 from mmaccel.vlm.hired import HiREDConfig, apply_hired
-from mmaccel.vlm.steering import (
+from mmaccel.vlm.vista import (
     VISTAConfig,
     apply_vista,
     compute_steering_vectors,
@@ -64,6 +64,7 @@ def _logits(model, inputs, **kw):
         (dict(layers=(3, 1)), ValueError, "layers"),
         (dict(layers=(-1, 2)), ValueError, "layers"),
         (dict(layers=(1.0, 2)), TypeError, "layers"),
+        (dict(sla_final_norm=1), TypeError, "sla_final_norm"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, err, word):
@@ -72,7 +73,8 @@ def test_config_rejects_bad_values(kwargs, err, word):
 
 
 def test_window_is_relative_to_depth_and_checked_against_it(llava):
-    assert window_layers(VISTAConfig(), 32) == (24, 29)  # the paper's 25..30 (1-based) of 32
+    # the reference's "25,30" indexes hidden_states[1:]: 0-based decoder layers 25..30 of 32
+    assert window_layers(VISTAConfig(), 32) == (25, 30)
     assert window_layers(VISTAConfig(), 4) == (2, 2)  # late but never the last layer
     assert window_layers(VISTAConfig(layers=(1, 3)), 4) == (1, 3)
     model, _ = llava
@@ -114,20 +116,19 @@ def test_double_application_and_wrong_config_type_are_rejected(llava):
 
 
 # -- VSV -------------------------------------------------------------------------------------
-def _manual_last_mlp_outputs(model, input_ids, pixel_values=None):
-    """One unpadded sample: every layer's MLP output at the last position, by plain hooks."""
+def _manual_last_layer_outputs(model, input_ids, pixel_values=None):
+    """One unpadded sample: every decoder layer's output (residual stream) at the last position,
+    read from output_hidden_states (hidden_states[i + 1] = layer i's output, except the last,
+    which transformers returns after the final norm: that one comes from a hook)."""
     outs = []
-    hooks = [
-        layer.mlp.register_forward_hook(lambda m, a, o: outs.append(o[0, -1].float()))
-        for layer in model.model.language_model.layers
-    ]
+    last = model.model.language_model.layers[-1]
+    h = last.register_forward_hook(lambda m, a, o: outs.append((o[0] if isinstance(o, tuple) else o)[0, -1]))
     try:
         with torch.no_grad():
-            model(input_ids=input_ids, pixel_values=pixel_values)
+            hidden = model(input_ids=input_ids, pixel_values=pixel_values, output_hidden_states=True).hidden_states
     finally:
-        for h in hooks:
-            h.remove()
-    return torch.stack(outs)
+        h.remove()
+    return torch.stack([x[0, -1] for x in hidden[1:-1]] + outs).float()
 
 
 def test_vsv_equals_manual_per_sample_computation(llava):
@@ -138,8 +139,8 @@ def test_vsv_equals_manual_per_sample_computation(llava):
     image_token = model.config.image_token_id
     for b in range(2):
         ids = inputs["input_ids"][b][inputs["attention_mask"][b].bool()][None]
-        pos = _manual_last_mlp_outputs(model, ids, inputs["pixel_values"][b : b + 1])
-        neg = _manual_last_mlp_outputs(model, ids[ids != image_token][None])
+        pos = _manual_last_layer_outputs(model, ids, inputs["pixel_values"][b : b + 1])
+        neg = _manual_last_layer_outputs(model, ids[ids != image_token][None])
         torch.testing.assert_close(vsv[:, b], pos - neg, rtol=1e-4, atol=1e-5)
 
 
@@ -220,6 +221,23 @@ def test_sla_equals_manual_window_mix(llava):
                 **inputs, max_new_tokens=1, do_sample=False, output_logits=True, return_dict_in_generate=True
             )
         torch.testing.assert_close(gen.logits[0], expected[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_sla_final_norm_equals_manual_normed_window_mix(llava):
+    model, processor = llava
+    inputs = _inputs(processor)
+    gamma, (first, last) = 0.3, (1, 2)
+    norm = model.model.language_model.norm
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True)
+        window = [model.lm_head(norm(h)) for h in out.hidden_states[first + 1 : last + 2]]
+    expected = gamma * torch.stack(window).mean(0) + (1 - gamma) * out.logits
+    cfg = VISTAConfig(lam=0.0, gamma=gamma, layers=(first, last), sla_final_norm=True)
+    with apply_vista(model, cfg) as handle:
+        torch.testing.assert_close(_logits(model, inputs), expected, rtol=1e-5, atol=1e-5)
+        assert handle.stats.summary()["sla_mixes"] == 1
+    with apply_vista(model, VISTAConfig(lam=0.0, gamma=gamma, layers=(first, last))):
+        assert not torch.allclose(_logits(model, inputs), expected, rtol=1e-3, atol=1e-3)
 
 
 # -- generate ---------------------------------------------------------------------------------

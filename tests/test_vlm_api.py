@@ -125,3 +125,13 @@ def test_vista_through_the_api_composes_with_hired(next_folder, dense):
     vlm.remove_vista()
     vlm.remove_vista()  # no-op
     assert vlm.vista is None
+
+
+def test_load_vlm_refuses_a_folder_of_another_kind_before_loading(tmp_path):
+    from mmaccel.testing import save_tiny
+
+    folder = save_tiny("dit", tmp_path / "dit")
+    with pytest.raises(ValueError, match="path_or_model .* holds a DiTPipeline; expected one of Llava"):
+        load_vlm(folder)
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        load_vlm(tmp_path / "missing")

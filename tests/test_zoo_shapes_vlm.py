@@ -89,6 +89,27 @@ def test_vision_pretraining_targets_follow_the_objects():
     assert 0.0 <= accuracy <= 1.0
 
 
+def test_cls_presence_targets_and_objective():
+    from mmaccel.apps.zoo.shapes_vlm import _patch_example, presence_targets, pretrain_vision
+
+    colour = torch.tensor([[0, 1, 1, 4], [2, 0, 0, 0]])
+    shape = torch.tensor([[0, 2, 2, 4], [1, 0, 0, 0]])
+    targets = presence_targets(colour, shape)  # pairs: (red, shape 2), (colour 4, shape 4); (colour 2, shape 1)
+    assert targets.shape == (2, 16) and targets.max() == 1.0
+    assert targets[0].nonzero().squeeze(1).tolist() == [1, 15] and targets[1].nonzero().squeeze(1).tolist() == [4]
+    _, c, sh = _patch_example(build(0).processor, np.random.default_rng(5), 8)
+    assert int(presence_targets(c, sh).sum()) == len({(int(a), int(b)) for a, b in zip(c, sh) if a > 0})
+    after = {}
+    for objective in (False, True):
+        model, processor = build(0)
+        torch.manual_seed(0)
+        pretrain_vision(model, processor, np.random.default_rng(3), steps=2, batch_size=2, progress=False,
+                        cls_objective=objective)  # fmt: skip
+        tower = model.model.vision_tower
+        after[objective] = getattr(tower, "vision_model", tower).embeddings.class_embedding.detach().clone()
+    assert not torch.equal(after[False], after[True])  # the [CLS] head's loss reaches the tower
+
+
 def test_training_labels_cover_only_answers():
     model, processor = build(0)
     batch = _training_batch(processor, np.random.default_rng(0), 2)

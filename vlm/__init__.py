@@ -7,25 +7,26 @@ from mmaccel.vlm.api import VLM, SampleStats, StepClock, VLMOutput, load_image, 
 from mmaccel.vlm.attention_balance import (
     AttentionBalanceConfig,
     AttentionBalanceHandle,
+    AttentionBalanceStats,
     apply_attention_balance,
 )
 from mmaccel.vlm.cls_attention import ClsAttentionRecorder, cls_attention_row
 from mmaccel.vlm.hired import (
-    SUPPORTED_MODELS,
     HiREDConfig,
     HiREDHandle,
+    HiREDStats,
     ImageSelection,
     apply_hired,
     select_visual_tokens,
 )
 from mmaccel.vlm.placeholders import shrink_placeholders
-from mmaccel.vlm.steering import VISTAConfig, VISTAHandle, apply_vista, compute_steering_vectors
+from mmaccel.vlm.vista import VISTAConfig, VISTAHandle, VISTAStats, apply_vista, compute_steering_vectors
 
 __all__ = [
     "HiREDConfig",
     "HiREDHandle",
+    "HiREDStats",
     "ImageSelection",
-    "SUPPORTED_MODELS",
     "apply_hired",
     "select_visual_tokens",
     "cls_attention_row",
@@ -39,9 +40,11 @@ __all__ = [
     "load_image",
     "VISTAConfig",
     "VISTAHandle",
+    "VISTAStats",
     "apply_vista",
     "compute_steering_vectors",
     "AttentionBalanceConfig",
     "AttentionBalanceHandle",
+    "AttentionBalanceStats",
     "apply_attention_balance",
 ]

@@ -20,8 +20,11 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from mmaccel.vlm.hired import SUPPORTED_MODELS, HiREDConfig, HiREDHandle, apply_hired
-from mmaccel.vlm.steering import VISTAConfig, VISTAHandle, apply_vista
+from mmaccel.runtime.adapters import llava
+from mmaccel.runtime.images import DEFAULT_MAX_PIXELS, open_image
+from mmaccel.runtime.paths import check_model_folder
+from mmaccel.vlm.hired import HiREDConfig, HiREDHandle, apply_hired
+from mmaccel.vlm.vista import VISTAConfig, VISTAHandle, apply_vista
 
 __all__ = ["VLM", "VLMOutput", "SampleStats", "StepClock", "load_vlm", "load_image"]
 
@@ -60,16 +63,16 @@ class StepClock(LogitsProcessor):
         return scores
 
 
-def load_image(image: ImageLike) -> Image.Image:
-    """An RGB PIL image from a PIL image, a path, or an (H, W[, C]) uint8 / [0, 1] float array."""
+def load_image(image: ImageLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """An RGB PIL image from a PIL image, a path, or an (H, W[, C]) uint8 / [0, 1] float array.
+
+    A file's size is read from its header and checked against ``max_pixels`` before it is decoded
+    (:func:`mmaccel.runtime.images.open_image`).
+    """
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, (str, Path)):
-        try:
-            with Image.open(image) as img:
-                return img.convert("RGB")
-        except (OSError, ValueError) as err:
-            raise ValueError(f"cannot read image {str(image)!r}: {err}") from err
+        return open_image(image, max_pixels=max_pixels)
     if isinstance(image, np.ndarray):
         if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
             raise ValueError(f"image arrays must be (H, W) or (H, W, 1|3|4), got shape {image.shape}")
@@ -93,8 +96,8 @@ class VLM:
         hired: HiREDConfig | None = None,
         vista: VISTAConfig | None = None,
     ) -> None:
-        if type(model).__name__ not in SUPPORTED_MODELS:
-            raise TypeError(f"VLM supports {', '.join(SUPPORTED_MODELS)}; got {type(model).__name__}")
+        if type(model).__name__ not in llava.MODELS:
+            raise TypeError(f"VLM supports {', '.join(llava.MODELS)}; got {type(model).__name__}")
         self.model = model.eval()
         self.processor = processor
         self.handle: HiREDHandle | None = apply_hired(model, hired) if hired is not None else None
@@ -214,6 +217,16 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _is_local_path(name: str | Path) -> bool:
+    """A name meant as a local folder rather than a Hub id (``org/name``): it exists, is a Path,
+    is absolute or relative to ``.``/``~``, or has more than two parts."""
+    text = str(name)
+    return (
+        isinstance(name, Path) or Path(text).expanduser().exists()
+        or text.startswith(("/", ".", "~")) or len(Path(text).parts) > 2
+    )  # fmt: skip
+
+
 def load_vlm(
     path_or_model: str | Path | torch.nn.Module,
     hired: HiREDConfig | None = None,
@@ -227,7 +240,7 @@ def load_vlm(
     ``path_or_model``: a local folder / Hub id saved with ``save_pretrained`` (model and
     processor), or a model instance together with ``processor``. ``hired``: a
     :class:`~mmaccel.vlm.hired.HiREDConfig` to drop visual tokens, ``None`` for the dense model.
-    ``vista``: a :class:`~mmaccel.vlm.steering.VISTAConfig` to steer against hallucination.
+    ``vista``: a :class:`~mmaccel.vlm.vista.VISTAConfig` to steer against hallucination.
     """
     if isinstance(path_or_model, torch.nn.Module):
         if processor is None:
@@ -243,11 +256,13 @@ def load_vlm(
     import transformers
     from transformers import AutoConfig, AutoProcessor
 
+    if _is_local_path(path_or_model):
+        check_model_folder(Path(path_or_model).expanduser(), flag="path_or_model", accepted=llava.MODELS)
     config = AutoConfig.from_pretrained(path_or_model)
-    archs = [a for a in (config.architectures or []) if a in SUPPORTED_MODELS]
+    archs = [a for a in (config.architectures or []) if a in llava.MODELS]
     if not archs:
         raise TypeError(
-            f"load_vlm supports {', '.join(SUPPORTED_MODELS)}; {path_or_model} holds {config.architectures}"
+            f"load_vlm supports {', '.join(llava.MODELS)}; {path_or_model} holds {config.architectures}"
         )
     cls = getattr(transformers, archs[0])
     model = cls.from_pretrained(path_or_model, dtype=dtype or torch.float32)

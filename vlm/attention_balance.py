@@ -11,8 +11,8 @@ Vision-Language Model" (PAINT, 2025).
   ``a`` of the current query row (the last prompt token at prefill, the new token while
   decoding) become ``a + s_h * (alpha * |a| * local + beta * |a| * summary)``, where ``s_h``
   is the head's visual sensitivity, its attention mass on the image tokens at the last prompt
-  token, divided by the layer's largest (``head_modulation=False``: ``s_h = 1`` for every
-  head, as the released code does).
+  token, divided by the layer's largest, when ``head_modulation=True`` (the paper); the
+  default ``head_modulation=False`` uses ``s_h = 1`` for every head, as the released code does.
 
 The modulation runs inside a registered transformers attention function
 (``AttentionInterface``, name :data:`ATTENTION_NAME`): the other rows go through SDPA, only
@@ -32,14 +32,17 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from mmaccel.runtime.adapters import llava
 from mmaccel.runtime.budget import TokenBudget
 from mmaccel.runtime.patching import PatchHandle
+from mmaccel.runtime.stats import Stats
 from mmaccel.vlm.cls_attention import ClsAttentionRecorder
 
 __all__ = [
     "ATTENTION_NAME",
     "AttentionBalanceConfig",
     "AttentionBalanceHandle",
+    "AttentionBalanceStats",
     "TokenStreams",
     "apply_attention_balance",
     "balanced_row",
@@ -47,7 +50,8 @@ __all__ = [
 ]
 
 ATTENTION_NAME = "mmaccel_attention_balance"
-SUPPORTED_MODELS = ("LlavaForConditionalGeneration",)
+#: LLaVA-NeXT is refused: generate drops ``image_sizes`` before the prefill (see ``_BalancePatch``).
+MODELS = ("LlavaForConditionalGeneration",)
 _STATE_ATTR = "_mmaccel_attention_balance"
 
 
@@ -61,7 +65,8 @@ class AttentionBalanceConfig:
     ``early_layer`` / ``late_layer``: vision-tower layers ranking local / summary tokens
     (``late_layer=None``: the layer whose output LLaVA uses, the penultimate for CLIP-L).
     ``start_layer``: first LLM layer (0-based) modulated; all later layers are too.
-    ``head_modulation``: scale each head by its visual sensitivity (paper) or not (code).
+    ``head_modulation``: scale each head by its visual sensitivity (paper) or not (default:
+    the released code applies every head alike).
     """
 
     alpha: float = 0.7
@@ -71,7 +76,7 @@ class AttentionBalanceConfig:
     early_layer: int = 0
     late_layer: int | None = None
     start_layer: int = 2
-    head_modulation: bool = True
+    head_modulation: bool = False
 
     def __post_init__(self) -> None:
         for name in ("alpha", "beta", "local_ratio", "iqr_factor"):
@@ -177,15 +182,12 @@ class _BalancePatch:
     """State and hooks of attention rebalancing on one LLaVA instance."""
 
     def __init__(self, model: nn.Module, config: AttentionBalanceConfig) -> None:
-        if type(model).__name__ == "LlavaNextForConditionalGeneration":
+        if llava.is_next(model):
             raise NotImplementedError(
                 "attention rebalancing on LLaVA-NeXT is not implemented yet: generate drops image_sizes "
                 "before the prefill, so the anyres token layout cannot be mapped back to the tower's scores"
             )
-        if type(model).__name__ not in SUPPORTED_MODELS:
-            raise TypeError(
-                f"apply_attention_balance supports {', '.join(SUPPORTED_MODELS)}; got {type(model).__name__}"
-            )
+        llava.require(model, "apply_attention_balance", MODELS)
         if "hired" in model.__dict__.get("_mmaccel_patches", ()):
             raise NotImplementedError(
                 "attention rebalancing with HiRED is not implemented: HiRED drops the visual tokens the "
@@ -200,36 +202,20 @@ class _BalancePatch:
                 f"attention rebalancing wraps the 'sdpa' attention; this model uses {impl!r} "
                 "(load it with attn_implementation='sdpa')"
             )
-        tower = model.model.vision_tower
-        inner = getattr(tower, "vision_model", tower)
-        if getattr(getattr(inner, "embeddings", None), "class_embedding", None) is None:
-            raise NotImplementedError(
-                f"the token streams rank tokens by [CLS] attention; {type(tower).__name__} has no [CLS] token"
-            )
-        tower_layers = inner.encoder.layers
+        tower_layers = llava.vision_attention_layers(model, "attention rebalancing (token streams)")
         n = len(tower_layers)
         late = config.late_layer
         if late is None:
-            feature = model.config.vision_feature_layer
-            if not isinstance(feature, int):
-                raise ValueError(f"vision_feature_layer is {feature!r}; pass late_layer=... explicitly")
-            late = feature % (n + 1) - 1  # hidden_states[h] is the output of layer h - 1
-        for name, value in (("early_layer", config.early_layer), ("late_layer", late)):
-            if not -n <= value < n:
-                raise ValueError(
-                    f"{name} must be in [-{n}, {n - 1}] for this {n}-layer vision tower, got {value}"
-                )
-        self.early, self.late = config.early_layer % n, late % n
-        self.layers = model.get_decoder().layers
-        if config.start_layer >= len(self.layers):
-            raise ValueError(
-                f"start_layer must be in [0, {len(self.layers) - 1}] for this {len(self.layers)}-layer LLM, "
-                f"got {config.start_layer}"
-            )
+            late = llava.feature_layer_index(model, n, "AttentionBalanceConfig.late_layer")
+        self.early = llava.layer_index("early_layer", config.early_layer, n)
+        self.late = llava.layer_index("late_layer", late, n)
+        self.layers = llava.decoder_layers(model, ("self_attn",))
+        llava.layer_index("start_layer", config.start_layer, len(self.layers), "LLM")
         self.recorder = ClsAttentionRecorder(
             [layer.self_attn for layer in tower_layers], [self.early, self.late]
         )
-        self.image_token_id = model.config.image_token_id
+        self.image_token_id = llava.image_token_id(model)
+        self.stats = AttentionBalanceStats()
         self.current: _Sequence | None = None
         self.tower_scores: tuple[torch.Tensor, torch.Tensor] | None = None
         self._stack: list[_Sequence | None] = []
@@ -261,6 +247,7 @@ class _BalancePatch:
                 "attention rebalancing locates image tokens in input_ids; inputs_embeds is not supported"
             )
         self.current = _Sequence(input_ids if visual else None)
+        self.stats.prompts += 1
 
     def post_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         outer = self._stack.pop()
@@ -274,7 +261,7 @@ class _BalancePatch:
             raise RuntimeError("the vision tower's [CLS] attention was not recorded for this prompt")
         early, late = self.tower_scores
         ids = seq.input_ids
-        is_image = ids == self.image_token_id
+        is_image = llava.image_mask(self.model, ids)
         n_images, n = early.shape
         per_row = is_image.sum(1)
         copies = int(per_row.sum()) // (n_images * n) if n_images * n else 0
@@ -296,6 +283,9 @@ class _BalancePatch:
         weights = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
         weights[is_image] = cfg.alpha * local.float() + cfg.beta * summary.float()
         seq.weights, seq.is_image = weights, is_image
+        self.stats.images += len(seq.streams)
+        self.stats.local_tokens += sum(int(x.local.sum()) for x in seq.streams)
+        self.stats.summary_tokens += sum(int(x.summary.sum()) for x in seq.streams)
 
     # -- attention -----------------------------------------------------------------------
     def attention(
@@ -343,6 +333,7 @@ class _BalancePatch:
         row, _ = balanced_row(
             query[:, :, -1], key, value, mask_row, scaling, sens[:, :, None] * weights[:, None, :]
         )
+        self.stats.modulated_rows += b
         if out is None:
             return row[:, None].to(query.dtype), None  # (B, 1, H, hd)
         out[:, -1] = row.to(out.dtype)
@@ -366,10 +357,38 @@ def _register() -> None:
         AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
+class AttentionBalanceStats(Stats):
+    """Counts since the last :meth:`reset`: prompts started, images whose streams were selected,
+    their local / summary tokens, and query rows rebalanced (batch rows x layers x steps)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.prompts = 0
+        self.images = 0
+        self.local_tokens = 0
+        self.summary_tokens = 0
+        self.modulated_rows = 0
+
+    def summary(self) -> dict[str, int | float | None]:
+        return {
+            "prompts": self.prompts,
+            "images": self.images,
+            "local_tokens": self.local_tokens,
+            "summary_tokens": self.summary_tokens,
+            "local_tokens_per_image": self.local_tokens / self.images if self.images else None,
+            "summary_tokens_per_image": self.summary_tokens / self.images if self.images else None,
+            "modulated_rows": self.modulated_rows,
+        }
+
+
 class AttentionBalanceHandle(PatchHandle):
-    """A :class:`~mmaccel.runtime.patching.PatchHandle` exposing the last prompt's streams and head weights."""
+    """A :class:`~mmaccel.runtime.patching.PatchHandle` exposing the last prompt's streams, head
+    weights and ``stats``."""
 
     balance: _BalancePatch
+    stats: AttentionBalanceStats
 
     @property
     def last_streams(self) -> list[TokenStreams]:
@@ -397,13 +416,20 @@ def apply_attention_balance(
     config = AttentionBalanceConfig() if config is None else config
     if not isinstance(config, AttentionBalanceConfig):
         raise TypeError(f"config must be an AttentionBalanceConfig, got {type(config).__name__}")
+    if "attention_balance" in model.__dict__.get("_mmaccel_patches", ()):
+        # before validation: the patched model's attention is ours, not 'sdpa'
+        raise ValueError(
+            f"attention_balance is already applied to this {type(model).__name__}; "
+            "call .remove() on its handle first"
+        )
     patch = _BalancePatch(model, config)  # validates before anything is changed
     _register()
     handle = AttentionBalanceHandle(model, "attention_balance")
     handle.balance = patch
+    handle.stats = patch.stats
     for hook in patch.recorder.install():
         handle.add_torch_hook(hook)
-    tower = model.model.vision_tower
+    tower = llava.vision_tower(model)
     handle.add_torch_hook(tower.register_forward_pre_hook(patch.tower_pre))
     handle.add_torch_hook(tower.register_forward_hook(patch.tower_post, always_call=True))
     handle.add_torch_hook(model.register_forward_pre_hook(patch.pre_forward, with_kwargs=True))

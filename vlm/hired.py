@@ -2,17 +2,21 @@
 
 Arif et al., "HiRED: Attention-Guided Token Dropping for Efficient Inference of
 High-Resolution Vision-Language Models" (AAAI 2025). For each image, a budget ``B`` of its
-visual tokens is kept: the base image gets ``floor(alpha * B)`` (capped by its size), the rest
-is split over the anyres crops in proportion to their early-layer [CLS]-attention mass
-(:func:`mmaccel.runtime.budget.allocate`: exact, capacity-aware), and inside every partition the tokens
-with the highest [CLS] attention at the feature layer are kept, in their original order.
+visual tokens is kept: the base image gets ``floor(alpha * B)`` (capped by its size); the rest
+is split over the anyres crops as the reference code does: the top ``int(N * (1 - alpha))`` of
+the base image's ``N`` tokens by early-layer (``content_layer``) [CLS] attention are counted
+per crop region of the base image, and the crop share follows those counts
+(:func:`mmaccel.runtime.budget.allocate`: exact, capacity-aware). Inside every partition the
+tokens with the highest [CLS] attention at the feature layer are kept, in their original order.
 
-Differences from the public code, on purpose: the budget is used exactly (no flooring loss),
-crops are the real 2-D tiles (after LLaVA-NeXT's unpadding), the [CLS] row is computed from the
-layer's q/k projections without an attention matrix (:mod:`mmaccel.vlm.cls_attention`), batches of
-images with different partition counts work, and ``image_newline`` is kept after every row of
-the crop grid that keeps at least one token (``keep_newlines=True``; the public code drops all).
-Newlines are layout markers, not visual tokens: they do not count against the budget.
+Differences from the public code, on purpose (docs/vlm.md lists them all): the budget is used
+exactly (no flooring loss), the [CLS] row is computed from the layer's q/k projections without an
+attention matrix (:mod:`mmaccel.vlm.cls_attention`), batches of images with different partition
+counts work, and ``image_newline`` is kept after every row of the crop grid that keeps at least
+one token (``keep_newlines=True``; the public code drops all). Newlines are layout markers, not
+visual tokens: they do not count against the budget. ``crop_regions="strips"`` (default) cuts the
+base image into the reference's contiguous raster strips; ``"tiles"`` uses the crops' real 2-D
+footprints.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmaccel.runtime.adapters import llava
 from mmaccel.runtime.budget import TokenBudget, allocate
 from mmaccel.runtime.patching import PatchHandle
+from mmaccel.runtime.stats import Stats
 from mmaccel.vlm.cls_attention import ClsAttentionRecorder
 from mmaccel.vlm.placeholders import shrink_placeholders
 
@@ -35,13 +41,14 @@ __all__ = [
     "HiREDConfig",
     "HiREDHandle",
     "HiREDPatch",
+    "HiREDStats",
     "ImageSelection",
-    "SUPPORTED_MODELS",
     "apply_hired",
+    "crop_content_counts",
     "select_visual_tokens",
 ]
 
-SUPPORTED_MODELS = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
+CROP_REGIONS = ("strips", "tiles")
 NEWLINE = -1  # partition id marking LLaVA-NeXT's image_newline positions
 
 
@@ -55,6 +62,9 @@ class HiREDConfig:
     ``select_layer``: ViT layer whose [CLS] attention picks tokens; ``None`` = the layer whose
     output LLaVA uses (``vision_feature_layer=-2`` -> layer 22 of CLIP-L's 24).
     ``keep_newlines``: keep LLaVA-NeXT's row-end ``image_newline`` after rows that keep a token.
+    ``crop_regions``: how the base image is cut into one region per crop when counting its
+    top early-layer tokens: ``"strips"`` (reference code: contiguous runs of the flattened
+    grid) or ``"tiles"`` (each crop's 2-D footprint on the base grid).
     """
 
     budget: TokenBudget = field(default_factory=lambda: TokenBudget(ratio=0.2))
@@ -62,6 +72,7 @@ class HiREDConfig:
     content_layer: int = 0
     select_layer: int | None = None
     keep_newlines: bool = True
+    crop_regions: str = "strips"
 
     def __post_init__(self) -> None:
         if not isinstance(self.budget, TokenBudget):
@@ -80,6 +91,8 @@ class HiREDConfig:
                 )
         if not isinstance(self.keep_newlines, bool):
             raise TypeError(f"keep_newlines must be a bool, got {type(self.keep_newlines).__name__}")
+        if self.crop_regions not in CROP_REGIONS:
+            raise ValueError(f"crop_regions must be one of {CROP_REGIONS}, got {self.crop_regions!r}")
 
 
 @dataclass(frozen=True)
@@ -104,6 +117,45 @@ class ImageSelection:
         return int(self.keep.sum())
 
 
+def crop_content_counts(
+    base_content: torch.Tensor,
+    crops: int,
+    alpha: float,
+    regions: str = "strips",
+    grid: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Content score of each crop, as the reference code computes it.
+
+    ``base_content`` (N,): the base image's early-layer [CLS] attention in raster order. Its
+    top ``int(N * (1 - alpha))`` tokens are counted per crop region: ``"strips"`` cuts the
+    flattened grid into ``crops`` contiguous runs (token ``j`` -> region ``j * crops // N``, the
+    reference's reshape when ``crops`` divides ``N``); ``"tiles"`` maps base-grid cell (r, c) of
+    the square ``g x g`` grid to crop ``(r * rows // g) * cols + c * cols // g`` of the
+    ``grid = (rows, cols)`` crop grid. Returns (crops,) float64 counts.
+    """
+    n = base_content.numel()
+    if crops < 1:
+        raise ValueError(f"crops must be >= 1, got {crops}")
+    k = int(n * (1 - alpha))
+    top = torch.zeros(n, dtype=torch.bool)
+    if k > 0:
+        top[torch.topk(base_content.double().cpu(), k).indices] = True
+    j = torch.arange(n)
+    if regions == "strips":
+        region = j * crops // n
+    elif regions == "tiles":
+        if grid is None or grid[0] * grid[1] != crops:
+            raise ValueError(f"grid must be (rows, cols) with rows * cols = {crops} crops, got {grid!r}")
+        g = math.isqrt(n)
+        if g * g != n:
+            raise ValueError(f"crop_regions='tiles' needs a square base grid, got {n} tokens")
+        rows, cols = grid
+        region = (j // g * rows // g) * cols + (j % g) * cols // g
+    else:
+        raise ValueError(f"crop_regions must be one of {CROP_REGIONS}, got {regions!r}")
+    return torch.zeros(crops, dtype=torch.float64).index_add_(0, region[top], torch.ones(k, dtype=torch.float64))
+
+
 def select_visual_tokens(
     partition: torch.Tensor,
     content: torch.Tensor,
@@ -111,12 +163,16 @@ def select_visual_tokens(
     budget: TokenBudget,
     alpha: float = 0.5,
     keep_newlines: bool = True,
+    crop_regions: str = "strips",
+    grid: tuple[int, int] | None = None,
 ) -> ImageSelection:
     """HiRED's selection for one image laid out as the LLM sees it.
 
     ``partition`` (L,) long: 0 = base image, 1..P-1 = crops, ``NEWLINE`` (-1) = row-end
     newline; ``content`` / ``select`` (L,): early- / feature-layer [CLS] attention of each
-    token within its own partition. Returns the keep mask and per-partition counts.
+    token within its own partition (only the base image's ``content`` is read: it ranks the
+    crops through :func:`crop_content_counts`, with ``crop_regions`` and the crop ``grid``).
+    Returns the keep mask and per-partition counts.
     """
     partition = partition.long().cpu()
     content, select = content.double().cpu(), select.double().cpu()
@@ -129,8 +185,8 @@ def select_visual_tokens(
         kept[0] = total
     else:
         kept[0] = min(math.floor(alpha * total), int(sizes[0]))
-        mass = torch.zeros(n_parts, dtype=torch.float64).index_add_(0, partition[is_token], content[is_token])
-        kept[1:] = allocate(total - int(kept[0]), mass[1:], sizes[1:])
+        mass = crop_content_counts(content[partition == 0], n_parts - 1, alpha, crop_regions, grid)
+        kept[1:] = allocate(total - int(kept[0]), mass, sizes[1:])
         kept[0] += total - int(kept.sum())  # crops full: the base takes the rest (fits, total <= L)
     keep = torch.zeros_like(partition, dtype=torch.bool)
     for p in range(n_parts):
@@ -149,48 +205,6 @@ def select_visual_tokens(
     return ImageSelection(keep, total, tuple(kept.tolist()), tuple(sizes.tolist()))
 
 
-def _vision_layers(tower: nn.Module) -> nn.ModuleList:
-    inner = getattr(tower, "vision_model", tower)
-    has_cls = getattr(getattr(inner, "embeddings", None), "class_embedding", None) is not None
-    if not has_cls:
-        raise NotImplementedError(
-            f"HiRED ranks tokens by [CLS] attention, and the vision tower {type(tower).__name__} has no "
-            "[CLS] token (e.g. SigLIP); the mean-received-attention fallback is not implemented yet"
-        )
-    layers = inner.encoder.layers
-    for layer in layers:
-        attn = layer.self_attn
-        if not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "num_heads", "scale")):
-            raise NotImplementedError(
-                f"HiRED needs q_proj/k_proj attention in the tower, got {type(attn).__name__}"
-            )
-    return layers
-
-
-def _check_strategy(strategy: str) -> None:
-    if strategy != "default":
-        raise NotImplementedError(
-            f"HiRED supports vision_feature_select_strategy='default' ([CLS] dropped), got {strategy!r}"
-        )
-
-
-def _layer_index(name: str, value: int, n: int) -> int:
-    if not -n <= value < n:
-        raise ValueError(f"{name} must be in [-{n}, {n - 1}] for this {n}-layer vision tower, got {value}")
-    return value % n
-
-
-def _default_select_layer(feature_layer: Any, n: int) -> int:
-    if not isinstance(feature_layer, int):
-        raise ValueError(
-            f"vision_feature_layer is {feature_layer!r}; pass HiREDConfig(select_layer=...) explicitly"
-        )
-    hidden_index = feature_layer % (n + 1)  # hidden_states[h] is the output of layer h - 1
-    if hidden_index == 0:
-        raise ValueError("vision_feature_layer selects the embeddings; pass HiREDConfig(select_layer=...)")
-    return hidden_index - 1
-
-
 class HiREDPatch:
     """The hooks HiRED installs on one LLaVA instance (see :func:`apply_hired`)."""
 
@@ -198,24 +212,22 @@ class HiREDPatch:
         self.model = model
         self.config = config
         self.base = model.model
-        self.is_next = type(model).__name__ == "LlavaNextForConditionalGeneration"
-        _check_strategy(model.config.vision_feature_select_strategy)
-        layers = _vision_layers(self.base.vision_tower)
+        self.is_next = llava.is_next(model)
+        llava.check_default_strategy(model.config.vision_feature_select_strategy, "HiRED")
+        layers = llava.vision_attention_layers(model, "HiRED")
         n = len(layers)
-        self.content_layer = _layer_index("content_layer", config.content_layer, n)
+        self.content_layer = llava.layer_index("content_layer", config.content_layer, n)
         select = config.select_layer
         if select is None:
-            select = _default_select_layer(model.config.vision_feature_layer, n)
-        self.select_layer = _layer_index("select_layer", select, n)
+            select = llava.feature_layer_index(model, n, "HiREDConfig.select_layer")
+        self.select_layer = llava.layer_index("select_layer", select, n)
         self.recorder = ClsAttentionRecorder(
             [layer.self_attn for layer in layers], [self.content_layer, self.select_layer]
         )
-        self.image_token_id = model.config.image_token_id
-        pad = model.generation_config.pad_token_id
-        if pad is None:
-            pad = getattr(model.config.get_text_config(), "pad_token_id", None)
-        self.pad_token_id = 0 if pad is None else int(pad)  # re-padded positions are masked out
+        self.image_token_id = llava.image_token_id(model)
+        self.pad_token_id = llava.pad_token_id(model)  # re-padded positions are masked out
         self.last_selections: list[ImageSelection] = []
+        self.stats = HiREDStats()
         self._orig_features = self.base.get_image_features
         self._orig_forward = model.forward
         self._orig_generate = model.generate
@@ -232,7 +244,7 @@ class HiREDPatch:
     ) -> tuple[Any, list[ImageSelection]]:
         """Run the original image encoder with scoring on; return (pruned output, selections)."""
         strategy = vision_feature_select_strategy or self.model.config.vision_feature_select_strategy
-        _check_strategy(strategy)
+        llava.check_default_strategy(strategy, "HiRED")
         call = dict(pixel_values=pixel_values, vision_feature_layer=vision_feature_layer,
                     vision_feature_select_strategy=strategy, **kwargs)  # fmt: skip
         if image_sizes is not None:
@@ -248,16 +260,18 @@ class HiREDPatch:
         self.recorder.reset()
         features = list(out.pooler_output)
         metas = self._layout(content, select, image_sizes, len(features))
+        grids = (
+            [llava.anyres_grid(self.model, s) for s in image_sizes]
+            if self.is_next and image_sizes is not None
+            else [None] * len(metas)
+        )
+        cfg = self.config
         selections = [
             select_visual_tokens(
-                m[:, 0].round().long(),
-                m[:, 1],
-                m[:, 2],
-                self.config.budget,
-                self.config.alpha,
-                self.config.keep_newlines,
-            )
-            for m in metas
+                m[:, 0].round().long(), m[:, 1], m[:, 2], cfg.budget, cfg.alpha, cfg.keep_newlines,
+                cfg.crop_regions, grid,
+            )  # fmt: skip
+            for m, grid in zip(metas, grids)
         ]
         for i, (feat, sel) in enumerate(zip(features, selections)):
             if feat.shape[0] != sel.keep.numel():
@@ -267,6 +281,7 @@ class HiREDPatch:
             features[i] = feat[sel.keep.to(feat.device)]
         out.pooler_output = features
         self.last_selections = selections
+        self.stats.record(selections)
         return out, selections
 
     def _layout(
@@ -280,13 +295,7 @@ class HiREDPatch:
                 )
             zeros = torch.zeros_like(content)
             return list(torch.stack([zeros, content, select], -1).double())
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-        cfg = self.model.config
-        counts = [
-            image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-            for s in image_sizes
-        ]
+        counts = llava.partitions_per_image(self.model, image_sizes)
         metas = []
         for c, s in zip(content.split(counts), select.split(counts)):
             part = torch.arange(c.shape[0], dtype=c.dtype, device=c.device)[:, None].expand_as(c)
@@ -359,10 +368,53 @@ class HiREDPatch:
         return out
 
 
+class HiREDStats(Stats):
+    """What HiRED kept since the last :meth:`reset`: images encoded, visual tokens (LLM positions,
+    newlines included) before / after, partitions, and the spread of crop budgets."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.encodes = 0
+        self.images = 0
+        self.partitions = 0
+        self.tokens_before = 0
+        self.tokens_after = 0
+        self.crop_budget_min: int | None = None
+        self.crop_budget_max: int | None = None
+
+    def record(self, selections: list[ImageSelection]) -> None:
+        self.encodes += 1
+        for sel in selections:
+            self.images += 1
+            self.partitions += sel.partitions
+            self.tokens_before += sel.tokens_before
+            self.tokens_after += sel.tokens_after
+            crops = sel.kept_per_partition[1:]
+            if crops:
+                low, high = min(crops), max(crops)
+                self.crop_budget_min = low if self.crop_budget_min is None else min(self.crop_budget_min, low)
+                self.crop_budget_max = high if self.crop_budget_max is None else max(self.crop_budget_max, high)
+
+    def summary(self) -> dict[str, int | float | None]:
+        return {
+            "encodes": self.encodes,
+            "images": self.images,
+            "partitions": self.partitions,
+            "visual_tokens_before": self.tokens_before,
+            "visual_tokens_after": self.tokens_after,
+            "kept_ratio": self.tokens_after / self.tokens_before if self.tokens_before else None,
+            "crop_budget_min": self.crop_budget_min,
+            "crop_budget_max": self.crop_budget_max,
+        }
+
+
 class HiREDHandle(PatchHandle):
-    """A :class:`~mmaccel.runtime.patching.PatchHandle` that also exposes the last selections."""
+    """A :class:`~mmaccel.runtime.patching.PatchHandle` exposing the last selections and ``stats``."""
 
     hired: HiREDPatch
+    stats: HiREDStats
 
     @property
     def last_selections(self) -> list[ImageSelection]:
@@ -379,14 +431,14 @@ def apply_hired(model: nn.Module, config: HiREDConfig | None = None) -> HiREDHan
     forward hooks on the scored layers' ``q_proj`` / ``k_proj``. ``generate`` returns the
     caller's original prompt followed by the new tokens.
     """
-    if type(model).__name__ not in SUPPORTED_MODELS:
-        raise TypeError(f"apply_hired supports {', '.join(SUPPORTED_MODELS)}; got {type(model).__name__}")
+    llava.require(model, "apply_hired")
     config = HiREDConfig() if config is None else config
     if not isinstance(config, HiREDConfig):
         raise TypeError(f"config must be a HiREDConfig, got {type(config).__name__}")
     patch = HiREDPatch(model, config)  # validates before anything is changed
     handle = HiREDHandle(model, "hired")
     handle.hired = patch
+    handle.stats = patch.stats
     for hook in patch.recorder.install():
         handle.add_torch_hook(hook)
     handle.set_attr(patch.base, "get_image_features", _wrap(patch._orig_features, patch.get_image_features))

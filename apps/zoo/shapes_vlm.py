@@ -346,17 +346,30 @@ def _patch_example(
     return image, colour.flatten(), shape.flatten()
 
 
+def presence_targets(colour: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    """Multi-label image-level targets from per-patch labels: (..., 16) floats, 1 where some patch
+    shows that colour + shape pair (index ``(colour - 1) * len(SHAPES) + shape - 1``)."""
+    pair = (colour - 1) * len(SHAPES) + (shape - 1)
+    hit = (colour > 0) & (shape > 0)
+    out = torch.zeros(*colour.shape[:-1], len(COLOURS) * len(SHAPES))
+    return out.scatter_add_(-1, torch.where(hit, pair, 0), hit.float()).clamp_max(1.0)
+
+
 def pretrain_vision(
     model: Any, processor: Any, rng: np.random.Generator, *, steps: int = 2000, batch_size: int = 32,
-    lr: float = 3e-3, progress: bool = True,
+    lr: float = 3e-3, progress: bool = True, cls_objective: bool = False,
 ) -> float:
-    """Dense supervision for the vision tower before the VLM sees it: a linear head on every patch of
+    """Supervision for the vision tower before the VLM sees it: a linear head on every patch of
     the feature layer predicts the colour and shape of the object under it (a from-scratch ViT does
-    not learn shapes from the language loss alone in a CPU budget). Returns the held-out patch
-    shape accuracy on object patches; the head is discarded."""
+    not learn shapes from the language loss alone in a CPU budget), and with ``cls_objective`` a
+    linear head on the [CLS] token predicts which of the 16 colour + shape pairs the view shows
+    (multi-label, binary cross-entropy), so [CLS] has an image-level meaning as CLIP's has (off by
+    default: the committed weights were trained without it). Returns the held-out patch shape
+    accuracy on object patches; the heads are discarded."""
     tower = model.model.vision_tower
     head = torch.nn.Linear(tower.config.hidden_size, 2 * (len(SHAPES) + 1))
-    params = [*tower.parameters(), *head.parameters()]
+    cls_head = torch.nn.Linear(tower.config.hidden_size, len(COLOURS) * len(SHAPES))
+    params = [*tower.parameters(), *head.parameters()] + ([*cls_head.parameters()] if cls_objective else [])
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warmup = max(steps // 40, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -368,16 +381,22 @@ def pretrain_vision(
         items = [_patch_example(processor, rng, patch) for _ in range(n)]
         return tuple(torch.stack(t) for t in zip(*items))  # type: ignore[return-value]
 
+    def features(images: torch.Tensor) -> torch.Tensor:
+        return tower(pixel_values=images, output_hidden_states=True).hidden_states[-1]
+
     def logits(images: torch.Tensor) -> torch.Tensor:
-        return head(tower(pixel_values=images, output_hidden_states=True).hidden_states[-1][:, 1:])
+        return head(features(images)[:, 1:])
 
     tower.train()
     for _ in tqdm(range(steps), desc=f"pretrain {NAME} vision tower", disable=not progress):
         images, colour, shape = batch(batch_size)
-        out = logits(images)
+        hidden = features(images)
+        out = head(hidden[:, 1:])
         loss = F.cross_entropy(out[..., :k].flatten(0, 1), colour.flatten()) + F.cross_entropy(
             out[..., k:].flatten(0, 1), shape.flatten()
         )
+        if cls_objective:
+            loss = loss + F.binary_cross_entropy_with_logits(cls_head(hidden[:, 0]), presence_targets(colour, shape))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -397,6 +416,7 @@ def train(
     steps: int = 3200,
     batch_size: int = 8,
     lr: float = 2e-3,
+    cls_objective: bool = False,
 ) -> dict[str, float | int | str]:
     """Train from scratch on fresh scenes (AdamW, warm-up + cosine, loss on answer tokens only,
     teacher forcing), evaluate on the held-out set, save model + processor and the model card."""
@@ -410,7 +430,11 @@ def train(
     torch.manual_seed(seed)
     model, processor = build(seed)
     rng = np.random.default_rng([seed, 1])
-    patch_accuracy = pretrain_vision(model, processor, np.random.default_rng([seed, 4]), progress=progress)
+    if not isinstance(cls_objective, bool):
+        raise TypeError(f"cls_objective must be a bool, got {type(cls_objective).__name__}")
+    patch_accuracy = pretrain_vision(
+        model, processor, np.random.default_rng([seed, 4]), progress=progress, cls_objective=cls_objective
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(steps // 20, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -454,8 +478,13 @@ def train(
         "(count, is-there, colour-of, shape-of, total), in random order. Evaluation uses separate scenes "
         f"(seed {EVAL_SEED}): 200 questions (kinds in turn) and 100 captions, greedy decoding.",
         training="Stage 1, vision tower alone: 2000 steps of 32 64-px views (whole 64x64 scenes or crops of "
-        "128x128 ones), a linear head on every patch predicting the colour and shape under it (cross-entropy), "
-        "AdamW lr 3e-3 (cosine); the head is then discarded. Stage 2, the whole model "
+        "128x128 ones), a linear head on every patch predicting the colour and shape under it (cross-entropy)"
+        + (" plus a linear head on [CLS] predicting which of the 16 colour + shape pairs the view shows "
+           "(multi-label, binary cross-entropy: an image-level objective for [CLS], as CLIP's has)"
+           if cls_objective else "")
+        + (", AdamW lr 3e-3 (cosine); the heads are then discarded. " if cls_objective
+           else ", AdamW lr 3e-3 (cosine); the head is then discarded. ")
+        + "Stage 2, the whole model "
         f"from there, AdamW lr {lr} (5% warm-up, cosine), weight decay 0.01, "
         f"batch {batch_size} fresh scenes, {steps} steps, gradient clipping 1.0, cross-entropy on answer "
         f"tokens + EOS only (teacher forcing).",

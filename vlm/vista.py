@@ -4,12 +4,15 @@ Li et al., "The Hidden Life of Tokens: Reducing Hallucination of Large Vision-La
 via Visual Information Steering" (ICML 2025).
 
 * **VSV.** Per sample, the prompt runs once with its image (positive) and once with the image
-  placeholders removed (negative); for every decoder layer ``l`` the last token's MLP output
-  gives ``v_l = h_pos - h_neg``. During generation every MLP output ``x`` (all positions,
-  prefill included, as the reference does) becomes
-  ``||x|| * normalize(normalize(x) + lam * (1 + max(0, cos(x, -v))) * v_hat)``.
-* **SLA.** ``logits = gamma * lm_head(mean_{l in window} h_l) + (1 - gamma) * logits`` with
-  ``h_l`` the (un-normed) outputs of a band of late decoder layers. The window states are
+  placeholders removed (negative); for every decoder layer ``l`` the last token's layer output
+  (the residual stream, as the reference reads it) gives ``v_l = h_pos - h_neg``. During
+  generation every MLP output ``x`` of layer ``l`` (all positions, prefill included, as the
+  reference does) becomes
+  ``||x|| * normalize(normalize(x) + lam * (1 + max(0, cos(x, -v_l))) * v_hat_l)``.
+* **SLA.** ``logits = gamma * mean_{l in window} lm_head(h_l) + (1 - gamma) * logits`` with
+  ``h_l`` the (un-normed, as the reference; ``sla_final_norm=True`` applies the final norm)
+  outputs of decoder layers 25..30 of 32 (the reference's ``"25,30"`` indexes
+  ``hidden_states[1:]``), scaled to the model's depth. The window states are
   summed by forward hooks while the normal forward runs, only at the positions whose logits
   are kept (``logits_to_keep``). Since ``lm_head`` is affine, the mix is applied to its input,
   ``lm_head(gamma * mean_l h_l + (1 - gamma) * h_final)``: no extra forward pass and no extra
@@ -36,12 +39,15 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import slice_logits_to_keep
 
+from mmaccel.runtime.adapters import llava
 from mmaccel.runtime.patching import PatchHandle
+from mmaccel.runtime.stats import Stats
 from mmaccel.vlm.placeholders import padding_side_of, shrink_placeholders
 
 __all__ = [
     "VISTAConfig",
     "VISTAHandle",
+    "VISTAStats",
     "apply_vista",
     "compute_steering_vectors",
     "negative_inputs",
@@ -49,9 +55,6 @@ __all__ = [
     "window_layers",
 ]
 
-#: Model kwargs that carry the image into a LLaVA-style forward.
-VISUAL_KWARGS = ("pixel_values", "mm_encoder_outputs", "image_sizes", "vision_feature_layer",
-                 "vision_feature_select_strategy")  # fmt: skip
 _PATCH_ATTR = "_mmaccel_vista"
 
 
@@ -62,16 +65,19 @@ class VISTAConfig:
     ``lam`` >= 0: steering strength (paper: 0.17 for CHAIR captioning, 0.10 MMHal, 0.01 POPE);
     0 turns VSV off. ``gamma`` in [0, 1]: weight of the window logits; 0 turns SLA off.
     ``window``: (start, end) fractions of depth choosing SLA's band of decoder layers; the
-    default selects layers 24..29 (0-based) of 32 as the paper's 25..30, and never the last
-    layer (see :func:`window_layers`). ``layers``: an explicit inclusive (first, last) 0-based
-    layer band that overrides ``window``; checked against the model's depth by
-    :func:`apply_vista`.
+    default selects 0-based layers 25..30 of 32, as the reference's ``"25,30"`` over
+    ``hidden_states[1:]``, and never the last layer (see :func:`window_layers`). ``layers``: an
+    explicit inclusive (first, last) 0-based layer band that overrides ``window``; checked
+    against the model's depth by :func:`apply_vista`. ``sla_final_norm``: apply the language
+    model's final norm to the window states before ``lm_head`` (the reference does not; on a
+    shallow model the un-normed residual dominates the mixed logits, see docs/steering.md).
     """
 
     lam: float = 0.17
     gamma: float = 0.3
-    window: tuple[float, float] = (0.75, 0.90625)
+    window: tuple[float, float] = (0.78125, 0.9375)
     layers: tuple[int, int] | None = None
+    sla_final_norm: bool = False
 
     def __post_init__(self) -> None:
         for name in ("lam", "gamma"):
@@ -98,6 +104,8 @@ class VISTAConfig:
                 raise TypeError(f"layers must be a (first, last) tuple of ints, got {self.layers!r}")
             if not 0 <= self.layers[0] <= self.layers[1]:
                 raise ValueError(f"layers must satisfy 0 <= first <= last, got {self.layers!r}")
+        if not isinstance(self.sla_final_norm, bool):
+            raise TypeError(f"sla_final_norm must be a bool, got {type(self.sla_final_norm).__name__}")
 
 
 def window_layers(config: VISTAConfig, depth: int) -> tuple[int, int]:
@@ -158,58 +166,34 @@ def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
 
 
-def _has_image(kwargs: Mapping[str, Any], image_token_id: int | None) -> bool:
-    """Whether a forward's inputs carry an image (``generate`` passes an empty ``mm_encoder_outputs``)."""
-    encoded = kwargs.get("mm_encoder_outputs") or {}
-    visual = kwargs.get("pixel_values") is not None or any(v is not None for v in encoded.values())
-    ids = kwargs.get("input_ids")
-    return visual and image_token_id is not None and ids is not None and bool((ids == image_token_id).any())
-
-
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or not all(hasattr(layer, "mlp") for layer in layers):
-        raise NotImplementedError(
-            f"VISTA needs a decoder with .layers[i].mlp (Llama-style); {type(model).__name__} has none"
-        )
-    return layers
-
-
-def _pad_token_id(model: nn.Module) -> int:
-    pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
-    if pad is None:
-        pad = getattr(model.config.get_text_config(), "pad_token_id", None)
-    return 0 if pad is None else int(pad)
-
-
 @torch.no_grad()
 def compute_steering_vectors(
     model: nn.Module, positive: Mapping[str, Any], negative: Mapping[str, Any] | None = None
 ) -> torch.Tensor:
-    """Per-layer, per-sample visual steering vectors ``h_pos - h_neg`` of the MLP outputs.
+    """Per-layer, per-sample visual steering vectors ``h_pos - h_neg`` of the decoder layers' outputs.
 
     ``positive``: model inputs with the image (a processor's output: ``input_ids``,
     ``attention_mask``, ``pixel_values``, ...). ``negative``: the same prompts without it;
     default :func:`negative_inputs` of ``positive``. Returns (num_layers, batch, hidden)
-    float32: the last non-padding token's MLP output in each layer. On a model with VISTA
-    applied the steering is paused while the two forwards run.
+    float32: the last non-padding token's output of each decoder layer (the residual stream,
+    as the reference reads it). On a model with VISTA applied the steering is paused while the
+    two forwards run.
     """
     patch: _VISTAPatch | None = model.__dict__.get(_PATCH_ATTR)
     if negative is None:
-        image_token_id = getattr(model.config, "image_token_id", None)
+        image_token_id = llava.image_token_id(model)
         if image_token_id is None:
             raise ValueError(f"{type(model).__name__} has no image_token_id: pass negative=... explicitly")
-        negative = negative_inputs(positive, image_token_id, _pad_token_id(model))
-    layers = _decoder_layers(model)
+        negative = negative_inputs(positive, image_token_id, llava.pad_token_id(model))
+    layers = llava.decoder_layers(model, ("mlp",))
     states = []
     with patch.paused() if patch is not None else contextlib.nullcontext():
         for inputs in (positive, negative):
-            states.append(_last_token_mlp_outputs(model, layers, dict(inputs)))
+            states.append(_last_token_layer_outputs(model, layers, dict(inputs)))
     return states[0] - states[1]
 
 
-def _last_token_mlp_outputs(model: nn.Module, layers: nn.ModuleList, inputs: dict[str, Any]) -> torch.Tensor:
+def _last_token_layer_outputs(model: nn.Module, layers: nn.ModuleList, inputs: dict[str, Any]) -> torch.Tensor:
     mask = inputs.get("attention_mask")
     if mask is not None and mask.ndim != 2:
         raise ValueError(f"attention_mask must be 2-D (batch, seq), got shape {tuple(mask.shape)}")
@@ -222,7 +206,8 @@ def _last_token_mlp_outputs(model: nn.Module, layers: nn.ModuleList, inputs: dic
     captured: list[torch.Tensor | None] = [None] * len(layers)
 
     def hook(i: int):
-        def fn(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        def fn(module: nn.Module, args: tuple, out: Any) -> None:
+            out = out[0] if isinstance(out, tuple) else out
             if right and out.shape[1] != mask.shape[1]:
                 raise NotImplementedError("right-padded inputs whose length changes in the forward (HiRED)")
             rows = torch.arange(out.shape[0], device=out.device)
@@ -230,14 +215,14 @@ def _last_token_mlp_outputs(model: nn.Module, layers: nn.ModuleList, inputs: dic
 
         return fn
 
-    handles = [layer.mlp.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
     try:
         model(**inputs, use_cache=False, logits_to_keep=1)
     finally:
         for h in handles:
             h.remove()
     if any(c is None for c in captured):
-        raise RuntimeError("the forward did not run every decoder layer's MLP")
+        raise RuntimeError("the forward did not run every decoder layer")
     return torch.stack(captured)  # type: ignore[arg-type]
 
 
@@ -247,12 +232,14 @@ class _VISTAPatch:
     def __init__(self, model: nn.Module, config: VISTAConfig) -> None:
         self.model = model
         self.config = config
-        self.layers = _decoder_layers(model)
+        self.layers = llava.decoder_layers(model, ("mlp",))
         self.first, self.last = window_layers(config, len(self.layers))
-        self.lm_head = model.get_output_embeddings()
+        self.lm_head = llava.lm_head(model)
         if config.gamma > 0 and not isinstance(self.lm_head, nn.Linear):
             raise NotImplementedError(f"SLA needs an nn.Linear lm_head, got {type(self.lm_head).__name__}")
-        self.image_token_id = getattr(model.config, "image_token_id", None)
+        self.norm = llava.final_norm(model) if config.gamma > 0 and config.sla_final_norm else None
+        self.image_token_id = llava.image_token_id(model)
+        self.stats = VISTAStats(self.first, self.last)
         self._signature = inspect.signature(model.forward)
         self.vectors: torch.Tensor | None = None  # (L, B, D) float32
         self.pinned = False
@@ -309,10 +296,11 @@ class _VISTAPatch:
         cache = bound.get("cache", bound.get("past_key_values"))
         if self.pinned or (cache is not None and cache.get_seq_length() > 0):
             return  # pinned vectors, or continuing a sequence: keep the vectors
-        if _has_image(bound, self.image_token_id):
+        if llava.has_image(bound, self.image_token_id):
             drop = ("cache", "past_key_values", "use_cache", "logits_to_keep", "labels")
             positive = {k: v for k, v in bound.items() if k not in drop}
             self.set_vectors(compute_steering_vectors(self.model, positive), pinned=False)
+            self.stats.vectors_computed += 1
         else:
             self.set_vectors(None, pinned=False)
 
@@ -320,6 +308,8 @@ class _VISTAPatch:
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
             if self._paused:
                 return None
+            if index == 0:
+                self.stats.steered_forwards += 1
             return steer(out, self.directions(out.shape[0])[index].to(out.device), self.config.lam)
 
         return hook
@@ -328,7 +318,8 @@ class _VISTAPatch:
         def hook(module: nn.Module, args: tuple, out: Any) -> None:
             if self._paused:
                 return
-            h = slice_logits_to_keep(out[0] if isinstance(out, tuple) else out, self._keep).float()
+            h = slice_logits_to_keep(out[0] if isinstance(out, tuple) else out, self._keep)
+            h = (h if self.norm is None else self.norm(h)).float()
             self._acc = h if index == self.first else self._acc + h  # out of place: h is the residual
 
         return hook
@@ -346,13 +337,38 @@ class _VISTAPatch:
             )
         gamma = self.config.gamma
         mixed = gamma / (self.last - self.first + 1) * acc + (1.0 - gamma) * hidden.float()
+        self.stats.sla_mixes += 1
         return (mixed.to(hidden.dtype), *args[1:])
 
 
+class VISTAStats(Stats):
+    """Counts since the last :meth:`reset`: steering vectors computed (one per new sequence with
+    an image), forwards steered, logits mixed by SLA; and the SLA window (0-based layers)."""
+
+    def __init__(self, first: int | None = None, last: int | None = None) -> None:
+        self.window_first, self.window_last = first, last
+        self.reset()
+
+    def reset(self) -> None:
+        self.vectors_computed = 0
+        self.steered_forwards = 0
+        self.sla_mixes = 0
+
+    def summary(self) -> dict[str, int | None]:
+        return {
+            "vectors_computed": self.vectors_computed,
+            "steered_forwards": self.steered_forwards,
+            "sla_mixes": self.sla_mixes,
+            "window_first": self.window_first,
+            "window_last": self.window_last,
+        }
+
+
 class VISTAHandle(PatchHandle):
-    """A :class:`~mmaccel.runtime.patching.PatchHandle` with VISTA's steering controls."""
+    """A :class:`~mmaccel.runtime.patching.PatchHandle` with VISTA's steering controls and ``stats``."""
 
     vista: _VISTAPatch
+    stats: VISTAStats
 
     def set_steering(
         self, positive: Mapping[str, Any], negative: Mapping[str, Any] | None = None
@@ -395,6 +411,7 @@ def apply_vista(model: nn.Module, config: VISTAConfig | None = None) -> VISTAHan
     patch = _VISTAPatch(model, config)  # validates before anything is changed
     handle = VISTAHandle(model, "vista")
     handle.vista = patch
+    handle.stats = patch.stats
     handle.set_attr(model, _PATCH_ATTR, patch)
     handle.add_torch_hook(model.register_forward_pre_hook(patch.pre_forward, with_kwargs=True))
     if config.lam > 0:
