@@ -2,6 +2,9 @@
 
 User errors (bad arguments, missing files) print one readable line and exit with code 2;
 nothing a user can mistype ends in a stack trace. ``MMACCEL_DEBUG=1`` re-raises them instead.
+Under ``torchrun`` / ``accelerate launch`` only rank 0 prints a user error: every rank validates
+the same arguments, so the other ranks exit with the same code silently (``MMACCEL_DEBUG=1``
+shows every rank's traceback). See docs/errors.md.
 """
 
 from __future__ import annotations
@@ -11,12 +14,36 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from mmaccel.apps.commands import add_bench_parser, add_demo_parser, add_vlm_parser
 from mmaccel.apps.video import add_video_parser
 from mmaccel.apps.zoo.cli import add_zoo_parser
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "one_line", "OneLineParser"]
+
+
+def one_line(message: object) -> str:
+    """``message`` as a single line (newlines folded into ``"; "``)."""
+    return "; ".join(part.strip() for part in str(message).strip().splitlines() if part.strip())
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line: ``PROG: error: MESSAGE (see PROG --help)``.
+
+    Sub-command parsers inherit the class (``add_subparsers`` uses the parent's type).
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def _reports_errors() -> bool:
+    """True on the rank that prints user errors: rank 0, or a single process."""
+    try:
+        return int(os.environ.get("RANK", "0")) == 0
+    except ValueError:
+        return True
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -45,9 +72,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mmaccel", description="Fast multimodal understanding and visual generation."
-    )
+    parser = OneLineParser(prog="mmaccel", description="Fast multimodal understanding and visual generation.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -73,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as exc:
         if os.environ.get("MMACCEL_DEBUG"):
             raise
-        print(f"mmaccel {args.command}: error: {exc}", file=sys.stderr)
+        if _reports_errors():
+            print(f"mmaccel {args.command}: error: {one_line(exc)}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print(f"mmaccel {args.command}: interrupted", file=sys.stderr)

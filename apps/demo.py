@@ -1,12 +1,21 @@
 """The Gradio demo (``mmaccel demo``): one tab per capability, dense vs accelerated side by side.
 
 The handlers are thin wrappers around the UI-free app functions in :mod:`mmaccel.apps.demo_tabs`;
-user errors become ``gr.Error`` messages in the page. Videos and animations are written only
-under the demo's output folder (a fresh temp folder by default).
+user errors become ``gr.Error`` messages in the page and one log line on the server (logger
+``mmaccel.demo``, no traceback). Videos and animations are written only under the demo's output
+folder (a fresh temp folder by default, deleted at exit); that folder and the upload folder are
+pruned to :class:`~mmaccel.apps.demo_tabs.DemoLimits` after every request. Uploaded images are
+checked from their header before they are decoded. See docs/errors.md.
 """
 
 from __future__ import annotations
 
+import atexit
+import errno
+import logging
+import os
+import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from functools import wraps
@@ -19,6 +28,8 @@ from mmaccel.apps.demo_tabs import (
     MAX_FRAMES,
     MAX_NEW_TOKENS,
     MAX_STEPS,
+    OUTPUT_PREFIX,
+    DemoLimits,
     DemoModels,
     TabResult,
     run_ar_tab,
@@ -28,13 +39,19 @@ from mmaccel.apps.demo_tabs import (
     torchrun_command,
     validate_image,
 )
+from mmaccel.runtime.limits import as_int
+from mmaccel.runtime.paths import prune_folder
 
 #: Largest upload the server accepts (images are further checked by `validate_image`).
 MAX_UPLOAD = "25mb"
 
+log = logging.getLogger("mmaccel.demo")
+
 __all__ = [
     "build_demo",
+    "check_port",
     "launch",
+    "DemoLimits",
     "DemoModels",
     "TabResult",
     "run_vlm_tab",
@@ -53,8 +70,14 @@ def _import_gradio() -> Any:
     return gr
 
 
-def _ui(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn user errors (bad values, unreadable files or model folders) into ``gr.Error``."""
+def _one_line(err: BaseException) -> str:
+    return "; ".join(p.strip() for p in str(err).strip().splitlines() if p.strip()) or type(err).__name__
+
+
+def _ui(fn: Callable[..., Any], after: Callable[[], None] | None = None) -> Callable[..., Any]:
+    """Turn user errors (bad values, unreadable files or model folders) into ``gr.Error``: the same
+    one-line text in the page and one ``WARNING`` line in the server log, no traceback. ``after``
+    runs once the request is done (output pruning), whatever happened."""
     gr = _import_gradio()
 
     @wraps(fn)
@@ -62,7 +85,12 @@ def _ui(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except (ValueError, TypeError, OSError) as err:
-            raise gr.Error(str(err)) from err
+            message = _one_line(err)
+            log.warning("user error in %s: %s", fn.__name__, message)
+            raise gr.Error(message, print_exception=False) from None
+        finally:
+            if after is not None:
+                after()
 
     return wrapper
 
@@ -76,34 +104,81 @@ def _enlarge(image: Any, side: int = 256) -> Any:
     return pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
 
 
-def build_demo(models: DemoModels | None = None, out_dir: str | Path | None = None) -> Any:
-    """The demo as a ``gr.Blocks``; outputs go under ``out_dir`` (a new temp folder by default)."""
+def _number(name: str, value: Any) -> float:
+    """A UI number as a float; ``TypeError`` naming ``name`` for anything else (no silent cast)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be true or false, got {type(value).__name__}")
+    return value
+
+
+def _cleanup_folder(path: Path) -> None:
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+
+
+def build_demo(
+    models: DemoModels | None = None, out_dir: str | Path | None = None, limits: DemoLimits | None = None
+) -> Any:
+    """The demo as a ``gr.Blocks``; outputs go under ``out_dir`` (a new temp folder by default,
+    deleted when the process exits) and are pruned to ``limits`` after every request."""
     gr = _import_gradio()
     models = models or DemoModels()
-    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="mmaccel-demo-"))
-    out.mkdir(parents=True, exist_ok=True)
+    limits = limits or DemoLimits()
+    if out_dir is None:
+        out = Path(tempfile.mkdtemp(prefix="mmaccel-demo-"))
+        _cleanup_folder(out)
+    else:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
     track = gr.Progress(track_tqdm=True)
+    uploads: list[Path] = []  # the private upload folder, set by launch()
 
-    @_ui
+    def prune() -> None:
+        keep = dict(max_files=limits.max_outputs, max_bytes=limits.max_output_bytes, min_age_s=limits.keep_s)
+        prune_folder(out, pattern=f"{OUTPUT_PREFIX}*", **keep)
+        for folder in uploads:
+            prune_folder(folder, **keep)
+
+    def ui(fn: Callable[..., Any]) -> Callable[..., Any]:
+        return _ui(fn, after=prune)
+
+    @ui
     def vlm(image, question, budget, hired, vista, max_new_tokens, progress=track):  # noqa: ANN001, ARG001
-        r = run_vlm_tab(models, image, question, float(budget), bool(hired), bool(vista), int(max_new_tokens))
+        # runs without Gradio's preprocessing: `image` is the upload's {"path": ...}, read from its
+        # header before decoding (validate_image), never decoded by Gradio first
+        r = run_vlm_tab(
+            models, image, question, _number("budget", budget), _flag("hired", hired), _flag("vista", vista),
+            as_int("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS), limits=limits,
+        )  # fmt: skip
         return r.dense, r.accelerated, r.extras["overlay"], r.markdown()
 
-    @_ui
+    @ui
     def dit(text, steps, keep_ratio, dense_from, seed, progress=track):  # noqa: ANN001, ARG001
-        r = run_dit_tab(models, text, int(steps), float(keep_ratio), float(dense_from), int(seed))
+        r = run_dit_tab(
+            models, text, as_int("steps", steps, 1, MAX_STEPS), _number("keep_ratio", keep_ratio),
+            _number("dense_from", dense_from), as_int("seed", seed, 0, 2**31 - 1),
+        )  # fmt: skip
         return _enlarge(r.dense), _enlarge(r.accelerated), r.markdown()
 
-    @_ui
+    @ui
     def video(prompt, frames, steps, top_p, dense_steps, seed, progress=track):  # noqa: ANN001, ARG001
         r = run_video_tab(
-            models, prompt, out, int(frames), int(steps), float(top_p), float(dense_steps), int(seed)
-        )
+            models, prompt, out, as_int("frames", frames, 1, MAX_FRAMES), as_int("steps", steps, 1, MAX_STEPS),
+            _number("top_p", top_p), _number("dense_steps", dense_steps), as_int("seed", seed, 0, 2**31 - 1),
+        )  # fmt: skip
         return str(r.dense), str(r.accelerated), r.markdown()
 
-    @_ui
+    @ui
     def ar(class_id, grid, seed, progress=track):  # noqa: ANN001, ARG001
-        r = run_ar_tab(models, int(class_id), out, int(grid), int(seed), progress=True)
+        r = run_ar_tab(
+            models, as_int("class_id", class_id, 0, 9), out, as_int("grid", grid, 2, 16),
+            as_int("seed", seed, 0, 2**31 - 1), progress=True,
+        )  # fmt: skip
         return (
             _enlarge(r.dense),
             _enlarge(r.accelerated),
@@ -113,7 +188,8 @@ def build_demo(models: DemoModels | None = None, out_dir: str | Path | None = No
         )
 
     defaults = models.defaults()
-    with gr.Blocks(title="mmaccel demo") as demo:
+    age = max(60, int(limits.keep_s * 10))
+    with gr.Blocks(title="mmaccel demo", delete_cache=(age, age)) as demo:
         gr.Markdown(
             "# mmaccel: dense vs accelerated\nEach tab runs the same model and inputs twice. "
             "By default the tabs run the zoo's small trained reference models (shapes VLM, digits DiT, "
@@ -124,7 +200,8 @@ def build_demo(models: DemoModels | None = None, out_dir: str | Path | None = No
         with gr.Tab("VLM"):
             with gr.Row():
                 with gr.Column():
-                    image = gr.Image(value=defaults["vlm_image"], type="pil", label="image", image_mode="RGB")
+                    # a file path, not a decoded image: the size is checked from the header first
+                    image = gr.Image(value=defaults["vlm_image"], type="filepath", label="image", image_mode=None)
                     question = gr.Textbox(value=defaults["vlm_question"], label="question")
                     budget = gr.Slider(0.05, 1.0, value=0.2, step=0.05, label="HiRED visual-token budget")
                     hired = gr.Checkbox(value=True, label="HiRED (drop visual tokens)")
@@ -138,7 +215,7 @@ def build_demo(models: DemoModels | None = None, out_dir: str | Path | None = No
                     vlm_stats = gr.Markdown()
             vlm_btn.click(
                 vlm, [image, question, budget, hired, vista, new_tokens],
-                [dense_answer, fast_answer, overlay, vlm_stats], api_name="vlm",
+                [dense_answer, fast_answer, overlay, vlm_stats], api_name="vlm", preprocess=False,
             )  # fmt: skip
         with gr.Tab("Image DiT"):
             labels = sorted(getattr(models.get("dit"), "labels", {}) or {})
@@ -218,7 +295,46 @@ def build_demo(models: DemoModels | None = None, out_dir: str | Path | None = No
                 api_name="ar",
             )
     demo.mmaccel_out_dir = out  # where launch() allows file serving from
+    demo.mmaccel_uploads = uploads  # launch() adds its private upload folder: pruned like `out`
+    demo.mmaccel_limits = limits
     return demo
+
+
+def check_port(host: str, port: int | None) -> None:
+    """``ValueError`` naming ``--host`` / ``--port`` unless ``host:port`` can be bound now.
+
+    ``port=None`` lets Gradio pick a free port (7860 upwards) and is not checked.
+    """
+    if not isinstance(host, str) or not host.strip():
+        raise ValueError(f"--host must be an interface name or address such as 127.0.0.1, got {host!r}")
+    if port is None:
+        return
+    as_int("--port", port, 1, 65535)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as err:
+        raise ValueError(f"--host {host!r} is not a known interface or address ({err})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind(address)
+        except OSError as err:
+            why = "is already in use" if err.errno == errno.EADDRINUSE else f"cannot be bound ({err.strerror})"
+            raise ValueError(f"--port {port} on {host} {why}; pick another with --port") from None
+
+
+def private_upload_folder() -> Path:
+    """A fresh folder for Gradio's uploads (``GRADIO_TEMP_DIR``), deleted when the process exits.
+
+    Call it before the app is built, in a process that serves only this demo (``mmaccel demo``
+    does): Gradio reads ``GRADIO_TEMP_DIR`` when the app is created, and the folder is then pruned
+    to the demo's limits after every request instead of growing in the shared ``/tmp/gradio``.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="mmaccel-demo-uploads-"))
+    os.environ["GRADIO_TEMP_DIR"] = str(folder)
+    _cleanup_folder(folder)
+    return folder
 
 
 def launch(
@@ -227,17 +343,31 @@ def launch(
     port: int | None = None,
     out_dir: str | Path | None = None,
     block: bool = True,
+    limits: DemoLimits | None = None,
+    upload_dir: str | Path | None = None,
     **launch_kwargs: Any,
 ) -> Any:
-    """Build and serve the demo on ``host:port`` (127.0.0.1 by default); returns the ``gr.Blocks``."""
-    demo = build_demo(models, out_dir)
-    demo.queue().launch(
-        server_name=host,
-        server_port=port,
-        allowed_paths=[str(demo.mmaccel_out_dir)],
-        prevent_thread_lock=not block,
-        show_error=True,
-        max_file_size=MAX_UPLOAD,
-        **launch_kwargs,
-    )
+    """Build and serve the demo on ``host:port`` (127.0.0.1 by default); returns the ``gr.Blocks``.
+
+    The port is checked before any model is built: a busy one is a ``ValueError`` naming
+    ``--port``. ``upload_dir`` (see :func:`private_upload_folder`) is pruned like the outputs.
+    """
+    check_port(host, port)
+    demo = build_demo(models, out_dir, limits)
+    if upload_dir is not None:
+        demo.mmaccel_uploads.append(Path(upload_dir))
+    try:
+        demo.queue().launch(
+            server_name=host,
+            server_port=port,
+            allowed_paths=[str(demo.mmaccel_out_dir)],
+            prevent_thread_lock=not block,
+            show_error=True,
+            max_file_size=MAX_UPLOAD,
+            **launch_kwargs,
+        )
+    except OSError as err:  # the port was taken between check_port and the bind
+        if "port" not in str(err).lower():
+            raise
+        raise ValueError(f"--port {port} on {host} is already in use; pick another with --port") from None
     return demo

@@ -21,13 +21,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmaccel.runtime.images import PIL_MAX_PIXELS, open_image
+from mmaccel.runtime.limits import as_int, check_prompt
 from mmaccel.runtime.metrics import psnr
+from mmaccel.runtime.paths import check_model_folder
 
 __all__ = [
     "MAX_IMAGE_SIDE",
     "MIN_IMAGE_SIDE",
+    "MAX_IMAGE_PIXELS",
+    "MAX_PROMPT_CHARS",
     "MAX_FRAMES",
     "ARModels",
+    "DemoLimits",
     "DemoModels",
     "TabResult",
     "validate_image",
@@ -41,10 +47,49 @@ __all__ = [
 MAX_IMAGE_SIDE = 4096
 MIN_IMAGE_SIDE = 16
 MAX_IMAGE_PIXELS = 16_000_000
+#: Every file the tabs write starts with this, so pruning a shared output folder touches only ours.
+OUTPUT_PREFIX = "mmaccel-"
 MAX_FRAMES = 33
 MAX_STEPS = 50
 MAX_NEW_TOKENS = 64
+MAX_PROMPT_CHARS = 2000
+#: Classes each ``--*-model`` folder may declare (model_index.json ``_class_name`` / config.json
+#: ``architectures``), checked before loading.
+VLM_MODELS = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
 IMAGE_PIPELINES = ("DiTPipeline", "PixArtAlphaPipeline")
+VIDEO_PIPELINES = ("WanPipeline",)
+MODEL_CLASSES = {"vlm": VLM_MODELS, "dit": IMAGE_PIPELINES, "video": VIDEO_PIPELINES}
+
+
+@dataclass(frozen=True)
+class DemoLimits:
+    """What one demo request may cost: upload size (read from the header before decoding) and the
+    generated files kept in the output and upload folders (oldest deleted first).
+
+    ``max_pixels``: pixel cap of an uploaded image (``mmaccel demo --max-pixels``);
+    ``max_outputs`` / ``max_output_bytes``: files and bytes kept in each of those folders
+    (``--max-outputs``, ``--max-output-mb``); ``keep_s``: files younger than this are never
+    deleted (a request may still be reading them), and the upload cache drops files older
+    than ten times it.
+    """
+
+    max_pixels: int = MAX_IMAGE_PIXELS
+    max_side: int = MAX_IMAGE_SIDE
+    min_side: int = MIN_IMAGE_SIDE
+    max_outputs: int = 200
+    max_output_bytes: int = 1 << 30
+    keep_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        as_int("min_side", self.min_side, 1, 65_535)
+        as_int("max_pixels", self.max_pixels, self.min_side * self.min_side, PIL_MAX_PIXELS)
+        as_int("max_side", self.max_side, self.min_side, 65_535)
+        as_int("max_outputs", self.max_outputs, 4, 10**6)  # one request writes up to 2 files
+        as_int("max_output_bytes", self.max_output_bytes, 1 << 20, 1 << 50)
+        if isinstance(self.keep_s, bool) or not isinstance(self.keep_s, (int, float)):
+            raise TypeError(f"keep_s must be a number of seconds >= 0, got {type(self.keep_s).__name__}")
+        if not 0 <= self.keep_s < float("inf"):
+            raise ValueError(f"keep_s must be a number of seconds >= 0, got {self.keep_s!r}")
 
 
 @dataclass(frozen=True)
@@ -131,7 +176,7 @@ class DemoModels:
             from mmaccel.apps.zoo import zoo_path
 
             return str(zoo_path(_ZOO_NAMES[name]))
-        return _existing(value, f"--{name}-model")
+        return _existing(value, f"--{name}-model", MODEL_CLASSES[name])
 
     def _build_vlm(self) -> Any:
         from mmaccel.vlm import load_vlm
@@ -222,9 +267,11 @@ class DemoModels:
                 self._warmed.add(name)
 
 
-def _existing(path: str, flag: str) -> str:
+def _existing(path: str, flag: str, accepted: tuple[str, ...]) -> str:
+    """``path`` if it is a folder declaring one of ``accepted`` (read from its JSON, not loaded)."""
     if not Path(path).is_dir():
         raise FileNotFoundError(f"{flag} {path!r} is not a folder saved with save_pretrained")
+    check_model_folder(path, flag=flag, accepted=accepted)
     return path
 
 
@@ -249,21 +296,35 @@ def _check_out_dir(out_dir: str | Path) -> Path:
     return out
 
 
-def validate_image(image: Any) -> Image.Image:
-    """An RGB PIL image from a PIL image / uint8 array within the demo's size limits."""
+def validate_image(image: Any, limits: DemoLimits | None = None) -> Image.Image:
+    """An RGB PIL image within the demo's size limits, from a PIL image, a uint8 array, or an
+    uploaded file (its path, or Gradio's ``{"path": ...}`` payload).
+
+    Files are checked from their header before anything is decoded (:func:`runtime.images.open_image`).
+    """
+    limits = limits or DemoLimits()
     if image is None:
         raise ValueError("upload an image first")
+    if isinstance(image, dict):  # Gradio's FileData payload (the event runs without preprocessing)
+        if not image.get("path"):
+            raise ValueError("upload an image first")
+        image = image["path"]
+    if isinstance(image, (str, Path)):
+        return open_image(
+            image, max_pixels=limits.max_pixels, min_side=limits.min_side, max_side=limits.max_side,
+            flag="--max-pixels", name="uploaded image", show_path=False,
+        )  # fmt: skip
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3):
             raise ValueError(f"image arrays must be uint8 (H, W[, C]); got {image.dtype} {image.shape}")
         image = Image.fromarray(image)
     if not isinstance(image, Image.Image):
-        raise TypeError(f"image must be a PIL image or a uint8 array, got {type(image).__name__}")
+        raise TypeError(f"image must be a PIL image, a uint8 array or a file path, got {type(image).__name__}")
     w, h = image.size
-    if min(w, h) < MIN_IMAGE_SIDE or max(w, h) > MAX_IMAGE_SIDE or w * h > MAX_IMAGE_PIXELS:
+    if min(w, h) < limits.min_side or max(w, h) > limits.max_side or w * h > limits.max_pixels:
         raise ValueError(
-            f"image is {w}x{h}; sides must be in [{MIN_IMAGE_SIDE}, {MAX_IMAGE_SIDE}] px and at most "
-            f"{MAX_IMAGE_PIXELS // 1_000_000} MP"
+            f"image is {w}x{h}; sides must be in [{limits.min_side}, {limits.max_side}] px and at most "
+            f"{limits.max_pixels:,} pixels (--max-pixels)"
         )
     return image.convert("RGB")
 
@@ -293,6 +354,7 @@ def run_vlm_tab(
     hired: bool = True,
     vista: bool = False,
     max_new_tokens: int = 16,
+    limits: DemoLimits | None = None,
 ) -> TabResult:
     """Answer ``question`` about ``image`` dense and with HiRED (``budget`` of visual tokens) / VISTA.
 
@@ -302,11 +364,10 @@ def run_vlm_tab(
     from mmaccel.runtime import TokenBudget
     from mmaccel.vlm import HiREDConfig, VISTAConfig
 
-    pil = validate_image(image)
     if not isinstance(question, str) or not question.strip():
         raise ValueError("type a question")
-    if len(question) > 2000:
-        raise ValueError(f"question is {len(question)} characters; at most 2000")
+    check_prompt(question, name="question", max_chars=MAX_PROMPT_CHARS)
+    pil = validate_image(image, limits)
     _check_number("budget", budget, 0.01, 1.0)
     _check_number("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS, integer=True)
     if not (hired or vista):
@@ -376,6 +437,7 @@ def run_dit_tab(
     pipe = models.get("dit")
     if not isinstance(text, str) or not text.strip():
         raise ValueError("type a class name or a prompt")
+    check_prompt(text, name="prompt", max_chars=MAX_PROMPT_CHARS)
     if hasattr(pipe, "get_label_ids"):  # class-conditional DiT
         labels = getattr(pipe, "labels", None) or {}
         if text not in labels:
@@ -449,11 +511,12 @@ def run_video_tab(
 
     ``frames`` must be ``1 + 4k`` (the Wan VAE) and at most `MAX_FRAMES`.
     """
-    from mmaccel.sparse_attn import SVG2Config, apply_sparse_attention, pipeline_progress
+    from mmaccel.sparse_attn import SVG2Config, apply_svg2
 
     out = _check_out_dir(out_dir)
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("type a prompt")
+    check_prompt(prompt, name="prompt", max_chars=MAX_PROMPT_CHARS)
     _check_number("frames", frames, 1, MAX_FRAMES, integer=True)
     if (frames - 1) % 4:
         raise ValueError(f"frames must be 1 + 4k (1, 5, 9, ...) for the Wan VAE, got {frames}")
@@ -474,17 +537,19 @@ def run_video_tab(
     models.warm_up("video", lambda: run(1))
     with models.lock:
         dense, t_dense = _timed(run)
-        with apply_sparse_attention(pipe.transformer, config, pipeline_progress(pipe)) as handle:
+        with apply_svg2(pipe.transformer, config, lambda: pipe.current_timestep, scheduler=pipe.scheduler) as handle:
             fast, t_fast = _timed(run)
             summary = handle.stats.summary()
     tag = uuid.uuid4().hex[:8]
-    dense_mp4 = _write_mp4(dense, out / f"dense-{tag}.mp4")
-    fast_mp4 = _write_mp4(fast, out / f"svg2-{tag}.mp4")
+    dense_mp4 = _write_mp4(dense, out / f"{OUTPUT_PREFIX}dense-{tag}.mp4")
+    fast_mp4 = _write_mp4(fast, out / f"{OUTPUT_PREFIX}svg2-{tag}.mp4")
     stats = {
         "time dense / accelerated (s)": f"{t_dense:.3f} / {t_fast:.3f}",
         "speed-up": f"{t_dense / t_fast:.2f}x",
         "measured attention density (all calls)": f"{summary['density']:.2f}",
-        "density of the sparse calls": f"{summary['sparse_density']:.2f}",
+        "density of the sparse calls": (
+            "-" if summary["sparse_density"] is None else f"{summary['sparse_density']:.2f}"
+        ),
         "PSNR vs dense (dB)": f"{psnr(fast, dense, data_range=1.0):.1f}",
     }
     return TabResult(dense_mp4, fast_mp4, stats, {"dense_frames": dense, "fast_frames": fast})
@@ -556,8 +621,8 @@ def run_ar_tab(
         images = [((x.expand(3, -1, -1).permute(1, 2, 0).clamp(-1, 1) + 1) / 2).numpy() for x in decoded]
     tag = uuid.uuid4().hex[:8]
     extras = {
-        "raster_gif": _order_animation(raster_schedule(*shape).groups, shape, out / f"raster-{tag}.gif"),
-        "nar_gif": _order_animation(nar_schedule(*shape).groups, shape, out / f"nar-{tag}.gif"),
+        "raster_gif": _order_animation(raster_schedule(*shape).groups, shape, out / f"{OUTPUT_PREFIX}raster-{tag}.gif"),
+        "nar_gif": _order_animation(nar_schedule(*shape).groups, shape, out / f"{OUTPUT_PREFIX}nar-{tag}.gif"),
         "raster_forwards": raster.forward_passes,
         "nar_forwards": nar.forward_passes,
     }

@@ -132,12 +132,28 @@ def top_p_mask(scores: torch.Tensor, p: float, min_keep: int = 1, *, probs: bool
     row here). The element whose cumulative mass crosses ``p`` is kept, and at least
     ``min_keep`` elements per row are kept. ``p = 1`` keeps every element with non-zero mass
     (and at least ``min_keep``).
+
+    NaN scores raise ``ValueError``, and so do infinite ones, except ``-inf`` logits (masked
+    entries, as top-k leaves them) in a row that has at least one finite logit.
     """
     _check_ratio("p", p)
     if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 1:
         raise ValueError(f"min_keep must be an int >= 1, got {min_keep!r}")
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
     if scores.ndim == 0:
         raise ValueError("scores must have at least one dimension")
+    if scores.is_floating_point():
+        nan = int(torch.isnan(scores).sum())
+        if nan:
+            raise ValueError(f"scores must not be NaN; got {nan} NaN value(s) of {scores.numel()}")
+        if probs and torch.isinf(scores).any():
+            raise ValueError("probs=True needs finite scores; got inf")
+        if not probs:
+            if torch.isposinf(scores).any():
+                raise ValueError("scores (logits) must be finite or -inf (masked); got +inf")
+            if scores.shape[-1] and torch.isneginf(scores).all(-1).any():
+                raise ValueError("a row of scores (logits) is all -inf: nothing can be kept")
     if probs:
         if (scores < 0).any():
             raise ValueError("probs=True needs non-negative scores")

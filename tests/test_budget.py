@@ -260,3 +260,26 @@ def test_schedules_invalid():
         StepSchedule(boundaries=(0.5,), ratios=(0.5, 1.2))
     with pytest.raises(ValueError, match="progress"):
         ConstantSchedule(0.5)(1.5)
+
+
+@pytest.mark.parametrize(
+    ("scores", "probs", "match"),
+    [
+        (torch.tensor([[0.1, float("nan"), 0.2]]), False, "must not be NaN; got 1 NaN"),
+        (torch.tensor([[0.1, float("nan"), 0.2]]), True, "must not be NaN"),
+        (torch.tensor([[1.0, float("inf")]]), False, r"got \+inf"),
+        (torch.tensor([[0.5, float("inf")]]), True, "needs finite scores"),
+        (torch.tensor([[0.5, float("-inf")]]), True, "needs finite scores"),
+        (torch.tensor([[0.0, 1.0], [float("-inf"), float("-inf")]]), False, "all -inf"),
+    ],
+)
+def test_top_p_mask_refuses_nan_and_inf(scores, probs, match):
+    with pytest.raises(ValueError, match=match):
+        top_p_mask(scores, 0.9, probs=probs)
+
+
+def test_top_p_mask_keeps_masked_minus_inf_logits_out():
+    logits = torch.tensor([[2.0, float("-inf"), 1.0, float("-inf")]])
+    assert top_p_mask(logits, 1.0).tolist() == [[True, False, True, False]]
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        top_p_mask([[0.1, 0.2]], 0.5)

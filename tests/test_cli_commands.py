@@ -90,7 +90,7 @@ def test_vlm_full_budget_keeps_every_token(mmaccel, capsys, image_path):
     [
         (
             ["vlm", "--image", "/no/such.png", "--prompt", "hi"],
-            "mmaccel vlm: error: image '/no/such.png' not found",
+            "mmaccel vlm: error: --image '/no/such.png' not found",
         ),
         (["vlm", "--image", "IMG", "--prompt", "hi", "--budget", "0"], "budget must be in (0, 1]"),
         (["vlm", "--image", "IMG", "--prompt", "hi", "--model", "/no/model"], "neither 'zoo', 'tiny' nor a folder"),
@@ -116,7 +116,7 @@ def test_unreadable_image_is_a_user_error(mmaccel, capsys, tmp_path):
     bad.write_bytes(b"not an image")
     assert mmaccel(["vlm", "--image", str(bad), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("mmaccel vlm: error: cannot read image") and len(err.strip().splitlines()) == 1
+    assert err.startswith("mmaccel vlm: error: cannot read --image") and len(err.strip().splitlines()) == 1
 
 
 def test_bench_lists_the_benchmark_scripts():
@@ -168,3 +168,13 @@ def test_demo_torchrun_command_parses_with_the_video_cli():
     assert argv[:3] == ["torchrun", "--nproc-per-node", "2"]
     args = cli.build_parser().parse_args(argv[argv.index("mmaccel.apps.cli") + 1 :])
     assert (args.command, args.prompt, args.frames, args.mode) == ("video", "a 'quoted' car", 17, "clip")
+
+
+def test_model_flag_kinds_match_the_demo():
+    """apps/commands.py keeps its own copy of the accepted classes (to keep `mmaccel --help` light)."""
+    from mmaccel.apps import commands
+    from mmaccel.apps.demo_tabs import MODEL_CLASSES
+
+    for name, classes in MODEL_CLASSES.items():
+        assert commands._KINDS[f"--{name}-model"] == classes
+    assert commands._KINDS["--model"] == MODEL_CLASSES["vlm"]

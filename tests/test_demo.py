@@ -19,6 +19,20 @@ from mmaccel.apps.demo_tabs import (  # noqa: E402
 from mmaccel.testing import tiny_image  # noqa: E402
 
 
+def _png_header(path, width: int, height: int):
+    """A PNG declaring ``width x height`` with almost no pixel data (see tests/test_errors.py)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))  # fmt: skip
+    return path
+
+
 @pytest.fixture(scope="module")
 def models() -> DemoModels:
     return DemoModels(vlm="tiny", dit="tiny", video="tiny", ar="tiny")
@@ -39,8 +53,10 @@ def test_validate_image_limits():
         validate_image(Image.new("L", (5000, 20)))
     with pytest.raises(ValueError, match="uint8"):
         validate_image(np.zeros((32, 32, 3), np.float32))
-    with pytest.raises(TypeError, match="PIL image"):
+    with pytest.raises(FileNotFoundError, match="a/path.png"):
         validate_image("a/path.png")
+    with pytest.raises(TypeError, match="PIL image"):
+        validate_image(3)
     assert validate_image(Image.new("RGBA", (20, 20))).mode == "RGB"
 
 
@@ -153,6 +169,13 @@ def test_launched_server_through_gradio_client(models, tmp_path):
                 assert img.size == (256, 256)
         with pytest.raises(Exception, match="frames must be 1 \\+ 4k"):
             client.predict("a car", 6, 2, 0.9, 0.25, 0, api_name="/video")
+        # issue #18 over HTTP: the upload's size is read from its header (the file holds no pixel
+        # data, so decoding it first would fail differently), AR class 1.5 is refused, not truncated
+        big = _png_header(tmp_path / "big.png", 12_000, 12_000)
+        with pytest.raises(Exception, match="uploaded image is 12000x12000; each side must be at most 4096 px"):
+            client.predict(handle_file(str(big)), "What?", 0.3, True, False, 3, api_name="/vlm")
+        with pytest.raises(Exception, match=r"class_id must be an integer in \[0, 9\], got 1.5"):
+            client.predict(1.5, 4, 0, api_name="/ar")
     finally:
         demo.close()
     # outputs of the app stay inside its output folder
@@ -172,7 +195,7 @@ def test_dit_tab_loads_a_pixart_folder_and_takes_a_prompt(tmp_path):
         run_dit_tab(pixart, "a small cat", steps=1)
     with pytest.raises(FileNotFoundError, match="--dit-model"):
         DemoModels(dit=str(tmp_path / "missing")).get("dit")
-    with pytest.raises(TypeError, match="--dit-model must hold one of"):
+    with pytest.raises(ValueError, match="--dit-model .* holds a WanPipeline; expected one of DiTPipeline"):
         DemoModels(dit=str(save_tiny("wan", tmp_path / "wan"))).get("dit")
 
 

@@ -34,6 +34,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.output is not None:  # before training, not after minutes of it
+        from mmaccel.runtime.paths import check_output_dir
+
+        check_output_dir(args.output, flag="--output")
     start = time.perf_counter()
     metrics = train_model(args.name, output=args.output, seed=args.seed, progress=not args.quiet)
     seconds = round(time.perf_counter() - start, 1)

@@ -1,0 +1,245 @@
+"""Limits checked before any work starts: prompt length, integer settings, video memory.
+
+Everything here is plain arithmetic on the requested sizes and the model's config, so a request
+that cannot fit (``--frames 1000000001``) is refused in microseconds, before a model loads or a
+tensor is allocated. Errors are one-line ``ValueError`` / ``TypeError`` naming the setting, the
+allowed range and how to raise the limit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "MAX_PROMPT_CHARS",
+    "MEMORY_LIMIT_ENV",
+    "MemoryEstimate",
+    "as_int",
+    "available_memory",
+    "check_prompt",
+    "check_video_memory",
+    "estimate_video_memory",
+    "format_bytes",
+    "parse_bytes",
+    "read_video_model_config",
+]
+
+#: Longest prompt accepted by default (characters). Text encoders read at most a few hundred
+#: tokens (Wan: 512), so anything longer would be cut silently.
+MAX_PROMPT_CHARS = 4000
+#: Environment variable overriding the detected free memory: bytes with an optional unit
+#: ("48GiB", "500MB"), or "off" to skip the memory check.
+MEMORY_LIMIT_ENV = "MMACCEL_MEMORY_LIMIT"
+
+
+def as_int(name: str, value: Any, low: int, high: int) -> int:
+    """``value`` as an int in ``[low, high]``; integral floats (``3.0``, as UIs send) are accepted.
+
+    ``1.5``, ``nan``, ``True`` or a string raise ``ValueError`` / ``TypeError`` naming ``name``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be an integer in [{low}, {high}], got {type(value).__name__}")
+    if isinstance(value, float):
+        if not (math.isfinite(value) and value.is_integer()):
+            raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+        value = int(value)
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def check_prompt(
+    prompt: Any, *, name: str = "prompt", max_chars: int = MAX_PROMPT_CHARS, allow_empty: bool = False
+) -> str:
+    """``prompt`` if it is a str of at most ``max_chars`` characters (and not blank, unless allowed)."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"{name} must be a str, got {type(prompt).__name__}")
+    if not allow_empty and not prompt.strip():
+        raise ValueError(f"{name} is empty; give 1 to {max_chars} characters")
+    if "\x00" in prompt:
+        raise ValueError(f"{name} contains a NUL character")
+    if len(prompt) > max_chars:
+        raise ValueError(f"{name} is {len(prompt):,} characters; at most {max_chars:,} are allowed")
+    return prompt
+
+
+# ------------------------------------------------------------------------------------------
+# Memory
+# ------------------------------------------------------------------------------------------
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def parse_bytes(text: str, *, name: str = MEMORY_LIMIT_ENV) -> int:
+    """``"48GiB"``, ``"500 MB"``, ``"1e9"`` -> bytes; ``ValueError`` naming ``name`` otherwise."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
+    if not match or match.group(2) not in _UNITS:
+        raise ValueError(f"{name} must be a size such as 48GiB, 500MB or 1e9 (bytes), or 'off'; got {text!r}")
+    value = float(match.group(1)) * _UNITS[match.group(2)]
+    if not 0 < value < 2**63:
+        raise ValueError(f"{name} must be a size > 0, got {text!r}")
+    return int(value)
+
+
+def format_bytes(n: float) -> str:
+    """Bytes as a short human string: ``1.5 GiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _host_available() -> int:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def available_memory(device: Any = "cpu") -> int | None:
+    """Free bytes on ``device`` (host memory for the CPU), or ``None`` when the check is off.
+
+    ``MMACCEL_MEMORY_LIMIT`` overrides the detected value (``"64GiB"``), ``"off"`` disables it.
+    """
+    override = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
+    if override.lower() == "off":
+        return None
+    if override:
+        return parse_bytes(override)
+    kind = getattr(device, "type", str(device).split(":")[0])
+    if kind == "cuda":
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    return _host_available()
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Lower-bound bytes a video generation needs, per part (model weights not included).
+
+    ``latents``: the noise/latent tensors and their per-step copies on one rank; ``activations``:
+    one transformer block's working set for one rank's tokens; ``frames``: the decoded float video
+    that rank 0 gathers and writes (host memory).
+    """
+
+    latents: int
+    activations: int
+    frames: int
+    latent_frames: int
+    tokens: int
+
+    @property
+    def device_bytes(self) -> int:
+        return self.latents + self.activations
+
+    @property
+    def total(self) -> int:
+        return self.latents + self.activations + self.frames
+
+
+def _positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value}")
+    return value
+
+
+def estimate_video_memory(
+    frames: int,
+    height: int,
+    width: int,
+    transformer_config: Mapping[str, Any],
+    *,
+    temporal_stride: int = 4,
+    spatial_stride: int = 8,
+    ranks: int = 1,
+    dtype_bytes: int = 4,
+    guidance: bool = True,
+) -> MemoryEstimate:
+    """Estimate the memory of generating ``frames`` x ``height`` x ``width`` with a Wan-style model.
+
+    ``transformer_config`` is the transformer's ``config`` (``in_channels``, ``patch_size``,
+    ``num_attention_heads``, ``attention_head_dim``, ``ffn_dim``). Pure integer arithmetic: no
+    tensor is allocated, so absurd sizes are answered at once.
+    """
+    for name, value in (("frames", frames), ("height", height), ("width", width), ("ranks", ranks),
+                        ("temporal_stride", temporal_stride), ("spatial_stride", spatial_stride),
+                        ("dtype_bytes", dtype_bytes)):  # fmt: skip
+        _positive(name, value)
+    cfg = dict(transformer_config)
+    try:
+        channels = int(cfg["in_channels"])
+        patch = cfg.get("patch_size", (1, 2, 2))
+        pt, ph, pw = (int(p) for p in patch)
+        hidden = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
+        ffn = int(cfg.get("ffn_dim", 4 * hidden))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"transformer_config lacks what the estimate needs: {err}") from None
+    latent_frames = (frames - 1) // temporal_stride + 1
+    lh, lw = height // spatial_stride, width // spatial_stride
+    latent_elems = channels * latent_frames * lh * lw
+    # float32 latents, the model input, the prediction (twice with guidance) and the scheduler's copy
+    latents = latent_elems * 4 * (5 if guidance else 4) // ranks
+    tokens = math.ceil(latent_frames / pt) * max(1, lh // ph) * max(1, lw // pw)
+    rank_tokens = math.ceil(tokens / ranks)
+    # one block: hidden states, q, k, v, attention output, residual + the FFN's intermediate
+    activations = rank_tokens * (6 * hidden + ffn) * dtype_bytes * (2 if guidance else 1)
+    decoded = frames * height * width * 3 * 4 * 2  # float32 frames, gathered + the numpy copy
+    return MemoryEstimate(latents, activations, decoded, latent_frames, tokens)
+
+
+def check_video_memory(
+    estimate: MemoryEstimate, device: Any = "cpu", *, hint: str = "--frames, --height or --width"
+) -> None:
+    """``ValueError`` when ``estimate`` does not fit in the free memory of ``device`` and the host.
+
+    The message names the parts of the estimate, what is free, the settings to lower (``hint``) and
+    ``MMACCEL_MEMORY_LIMIT`` to override the detected free memory.
+    """
+    kind = getattr(device, "type", str(device).split(":")[0])
+    checks = [("host memory", estimate.total if kind != "cuda" else estimate.frames, available_memory("cpu"))]
+    if kind == "cuda":
+        checks.insert(0, (f"{device} memory", estimate.device_bytes, available_memory(device)))
+    for where, need, free in checks:
+        if free is not None and need > free:
+            raise ValueError(
+                f"this video needs at least {format_bytes(need)} of {where} (latents "
+                f"{format_bytes(estimate.latents)}, activations {format_bytes(estimate.activations)}, "
+                f"decoded frames {format_bytes(estimate.frames)}) but {format_bytes(free)} is free; "
+                f"lower {hint}, use more ranks, or set {MEMORY_LIMIT_ENV} (e.g. 64GiB, or off)"
+            )
+
+
+def read_video_model_config(folder: str | Path) -> tuple[dict[str, Any], int, int]:
+    """``(transformer config, temporal stride, spatial stride)`` of a saved WanPipeline folder.
+
+    Reads ``transformer/config.json`` and ``vae/config.json`` only (nothing is loaded), so the
+    memory estimate runs before the model.
+    """
+    folder = Path(folder)
+    path = folder / "transformer" / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} has no transformer/config.json (not a WanPipeline folder)")
+    try:
+        transformer = json.loads(path.read_text())
+        vae_path = folder / "vae" / "config.json"
+        vae = json.loads(vae_path.read_text()) if vae_path.is_file() else {}
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read the model config in {str(folder)!r}: {err}") from None
+    return transformer, int(vae.get("scale_factor_temporal", 4)), int(vae.get("scale_factor_spatial", 8))
