@@ -27,6 +27,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,7 @@ from mmaccel.runtime.tables import markdown_table
 from mmaccel.sparse_attn import (
     SparseAttentionState,
     SVG2Config,
-    apply_sparse_attention,
+    apply_svg2,
     cluster_means,
     cluster_sparse_attention,
     mask_density,
@@ -48,6 +49,11 @@ from mmaccel.sparse_attn import (
 )
 
 RESULTS = RESULTS_DIR / "sparse_attn.md"
+
+
+def _backends(summary: dict) -> str:
+    """The backends that ran, from `SVG2Stats.summary` call counts."""
+    return ",".join(b for b in ("dense", "masked", "flex", "reference") if summary[f"{b}_calls"])
 
 
 def object_labels(frames: int, rows: int, cols: int, num_objects: int, gen: torch.Generator) -> torch.Tensor:
@@ -202,15 +208,14 @@ def bench_end_to_end(
     frames, rows, cols = latent
     x0 = object_latents(frames, rows, cols, seed=0)
     text = torch.randn(1, 32, 256, generator=torch.Generator().manual_seed(3))
-    progress = {"p": 0.0}
+    # a flow model's timesteps 1000 (1 - i / steps); the object stands in for the scheduler
+    schedule = SimpleNamespace(timesteps=torch.tensor([1000.0 * (1 - i / steps) for i in range(steps)]))
 
     def denoise() -> torch.Tensor:
         x = x0.clone()
         with torch.no_grad():
-            for i in tqdm(range(steps), desc="denoise", leave=False):
-                progress["p"] = i / steps
-                t = torch.tensor([1000.0 * (1 - i / steps)])
-                x = x - model(x, t, text, return_dict=False)[0] / steps  # Euler step of a flow model
+            for t in tqdm(schedule.timesteps, desc="denoise", leave=False):
+                x = x - model(x, t.reshape(1), text, return_dict=False)[0] / steps  # Euler step of a flow model
         return x
 
     start = time.perf_counter()
@@ -220,7 +225,7 @@ def bench_end_to_end(
     if config.backend == "flex":  # compile the kernel for this shape outside the timed run
         qkv = torch.randn(3, 1, 12, tokens, 128).unbind(0)
         semantic_sparse_attention(*qkv, replace(config, kmeans_init_iters=1))
-    handle = apply_sparse_attention(model, config, timestep_callback=lambda: progress["p"])
+    handle = apply_svg2(model, config, scheduler=schedule)  # timestep: the forward's own argument
     start = time.perf_counter()
     sparse = denoise()  # includes the cold k-means (50 iterations) of the first sparse step
     sparse_s = time.perf_counter() - start
@@ -229,22 +234,23 @@ def bench_end_to_end(
     psnr = metrics.psnr(sparse, dense, data_range=dense.abs().max().item())
     row = [tokens, layers, steps, f"{config.dense_steps:.2f}", f"{dense_s:.1f}", f"{sparse_s:.1f}",
            f"{dense_s / sparse_s:.2f}x", f"{summary['sparse_density']:.3f}", f"{psnr:.1f}",
-           f"{summary['kmeans_s']:.1f}", ",".join(summary["backends"])]  # fmt: skip
+           f"{summary['kmeans_s']:.1f}", _backends(summary)]  # fmt: skip
     headers = ["tokens", "blocks", "steps", "dense steps", "dense s", "sparse s", "speedup", "sparse density",
                "PSNR dB", "k-means s", "backends"]  # fmt: skip
     return markdown_table(headers, [row]), [row]
 
 
 def bench_zoo_fidelity(
-    configs: list[tuple[str, SVG2Config]], num_prompts: int, steps: int
+    configs: list[tuple[str, SVG2Config]], num_prompts: int, steps: int, repeats: int = 3
 ) -> tuple[str, list]:
-    """Dense vs each SVG2 config on the `moving-digits` zoo model, same prompts and seed."""
+    """Dense vs each SVG2 config on the `moving-digits` zoo model, same prompts and seed.
+
+    Timing: ``repeats`` rounds, each running dense then every config (interleaved, so machine
+    load hits all alike); the table shows the median time ratio and its range over rounds."""
     from skimage.metrics import structural_similarity
 
     from mmaccel.apps.zoo import moving_digits as md
     from mmaccel.apps.zoo.digits import load_digit_classifier
-    from mmaccel.sparse_attn import pipeline_progress
-
     pipe, clf = md.load(), load_digit_classifier()
     digits = [i % 10 for i in range(num_prompts)]
     directions = [md.DIRECTIONS[i % len(md.DIRECTIONS)] for i in range(num_prompts)]
@@ -260,14 +266,24 @@ def bench_zoo_fidelity(
         return (pred_d == want_d).float().mean().item(), (pred_r == want_r).float().mean().item()
 
     run()  # warm-up
-    dense, dense_s = run()
+    times: dict[str, list[float]] = {name: [] for name in ["dense", *(n for n, _ in configs)]}
+    outputs: dict[str, tuple[torch.Tensor, dict]] = {}
+    for _ in range(repeats):
+        dense, dense_s = run()
+        times["dense"].append(dense_s)
+        for name, config in configs:
+            with apply_svg2(pipe.transformer, config, lambda: pipe.current_timestep, scheduler=pipe.scheduler) as h:
+                sparse, sparse_s = run()
+            times[name].append(sparse_s)
+            outputs[name] = (sparse, h.stats.summary())
+    dense_s = statistics.median(times["dense"])
     acc_d, acc_r = accuracy(dense)
     rows = [["dense", "-", "-", "1.000", "1.000", "inf", "1.000", f"{acc_d:.3f}", f"{acc_r:.3f}", f"{dense_s:.1f}",
              "1.00x", "sdpa"]]  # fmt: skip
     for name, config in configs:
-        with apply_sparse_attention(pipe.transformer, config, pipeline_progress(pipe)) as handle:
-            sparse, sparse_s = run()
-        summary = handle.stats.summary()
+        sparse, summary = outputs[name]
+        ratios = [t / d for t, d in zip(times[name], times["dense"])]
+        sparse_s = statistics.median(times[name])
         ssim = statistics.mean(
             structural_similarity(d.numpy(), s.numpy(), data_range=1.0)
             for d, s in zip(dense.flatten(0, 1), sparse.flatten(0, 1))
@@ -277,10 +293,12 @@ def bench_zoo_fidelity(
             [name, f"{config.num_q_clusters}/{config.num_k_clusters}", f"{config.top_p:g} / {config.min_kc_ratio:g}",
              f"{summary['density']:.3f}", f"{summary['sparse_density']:.3f}",
              f"{metrics.psnr(sparse, dense, data_range=1.0):.1f}", f"{ssim:.3f}", f"{acc_d:.3f}", f"{acc_r:.3f}",
-             f"{sparse_s:.1f}", f"{sparse_s / dense_s:.2f}x", ",".join(summary["backends"])]
+             f"{sparse_s:.1f}", f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})",
+             _backends(summary)]
         )  # fmt: skip
     headers = ["run", "clusters q/k", "top_p / min_kc", "density (all calls)", "density (sparse calls)",
-               "PSNR dB vs dense", "SSIM vs dense", "digit acc", "direction acc", "s", "time vs dense",
+               "PSNR dB vs dense", "SSIM vs dense", "digit acc", "direction acc", "median s",
+               f"time vs dense, median (range) of {repeats} interleaved rounds",
                "backends"]  # fmt: skip
     return markdown_table(headers, rows), rows
 
@@ -358,7 +376,8 @@ def main() -> None:
         zoo_notes = (
             f"`moving-digits` WanPipeline (4 blocks, 80 video tokens: 5 latent frames x 4 x 4), {num_prompts} prompts "
             f"(digit i % 10, direction i % 4), {steps} UniPC steps, guidance 4, seed 0, one batch; the same run "
-            "dense and with SVG2 (dense_steps 0.2, dense_layers 0.03 -> block 0 dense). PSNR/SSIM over all "
+            "dense and with SVG2 (dense_steps 0.2 -> floor(0.2 x steps) dense steps, dense_layers 0.03 -> "
+            "floor(0.03 x 4) = 0 dense blocks, as the reference rounds). PSNR/SSIM over all "
             "decoded 64x64 grey frames vs the dense run; density = mask-weighted fraction of query-key pairs "
             "(dense calls count 1). Accuracy: zoo digit classifier on the sprite and the direction of the "
             "measured motion, per video. At 80 tokens `auto` picks the masked backend, which computes every "

@@ -37,6 +37,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 from torch import nn
 
+from mmaccel.runtime.adapters import dit
 from mmaccel.runtime.budget import (
     ConstantSchedule,
     CosineSchedule,
@@ -61,6 +62,7 @@ _STEMS: dict[str, tuple[str, ...]] = {
         "pos_embed", "adaln_single", "caption_projection", "norm_out", "scale_shift_table", "proj_out",
     ),
 }  # fmt: skip
+assert set(_STEMS) == set(dit.TRANSFORMERS), "FlexDiT's stems must cover the DiT adapter's classes"
 _SCHEDULES = {cls.__name__: cls for cls in (ConstantSchedule, LinearSchedule, CosineSchedule, StepSchedule)}
 _MERGE_INITS = ("dense", "upsampled")
 
@@ -396,7 +398,7 @@ class FlexDiTTransformer2DModel(ModelMixin, ConfigMixin):
         self._base_signature = inspect.signature(type(dense).forward)
         for name in _STEMS[base_class]:
             setattr(self, name, getattr(dense, name))
-        blocks = list(dense.transformer_blocks)
+        blocks = list(dit.blocks(dense))
         p, per = flex.pooling_blocks, sum(flex.module_layout)
         self.pooling_blocks = nn.ModuleList(PoolingformerBlock(b) for b in blocks[:p])
         self.sdt_modules = nn.ModuleList(
@@ -562,7 +564,7 @@ class FlexDiTTransformer2DModel(ModelMixin, ConfigMixin):
 
 def _check_fits(flex: FlexDiTConfig, dense: ModelMixin) -> None:
     """The layout must partition the dense blocks and the sparse grid must fit the token grid."""
-    num_layers = len(dense.transformer_blocks)
+    num_layers = len(dit.blocks(dense))
     if flex.num_layers != num_layers:
         raise ValueError(
             f"the FlexDiT layout uses {flex.num_layers} blocks (pooling_blocks {flex.pooling_blocks} + num_modules "
@@ -574,7 +576,7 @@ def _check_fits(flex: FlexDiTConfig, dense: ModelMixin) -> None:
         raise ValueError(
             f"sparse_grid {flex.sparse_grid} must not exceed the model's token grid ({side}, {side})"
         )
-    norm_type = dense.transformer_blocks[0].norm_type if num_layers else None
+    norm_type = dit.blocks(dense)[0].norm_type if num_layers else None
     if norm_type not in ("ada_norm_zero", "ada_norm_single"):
         raise NotImplementedError(
             f"FlexDiT supports ada_norm_zero / ada_norm_single blocks, not {norm_type!r}"
@@ -586,18 +588,23 @@ def convert_to_flexdit(
 ) -> FlexDiTTransformer2DModel:
     """A new :class:`FlexDiTTransformer2DModel` holding copies of ``transformer``'s weights.
 
+    A *conversion*, not a patch: it returns a different model (new modules, new parameters) and
+    leaves ``transformer`` as it was, so there is no handle and nothing to remove; use the
+    returned model in place of the dense one (e.g. ``pipe.transformer = convert_to_flexdit(...)``).
+    ``config=None`` means ``FlexDiTConfig()`` (the paper's DiT-XL/2 layout).
+
     The dense blocks are reused in order (Poolingformer blocks drop their query/key
     projections); the recovery merge layers start at identity/zero (``config.merge_init``).
     ``transformer`` itself is not modified. Same device, dtype and train/eval mode.
     """
     from accelerate import init_empty_weights
 
-    config = config or FlexDiTConfig()
+    config = FlexDiTConfig() if config is None else config
     if not isinstance(config, FlexDiTConfig):
         raise TypeError(f"config must be a FlexDiTConfig, got {type(config).__name__}")
     base_class = type(transformer).__name__
-    if base_class not in _STEMS:
-        raise TypeError(f"transformer must be one of {sorted(_STEMS)}, got {base_class}")
+    if base_class not in dit.TRANSFORMERS:
+        raise TypeError(f"transformer must be one of {sorted(dit.TRANSFORMERS)}, got {base_class}")
     _check_fits(config, transformer)
     base_config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
     with init_empty_weights():
@@ -607,9 +614,9 @@ def convert_to_flexdit(
     source = transformer.state_dict()
     state: dict[str, torch.Tensor] = {}
     for i, prefix in enumerate(model.original_block_prefixes()):
-        head = f"transformer_blocks.{i}."
+        head = f"{dit.BLOCKS}.{i}."
         state.update({prefix + "." + k[len(head) :]: v for k, v in source.items() if k.startswith(head)})
-    state.update({k: v for k, v in source.items() if not k.startswith("transformer_blocks.")})
+    state.update({k: v for k, v in source.items() if not k.startswith(f"{dit.BLOCKS}.")})
     ref = next(iter(source.values()))
     for name, module in model.named_modules():
         if isinstance(module, RecoveryBlock):

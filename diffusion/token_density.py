@@ -12,10 +12,12 @@ steps. This plugin does the same on any pretrained checkpoint without fine-tunin
 The residual stream always stays at full resolution: a reduced block's update
 ``block(reduce(x)) - reduce(x)`` is expanded back and added to ``x``. Tokens are reduced by
 average pooling over (frames, height, width) windows or by ToMe bipartite merging on grid
-cells (`mmaccel.diffusion.token_reduce`). A `mmaccel.runtime.budget` density schedule over denoising progress
-(``1 - t / num_train_timesteps``, from the transformer's ``timestep`` or a
-``timestep_callback``) sets the keep ratio of each forward; keep ratio 1 runs the original
-blocks untouched. Supported: ``DiTTransformer2DModel``, ``PixArtTransformer2DModel``,
+cells (`mmaccel.diffusion.token_reduce`). A `mmaccel.runtime.budget` density schedule over denoising progress sets the keep ratio of
+each forward; keep ratio 1 runs the original blocks untouched. Progress follows the one timestep
+convention (`mmaccel.runtime.timesteps`): ``current_timestep_callback`` returns the scheduler's
+timestep (``lambda: pipe.current_timestep``), without it the transformer's own ``timestep``
+argument is read, and progress is ``1 - t / num_train_timesteps``. Supported (the model tables
+of `mmaccel.runtime.adapters`): ``DiTTransformer2DModel``, ``PixArtTransformer2DModel``,
 ``WanTransformer3DModel`` (RoPE reduced with the tokens) and ``CogVideoXTransformer3DModel``
 (pooled blocks only).
 """
@@ -33,12 +35,15 @@ from diffusers.hooks import ModelHook
 from torch.utils import flop_counter
 
 from mmaccel.diffusion.token_reduce import BipartiteMerge, Grid, GridPool, check_divides, pool_factors_at_most
-from mmaccel.runtime.adapters import wan
+from mmaccel.runtime.adapters import cogvideox, dit, wan
 from mmaccel.runtime.budget import DensitySchedule, StepSchedule
 from mmaccel.runtime.patching import PatchHandle
+from mmaccel.runtime.stats import Stats
+from mmaccel.runtime.timesteps import check_timestep_callback, read_timestep, timestep_progress
 
 __all__ = [
     "TokenDensityConfig",
+    "TokenDensityHandle",
     "TokenDensityStats",
     "DensityStep",
     "apply_token_density",
@@ -195,11 +200,12 @@ class DensityStep:
         return sum(q for q, _ in self.block_tokens) / (self.dense_tokens * len(self.block_tokens))
 
 
-@dataclass
-class TokenDensityStats:
-    """Per-forward records of an applied `TokenDensityConfig` (``handle.stats``)."""
+class TokenDensityStats(Stats):
+    """Per-forward records of an applied `TokenDensityConfig` (``handle.stats``): ``steps`` holds
+    one `DensityStep` per transformer forward; ``summary()`` condenses them, ``table()`` lists them."""
 
-    steps: list[DensityStep] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.steps: list[DensityStep] = []
 
     def reset(self) -> None:
         self.steps.clear()
@@ -217,7 +223,20 @@ class TokenDensityStats:
             raise ValueError("FLOPs were not counted; apply with TokenDensityConfig(count_flops=True)")
         return sum(s.flops for s in self.steps)  # type: ignore[misc]
 
-    def summary(self) -> str:
+    def summary(self) -> dict[str, int | float | None]:
+        """Forwards recorded, how many ran reduced, mean keep ratio and token ratio (query tokens
+        over the dense count), total GFLOPs (None unless ``count_flops``); None where no forward ran."""
+        n = len(self.steps)
+        counted = n > 0 and all(s.flops is not None for s in self.steps)
+        return {
+            "forwards": n,
+            "reduced_forwards": sum(s.token_ratio < 1.0 for s in self.steps),
+            "keep_ratio": sum(s.keep_ratio for s in self.steps) / n if n else None,
+            "token_ratio": self.token_ratio if n else None,
+            "gflops": self.total_flops / 1e9 if counted else None,
+        }
+
+    def table(self) -> str:
         """A markdown table, one row per forward."""
         rows = [
             "| forward | progress | keep ratio | setting | token ratio | GFLOPs |",
@@ -264,34 +283,21 @@ class _Family:
     sparse_ok: bool = True
 
 
-_FAMILIES = {
-    "DiTTransformer2DModel": _Family("transformer_blocks"),
-    "PixArtTransformer2DModel": _Family("transformer_blocks"),
-    "WanTransformer3DModel": _Family("blocks", rotary="rotary_emb", temb="temb"),
-    "CogVideoXTransformer3DModel": _Family(
-        "transformer_blocks",
-        rotary="image_rotary_emb",
-        rotary_token_dim=0,
-        tuple_output=True,
-        sparse_ok=False,
+# What token density needs per family; the supported classes come from the adapters' tables.
+_ADAPTERS = {
+    dit: _Family(dit.BLOCKS),
+    wan: _Family(wan.BLOCKS, rotary=wan.ROTARY_ARG, temb=wan.TEMB_ARG),
+    cogvideox: _Family(
+        cogvideox.BLOCKS, rotary=cogvideox.ROTARY_ARG, rotary_token_dim=0, tuple_output=True, sparse_ok=False
     ),
 }
+_FAMILIES = {name: family for adapter, family in _ADAPTERS.items() for name in adapter.TRANSFORMERS}
+_GRIDS = {name: adapter.token_grid for adapter in _ADAPTERS for name in adapter.TRANSFORMERS}
 
 
 def _token_grid(model: torch.nn.Module, hidden_states: torch.Tensor) -> Grid:
     """(frames, height, width) of the transformer's image/video tokens for this input."""
-    name = type(model).__name__
-    cfg = model.config
-    if name in ("DiTTransformer2DModel", "PixArtTransformer2DModel"):
-        p = cfg.patch_size
-        return (1, hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
-    if name == "WanTransformer3DModel":
-        pt, ph, pw = cfg.patch_size
-        _, _, f, h, w = hidden_states.shape
-        return (f // pt, h // ph, w // pw)
-    p, pt = cfg.patch_size, cfg.patch_size_t or 1  # CogVideoX: (B, F, C, H, W)
-    _, f, _, h, w = hidden_states.shape
-    return ((f + (-f) % pt) // pt, h // p, w // p)
+    return _GRIDS[type(model).__name__](model, hidden_states)
 
 
 # ------------------------------------------------------------------------------------------
@@ -300,15 +306,16 @@ def _token_grid(model: torch.nn.Module, hidden_states: torch.Tensor) -> Grid:
 
 
 class _Plan:
-    """What every reduced block of one transformer forward does."""
+    """What every reduced block of a transformer forward does at one grid and keep ratio.
 
-    def __init__(self, config: TokenDensityConfig, grid: Grid, keep: float, progress: float) -> None:
+    Plans are cached per ``(grid, setting)`` and reused, so a compiled forward sees the same
+    object (no recompilation) for as long as the setting does not change.
+    """
+
+    def __init__(self, config: TokenDensityConfig, grid: Grid, keep: float) -> None:
         self.config = config
         self.grid = grid
         self.n = math.prod(grid)
-        self.progress = progress
-        self.keep = keep
-        self.records: dict[int, tuple[int, int]] = {}
         self.pool: GridPool | None = None
         self.num_merge = 0
         self.generator: torch.Generator | None = None
@@ -331,6 +338,16 @@ class _Plan:
     def dense(self) -> bool:
         return self.pool is None and self.num_merge == 0
 
+    @property
+    def num_tokens(self) -> int:
+        """Tokens after reduction."""
+        return self.pool.num_tokens if self.pool is not None else self.n - self.num_merge
+
+    def start(self) -> None:
+        """Per forward: re-seed the random merge destinations."""
+        if self.generator is not None:
+            self.generator.manual_seed(self.config.merge_seed)
+
     def reducer(self, x: torch.Tensor) -> GridPool | BipartiteMerge:
         if self.pool is not None:
             return self.pool
@@ -345,34 +362,50 @@ class _Shared:
 
 
 class _TransformerHook(ModelHook):
-    """Builds the plan of each forward from the schedule and records its statistics."""
+    """Builds the plan of each forward from the schedule and records its statistics.
+
+    The host-side part (reading the timestep, the schedule, the plan, the record) runs in
+    `_begin`, outside any compiled graph and before the forward's first tensor op, so a compiled
+    transformer traces the blocks without a graph break.
+    """
 
     def __init__(
         self,
         config: TokenDensityConfig,
         shared: _Shared,
         stats: TokenDensityStats,
+        layout: tuple[range, range],
         depth: int,
         signature: inspect.Signature,
         timestep_callback: Callable[[], Any] | None,
     ) -> None:
         super().__init__()
         self.config, self.shared, self.stats, self.depth = config, shared, stats, depth
+        self.pooled, self.sparse = layout
         self.signature, self.timestep_callback = signature, timestep_callback
+        self.plans: dict[tuple[Grid, Grid | int], _Plan] = {}
 
     def _progress(self, bound: inspect.BoundArguments) -> float:
+        n = self.config.num_train_timesteps
         if self.timestep_callback is not None:
-            t = self.timestep_callback()
-            if t is None:
-                raise ValueError("timestep_callback returned None; it must return the current timestep")
+            t = read_timestep(self.timestep_callback(), n)
         else:
-            t = bound.arguments.get("timestep")
-            if t is None:
-                raise ValueError("the transformer was called without a timestep; pass timestep_callback")
-        t = float(torch.as_tensor(t).flatten()[0])
-        return min(1.0, max(0.0, 1.0 - t / self.config.num_train_timesteps))
+            t = read_timestep(bound.arguments.get("timestep"), n, source="the transformer's timestep argument")
+        return timestep_progress(t, n)
 
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    def _plan(self, grid: Grid, keep: float) -> _Plan:
+        plan = _Plan(self.config, grid, keep)
+        return self.plans.setdefault((grid, plan.setting), plan)
+
+    def _block_tokens(self, plan: _Plan) -> list[tuple[int, int]]:
+        n, m = plan.n, plan.num_tokens
+        if plan.dense:
+            return [(n, n)] * self.depth
+        sparse = (m, n) if self.config.sparse_mode == "sparse_q" else (n, m)
+        return [(m, m) if i in self.pooled else sparse if i in self.sparse else (n, n) for i in range(self.depth)]
+
+    @torch.compiler.disable
+    def _begin(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         bound = self.signature.bind(*args, **kwargs)
         grid = _token_grid(module, bound.arguments["hidden_states"])
         check_divides(self.config.factor3, grid, "factor")
@@ -382,17 +415,29 @@ class _TransformerHook(ModelHook):
             raise ValueError(
                 f"schedule returned keep ratio {keep!r} at progress {progress:.3f}; it must be in (0, 1]"
             )
-        plan = _Plan(self.config, grid, keep, progress)
+        plan = self._plan(grid, keep)
+        plan.start()
         self.shared.plan = None if plan.dense else plan
+        step = DensityStep(progress, keep, plan.setting, plan.n, self._block_tokens(plan))
+        self.stats.steps.append(step)
+
+    @torch.compiler.disable
+    def _failed(self) -> None:
+        self.shared.plan = None
+        self.stats.steps.pop()  # the forward that raised is not recorded
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        self._begin(module, args, kwargs)
         try:
-            if self.config.count_flops:
+            if self.config.count_flops:  # eager only: FLOP counting runs the forward under a dispatch mode
                 out, flops = count_flops(lambda: self.fn_ref.original_forward(*args, **kwargs))
+                self.stats.steps[-1].flops = flops
             else:
-                out, flops = self.fn_ref.original_forward(*args, **kwargs), None
-        finally:
-            self.shared.plan = None
-        tokens = [plan.records.get(i, (plan.n, plan.n)) for i in range(self.depth)]
-        self.stats.steps.append(DensityStep(progress, keep, plan.setting, plan.n, tokens, flops))
+                out = self.fn_ref.original_forward(*args, **kwargs)
+        except BaseException:
+            self._failed()
+            raise
+        self.shared.plan = None
         return out
 
 
@@ -465,7 +510,6 @@ class _BlockHook(ModelHook):
                 self._check_routed()
             finally:
                 self.state.route = None
-            plan.records[self.index] = (plan.n, m)
             return out
 
         x_r = reducer.reduce(x)
@@ -479,7 +523,6 @@ class _BlockHook(ModelHook):
             if rope is not None:
                 bound.arguments[fam.rotary] = rope_r
             out = original(*bound.args, **bound.kwargs)
-            plan.records[self.index] = (m, m)
         else:  # sparse_q: norm1 sees [reduced; dense], attention splits queries from keys/values
             self.state.companion = x
             self.state.route = _AttnRoute("sparse_q", n_query=m, rope_q=rope_r, rope_k=rope)
@@ -491,7 +534,6 @@ class _BlockHook(ModelHook):
             finally:
                 self.state.companion = None
                 self.state.route = None
-            plan.records[self.index] = (m, plan.n)
         y = out[0] if fam.tuple_output else out
         x_new = reducer.add_expanded(x, y - x_r)
         return (x_new, *out[1:]) if fam.tuple_output else x_new
@@ -564,18 +606,30 @@ def _wan_attention(
 # ------------------------------------------------------------------------------------------
 
 
+class TokenDensityHandle(PatchHandle):
+    """What `apply_token_density` returns: the undo log plus ``stats`` (`TokenDensityStats`)."""
+
+    def __init__(self, model: torch.nn.Module, name: str) -> None:
+        super().__init__(model, name)
+        self.stats = TokenDensityStats()
+
+
 def apply_token_density(
     transformer: torch.nn.Module,
-    config: TokenDensityConfig,
-    timestep_callback: Callable[[], Any] | None = None,
-) -> PatchHandle:
+    config: TokenDensityConfig | None = None,
+    current_timestep_callback: Callable[[], Any] | None = None,
+) -> TokenDensityHandle:
     """Install training-free token density on a diffusers transformer instance.
 
-    ``timestep_callback`` (e.g. ``lambda: pipe.current_timestep``) gives the current timestep;
-    without it the transformer's own ``timestep`` argument is used. Returns a `PatchHandle`
-    whose ``stats`` (`TokenDensityStats`) records every forward; ``.remove()`` restores the
-    model bit-for-bit.
+    ``config=None`` means ``TokenDensityConfig()``. ``current_timestep_callback`` returns the
+    scheduler's timestep of the step being computed (``lambda: pipe.current_timestep``); without
+    it the transformer's own ``timestep`` argument is read. A value that is not a timestep in
+    ``[0, config.num_train_timesteps]`` (None, NaN, negative, too large) raises ``ValueError`` at
+    that forward. Returns a `TokenDensityHandle` whose ``stats`` records every forward;
+    ``.remove()`` restores the model bit-for-bit.
     """
+    config = TokenDensityConfig() if config is None else config
+    check_timestep_callback(current_timestep_callback)
     if not isinstance(config, TokenDensityConfig):
         raise TypeError(f"config must be a TokenDensityConfig, got {type(config).__name__}")
     name = type(transformer).__name__
@@ -592,13 +646,13 @@ def apply_token_density(
     if (
         len(config.factor) == 3
         and config.factor[0] != 1
-        and name in ("DiTTransformer2DModel", "PixArtTransformer2DModel")
+        and name in dit.TRANSFORMERS
     ):
         raise ValueError(f"factor {config.factor} pools frames, but {name} is an image model (use (h, w))")
 
-    handle = PatchHandle(transformer, "token_density")
+    handle = TokenDensityHandle(transformer, "token_density")
     shared = _Shared()
-    stats = TokenDensityStats()
+    stats = handle.stats
     try:
         for i in [*pooled, *sparse]:
             block = blocks[i]
@@ -612,12 +666,11 @@ def apply_token_density(
                     handle.add_diffusers_hook(block.norm1, _NormConcatHook(state), _HOOK)
             handle.add_diffusers_hook(block, _BlockHook(i, kind, family, shared, state, signature), _HOOK)
         signature = inspect.signature(transformer.forward)
-        hook = _TransformerHook(config, shared, stats, depth, signature, timestep_callback)
+        hook = _TransformerHook(config, shared, stats, (pooled, sparse), depth, signature, current_timestep_callback)
         handle.add_diffusers_hook(transformer, hook, _HOOK)
     except BaseException:
         handle.remove()
         raise
-    handle.stats = stats  # type: ignore[attr-defined]
     return handle
 
 

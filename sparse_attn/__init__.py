@@ -1,26 +1,26 @@
-"""Semantic-aware sparse attention for video diffusion transformers (Sparse VideoGen2)."""
+"""SVG2: semantic-aware sparse attention for video diffusion transformers (Sparse VideoGen2)."""
 
 if __name__ != "mmaccel.sparse_attn":  # installed as mmaccel.sparse_attn; a second copy must never load
     raise ImportError("import mmaccel.sparse_attn, not the bare folder name 'sparse_attn'")
 
 from mmaccel.sparse_attn.backends import flex_attention_available
 from mmaccel.sparse_attn.kmeans import KMeansResult, kmeans
-from mmaccel.sparse_attn.processors import (
-    SUPPORTED_TRANSFORMERS,
-    SparseAttentionHandle,
-    SparseAttentionStats,
-    SVG2CogVideoXAttnProcessor,
-    SVG2WanAttnProcessor,
-    apply_sparse_attention,
-    pipeline_progress,
-)
 from mmaccel.sparse_attn.svg2 import (
+    SUPPORTED_TRANSFORMERS,
     AttentionInfo,
     SparseAttentionState,
+    SVG2CogVideoXAttnProcessor,
     SVG2Config,
+    SVG2Handle,
+    SVG2Stats,
+    SVG2WanAttnProcessor,
+    apply_svg2,
     cluster_means,
     cluster_sparse_attention,
+    dense_layer_count,
+    dense_step_count,
     mask_density,
+    min_kept_clusters,
     select_clusters,
     semantic_sparse_attention,
 )
@@ -31,17 +31,19 @@ __all__ = [
     "KMeansResult",
     "SVG2CogVideoXAttnProcessor",
     "SVG2Config",
+    "SVG2Handle",
+    "SVG2Stats",
     "SVG2WanAttnProcessor",
-    "SparseAttentionHandle",
     "SparseAttentionState",
-    "SparseAttentionStats",
-    "apply_sparse_attention",
+    "apply_svg2",
     "cluster_means",
     "cluster_sparse_attention",
+    "dense_layer_count",
+    "dense_step_count",
     "flex_attention_available",
     "kmeans",
     "mask_density",
-    "pipeline_progress",
+    "min_kept_clusters",
     "select_clusters",
     "semantic_sparse_attention",
 ]

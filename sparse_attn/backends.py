@@ -131,9 +131,9 @@ def flex_block_sparse(
     layout: ClusterLayout,
     selected: torch.Tensor,
     block: int,
-) -> tuple[torch.Tensor, float]:
+) -> tuple[torch.Tensor, float | torch.Tensor]:
     """Sparse attention with compiled ``flex_attention``; returns the output and the computed
-    fraction ``(blocks x block^2) / (Sq Sk)`` (padding included).
+    fraction ``(blocks x block^2) / (Sq Sk)`` (padding included; a 0-dim tensor when traced).
 
     Q and K/V clusters are padded to multiples of ``block`` (`PaddedLayout`), so a block pair is
     selected or not as a whole: blocks without key padding are *full* (no masking), a cluster's
@@ -168,8 +168,8 @@ def flex_block_sparse(
     vp = pk.scatter(v.reshape(n, sk, -1)).view(b, h, pk.length, -1)
     out = _compiled_flex()(qp, kp, vp, block_mask=block_mask)
     out = pq.gather(out.reshape(n, pq.length, -1)).view(b, h, sq, -1)
-    computed = (num + full_num).sum().item() * block * block / (n * sq * sk)
-    return out, computed
+    computed = (num + full_num).sum() * (block * block / (n * sq * sk))
+    return out, computed if torch.compiler.is_compiling() else computed.item()  # a tensor when compiled
 
 
 def _to_kv_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

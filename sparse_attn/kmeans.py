@@ -92,6 +92,8 @@ def kmeans(
                 f"init must have shape {(x.shape[0], num_clusters, x.shape[2])}, got {tuple(init.shape)}"
             )
         centroids = init.to(device=x.device, dtype=torch.float32)
+    if torch.compiler.is_compiling():
+        return _kmeans_traceable(xf, centroids, iterations, tol)
     done = 0
     while done < iterations:
         done += 1
@@ -102,3 +104,24 @@ def kmeans(
         if shift.sqrt().item() <= tol:
             break
     return KMeansResult(labels=labels, centroids=centroids, counts=counts, iterations=done)
+
+
+def _kmeans_traceable(xf: torch.Tensor, centroids: torch.Tensor, iterations: int, tol: float) -> KMeansResult:
+    """The same Lloyd iterations without reading the shift on the host (no graph break under
+    ``torch.compile``): every round runs, and once the shift has fallen to ``tol`` the labels,
+    counts and centroids stop changing, so the result equals the early-stopping loop's.
+    ``iterations`` reports the rounds run (an upper bound of the eager count)."""
+    labels = counts = None
+    done = torch.zeros((), dtype=torch.bool, device=xf.device)
+    for _ in range(iterations):
+        new_labels = assign(xf, centroids)
+        new, new_counts = _update(xf, new_labels, centroids)
+        shift = (new - centroids).square().sum(-1).max().sqrt()
+        if labels is None:
+            labels, counts = new_labels, new_counts
+        else:
+            labels = torch.where(done, labels, new_labels)
+            counts = torch.where(done, counts, new_counts)
+        centroids = torch.where(done, centroids, new)
+        done = done | (shift <= tol)
+    return KMeansResult(labels=labels, centroids=centroids, counts=counts, iterations=iterations)

@@ -1,22 +1,37 @@
-"""Semantic-aware sparse attention: k-means permutation + top-p cluster budget.
+"""SVG2: semantic-aware sparse attention for video diffusion transformers.
 
 Sparse VideoGen2 (Yang et al., 2025, arXiv:2505.18875): per (batch, head), cluster Q and K with
 k-means, score cluster pairs by ``C_q C_k^T / sqrt(d)`` with a size-weighted softmax, keep per
 query cluster the smallest set of key clusters whose mass reaches ``top_p`` (plus the top
 ``min_kc_ratio`` of clusters), permute tokens so clusters are contiguous, run block-sparse
 attention over the selected cluster pairs and undo the permutation.
+
+This file holds the whole technique: `SVG2Config`, the attention function
+(`semantic_sparse_attention`), the diffusers attention processors for Wan 2.1
+(`SVG2WanAttnProcessor`: ``blocks[i].attn1``; cross-attention to text stays dense) and CogVideoX
+(`SVG2CogVideoXAttnProcessor`: joint text+video ``transformer_blocks[i].attn1``, text attends and
+is attended densely), `apply_svg2` and its `SVG2Handle` / `SVG2Stats`. Dense warm-up follows the
+reference code: the first ``floor(dense_steps * steps)`` denoising steps (counted in the
+scheduler's timesteps) and the first ``floor(dense_layers * layers)`` blocks run dense.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from mmaccel.runtime.adapters import cogvideox, wan
 from mmaccel.runtime.budget import top_p_mask
+from mmaccel.runtime.patching import PatchHandle
+from mmaccel.runtime.stats import Stats
+from mmaccel.runtime.timesteps import check_timestep_callback, read_timestep, step_position
 from mmaccel.sparse_attn.backends import (
     BACKENDS,
     ClusterLayout,
@@ -25,15 +40,24 @@ from mmaccel.sparse_attn.backends import (
     masked_block_sparse,
     reference_block_sparse,
 )
-from mmaccel.sparse_attn.kmeans import kmeans
+from mmaccel.sparse_attn.kmeans import kmeans, random_init
 
 __all__ = [
+    "SUPPORTED_TRANSFORMERS",
     "AttentionInfo",
+    "SVG2CogVideoXAttnProcessor",
     "SVG2Config",
+    "SVG2Handle",
+    "SVG2Stats",
+    "SVG2WanAttnProcessor",
+    "SparseAttentionState",
+    "apply_svg2",
     "cluster_means",
     "cluster_sparse_attention",
-    "SparseAttentionState",
+    "dense_layer_count",
+    "dense_step_count",
     "mask_density",
+    "min_kept_clusters",
     "select_clusters",
     "semantic_sparse_attention",
 ]
@@ -61,11 +85,13 @@ class SVG2Config:
     num_q_clusters / num_k_clusters: k-means clusters for queries / keys (reference at 720p,
         ~76K tokens: 300 / 1000; scale with the sequence length; at most the token count).
     top_p: attention mass each query cluster keeps, in (0, 1].
-    min_kc_ratio: fraction of key clusters always kept per query cluster (the top ones), [0, 1].
+    min_kc_ratio: fraction of key clusters always kept per query cluster (the top ones), [0, 1];
+        ``max(1, floor(min_kc_ratio * num_k_clusters))`` clusters, as the reference rounds.
     kmeans_init_iters / kmeans_iters: iterations of a cold start / of a warm start.
     kmeans_tol: early stop once no centroid moves more than this.
-    dense_steps / dense_layers: fraction of the first denoising steps / first layers run dense
-        (used by `apply_sparse_attention`), each in [0, 1].
+    dense_steps / dense_layers: fraction of the denoising steps / of the blocks run dense at the
+        start, each in [0, 1]; ``floor(fraction * count)`` of them, as the reference rounds
+        (`dense_step_count`, `dense_layer_count`; used by `apply_svg2`).
     backend: "auto" (flex for >= ``flex_min_tokens`` queries when available, else masked),
         "flex", "masked" (token-mask SDPA, small sizes) or "reference" (per-cluster gather).
     block_size: flex BlockMask block size (tokens).
@@ -95,8 +121,8 @@ class SVG2Config:
         _int("kmeans_iters", self.kmeans_iters, 1)
         if isinstance(self.kmeans_tol, bool) or not isinstance(self.kmeans_tol, (int, float)):
             raise TypeError(f"kmeans_tol must be a float >= 0, got {type(self.kmeans_tol).__name__}")
-        if not self.kmeans_tol >= 0:
-            raise ValueError(f"kmeans_tol must be a float >= 0, got {self.kmeans_tol!r}")
+        if not 0 <= self.kmeans_tol < math.inf:
+            raise ValueError(f"kmeans_tol must be a finite float >= 0, got {self.kmeans_tol!r}")
         _fraction("dense_steps", self.dense_steps, "[0, 1]")
         _fraction("dense_layers", self.dense_layers, "[0, 1]")
         if self.backend not in BACKENDS:
@@ -127,8 +153,10 @@ class SparseAttentionState:
     """Per-layer k-means memory: the last Q / K centroids (B*H, C, D), reused as warm start.
 
     Consecutive calls on the same layer (later denoising steps, the CFG passes of one step)
-    share it. ``last`` is the `AttentionInfo` of the latest call; ``q_labels`` / ``k_labels``
-    (B*H, S) and ``selected`` (B*H, Cq, Ck) are its clustering and selection.
+    share it. ``q_labels`` / ``k_labels`` (B*H, S) and ``selected`` (B*H, Cq, Ck) are the latest
+    call's clustering and selection, ``density`` (0-dim tensor) and ``backend`` its mask-weighted
+    density and kernel. ``last`` (an `AttentionInfo` with host numbers and timings) and ``calls``
+    are updated by eager calls only: under ``torch.compile`` nothing is read back to the host.
     """
 
     q_centroids: torch.Tensor | None = None
@@ -138,12 +166,31 @@ class SparseAttentionState:
     selected: torch.Tensor | None = None
     last: AttentionInfo | None = None
     calls: int = field(default=0)
+    density: torch.Tensor | None = None
+    backend: str | None = None
 
     def reset(self) -> None:
         """Forget everything (the next call cold-starts), e.g. before a new video."""
         self.q_centroids = self.k_centroids = self.last = None
         self.q_labels = self.k_labels = self.selected = None
+        self.density = self.backend = None
         self.calls = 0
+
+
+def min_kept_clusters(min_kc_ratio: float, num_k_clusters: int) -> int:
+    """Key clusters every query cluster keeps at least: ``max(1, floor(ratio * clusters))``
+    (the reference's ``int(min_kc_ratio * kc_num)``, and its always-kept top cluster)."""
+    return max(1, int(min_kc_ratio * num_k_clusters))
+
+
+def dense_step_count(dense_steps: float, num_steps: int) -> int:
+    """Denoising steps run dense at the start: ``floor(dense_steps * num_steps)`` (reference)."""
+    return math.floor(dense_steps * num_steps)
+
+
+def dense_layer_count(dense_layers: float, num_layers: int) -> int:
+    """Blocks run dense at the bottom: ``floor(dense_layers * num_layers)`` (reference)."""
+    return math.floor(dense_layers * num_layers)
 
 
 def select_clusters(
@@ -157,19 +204,35 @@ def select_clusters(
 
     Scores ``C_q C_k^T / sqrt(d)`` with the size-weighted softmax ``|K_j| e^{S_ij} / sum``;
     per query cluster the smallest top set reaching ``top_p`` (the crossing cluster kept) plus
-    the top ``ceil(min_kc_ratio * Ck)`` clusters (at least one). Empty key clusters carry no mass.
+    the top `min_kept_clusters` clusters. Empty key clusters carry no mass.
     """
     scores = q_centroids @ k_centroids.transpose(-1, -2) / math.sqrt(q_centroids.shape[-1])
     logits = scores + k_counts.float().log().unsqueeze(-2)  # log |K_j|; empty clusters -> -inf
-    min_keep = max(1, math.ceil(min_kc_ratio * k_centroids.shape[-2]))
+    min_keep = min_kept_clusters(min_kc_ratio, k_centroids.shape[-2])
+    if torch.compiler.is_compiling():  # top_p_mask's input checks read values on the host
+        return _top_p_traceable(logits, top_p, min_keep)
     return top_p_mask(logits, top_p, min_keep=min_keep)
+
+
+def _top_p_traceable(logits: torch.Tensor, p: float, min_keep: int) -> torch.Tensor:
+    """`top_p_mask` on logits without its host-side input checks (same arithmetic and result)."""
+    mass = logits.double().softmax(-1)
+    sorted_mass, order = mass.sort(dim=-1, descending=True, stable=True)
+    before = sorted_mass.cumsum(-1) - sorted_mass
+    keep = before < p - 1e-6
+    keep[..., : min(min_keep, logits.shape[-1])] = True
+    return torch.zeros_like(keep).scatter(-1, order, keep)
 
 
 def mask_density(selected: torch.Tensor, q_counts: torch.Tensor, k_counts: torch.Tensor) -> float:
     """Mask-weighted density ``sum(mask_ij |Q_i| |K_j|) / sum(|Q_i| |K_j|)``, averaged over rows."""
+    return _mask_density(selected, q_counts, k_counts).item()
+
+
+def _mask_density(selected: torch.Tensor, q_counts: torch.Tensor, k_counts: torch.Tensor) -> torch.Tensor:
     qc, kc = q_counts.double(), k_counts.double()
     kept = torch.einsum("nij,ni,nj->n", selected.double(), qc, kc)
-    return (kept / (qc.sum(-1) * kc.sum(-1))).mean().item()
+    return (kept / (qc.sum(-1) * kc.sum(-1))).mean()
 
 
 def _check_inputs(
@@ -223,6 +286,22 @@ def _choose_backend(config: SVG2Config, num_queries: int) -> str:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _clock(device: torch.device) -> float | None:
+    """Host time after the device finished, or None under ``torch.compile`` (no timing there)."""
+    if torch.compiler.is_compiling():
+        return None
+    _sync(device)
+    return time.perf_counter()
+
+
+@torch.compiler.disable
+def _initial_centroids(jobs: list[tuple[torch.Tensor, int]], seed: int) -> list[torch.Tensor]:
+    """Cold-start centroids (random distinct tokens) for each ``(tokens, clusters)`` job, in order,
+    from one CPU generator seeded with ``seed``; outside any compiled graph."""
+    generator = torch.Generator().manual_seed(seed)
+    return [random_init(x.float(), c, generator) for x, c in jobs]
 
 
 def _clustered_attention(
@@ -288,6 +367,7 @@ def cluster_sparse_attention(
     t0 = time.perf_counter()
     out, backend, block_density = _clustered_attention(q, k, v, ql, kl, nq, nk, selected, config)
     _sync(q.device)
+    block_density = None if block_density is None else float(block_density)
     info = AttentionInfo(backend, mask_density(selected, nq, nk), block_density, 0.0,
                          time.perf_counter() - t0, (0, 0), False)  # fmt: skip
     return out, info
@@ -301,6 +381,7 @@ def semantic_sparse_attention(
     state: SparseAttentionState | None = None,
     *,
     dense_prefix: int = 0,
+    prefix_attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """SVG2 attention for ``q`` (B, H, Sq, D), ``k`` (B, H, Sk, D), ``v`` (B, H, Sk, Dv).
 
@@ -311,7 +392,8 @@ def semantic_sparse_attention(
 
     ``dense_prefix``: in joint attention (text tokens first, then video, Sq == Sk), the first
     ``dense_prefix`` tokens attend to everything and every query attends to them; only the
-    video-video part is clustered and sparse.
+    video-video part is clustered and sparse. ``prefix_attention(q, k, v)`` computes those dense
+    rows (``(B, H, S, D)`` in and out; default ``F.scaled_dot_product_attention``).
     """
     _check_inputs(q, k, v, config, dense_prefix)
     state = SparseAttentionState() if state is None else state
@@ -319,29 +401,29 @@ def semantic_sparse_attention(
     sk, n = k.shape[2], dense_prefix
     qf, kf = q[:, :, n:].reshape(b * h, sq - n, d), k[:, :, n:].reshape(b * h, sk - n, d)
 
-    _sync(q.device)
-    t0 = time.perf_counter()
-    generator = torch.Generator().manual_seed(config.seed + state.calls)
+    t0 = _clock(q.device)
+    jobs = (("q", qf, config.num_q_clusters), ("k", kf, config.num_k_clusters))
     warm = {}
-    results = []
-    for name, x, c in (("q", qf, config.num_q_clusters), ("k", kf, config.num_k_clusters)):
+    for name, _x, c in jobs:
         init = getattr(state, f"{name}_centroids")
         warm[name] = init is not None and init.shape == (b * h, c, d) and init.device == q.device
+    cold = [(x, c) for name, x, c in jobs if not warm[name]]
+    inits = iter(_initial_centroids(cold, config.seed + state.calls) if cold else [])
+    results = []
+    for name, x, c in jobs:
         results.append(
             kmeans(
                 x,
                 c,
-                init=init if warm[name] else None,
+                init=getattr(state, f"{name}_centroids") if warm[name] else next(inits),
                 iterations=config.kmeans_iters if warm[name] else config.kmeans_init_iters,
                 tol=config.kmeans_tol,
-                generator=generator,
             )
         )
     kq, kk = results
     state.q_centroids, state.k_centroids = kq.centroids, kk.centroids
     selected = select_clusters(kq.centroids, kk.centroids, kk.counts, config.top_p, config.min_kc_ratio)
-    _sync(q.device)
-    t1 = time.perf_counter()
+    t1 = _clock(q.device)
 
     if n:  # the prefix is one more key cluster (label Ck), selected by every query cluster
         k_labels = torch.cat([kk.labels.new_full((b * h, n), config.num_k_clusters), kk.labels], 1)
@@ -357,26 +439,282 @@ def semantic_sparse_attention(
             F.pad(selected, (0, 1), value=True),
             config,
         )
-        prefix = F.scaled_dot_product_attention(q[:, :, :n], k, v)
+        prefix = (prefix_attention or F.scaled_dot_product_attention)(q[:, :, :n], k, v)
         out = torch.cat([prefix, video], 2)
     else:
         out, backend, block_density = _clustered_attention(
             q, k, v, kq.labels, kk.labels, kq.counts, kk.counts, selected, config
         )
-    _sync(q.device)
-    t2 = time.perf_counter()
+    t2 = _clock(q.device)
 
     sv = sq - n
-    video_pairs = mask_density(selected, kq.counts, kk.counts) * sv * sv
-    state.calls += 1
+    video_pairs = _mask_density(selected, kq.counts, kk.counts) * (sv * sv)
+    state.density = (video_pairs + (sq * sk - sv * sv)) / (sq * sk)
+    state.backend = backend
     state.q_labels, state.k_labels, state.selected = kq.labels, kk.labels, selected
-    state.last = AttentionInfo(
-        backend=backend,
-        density=(video_pairs + sq * sk - sv * sv) / (sq * sk),
-        block_density=block_density,
-        kmeans_s=t1 - t0,
-        attention_s=t2 - t1,
-        kmeans_iterations=(kq.iterations, kk.iterations),
-        warm_start=warm["q"] and warm["k"],
-    )
+    if t0 is not None:  # eager: host-side numbers (under torch.compile they stay tensors)
+        state.calls += 1
+        state.last = AttentionInfo(
+            backend=backend,
+            density=float(state.density),
+            block_density=None if block_density is None else float(block_density),
+            kmeans_s=t1 - t0,
+            attention_s=t2 - t1,
+            kmeans_iterations=(kq.iterations, kk.iterations),
+            warm_start=warm["q"] and warm["k"],
+        )
     return out
+
+
+# ------------------------------------------------------------------------------------------
+# Diffusers attention processors, statistics, apply_svg2
+# ------------------------------------------------------------------------------------------
+
+#: the video transformers SVG2 patches (from the model adapters' tables)
+SUPPORTED_TRANSFORMERS = (*wan.TRANSFORMERS, *cogvideox.TRANSFORMERS)
+
+_BACKEND_NAMES = ("dense", "masked", "flex", "reference")
+
+
+class SVG2Stats(Stats):
+    """What SVG2 did, per attention call.
+
+    ``summary()`` counts calls per backend ("dense" in warm-up) and averages the mask-weighted
+    density; the counters are tensors updated in place, so they also count under
+    ``torch.compile``. Eager calls also append one dict to ``records`` (layer, timestep, backend,
+    density, computed-block density, k-means iterations, warm start, k-means and attention
+    seconds) and add up ``kmeans_s`` / ``attention_s``; compiled calls skip those host-side
+    records and timings (they would read values back from the device and break the graph).
+    """
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.kmeans_s = 0.0
+        self.attention_s = 0.0
+        self._calls = torch.zeros(len(_BACKEND_NAMES), dtype=torch.float64)
+        self._density = torch.zeros(len(_BACKEND_NAMES), dtype=torch.float64)
+
+    def reset(self) -> None:
+        self.records.clear()
+        self.kmeans_s = self.attention_s = 0.0
+        self._calls.zero_()
+        self._density.zero_()
+
+    def _count(self, backend: str, density: torch.Tensor | float) -> None:
+        i = _BACKEND_NAMES.index(backend)
+        self._calls[i] += 1
+        self._density[i] += density.to(self._density) if isinstance(density, torch.Tensor) else density
+
+    def summary(self) -> dict[str, int | float | None]:
+        """Calls (per backend), mean density over all calls (dense = 1) and over sparse calls
+        (None when there were none), k-means and attention seconds of the eager sparse calls."""
+        calls, density = self._calls.tolist(), self._density.tolist()
+        n, sparse = sum(calls), sum(calls) - calls[0]
+        out: dict[str, int | float | None] = {"calls": int(n), "sparse_calls": int(sparse)}
+        out.update({f"{b}_calls": int(c) for b, c in zip(_BACKEND_NAMES, calls)})
+        out["density"] = sum(density) / n if n else None
+        out["sparse_density"] = (sum(density) - density[0]) / sparse if sparse else None
+        out["kmeans_s"] = float(self.kmeans_s)
+        out["attention_s"] = float(self.attention_s)
+        return out
+
+
+class _Clock:
+    """The denoising step of the transformer forward being computed, read once per forward.
+
+    The timestep comes from ``current_timestep_callback`` or the forward's ``timestep``
+    argument (validated by `read_timestep`); the step index from its position in
+    ``scheduler.timesteps``. A timestep above the previous one starts a new generation: every
+    layer's k-means memory is dropped so its first sparse call cold-starts.
+    """
+
+    def __init__(
+        self,
+        config: SVG2Config,
+        callback: Callable[[], Any] | None,
+        scheduler: Any,
+        signature: inspect.Signature,
+        handle: SVG2Handle,
+    ) -> None:
+        self.config, self.callback, self.scheduler = config, callback, scheduler
+        self.signature, self.handle = signature, handle
+        cfg = getattr(scheduler, "config", None)
+        self.num_train_timesteps = int(getattr(cfg, "num_train_timesteps", None) or 1000)
+        self.timestep: float | None = None
+        self.dense_step = False
+
+    @torch.compiler.disable  # host-side decision, before the forward's first tensor op
+    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:  # forward pre-hook
+        n = self.num_train_timesteps
+        if self.callback is not None:
+            t = read_timestep(self.callback(), n)
+        else:
+            bound = self.signature.bind(*args, **kwargs)
+            t = read_timestep(bound.arguments.get("timestep"), n, source="the transformer's timestep argument")
+        if self.timestep is not None and t > self.timestep:
+            self.handle.reset_state()
+        self.timestep = t
+        self.dense_step = False
+        if self.config.dense_steps > 0:
+            timesteps = self.scheduler.timesteps
+            if timesteps is None or len(timesteps) == 0:
+                raise ValueError("scheduler has no timesteps yet: call scheduler.set_timesteps(num_steps) first")
+            index, count = step_position(t, timesteps)
+            self.dense_step = index < dense_step_count(self.config.dense_steps, count)
+
+
+class _SVG2Processor:
+    """Shared part: dense warm-up decision (by step and layer), k-means state and stats."""
+
+    _attention_backend = None  # set by diffusers' set_attention_backend; used by the dense paths
+    _parallel_config = None
+
+    def __init__(self, layer_idx: int, num_layers: int, config: SVG2Config, clock: _Clock, stats: SVG2Stats) -> None:
+        self.layer_idx = layer_idx
+        self.config = config
+        self.clock = clock
+        self.stats = stats
+        self.state = SparseAttentionState()
+        self.dense_layer = layer_idx < dense_layer_count(config.dense_layers, num_layers)
+
+    def _is_dense(self, attention_mask: torch.Tensor | None) -> bool:
+        if attention_mask is not None:
+            raise NotImplementedError(f"{type(self).__name__} does not implement attention masks")
+        dense = self.dense_layer or self.clock.dense_step
+        if dense:
+            self.stats._count("dense", 1.0)
+            if not torch.compiler.is_compiling():
+                self.stats.records.append(
+                    dict(layer=self.layer_idx, timestep=self.clock.timestep, backend="dense", density=1.0,
+                         block_density=None, kmeans_s=0.0, attention_s=0.0, kmeans_iterations=(0, 0),
+                         warm_start=False)
+                )  # fmt: skip
+        return dense
+
+    def _record(self) -> None:
+        state = self.state
+        self.stats._count(state.backend, state.density)
+        if not torch.compiler.is_compiling():
+            self.stats.records.append(dict(layer=self.layer_idx, timestep=self.clock.timestep, **asdict(state.last)))
+            self.stats.kmeans_s += state.last.kmeans_s
+            self.stats.attention_s += state.last.attention_s
+
+
+class SVG2WanAttnProcessor(_SVG2Processor):
+    """Processor for a Wan self-attention (``attn1``): SVG2 sparse attention, or dense attention
+    through diffusers' dispatch during warm-up (by step and by layer)."""
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None:
+            raise NotImplementedError("SVG2WanAttnProcessor handles self-attention (attn1) only")
+        query, key, value = wan.project_qkv(attn, hidden_states, rotary=rotary_emb)
+        if self._is_dense(attention_mask):
+            return wan.project_out(attn, wan.attention(attn, query, key, value), query)
+        out = semantic_sparse_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.config, self.state
+        )
+        self._record()
+        return wan.project_out(attn, out.transpose(1, 2), query)
+
+
+class SVG2CogVideoXAttnProcessor(_SVG2Processor):
+    """Processor for CogVideoX's joint text+video attention: text tokens (first) attend and are
+    attended densely, video-video attention is SVG2-sparse; dense warm-up as for Wan."""
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        text_len = encoder_hidden_states.shape[1]
+        query, key, value = cogvideox.project_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        if self._is_dense(attention_mask):
+            return cogvideox.project_out(attn, cogvideox.attention(attn, query, key, value), text_len)
+
+        def text_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return cogvideox.attention(attn, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+        out = semantic_sparse_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.config, self.state,
+            dense_prefix=text_len, prefix_attention=text_rows,
+        )  # fmt: skip
+        self._record()
+        return cogvideox.project_out(attn, out.transpose(1, 2), text_len)
+
+
+class SVG2Handle(PatchHandle):
+    """What `apply_svg2` returns: the undo log, ``stats`` (`SVG2Stats`) and the per-layer
+    ``processors``."""
+
+    def __init__(self, model: torch.nn.Module, name: str) -> None:
+        super().__init__(model, name)
+        self.stats = SVG2Stats()
+        self.processors: list[_SVG2Processor] = []
+
+    def reset_state(self) -> None:
+        """Drop every layer's k-means centroids (the next sparse call cold-starts)."""
+        for proc in self.processors:
+            proc.state.reset()
+
+
+def apply_svg2(
+    transformer: torch.nn.Module,
+    config: SVG2Config | None = None,
+    current_timestep_callback: Callable[[], Any] | None = None,
+    *,
+    scheduler: Any = None,
+) -> SVG2Handle:
+    """Install SVG2 sparse self-attention on a diffusers video transformer.
+
+    ``config=None`` means ``SVG2Config()`` (the reference Wan settings).
+    ``current_timestep_callback`` returns the scheduler's timestep (``lambda:
+    pipe.current_timestep``); without it the transformer's own ``timestep`` argument is read.
+    ``scheduler`` (e.g. ``pipe.scheduler``) supplies the timesteps that the step-counted dense
+    warm-up counts in: the first ``floor(config.dense_steps * len(scheduler.timesteps))`` steps
+    run dense; it is required when ``config.dense_steps > 0``. A timestep that is not valid or
+    not one of the scheduler's raises ``ValueError`` at that forward. Supported:
+    ``WanTransformer3DModel`` and ``CogVideoXTransformer3DModel`` (others raise ``TypeError``).
+    ``handle.remove()`` restores the original processors; ``handle.stats`` records every call.
+    """
+    from mmaccel.runtime.adapters import require_family
+
+    family = require_family(transformer, SUPPORTED_TRANSFORMERS, "apply_svg2")
+    config = SVG2Config() if config is None else config
+    if not isinstance(config, SVG2Config):
+        raise TypeError(f"config must be an SVG2Config, got {type(config).__name__}")
+    check_timestep_callback(current_timestep_callback)
+    if config.dense_steps > 0 and scheduler is None:
+        raise ValueError(
+            f"config.dense_steps={config.dense_steps} counts denoising steps and needs scheduler= "
+            "(the pipeline's scheduler, e.g. scheduler=pipe.scheduler); set dense_steps=0 to run "
+            "sparse from the first step"
+        )
+    if scheduler is not None and not hasattr(scheduler, "timesteps"):
+        raise TypeError(f"scheduler must be a diffusers scheduler with .timesteps, got {type(scheduler).__name__}")
+    adapter = wan if family == "wan" else cogvideox
+    if family == "wan":
+        wan.check_self_attention(transformer, "SVG2")
+    blocks = adapter.blocks(transformer)
+    cls = SVG2WanAttnProcessor if family == "wan" else SVG2CogVideoXAttnProcessor
+    handle = SVG2Handle(transformer, "svg2")
+    clock = _Clock(config, current_timestep_callback, scheduler, inspect.signature(transformer.forward), handle)
+    try:
+        handle.add_torch_hook(transformer.register_forward_pre_hook(clock, with_kwargs=True))
+        for i, block in enumerate(blocks):
+            proc = cls(i, len(blocks), config, clock, handle.stats)
+            handle.processors.append(proc)
+            handle.set_processor(block.attn1, proc)
+    except BaseException:
+        handle.remove()
+        raise
+    return handle

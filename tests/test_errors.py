@@ -322,7 +322,6 @@ def test_attention_balance_twice_says_already_applied():
             apply_attention_balance(model)
 
 
-@pytest.mark.xfail(strict=True, reason="needs wiring in sparse_attn/svg2.py SVG2Config: kmeans_tol must be finite")
 def test_svg2_kmeans_tol_must_be_finite():
     from mmaccel.sparse_attn import SVG2Config
 

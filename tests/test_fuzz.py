@@ -74,7 +74,6 @@ KNOWN: dict[str, str] = {
     "parallel_video.LongVideoConfig.seed=-inf": f"needs a fix in parallel_video/generate.py LongVideoConfig: {_SEED}",
     "parallel_video.LongVideoConfig.guidance_scale=inf":
         "needs a fix in parallel_video/generate.py LongVideoConfig: guidance_scale=inf accepted",
-    "sparse_attn.SVG2Config.kmeans_tol=inf": "needs a fix in sparse_attn/svg2.py SVG2Config: kmeans_tol=inf accepted",
     "tokenizers_img.Compact1DConfig.mlp_ratio=inf":
         "needs a fix in tokenizers_img/compact_1d.py Compact1DConfig: mlp_ratio=inf accepted",
     "tokenizers_img.Compact1DConfig.commit_beta=inf":

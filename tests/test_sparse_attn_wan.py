@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmaccel.sparse_attn import SVG2Config, SVG2WanAttnProcessor, apply_sparse_attention, pipeline_progress
+from mmaccel.sparse_attn import SVG2Config, SVG2Handle, SVG2WanAttnProcessor, apply_svg2
 from mmaccel.testing import call_kwargs, tiny_wan_pipeline
 
 
@@ -34,14 +34,17 @@ def test_full_budget_matches_dense_and_remove_restores(pipe):
     dense = _forward(model, *x)
     cfg = SVG2Config(num_q_clusters=6, num_k_clusters=9, top_p=1.0, min_kc_ratio=1.0, dense_steps=0.0,
                      dense_layers=0.0, backend="masked")  # fmt: skip
-    handle = apply_sparse_attention(model, cfg)
+    handle = apply_svg2(model, cfg)
+    assert type(handle) is SVG2Handle
     assert all(isinstance(b.attn1.processor, SVG2WanAttnProcessor) for b in model.blocks)
     assert [b.attn2.processor for b in model.blocks] == cross  # cross-attention stays dense
     torch.testing.assert_close(_forward(model, *x), dense, atol=1e-4, rtol=1e-4)
     summary = handle.stats.summary()
     assert summary["sparse_calls"] == len(model.blocks) and summary["sparse_density"] == 1.0
+    model.set_attention_backend("native")  # reaches our processors (the dense and text paths use it)
+    assert all(b.attn1.processor._attention_backend.value == "native" for b in model.blocks)
     with pytest.raises(ValueError, match="already applied"):
-        apply_sparse_attention(model, cfg)
+        apply_svg2(model, cfg)
     handle.remove()
     assert all(b.attn1.processor is p for b, p in zip(model.blocks, originals))
     assert torch.equal(_forward(model, *x), dense)
@@ -53,11 +56,12 @@ def test_dense_layers_are_bit_identical(pipe):
     cfg = SVG2Config(num_q_clusters=4, num_k_clusters=6, top_p=0.5, min_kc_ratio=0.0, dense_steps=0.0,
                      dense_layers=1.0, backend="masked")  # fmt: skip
     dense = _forward(model, *x)
-    with apply_sparse_attention(model, cfg) as handle:
+    with apply_svg2(model, cfg) as handle:
         assert torch.equal(_forward(model, *x), dense)
-        assert handle.stats.summary()["backends"] == ["dense"]
+        summary = handle.stats.summary()
+        assert summary["dense_calls"] == summary["calls"] == len(model.blocks) and summary["sparse_calls"] == 0
         cfg_half = SVG2Config(**{**cfg.__dict__, "dense_layers": 0.5})
-    with apply_sparse_attention(model, cfg_half) as handle:
+    with apply_svg2(model, cfg_half) as handle:
         out = _forward(model, *x)
         layers = {r["layer"]: r["backend"] for r in handle.stats.records}
     assert layers == {0: "dense", 1: "dense", 2: "masked", 3: "masked"}
@@ -66,15 +70,19 @@ def test_dense_layers_are_bit_identical(pipe):
 
 def test_apply_errors(pipe):
     with pytest.raises(TypeError, match="WanTransformer3DModel"):
-        apply_sparse_attention(torch.nn.Linear(2, 2), SVG2Config())
-    with pytest.raises(ValueError, match="timestep_callback"):
-        apply_sparse_attention(pipe.transformer, SVG2Config(dense_steps=0.2))
+        apply_svg2(torch.nn.Linear(2, 2), SVG2Config())
+    with pytest.raises(ValueError, match="scheduler"):
+        apply_svg2(pipe.transformer, SVG2Config(dense_steps=0.2))
+    with pytest.raises(TypeError, match="current_timestep_callback"):
+        apply_svg2(pipe.transformer, SVG2Config(dense_steps=0.0), 0.5)
+    with pytest.raises(TypeError, match="scheduler"):
+        apply_svg2(pipe.transformer, SVG2Config(), scheduler=object())
     with pytest.raises(TypeError, match="SVG2Config"):
-        apply_sparse_attention(pipe.transformer, {"top_p": 0.9})
+        apply_svg2(pipe.transformer, {"top_p": 0.9})
 
 
 def test_wan_pipeline_end_to_end_dense_warmup_bit_identical(pipe):
-    """3 steps, dense_steps=0.4: steps 0 and 1 (progress 0, 1/3) dense, step 2 sparse."""
+    """3 steps, dense_steps=0.7: floor(0.7 * 3) = 2 steps (0 and 1) dense, step 2 sparse."""
 
     def run():
         latents = []
@@ -88,9 +96,9 @@ def test_wan_pipeline_end_to_end_dense_warmup_bit_identical(pipe):
         return latents, out
 
     dense_steps, _ = run()
-    cfg = SVG2Config(num_q_clusters=8, num_k_clusters=12, top_p=0.9, min_kc_ratio=0.1, dense_steps=0.4,
+    cfg = SVG2Config(num_q_clusters=8, num_k_clusters=12, top_p=0.9, min_kc_ratio=0.1, dense_steps=0.7,
                      dense_layers=0.0, backend="auto")  # fmt: skip
-    with apply_sparse_attention(pipe.transformer, cfg, pipeline_progress(pipe)) as handle:
+    with apply_svg2(pipe.transformer, cfg, lambda: pipe.current_timestep, scheduler=pipe.scheduler) as handle:
         sparse_steps, out = run()
         records = list(handle.stats.records)
     assert torch.equal(sparse_steps[0], dense_steps[0]) and torch.equal(sparse_steps[1], dense_steps[1])
@@ -120,13 +128,107 @@ def test_cogvideox_joint_attention():
 
     full = SVG2Config(num_q_clusters=4, num_k_clusters=6, top_p=1.0, min_kc_ratio=1.0, dense_steps=0.0,
                       dense_layers=0.0, backend="masked")  # fmt: skip
-    with apply_sparse_attention(model, full) as handle:
+    with apply_svg2(model, full) as handle:
         torch.testing.assert_close(run(), dense, atol=1e-4, rtol=1e-4)
         assert handle.stats.summary()["sparse_calls"] == 4
     sparse = SVG2Config(**{**full.__dict__, "top_p": 0.3, "min_kc_ratio": 0.0, "dense_layers": 0.5})
-    with apply_sparse_attention(model, sparse) as handle:
+    with apply_svg2(model, sparse) as handle:
         out = run()
         assert [r["backend"] for r in handle.stats.records] == ["dense", "dense", "masked", "masked"]
         assert all(r["density"] < 1 for r in handle.stats.records[2:])
     assert torch.isfinite(out).all() and not torch.equal(out, dense)
     assert torch.equal(run(), dense)  # removed: bit-identical again
+    # dense warm-up (our processor, attention through diffusers' dispatch) is bit-identical too
+    with apply_svg2(model, SVG2Config(**{**full.__dict__, "dense_layers": 1.0})):
+        assert torch.equal(run(), dense)
+
+
+def test_timestep_validation(pipe):
+    """The callback returns the scheduler's timestep; anything that is not one is an error."""
+    model = pipe.transformer
+    x = _inputs()
+    cfg = SVG2Config(num_q_clusters=4, num_k_clusters=6, dense_steps=0.0, dense_layers=0.0, backend="masked")
+    for bad in (float("nan"), -1, 5000, None):
+        with apply_svg2(model, cfg, lambda bad=bad: bad):
+            with pytest.raises(ValueError, match="current_timestep_callback"):
+                _forward(model, *x)
+    with apply_svg2(model, cfg):  # no callback: the forward's own timestep is validated
+        with pytest.raises(ValueError, match="timestep argument"):
+            _forward(model, x[0], torch.tensor([-5.0]), x[2])
+    # step-counted warm-up: the timestep must be one of the scheduler's
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    scheduler.set_timesteps(5)
+    warm = SVG2Config(**{**cfg.__dict__, "dense_steps": 0.4})  # floor(0.4 * 5) = 2 dense steps
+    with apply_svg2(model, warm, scheduler=scheduler) as handle:
+        with pytest.raises(ValueError, match="not one of the scheduler's timesteps"):
+            _forward(model, x[0], torch.tensor([123.4]), x[2])
+        for t in scheduler.timesteps:
+            _forward(model, x[0], t.reshape(1), x[2])
+        backends = [r["backend"] for r in handle.stats.records]
+    assert backends == ["dense"] * 8 + ["masked"] * 12
+
+
+def test_reference_rounding_of_defaults():
+    """The reference floors: kept key clusters int(0.1 * Ck), dense layers floor(0.03 * L),
+    dense steps floor(0.2 * steps)."""
+    from mmaccel.sparse_attn import dense_layer_count, dense_step_count, min_kept_clusters, select_clusters
+
+    cfg = SVG2Config()
+    assert min_kept_clusters(cfg.min_kc_ratio, 128) == 12 and min_kept_clusters(cfg.min_kc_ratio, 16) == 1
+    assert min_kept_clusters(cfg.min_kc_ratio, 1000) == 100 and min_kept_clusters(0.0, 16) == 1
+    assert dense_layer_count(cfg.dense_layers, 30) == 0  # Wan 2.1 1.3B
+    assert dense_layer_count(cfg.dense_layers, 40) == 1  # Wan 2.1 14B
+    assert dense_step_count(cfg.dense_steps, 12) == 2 and dense_step_count(cfg.dense_steps, 50) == 10
+    # the selection keeps exactly the floored minimum when top_p alone would keep one cluster
+    g = torch.Generator().manual_seed(0)
+    cq, ck = torch.randn(1, 3, 8, generator=g), torch.randn(1, 128, 8, generator=g)
+    counts = torch.ones(1, 128, dtype=torch.long)
+    sel = select_clusters(cq * 50, ck, counts, 1e-6, cfg.min_kc_ratio)
+    assert sel.sum(-1).tolist() == [[12, 12, 12]]
+
+
+def test_dense_warmup_layer_counts_on_deep_models():
+    """A 30- and a 40-block Wan (tiny width) with the default dense_layers=0.03: 0 and 1 dense layers."""
+    from diffusers import WanTransformer3DModel
+
+    for depth, dense in ((30, 0), (40, 1)):
+        model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=1, attention_head_dim=8,
+                                      in_channels=4, out_channels=4, text_dim=8, freq_dim=8, ffn_dim=8,
+                                      num_layers=depth, rope_max_seq_len=32).eval()  # fmt: skip
+        with apply_svg2(model, SVG2Config(dense_steps=0.0)) as handle:
+            assert [p.dense_layer for p in handle.processors] == [True] * dense + [False] * (depth - dense)
+
+
+def test_steady_state_compiles_without_graph_breaks(pipe):
+    """A warm-started sparse step traces as one graph (no .item(), timing or host decisions in it),
+    reruns at a new timestep without recompiling, and equals the eager forward."""
+    model = pipe.transformer
+    latents, _, text = _inputs(3)
+    cfg = SVG2Config(num_q_clusters=4, num_k_clusters=6, dense_steps=0.0, dense_layers=0.0, backend="masked")
+    with apply_svg2(model, cfg) as handle:
+        _forward(model, latents, torch.tensor([700.0]), text)  # cold start: every layer is warm now
+        torch._dynamo.reset()
+        with torch.no_grad():
+            explain = torch._dynamo.explain(model)(latents, torch.tensor([600.0]), text, return_dict=False)
+        assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
+
+        saved = [(p.state.q_centroids, p.state.k_centroids) for p in handle.processors]
+
+        def restore():
+            for p, (q, k) in zip(handle.processors, saved):
+                p.state.q_centroids, p.state.k_centroids = q, k
+
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager")
+        calls = handle.stats.summary()["calls"]
+        for i, t in enumerate((500.0, 400.0)):  # timesteps never rise: no new generation, states stay warm
+            restore()
+            eager = _forward(model, latents, torch.tensor([t]), text)
+            restore()
+            with torch._dynamo.config.patch(error_on_recompile=i > 0):
+                torch.testing.assert_close(_forward(compiled, latents, torch.tensor([t]), text), eager)
+        summary = handle.stats.summary()  # compiled calls are counted (on-device counters)
+        assert summary["calls"] == calls + 16 and summary["masked_calls"] == summary["calls"]
+    torch._dynamo.reset()

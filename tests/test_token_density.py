@@ -168,7 +168,12 @@ def test_token_counts_follow_layout_and_schedule(pipes):
     assert steps[1].block_tokens == [(128, 128)] * 2 + [(128, 256)] * 2 + [(256, 256)] * 2
     assert steps[2].block_tokens == [(256, 256)] * 6
     assert steps[0].token_ratio == pytest.approx((4 * 64 + 2 * 256) / (6 * 256))
-    assert "| 0 |" in handle.stats.summary()
+    assert "| 0 |" in handle.stats.table()
+    summary = handle.stats.summary()
+    assert summary["forwards"] == 3 and summary["reduced_forwards"] == 2 and summary["gflops"] is None
+    assert summary["token_ratio"] == pytest.approx(sum(s.token_ratio for s in steps) / 3)
+    handle.stats.reset()
+    assert handle.stats.summary()["forwards"] == 0 and handle.stats.summary()["token_ratio"] is None
 
 
 def test_merge_counts_and_sparse_kv_counts(pipes):
@@ -183,12 +188,31 @@ def test_merge_counts_and_sparse_kv_counts(pipes):
 def test_timestep_callback_drives_progress(pipes):
     model = pipes["dit"].transformer
     current = {"t": 999.0}
-    with apply_token_density(model, TokenDensityConfig(), timestep_callback=lambda: current["t"]) as handle:
+    with apply_token_density(model, TokenDensityConfig(), current_timestep_callback=lambda: current["t"]) as handle:
         _run(model, "dit", t=0)  # the callback wins over the forward's own timestep
         current["t"] = 0.0
         _run(model, "dit", t=999)
     assert [s.setting for s in handle.stats.steps] == [(1, 2, 2), (1, 1, 1)]
     assert handle.stats.steps[0].progress == pytest.approx(0.001)
+
+
+def test_callback_returns_the_schedulers_timestep(pipes):
+    """One convention: the callback returns a timestep, never progress. 0.05 is the end of
+    denoising (dense under the default schedule); a value that is no timestep is an error."""
+    model = pipes["dit"].transformer
+    with apply_token_density(model, current_timestep_callback=lambda: 0.05) as handle:
+        _run(model, "dit", t=999)
+    assert handle.stats.steps[0].progress == pytest.approx(1 - 0.05 / 1000)
+    assert handle.stats.steps[0].setting == (1, 1, 1)
+    for bad in (float("nan"), -1, 5000, None, "500"):
+        with apply_token_density(model, current_timestep_callback=lambda bad=bad: bad):
+            with pytest.raises(ValueError, match="current_timestep_callback"):
+                _run(model, "dit")
+    with pytest.raises(TypeError, match="current_timestep_callback"):
+        apply_token_density(model, current_timestep_callback=0.5)
+    with apply_token_density(model):  # without a callback the forward's own timestep is validated
+        with pytest.raises(ValueError, match="timestep argument"):
+            _run(model, "dit", t=-3.0)
 
 
 def test_flops_are_counted_and_drop(pipes):
@@ -259,7 +283,7 @@ def test_pipelines_end_to_end(pipes, name):
     pipe = pipes[name]
     kwargs = call_kwargs(name)
     callback = (lambda: pipe.current_timestep) if name == "wan" else None
-    with apply_token_density(pipe.transformer, TokenDensityConfig(), timestep_callback=callback) as handle:
+    with apply_token_density(pipe.transformer, TokenDensityConfig(), current_timestep_callback=callback) as handle:
         out = pipe(**kwargs)
     images = out.frames if name == "wan" else out.images
     assert images.shape == {"dit": (2, 64, 64, 3), "pixart": (1, 64, 64, 3), "wan": (1, 9, 64, 96, 3)}[name]
@@ -269,3 +293,24 @@ def test_pipelines_end_to_end(pipes, name):
     # the default schedule (StepSchedule at progress 0.8) reduces the noisy steps only
     assert handle.stats.steps[0].token_ratio < 1.0
     assert all((s.token_ratio < 1.0) == (s.progress < 0.8) for s in handle.stats.steps)
+
+
+def test_steady_state_compiles_without_graph_breaks(pipes):
+    """The reduced forward traces as one graph (the timestep, schedule and records stay on the
+    host, before the first tensor op), reruns without recompiling and equals eager."""
+    model = pipes["wan"].transformer
+    with apply_token_density(model, TokenDensityConfig(schedule=QUARTER)) as handle:
+        torch._dynamo.reset()
+        with torch.no_grad():
+            explain = torch._dynamo.explain(model)(**_inputs("wan", t=500.0))
+        assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
+        eager = {t: _run(model, "wan", t=t) for t in (500.0, 300.0)}
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager")
+        torch.testing.assert_close(_run(compiled, "wan", t=500.0), eager[500.0])
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            torch.testing.assert_close(_run(compiled, "wan", t=300.0), eager[300.0])
+        steps = handle.stats.steps
+    assert len(steps) == 5 and [s.progress for s in steps[-2:]] == [pytest.approx(0.5), pytest.approx(0.7)]
+    assert steps[-1].token_ratio < 1
+    torch._dynamo.reset()

@@ -43,12 +43,12 @@ def test_generated_videos_move_as_prompted(pipe):
 
 
 def test_svg2_at_full_density_reproduces_dense(pipe):
-    from mmaccel.sparse_attn import SVG2Config, apply_sparse_attention
+    from mmaccel.sparse_attn import SVG2Config, apply_svg2
 
     dense = md.generate(pipe, [2], ["up"], seed=1, num_inference_steps=3)
     config = SVG2Config(num_q_clusters=8, num_k_clusters=16, top_p=1.0, min_kc_ratio=1.0, dense_steps=0.0,
                         dense_layers=0.0, backend="masked")  # fmt: skip
-    with apply_sparse_attention(pipe.transformer, config) as handle:
+    with apply_svg2(pipe.transformer, config) as handle:
         sparse = md.generate(pipe, [2], ["up"], seed=1, num_inference_steps=3)
     summary = handle.stats.summary()
     assert summary["sparse_calls"] == summary["calls"] > 0 and summary["sparse_density"] == pytest.approx(1.0)

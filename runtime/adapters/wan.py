@@ -13,12 +13,17 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "BLOCKS",
+    "ROTARY_ARG",
+    "TEMB_ARG",
     "TRANSFORMERS",
     "apply_rotary",
     "attention",
+    "blocks",
     "check_self_attention",
     "project_out",
     "project_qkv",
+    "token_grid",
 ]
 
 TRANSFORMERS = ("WanTransformer3DModel",)
@@ -76,3 +81,25 @@ def attention(attn: Any, query: Tensor, key: Tensor, value: Tensor, mask: Tensor
 def project_out(attn: Any, out: Tensor, like: Tensor) -> Tensor:
     """``(B, S, H, D)`` attention output -> ``(B, S, C)`` through ``to_out`` (dtype of ``like``)."""
     return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(like)))
+
+
+# -- added for token density / SVG2 (block layout and token grid) ------------------------------
+
+#: attribute holding the ``WanTransformerBlock``s, in order
+BLOCKS = "blocks"
+#: block argument carrying ``(cos, sin)``, each ``(1, N, 1, D)``
+ROTARY_ARG = "rotary_emb"
+#: block argument carrying the timestep embedding (per token in Wan 2.2: ``ndim == 4``)
+TEMB_ARG = "temb"
+
+
+def blocks(transformer: torch.nn.Module) -> torch.nn.ModuleList:
+    """The transformer's blocks, bottom first."""
+    return getattr(transformer, BLOCKS)
+
+
+def token_grid(transformer: torch.nn.Module, hidden_states: Tensor) -> tuple[int, int, int]:
+    """``(frames, height, width)`` of the patch tokens for latents ``(B, C, F, H, W)``."""
+    pt, ph, pw = transformer.config.patch_size
+    _, _, f, h, w = hidden_states.shape
+    return (f // pt, h // ph, w // pw)
