@@ -7,6 +7,7 @@ Every rank runs the same command; rank 0 shows the progress bar and writes the M
 a temporary file renamed into place). In ``--mode clip`` each rank checkpoints its clip after
 every step in ``--checkpoint-dir`` (default ``<out>.parts``), so a killed run continues with
 ``--resume`` and writes the identical video. ``--mode pipeline`` runs the DualParal layer pipeline.
+Every argument is checked before any model loads; a user error is one line from rank 0, exit 2.
 """
 
 from __future__ import annotations
@@ -20,11 +21,16 @@ import numpy as np
 import torch
 
 from mmaccel.parallel_video.clip_parallel import ClipParallelConfig
-from mmaccel.parallel_video.generate import LongVideoConfig, check_long_video, generate_long_video
+from mmaccel.parallel_video.generate import (
+    LongVideoConfig,
+    VideoGeometry,
+    check_long_video,
+    generate_long_video,
+)
 from mmaccel.parallel_video.layer_pipeline import LayerPipelineConfig
 from mmaccel.runtime.distributed import destroy_distributed, init_distributed
 
-__all__ = ["add_video_parser", "run_video", "write_video"]
+__all__ = ["add_video_parser", "check_arguments", "run_video", "write_video"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TINY_DEFAULTS = {"height": 64, "width": 96, "max_sequence_length": 32}
@@ -59,19 +65,34 @@ def add_video_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--max-sequence-length", type=int, default=None, help="text tokens; 32 for tiny, 512 otherwise"
     )
-    p.add_argument(
-        "--padding", type=int, default=1, help="latent frames of K/V exchanged with each neighbour"
-    )
-    p.add_argument("--global-frames", type=int, default=4, help="latent frames in the global attention scope")
-    p.add_argument(
-        "--phase-bias", type=float, default=0.0, help="logit bias toward local/global scope (paper: 10)"
-    )
+    p.add_argument("--padding", type=int, default=None,
+                   help="clip mode: latent frames of K/V from each neighbour, half width of the local band (default 1)")  # fmt: skip
+    p.add_argument("--global-frames", type=int, default=None,
+                   help="clip mode: global-scope latent frames (reference top_k; default 4)")  # fmt: skip
+    p.add_argument("--phase-bias", type=float, default=None,
+                   help="clip mode: logit bonus to local keys below --phase-boundary, to global keys above (default 10)")  # fmt: skip
+    p.add_argument("--phase-boundary", type=float, default=None, help="clip mode: timestep of the switch (default 850)")
+    p.add_argument("--local-scope", choices=("band", "window"), default=None,
+                   help="clip mode: band = 2*padding+1 frames around each query frame (reference, default); "
+                   "window = the whole clip plus both halos")  # fmt: skip
+    p.add_argument("--end-keys", choices=("zeros", "none"), default=None,
+                   help="clip mode: zero K/V frames at the video ends (reference, default) or none")  # fmt: skip
+    p.add_argument("--global-sampling", choices=("clip_stride", "uniform"), default=None,
+                   help="clip mode: frames at a stride in every clip (reference, default) or evenly over the video")  # fmt: skip
     p.add_argument("--decode-overlap", type=_overlap, default=1,
                    help="latent frames of left context per clip decode, or 'all' (exact, slower on later ranks)")  # fmt: skip
-    p.add_argument("--frames-per-block", type=int, default=2, help="pipeline mode: latent frames per block")
-    p.add_argument(
-        "--num-cat", type=int, default=1, help="pipeline mode: cached frames of the previous block"
-    )
+    p.add_argument("--frames-per-block", type=int, default=None,
+                   help="pipeline mode: largest block in latent frames; the video splits into balanced blocks (default 10)")  # fmt: skip
+    p.add_argument("--num-cat", type=int, default=None,
+                   help="pipeline mode: context frames from each neighbouring block (default 5)")  # fmt: skip
+    p.add_argument("--context", choices=("reference", "prev_kv"), default=None,
+                   help="pipeline mode: reference = previous block's last latents as input + next block's "
+                   "first frames as cached K/V (default); prev_kv = previous block's cached K/V only")  # fmt: skip
+    p.add_argument("--order", choices=("newest_first", "oldest_first"), default=None,
+                   help="pipeline mode: which block of an iteration runs first (default newest_first)")  # fmt: skip
+    p.add_argument("--tail-lag", type=int, choices=(0, 1), default=None,
+                   help="pipeline mode: 1 = feed the previous block's latents one update older, so rank 0 never "
+                   "waits for the last rank (default 0)")  # fmt: skip
     p.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
     p.add_argument("--fps", type=int, default=16)
     p.add_argument("--out", default="video.mp4", help="MP4 written by rank 0")
@@ -92,6 +113,48 @@ def _overlap(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected an int >= 1 or 'all', got {text!r}") from None
 
 
+_CLIP_ARGS = ("padding", "global_frames", "phase_bias", "phase_boundary", "local_scope", "end_keys", "global_sampling")
+_PIPELINE_ARGS = ("frames_per_block", "num_cat", "context", "order", "tail_lag")
+# the built-in tiny model (mmaccel.testing.tiny_wan_pipeline): known without building it
+_TINY_GEOMETRY = VideoGeometry(temporal_stride=4, spatial_stride=8, patch_size=(1, 2, 2), num_layers=4)
+
+
+def _given(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
+    """The options the user gave (the rest keep the config's reference defaults)."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _model_folder(model: str) -> Path | None:
+    """The pipeline folder ``--model`` names (``None`` for the built-in tiny model)."""
+    if model == "tiny":
+        return None
+    if model == "zoo":
+        from mmaccel.apps.zoo import zoo_path  # the trained moving-digits reference model
+
+        return zoo_path("moving-digits")
+    if not Path(model).is_dir():
+        raise FileNotFoundError(f"--model {model!r} is neither 'tiny', 'zoo' nor a local WanPipeline folder")
+    return Path(model)
+
+
+def check_arguments(args: argparse.Namespace) -> LongVideoConfig:
+    """Every check that needs no model weights and no process group: the config, the model's
+    geometry (from its ``config.json`` files) and the split over ``WORLD_SIZE`` ranks."""
+    config = _config(args)
+    folder = _model_folder(args.model)
+    geometry = _TINY_GEOMETRY if folder is None else VideoGeometry.from_folder(folder)
+    if args.timeout <= 0:
+        raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    if args.fps < 1:
+        raise ValueError(f"--fps must be an int >= 1, got {args.fps}")
+    try:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE must be an int, got {os.environ['WORLD_SIZE']!r}") from None
+    check_long_video(geometry, config, world_size)
+    return config
+
+
 def _config(args: argparse.Namespace) -> LongVideoConfig:
     defaults = {"tiny": _TINY_DEFAULTS, "zoo": _ZOO_DEFAULTS}.get(args.model, _REAL_DEFAULTS)
     out = Path(args.out)
@@ -109,11 +172,9 @@ def _config(args: argparse.Namespace) -> LongVideoConfig:
         seed=args.seed,
         max_sequence_length=args.max_sequence_length or defaults["max_sequence_length"],
         mode=args.mode,
-        clip=ClipParallelConfig(
-            padding=args.padding, global_frames=args.global_frames, phase_bias=args.phase_bias
-        ),
+        clip=ClipParallelConfig(**_given(args, _CLIP_ARGS)),
         decode_overlap=args.decode_overlap,
-        pipeline=LayerPipelineConfig(frames_per_block=args.frames_per_block, num_cat=args.num_cat),
+        pipeline=LayerPipelineConfig(**_given(args, _PIPELINE_ARGS)),
         checkpoint_dir=checkpoints if args.mode == "clip" else None,
         resume=args.resume,
     )
@@ -127,13 +188,7 @@ def _load(model: str, device: torch.device, dtype: torch.dtype) -> Any:
     else:
         from diffusers import WanPipeline
 
-        if model == "zoo":
-            from mmaccel.apps.zoo import zoo_path  # the trained moving-digits reference model
-
-            model = str(zoo_path("moving-digits"))
-        if not Path(model).is_dir():
-            raise FileNotFoundError(f"--model {model!r} is neither 'tiny', 'zoo' nor a local WanPipeline folder")
-        pipe = WanPipeline.from_pretrained(model, dtype=dtype).to(device)
+        pipe = WanPipeline.from_pretrained(str(_model_folder(model)), dtype=dtype).to(device)
         if dtype != torch.float32:
             pipe.vae.to(torch.float32)  # the Wan VAE decodes in float32, as in diffusers' Wan examples
     pipe.set_progress_bar_config(disable=True)
@@ -156,12 +211,16 @@ def write_video(frames: np.ndarray, path: str | Path, fps: int) -> Path:
 
 
 def run_video(args: argparse.Namespace) -> int:
-    """Run ``mmaccel video`` on this rank; returns the exit code (0 on success)."""
-    config = _config(args)
+    """Run ``mmaccel video`` on this rank; returns the exit code (0 on success).
+
+    Every argument is checked before any model loads or any process group forms, so a user error
+    is one ``ValueError`` (printed once, by rank 0, as one line by ``mmaccel.apps.cli``; exit 2).
+    """
+    config = check_arguments(args)
     ctx = init_distributed(timeout_s=args.timeout)
     try:
         pipe = _load(args.model, ctx.device, _DTYPES[args.dtype])
-        check_long_video(pipe, config, ctx.world_size)  # same verdict on every rank, before any exchange
+        check_long_video(pipe, config, ctx.world_size)  # the loaded model agrees with its config files
         with ctx.guard():
             result = generate_long_video(pipe, config, ctx, progress=not args.quiet)
             if ctx.is_main:

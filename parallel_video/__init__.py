@@ -12,6 +12,7 @@ from mmaccel.parallel_video.clip_parallel import (
     ClipParallelConfig,
     ClipParallelHandle,
     ClipParallelState,
+    ClipParallelStats,
     DualScopeAttnProcessor,
     apply_clip_parallel,
 )
@@ -19,13 +20,18 @@ from mmaccel.parallel_video.decode import decode_clip
 from mmaccel.parallel_video.generate import (
     LongVideoConfig,
     LongVideoOutput,
+    VideoGeometry,
     check_long_video,
     generate_long_video,
 )
 from mmaccel.parallel_video.layer_pipeline import (
+    BlockContext,
     CachedContextAttnProcessor,
     LayerPipelineConfig,
+    LayerStage,
     block_noise,
+    block_sizes,
+    context_frames,
     run_layer_pipeline,
 )
 from mmaccel.parallel_video.noise import frame_noise, frame_seed
@@ -34,19 +40,25 @@ from mmaccel.parallel_video.schedule import BlockSchedule, split_stages
 
 __all__ = [
     "SUPPORTED_TRANSFORMERS",
+    "BlockContext",
     "BlockSchedule",
     "CachedContextAttnProcessor",
-    "LayerPipelineConfig",
     "ClipParallelConfig",
     "ClipParallelHandle",
     "ClipParallelState",
+    "ClipParallelStats",
     "ClipPlan",
     "DualScopeAttnProcessor",
+    "LayerPipelineConfig",
+    "LayerStage",
     "LongVideoConfig",
     "LongVideoOutput",
+    "VideoGeometry",
     "apply_clip_parallel",
     "block_noise",
+    "block_sizes",
     "check_long_video",
+    "context_frames",
     "decode_clip",
     "frame_noise",
     "frame_seed",

@@ -1,26 +1,30 @@
 """Clip parallelism with dual-scope attention (Video-Infinity, Tan et al. 2024, arXiv:2406.16260).
 
 Each rank runs the whole ``WanTransformer3DModel`` on its own contiguous clip of latent frames.
-Tokens only meet in self-attention, where :class:`DualScopeAttnProcessor` lets every query of a
-clip attend, in one attention call, to
+Tokens only meet in self-attention, where :class:`DualScopeAttnProcessor` lets each query of a
+clip attend, in one softmax, to
 
-* **local scope**: the clip's own frames plus ``padding`` boundary frames of K/V from each
-  neighbouring rank (point-to-point ``batch_isend_irecv``); a missing neighbour at either end of
-  the video contributes no keys at all (nothing to mask, no zero padding taking softmax weight);
-* **global scope**: the K/V of ``global_frames`` frames sampled uniformly over the whole video
-  (all-gather), minus those already in the local window, so every frame is a key at most once.
+* **local scope**: by default (as the reference code) the band of ``2 * padding + 1`` frames
+  around the query's own frame, reaching into the neighbours through ``padding`` boundary frames
+  of K/V exchanged point to point (``batch_isend_irecv``); the two video ends are padded with
+  all-zero K/V frames, as in the reference. Options: the whole clip plus both halos for every
+  query (``local_scope="window"``) and no keys at the video ends (``end_keys="none"``);
+* **global scope**: the K/V of frames sampled from every clip at a stride and all-gathered
+  (``global_sampling="clip_stride"``, the reference rule), or ``global_frames`` frames spread
+  evenly over the video, each frame a key at most once (``"uniform"``).
 
-Both exchanges are posted as soon as K and V exist; the query projection runs while they are in
-flight. The optional phase bias (the paper's +10 logit toward local keys at late, low-noise steps
-and toward global keys at early ones) is an additive key mask built once per run. Frame positions
-(RoPE) are the global frame indices, so with one rank the processor computes exactly the dense
-model, and with N ranks exactly the dense model under the dual-scope mask
-(see ``tests/test_parallel_video.py``).
+Which frames are keys of which query is pure bookkeeping in :class:`~.plan.ClipPlan`. Both
+exchanges are posted as soon as K and V exist; the query projection runs while they are in
+flight. The phase bias (the reference's +10 logit toward local keys below timestep 850 and toward
+global keys from 850 up) is an additive key bias. Frame positions (RoPE) are the global frame
+indices. The attention pieces (q/k/v, rotary, dispatch, output) come from
+:mod:`mmaccel.runtime.adapters.wan`, so ``set_attention_backend`` applies.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,39 +32,52 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mmaccel.parallel_video.plan import ClipPlan
+from mmaccel.parallel_video.plan import END_KEYS, GLOBAL_SAMPLING, LOCAL_SCOPES, ClipPlan
 from mmaccel.runtime.adapters import wan
 from mmaccel.runtime.distributed import CommError, CommHandle, DistContext, exchange_neighbours_async
 from mmaccel.runtime.patching import PatchHandle
+from mmaccel.runtime.stats import Stats
+from mmaccel.runtime.timesteps import check_timestep_callback, read_timestep
 
 __all__ = [
     "SUPPORTED_TRANSFORMERS",
     "ClipParallelConfig",
     "ClipParallelHandle",
     "ClipParallelState",
+    "ClipParallelStats",
     "DualScopeAttnProcessor",
     "apply_clip_parallel",
     "offset_rope",
 ]
 
-SUPPORTED_TRANSFORMERS = ("WanTransformer3DModel",)
+SUPPORTED_TRANSFORMERS = wan.TRANSFORMERS
 
 
 @dataclass(frozen=True)
 class ClipParallelConfig:
-    """Knobs of dual-scope attention.
+    """Knobs of dual-scope attention; the defaults follow the reference code (see the doc's table).
 
-    padding: latent frames of K/V taken from each neighbour (local scope), 0..clip length.
-    global_frames: latent frames sampled uniformly over the video for global scope (0 = none).
-    phase_bias: logit bonus, >= 0; at timesteps ``>= phase_boundary`` it goes to global keys,
-        below it to local keys (paper: 10 and 800). 0 disables the bias.
+    padding: latent frames of K/V taken from each neighbour, 0..shortest clip; also the half
+        width of the local band.
+    global_frames: global-scope frames, 0..latent frames (the reference's ``top_k``).
+    phase_bias: logit bonus >= 0; at timesteps ``>= phase_boundary`` it goes to global keys, below
+        it to local keys (reference: 10 and 850). 0 disables it.
     phase_boundary: timestep (scheduler units, 0..1000) where the bias switches scope.
+    local_scope: ``"band"`` (reference: frames ``i - p .. i + p`` for query frame ``i``) or
+        ``"window"`` (the whole clip plus both halos for every query).
+    end_keys: ``"zeros"`` (reference: ``padding`` all-zero K/V frames at each video end) or
+        ``"none"`` (no keys there).
+    global_sampling: ``"clip_stride"`` (reference: a stride per clip, duplicates kept) or
+        ``"uniform"`` (evenly over the video, deduplicated against the local keys).
     """
 
     padding: int = 1
     global_frames: int = 4
-    phase_bias: float = 0.0
-    phase_boundary: float = 800.0
+    phase_bias: float = 10.0
+    phase_boundary: float = 850.0
+    local_scope: str = "band"
+    end_keys: str = "zeros"
+    global_sampling: str = "clip_stride"
 
     def __post_init__(self) -> None:
         for name in ("padding", "global_frames"):
@@ -75,89 +92,135 @@ class ClipParallelConfig:
                 raise TypeError(f"{name} must be a number, got {type(value).__name__}")
             if not 0.0 <= value <= hi or value != value:
                 raise ValueError(f"{name} must be in [0, {hi:g}], got {value}")
+        for name, allowed in (
+            ("local_scope", LOCAL_SCOPES),
+            ("end_keys", END_KEYS),
+            ("global_sampling", GLOBAL_SAMPLING),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise TypeError(f"{name} must be one of {allowed}, got {type(value).__name__}")
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+    def plan(self, num_latent_frames: int, world_size: int) -> ClipPlan:
+        """The :class:`ClipPlan` of this config for a video of ``num_latent_frames`` on ``world_size`` ranks."""
+        return ClipPlan.build(
+            num_latent_frames, world_size, self.padding, self.global_frames,
+            local_scope=self.local_scope, end_keys=self.end_keys, global_sampling=self.global_sampling,
+        )  # fmt: skip
+
+
+class ClipParallelStats(Stats):
+    """Counters of one rank: self-attention calls, K/V bytes sent and received, time waiting for them."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.calls = 0
+        self.sent_bytes = 0
+        self.recv_bytes = 0
+        self.comm_wait_s = 0.0
+        self.key_frames = 0  # summed over calls: key frames per query frame, averaged in summary()
+
+    def summary(self) -> dict[str, int | float | bool | None]:
+        return {
+            "calls": self.calls,
+            "sent_bytes": self.sent_bytes,
+            "recv_bytes": self.recv_bytes,
+            "comm_wait_s": self.comm_wait_s,
+            "key_frames_per_query": self.key_frames / self.calls if self.calls else None,
+        }
 
 
 @dataclass
 class ClipParallelState:
-    """What the processors of one run share: the plan, this rank, the current timestep, counters.
-
-    ``sent_bytes`` / ``recv_bytes`` count the K/V bytes this rank sent and received in
-    self-attention; ``comm_wait_s`` the time spent waiting for them after the overlapped work.
-    """
+    """What the processors of one run share: the plan, this rank, the timestep source, counters."""
 
     ctx: DistContext
     plan: ClipPlan
     config: ClipParallelConfig
+    stats: ClipParallelStats = field(default_factory=ClipParallelStats)
     timestep: float | None = None
-    calls: int = 0
-    sent_bytes: int = 0
-    recv_bytes: int = 0
-    comm_wait_s: float = 0.0
-    _bias_cache: dict[tuple, tuple[Tensor, Tensor] | None] = field(default_factory=dict, repr=False)
+    timestep_callback: Callable[[], Any] | None = None
+    _cache: dict[tuple, Any] = field(default_factory=dict, repr=False)
 
     @property
     def clip(self) -> tuple[int, int]:
         return self.plan.clips[self.ctx.rank]
 
-    def key_frames(self) -> tuple[list[int], list[bool]]:
-        """Video frame index of each key frame, in key order, and whether it is local scope."""
-        lo, hi = self.plan.window(self.ctx.rank)
-        extra = list(self.plan.extra_globals(self.ctx.rank))
-        return list(range(lo, hi)) + extra, [True] * (hi - lo) + [False] * len(extra)
-
-    def key_bias(self, tokens_per_frame: int, device: torch.device, dtype: torch.dtype) -> Tensor | None:
-        """Additive key mask ``(1, 1, 1, keys)`` for the current timestep, or ``None`` (no bias).
-
-        Built once per (tokens per frame, device, dtype) and reused by every layer and step.
-        """
-        cfg = self.config
-        _, is_local = self.key_frames()
-        if cfg.phase_bias == 0 or all(is_local):
-            return None
+    def current_timestep(self) -> float:
+        """The scheduler's timestep: from the callback, else the transformer's ``timestep`` argument."""
+        if self.timestep_callback is not None:
+            return read_timestep(self.timestep_callback())
         if self.timestep is None:
-            raise RuntimeError("phase_bias needs the timestep: call the patched transformer with `timestep=`")
-        key = (tokens_per_frame, device, dtype)
-        if key not in self._bias_cache:
-            local = torch.tensor(is_local, device=device).repeat_interleave(tokens_per_frame)
-            bonus = torch.tensor(cfg.phase_bias, device=device, dtype=dtype)
-            zero = torch.zeros((), device=device, dtype=dtype)
-            to_local = torch.where(local, bonus, zero).view(1, 1, 1, -1)
-            to_global = torch.where(local, zero, bonus).view(1, 1, 1, -1)
-            self._bias_cache[key] = (to_local, to_global)
-        to_local, to_global = self._bias_cache[key]
-        return to_global if self.timestep >= cfg.phase_boundary else to_local
+            raise ValueError("phase_bias needs the timestep: call the patched transformer with `timestep=`")
+        return self.timestep
+
+    def layout(self) -> tuple[list[int], list[bool], list[tuple[int, int]]]:
+        """Key frames of this rank (virtual positions, in key order), whether each is local, and for
+        each query frame of the clip the ``[lo, hi)`` slice of the local keys it sees."""
+        rank = self.ctx.rank
+        if "layout" not in self._cache:
+            local = list(self.plan.local_keys(rank))
+            glob = list(self.plan.global_keys(rank))
+            mask = self.plan.local_mask(rank)
+            slices = []
+            for row in mask:
+                seen = torch.nonzero(row).flatten().tolist()
+                slices.append((seen[0], seen[-1] + 1) if seen else (0, 0))
+            self._cache["layout"] = (local + glob, [True] * len(local) + [False] * len(glob), slices)
+        return self._cache["layout"]
+
+    def key_bias(self, local_tokens: int, global_tokens: int, device: torch.device, dtype: torch.dtype) -> Tensor | None:
+        """Additive key bias ``(1, 1, 1, keys)`` for the current timestep, or ``None`` (no bias)."""
+        cfg = self.config
+        if cfg.phase_bias == 0 or global_tokens == 0:
+            return None
+        to_global = self.current_timestep() >= cfg.phase_boundary
+        key = (local_tokens, global_tokens, device, dtype, to_global)
+        if key not in self._cache:
+            bias = torch.zeros(local_tokens + global_tokens, device=device, dtype=dtype)
+            if to_global:
+                bias[local_tokens:] = cfg.phase_bias
+            else:
+                bias[:local_tokens] = cfg.phase_bias
+            self._cache[key] = bias.view(1, 1, 1, -1)
+        return self._cache[key]
 
 
 class ClipParallelHandle(PatchHandle):
-    """The :class:`PatchHandle` of :func:`apply_clip_parallel`; ``state`` holds plan and counters."""
+    """The :class:`PatchHandle` of :func:`apply_clip_parallel`: ``state`` (plan) and ``stats``."""
 
     state: ClipParallelState
+    stats: ClipParallelStats
 
 
 def _all_gather_frames_async(state: ClipParallelState, frames: Tensor) -> CommHandle[list[Tensor]]:
     """Post an all-gather of every rank's global frames ``(g_r, ...)``, padded to the largest g_r.
 
-    The per-rank counts are static (from the plan), so unlike ``all_gather_varlen`` no shape
-    handshake is needed and the call returns at once.
+    The per-rank counts are static (from the plan), so no shape handshake is needed.
     """
-    ctx, plan = state.ctx, state.plan
+    ctx, plan, stats = state.ctx, state.plan, state.stats
     longest = max(len(plan.owned_globals(r)) for r in range(ctx.world_size))
     padded = frames.new_zeros((longest, *frames.shape[1:]))
     padded[: frames.shape[0]] = frames
-    if ctx.group is None:
-        return CommHandle(ctx, [], "", [padded])
     buffers = [torch.empty_like(padded) for _ in range(ctx.world_size)]
     try:
         work = dist.all_gather(buffers, padded, group=ctx.group, async_op=True)
     except Exception as exc:
         raise CommError(f"rank {ctx.rank}: posting the global-scope all-gather failed: {exc}") from exc
-    state.sent_bytes += padded.numel() * padded.element_size()
-    state.recv_bytes += (ctx.world_size - 1) * padded.numel() * padded.element_size()
+    stats.sent_bytes += padded.numel() * padded.element_size()
+    stats.recv_bytes += (ctx.world_size - 1) * padded.numel() * padded.element_size()
     return CommHandle(ctx, [work], "global-scope K/V all-gather", buffers)
 
 
 class DualScopeAttnProcessor:
-    """Self-attention of one clip over local (own + neighbour halos) and global keys."""
+    """Self-attention of one clip over its local keys (band or window) and the global keys."""
+
+    _attention_backend = None
+    _parallel_config = None
 
     def __init__(self, state: ClipParallelState) -> None:
         self.state = state
@@ -179,54 +242,78 @@ class DualScopeAttnProcessor:
         if tokens % frames:
             raise ValueError(f"{tokens} tokens do not split into the clip's {frames} latent frames")
         per_frame = tokens // frames
-        st.calls += 1
+        keys_at, is_local, slices = st.layout()
+        num_local = sum(is_local)
+        st.stats.calls += 1
 
         query, key, value = wan.project_qkv(attn, hidden_states, rotary=rotary_emb)
         # frames first: (frames, 2, batch, tokens per frame, heads, head dim)
         kv = torch.stack([key, value]).unflatten(2, (frames, per_frame)).movedim(2, 0)
 
-        # post both exchanges, then project the queries while they are in flight
+        # post both exchanges, then wait while the queries are rearranged
         pad = plan.padding if ctx.world_size > 1 else 0
         halo = None
         if pad:
             halo = exchange_neighbours_async(ctx, kv[:pad], kv[frames - pad :], tag=1)
             frame_bytes = kv[0].numel() * kv.element_size()
             neighbours = (ctx.rank > 0) + (ctx.rank < ctx.world_size - 1)
-            st.sent_bytes += neighbours * pad * frame_bytes
-            st.recv_bytes += neighbours * pad * frame_bytes
+            st.stats.sent_bytes += neighbours * pad * frame_bytes
+            st.stats.recv_bytes += neighbours * pad * frame_bytes
+        owned = plan.owned_globals(ctx.rank)
         gathered = None
         if plan.global_indices and ctx.world_size > 1:
-            own = torch.tensor(
-                [i - start for i in plan.owned_globals(ctx.rank)], dtype=torch.long, device=kv.device
-            )
+            own = torch.tensor([i - start for i in owned], dtype=torch.long, device=kv.device)
             gathered = _all_gather_frames_async(st, kv.index_select(0, own))
 
         waited = time.perf_counter()
-        parts = [kv]
+        from_left = from_right = None
         if halo is not None:
             from_left, from_right = halo.wait()
-            parts = [p for p in (from_left, kv, from_right) if p is not None]
-        if gathered is not None:
-            chunks = gathered.wait()
-            extra = [chunks[owner][pos] for owner, pos in _extra_sources(plan, ctx.rank)]
-            if extra:
-                parts.append(torch.stack(extra))
-        st.comm_wait_s += time.perf_counter() - waited
+        chunks = gathered.wait() if gathered is not None else None
+        st.stats.comm_wait_s += time.perf_counter() - waited
 
-        keys = torch.cat(parts) if len(parts) > 1 else kv
-        keys = keys.movedim(0, 2).flatten(2, 3)  # (2, batch, key tokens, heads, head dim)
-        bias = st.key_bias(per_frame, query.device, query.dtype)
-        out = wan.attention(attn, query, keys[0], keys[1], mask=bias)
+        # local keys in the plan's order: left halo (or zeros), the clip, right halo (or zeros)
+        local_at = keys_at[:num_local]
+        left_n = sum(1 for f in local_at if f < start)
+        right_n = sum(1 for f in local_at if f >= end)
+        zeros = kv.new_zeros((plan.padding, *kv.shape[1:])) if plan.end_keys == "zeros" else None
+        parts = []
+        if left_n:
+            parts.append(from_left if from_left is not None else zeros[:left_n])
+        parts.append(kv)
+        if right_n:
+            parts.append(from_right if from_right is not None else zeros[:right_n])
+        glob = [self._global_frame(frame, kv, chunks) for frame in keys_at[num_local:]]
+        local_kv = torch.cat(parts) if len(parts) > 1 else kv
+        global_kv = torch.stack(glob) if glob else None
+
+        st.stats.key_frames += sum(hi - lo for lo, hi in slices) / frames + len(glob)
+        if plan.local_scope == "window":
+            out = self._attend(attn, query, local_kv, global_kv, num_local, per_frame)
+        else:  # one attention call per query frame over its band and the global frames
+            q_frames = query.unflatten(1, (frames, per_frame))
+            outs = [
+                self._attend(attn, q_frames[:, i], local_kv[lo:hi], global_kv, hi - lo, per_frame)
+                for i, (lo, hi) in enumerate(slices)
+            ]
+            out = torch.stack(outs, dim=1).flatten(1, 2)
         return wan.project_out(attn, out, query)
 
+    def _global_frame(self, frame: int, kv: Tensor, chunks: list[Tensor] | None) -> Tensor:
+        plan, start = self.state.plan, self.state.clip[0]
+        owner = plan.owner(frame)
+        if chunks is None or owner == self.state.ctx.rank:
+            return kv[frame - start]
+        return chunks[owner][plan.owned_globals(owner).index(frame)]
 
-def _extra_sources(plan: ClipPlan, rank: int) -> list[tuple[int, int]]:
-    """For each extra global frame of ``rank``: (owning rank, position in its gathered chunk)."""
-    sources = []
-    for frame in plan.extra_globals(rank):
-        owner = next(r for r, (s, e) in enumerate(plan.clips) if s <= frame < e)
-        sources.append((owner, plan.owned_globals(owner).index(frame)))
-    return sources
+    def _attend(
+        self, attn: Any, query: Tensor, local_kv: Tensor, global_kv: Tensor | None, n_local: int, per_frame: int
+    ) -> Tensor:
+        keys = local_kv if global_kv is None else torch.cat([local_kv, global_kv])
+        keys = keys.movedim(0, 2).flatten(2, 3)  # (2, batch, key tokens, heads, head dim)
+        n_global = 0 if global_kv is None else global_kv.shape[0]
+        bias = self.state.key_bias(n_local * per_frame, n_global * per_frame, query.device, query.dtype)
+        return wan.attention(attn, query, keys[0], keys[1], mask=bias)
 
 
 def offset_rope(rope: torch.nn.Module, latent_shape: torch.Size, offset: int) -> tuple[Tensor, Tensor]:
@@ -234,9 +321,10 @@ def offset_rope(rope: torch.nn.Module, latent_shape: torch.Size, offset: int) ->
     _, _, frames, height, width = latent_shape
     p_t, p_h, p_w = rope.patch_size
     ppf, pph, ppw = frames // p_t, height // p_h, width // p_w
-    if offset + ppf > rope.max_seq_len:
+    if offset < 0 or offset + ppf > rope.max_seq_len:
         raise ValueError(
-            f"latent frames up to {offset + ppf} exceed the transformer's rope_max_seq_len={rope.max_seq_len}"
+            f"latent frames [{offset}, {offset + ppf}) are outside the transformer's rope_max_seq_len="
+            f"{rope.max_seq_len}"
         )
     out = []
     for table in (rope.freqs_cos, rope.freqs_sin):
@@ -251,32 +339,50 @@ def offset_rope(rope: torch.nn.Module, latent_shape: torch.Size, offset: int) ->
     return out[0], out[1]
 
 
+def check_transformer(transformer: torch.nn.Module, technique: str) -> None:
+    """``TypeError`` / ``ValueError`` unless ``transformer`` is a Wan model this package can split."""
+    name = type(transformer).__name__
+    if name not in wan.TRANSFORMERS:
+        raise TypeError(f"{technique} supports {wan.TRANSFORMERS}, got {name}")
+    if transformer.config.patch_size[0] != 1:
+        raise ValueError(f"{technique} needs a temporal patch size of 1, got {transformer.config.patch_size}")
+    try:
+        wan.check_self_attention(transformer, technique)
+    except NotImplementedError as exc:
+        raise ValueError(str(exc)) from None
+
+
 def apply_clip_parallel(
-    transformer: torch.nn.Module, config: ClipParallelConfig, ctx: DistContext, num_latent_frames: int
+    transformer: torch.nn.Module,
+    config: ClipParallelConfig | None = None,
+    *,
+    ctx: DistContext,
+    num_latent_frames: int,
+    current_timestep_callback: Callable[[], Any] | None = None,
 ) -> ClipParallelHandle:
     """Make ``transformer`` compute this rank's clip of a ``num_latent_frames``-frame video.
 
-    Installs a :class:`DualScopeAttnProcessor` on every ``blocks[i].attn1``, a hook on ``rope``
-    that shifts frame positions to the clip's place in the video, and a pre-forward hook that
-    checks the input is this rank's clip and records the timestep (for the phase bias). Call the
-    transformer on the clip's latents ``(B, C, end - start, H, W)`` on every rank in lockstep.
+    ``config=None`` means ``ClipParallelConfig()``. Installs a :class:`DualScopeAttnProcessor` on
+    every ``blocks[i].attn1``, a hook on ``rope`` that shifts frame positions to the clip's place
+    in the video, and a pre-forward hook that checks the input is this rank's clip and records the
+    timestep (for the phase bias; ``current_timestep_callback``, e.g. ``lambda:
+    pipe.current_timestep``, takes precedence). Call the transformer on the clip's latents
+    ``(B, C, end - start, H, W)`` on every rank in lockstep.
     """
-    name = type(transformer).__name__
-    if name not in SUPPORTED_TRANSFORMERS:
-        raise TypeError(f"clip parallelism supports {SUPPORTED_TRANSFORMERS}, got {name}")
-    if transformer.config.patch_size[0] != 1:
-        raise ValueError(
-            f"clip parallelism needs a temporal patch size of 1, got {transformer.config.patch_size}"
-        )
-    for i, block in enumerate(transformer.blocks):
-        if block.attn1.add_k_proj is not None or getattr(block.attn1, "fused_projections", False):
-            raise ValueError(
-                f"blocks[{i}].attn1 has fused or image projections, which clip parallelism does not support"
-            )
-    plan = ClipPlan.build(num_latent_frames, ctx.world_size, config.padding, config.global_frames)
-    state = ClipParallelState(ctx=ctx, plan=plan, config=config)
+    config = ClipParallelConfig() if config is None else config
+    if not isinstance(config, ClipParallelConfig):
+        raise TypeError(f"config must be a ClipParallelConfig or None, got {type(config).__name__}")
+    if not isinstance(ctx, DistContext):
+        raise TypeError(f"ctx must be a DistContext, got {type(ctx).__name__}")
+    if isinstance(num_latent_frames, bool) or not isinstance(num_latent_frames, int) or num_latent_frames < 1:
+        raise ValueError(f"num_latent_frames must be an int >= 1, got {num_latent_frames!r}")
+    check_timestep_callback(current_timestep_callback)
+    check_transformer(transformer, "clip parallelism")
+    plan = config.plan(num_latent_frames, ctx.world_size)
+    state = ClipParallelState(ctx=ctx, plan=plan, config=config, timestep_callback=current_timestep_callback)
     handle = ClipParallelHandle(transformer, "clip_parallel")
     handle.state = state
+    handle.stats = state.stats
     start, end = state.clip
 
     def pre_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -286,7 +392,7 @@ def apply_clip_parallel(
                 f"rank {ctx.rank} owns latent frames [{start}, {end}) but the transformer got {hidden.shape[2]} frames"
             )
         timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        state.timestep = None if timestep is None else float(torch.as_tensor(timestep).flatten()[0])
+        state.timestep = None if timestep is None else read_timestep(timestep, source="the transformer's timestep")
 
     def rope_hook(module: torch.nn.Module, args: tuple, output: Any) -> tuple[Tensor, Tensor]:
         return offset_rope(module, args[0].shape, start)

@@ -1,9 +1,14 @@
 """`generate_long_video`: a long Wan video over all ranks, frames gathered to rank 0.
 
-``mode="clip"``: the ``WanPipeline`` denoising loop (same prompt encoding, classifier-free
-guidance and scheduler calls), run by every rank on its own clip with :func:`apply_clip_parallel`
-installed, so one rank reproduces ``pipe(..., latents=...)`` exactly; resumable from per-clip
-checkpoints. ``mode="pipeline"``: :func:`run_layer_pipeline` (DualParal).
+``mode="clip"``: every rank calls the stock ``WanPipeline`` on its own clip, with
+:func:`apply_clip_parallel` installed, its clip's noise passed as ``latents=`` and the per-step
+checkpoint taken in ``callback_on_step_end``; the pipeline does the text encoding, classifier-free
+guidance and scheduler steps, so one rank reproduces ``pipe(..., latents=...)`` exactly (with the
+options that make the attention dense). A resumed run is the one exception: ``WanPipeline`` cannot
+start in the middle of its schedule, so the remaining steps run in :func:`_denoise_remaining`.
+``mode="pipeline"``: :func:`run_layer_pipeline` (DualParal), which cannot be a ``WanPipeline``
+call: each block is at its own step, each rank runs only some of the blocks, and a block's input
+includes another block's latents.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from mmaccel.parallel_video.clip_parallel import ClipParallelConfig, apply_clip_
 from mmaccel.parallel_video.decode import decode_clip
 from mmaccel.parallel_video.layer_pipeline import LayerPipelineConfig, run_layer_pipeline
 from mmaccel.parallel_video.noise import frame_noise
-from mmaccel.parallel_video.plan import ClipPlan, latent_frame_count
+from mmaccel.parallel_video.plan import latent_frame_count
 from mmaccel.parallel_video.schedule import split_stages
 from mmaccel.runtime.distributed import (
     DistContext,
@@ -34,7 +39,7 @@ from mmaccel.runtime.distributed import (
     init_distributed,
 )
 
-__all__ = ["LongVideoConfig", "LongVideoOutput", "check_long_video", "generate_long_video"]
+__all__ = ["LongVideoConfig", "LongVideoOutput", "VideoGeometry", "check_long_video", "generate_long_video"]
 
 MODES = ("clip", "pipeline")
 
@@ -125,21 +130,59 @@ def _fingerprint(pipe: Any, config: LongVideoConfig, world_size: int) -> dict[st
     }
 
 
+@dataclass(frozen=True)
+class VideoGeometry:
+    """What validation needs from a Wan pipeline, readable without loading any weights."""
+
+    temporal_stride: int
+    spatial_stride: int
+    patch_size: tuple[int, int, int]
+    num_layers: int
+    transformer: str = "WanTransformer3DModel"
+
+    @classmethod
+    def of(cls, pipe: Any) -> VideoGeometry:
+        """The geometry of a loaded ``WanPipeline``."""
+        tr = pipe.transformer
+        return cls(
+            pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial, tuple(tr.config.patch_size),
+            len(tr.blocks), type(tr).__name__,
+        )  # fmt: skip
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> VideoGeometry:
+        """The geometry of a saved ``WanPipeline`` folder, from its ``config.json`` files only."""
+        folder = Path(folder)
+        configs = {}
+        for part in ("transformer", "vae"):
+            path = folder / part / "config.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found: --model must be a saved WanPipeline folder")
+            configs[part] = json.loads(path.read_text())
+        downsample = configs["vae"].get("temperal_downsample", [False, True, True])
+        tr = configs["transformer"]
+        return cls(
+            2 ** sum(bool(d) for d in downsample), 2 ** len(downsample), tuple(tr.get("patch_size", (1, 2, 2))),
+            int(tr.get("num_layers", 30)), str(tr.get("_class_name", "WanTransformer3DModel")),
+        )  # fmt: skip
+
+
 def check_long_video(pipe: Any, config: LongVideoConfig, world_size: int) -> None:
-    """Validate ``config`` for ``pipe`` on ``world_size`` ranks, without communicating.
+    """Validate ``config`` for ``pipe`` (a ``WanPipeline`` or a :class:`VideoGeometry`) on
+    ``world_size`` ranks, without communicating and without running the model.
 
     ``ValueError`` names the offending setting: frames not matching the VAE's temporal stride,
     sizes the patching cannot take, more ranks than latent frames (clip) or blocks (pipeline),
-    padding or decode overlap larger than a clip, blocks that do not divide the video.
+    padding or decode overlap larger than a clip.
     """
-    num_latent, _, _ = _check_geometry(pipe, config)
+    geometry = pipe if isinstance(pipe, VideoGeometry) else VideoGeometry.of(pipe)
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    num_latent, _, _ = _check_geometry(geometry, config)
     if config.mode == "pipeline":
-        fpb = config.pipeline.frames_per_block
-        if num_latent % fpb:
-            raise ValueError(f"frames_per_block={fpb} must divide the video's {num_latent} latent frames")
-        split_stages(len(pipe.transformer.blocks), world_size)
+        split_stages(geometry.num_layers, world_size)
         return
-    plan = ClipPlan.build(num_latent, world_size, config.clip.padding, config.clip.global_frames)
+    plan = config.clip.plan(num_latent, world_size)
     shortest = min(e - s for s, e in plan.clips)
     if world_size > 1 and config.decode_overlap is not None and config.decode_overlap > shortest:
         raise ValueError(
@@ -147,16 +190,18 @@ def check_long_video(pipe: Any, config: LongVideoConfig, world_size: int) -> Non
         )
 
 
-def _check_geometry(pipe: Any, config: LongVideoConfig) -> tuple[int, int, int]:
+def _check_geometry(geometry: VideoGeometry, config: LongVideoConfig) -> tuple[int, int, int]:
     """Latent frames, height and width; ``ValueError`` for sizes the VAE/patching cannot take."""
-    if type(pipe.transformer).__name__ != "WanTransformer3DModel":
-        raise TypeError(f"generate_long_video supports WanPipeline, got a {type(pipe.transformer).__name__}")
-    frames = latent_frame_count(config.num_frames, pipe.vae_scale_factor_temporal)
-    multiple = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
+    if geometry.transformer != "WanTransformer3DModel":
+        raise TypeError(f"generate_long_video supports WanPipeline, got a {geometry.transformer}")
+    if geometry.patch_size[0] != 1:
+        raise ValueError(f"parallel video needs a temporal patch size of 1, got {geometry.patch_size}")
+    frames = latent_frame_count(config.num_frames, geometry.temporal_stride)
+    multiple = geometry.spatial_stride * geometry.patch_size[1]
     for name in ("height", "width"):
         if getattr(config, name) % multiple:
             raise ValueError(f"{name} must be a multiple of {multiple}, got {getattr(config, name)}")
-    spatial = pipe.vae_scale_factor_spatial
+    spatial = geometry.spatial_stride
     return frames, config.height // spatial, config.width // spatial
 
 
@@ -174,88 +219,65 @@ def generate_long_video(
     """Generate ``config.num_frames`` frames with ``pipe`` (a diffusers ``WanPipeline``) on all ranks.
 
     Call on every rank (``torchrun``/``accelerate launch``) with the same arguments; ``ctx`` defaults
-    to :func:`init_distributed`. With one process the result equals
-    ``pipe(..., latents=frame_noise(...))``. A progress bar is shown on rank 0 only.
+    to :func:`init_distributed`. A progress bar is shown on rank 0 only.
     """
     ctx = ctx or init_distributed()
     check_long_video(pipe, config, ctx.world_size)
     if config.mode == "pipeline":
         return _generate_pipelined(pipe, config, ctx, progress)
-    num_latent, latent_h, latent_w = _check_geometry(pipe, config)
-    handle = apply_clip_parallel(pipe.transformer, config.clip, ctx, num_latent)
-    state = handle.state
-    start, end = state.clip
+    num_latent, latent_h, latent_w = _check_geometry(VideoGeometry.of(pipe), config)
+    handle = apply_clip_parallel(
+        pipe.transformer, config.clip, ctx=ctx, num_latent_frames=num_latent,
+        current_timestep_callback=lambda: pipe.current_timestep,
+    )  # fmt: skip
+    start, end = handle.state.clip
     stats: dict[str, Any] = {"clip": (start, end), "latent_frames": num_latent, "resumed_from_step": 0}
+    bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
     try:
-        transformer = pipe.transformer
-        device, dtype = ctx.device, transformer.dtype
-        do_cfg = config.guidance_scale > 1.0
-        prompt_embeds, negative_embeds = pipe.encode_prompt(
-            prompt=config.prompt,
-            negative_prompt=config.negative_prompt,
-            do_classifier_free_guidance=do_cfg,
-            max_sequence_length=config.max_sequence_length,
-            device=device,
-        )
-        prompt_embeds = prompt_embeds.to(dtype)
-        negative_embeds = negative_embeds.to(dtype) if do_cfg else None
-        scheduler = pipe.scheduler
-        scheduler.set_timesteps(config.num_inference_steps, device=device)
-        scheduler.set_begin_index(0)
-        channels = transformer.config.in_channels
-        latents = frame_noise(config.seed, range(start, end), (channels, latent_h, latent_w), device=device)
-
+        channels = pipe.transformer.config.in_channels
+        latents = frame_noise(config.seed, range(start, end), (channels, latent_h, latent_w), device=ctx.device)
         directory = Path(config.checkpoint_dir) if config.checkpoint_dir else None
         meta = _fingerprint(pipe, config, ctx.world_size)
         first = 0
         if directory is not None and config.resume:
             first = _resume_step(ctx, directory)
-            if first:
-                saved, sched = checkpoint.load_step(directory, ctx.rank, ctx.world_size, first, meta)
-                latents = saved.to(device)
-                checkpoint.restore_scheduler(scheduler, sched)
         elif directory is not None:
             checkpoint.clear(directory, ctx.rank, ctx.world_size)
         stats["resumed_from_step"] = first
 
+        def save(step: int, scheduler: Any, current: torch.Tensor) -> None:
+            if directory is not None and (step % config.checkpoint_every == 0 or step == config.num_inference_steps):
+                checkpoint.save_step(directory, ctx.rank, ctx.world_size, step, current, scheduler, meta)
+
+        def on_step_end(pipeline: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            save(i + 1, pipeline.scheduler, kwargs["latents"])
+            return {}
+
         began = time.perf_counter()
-        timesteps = scheduler.timesteps
-        bar = tqdm(
-            total=len(timesteps), initial=first, desc="denoising", disable=not (progress and ctx.is_main)
-        )
-        for i in range(first, len(timesteps)):
-            t = timesteps[i]
-            model_input = latents.to(dtype)
-            timestep = t.expand(latents.shape[0])
-            noise_pred = transformer(
-                hidden_states=model_input,
-                timestep=timestep,
-                encoder_hidden_states=prompt_embeds,
-                return_dict=False,
-            )[0]
-            if do_cfg:
-                noise_uncond = transformer(
-                    hidden_states=model_input, timestep=timestep, encoder_hidden_states=negative_embeds,
-                    return_dict=False,
-                )[0]  # fmt: skip
-                noise_pred = noise_uncond + config.guidance_scale * (noise_pred - noise_uncond)
-            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-            step = i + 1
-            if directory is not None and (step % config.checkpoint_every == 0 or step == len(timesteps)):
-                checkpoint.save_step(directory, ctx.rank, ctx.world_size, step, latents, scheduler, meta)
-            bar.update()
-        bar.close()
-        steps_run = len(timesteps) - first
+        if first:
+            latents = _denoise_remaining(pipe, config, ctx, directory, first, meta, save, progress)
+        else:
+            pipe.set_progress_bar_config(disable=not (progress and ctx.is_main), desc="denoising")
+            latents = pipe(
+                prompt=config.prompt, negative_prompt=config.negative_prompt, height=config.height,
+                width=config.width, num_frames=(end - start - 1) * pipe.vae_scale_factor_temporal + 1,
+                num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+                latents=latents, output_type="latent", max_sequence_length=config.max_sequence_length,
+                callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"],
+            ).frames  # fmt: skip
+        summary = handle.stats.summary()
         stats.update(
             denoise_s=time.perf_counter() - began,
-            steps_run=steps_run,
-            attention_calls=state.calls,
-            sent_bytes=state.sent_bytes,
-            recv_bytes=state.recv_bytes,
-            comm_wait_s=state.comm_wait_s,
+            steps_run=config.num_inference_steps - first,
+            attention_calls=summary["calls"],
+            sent_bytes=summary["sent_bytes"],
+            recv_bytes=summary["recv_bytes"],
+            comm_wait_s=summary["comm_wait_s"],
+            key_frames_per_query=summary["key_frames_per_query"],
         )
     finally:
         handle.remove()
+        pipe._progress_bar_config = bar_config
 
     began = time.perf_counter()
     if config.decode_overlap is None:
@@ -274,11 +296,57 @@ def generate_long_video(
     return LongVideoOutput(video, torch.cat(all_latents).movedim(0, 2), stats)
 
 
+def _denoise_remaining(
+    pipe: Any, config: LongVideoConfig, ctx: DistContext, directory: Path, first: int, meta: dict[str, Any],
+    save: Any, progress: bool,
+) -> torch.Tensor:
+    """Resume: steps ``first + 1 ..`` from the checkpoint of step ``first``.
+
+    ``WanPipeline`` has no way to start in the middle of its schedule, so this repeats its step
+    (text encoding through ``pipe.encode_prompt``, two transformer calls, CFG, ``scheduler.step``)
+    for the remaining steps only; tests check it writes the same video as an uninterrupted run.
+    """
+    saved, sched = checkpoint.load_step(directory, ctx.rank, ctx.world_size, first, meta)
+    latents = saved.to(ctx.device)
+    transformer, scheduler = pipe.transformer, pipe.scheduler
+    dtype = transformer.dtype
+    do_cfg = config.guidance_scale > 1.0
+    cond, uncond = pipe.encode_prompt(
+        prompt=config.prompt, negative_prompt=config.negative_prompt, do_classifier_free_guidance=do_cfg,
+        max_sequence_length=config.max_sequence_length, device=ctx.device,
+    )  # fmt: skip
+    scheduler.set_timesteps(config.num_inference_steps, device=ctx.device)
+    scheduler.set_begin_index(0)
+    checkpoint.restore_scheduler(scheduler, sched)
+    timesteps = scheduler.timesteps
+    bar = tqdm(total=len(timesteps), initial=first, desc="denoising", disable=not (progress and ctx.is_main))
+    for i in range(first, len(timesteps)):
+        t = timesteps[i]
+        pipe._current_timestep = t
+        model_input = latents.to(dtype)
+        timestep = t.expand(latents.shape[0])
+        noise = transformer(
+            hidden_states=model_input, timestep=timestep, encoder_hidden_states=cond.to(dtype), return_dict=False
+        )[0]
+        if do_cfg:
+            noise_uncond = transformer(
+                hidden_states=model_input, timestep=timestep, encoder_hidden_states=uncond.to(dtype),
+                return_dict=False,
+            )[0]  # fmt: skip
+            noise = noise_uncond + config.guidance_scale * (noise - noise_uncond)
+        latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+        save(i + 1, scheduler, latents)
+        bar.update()
+    bar.close()
+    pipe._current_timestep = None
+    return latents
+
+
 def _generate_pipelined(
     pipe: Any, config: LongVideoConfig, ctx: DistContext, progress: bool
 ) -> LongVideoOutput:
     """``mode="pipeline"``: DualParal over the ranks' layer stages; rank 0 decodes the whole video."""
-    num_latent, latent_h, latent_w = _check_geometry(pipe, config)
+    num_latent, latent_h, latent_w = _check_geometry(VideoGeometry.of(pipe), config)
     do_cfg = config.guidance_scale > 1.0
     prompt_embeds, negative_embeds = pipe.encode_prompt(
         prompt=config.prompt,

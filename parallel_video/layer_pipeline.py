@@ -1,22 +1,34 @@
 """Block-wise layer pipeline (DualParal, Wang et al. 2025, arXiv:2505.21070) for Wan.
 
-The transformer's blocks are split into contiguous, balanced stages, one per rank; rank 0 also
-runs the patch embedding, the last rank the output head, classifier-free guidance and the
-scheduler step. The video is a queue of frame blocks at staggered noise levels
-(:class:`~mmaccel.parallel_video.schedule.BlockSchedule`): every rank walks the same list of
-``(block, step)`` work items, so blocks stream rank to rank through preallocated
-:class:`~mmaccel.runtime.distributed.PipeChannel` buffers (hidden states ``[CFG batch, tokens, dim]``
-forward, updated latents from the last rank back to rank 0).
+Two parts:
 
-Feature cache: in every layer, a block's queries also attend to the K/V of the previous block's
-last ``num_cat`` latent frames, from the last time this rank computed that block (RoPE at their
-own video positions, so the positional encoding extends across the seam). Coordinated noise: one
-noise template of a block, reused as a frame-shuffled copy per block.
+* :class:`LayerStage` — the per-rank computation: a contiguous range of the transformer's blocks
+  run for one frame block at one denoising step (the first stage also embeds the latents, the
+  last one runs the output head). Attention goes through :mod:`mmaccel.runtime.adapters.wan`; the
+  cross-block context is a small attention processor fed by :class:`BlockContext`. A chain of
+  stages over all blocks equals the transformer's forward on the same input (tested).
+* :func:`run_layer_pipeline` — the driver: it walks the :class:`~.schedule.BlockSchedule`, feeds
+  each stage its inputs, moves hidden states rank to rank and latents from the last rank back to
+  rank 0 through preallocated :class:`~mmaccel.runtime.distributed.PipeChannel` buffers, steps
+  each block's own copy of the scheduler and keeps the context cache.
+
+Context between blocks (``LayerPipelineConfig.context``):
+
+* ``"reference"`` (default, as DualParal's code): block ``b``'s input is the previous block's last
+  ``num_cat`` latent frames (recomputed as extra input tokens, their outputs dropped) followed by
+  its own frames, and in every layer its queries also see the cached K/V of the next block's
+  first ``num_cat`` frames, computed just before in the same iteration (so ``Num_C = 2 num_cat``).
+  Within an iteration the newest block runs first (``order="newest_first"``).
+* ``"prev_kv"`` (option): in every layer a block's queries also see the cached K/V of the previous
+  block's last ``num_cat`` frames; no extra input tokens; best with ``order="oldest_first"``.
+
+Coordinated noise: one noise template, reused as a frame-shuffled copy per block.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -28,24 +40,52 @@ from tqdm.auto import tqdm
 
 from mmaccel.parallel_video.clip_parallel import offset_rope
 from mmaccel.parallel_video.noise import frame_noise, frame_seed
-from mmaccel.parallel_video.schedule import BlockSchedule, split_stages
+from mmaccel.parallel_video.schedule import ORDERS, BlockSchedule, split_stages
 from mmaccel.runtime.adapters import wan
-from mmaccel.runtime.distributed import CommHandle, DistContext, PipeChannel, gather_to_main
+from mmaccel.runtime.budget import allocate
+from mmaccel.runtime.distributed import CommHandle, DistContext, PipeChannel
 from mmaccel.runtime.patching import PatchHandle
 
-__all__ = ["CachedContextAttnProcessor", "LayerPipelineConfig", "block_noise", "run_layer_pipeline"]
+__all__ = [
+    "CONTEXTS",
+    "BlockContext",
+    "CachedContextAttnProcessor",
+    "LayerPipelineConfig",
+    "LayerStage",
+    "StageConditions",
+    "block_noise",
+    "block_sizes",
+    "context_frames",
+    "run_layer_pipeline",
+]
 
+CONTEXTS = ("reference", "prev_kv")
 _MAX_PENDING_SENDS = 4
 
 
 @dataclass(frozen=True)
 class LayerPipelineConfig:
-    """frames_per_block: latent frames per block (>= 1; must divide the video's latent frames).
-    num_cat: latent frames of the previous block's K/V prepended in every layer (0..frames_per_block).
+    """DualParal's knobs; the defaults follow its reference code.
+
+    frames_per_block: the largest block, in latent frames (>= 1; reference ``num_per_block`` 10).
+        The video is split into ``ceil(frames / frames_per_block)`` balanced blocks, so every
+        frame count works (blocks differ by at most one frame).
+    num_cat: context frames, 0..frames_per_block (reference 5): see ``context``.
+    context: ``"reference"`` (previous block's last ``num_cat`` latents as recomputed input and the
+        next block's first ``num_cat`` frames as cached K/V) or ``"prev_kv"`` (the previous
+        block's last ``num_cat`` frames as cached K/V only).
+    order: ``"newest_first"`` (reference) or ``"oldest_first"``: which block of an iteration runs first.
+    tail_lag: 0 or 1, ``"reference"`` context only: the previous block's latents fed as input are
+        the ones a single process has at that moment (0, the reference on one GPU), or one update
+        older (1), which rank 0 already holds, so it never waits for the last rank (the reference
+        on several GPUs uses whichever copy has arrived).
     """
 
-    frames_per_block: int = 2
-    num_cat: int = 1
+    frames_per_block: int = 10
+    num_cat: int = 5
+    context: str = "reference"
+    order: str = "newest_first"
+    tail_lag: int = 0
 
     def __post_init__(self) -> None:
         for name, low in (("frames_per_block", 1), ("num_cat", 0)):
@@ -58,26 +98,99 @@ class LayerPipelineConfig:
             raise ValueError(
                 f"num_cat must be in [0, frames_per_block={self.frames_per_block}], got {self.num_cat}"
             )
+        if isinstance(self.tail_lag, bool) or not isinstance(self.tail_lag, int) or self.tail_lag not in (0, 1):
+            raise ValueError(f"tail_lag must be 0 or 1, got {self.tail_lag!r}")
+        for name, allowed in (("context", CONTEXTS), ("order", ORDERS)):
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def block_sizes(num_latent_frames: int, frames_per_block: int) -> tuple[int, ...]:
+    """``ceil(n / frames_per_block)`` balanced block lengths (earlier blocks get the extra frame)."""
+    if isinstance(num_latent_frames, bool) or not isinstance(num_latent_frames, int) or num_latent_frames < 1:
+        raise ValueError(f"num_latent_frames must be an int >= 1, got {num_latent_frames!r}")
+    count = math.ceil(num_latent_frames / frames_per_block)
+    sizes = allocate(num_latent_frames, torch.ones(count), torch.full((count,), frames_per_block))
+    return tuple(int(s) for s in sizes.tolist())
+
+
+def context_frames(sizes: tuple[int, ...], config: LayerPipelineConfig, block: int) -> dict[str, tuple[int, ...]]:
+    """The context of ``block`` as video frame indices, by the rules of ``config.context``.
+
+    ``"input"``: latent frames prepended to the block's own as recomputed input tokens;
+    ``"cached_kv"``: frames whose cached K/V the block's queries also attend to (when the block
+    that owns them has run before it in the same iteration, ``"reference"``; or at all, ``"prev_kv"``).
+    """
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    nc = config.num_cat
+    prev_tail: tuple[int, ...] = ()
+    next_head: tuple[int, ...] = ()
+    if block > 0:
+        end = starts[block]
+        prev_tail = tuple(range(end - min(nc, sizes[block - 1]), end))
+    if block + 1 < len(sizes):
+        first = starts[block + 1]
+        next_head = tuple(range(first, first + min(nc, sizes[block + 1])))
+    if config.context == "reference":
+        return {"input": prev_tail, "cached_kv": next_head}
+    return {"input": (), "cached_kv": prev_tail}
+
+
+def block_noise(seed: int, block: int, frames_per_block: int, frame_shape: tuple[int, int, int]) -> Tensor:
+    """Coordinated noise: the block template ``frame_noise(seed, 0..fpb)`` with its frames shuffled
+    by a permutation drawn from ``(seed, block)`` (block 0 keeps the template's order)."""
+    template = frame_noise(seed, range(frames_per_block), frame_shape)
+    if block == 0:
+        return template
+    generator = torch.Generator("cpu").manual_seed(frame_seed(seed, -1 - block))
+    return template[:, :, torch.randperm(frames_per_block, generator=generator)]
+
+
+# ----------------------------------------------------------------------------------- the stage
 
 
 @dataclass
-class _CacheState:
-    num_cat: int
-    tokens_per_frame: int
-    block: int = 0
-    kv: dict[tuple[int, int], tuple[Tensor, Tensor]] = field(default_factory=dict)
+class StageConditions:
+    """Per-step inputs every block of a stage shares: ``temb``, block modulation, projected text."""
 
-    def evict(self, block: int) -> None:
-        """Forget the K/V of ``block`` (once its successor has finished)."""
-        for key in [k for k in self.kv if k[1] == block]:
+    temb: Tensor
+    proj: Tensor
+    text: Tensor
+
+
+@dataclass
+class BlockContext:
+    """The cross-block K/V context of the layers of one stage (rank-local; never communicated).
+
+    Before each item the driver sets ``store`` (token range of this block's K/V to cache, or
+    None) and ``use`` (the cache key to attend to, or None); processors read and write ``kv``.
+    """
+
+    store: tuple[int, int] | None = None
+    store_as: Any = None
+    use: Any = None
+    kv: dict[tuple[int, Any], tuple[Tensor, Tensor]] = field(default_factory=dict)
+    extra_key_tokens: int = 0
+
+    def evict(self) -> None:
+        """Forget every cached K/V."""
+        self.kv.clear()
+
+    def drop(self, name: Any) -> None:
+        """Forget the K/V stored under ``name`` (every layer)."""
+        for key in [k for k in self.kv if k[1] == name]:
             del self.kv[key]
 
 
 class CachedContextAttnProcessor:
-    """Self-attention of one frame block, with the previous block's cached K/V as extra keys."""
+    """Self-attention of one frame block's tokens plus cached K/V of another block (``BlockContext``)."""
 
-    def __init__(self, state: _CacheState, layer: int) -> None:
-        self.state = state
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, context: BlockContext, layer: int) -> None:
+        self.context = context
         self.layer = layer
 
     def __call__(
@@ -92,43 +205,84 @@ class CachedContextAttnProcessor:
             raise ValueError(
                 "CachedContextAttnProcessor is for self-attention without a mask (blocks[i].attn1)"
             )
-        st = self.state
-
+        ctx = self.context
         query, key, value = wan.project_qkv(attn, hidden_states, rotary=rotary_emb)
-        context = st.kv.get((self.layer, st.block - 1))
-        if st.num_cat:
-            tail = st.num_cat * st.tokens_per_frame
-            st.kv[(self.layer, st.block)] = (key[:, -tail:], value[:, -tail:])
-        if context is not None:
-            key, value = torch.cat([context[0], key], dim=1), torch.cat([context[1], value], dim=1)
+        cached = ctx.kv.get((self.layer, ctx.use)) if ctx.use is not None else None
+        if ctx.store is not None:
+            lo, hi = ctx.store
+            ctx.kv[(self.layer, ctx.store_as)] = (key[:, lo:hi], value[:, lo:hi])
+        if cached is not None:
+            key, value = torch.cat([key, cached[0]], dim=1), torch.cat([value, cached[1]], dim=1)
+            ctx.extra_key_tokens += cached[0].shape[1]
         return wan.project_out(attn, wan.attention(attn, query, key, value), query)
 
 
-def block_noise(seed: int, block: int, frames_per_block: int, frame_shape: tuple[int, int, int]) -> Tensor:
-    """Coordinated noise: the block template ``frame_noise(seed, 0..fpb)`` with its frames shuffled
-    by a permutation drawn from ``(seed, block)`` (block 0 keeps the template's order)."""
-    template = frame_noise(seed, range(frames_per_block), frame_shape)
-    if block == 0:
-        return template
-    generator = torch.Generator("cpu").manual_seed(frame_seed(seed, -1 - block))
-    return template[:, :, torch.randperm(frames_per_block, generator=generator)]
+class LayerStage:
+    """Blocks ``[lo, hi)`` of a ``WanTransformer3DModel``, run for one frame block at one step.
+
+    ``embed`` (first stage), ``__call__`` (the blocks) and ``head`` (last stage) are the pieces of
+    the transformer's ``forward``; ``patch(context)`` installs :class:`CachedContextAttnProcessor`
+    on this stage's self-attentions so that :class:`BlockContext` adds cross-block K/V.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, lo: int, hi: int) -> None:
+        name = type(transformer).__name__
+        if name not in wan.TRANSFORMERS:
+            raise TypeError(f"the layer pipeline supports {wan.TRANSFORMERS}, got {name}")
+        if not 0 <= lo < hi <= len(transformer.blocks):
+            raise ValueError(
+                f"stage blocks [lo, hi) must satisfy 0 <= lo < hi <= {len(transformer.blocks)}, got [{lo}, {hi})"
+            )
+        if transformer.config.patch_size[0] != 1:
+            raise ValueError(f"the layer pipeline needs a temporal patch size of 1, got {transformer.config.patch_size}")
+        for i in range(lo, hi):  # only this stage's blocks: a rank may hold no others
+            attn = transformer.blocks[i].attn1
+            if getattr(attn, "add_k_proj", None) is not None or getattr(attn, "fused_projections", False):
+                raise ValueError(
+                    f"the layer pipeline: blocks[{i}].attn1 has fused or image-conditioning projections "
+                    "(call unfuse_qkv(); image-to-video Wan is not supported)"
+                )
+        self.transformer, self.lo, self.hi = transformer, lo, hi
+
+    def patch(self, context: BlockContext) -> PatchHandle:
+        handle = PatchHandle(self.transformer, "layer_pipeline")
+        for i in range(self.lo, self.hi):
+            handle.set_processor(self.transformer.blocks[i].attn1, CachedContextAttnProcessor(context, i))
+        return handle
+
+    def conditions(self, timestep: Tensor, text: Tensor) -> StageConditions:
+        """``temb``, per-block modulation and projected text for ``timestep`` (as ``forward`` does)."""
+        t = timestep.reshape(-1).expand(text.shape[0]) if timestep.numel() == 1 else timestep
+        temb, proj, text, _ = self.transformer.condition_embedder(t, text, None)
+        return StageConditions(temb, proj.unflatten(1, (6, -1)), text)
+
+    def rotary(self, latent_shape: torch.Size, first_frame: int) -> tuple[Tensor, Tensor]:
+        """RoPE of latents ``(B, C, F, H, W)`` whose first frame is video frame ``first_frame``."""
+        return offset_rope(self.transformer.rope, latent_shape, first_frame)
+
+    def embed(self, latents: Tensor) -> Tensor:
+        """Patch embedding of latents ``(B, C, F, H, W)`` -> tokens ``(B, F h w, dim)``."""
+        hidden = self.transformer.patch_embedding(latents.to(self.transformer.dtype))
+        return hidden.flatten(2).transpose(1, 2).contiguous()
+
+    def __call__(self, hidden: Tensor, cond: StageConditions, rotary: tuple[Tensor, Tensor]) -> Tensor:
+        for i in range(self.lo, self.hi):
+            hidden = self.transformer.blocks[i](hidden, cond.text, cond.proj, rotary)
+        return hidden
+
+    def head(self, hidden: Tensor, cond: StageConditions, latent_shape: torch.Size) -> Tensor:
+        """Output norm, projection and unpatchify, as the end of ``WanTransformer3DModel.forward``."""
+        tr = self.transformer
+        _, _, frames, height, width = latent_shape
+        p_t, p_h, p_w = tr.config.patch_size
+        shift, scale = (tr.scale_shift_table + cond.temb.unsqueeze(1)).chunk(2, dim=1)
+        hidden = (tr.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
+        hidden = tr.proj_out(hidden)
+        hidden = hidden.reshape(hidden.shape[0], frames // p_t, height // p_h, width // p_w, p_t, p_h, p_w, -1)
+        return hidden.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
 
-def _conditions(transformer: Any, t: Tensor, text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``temb``, per-block modulation and projected text for timestep ``t`` (as ``forward`` does)."""
-    temb, proj, text, _ = transformer.condition_embedder(t.expand(text.shape[0]), text, None)
-    return temb, proj.unflatten(1, (6, -1)), text
-
-
-def _head(transformer: Any, hidden: Tensor, temb: Tensor, latent_shape: torch.Size) -> Tensor:
-    """Output norm, projection and unpatchify, as the end of ``WanTransformer3DModel.forward``."""
-    _, _, frames, height, width = latent_shape
-    p_t, p_h, p_w = transformer.config.patch_size
-    shift, scale = (transformer.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
-    hidden = (transformer.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
-    hidden = transformer.proj_out(hidden)
-    hidden = hidden.reshape(hidden.shape[0], frames // p_t, height // p_h, width // p_w, p_t, p_h, p_w, -1)
-    return hidden.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+# ----------------------------------------------------------------------------------- the driver
 
 
 def _bounded(pending: deque[CommHandle[Any]], handle: CommHandle[Any]) -> None:
@@ -138,11 +292,21 @@ def _bounded(pending: deque[CommHandle[Any]], handle: CommHandle[Any]) -> None:
         pending.popleft().wait()
 
 
+def _padded_to(tensor: Tensor, dim: int, length: int) -> Tensor:
+    if tensor.shape[dim] == length:
+        return tensor.contiguous()
+    shape = list(tensor.shape)
+    shape[dim] = length
+    out = tensor.new_zeros(shape)
+    out.narrow(dim, 0, tensor.shape[dim]).copy_(tensor)
+    return out
+
+
 @torch.no_grad()
 def run_layer_pipeline(
     pipe: Any,
     ctx: DistContext,
-    config: LayerPipelineConfig,
+    config: LayerPipelineConfig | None = None,
     *,
     text: Tensor,
     guidance_scale: float,
@@ -158,42 +322,41 @@ def run_layer_pipeline(
     latents ``(1, C, F, h, w)`` on rank 0 (``None`` elsewhere) and per-rank stats. Every rank must
     call it with the same arguments.
     """
+    config = LayerPipelineConfig() if config is None else config
     transformer = pipe.transformer
-    fpb = config.frames_per_block
-    if num_latent_frames % fpb:
-        raise ValueError(f"frames_per_block={fpb} must divide the video's {num_latent_frames} latent frames")
-    schedule = BlockSchedule(num_latent_frames // fpb, steps)
+    sizes = block_sizes(num_latent_frames, config.frames_per_block)
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    schedule = BlockSchedule(len(sizes), steps, iteration_order=config.order)
     lo, hi = split_stages(len(transformer.blocks), ctx.world_size)[ctx.rank]
+    stage = LayerStage(transformer, lo, hi)
     first, last = ctx.rank == 0, ctx.rank == ctx.world_size - 1
+    multi = ctx.world_size > 1
     device, dtype = ctx.device, transformer.dtype
     channels = transformer.config.in_channels
-    block_shape = torch.Size((1, channels, fpb, *latent_hw))
-    p_t, p_h, p_w = transformer.config.patch_size
+    _, p_h, p_w = transformer.config.patch_size
     tokens_per_frame = (latent_hw[0] // p_h) * (latent_hw[1] // p_w)
     batch = text.shape[0]
     scheduler = pipe.scheduler
     scheduler.set_timesteps(steps, device=device)
     scheduler.set_begin_index(0)
     timesteps = scheduler.timesteps
+    contexts = [context_frames(sizes, config, b) for b in range(len(sizes))]
+    longest = max(sizes)
+    max_input = longest + (config.num_cat if config.context == "reference" else 0)
 
-    cache = _CacheState(num_cat=config.num_cat, tokens_per_frame=tokens_per_frame)
-    handle = PatchHandle(transformer, "layer_pipeline")
-    for i in range(lo, hi):
-        handle.set_processor(transformer.blocks[i].attn1, CachedContextAttnProcessor(cache, i))
-    multi = ctx.world_size > 1
+    cache = BlockContext()
+    handle = stage.patch(cache)
     dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    hidden_ch = PipeChannel(ctx, (batch, fpb * tokens_per_frame, dim), dtype, tag=11) if multi else None
-    # Rank 0 keeps receives for the last rank's latent updates posted ahead, so those sends always
-    # complete: at most ~2 iterations of updates are produced but not yet consumed.
-    back_buffers = (
-        2 * max(schedule.in_flight(k) for k in range(schedule.num_iterations)) + _MAX_PENDING_SENDS + 2
-    )
+    hidden_ch = PipeChannel(ctx, (batch, max_input * tokens_per_frame, dim), dtype, tag=11) if multi else None
+    # rank 0 keeps receives for the last rank's latent updates posted ahead, so those sends always
+    # complete: at most ~2 iterations of updates are produced but not yet consumed
+    in_flight = max(schedule.in_flight(k) for k in range(schedule.num_iterations))
+    back_buffers = 2 * in_flight + _MAX_PENDING_SENDS + 2
+    back_shape = (1, channels, longest, *latent_hw)
     back_ch = (
-        PipeChannel(ctx, block_shape, torch.float32, ring=True, num_buffers=back_buffers, tag=12)
-        if multi
-        else None
+        PipeChannel(ctx, back_shape, torch.float32, ring=True, num_buffers=back_buffers, tag=12) if multi else None
     )
-    expected = deque(item for item in schedule.order() if item[1] < steps - 1)  # updates rank 0 receives
+    expected = deque(schedule.order())  # every update goes back to rank 0, the last one included
     posted: deque[tuple[tuple[int, int], CommHandle[Tensor]]] = deque()
 
     def post_receives() -> None:
@@ -201,67 +364,110 @@ def run_layer_pipeline(
             posted.append((expected.popleft(), back_ch.recv_prev_async()))
 
     latents: dict[int, Tensor] = {}
-    ready: dict[int, int] = {}  # rank 0: steps applied to its copy of each block's latents
+    done: dict[int, int] = {}  # rank 0: updates applied to its copy of each block's latents
+    versions: dict[int, dict[int, Tensor]] = {}  # rank 0: the last three versions of each block
+
+    def keep_version(block: int) -> None:
+        kept = versions.setdefault(block, {})
+        kept[done[block]] = latents[block]
+        for old in [c for c in kept if c < done[block] - 2]:
+            del kept[old]
+
     schedulers: dict[int, Any] = {}
-    finished: dict[int, Tensor] = {}
     sends: deque[CommHandle[Any]] = deque()
+    iteration = -1
+    waited = [0.0]  # rank 0: seconds blocked on the last rank's updates
     began = time.perf_counter()
+
+    def take_updates(block: int, count: int) -> None:
+        """Rank 0: receive the last rank's updates, in order, until ``block`` has ``count``."""
+        start = time.perf_counter()
+        while done.get(block, 0) < count:
+            (b, s), received = posted.popleft()
+            latents[b] = received.wait()[:, :, : sizes[b]].clone()
+            done[b] = s + 1
+            keep_version(b)
+            post_receives()
+        waited[0] += time.perf_counter() - start
+
     try:
         order = schedule.order()
         post_receives()
         for b, s in tqdm(order, desc="pipeline items", disable=not (progress and ctx.is_main)):
+            k = b + s
+            if k != iteration and config.context == "reference":
+                cache.evict()  # the next-block K/V is only valid within its iteration
+            iteration = k
             t = timesteps[s]
-            cache.block = b
-            temb, proj, context = _conditions(transformer, t, text)
-            rotary = offset_rope(transformer.rope, block_shape, b * fpb)
+            tail = contexts[b]["input"]
+            frames_in = len(tail) + sizes[b]
+            shape = torch.Size((1, channels, frames_in, *latent_hw))
             if s == 0 and (first or last):
-                latents[b] = block_noise(seed, b, fpb, (channels, *latent_hw)).to(device)
-                ready[b] = 0
-            if first:
-                if s > 0 and multi:
-                    while ready.get(b) != s:  # take the last rank's updates, in order, until block b's
-                        (done_b, done_s), received = posted.popleft()
-                        latents[done_b] = received.wait().clone()
-                        ready[done_b] = done_s + 1
-                        post_receives()
-                model_input = latents[b].to(dtype).expand(batch, -1, -1, -1, -1)
-                hidden = transformer.patch_embedding(model_input).flatten(2).transpose(1, 2).contiguous()
-            else:
-                hidden = hidden_ch.recv_prev()
-            for i in range(lo, hi):
-                hidden = transformer.blocks[i](hidden, context, proj, rotary)
-            if first and not last and s == steps - 1:
-                del latents[b]
-            if not last:
-                _bounded(sends, hidden_ch.send_next_async(hidden.contiguous()))
-            else:
-                noise = _head(transformer, hidden, temb, block_shape)
-                if batch == 2:
-                    noise = noise[1:] + guidance_scale * (noise[:1] - noise[1:])
-                if s == 0:
+                latents[b] = block_noise(seed, b, longest, (channels, *latent_hw))[:, :, : sizes[b]].to(device)
+                done[b] = 0
+                if first:
+                    keep_version(b)
+                if last:
                     schedulers[b] = copy.deepcopy(scheduler)
-                latents[b] = schedulers[b].step(noise, t, latents[b], return_dict=False)[0]
-                if s == steps - 1:
-                    finished[b] = latents.pop(b)
-                    del schedulers[b]
-                elif multi:
-                    _bounded(sends, back_ch.send_next_async(latents[b]))
-            if s == steps - 1 and b > 0:
-                cache.evict(b - 1)
+            # which K/V this item stores and uses (rank-local, the same on every rank)
+            if config.num_cat:
+                if config.context == "reference":  # own first frames, for the previous block, run next
+                    n = min(config.num_cat, sizes[b])
+                    cache.store = (len(tail) * tokens_per_frame, (len(tail) + n) * tokens_per_frame)
+                    cache.store_as = (b, k)
+                    cache.use = (b + 1, k)
+                else:
+                    n = min(config.num_cat, sizes[b])
+                    cache.store = ((sizes[b] - n) * tokens_per_frame, sizes[b] * tokens_per_frame)
+                    cache.store_as = b
+                    cache.use = b - 1 if b > 0 else None
+            cond = stage.conditions(t, text)
+            rotary = stage.rotary(shape, starts[b] - len(tail))
+            if first:
+                if multi and s > 0:
+                    take_updates(b, s)
+                need = min(s + 1 - config.tail_lag, steps)  # updates of block b - 1 its prefix shows
+                if tail and multi:
+                    take_updates(b - 1, need)
+                own = latents[b]
+                model_in = torch.cat([versions[b - 1][need][:, :, -len(tail) :], own], dim=2) if tail else own
+                hidden = stage.embed(model_in.to(dtype).expand(batch, -1, -1, -1, -1))
+            else:
+                hidden = hidden_ch.recv_prev()[:, : frames_in * tokens_per_frame]
+            hidden = stage(hidden, cond, rotary)
+            if config.context == "prev_kv" and s == steps - 1 and b > 0:
+                cache.drop(b - 1)  # block b's last step was the last use of block b - 1's K/V
+            if not last:
+                _bounded(sends, hidden_ch.send_next_async(_padded_to(hidden, 1, max_input * tokens_per_frame)))
+                continue
+            noise = stage.head(hidden, cond, shape)[:, :, len(tail) :]
+            if batch == 2:
+                noise = noise[1:] + guidance_scale * (noise[:1] - noise[1:])
+            latents[b] = schedulers[b].step(noise, t, latents[b], return_dict=False)[0]
+            done[b] = s + 1
+            if first:
+                keep_version(b)
+            if s == steps - 1:
+                del schedulers[b]
+            if multi:
+                _bounded(sends, back_ch.send_next_async(_padded_to(latents[b], 2, longest)))
+            if not first and s == steps - 1:
+                del latents[b]
+        if first and multi:
+            for b in range(len(sizes)):
+                take_updates(b, steps)
         while sends:
             sends.popleft().wait()
     finally:
         handle.remove()
-    stats = {"denoise_s": time.perf_counter() - began, "items": len(order), "stage": (lo, hi)}
-    video = torch.cat([finished[b] for b in range(schedule.num_blocks)], dim=2) if last else None
-    if not multi:
-        return video, stats
-    outgoing = (
-        video.movedim(2, 0).contiguous()
-        if last
-        else torch.empty((0, *block_shape[:2], *latent_hw), device=device)
-    )
-    gathered = gather_to_main(ctx, outgoing)
-    if not ctx.is_main:
+    stats = {
+        "denoise_s": time.perf_counter() - began,
+        "items": len(order),
+        "stage": (lo, hi),
+        "block_sizes": sizes,
+        "context_key_tokens": cache.extra_key_tokens,
+        "update_wait_s": waited[0],
+    }
+    if not first:
         return None, stats
-    return torch.cat(gathered).movedim(0, 2), stats
+    return torch.cat([latents[b] for b in range(len(sizes))], dim=2), stats

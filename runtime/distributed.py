@@ -77,6 +77,18 @@ class DistContext:
     backend: str | None
     timeout_s: float
 
+    @classmethod
+    def single(cls, device: torch.device | str = "cpu", timeout_s: float = 120.0) -> DistContext:
+        """A one-process context on ``device`` (no process group), whatever the environment says:
+        every helper takes its single-process path. For tests and single-device runs."""
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+            raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device must be a torch.device or a device string, got {device!r}") from exc
+        return cls(0, 1, 0, device, None, None, float(timeout_s))
+
     @property
     def is_main(self) -> bool:
         """True on rank 0, the rank that logs, saves and receives :func:`gather_to_main`."""

@@ -28,6 +28,7 @@ import torch
 
 from mmaccel.runtime.distributed import (
     CommError,
+    DistContext,
     PipeChannel,
     all_gather_varlen,
     destroy_distributed,
@@ -484,3 +485,15 @@ def test_guard_brings_the_group_down_under_torchrun(tmp_path: Path) -> None:
     assert "aborting the process group and exiting with status 1" in output
     assert "rank 0 finished" not in output
     assert elapsed < 55, output
+
+
+def test_single_process_context_ignores_the_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    ctx = DistContext.single()
+    assert (ctx.rank, ctx.world_size, ctx.group, ctx.device.type, ctx.is_main) == (0, 1, None, "cpu", True)
+    assert exchange_neighbours(ctx, torch.ones(1), torch.ones(1)) == (None, None)
+    with pytest.raises(ValueError, match="timeout_s"):
+        DistContext.single(timeout_s=0)
+    with pytest.raises(ValueError, match="device"):
+        DistContext.single(device="not-a-device")

@@ -134,9 +134,21 @@ def test_loads_llamagen_style_training_checkpoint(tmp_path) -> None:
     assert torch.equal(_outputs(model)[0], _outputs(loaded)[0])
 
 
+class _Opaque:
+    """An arbitrary pickled object: not on the allow-list, so loading must refuse it."""
+
+
+def test_loads_training_checkpoint_with_args_namespace(tmp_path) -> None:
+    model = tiny_gpt(seed=3)
+    args = argparse.Namespace(lr=1e-4, gpt_model="GPT-B", image_size=256)
+    torch.save({"model": model.state_dict(), "args": args, "steps": 7}, tmp_path / "with_args.pt")
+    loaded = GPT.from_checkpoint(tmp_path / "with_args.pt", model.config).eval()
+    assert torch.equal(_outputs(model)[0], _outputs(loaded)[0])
+
+
 def test_checkpoint_errors(tmp_path) -> None:
     model = tiny_gpt()
-    torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=1)}, tmp_path / "pickled.pt")
+    torch.save({"model": model.state_dict(), "extra": _Opaque()}, tmp_path / "pickled.pt")
     with pytest.raises(ValueError, match="weights_only"):
         GPT.from_checkpoint(tmp_path / "pickled.pt", model.config)
     model.save_checkpoint(tmp_path / "plain.safetensors")

@@ -3,8 +3,9 @@
 * pure checks of the clip plan, the seed scheme and the configs;
 * one process: ``generate_long_video`` equals the plain ``WanPipeline`` output exactly;
 * two gloo ranks (``torchrun``, CPU): the final latents equal a single-process simulation of the
-  same algorithm (the whole video through the plain pipeline, each query frame masked to its
-  clip's local window plus the global frames, with the same phase bias); a rank killed mid-run
+  same algorithm (the whole video through the plain pipeline, each query frame attending to the
+  key frames the plan gives it: its band, zero K/V frames at the video ends, the global frames
+  with duplicates, with the same phase bias); a rank killed mid-run
   ends the launch with a clear error in well under 60 s; ``--resume`` then writes a byte-identical
   MP4 and the same latents as the uninterrupted run.
 """
@@ -38,7 +39,13 @@ from mmaccel.parallel_video import (
     generate_long_video,
     latent_frame_count,
 )
-from mmaccel.parallel_video.layer_pipeline import LayerPipelineConfig, run_layer_pipeline
+from mmaccel.parallel_video.layer_pipeline import (
+    LayerPipelineConfig,
+    LayerStage,
+    block_sizes,
+    context_frames,
+    run_layer_pipeline,
+)
 from mmaccel.runtime.distributed import init_distributed
 from mmaccel.runtime.patching import PatchHandle
 from mmaccel.testing import load_tiny, save_tiny
@@ -72,9 +79,24 @@ FULL_DRIVER = textwrap.dedent(
             height={RUN["height"]}, width={RUN["width"]}, max_sequence_length=32, seed={RUN["seed"]},
             mode="pipeline", pipeline=LayerPipelineConfig(**{PIPELINE!r}),
         )
-        out = generate_long_video(load_tiny("wan", sys.argv[1]), config, ctx, progress=False)
+        pipe = load_tiny("wan", sys.argv[1])
+        out = generate_long_video(pipe, config, ctx, progress=False)
         if ctx.is_main:
             torch.save(out.latents, sys.argv[2])
+        lagged = LongVideoConfig(**{{**config.__dict__, "pipeline": LayerPipelineConfig(**{PIPELINE!r}, tail_lag=1)}})
+        out = generate_long_video(pipe, lagged, ctx, progress=False)
+        if ctx.is_main:
+            torch.save(out.latents, sys.argv[2] + ".lag1")
+        # both modes with their defaults at Wan-style lengths (9 and 21 latent frames), 2 steps
+        for frames in (33, 81):
+            for mode in ("clip", "pipeline"):
+                config = LongVideoConfig(
+                    prompt={PROMPT!r}, num_frames=frames, num_inference_steps=2, height=32, width=48,
+                    max_sequence_length=32, seed={RUN["seed"]}, mode=mode,
+                )
+                out = generate_long_video(pipe, config, ctx, progress=False)
+                if ctx.is_main:
+                    torch.save((tuple(out.frames.shape), out.latents), sys.argv[2] + f".{{mode}}{{frames}}")
     sys.exit(main(sys.argv[3:]))
     """
 )
@@ -114,7 +136,9 @@ def pipe(tiny_dir):
 
 
 def test_plan_balances_clips_and_dedupes_globals():
-    plan = ClipPlan.build(num_frames=10, world_size=3, padding=2, global_frames=4)
+    """Our options: whole-clip window, no keys at the ends, uniform deduplicated global frames."""
+    options = dict(local_scope="window", end_keys="none", global_sampling="uniform")
+    plan = ClipPlan.build(num_frames=10, world_size=3, padding=2, global_frames=4, **options)
     assert plan.clips == ((0, 4), (4, 7), (7, 10))
     assert plan.global_indices == (0, 3, 6, 9)
     assert [plan.window(r) for r in range(3)] == [(0, 6), (2, 9), (5, 10)]
@@ -124,8 +148,85 @@ def test_plan_balances_clips_and_dedupes_globals():
         and plan.extra_globals(1) == (0, 9)
         and plan.extra_globals(2) == (0, 3)
     )
-    single = ClipPlan.build(num_frames=5, world_size=1, padding=3, global_frames=5)
+    single = ClipPlan.build(num_frames=5, world_size=1, padding=3, global_frames=5, **options)
     assert single.window(0) == (0, 5) and single.extra_globals(0) == ()
+
+
+def test_reference_local_band_per_query_frame():
+    """Video-Infinity's mask: query frame i sees padded keys i .. i + 2p, i.e. frames i - p .. i + p,
+    with p zero frames at each video end and the neighbours' halos in between."""
+    plan = ClipPlan.build(num_frames=8, world_size=2, padding=1, global_frames=0)
+    assert plan.clips == ((0, 4), (4, 8))
+    assert plan.local_keys(0) == (-1, 0, 1, 2, 3, 4) and plan.local_keys(1) == (3, 4, 5, 6, 7, 8)
+    for rank in range(2):
+        expected = torch.zeros(4, 6, dtype=torch.bool)
+        for i in range(4):  # the reference loop: everything outside [i, i + 2p] is -inf
+            expected[i, i : i + 3] = True
+        assert torch.equal(plan.local_mask(rank), expected)
+    assert plan.visible_frames(0) == [-1, 0, 1]  # a zero frame at the start takes softmax weight
+    assert plan.visible_frames(3) == [2, 3, 4]  # across the clip boundary through the halo
+    assert plan.visible_frames(7) == [6, 7, 8]
+    wide = ClipPlan.build(num_frames=12, world_size=2, padding=2, global_frames=0)
+    assert wide.visible_frames(5) == [3, 4, 5, 6, 7] and len(wide.visible_frames(0)) == 5
+    # options: the whole clip + halos, and no keys at the video ends
+    window = ClipPlan.build(8, 2, 1, 0, local_scope="window", end_keys="none")
+    assert window.visible_frames(0) == [0, 1, 2, 3, 4] and window.visible_frames(7) == [3, 4, 5, 6, 7]
+
+
+@pytest.mark.parametrize(
+    ("frames", "ranks", "top_k", "expected"),
+    [
+        (48, 2, 16, tuple(range(0, 48, 3))),  # the shipped config: 24 frames per GPU, top_k 16, stride 3
+        (10, 3, 4, (0, 4, 7)),  # share 1 per clip: each clip's first frame
+        (10, 2, 4, (0, 2, 4, 5)),  # clips of 5, share 2, stride 2: (0, 2, 4) + (5, 7, 9) cut to 4
+        (8, 4, 2, (0, 2)),  # top_k < ranks: frame 0 of every clip, the first 2 kept
+        (6, 2, 0, ()),
+    ],
+)
+def test_reference_global_frames_per_clip_stride(frames, ranks, top_k, expected):
+    plan = ClipPlan.build(frames, ranks, 1, top_k)
+    assert plan.global_indices == expected
+    # every query sees every global frame, even one already in its band (a duplicate key)
+    assert plan.global_keys(ranks - 1) == expected
+
+
+def test_dualparal_context_frames():
+    """DualParal: block b's input starts with block b-1's last num_cat latents, and its queries also
+    see the cached K/V of block b+1's first num_cat frames (Num_C = 2 num_cat)."""
+    config = LayerPipelineConfig(frames_per_block=4, num_cat=2)
+    sizes = block_sizes(12, 4)
+    assert sizes == (4, 4, 4)
+    assert context_frames(sizes, config, 0) == {"input": (), "cached_kv": (4, 5)}
+    assert context_frames(sizes, config, 1) == {"input": (2, 3), "cached_kv": (8, 9)}
+    assert context_frames(sizes, config, 2) == {"input": (6, 7), "cached_kv": ()}
+    prev = LayerPipelineConfig(frames_per_block=4, num_cat=2, context="prev_kv")
+    assert context_frames(sizes, prev, 1) == {"input": (), "cached_kv": (2, 3)}
+    # every frame count works: balanced blocks of at most frames_per_block, context capped by a short block
+    assert block_sizes(21, 10) == (7, 7, 7) and block_sizes(9, 10) == (9,) and block_sizes(5, 2) == (2, 2, 1)
+    short = LayerPipelineConfig(frames_per_block=3, num_cat=3)
+    assert context_frames((3, 1), short, 0)["cached_kv"] == (3,)
+    assert (LayerPipelineConfig().frames_per_block, LayerPipelineConfig().num_cat) == (10, 5)
+
+
+def test_layer_stage_chain_equals_transformer_forward(pipe):
+    """Two stages over all blocks (embed, blocks 0-1, blocks 2-3, head) are the transformer's forward."""
+    tr = pipe.transformer
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 16, 3, 4, 6, generator=generator)
+    text = torch.randn(2, 8, tr.config.text_dim, generator=generator)
+    timestep = torch.tensor([700.0, 700.0])
+    with torch.no_grad():
+        reference = tr(latents, timestep, text, return_dict=False)[0]
+        stages = [LayerStage(tr, 0, 2), LayerStage(tr, 2, 4)]
+        cond = stages[0].conditions(timestep, text)
+        rotary = stages[0].rotary(latents.shape, 0)
+        hidden = stages[0].embed(latents)
+        for stage in stages:
+            hidden = stage(hidden, cond, rotary)
+        out = stages[-1].head(hidden, cond, latents.shape)
+    torch.testing.assert_close(out, reference, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="lo < hi"):
+        LayerStage(tr, 2, 2)
 
 
 @pytest.mark.parametrize(
@@ -138,7 +239,7 @@ def test_plan_balances_clips_and_dedupes_globals():
 )
 def test_plan_rejects_impossible_splits(frames, ranks, padding, globals_, match):
     with pytest.raises(ValueError, match=match):
-        ClipPlan.build(frames, ranks, padding, globals_)
+        ClipPlan.build(frames, ranks, padding, globals_, global_sampling="uniform")
 
 
 def test_frame_count_must_match_temporal_stride():
@@ -197,8 +298,8 @@ def test_bad_inputs_are_clear_errors(pipe, capsys):
     assert cli_main([*CLI_ARGS, "--model", "tiny", "--mode", "pipeline", "--resume"]) == 2
     assert "--mode clip only" in capsys.readouterr().err
     blocks = LongVideoConfig(prompt=PROMPT, num_frames=17, height=32, width=48, mode="pipeline")
-    with pytest.raises(ValueError, match="frames_per_block=2 must divide the video's 5 latent frames"):
-        check_long_video(pipe, blocks, 1)
+    for frames in (17, 33, 81, 85):  # every valid frame count works with the pipeline's defaults
+        check_long_video(pipe, LongVideoConfig(**{**blocks.__dict__, "num_frames": frames}), 2)
     with pytest.raises(ValueError, match="more ranks"):
         check_long_video(pipe, LongVideoConfig(**{**blocks.__dict__, "num_frames": 21}), 5)
 
@@ -230,9 +331,10 @@ def test_one_rank_equals_plain_pipeline(pipe, tmp_path):
         guidance_scale=5.0, max_sequence_length=32, latents=noise, output_type="np",
     ).frames[0]  # fmt: skip
     processors = [block.attn1.processor for block in pipe.transformer.blocks]
+    dense_options = dict(local_scope="window", end_keys="none", global_sampling="uniform")
     config = LongVideoConfig(
         prompt=PROMPT, num_frames=9, num_inference_steps=2, height=32, width=48, max_sequence_length=32,
-        seed=RUN["seed"], clip=ClipParallelConfig(padding=2, global_frames=3, phase_bias=10.0),
+        seed=RUN["seed"], clip=ClipParallelConfig(padding=2, global_frames=3, phase_bias=10.0, **dense_options),
         checkpoint_dir=str(tmp_path),
     )  # fmt: skip
     out = generate_long_video(pipe, config, progress=False)
@@ -256,33 +358,23 @@ def test_clipwise_decode_with_all_preceding_frames_is_exact(pipe):
 
 def test_processor_rejects_wrong_clip(pipe):
     ctx = init_distributed()
-    with apply_clip_parallel(pipe.transformer, ClipParallelConfig(), ctx, num_latent_frames=4):
+    with apply_clip_parallel(pipe.transformer, ClipParallelConfig(), ctx=ctx, num_latent_frames=4):
         with pytest.raises(ValueError, match=r"owns latent frames \[0, 4\)"):
             pipe.transformer(torch.zeros(1, 16, 3, 4, 6), torch.tensor([500.0]), torch.zeros(1, 8, 32))
         with pytest.raises(ValueError, match="already applied"):
-            apply_clip_parallel(pipe.transformer, ClipParallelConfig(), ctx, num_latent_frames=4)
+            apply_clip_parallel(pipe.transformer, ClipParallelConfig(), ctx=ctx, num_latent_frames=4)
 
 
 # ---------------------------------------------------------------- single-process simulation
 
 
 class _MaskedDualScope:
-    """Reference: dense attention over the whole video, each query frame masked to its clip's
-    local window and the global frames, with the phase bias added to one scope."""
+    """Reference: attention over the whole video where each query frame attends to exactly the key
+    frames the plan lists for it (band or window, zero K/V frames at the video ends, the global
+    frames with duplicates), with the phase bias added to one scope."""
 
     def __init__(self, plan: ClipPlan, config: ClipParallelConfig, timestep: list[float]) -> None:
         self.plan, self.config, self.timestep = plan, config, timestep
-
-    def frame_mask(self) -> torch.Tensor:
-        n, bias = self.plan.num_frames, self.config.phase_bias
-        to_global = self.timestep[0] >= self.config.phase_boundary
-        mask = torch.full((n, n), float("-inf"))
-        for rank, (start, end) in enumerate(self.plan.clips):
-            lo, hi = self.plan.window(rank)
-            for key in self.plan.global_indices:
-                mask[start:end, key] = bias if to_global else 0.0
-            mask[start:end, lo:hi] = 0.0 if to_global else bias
-        return mask
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         from mmaccel.runtime.adapters.wan import apply_rotary as apply_wan_rotary
@@ -293,17 +385,39 @@ class _MaskedDualScope:
         q = apply_wan_rotary(heads(attn.norm_q(attn.to_q(hidden_states))), *rotary_emb)
         k = apply_wan_rotary(heads(attn.norm_k(attn.to_k(hidden_states))), *rotary_emb)
         v = heads(attn.to_v(hidden_states))
-        per_frame = hidden_states.shape[1] // self.plan.num_frames
-        mask = self.frame_mask().repeat_interleave(per_frame, 0).repeat_interleave(per_frame, 1)
-        out = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), attn_mask=mask)
-        return attn.to_out[1](attn.to_out[0](out.transpose(1, 2).flatten(2)))
+        n = self.plan.num_frames
+        q, k, v = (x.unflatten(1, (n, -1)) for x in (q, k, v))  # (B, frames, tokens, H, D)
+        to_global = self.timestep[0] >= self.config.phase_boundary
+        outs = []
+        for frame in range(n):
+            visible = self.plan.visible_frames(frame)
+            rank = self.plan.owner(frame)
+            n_local = len(visible) - len(self.plan.global_keys(rank))
+            keys = [k[:, f] if 0 <= f < n else torch.zeros_like(k[:, 0]) for f in visible]
+            values = [v[:, f] if 0 <= f < n else torch.zeros_like(v[:, 0]) for f in visible]
+            per_frame = keys[0].shape[1]
+            bias = torch.zeros(len(visible))
+            bias[n_local:] = self.config.phase_bias if to_global else 0.0
+            bias[:n_local] = 0.0 if to_global else self.config.phase_bias
+            if n_local == len(visible):
+                bias.zero_()
+            mask = bias.repeat_interleave(per_frame).view(1, 1, 1, -1)
+            out = F.scaled_dot_product_attention(
+                q[:, frame].transpose(1, 2), torch.cat(keys, 1).transpose(1, 2), torch.cat(values, 1).transpose(1, 2),
+                attn_mask=mask,
+            )  # fmt: skip
+            outs.append(out.transpose(1, 2))
+        out = torch.cat(outs, dim=1)
+        return attn.to_out[1](attn.to_out[0](out.flatten(2)))
 
 
-def _simulate(pipe, world_size: int) -> torch.Tensor:
-    config = ClipParallelConfig(
-        padding=RUN["padding"], global_frames=RUN["global_frames"], phase_bias=RUN["phase_bias"]
-    )
-    plan = ClipPlan.build(5, world_size, config.padding, config.global_frames)
+def _simulate(pipe, world_size: int, frames: int = RUN["frames"], steps: int = RUN["steps"], config=None) -> torch.Tensor:
+    if config is None:
+        config = ClipParallelConfig(
+            padding=RUN["padding"], global_frames=RUN["global_frames"], phase_bias=RUN["phase_bias"]
+        )
+    latent_frames = latent_frame_count(frames, 4)
+    plan = config.plan(latent_frames, world_size)
     timestep: list[float] = [0.0]
     handle = PatchHandle(pipe.transformer, "test_simulation")
     handle.add_torch_hook(
@@ -315,9 +429,9 @@ def _simulate(pipe, world_size: int) -> torch.Tensor:
         handle.set_processor(block.attn1, _MaskedDualScope(plan, config, timestep))
     with handle:
         return pipe(
-            prompt=PROMPT, negative_prompt="", height=RUN["height"], width=RUN["width"], num_frames=RUN["frames"],
-            num_inference_steps=RUN["steps"], guidance_scale=5.0, max_sequence_length=32, output_type="latent",
-            latents=frame_noise(RUN["seed"], range(5), (16, 4, 6)),
+            prompt=PROMPT, negative_prompt="", height=RUN["height"], width=RUN["width"], num_frames=frames,
+            num_inference_steps=steps, guidance_scale=5.0, max_sequence_length=32, output_type="latent",
+            latents=frame_noise(RUN["seed"], range(latent_frames), (16, 4, 6)),
         ).frames  # fmt: skip
 
 
@@ -425,11 +539,14 @@ def test_killed_rank_fails_fast_and_resume_is_identical(two_rank_runs):
 # ---------------------------------------------------------------- DualParal layer pipeline
 
 
-def _pipeline_latents(pipe, frames_per_block: int, num_cat: int, steps: int = RUN["steps"]) -> torch.Tensor:
+def _pipeline_latents(
+    pipe, frames_per_block: int, num_cat: int, steps: int = RUN["steps"], tail_lag: int = 0
+) -> torch.Tensor:
     """The layer pipeline in this process (world size 1): the single-process block-wise schedule."""
     cond, uncond = pipe.encode_prompt(PROMPT, "", max_sequence_length=32)
+    config = LayerPipelineConfig(frames_per_block, num_cat, tail_lag=tail_lag)
     latents, stats = run_layer_pipeline(
-        pipe, init_distributed(), LayerPipelineConfig(frames_per_block, num_cat), text=torch.cat([cond, uncond]),
+        pipe, init_distributed(), config, text=torch.cat([cond, uncond]),
         guidance_scale=5.0, num_latent_frames=5, latent_hw=(4, 6), steps=steps, seed=RUN["seed"],
         progress=False,
     )  # fmt: skip
@@ -456,3 +573,75 @@ def test_two_rank_pipeline_equals_single_process_schedule(pipe, two_rank_runs):
     # the feature cache matters: without it the blocks are denoised independently
     isolated = _pipeline_latents(pipe, PIPELINE["frames_per_block"], 0, PIPELINE_STEPS)
     assert (isolated - single).abs().max() > 1e-3
+    # tail_lag=1: the previous block's prefix one update older, the same on 2 ranks as on 1
+    lagged = _pipeline_latents(pipe, PIPELINE["frames_per_block"], PIPELINE["num_cat"], PIPELINE_STEPS, tail_lag=1)
+    torch.testing.assert_close(torch.load(tmp / "pipeline.pt.lag1", weights_only=True), lagged, rtol=1e-5, atol=1e-5)
+    assert (lagged - single).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("frames", [33, 81])
+def test_both_modes_run_at_wan_lengths_with_defaults(pipe, two_rank_runs, frames):
+    """2 ranks, default configs, 33 and 81 frames: clip mode equals its single-process simulation,
+    the pipeline equals its single-process schedule (uneven 21 = 7 + 7 + 7 blocks included)."""
+    tmp, (rc, out, _), *_ = two_rank_runs
+    assert rc == 0, out
+    latent_frames = latent_frame_count(frames, 4)
+    shape, clip = torch.load(tmp / f"pipeline.pt.clip{frames}", weights_only=True)
+    assert tuple(shape) == (frames, RUN["height"], RUN["width"], 3)
+    simulated = _simulate(pipe, 2, frames=frames, steps=2, config=ClipParallelConfig())
+    torch.testing.assert_close(clip, simulated, rtol=1e-4, atol=1e-4)
+    shape, pipelined = torch.load(tmp / f"pipeline.pt.pipeline{frames}", weights_only=True)
+    assert tuple(shape) == (frames, RUN["height"], RUN["width"], 3)
+    cond, uncond = pipe.encode_prompt(PROMPT, "", max_sequence_length=32)
+    single, stats = run_layer_pipeline(
+        pipe, init_distributed(), None, text=torch.cat([cond, uncond]), guidance_scale=5.0,
+        num_latent_frames=latent_frames, latent_hw=(4, 6), steps=2, seed=RUN["seed"], progress=False,
+    )  # fmt: skip
+    assert sum(stats["block_sizes"]) == latent_frames
+    torch.testing.assert_close(pipelined, single, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_errors_are_one_line_before_any_model_loads(monkeypatch, capsys):
+    import mmaccel.apps.video as video
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(video, "_load", no_loading)
+    base = ["video", "--model", "tiny", "--prompt", PROMPT, "--quiet", "--steps", "2"]
+    cases = [
+        (["--frames", "34"], "frames - 1 must be divisible"),
+        (["--frames", "33", "--padding", "9"], "padding=9"),
+        (["--frames", "33", "--width", "40"], "width must be a multiple of 16"),
+        (["--frames", "33", "--mode", "pipeline", "--num-cat", "11"], "num_cat"),
+        (["--frames", "33", "--model", "/nonexistent/wan"], "neither 'tiny'"),
+    ]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for extra, message in cases:
+        assert cli_main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    monkeypatch.setenv("RANK", "1")  # the other ranks stay silent: the error is printed once
+    assert cli_main([*base, "--frames", "34"]) == 2
+    assert capsys.readouterr().err == ""
+
+
+def test_cli_options_default_to_the_reference():
+    import argparse
+
+    from mmaccel.apps.video import _config, add_video_parser
+
+    parser = argparse.ArgumentParser()
+    add_video_parser(parser.add_subparsers())
+    base = ["video", "--prompt", PROMPT, "--frames", "81"]
+    config = _config(parser.parse_args(base))
+    assert config.clip == ClipParallelConfig() and config.pipeline == LayerPipelineConfig()
+    options = _config(parser.parse_args([
+        *base, "--local-scope", "window", "--end-keys", "none", "--global-sampling", "uniform",
+        "--phase-boundary", "800", "--context", "prev_kv", "--order", "oldest_first", "--tail-lag", "1",
+    ]))  # fmt: skip
+    assert (options.clip.local_scope, options.clip.end_keys, options.clip.global_sampling) == (
+        "window", "none", "uniform",
+    )
+    assert options.clip.phase_boundary == 800.0
+    assert (options.pipeline.context, options.pipeline.order, options.pipeline.tail_lag) == ("prev_kv", "oldest_first", 1)

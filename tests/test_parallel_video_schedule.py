@@ -73,3 +73,32 @@ def test_coordinated_noise_is_one_shuffled_template():
 def test_pipeline_config_validates(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LayerPipelineConfig(**kwargs)
+
+
+@given(blocks=st.integers(1, 12), steps=st.integers(1, 12))
+def test_newest_first_is_the_reference_order(blocks, steps):
+    """DualParal's reference walks each iteration's queue from the newest block to the oldest; the
+    same items, on the same diagonal, in reverse order within each iteration."""
+    newest = BlockSchedule(blocks, steps, iteration_order="newest_first")
+    oldest = BlockSchedule(blocks, steps)
+    for k in range(newest.num_iterations):
+        assert newest.iteration(k) == oldest.iteration(k)[::-1]
+    assert sorted(newest.order()) == sorted(oldest.order())
+    # a block finds the next block's K/V of the same iteration: it ran immediately before
+    order = newest.order()
+    for i, (b, s) in enumerate(order):
+        if b + 1 < blocks and s >= 1:
+            assert order[i - 1] == (b + 1, s - 1)
+
+
+def test_schedule_and_pipeline_options_validate():
+    with pytest.raises(ValueError, match="iteration_order must be one of"):
+        BlockSchedule(2, 2, iteration_order="random")
+    with pytest.raises(ValueError, match="context must be one of"):
+        LayerPipelineConfig(context="both")
+    with pytest.raises(ValueError, match="order must be one of"):
+        LayerPipelineConfig(order="sideways")
+    with pytest.raises(TypeError, match="num_cat"):
+        LayerPipelineConfig(num_cat=1.0)
+    with pytest.raises(ValueError, match="tail_lag must be 0 or 1"):
+        LayerPipelineConfig(tail_lag=2)

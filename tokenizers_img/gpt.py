@@ -403,27 +403,24 @@ class GPT(nn.Module):
     def from_checkpoint(cls, path: str | Path, config: GPTConfig, map_location: str = "cpu") -> GPT:
         """Build a GPT and load LlamaGen/NAR weights from ``.safetensors`` or a ``torch.save`` file.
 
-        ``torch.load`` runs with ``weights_only=True``; a ``{"model" | "module" | "state_dict": ...}``
-        wrapper, ``module.`` / ``_orig_mod.`` prefixes and weight-free runtime entries
-        (``freqs_cis``, masks, KV caches) are accepted. Loading is strict.
+        Reads through :func:`mmaccel.tokenizers_img.vq.load_state_dict_file`: ``torch.load`` with
+        ``weights_only=True`` and one allow-listed global, ``argparse.Namespace`` (LlamaGen/NAR
+        training checkpoints store their ``args`` next to the weights), so nothing else in the file
+        can run code. A ``{"model" | "state_dict" | "module" | "ema": ...}`` wrapper, ``module.`` /
+        ``_orig_mod.`` prefixes and weight-free runtime entries (``freqs_cis``, masks, KV caches)
+        are accepted. A file holding any other Python object is a ``ValueError``. Loading is strict.
         """
-        path = Path(path)
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        from mmaccel.tokenizers_img.vq import load_state_dict_file
 
-            state = load_file(str(path), device=map_location)
-        else:
-            try:
-                state = torch.load(path, map_location=map_location, weights_only=True)
-            except pickle.UnpicklingError as err:
-                raise ValueError(
-                    f"{path} holds more than tensors (weights_only=True refused it); re-save its "
-                    "state dict with torch.save(ckpt['model'], ...) or as .safetensors"
-                ) from err
-            for key in ("model", "module", "state_dict"):
-                if isinstance(state, dict) and isinstance(state.get(key), dict):
-                    state = state[key]
-                    break
+        path = Path(path)
+        try:
+            state = load_state_dict_file(path, map_location=map_location)
+        except pickle.UnpicklingError as err:
+            raise ValueError(
+                f"{path} holds Python objects other than tensors and argparse.Namespace "
+                "(weights_only=True refused it); re-save its state dict with "
+                "torch.save(ckpt['model'], ...) or as .safetensors"
+            ) from err
         model = cls(config)
         model.load_state_dict(_clean_state_dict(state))
         return model.to(map_location)

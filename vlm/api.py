@@ -22,7 +22,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from mmaccel.runtime.adapters import llava
 from mmaccel.runtime.images import DEFAULT_MAX_PIXELS, open_image
-from mmaccel.runtime.paths import check_model_folder
+from mmaccel.runtime.paths import model_folder_class
 from mmaccel.vlm.hired import HiREDConfig, HiREDHandle, apply_hired
 from mmaccel.vlm.vista import VISTAConfig, VISTAHandle, apply_vista
 
@@ -256,8 +256,13 @@ def load_vlm(
     import transformers
     from transformers import AutoConfig, AutoProcessor
 
-    if _is_local_path(path_or_model):
-        check_model_folder(Path(path_or_model).expanduser(), flag="path_or_model", accepted=llava.MODELS)
+    if _is_local_path(path_or_model):  # checked from its JSON, before anything loads
+        folder = Path(path_or_model).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"path_or_model {str(folder)!r} is not a folder")
+        found = model_folder_class(folder)
+        if found not in llava.MODELS:
+            raise TypeError(f"load_vlm supports {', '.join(llava.MODELS)}; {str(folder)!r} holds {found or 'no model'}")
     config = AutoConfig.from_pretrained(path_or_model)
     archs = [a for a in (config.architectures or []) if a in llava.MODELS]
     if not archs:
