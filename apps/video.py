@@ -29,6 +29,14 @@ from mmaccel.parallel_video.generate import (
 )
 from mmaccel.parallel_video.layer_pipeline import LayerPipelineConfig
 from mmaccel.runtime.distributed import destroy_distributed, init_distributed
+from mmaccel.runtime.limits import (
+    check_prompt,
+    check_video_memory,
+    estimate_video_memory,
+    read_video_model_config,
+)
+from mmaccel.runtime.paths import check_output_dir, check_output_path
+from mmaccel.testing import TINY_WAN_TRANSFORMER
 
 __all__ = ["add_video_parser", "check_arguments", "run_video", "write_video"]
 
@@ -151,6 +159,21 @@ def check_arguments(args: argparse.Namespace) -> LongVideoConfig:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
         raise ValueError(f"WORLD_SIZE must be an int, got {os.environ['WORLD_SIZE']!r}") from None
+    check_prompt(args.prompt, name="--prompt")
+    check_prompt(args.negative_prompt, name="--negative-prompt", allow_empty=True)
+    check_output_path(args.out, flag="--out")
+    if config.checkpoint_dir:
+        check_output_dir(config.checkpoint_dir, flag="--checkpoint-dir")
+    if folder is None:
+        transformer, temporal, spatial = TINY_WAN_TRANSFORMER, geometry.temporal_stride, geometry.spatial_stride
+    else:
+        transformer, temporal, spatial = read_video_model_config(folder)
+    estimate = estimate_video_memory(
+        config.num_frames, config.height, config.width, transformer, temporal_stride=temporal,
+        spatial_stride=spatial, ranks=world_size, dtype_bytes=_DTYPES[args.dtype].itemsize,
+        guidance=config.guidance_scale > 1,
+    )  # fmt: skip
+    check_video_memory(estimate, "cuda" if torch.cuda.is_available() else "cpu")
     check_long_video(geometry, config, world_size)
     return config
 

@@ -1,24 +1,29 @@
 """Per-clip denoising checkpoints: a killed run resumes from the last step every rank finished.
 
 Each rank writes ``clip{rank}of{world}_step{k}.pt`` (its clip's latents and the scheduler's
-state after step ``k``) atomically and keeps its last two, because ranks work in lockstep and can
-be at most one step apart when a peer dies. Files hold only tensors and plain values and are read
-with ``torch.load(weights_only=True)``.
+state after step ``k``) atomically behind a SHA-256 header (:mod:`mmaccel.runtime.checkpoint_io`)
+and keeps its last three: ranks work in lockstep and can be at most one step apart when a peer
+dies, and a corrupt newest file falls back to the one before it. Files hold only tensors and
+plain values and are read with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
-import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
-__all__ = ["available_steps", "clear", "load_step", "restore_scheduler", "save_step", "scheduler_state"]
+from mmaccel.runtime.checkpoint_io import load_verified, newest_valid, save_verified, settings_diff, verify
 
-_KEEP = 2
+__all__ = [
+    "available_steps", "clear", "load_step", "newest_loadable_step", "restore_scheduler", "save_step",
+    "scheduler_state",
+]  # fmt: skip
+
+_KEEP = 3
 _PLAIN = (Tensor, int, float, bool, str, type(None))
 
 
@@ -61,18 +66,16 @@ def save_step(
     scheduler: Any,
     meta: dict[str, Any],
 ) -> Path:
-    """Write this rank's state after ``step`` atomically and drop its checkpoints older than the last two."""
+    """Write this rank's state after ``step`` atomically and drop its checkpoints older than the last three."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / _name(rank, world_size, step)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
     payload = {
         "meta": meta,
         "step": step,
         "latents": latents.detach().cpu(),
         "scheduler": scheduler_state(scheduler),
     }
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    save_verified(payload, path)
     for old in available_steps(directory, rank, world_size)[:-_KEEP]:
         (directory / _name(rank, world_size, old)).unlink(missing_ok=True)
     return path
@@ -86,18 +89,27 @@ def available_steps(directory: Path, rank: int, world_size: int) -> list[int]:
     return sorted(int(m.group(1)) for p in directory.iterdir() if (m := pattern.fullmatch(p.name)))
 
 
+def newest_loadable_step(directory: Path, rank: int, world_size: int, warn: Callable[[str], None]) -> int:
+    """This rank's newest step whose checkpoint is intact (0: none); each corrupt newer one is
+    reported through ``warn`` in one line and skipped."""
+    paths = {directory / _name(rank, world_size, s): s for s in available_steps(directory, rank, world_size)}
+    found = newest_valid(list(paths), load=verify, warn=warn)
+    return 0 if found is None else paths[found[0]]
+
+
 def load_step(
     directory: Path, rank: int, world_size: int, step: int, meta: dict[str, Any]
 ) -> tuple[Tensor, dict[str, Any]]:
-    """This rank's latents and scheduler state after ``step``; ``ValueError`` if the run differs."""
+    """This rank's latents and scheduler state after ``step``; ``ValueError`` naming the settings
+    that differ if another run wrote it."""
     path = directory / _name(rank, world_size, step)
     if not path.is_file():
         raise FileNotFoundError(f"rank {rank}: no checkpoint for step {step} in {directory}")
-    payload = torch.load(path, weights_only=True)
+    payload = load_verified(path)
     if payload["meta"] != meta:
-        changed = sorted(k for k in meta if payload["meta"].get(k) != meta[k])
+        changed = "; ".join(settings_diff(payload["meta"], meta))
         raise ValueError(
-            f"{path} was written by a run with different settings ({', '.join(changed)}); "
+            f"{path} was written by a run with other settings ({changed}); "
             "rerun with the same settings or without --resume"
         )
     return payload["latents"], payload["scheduler"]

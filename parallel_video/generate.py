@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -207,7 +208,10 @@ def _check_geometry(geometry: VideoGeometry, config: LongVideoConfig) -> tuple[i
 
 def _resume_step(ctx: DistContext, directory: Path) -> int:
     """The last step every rank has a checkpoint for (0: start from noise)."""
-    latest = max(checkpoint.available_steps(directory, ctx.rank, ctx.world_size), default=0)
+    def warn(message: str) -> None:
+        print(f"mmaccel video: warning: rank {ctx.rank}: {message}", file=sys.stderr)
+
+    latest = checkpoint.newest_loadable_step(directory, ctx.rank, ctx.world_size, warn)
     everyone = all_gather_varlen(ctx, torch.tensor([latest], device=ctx.device))
     return int(min(int(t[0]) for t in everyone))
 

@@ -239,7 +239,6 @@ def video_never_loads(monkeypatch):
 _VIDEO = ["video", "--model", "tiny", "--steps", "1", "--quiet"]
 
 
-@pytest.mark.xfail(strict=True, reason="needs wiring in apps/video.py run_video: runtime.paths.check_output_path")
 @pytest.mark.parametrize("out", ["{dir}", "/proc/mmaccel-video.mp4", "{a_file}/video.mp4"])
 def test_video_out_checked_before_the_model_loads(capsys, files, video_never_loads, out):
     out = out.format(**{k: str(v) for k, v in files.items()})
@@ -247,14 +246,11 @@ def test_video_out_checked_before_the_model_loads(capsys, files, video_never_loa
     _assert_one_line(code, err, "--out")
 
 
-@pytest.mark.xfail(strict=True, reason="needs wiring in apps/video.py _config / parallel_video LongVideoConfig: "
-                   "runtime.limits.check_prompt")  # fmt: skip
 def test_video_100k_prompt_refused_before_the_model_loads(capsys, tmp_path, video_never_loads):
     code, err = _run([*_VIDEO, _P, "x" * 100_000, "--frames", "5", "--out", str(tmp_path / "v.mp4")], capsys)
     _assert_one_line(code, err, "--prompt", "characters")
 
 
-@pytest.mark.xfail(strict=True, reason="needs wiring in apps/video.py run_video: runtime.limits.check_video_memory")
 def test_video_billion_frames_refused_before_any_allocation(capsys, monkeypatch, tmp_path):
     import mmaccel.apps.video as video
 
@@ -276,16 +272,12 @@ def finished_run(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="needs wiring in parallel_video/checkpoint.py load_step: "
-                   "runtime.checkpoint_io.settings_diff")  # fmt: skip
 def test_video_resume_with_changed_prompt_names_the_setting(capsys, finished_run):
     argv = [*_VIDEO[:-3], "--steps", "2", "--quiet", "--frames", "5", "--out", str(finished_run), "--resume"]
     code, err = _run([*argv, _P, "a dog"], capsys)
     _assert_one_line(code, err, "prompt: 'a car' -> 'a dog'")
 
 
-@pytest.mark.xfail(strict=True, reason="needs wiring in parallel_video/checkpoint.py save_step/load_step: "
-                   "runtime.checkpoint_io.save_verified/load_verified/newest_valid")  # fmt: skip
 def test_video_resume_falls_back_from_a_truncated_checkpoint(capsys, tmp_path):
     out = tmp_path / "v.mp4"
     argv = [*_VIDEO[:-3], "--steps", "2", "--quiet", _P, "a car", "--frames", "5", "--out", str(out)]

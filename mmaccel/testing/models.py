@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 __all__ = [
+    "TINY_WAN_TRANSFORMER",
     "IMAGE_TOKEN",
     "LLAVA_CHAT_TEMPLATE",
     "TINY_BUILDERS",
@@ -387,6 +388,14 @@ def tiny_pixart_pipeline(
     return _finish_pipe(pipe, device, dtype)
 
 
+#: The tiny ``WanTransformer3DModel``'s config (``tiny_wan_pipeline``), readable without building it.
+TINY_WAN_TRANSFORMER: dict[str, Any] = dict(
+    patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=16,
+    out_channels=16, text_dim=_T5["d_model"], freq_dim=32, ffn_dim=128, num_layers=4,
+    cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+)  # fmt: skip
+
+
 def tiny_wan_pipeline(
     seed: int = 0,
     *,
@@ -404,13 +413,8 @@ def tiny_wan_pipeline(
 
     tok = tiny_tokenizer("t5")
     text_encoder = _tiny_t5(tok, seed + 2, umt5=True)
-    cfg = dict(
-        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=16,
-        out_channels=16, text_dim=_T5["d_model"], freq_dim=32, ffn_dim=128, num_layers=4,
-        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
-    )  # fmt: skip
     with _seeded(seed):
-        transformer = WanTransformer3DModel(**{**cfg, **transformer_config})
+        transformer = WanTransformer3DModel(**{**TINY_WAN_TRANSFORMER, **transformer_config})
     with _seeded(seed + 1):
         vae = AutoencoderKLWan(
             base_dim=3,
