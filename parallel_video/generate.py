@@ -8,13 +8,16 @@ options that make the attention dense). A resumed run is the one exception: ``Wa
 start in the middle of its schedule, so the remaining steps run in :func:`_denoise_remaining`.
 ``mode="pipeline"``: :func:`run_layer_pipeline` (DualParal), which cannot be a ``WanPipeline``
 call: each block is at its own step, each rank runs only some of the blocks, and a block's input
-includes another block's latents.
+includes another block's latents. It checkpoints each rank's part after every
+``checkpoint_every`` iterations of the block schedule and resumes from the last iteration every
+rank saved, with the same files, fingerprint and fallback rules as clip mode.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -55,9 +58,10 @@ class LongVideoConfig:
     decode_overlap: latent frames of left context each clip's VAE decode starts from (>= 1), or
         ``None`` for all preceding frames, which decodes exactly as the whole video at once (the
         Wan VAE's causal convolutions have a long temporal receptive field).
-    checkpoint_dir: where each rank saves its clip after every ``checkpoint_every`` steps
-        (``None``: no checkpoints); ``resume=True`` continues from the last common step there.
-        Clip mode only.
+    checkpoint_dir: where each rank saves its state (``None``: no checkpoints): clip mode, its
+        clip after every ``checkpoint_every`` steps; pipeline mode, its part of the layer pipeline
+        after every ``checkpoint_every`` iterations of the block schedule (each one drains the
+        pipeline briefly). ``resume=True`` continues from the last point every rank saved there.
     """
 
     prompt: str
@@ -78,14 +82,12 @@ class LongVideoConfig:
     resume: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
         if not isinstance(self.prompt, str):
             raise TypeError(f"prompt must be a str, got {type(self.prompt).__name__}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.mode == "pipeline" and self.checkpoint_dir is not None:
-            raise ValueError(
-                "checkpoint_dir / resume are implemented for mode='clip' only; pass checkpoint_dir=None"
-            )
         for name, low in (("num_frames", 1), ("num_inference_steps", 1), ("height", 1), ("width", 1),
                           ("max_sequence_length", 1), ("decode_overlap", 1), ("checkpoint_every", 1)):  # fmt: skip
             value = getattr(self, name)
@@ -97,8 +99,8 @@ class LongVideoConfig:
                 raise ValueError(f"{name} must be an int >= {low}, got {value}")
         if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float)):
             raise TypeError(f"guidance_scale must be a number >= 0, got {type(self.guidance_scale).__name__}")
-        if not self.guidance_scale >= 0:
-            raise ValueError(f"guidance_scale must be a number >= 0, got {self.guidance_scale}")
+        if not 0 <= self.guidance_scale < math.inf:
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale}")
         if not isinstance(self.clip, ClipParallelConfig):
             raise TypeError(f"clip must be a ClipParallelConfig, got {type(self.clip).__name__}")
         if not isinstance(self.pipeline, LayerPipelineConfig):
@@ -206,12 +208,13 @@ def _check_geometry(geometry: VideoGeometry, config: LongVideoConfig) -> tuple[i
     return frames, config.height // spatial, config.width // spatial
 
 
-def _resume_step(ctx: DistContext, directory: Path) -> int:
-    """The last step every rank has a checkpoint for (0: start from noise)."""
+def _resume_step(ctx: DistContext, directory: Path, kind: str = "clip") -> int:
+    """The last step (clip mode) or iteration (pipeline mode) every rank has an intact
+    checkpoint for (0: start from noise)."""
     def warn(message: str) -> None:
         print(f"mmaccel video: warning: rank {ctx.rank}: {message}", file=sys.stderr)
 
-    latest = checkpoint.newest_loadable_step(directory, ctx.rank, ctx.world_size, warn)
+    latest = checkpoint.newest_loadable_step(directory, ctx.rank, ctx.world_size, warn, kind)
     everyone = all_gather_varlen(ctx, torch.tensor([latest], device=ctx.device))
     return int(min(int(t[0]) for t in everyone))
 
@@ -360,12 +363,26 @@ def _generate_pipelined(
         device=ctx.device,
     )
     text = torch.cat([prompt_embeds, negative_embeds]) if do_cfg else prompt_embeds
+    directory = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+    meta = _fingerprint(pipe, config, ctx.world_size)
+    first, state = 0, None
+    if directory is not None and config.resume:
+        first = _resume_step(ctx, directory, "pipeline")
+        if first:
+            state = checkpoint.load_iteration(directory, ctx.rank, ctx.world_size, first, meta)
+    elif directory is not None:
+        checkpoint.clear(directory, ctx.rank, ctx.world_size, "pipeline")
+
+    def save(iteration: int, rank_state: dict[str, Any]) -> None:
+        checkpoint.save_iteration(directory, ctx.rank, ctx.world_size, iteration, rank_state, meta)
+
     latents, stats = run_layer_pipeline(
         pipe, ctx, config.pipeline, text=text.to(pipe.transformer.dtype), guidance_scale=config.guidance_scale,
         num_latent_frames=num_latent, latent_hw=(latent_h, latent_w), steps=config.num_inference_steps,
-        seed=config.seed, progress=progress,
+        seed=config.seed, progress=progress, on_checkpoint=save if directory is not None else None,
+        checkpoint_every=config.checkpoint_every, resume=state,
     )  # fmt: skip
-    stats.update(latent_frames=num_latent, resumed_from_step=0)
+    stats.update(latent_frames=num_latent, resumed_from_step=first)
     if not ctx.is_main:
         return LongVideoOutput(None, None, stats)
     began = time.perf_counter()

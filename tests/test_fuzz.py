@@ -64,23 +64,7 @@ INF_DOCUMENTED = {
 }
 # Findings of this fuzz whose fix belongs to another package: "config.field=value" -> the file.
 # Each is a strict xfail, so it turns red (remove the line) once the owner fixes it.
-_SEED = "seed is not validated: a float seed (nan, inf) is accepted"
-KNOWN: dict[str, str] = {
-    "diffusion.DistillConfig.seed=nan": f"needs a fix in diffusion/train.py DistillConfig: {_SEED}",
-    "diffusion.DistillConfig.seed=inf": f"needs a fix in diffusion/train.py DistillConfig: {_SEED}",
-    "parallel_video.LongVideoConfig.seed=nan": f"needs a fix in parallel_video/generate.py LongVideoConfig: {_SEED}",
-    "diffusion.DistillConfig.seed=-inf": f"needs a fix in diffusion/train.py DistillConfig: {_SEED}",
-    "parallel_video.LongVideoConfig.seed=inf": f"needs a fix in parallel_video/generate.py LongVideoConfig: {_SEED}",
-    "parallel_video.LongVideoConfig.seed=-inf": f"needs a fix in parallel_video/generate.py LongVideoConfig: {_SEED}",
-    "parallel_video.LongVideoConfig.guidance_scale=inf":
-        "needs a fix in parallel_video/generate.py LongVideoConfig: guidance_scale=inf accepted",
-    "tokenizers_img.Compact1DConfig.mlp_ratio=inf":
-        "needs a fix in tokenizers_img/compact_1d.py Compact1DConfig: mlp_ratio=inf accepted",
-    "tokenizers_img.Compact1DConfig.commit_beta=inf":
-        "needs a fix in tokenizers_img/compact_1d.py Compact1DConfig: commit_beta=inf accepted",
-    "tokenizers_img.GPTConfig.rope_base=inf": "needs a fix in tokenizers_img/gpt.py GPTConfig: rope_base=inf accepted",
-    "tokenizers_img.GPTConfig.norm_eps=inf": "needs a fix in tokenizers_img/gpt.py GPTConfig: norm_eps=inf accepted",
-}  # fmt: skip
+KNOWN: dict[str, str] = {}  # none open: every finding so far is fixed
 
 
 def test_discovery_finds_the_configs():

@@ -92,10 +92,10 @@ class Compact1DConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
                 raise TypeError(f"{name} must be a float, got {value!r}")
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
-        if self.commit_beta < 0:
-            raise ValueError(f"commit_beta must be >= 0, got {self.commit_beta}")
+        if not 0 < self.mlp_ratio < math.inf:
+            raise ValueError(f"mlp_ratio must be a finite number > 0, got {self.mlp_ratio}")
+        if not 0 <= self.commit_beta < math.inf:
+            raise ValueError(f"commit_beta must be a finite number >= 0, got {self.commit_beta}")
         if not isinstance(self.nested_dropout, bool):
             raise TypeError(f"nested_dropout must be a bool, got {type(self.nested_dropout).__name__}")
 

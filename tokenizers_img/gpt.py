@@ -103,8 +103,9 @@ class GPTConfig:
             raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
         if self.ffn_dim_multiplier is not None and not self.ffn_dim_multiplier > 0:
             raise ValueError(f"ffn_dim_multiplier must be > 0, got {self.ffn_dim_multiplier}")
-        if not self.rope_base > 0 or not self.norm_eps > 0:
-            raise ValueError(f"rope_base and norm_eps must be > 0, got {self.rope_base}, {self.norm_eps}")
+        for name in ("rope_base", "norm_eps"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
 
     @classmethod
     def preset(cls, size: str, **overrides: object) -> GPTConfig:

@@ -23,6 +23,7 @@ ZOO_DIR = Path(__file__).resolve().parent / "models"
 REGISTRY: dict[str, str] = {
     "digit-classifier": "mmaccel.apps.zoo.digits",
     "digits-dit": "mmaccel.apps.zoo.digits_dit",
+    "digits-dydit": "mmaccel.apps.zoo.digits_dydit",
     "moving-digits": "mmaccel.apps.zoo.moving_digits",
     "shapes-vlm": "mmaccel.apps.zoo.shapes_vlm",
     "digits-nar": "mmaccel.apps.zoo.digits_nar",
