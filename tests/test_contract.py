@@ -44,7 +44,9 @@ def _exported(suffix: str = "", prefix: str = "") -> dict[str, object]:
 def test_every_apply_is_in_the_registry_and_its_contract_test_exists():
     applies = {key.rsplit(".", 1)[1] for key in _exported(prefix="apply_")}
     assert applies == set(REGISTRY), f"unregistered: {applies - set(REGISTRY)}, stale: {set(REGISTRY) - applies}"
+    configs = {key.rsplit(".", 1)[1] for key in _exported(suffix="Config")}
     for config, test in REGISTRY.values():
+        assert config in configs, config
         path, name = test.split("::")
         assert f"def {name}(" in (ROOT / path).read_text(), test
         assert "check_technique_contract(" in (ROOT / path).read_text()
