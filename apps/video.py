@@ -4,9 +4,10 @@
         --frames 33 --steps 4 --out car.mp4
 
 Every rank runs the same command; rank 0 shows the progress bar and writes the MP4 (atomically:
-a temporary file renamed into place). In ``--mode clip`` each rank checkpoints its clip after
-every step in ``--checkpoint-dir`` (default ``<out>.parts``), so a killed run continues with
-``--resume`` and writes the identical video. ``--mode pipeline`` runs the DualParal layer pipeline.
+a temporary file renamed into place). Each rank checkpoints its state in ``--checkpoint-dir``
+(default ``<out>.parts``): its clip after every step in ``--mode clip``; its part of the DualParal
+layer pipeline after every iteration of the block schedule in ``--mode pipeline`` (both every
+``--checkpoint-every``). A killed run continues with ``--resume`` and writes the identical video.
 Every argument is checked before any model loads; a user error is one line from rank 0, exit 2.
 """
 
@@ -104,8 +105,13 @@ def add_video_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
     p.add_argument("--fps", type=int, default=16)
     p.add_argument("--out", default="video.mp4", help="MP4 written by rank 0")
-    p.add_argument("--checkpoint-dir", default=None, help="per-clip checkpoints (default: <out>.parts)")
-    p.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoints")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="per-rank checkpoints, both modes (default: <out>.parts)")  # fmt: skip
+    p.add_argument("--checkpoint-every", type=int, default=1,
+                   help="checkpoint every N denoising steps (clip mode) or schedule iterations (pipeline mode; "
+                   "each checkpoint briefly drains the pipeline)")  # fmt: skip
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run from its checkpoints (same settings and rank count)")  # fmt: skip
     p.add_argument("--timeout", type=float, default=120.0, help="seconds any communication may wait")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_video)
@@ -181,8 +187,6 @@ def check_arguments(args: argparse.Namespace) -> LongVideoConfig:
 def _config(args: argparse.Namespace) -> LongVideoConfig:
     defaults = {"tiny": _TINY_DEFAULTS, "zoo": _ZOO_DEFAULTS}.get(args.model, _REAL_DEFAULTS)
     out = Path(args.out)
-    if args.mode == "pipeline" and (args.resume or args.checkpoint_dir):
-        raise ValueError("--resume and --checkpoint-dir are implemented for --mode clip only")
     checkpoints = args.checkpoint_dir or str(out.with_name(out.name + ".parts"))
     return LongVideoConfig(
         prompt=args.prompt,
@@ -198,7 +202,8 @@ def _config(args: argparse.Namespace) -> LongVideoConfig:
         clip=ClipParallelConfig(**_given(args, _CLIP_ARGS)),
         decode_overlap=args.decode_overlap,
         pipeline=LayerPipelineConfig(**_given(args, _PIPELINE_ARGS)),
-        checkpoint_dir=checkpoints if args.mode == "clip" else None,
+        checkpoint_dir=checkpoints,
+        checkpoint_every=args.checkpoint_every,
         resume=args.resume,
     )
 
@@ -253,7 +258,8 @@ def run_video(args: argparse.Namespace) -> int:
                     f"wrote {path}: {result.frames.shape[0]} frames {config.height}x{config.width}, "
                     f"{ctx.world_size} rank(s), denoise {stats['denoise_s']:.1f}s, decode {stats['decode_s']:.1f}s"
                     + (
-                        f", resumed from step {stats['resumed_from_step']}"
+                        f", resumed from {'iteration' if config.mode == 'pipeline' else 'step'} "
+                        f"{stats['resumed_from_step']}"
                         if stats["resumed_from_step"]
                         else ""
                     )

@@ -650,6 +650,7 @@ def apply_token_density(
     ):
         raise ValueError(f"factor {config.factor} pools frames, but {name} is an image model (use (h, w))")
 
+    _check_no_block_caches(blocks, [*pooled, *sparse])
     handle = TokenDensityHandle(transformer, "token_density")
     shared = _Shared()
     stats = handle.stats
@@ -672,6 +673,27 @@ def apply_token_density(
         handle.remove()
         raise
     return handle
+
+
+#: diffusers hooks that see a block's parameters only, never its token count: ours may go inside them
+_SHAPE_AGNOSTIC_HOOKS = frozenset(
+    {"group_offloading", "lazy_prefetch_group_offloading", "layer_execution_tracker", "layerwise_casting", "peft_autocast_disable"}
+)
+
+
+def _check_no_block_caches(blocks: torch.nn.ModuleList, indices: list[int]) -> None:
+    """A block-level hook registered before ours (diffusers' FirstBlockCache, MagCache, ...)
+    would run inside our reduce/expand and see the reduced tokens: its residuals would mix
+    token counts. Refuse with the order that works (ours first, then the cache wraps it)."""
+    for i in indices:
+        registry = getattr(blocks[i], "_diffusers_hook", None)
+        foreign = [n for n in getattr(registry, "_hook_order", ()) if n not in _SHAPE_AGNOSTIC_HOOKS and n != _HOOK]
+        if foreign:
+            raise ValueError(
+                f"block {i} already carries diffusers hook(s) {foreign} (a cache such as FirstBlockCache "
+                "or MagCache): apply token density first, then enable the cache "
+                "(transformer.disable_cache(); apply_token_density(...); transformer.enable_cache(...))"
+            )
 
 
 def _check_sparse_block(block: torch.nn.Module, index: int) -> None:

@@ -1,10 +1,14 @@
-"""Per-clip denoising checkpoints: a killed run resumes from the last step every rank finished.
+"""Denoising checkpoints: a killed run resumes from the last point every rank finished.
 
-Each rank writes ``clip{rank}of{world}_step{k}.pt`` (its clip's latents and the scheduler's
-state after step ``k``) atomically behind a SHA-256 header (:mod:`mmaccel.runtime.checkpoint_io`)
-and keeps its last three: ranks work in lockstep and can be at most one step apart when a peer
-dies, and a corrupt newest file falls back to the one before it. Files hold only tensors and
-plain values and are read with ``torch.load(weights_only=True)``.
+Clip mode: each rank writes ``clip{rank}of{world}_step{k}.pt`` (its clip's latents and the
+scheduler's state after step ``k``). Pipeline mode (the DualParal layer pipeline): each rank
+writes ``pipe{rank}of{world}_iter{n}.pt``, its part of the driver's state after ``n`` iterations
+of the block schedule (:func:`save_iteration`; what it holds is listed in
+:func:`mmaccel.parallel_video.layer_pipeline.run_layer_pipeline`). Files are written atomically
+behind a SHA-256 header (:mod:`mmaccel.runtime.checkpoint_io`) and each rank keeps its last
+three: ranks can be at most one checkpoint apart when a peer dies, and a corrupt newest file
+falls back to the one before it. Files hold only tensors and plain values and are read with
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -14,21 +18,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from mmaccel.runtime.checkpoint_io import load_verified, newest_valid, save_verified, settings_diff, verify
 
 __all__ = [
-    "available_steps", "clear", "load_step", "newest_loadable_step", "restore_scheduler", "save_step",
-    "scheduler_state",
+    "KINDS", "available_steps", "clear", "load_iteration", "load_step", "newest_loadable_step",
+    "restore_scheduler", "save_iteration", "save_step", "scheduler_state",
 ]  # fmt: skip
 
 _KEEP = 3
 _PLAIN = (Tensor, int, float, bool, str, type(None))
+KINDS = {"clip": ("clip", "step"), "pipeline": ("pipe", "iter")}  # mode -> file prefix, unit
 
 
-def _name(rank: int, world_size: int, step: int) -> str:
-    return f"clip{rank}of{world_size}_step{step:05d}.pt"
+def _name(rank: int, world_size: int, step: int, kind: str = "clip") -> str:
+    prefix, unit = KINDS[kind]
+    return f"{prefix}{rank}of{world_size}_{unit}{step:05d}.pt"
 
 
 def _is_plain(value: Any) -> bool:
@@ -51,9 +58,24 @@ def scheduler_state(scheduler: Any) -> dict[str, Any]:
     return state
 
 
-def restore_scheduler(scheduler: Any, state: dict[str, Any]) -> None:
-    """Put ``state`` (from :func:`scheduler_state`) back into ``scheduler``."""
+def restore_scheduler(scheduler: Any, state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Put ``state`` (from :func:`scheduler_state`) back into ``scheduler``.
+
+    With ``device``, a tensor goes where the scheduler's current attribute of that name lives (a
+    freshly ``set_timesteps`` scheduler: e.g. UniPC keeps ``sigmas`` on the CPU), and tensors
+    the scheduler does not hold yet (its history of model outputs) go to ``device``.
+    """
+    def place(value: Any, where: torch.device | None) -> Any:
+        if isinstance(value, Tensor):
+            return value.to(where or device)
+        if isinstance(value, (list, tuple)):
+            return type(value)(place(v, where) for v in value)
+        return value
+
     for key, value in state.items():
+        if device is not None:
+            current = getattr(scheduler, key, None)
+            value = place(value, current.device if isinstance(current, Tensor) else None)
         setattr(scheduler, key, value)
 
 
@@ -81,18 +103,23 @@ def save_step(
     return path
 
 
-def available_steps(directory: Path, rank: int, world_size: int) -> list[int]:
-    """Steps this rank has a checkpoint for, ascending."""
-    pattern = re.compile(rf"clip{rank}of{world_size}_step(\d+)\.pt")
+def available_steps(directory: Path, rank: int, world_size: int, kind: str = "clip") -> list[int]:
+    """Steps (clip mode) or iterations (pipeline mode) this rank has a checkpoint for, ascending."""
+    prefix, unit = KINDS[kind]
+    pattern = re.compile(rf"{prefix}{rank}of{world_size}_{unit}(\d+)\.pt")
     if not directory.is_dir():
         return []
     return sorted(int(m.group(1)) for p in directory.iterdir() if (m := pattern.fullmatch(p.name)))
 
 
-def newest_loadable_step(directory: Path, rank: int, world_size: int, warn: Callable[[str], None]) -> int:
-    """This rank's newest step whose checkpoint is intact (0: none); each corrupt newer one is
-    reported through ``warn`` in one line and skipped."""
-    paths = {directory / _name(rank, world_size, s): s for s in available_steps(directory, rank, world_size)}
+def newest_loadable_step(
+    directory: Path, rank: int, world_size: int, warn: Callable[[str], None], kind: str = "clip"
+) -> int:
+    """This rank's newest step (or iteration) whose checkpoint is intact (0: none); each corrupt
+    newer one is reported through ``warn`` in one line and skipped."""
+    paths = {
+        directory / _name(rank, world_size, s, kind): s for s in available_steps(directory, rank, world_size, kind)
+    }
     found = newest_valid(list(paths), load=verify, warn=warn)
     return 0 if found is None else paths[found[0]]
 
@@ -102,9 +129,16 @@ def load_step(
 ) -> tuple[Tensor, dict[str, Any]]:
     """This rank's latents and scheduler state after ``step``; ``ValueError`` naming the settings
     that differ if another run wrote it."""
-    path = directory / _name(rank, world_size, step)
+    payload = _load_matching(directory, rank, world_size, step, meta, "clip")
+    return payload["latents"], payload["scheduler"]
+
+
+def _load_matching(
+    directory: Path, rank: int, world_size: int, index: int, meta: dict[str, Any], kind: str
+) -> dict[str, Any]:
+    path = directory / _name(rank, world_size, index, kind)
     if not path.is_file():
-        raise FileNotFoundError(f"rank {rank}: no checkpoint for step {step} in {directory}")
+        raise FileNotFoundError(f"rank {rank}: no checkpoint for {KINDS[kind][1]} {index} in {directory}")
     payload = load_verified(path)
     if payload["meta"] != meta:
         changed = "; ".join(settings_diff(payload["meta"], meta))
@@ -112,10 +146,31 @@ def load_step(
             f"{path} was written by a run with other settings ({changed}); "
             "rerun with the same settings or without --resume"
         )
-    return payload["latents"], payload["scheduler"]
+    return payload
 
 
-def clear(directory: Path, rank: int, world_size: int) -> None:
-    """Delete this rank's checkpoints (a fresh, non-resumed run)."""
-    for step in available_steps(directory, rank, world_size):
-        (directory / _name(rank, world_size, step)).unlink(missing_ok=True)
+def save_iteration(
+    directory: Path, rank: int, world_size: int, iteration: int, state: dict[str, Any], meta: dict[str, Any]
+) -> Path:
+    """Pipeline mode: write this rank's driver ``state`` after ``iteration`` iterations atomically
+    and drop its pipeline checkpoints older than the last three."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / _name(rank, world_size, iteration, "pipeline")
+    save_verified({"meta": meta, "iteration": iteration, "state": state}, path)
+    for old in available_steps(directory, rank, world_size, "pipeline")[:-_KEEP]:
+        (directory / _name(rank, world_size, old, "pipeline")).unlink(missing_ok=True)
+    return path
+
+
+def load_iteration(
+    directory: Path, rank: int, world_size: int, iteration: int, meta: dict[str, Any]
+) -> dict[str, Any]:
+    """Pipeline mode: this rank's driver state after ``iteration`` iterations; ``ValueError``
+    naming the settings that differ if another run wrote it."""
+    return _load_matching(directory, rank, world_size, iteration, meta, "pipeline")["state"]
+
+
+def clear(directory: Path, rank: int, world_size: int, kind: str = "clip") -> None:
+    """Delete this rank's checkpoints of one mode (a fresh, non-resumed run)."""
+    for step in available_steps(directory, rank, world_size, kind):
+        (directory / _name(rank, world_size, step, kind)).unlink(missing_ok=True)

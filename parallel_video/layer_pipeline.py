@@ -10,7 +10,9 @@ Two parts:
 * :func:`run_layer_pipeline` — the driver: it walks the :class:`~.schedule.BlockSchedule`, feeds
   each stage its inputs, moves hidden states rank to rank and latents from the last rank back to
   rank 0 through preallocated :class:`~mmaccel.runtime.distributed.PipeChannel` buffers, steps
-  each block's own copy of the scheduler and keeps the context cache.
+  each block's own copy of the scheduler and keeps the context cache. Every ``checkpoint_every``
+  iterations it hands each rank's state to ``on_checkpoint``; given such a state (``resume=``)
+  it continues to the same result bit for bit.
 
 Context between blocks (``LayerPipelineConfig.context``):
 
@@ -31,6 +33,7 @@ import copy
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +41,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mmaccel.parallel_video.checkpoint import restore_scheduler, scheduler_state
 from mmaccel.parallel_video.clip_parallel import offset_rope
 from mmaccel.parallel_video.noise import frame_noise, frame_seed
 from mmaccel.parallel_video.schedule import ORDERS, BlockSchedule, split_stages
@@ -315,18 +319,41 @@ def run_layer_pipeline(
     steps: int,
     seed: int,
     progress: bool = True,
+    on_checkpoint: Callable[[int, dict[str, Any]], None] | None = None,
+    checkpoint_every: int = 1,
+    resume: dict[str, Any] | None = None,
 ) -> tuple[Tensor | None, dict[str, Any]]:
     """Denoise a ``num_latent_frames``-frame video block-wise over the ranks' layer stages.
 
     ``text`` is ``[cond]`` or ``[cond, uncond]`` prompt embeddings (CFG batch); returns the
     latents ``(1, C, F, h, w)`` on rank 0 (``None`` elsewhere) and per-rank stats. Every rank must
     call it with the same arguments.
+
+    Checkpoints: after every ``checkpoint_every`` iterations of the schedule (and after the last)
+    each rank calls ``on_checkpoint(n, state)``, ``n`` the iterations done and ``state`` its part
+    of the run (tensors on the CPU and plain values only): ``latents`` (rank 0: every block
+    started so far, finished ones included; the last rank: the blocks in flight), ``done``
+    (updates applied per block), ``versions`` (rank 0: the last three versions of each block, for
+    the next block's input prefix), ``schedulers`` (the last rank: the state of each in-flight
+    block's scheduler copy) and ``kv`` (the cached context K/V of this rank's layers that later
+    items read; ``"prev_kv"`` only: the ``"reference"`` cache lives within one iteration). At an
+    iteration boundary no hidden state is in flight between stages; rank 0 first takes the last
+    rank's latent updates of the iteration, so a checkpoint briefly drains the pipeline.
+    ``resume``: such a ``state`` of this rank, saved after the same ``n`` on every rank; the run
+    continues with iteration ``n`` and returns what the uninterrupted run returns, bit for bit.
     """
     config = LayerPipelineConfig() if config is None else config
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
     transformer = pipe.transformer
     sizes = block_sizes(num_latent_frames, config.frames_per_block)
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     schedule = BlockSchedule(len(sizes), steps, iteration_order=config.order)
+    start_iteration = 0 if resume is None else int(resume["iterations"])
+    if not 0 <= start_iteration <= schedule.num_iterations:
+        raise ValueError(
+            f"resume: the state is after {start_iteration} iterations, the schedule has {schedule.num_iterations}"
+        )
     lo, hi = split_stages(len(transformer.blocks), ctx.world_size)[ctx.rank]
     stage = LayerStage(transformer, lo, hi)
     first, last = ctx.rank == 0, ctx.rank == ctx.world_size - 1
@@ -356,7 +383,9 @@ def run_layer_pipeline(
     back_ch = (
         PipeChannel(ctx, back_shape, torch.float32, ring=True, num_buffers=back_buffers, tag=12) if multi else None
     )
-    expected = deque(schedule.order())  # every update goes back to rank 0, the last one included
+    order = schedule.order()
+    items_before = sum(schedule.in_flight(k) for k in range(start_iteration))
+    expected = deque(order[items_before:])  # every update goes back to rank 0, the last one included
     posted: deque[tuple[tuple[int, int], CommHandle[Tensor]]] = deque()
 
     def post_receives() -> None:
@@ -375,9 +404,36 @@ def run_layer_pipeline(
 
     schedulers: dict[int, Any] = {}
     sends: deque[CommHandle[Any]] = deque()
-    iteration = -1
     waited = [0.0]  # rank 0: seconds blocked on the last rank's updates
     began = time.perf_counter()
+
+    if resume is not None:
+        latents.update({int(b): t.to(device) for b, t in resume["latents"].items()})
+        done.update({int(b): int(c) for b, c in resume["done"].items()})
+        for b, kept in resume["versions"].items():
+            versions[int(b)] = {int(c): t.to(device) for c, t in kept.items()}
+        for b, state in resume["schedulers"].items():
+            schedulers[int(b)] = copy.deepcopy(scheduler)
+            restore_scheduler(schedulers[int(b)], state, device=device)
+        for layer, name, key, value in resume["kv"]:
+            cache.kv[(int(layer), name)] = (key.to(device), value.to(device))
+        cache.extra_key_tokens = int(resume["context_key_tokens"])
+
+    def state_after(n: int) -> dict[str, Any]:
+        """This rank's part of the run after ``n`` iterations (see the docstring)."""
+        kv = [] if config.context == "reference" else [
+            [layer, name, key.detach().cpu().clone(), value.detach().cpu().clone()]
+            for (layer, name), (key, value) in cache.kv.items()
+        ]  # fmt: skip
+        return {
+            "iterations": n,
+            "latents": {b: t.detach().cpu() for b, t in latents.items()},
+            "done": dict(done),
+            "versions": {b: {c: t.detach().cpu() for c, t in kept.items()} for b, kept in versions.items()},
+            "schedulers": {b: scheduler_state(sch) for b, sch in schedulers.items()},
+            "kv": kv,
+            "context_key_tokens": cache.extra_key_tokens,
+        }
 
     def take_updates(block: int, count: int) -> None:
         """Rank 0: receive the last rank's updates, in order, until ``block`` has ``count``."""
@@ -390,79 +446,91 @@ def run_layer_pipeline(
             post_receives()
         waited[0] += time.perf_counter() - start
 
-    try:
-        order = schedule.order()
-        post_receives()
-        for b, s in tqdm(order, desc="pipeline items", disable=not (progress and ctx.is_main)):
-            k = b + s
-            if k != iteration and config.context == "reference":
-                cache.evict()  # the next-block K/V is only valid within its iteration
-            iteration = k
-            t = timesteps[s]
-            tail = contexts[b]["input"]
-            frames_in = len(tail) + sizes[b]
-            shape = torch.Size((1, channels, frames_in, *latent_hw))
-            if s == 0 and (first or last):
-                latents[b] = block_noise(seed, b, longest, (channels, *latent_hw))[:, :, : sizes[b]].to(device)
-                done[b] = 0
-                if first:
-                    keep_version(b)
-                if last:
-                    schedulers[b] = copy.deepcopy(scheduler)
-            # which K/V this item stores and uses (rank-local, the same on every rank)
-            if config.num_cat:
-                if config.context == "reference":  # own first frames, for the previous block, run next
-                    n = min(config.num_cat, sizes[b])
-                    cache.store = (len(tail) * tokens_per_frame, (len(tail) + n) * tokens_per_frame)
-                    cache.store_as = (b, k)
-                    cache.use = (b + 1, k)
-                else:
-                    n = min(config.num_cat, sizes[b])
-                    cache.store = ((sizes[b] - n) * tokens_per_frame, sizes[b] * tokens_per_frame)
-                    cache.store_as = b
-                    cache.use = b - 1 if b > 0 else None
-            cond = stage.conditions(t, text)
-            rotary = stage.rotary(shape, starts[b] - len(tail))
-            if first:
-                if multi and s > 0:
-                    take_updates(b, s)
-                need = min(s + 1 - config.tail_lag, steps)  # updates of block b - 1 its prefix shows
-                if tail and multi:
-                    take_updates(b - 1, need)
-                own = latents[b]
-                model_in = torch.cat([versions[b - 1][need][:, :, -len(tail) :], own], dim=2) if tail else own
-                hidden = stage.embed(model_in.to(dtype).expand(batch, -1, -1, -1, -1))
-            else:
-                hidden = hidden_ch.recv_prev()[:, : frames_in * tokens_per_frame]
-            hidden = stage(hidden, cond, rotary)
-            if config.context == "prev_kv" and s == steps - 1 and b > 0:
-                cache.drop(b - 1)  # block b's last step was the last use of block b - 1's K/V
-            if not last:
-                _bounded(sends, hidden_ch.send_next_async(_padded_to(hidden, 1, max_input * tokens_per_frame)))
-                continue
-            noise = stage.head(hidden, cond, shape)[:, :, len(tail) :]
-            if batch == 2:
-                noise = noise[1:] + guidance_scale * (noise[:1] - noise[1:])
-            latents[b] = schedulers[b].step(noise, t, latents[b], return_dict=False)[0]
-            done[b] = s + 1
+    def run_item(k: int, b: int, s: int) -> None:
+        """This rank's layers for block ``b`` at step ``s`` (iteration ``k``); the last rank also
+        steps the block's scheduler and sends the update back to rank 0."""
+        t = timesteps[s]
+        tail = contexts[b]["input"]
+        frames_in = len(tail) + sizes[b]
+        shape = torch.Size((1, channels, frames_in, *latent_hw))
+        if s == 0 and (first or last):
+            latents[b] = block_noise(seed, b, longest, (channels, *latent_hw))[:, :, : sizes[b]].to(device)
+            done[b] = 0
             if first:
                 keep_version(b)
-            if s == steps - 1:
-                del schedulers[b]
-            if multi:
-                _bounded(sends, back_ch.send_next_async(_padded_to(latents[b], 2, longest)))
-            if not first and s == steps - 1:
-                del latents[b]
+            if last:
+                schedulers[b] = copy.deepcopy(scheduler)
+        # which K/V this item stores and uses (rank-local, the same on every rank)
+        if config.num_cat:
+            n = min(config.num_cat, sizes[b])
+            if config.context == "reference":  # own first frames, for the previous block, run next
+                cache.store = (len(tail) * tokens_per_frame, (len(tail) + n) * tokens_per_frame)
+                cache.store_as = (b, k)
+                cache.use = (b + 1, k)
+            else:
+                cache.store = ((sizes[b] - n) * tokens_per_frame, sizes[b] * tokens_per_frame)
+                cache.store_as = b
+                cache.use = b - 1 if b > 0 else None
+        cond = stage.conditions(t, text)
+        rotary = stage.rotary(shape, starts[b] - len(tail))
+        if first:
+            if multi and s > 0:
+                take_updates(b, s)
+            need = min(s + 1 - config.tail_lag, steps)  # updates of block b - 1 its prefix shows
+            if tail and multi:
+                take_updates(b - 1, need)
+            own = latents[b]
+            model_in = torch.cat([versions[b - 1][need][:, :, -len(tail) :], own], dim=2) if tail else own
+            hidden = stage.embed(model_in.to(dtype).expand(batch, -1, -1, -1, -1))
+        else:
+            hidden = hidden_ch.recv_prev()[:, : frames_in * tokens_per_frame]
+        hidden = stage(hidden, cond, rotary)
+        if config.context == "prev_kv" and s == steps - 1 and b > 0:
+            cache.drop(b - 1)  # block b's last step was the last use of block b - 1's K/V
+        if not last:
+            _bounded(sends, hidden_ch.send_next_async(_padded_to(hidden, 1, max_input * tokens_per_frame)))
+            return
+        noise = stage.head(hidden, cond, shape)[:, :, len(tail) :]
+        if batch == 2:
+            noise = noise[1:] + guidance_scale * (noise[:1] - noise[1:])
+        latents[b] = schedulers[b].step(noise, t, latents[b], return_dict=False)[0]
+        done[b] = s + 1
+        if first:
+            keep_version(b)
+        if s == steps - 1:
+            del schedulers[b]
+        if multi:
+            _bounded(sends, back_ch.send_next_async(_padded_to(latents[b], 2, longest)))
+        if not first and s == steps - 1:
+            del latents[b]
+
+    bar = tqdm(total=len(order), initial=items_before, desc="pipeline items", disable=not (progress and ctx.is_main))
+    try:
+        post_receives()
+        for k in range(start_iteration, schedule.num_iterations):
+            if config.context == "reference":
+                cache.evict()  # the next-block K/V is only valid within its iteration
+            for b, s in schedule.iteration(k):
+                run_item(k, b, s)
+                bar.update()
+            if on_checkpoint is not None and ((k + 1) % checkpoint_every == 0 or k + 1 == schedule.num_iterations):
+                if first and multi:  # take this iteration's updates: none is left in flight to rank 0
+                    for b, s in schedule.iteration(k):
+                        take_updates(b, s + 1)
+                on_checkpoint(k + 1, state_after(k + 1))
         if first and multi:
             for b in range(len(sizes)):
                 take_updates(b, steps)
         while sends:
             sends.popleft().wait()
     finally:
+        bar.close()
         handle.remove()
     stats = {
         "denoise_s": time.perf_counter() - began,
         "items": len(order),
+        "items_run": len(order) - items_before,
+        "resumed_from_iteration": start_iteration,
         "stage": (lo, hi),
         "block_sizes": sizes,
         "context_key_tokens": cache.extra_key_tokens,

@@ -497,15 +497,60 @@ def _recv_buffer(buffer: Tensor | None, like: Tensor | None, name: str) -> Tenso
     return buffer
 
 
+_REPORTED_KEY = "mmaccel/user_error_reported"
+_REPORT_WAIT_S = 1.0
+#: Exceptions that are the user's mistake: one line, no traceback, exit status 2.
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError)
+
+
+def _first_to_report(ctx: DistContext) -> bool:
+    """Whether this rank prints a user error, marking it in the launcher's store: rank 0 always;
+    another rank only if no rank has marked one within ``_REPORT_WAIT_S`` (an error every rank
+    hits is printed once; one that only this rank hits is still printed)."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        deadline = time.monotonic() + (0 if ctx.is_main else _REPORT_WAIT_S)
+        while time.monotonic() < deadline:
+            if store.check([_REPORTED_KEY]):
+                return False
+            time.sleep(0.05)
+        store.set(_REPORTED_KEY, str(ctx.rank))
+    except Exception:  # no store (or it is gone): print rather than lose the message
+        pass
+    return True
+
+
+def _peer_reported_user_error() -> bool:
+    """Whether a peer already printed the user error that brought the group down."""
+    try:
+        return bool(dist.distributed_c10d._get_default_store().check([_REPORTED_KEY]))
+    except Exception:
+        return False
+
+
 def _abort(ctx: DistContext, exc: Exception) -> NoReturn:
-    """Report ``exc``, shut the group down within a bounded time, and exit with status 1."""
-    traceback.print_exception(exc)
-    print(
-        f"[mmaccel] rank {ctx.rank}/{ctx.world_size}: {type(exc).__name__}: {exc}\n"
-        f"[mmaccel] rank {ctx.rank}: aborting the process group and exiting with status 1",
-        file=sys.stderr,
-        flush=True,
-    )
+    """Report ``exc``, shut the group down within a bounded time, and exit.
+
+    A user error (``ValueError``, ``TypeError``, ``FileNotFoundError``) is one line, printed once
+    (see :func:`_first_to_report`), and exit status 2, as the CLI reports it; anything else prints
+    its traceback on every rank and exits with status 1. ``MMACCEL_DEBUG=1`` treats user errors
+    like the rest.
+    """
+    user_error = isinstance(exc, USER_ERRORS) and not os.environ.get("MMACCEL_DEBUG")
+    if user_error:
+        if _first_to_report(ctx):
+            where = "" if ctx.is_main else f" (rank {ctx.rank}/{ctx.world_size})"
+            print(f"mmaccel: error{where}: {exc}", file=sys.stderr, flush=True)
+    elif isinstance(exc, CommError) and _peer_reported_user_error():
+        pass  # the group broke because a peer stopped on a user error, which it printed
+    else:
+        traceback.print_exception(exc)
+        print(
+            f"[mmaccel] rank {ctx.rank}/{ctx.world_size}: {type(exc).__name__}: {exc}\n"
+            f"[mmaccel] rank {ctx.rank}: aborting the process group and exiting with status 1",
+            file=sys.stderr,
+            flush=True,
+        )
     sys.stdout.flush()
 
     def destroy() -> None:
@@ -515,4 +560,4 @@ def _abort(ctx: DistContext, exc: Exception) -> NoReturn:
     closer = threading.Thread(target=destroy, daemon=True)
     closer.start()
     closer.join(min(ctx.timeout_s, _ABORT_GRACE_S))
-    os._exit(1)
+    os._exit(2 if user_error else 1)

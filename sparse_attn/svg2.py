@@ -297,11 +297,30 @@ def _clock(device: torch.device) -> float | None:
 
 
 @torch.compiler.disable
-def _initial_centroids(jobs: list[tuple[torch.Tensor, int]], seed: int) -> list[torch.Tensor]:
+def _initial_centroids(
+    jobs: list[tuple[torch.Tensor, int]], seed: int, heads: tuple[int, int, int] | None = None
+) -> list[torch.Tensor]:
     """Cold-start centroids (random distinct tokens) for each ``(tokens, clusters)`` job, in order,
-    from one CPU generator seeded with ``seed``; outside any compiled graph."""
+    from one CPU generator seeded with ``seed``; outside any compiled graph.
+
+    ``heads = (first, local, total)``: the rows are heads ``first .. first + local`` of ``total``
+    (a context-parallel rank's share after Ulysses' all-to-all). The draw is made for all
+    ``total`` heads and this rank's rows are kept, so every head starts from the same centroids
+    as in one process."""
     generator = torch.Generator().manual_seed(seed)
-    return [random_init(x.float(), c, generator) for x, c in jobs]
+    if heads is None:
+        return [random_init(x.float(), c, generator) for x, c in jobs]
+    first, local, total = heads
+    out = []
+    for x, c in jobs:
+        n, s, d = x.shape
+        b = n // local
+        if not 1 <= c <= s:
+            raise ValueError(f"num_clusters must be in [1, {s}] (the number of tokens), got {c}")
+        noise = torch.rand(b * total, s, generator=generator).view(b, total, s)[:, first : first + local]
+        idx = noise.reshape(n, s).argsort(dim=1)[:, :c].to(x.device)
+        out.append(torch.gather(x.float(), 1, idx.unsqueeze(-1).expand(-1, -1, d)))
+    return out
 
 
 def _clustered_attention(
@@ -382,6 +401,7 @@ def semantic_sparse_attention(
     *,
     dense_prefix: int = 0,
     prefix_attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    heads: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """SVG2 attention for ``q`` (B, H, Sq, D), ``k`` (B, H, Sk, D), ``v`` (B, H, Sk, Dv).
 
@@ -394,6 +414,10 @@ def semantic_sparse_attention(
     ``dense_prefix`` tokens attend to everything and every query attends to them; only the
     video-video part is clustered and sparse. ``prefix_attention(q, k, v)`` computes those dense
     rows (``(B, H, S, D)`` in and out; default ``F.scaled_dot_product_attention``).
+
+    ``heads = (first, total)``: ``q``'s ``H`` heads are heads ``first .. first + H`` of a model
+    with ``total`` heads (context parallelism: one rank's share); k-means cold starts then draw
+    exactly the centroids the one-process run draws for those heads.
     """
     _check_inputs(q, k, v, config, dense_prefix)
     state = SparseAttentionState() if state is None else state
@@ -408,7 +432,8 @@ def semantic_sparse_attention(
         init = getattr(state, f"{name}_centroids")
         warm[name] = init is not None and init.shape == (b * h, c, d) and init.device == q.device
     cold = [(x, c) for name, x, c in jobs if not warm[name]]
-    inits = iter(_initial_centroids(cold, config.seed + state.calls) if cold else [])
+    share = None if heads is None else (heads[0], h, heads[1])
+    inits = iter(_initial_centroids(cold, config.seed + state.calls, share) if cold else [])
     results = []
     for name, x, c in jobs:
         results.append(
@@ -600,6 +625,21 @@ class _SVG2Processor:
             self.stats.attention_s += state.last.attention_s
 
 
+def _ulysses(parallel_config: Any) -> tuple[int, int] | None:
+    """(this rank's index, degree) of diffusers' Ulysses context parallelism, None without it.
+    Ring attention needs the partial softmax statistics (LSE) of every block, which the
+    cluster-sparse kernels do not return: refused."""
+    cp = getattr(parallel_config, "context_parallel_config", None)
+    if cp is None or (cp.ring_degree or 1) * (cp.ulysses_degree or 1) <= 1:
+        return None
+    if (cp.ring_degree or 1) > 1:
+        raise NotImplementedError(
+            "SVG2 under ring context parallelism is not implemented (the sparse kernels return no "
+            "log-sum-exp to merge ring blocks); use ContextParallelConfig(ulysses_degree=N)"
+        )
+    return cp._ulysses_mesh.get_local_rank(), cp.ulysses_degree
+
+
 class SVG2WanAttnProcessor(_SVG2Processor):
     """Processor for a Wan self-attention (``attn1``): SVG2 sparse attention, or dense attention
     through diffusers' dispatch during warm-up (by step and by layer)."""
@@ -615,13 +655,31 @@ class SVG2WanAttnProcessor(_SVG2Processor):
         if encoder_hidden_states is not None:
             raise NotImplementedError("SVG2WanAttnProcessor handles self-attention (attn1) only")
         query, key, value = wan.project_qkv(attn, hidden_states, rotary=rotary_emb)
-        if self._is_dense(attention_mask):
+        if self._is_dense(attention_mask):  # dispatch: backend and context parallelism apply
             return wan.project_out(attn, wan.attention(attn, query, key, value), query)
-        out = semantic_sparse_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.config, self.state
-        )
+        ulysses = _ulysses(self._parallel_config)
+        if ulysses is None:
+            out = semantic_sparse_attention(
+                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.config, self.state
+            ).transpose(1, 2)
+        else:  # diffusers' Ulysses all-to-all around our sparse op: full sequence, a share of heads
+            rank, degree = ulysses
+            total = query.shape[2]
+
+            def sparse_op(ctx, q, k, v, *args: Any, **kwargs: Any) -> torch.Tensor:
+                h = q.shape[2]
+                return semantic_sparse_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.config, self.state,
+                    heads=(rank * h, total),
+                ).transpose(1, 2)  # fmt: skip
+
+            from diffusers.models.attention_dispatch import TemplatedUlyssesAttention
+
+            out = TemplatedUlyssesAttention.apply(
+                query, key, value, None, 0.0, False, None, False, False, sparse_op, None, self._parallel_config
+            )
         self._record()
-        return wan.project_out(attn, out.transpose(1, 2), query)
+        return wan.project_out(attn, out, query)
 
 
 class SVG2CogVideoXAttnProcessor(_SVG2Processor):
@@ -636,6 +694,8 @@ class SVG2CogVideoXAttnProcessor(_SVG2Processor):
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if _ulysses(self._parallel_config) is not None:
+            raise NotImplementedError("SVG2 on CogVideoX under context parallelism is not implemented")
         text_len = encoder_hidden_states.shape[1]
         query, key, value = cogvideox.project_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         if self._is_dense(attention_mask):
@@ -665,6 +725,19 @@ class SVG2Handle(PatchHandle):
         """Drop every layer's k-means centroids (the next sparse call cold-starts)."""
         for proc in self.processors:
             proc.state.reset()
+
+
+_DIFFUSERS_SETTINGS = ("_attention_backend", "_parallel_config")
+
+
+def _hand_back_settings(ours: list[_SVG2Processor], originals: list[Any]) -> None:
+    """On removal: a backend or context-parallel config that diffusers' ``set_attention_backend``
+    / ``enable_parallelism`` set while our processors were in place goes to the processors that
+    come back, as if they had been there all along."""
+    for proc, old in zip(ours, originals):
+        for attr in _DIFFUSERS_SETTINGS:
+            if hasattr(old, attr) and getattr(proc, attr) is not getattr(old, attr, None):
+                setattr(old, attr, getattr(proc, attr))
 
 
 def apply_svg2(
@@ -710,10 +783,16 @@ def apply_svg2(
     clock = _Clock(config, current_timestep_callback, scheduler, inspect.signature(transformer.forward), handle)
     try:
         handle.add_torch_hook(transformer.register_forward_pre_hook(clock, with_kwargs=True))
+        originals = [block.attn1.processor for block in blocks]
         for i, block in enumerate(blocks):
             proc = cls(i, len(blocks), config, clock, handle.stats)
+            # what set_attention_backend / enable_parallelism put on the processor we replace
+            for attr in ("_attention_backend", "_parallel_config"):
+                if getattr(block.attn1.processor, attr, None) is not None:
+                    setattr(proc, attr, getattr(block.attn1.processor, attr))
             handle.processors.append(proc)
             handle.set_processor(block.attn1, proc)
+        handle.on_remove(lambda: _hand_back_settings(handle.processors, originals))
     except BaseException:
         handle.remove()
         raise

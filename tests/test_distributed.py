@@ -452,39 +452,53 @@ def test_hung_peer_times_out_within_timeout(tmp_path: Path) -> None:
     assert "result" not in records[1]
 
 
-@pytest.mark.timeout(60)
-def test_guard_brings_the_group_down_under_torchrun(tmp_path: Path) -> None:
+def _torchrun_job(tmp_path: Path, body: str) -> tuple[subprocess.CompletedProcess, float]:
     script = tmp_path / "job.py"
     script.write_text(
-        textwrap.dedent(
-            """
-            import torch
-            from mmaccel.runtime.distributed import all_gather_varlen, init_distributed
-
-            ctx = init_distributed(backend="gloo", timeout_s=30)
-            with ctx.guard():
-                if ctx.rank == 1:
-                    raise ValueError("rank one failed on purpose")
-                all_gather_varlen(ctx, torch.ones(2))
-                print("rank 0 finished", flush=True)
-            """
-        )
+        "import torch\nfrom mmaccel.runtime.distributed import all_gather_varlen, init_distributed\n\n"
+        "ctx = init_distributed(backend='gloo', timeout_s=30)\nwith ctx.guard():\n" + textwrap.indent(body, "    ")
     )
     env = {**os.environ, **CHILD_ENV, "PYTHONPATH": str(ROOT)}
     for name in LAUNCHER_VARS:
         env.pop(name, None)
+    env.pop("MMACCEL_DEBUG", None)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2"]
     rendezvous = ["--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "--max-restarts", "0"]
-    cmd = [*launcher, *rendezvous, str(script)]
     start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=55)
-    elapsed = time.monotonic() - start
+    proc = subprocess.run([*launcher, *rendezvous, str(script)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=55)  # fmt: skip
+    return proc, time.monotonic() - start
+
+
+@pytest.mark.timeout(60)
+def test_guard_brings_the_group_down_under_torchrun(tmp_path: Path) -> None:
+    body = (
+        "if ctx.rank == 1:\n    raise RuntimeError('rank one failed on purpose')\n"
+        "all_gather_varlen(ctx, torch.ones(2))\nprint('rank 0 finished', flush=True)\n"
+    )
+    proc, elapsed = _torchrun_job(tmp_path, body)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output
-    assert "rank 1/2: ValueError: rank one failed on purpose" in output
+    assert "rank 1/2: RuntimeError: rank one failed on purpose" in output and "Traceback" in output
     assert "aborting the process group and exiting with status 1" in output
     assert "rank 0 finished" not in output
     assert elapsed < 55, output
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("failing", ["ctx.rank == 1", "True"], ids=["one-rank", "every-rank"])
+def test_a_user_error_is_one_line_printed_once(tmp_path: Path, failing: str) -> None:
+    body = (
+        f"if {failing}:\n    raise ValueError('frames must be >= 1, got 0')\n"
+        "all_gather_varlen(ctx, torch.ones(2))\nprint('rank 0 finished', flush=True)\n"
+    )
+    proc, elapsed = _torchrun_job(tmp_path, body)
+    output = proc.stdout + proc.stderr
+    lines = [line for line in output.splitlines() if "frames must be >= 1, got 0" in line and "mmaccel: error" in line]
+    assert proc.returncode != 0 and len(lines) == 1, output
+    assert ("(rank 1/2)" in lines[0]) == (failing != "True"), lines
+    assert "job.py\", line" not in output, output  # no traceback of ours (torchrun's own report remains)
+    assert "rank 0 finished" not in output and elapsed < 55, output
 
 
 def test_single_process_context_ignores_the_launcher(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -62,12 +62,21 @@ CLI_ARGS = [
 ]  # fmt: skip
 PIPELINE = dict(frames_per_block=1, num_cat=1)
 PIPELINE_STEPS = 8  # 5 blocks x 8 steps: up to 5 blocks in flight, 40 work items
+PIPELINE_ITERATIONS = 5 + PIPELINE_STEPS - 1
+# the CLI run with FULL_DRIVER's first layer-pipeline config (its video is written there too)
+PIPELINE_CLI_ARGS = [
+    "video", "--prompt", PROMPT, "--quiet", "--max-sequence-length", "32", "--frames", str(RUN["frames"]),
+    "--steps", str(PIPELINE_STEPS), "--height", str(RUN["height"]), "--width", str(RUN["width"]),
+    "--seed", str(RUN["seed"]), "--mode", "pipeline", "--frames-per-block", str(PIPELINE["frames_per_block"]),
+    "--num-cat", str(PIPELINE["num_cat"]),
+]  # fmt: skip
 FULL_DRIVER = textwrap.dedent(
     f"""
     import sys, torch
     from mmaccel.testing import load_tiny
     from mmaccel.parallel_video import LongVideoConfig, generate_long_video
     from mmaccel.apps.cli import main
+    from mmaccel.apps.video import write_video
     from mmaccel.parallel_video.layer_pipeline import LayerPipelineConfig, run_layer_pipeline
     from mmaccel.runtime.distributed import init_distributed
 
@@ -83,6 +92,7 @@ FULL_DRIVER = textwrap.dedent(
         out = generate_long_video(pipe, config, ctx, progress=False)
         if ctx.is_main:
             torch.save(out.latents, sys.argv[2])
+            write_video(out.frames, sys.argv[2] + ".mp4", 16)  # the uninterrupted run of PIPELINE_CLI_ARGS
         lagged = LongVideoConfig(**{{**config.__dict__, "pipeline": LayerPipelineConfig(**{PIPELINE!r}, tail_lag=1)}})
         out = generate_long_video(pipe, lagged, ctx, progress=False)
         if ctx.is_main:
@@ -115,6 +125,24 @@ KILL_DRIVER = textwrap.dedent(
         return path
 
     checkpoint.save_step = dying_save_step
+    from mmaccel.apps.cli import main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+PIPELINE_KILL_DRIVER = textwrap.dedent(
+    """
+    import os, sys
+    import mmaccel.parallel_video.checkpoint as checkpoint
+    save_iteration = checkpoint.save_iteration
+
+    def dying_save_iteration(directory, rank, world_size, iteration, *args, **kwargs):
+        path = save_iteration(directory, rank, world_size, iteration, *args, **kwargs)
+        if rank == 1 and iteration == int(os.environ["DIE_AFTER"]):
+            os._exit(9)  # the last stage dies abruptly after checkpointing this iteration
+        return path
+
+    checkpoint.save_iteration = dying_save_iteration
     from mmaccel.apps.cli import main
     sys.exit(main(sys.argv[1:]))
     """
@@ -265,8 +293,9 @@ def test_clip_config_validates(kwargs, error, match):
 def test_long_video_config_validates():
     with pytest.raises(ValueError, match="mode must be one of"):
         LongVideoConfig(prompt=PROMPT, mode="ring")
-    with pytest.raises(ValueError, match="mode='clip' only"):
-        LongVideoConfig(prompt=PROMPT, mode="pipeline", checkpoint_dir="x")
+    assert LongVideoConfig(prompt=PROMPT, mode="pipeline", checkpoint_dir="x", resume=True).resume  # both modes resume
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        LongVideoConfig(prompt=PROMPT, mode="pipeline", checkpoint_dir="x", checkpoint_every=0)
     with pytest.raises(ValueError, match="num_inference_steps"):
         LongVideoConfig(prompt=PROMPT, num_inference_steps=0)
     with pytest.raises(ValueError, match="resume=True needs checkpoint_dir"):
@@ -295,8 +324,8 @@ def test_bad_inputs_are_clear_errors(pipe, capsys):
         check_long_video(pipe, wide, 2)
     with pytest.raises(ValueError, match="width must be a multiple of 16"):
         check_long_video(pipe, LongVideoConfig(prompt=PROMPT, num_frames=17, height=32, width=40), 1)
-    assert cli_main([*CLI_ARGS, "--model", "tiny", "--mode", "pipeline", "--resume"]) == 2
-    assert "--mode clip only" in capsys.readouterr().err
+    assert cli_main([*CLI_ARGS, "--model", "tiny", "--mode", "pipeline", "--checkpoint-every", "0"]) == 2
+    assert "checkpoint_every must be an int >= 1" in capsys.readouterr().err
     blocks = LongVideoConfig(prompt=PROMPT, num_frames=17, height=32, width=48, mode="pipeline")
     for frames in (17, 33, 81, 85):  # every valid frame count works with the pipeline's defaults
         check_long_video(pipe, LongVideoConfig(**{**blocks.__dict__, "num_frames": frames}), 2)
@@ -313,7 +342,8 @@ def test_cli_maps_arguments_to_config():
     add_video_parser(parser.add_subparsers())
     args = parser.parse_args([*CLI_ARGS, "--mode", "pipeline", "--frames-per-block", "5", "--num-cat", "0"])
     config = _config(args)
-    assert config.mode == "pipeline" and config.checkpoint_dir is None and config.decode_overlap is None
+    assert config.mode == "pipeline" and config.decode_overlap is None
+    assert config.checkpoint_dir == "video.mp4.parts" and config.checkpoint_every == 1  # pipeline mode checkpoints too
     assert (config.pipeline.frames_per_block, config.pipeline.num_cat) == (5, 0)
     assert (config.clip.padding, config.clip.global_frames, config.clip.phase_bias) == (1, 2, 10.0)
     clip = _config(parser.parse_args([*CLI_ARGS, "--out", "x/v.mp4"]))
@@ -466,9 +496,9 @@ def _finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str, flo
 
 
 def _final_latents(parts: Path, steps: int) -> torch.Tensor:
-    clips = [
-        torch.load(parts / f"clip{r}of2_step{steps:05d}.pt", weights_only=True)["latents"] for r in range(2)
-    ]
+    from mmaccel.runtime.checkpoint_io import load_verified  # checkpoints carry a checksum header
+
+    clips = [load_verified(parts / f"clip{r}of2_step{steps:05d}.pt")["latents"] for r in range(2)]
     return torch.cat(clips, dim=2)
 
 
@@ -480,12 +510,18 @@ def _two_rank_launches(tmp_path_factory, tiny_dir):
     tmp = tmp_path_factory.mktemp("two_ranks")
     (tmp / "full_driver.py").write_text(FULL_DRIVER)
     (tmp / "kill_driver.py").write_text(KILL_DRIVER)
+    (tmp / "pipeline_kill_driver.py").write_text(PIPELINE_KILL_DRIVER)
     args = [*CLI_ARGS, "--model", str(tiny_dir)]
     full_args = [str(tiny_dir), str(tmp / "pipeline.pt"), *args, "--out", str(tmp / "full.mp4")]
     kill_args = [*args, "--out", str(tmp / "resumed.mp4")]
     procs = {
         "full": _torchrun([str(tmp / "full_driver.py")], full_args),
         "killed": _torchrun([str(tmp / "kill_driver.py")], kill_args, DEATH_FILE=str(tmp / "death")),
+        "pipeline_killed": _torchrun(
+            [str(tmp / "pipeline_kill_driver.py")],
+            [*PIPELINE_CLI_ARGS, "--model", str(tiny_dir), "--out", str(tmp / "pipe_resumed.mp4")],
+            DIE_AFTER="6",
+        ),
     }
     yield tmp, args, procs
     for proc in procs.values():
@@ -645,3 +681,128 @@ def test_cli_options_default_to_the_reference():
     )
     assert options.clip.phase_boundary == 800.0
     assert (options.pipeline.context, options.pipeline.order, options.pipeline.tail_lag) == ("prev_kv", "oldest_first", 1)
+
+
+# ---------------------------------------------------------------- layer pipeline: checkpoint and resume
+
+
+@pytest.fixture(scope="module")
+def pipeline_resume_run(_two_rank_launches, two_rank_runs):
+    """The 2-rank pipeline CLI run whose last rank died after iteration 6 of 12, then its ``--resume``."""
+    tmp, args, procs = _two_rank_launches
+    killed = _finish(procs["pipeline_killed"])
+    model = args[args.index("--model") + 1]
+    resume_args = [*PIPELINE_CLI_ARGS, "--model", model, "--out", str(tmp / "pipe_resumed.mp4"), "--resume"]
+    return tmp, killed, _finish(_torchrun(["-m", "mmaccel.apps.cli"], resume_args))
+
+
+def _pipeline_files(parts: Path) -> list[str]:
+    return sorted(p.name for p in parts.glob("pipe*.pt"))
+
+
+def test_two_rank_pipeline_resume_writes_the_uninterrupted_video(two_rank_runs, pipeline_resume_run):
+    """Rank 1 dies right after checkpointing iteration 6; ``--resume`` continues from the last
+    iteration both ranks saved and writes the MP4 of the uninterrupted run byte for byte."""
+    from mmaccel.runtime.checkpoint_io import load_verified
+
+    _, (full_rc, full_out, _), *_ = two_rank_runs
+    tmp, (killed_rc, killed_out, _), (rc, out, _) = pipeline_resume_run
+    assert full_rc == 0, full_out
+    assert killed_rc != 0 and re.search(r"exitcode\s*:\s*9", killed_out), killed_out
+    assert rc == 0, out
+    resumed_from = int(re.search(r"resumed from iteration (\d+)", out).group(1))
+    assert resumed_from in (5, 6)  # rank 0 saves an iteration once the last rank's updates of it arrived
+    assert (tmp / "pipe_resumed.mp4").read_bytes() == (tmp / "pipeline.pt.mp4").read_bytes()
+    parts = tmp / "pipe_resumed.mp4.parts"
+    final = load_verified(parts / f"pipe0of2_iter{PIPELINE_ITERATIONS:05d}.pt")["state"]
+    latents = torch.cat([final["latents"][b] for b in range(5)], dim=2)
+    assert torch.equal(latents, torch.load(tmp / "pipeline.pt", weights_only=True))
+    # after 11 iterations only block 4 is in flight: rank 0 holds every block's latents and their
+    # versions, the last rank block 4's latents and scheduler; the reference K/V cache is not kept
+    first, last = (load_verified(parts / f"pipe{r}of2_iter00011.pt")["state"] for r in range(2))
+    assert sorted(first["latents"]) == [0, 1, 2, 3, 4] and first["schedulers"] == {} and first["done"][4] == 7
+    assert sorted(last["latents"]) == [4] and sorted(last["schedulers"]) == [4] and last["versions"] == {}
+    assert first["kv"] == last["kv"] == []
+    # each rank keeps its last three pipeline checkpoints
+    names = _pipeline_files(parts)
+    assert [n for n in names if n.startswith("pipe0of2")][-1] == f"pipe0of2_iter{PIPELINE_ITERATIONS:05d}.pt"
+    assert len([n for n in names if n.startswith("pipe0of2")]) == 3 and len(names) == 6
+
+
+def _pipeline_cli(out: Path, *extra: str, steps: int = 4) -> list[str]:
+    """One process with the built-in tiny model (the same weights each time, no loading bars)."""
+    args = [*PIPELINE_CLI_ARGS, "--model", "tiny", "--out", str(out), *extra]
+    args[args.index("--steps") + 1] = str(steps)
+    return args
+
+
+class _Killed(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize(
+    "options", [(), ("--context", "prev_kv", "--order", "oldest_first"), ("--tail-lag", "1", "--checkpoint-every", "2")],
+    ids=["reference", "prev_kv", "tail_lag-every2"],
+)
+def test_one_rank_pipeline_resume_is_identical(tmp_path, monkeypatch, capsys, options):
+    """One process, killed by an exception right after checkpointing iteration 4 of 8: ``--resume``
+    writes the same MP4 (bytes) and final latents (``torch.equal``) as an uninterrupted run;
+    ``prev_kv`` also carries the cached context K/V across the restart."""
+    import mmaccel.parallel_video.checkpoint as checkpoint
+    from mmaccel.runtime.checkpoint_io import load_verified
+
+    full, resumed = tmp_path / "full.mp4", tmp_path / "resumed.mp4"
+    assert cli_main(_pipeline_cli(full, *options)) == 0
+    save_iteration = checkpoint.save_iteration
+
+    def dying(directory, rank, world_size, iteration, *args, **kwargs):
+        path = save_iteration(directory, rank, world_size, iteration, *args, **kwargs)
+        if iteration == 4:
+            raise _Killed("killed after iteration 4")
+        return path
+
+    monkeypatch.setattr(checkpoint, "save_iteration", dying)
+    with pytest.raises(_Killed):
+        cli_main(_pipeline_cli(resumed, *options))
+    monkeypatch.setattr(checkpoint, "save_iteration", save_iteration)
+    parts = tmp_path / "resumed.mp4.parts"
+    kept = _pipeline_files(parts)
+    assert kept[-1] == "pipe0of1_iter00004.pt" and len(kept) == (2 if "--checkpoint-every" in options else 3)
+    state = load_verified(parts / kept[-1])["state"]
+    assert (len(state["kv"]) > 0) == ("prev_kv" in options)  # (layer, block, K, V) of the blocks still read
+    assert sorted(state["schedulers"]) == [1, 2, 3]  # blocks in flight at iteration 4 (block 0 finished)
+    capsys.readouterr()
+    assert cli_main([*_pipeline_cli(resumed, *options), "--resume"]) == 0
+    assert "resumed from iteration 4" in capsys.readouterr().out
+    assert resumed.read_bytes() == full.read_bytes()
+    final = [load_verified(d / "pipe0of1_iter00008.pt")["state"]["latents"] for d in (parts, tmp_path / "full.mp4.parts")]
+    assert all(torch.equal(final[0][b], final[1][b]) for b in range(5))
+
+
+def test_pipeline_resume_with_other_settings_names_them(tmp_path, capsys):
+    out = tmp_path / "v.mp4"
+    assert cli_main(_pipeline_cli(out, steps=2)) == 0
+    capsys.readouterr()
+    changed = _pipeline_cli(out, "--resume", steps=2)
+    changed[changed.index("--prompt") + 1] = "a dog"
+    assert cli_main(changed) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"prompt: {PROMPT!r} -> 'a dog'" in err and "pipe0of1_iter00006.pt" in err, err
+    assert cli_main([*_pipeline_cli(out, "--resume", steps=2), "--num-cat", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pipeline.num_cat: 1 -> 0" in err and "prompt" not in err, err
+
+
+def test_pipeline_resume_falls_back_from_a_truncated_checkpoint(tmp_path, capsys):
+    out = tmp_path / "v.mp4"
+    assert cli_main(_pipeline_cli(out, steps=2)) == 0
+    written = out.read_bytes()
+    newest = tmp_path / "v.mp4.parts" / "pipe0of1_iter00006.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    capsys.readouterr()
+    assert cli_main(_pipeline_cli(out, "--resume", steps=2)) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if newest.name in line]
+    assert len(warnings) == 1 and "truncated" in warnings[0] and "falling back to pipe0of1_iter00005.pt" in warnings[0]
+    assert "Traceback" not in captured.err and "resumed from iteration 5" in captured.out
+    assert out.read_bytes() == written

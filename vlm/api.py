@@ -23,6 +23,11 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from mmaccel.runtime.adapters import llava
 from mmaccel.runtime.images import DEFAULT_MAX_PIXELS, open_image
 from mmaccel.runtime.paths import model_folder_class
+from mmaccel.vlm.attention_balance import (
+    AttentionBalanceConfig,
+    AttentionBalanceHandle,
+    apply_attention_balance,
+)
 from mmaccel.vlm.hired import HiREDConfig, HiREDHandle, apply_hired
 from mmaccel.vlm.vista import VISTAConfig, VISTAHandle, apply_vista
 
@@ -95,6 +100,7 @@ class VLM:
         processor: Any,
         hired: HiREDConfig | None = None,
         vista: VISTAConfig | None = None,
+        attention_balance: AttentionBalanceConfig | None = None,
     ) -> None:
         if type(model).__name__ not in llava.MODELS:
             raise TypeError(f"VLM supports {', '.join(llava.MODELS)}; got {type(model).__name__}")
@@ -103,6 +109,9 @@ class VLM:
         self.handle: HiREDHandle | None = apply_hired(model, hired) if hired is not None else None
         # VISTA computes each sample's steering vector at every generate prefill.
         self.vista: VISTAHandle | None = apply_vista(model, vista) if vista is not None else None
+        self.balance: AttentionBalanceHandle | None = (
+            apply_attention_balance(model, attention_balance) if attention_balance is not None else None
+        )
 
     @property
     def device(self) -> torch.device:
@@ -203,6 +212,12 @@ class VLM:
             self.vista.remove()
             self.vista = None
 
+    def remove_attention_balance(self) -> None:
+        """Remove attention rebalancing (no-op without it)."""
+        if self.balance is not None:
+            self.balance.remove()
+            self.balance = None
+
 
 def _count_new(tokens: torch.Tensor, eos: set[int]) -> int:
     """Generated tokens up to and including the first EOS (the rest is batch padding)."""
@@ -234,6 +249,7 @@ def load_vlm(
     dtype: torch.dtype | None = None,
     processor: Any = None,
     vista: VISTAConfig | None = None,
+    attention_balance: AttentionBalanceConfig | None = None,
 ) -> VLM:
     """Load a LLaVA-1.5 / LLaVA-NeXT folder (or wrap a model instance) as a :class:`VLM`.
 
@@ -241,6 +257,9 @@ def load_vlm(
     processor), or a model instance together with ``processor``. ``hired``: a
     :class:`~mmaccel.vlm.hired.HiREDConfig` to drop visual tokens, ``None`` for the dense model.
     ``vista``: a :class:`~mmaccel.vlm.vista.VISTAConfig` to steer against hallucination.
+    ``attention_balance``: an :class:`~mmaccel.vlm.attention_balance.AttentionBalanceConfig` to
+    rebalance the LLM's attention to the image (LLaVA-1.5). The three compose; they are applied
+    in that order and each has its own ``remove_*``.
     """
     if isinstance(path_or_model, torch.nn.Module):
         if processor is None:
@@ -248,7 +267,7 @@ def load_vlm(
         model = path_or_model
         if device is not None or dtype is not None:
             model = model.to(device=device, dtype=dtype)
-        return VLM(model, processor, hired, vista)
+        return VLM(model, processor, hired, vista, attention_balance)
     if not isinstance(path_or_model, (str, Path)):
         raise TypeError(
             f"path_or_model must be a folder, a Hub id or a model, got {type(path_or_model).__name__}"
@@ -273,4 +292,4 @@ def load_vlm(
     model = cls.from_pretrained(path_or_model, dtype=dtype or torch.float32)
     if device is not None:
         model = model.to(device)
-    return VLM(model, processor or AutoProcessor.from_pretrained(path_or_model), hired, vista)
+    return VLM(model, processor or AutoProcessor.from_pretrained(path_or_model), hired, vista, attention_balance)

@@ -188,11 +188,6 @@ class _BalancePatch:
                 "before the prefill, so the anyres token layout cannot be mapped back to the tower's scores"
             )
         llava.require(model, "apply_attention_balance", MODELS)
-        if "hired" in model.__dict__.get("_mmaccel_patches", ()):
-            raise NotImplementedError(
-                "attention rebalancing with HiRED is not implemented: HiRED drops the visual tokens the "
-                "streams index; remove HiRED first"
-            )
         self.model = model
         self.config = config
         self.text_config = model.get_decoder().config
@@ -262,13 +257,16 @@ class _BalancePatch:
         early, late = self.tower_scores
         ids = seq.input_ids
         is_image = llava.image_mask(self.model, ids)
-        n_images, n = early.shape
+        n_images, scored = early.shape
+        keeps = self._hired_keeps(n_images, scored)
+        n = scored if keeps is None else int(keeps[0].sum())  # image positions per image in input_ids
         per_row = is_image.sum(1)
         copies = int(per_row.sum()) // (n_images * n) if n_images * n else 0
         if copies < 1 or int(per_row.sum()) != copies * n_images * n or bool((per_row % n).any()):
             raise NotImplementedError(
                 f"{int(per_row.sum())} image positions in input_ids do not match {n_images} images x {n} "
-                "scored tokens (only vision_feature_select_strategy='default' layouts are supported)"
+                "tokens (only vision_feature_select_strategy='default' layouts are supported; with HiRED, "
+                "only generate() and forward calls that HiRED has already shortened)"
             )
         # generate repeats rows (beams / num_return_sequences) after encoding each image once.
         images = (per_row // n).tolist()
@@ -278,14 +276,37 @@ class _BalancePatch:
         order = [starts[r // copies] + j for r in range(len(images)) for j in range(images[r])]
         cfg = self.config
         seq.streams = [select_streams(e, s, cfg.local_ratio, cfg.iqr_factor) for e, s in zip(early, late)]
-        local = torch.cat([seq.streams[i].local for i in order]).to(ids.device)
-        summary = torch.cat([seq.streams[i].summary for i in order]).to(ids.device)
+        if keeps is not None:  # streams are chosen over the whole image; HiRED's kept tokens get theirs
+            kept = [TokenStreams(x.local[k.to(x.local.device)], x.summary[k.to(x.local.device)])
+                    for x, k in zip(seq.streams, keeps)]  # fmt: skip
+        else:
+            kept = seq.streams
+        local = torch.cat([kept[i].local for i in order]).to(ids.device)
+        summary = torch.cat([kept[i].summary for i in order]).to(ids.device)
         weights = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
         weights[is_image] = cfg.alpha * local.float() + cfg.beta * summary.float()
         seq.weights, seq.is_image = weights, is_image
         self.stats.images += len(seq.streams)
         self.stats.local_tokens += sum(int(x.local.sum()) for x in seq.streams)
         self.stats.summary_tokens += sum(int(x.summary.sum()) for x in seq.streams)
+
+    def _hired_keeps(self, n_images: int, scored: int) -> list[torch.Tensor] | None:
+        """Per image, HiRED's keep mask over the tower's tokens (None without HiRED). Its last
+        selections and our tower scores come from the same encode."""
+        from mmaccel.vlm.hired import PATCH_ATTR
+
+        hired = self.model.__dict__.get(PATCH_ATTR)
+        if hired is None:
+            return None
+        keeps = [s.keep for s in hired.last_selections]
+        if len(keeps) != n_images or any(k.numel() != scored for k in keeps):
+            raise NotImplementedError(
+                f"HiRED's selections ({[k.numel() for k in keeps]}) do not match the {n_images} scored images "
+                f"of {scored} tokens"
+            )
+        if len({int(k.sum()) for k in keeps}) > 1:
+            raise NotImplementedError("attention rebalancing with HiRED needs the same kept count for every image")
+        return keeps
 
     # -- attention -----------------------------------------------------------------------
     def attention(

@@ -410,6 +410,11 @@ class HiREDStats(Stats):
         }
 
 
+#: the model attribute holding the active `HiREDPatch` (attention rebalancing maps its scores
+#: onto the positions HiRED kept)
+PATCH_ATTR = "_mmaccel_hired"
+
+
 class HiREDHandle(PatchHandle):
     """A :class:`~mmaccel.runtime.patching.PatchHandle` exposing the last selections and ``stats``."""
 
@@ -444,6 +449,7 @@ def apply_hired(model: nn.Module, config: HiREDConfig | None = None) -> HiREDHan
     handle.set_attr(patch.base, "get_image_features", _wrap(patch._orig_features, patch.get_image_features))
     handle.set_attr(model, "forward", _wrap(patch._orig_forward, patch.forward))
     handle.set_attr(model, "generate", _wrap(patch._orig_generate, patch.generate))
+    handle.set_attr(model, PATCH_ATTR, patch)  # other techniques read what HiRED kept (last_selections)
     return handle
 
 

@@ -71,11 +71,16 @@ def project_qkv(
 
 def attention(attn: Any, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None = None) -> Tensor:
     """Dense attention on ``(B, S, H, D)`` tensors through diffusers' dispatch, with the backend
-    ``set_attention_backend`` put on ``attn.processor`` (None: the active default)."""
+    ``set_attention_backend`` put on ``attn.processor`` (None: the active default) and the
+    context-parallel config ``enable_parallelism`` put there (None: one process), as
+    ``WanAttnProcessor`` passes them for self-attention."""
     from diffusers.models.attention_dispatch import dispatch_attention_fn
 
     backend = getattr(attn.processor, "_attention_backend", None)
-    return dispatch_attention_fn(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False, backend=backend)
+    parallel = getattr(attn.processor, "_parallel_config", None)
+    return dispatch_attention_fn(
+        query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False, backend=backend, parallel_config=parallel
+    )
 
 
 def project_out(attn: Any, out: Tensor, like: Tensor) -> Tensor:
