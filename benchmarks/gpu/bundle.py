@@ -130,14 +130,19 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+ZOO_WEIGHTS = "apps/zoo/models/"
+
+
 def _tree_copy(dest: Path) -> None:
     """Copy the working tree (tracked + untracked-not-ignored files) so the build never touches
-    the checkout's build/ folder that other builds may be using."""
+    the checkout's build/ folder that other builds may be using. The zoo's weights stay out: no
+    GPU step uses them (real shapes, random weights), and they would put the bundle over its cap
+    and the carried tree over the device tool's 64 MiB."""
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
                             check=True).stdout.decode().split("\0")  # fmt: skip
     for rel in filter(None, listed):
         src = ROOT / rel
-        if src.is_file() and not rel.startswith((".gpu-bundle/", "tests/")):
+        if src.is_file() and not rel.startswith((".gpu-bundle/", "tests/", ZOO_WEIGHTS)):
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
 
