@@ -37,6 +37,7 @@ from torch.utils import flop_counter
 from mmaccel.diffusion.token_reduce import BipartiteMerge, Grid, GridPool, check_divides, pool_factors_at_most
 from mmaccel.runtime.adapters import cogvideox, dit, wan
 from mmaccel.runtime.budget import DensitySchedule, StepSchedule
+from mmaccel.runtime.configs import resolve_config
 from mmaccel.runtime.patching import PatchHandle
 from mmaccel.runtime.stats import Stats
 from mmaccel.runtime.timesteps import check_timestep_callback, read_timestep, timestep_progress
@@ -628,10 +629,8 @@ def apply_token_density(
     that forward. Returns a `TokenDensityHandle` whose ``stats`` records every forward;
     ``.remove()`` restores the model bit-for-bit.
     """
-    config = TokenDensityConfig() if config is None else config
+    config = resolve_config(config, TokenDensityConfig)
     check_timestep_callback(current_timestep_callback)
-    if not isinstance(config, TokenDensityConfig):
-        raise TypeError(f"config must be a TokenDensityConfig, got {type(config).__name__}")
     name = type(transformer).__name__
     family = _FAMILIES.get(name)
     if family is None:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from mmaccel.runtime.adapters import cogvideox, wan
 from mmaccel.runtime.budget import top_p_mask
+from mmaccel.runtime.configs import resolve_config
 from mmaccel.runtime.patching import PatchHandle
 from mmaccel.runtime.stats import Stats
 from mmaccel.runtime.timesteps import check_timestep_callback, read_timestep, step_position
@@ -762,9 +763,7 @@ def apply_svg2(
     from mmaccel.runtime.adapters import require_family
 
     family = require_family(transformer, SUPPORTED_TRANSFORMERS, "apply_svg2")
-    config = SVG2Config() if config is None else config
-    if not isinstance(config, SVG2Config):
-        raise TypeError(f"config must be an SVG2Config, got {type(config).__name__}")
+    config = resolve_config(config, SVG2Config)
     check_timestep_callback(current_timestep_callback)
     if config.dense_steps > 0 and scheduler is None:
         raise ValueError(

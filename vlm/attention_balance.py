@@ -34,6 +34,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from mmaccel.runtime.adapters import llava
 from mmaccel.runtime.budget import TokenBudget
+from mmaccel.runtime.configs import resolve_config
 from mmaccel.runtime.patching import PatchHandle
 from mmaccel.runtime.stats import Stats
 from mmaccel.vlm.cls_attention import ClsAttentionRecorder
@@ -434,9 +435,7 @@ def apply_attention_balance(
     module with its layer, hooks the vision tower's q/k projections of the two scoring layers
     and the model's forward (to start a fresh state at each new prompt).
     """
-    config = AttentionBalanceConfig() if config is None else config
-    if not isinstance(config, AttentionBalanceConfig):
-        raise TypeError(f"config must be an AttentionBalanceConfig, got {type(config).__name__}")
+    config = resolve_config(config, AttentionBalanceConfig)
     if "attention_balance" in model.__dict__.get("_mmaccel_patches", ()):
         # before validation: the patched model's attention is ours, not 'sdpa'
         raise ValueError(

@@ -32,6 +32,7 @@ from torch import nn
 
 from mmaccel.runtime.adapters import llava
 from mmaccel.runtime.budget import TokenBudget, allocate
+from mmaccel.runtime.configs import resolve_config
 from mmaccel.runtime.patching import PatchHandle
 from mmaccel.runtime.stats import Stats
 from mmaccel.vlm.cls_attention import ClsAttentionRecorder
@@ -437,9 +438,7 @@ def apply_hired(model: nn.Module, config: HiREDConfig | None = None) -> HiREDHan
     caller's original prompt followed by the new tokens.
     """
     llava.require(model, "apply_hired")
-    config = HiREDConfig() if config is None else config
-    if not isinstance(config, HiREDConfig):
-        raise TypeError(f"config must be a HiREDConfig, got {type(config).__name__}")
+    config = resolve_config(config, HiREDConfig)
     patch = HiREDPatch(model, config)  # validates before anything is changed
     handle = HiREDHandle(model, "hired")
     handle.hired = patch

@@ -40,6 +40,7 @@ from torch import nn
 from transformers.modeling_utils import slice_logits_to_keep
 
 from mmaccel.runtime.adapters import llava
+from mmaccel.runtime.configs import resolve_config
 from mmaccel.runtime.patching import PatchHandle
 from mmaccel.runtime.stats import Stats
 from mmaccel.vlm.placeholders import padding_side_of, shrink_placeholders
@@ -405,9 +406,7 @@ def apply_vista(model: nn.Module, config: VISTAConfig | None = None) -> VISTAHan
     pre-hook on the model that computes the VSV at each new sequence with an image. Composes with
     :func:`mmaccel.vlm.hired.apply_hired` in either order.
     """
-    config = VISTAConfig() if config is None else config
-    if not isinstance(config, VISTAConfig):
-        raise TypeError(f"config must be a VISTAConfig, got {type(config).__name__}")
+    config = resolve_config(config, VISTAConfig)
     patch = _VISTAPatch(model, config)  # validates before anything is changed
     handle = VISTAHandle(model, "vista")
     handle.vista = patch
