@@ -7,8 +7,9 @@ fidelity: raster vs NAR samples of the trained zoo model ``digits-nar``.
     .venv/bin/python -m mmaccel.benchmarks.bench_nar --fidelity-only   # only the zoo-model section
 
 All orders run on the same model with KV cache, in the same process; speed-ups and memory are
-ratios against raster decoding of the same grid and batch. Besides wall-clock time the table
-gives the process CPU time per batch, which other jobs on a shared machine disturb less.
+ratios against raster decoding of the same grid and batch, from :func:`harness.compare`
+(per-order warm-up, >= 5 interleaved rounds, median with min-max spread). Besides wall-clock time
+the table gives the process CPU time per batch, which other jobs on a shared machine disturb less.
 Target: NAR >= 6x images/s over raster at 24x24.
 
 Fidelity: the zoo's raster and NAR GPTs (same depth and data, 8x8 tokens of its VQ tokenizer)
@@ -22,11 +23,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
 from mmaccel.apps.zoo import digits_nar
-from mmaccel.benchmarks.harness import RESULTS_DIR, append_results, measure
+from mmaccel.benchmarks.harness import MIN_REPEATS, RESULTS_DIR, Comparison, append_results, compare
 from mmaccel.runtime.tables import markdown_table
 from mmaccel.tokenizers_img.decoding import decode
 from mmaccel.tokenizers_img.gpt import GPT, GPTConfig
@@ -40,9 +42,9 @@ HEADERS = [
     "batch",
     "order",
     "forwards",
-    "wall s / batch",
+    "wall s / batch (min-max)",
     "images/s",
-    "speed-up vs raster (wall)",
+    "speed-up vs raster (wall, min-max)",
     "CPU s / batch",
     "speed-up vs raster (CPU)",
     "peak MiB",
@@ -57,13 +59,13 @@ FIDELITY_HEADERS = [
     "classifier accuracy",
     "FD vs test digits",
     "held-out bits/token",
-    "wall s / batch",
+    "wall s / batch (min-max)",
     "images/s",
-    "speed-up vs raster (wall)",
+    "speed-up vs raster (wall, min-max)",
     "CPU s / batch",
     "speed-up vs raster (CPU)",
     "batch-1 images/s",
-    "batch-1 speed-up vs raster (wall)",
+    "batch-1 speed-up vs raster (wall, min-max)",
 ]
 
 
@@ -82,22 +84,10 @@ def fidelity(per_class: int, repeats: int) -> tuple[str, str]:
             *["-"] * 8,
         ]
     ]
-    base: dict[int, tuple[float, float]] = {}
+    timed = {n: _timed_orders({o: _generation(models, labels, o) for o in ("raster", "nar")}, repeats)
+             for n, labels in ((len(want), want), (1, want[:1]))}
     for order in ("raster", "nar"):
-        timing = {}
-        for labels in (want, want[:1]):
-            cpu: list[float] = []
-
-            def run(o: str = order, c: torch.Tensor = labels, cpu: list[float] = cpu) -> None:
-                start = time.process_time()
-                digits_nar.generate(models, c, o, generator=torch.Generator().manual_seed(0))
-                cpu.append(time.process_time() - start)
-
-            m = measure(run, repeats, 0)
-            # cpu[-1] is measure's untimed memory probe
-            timing[len(labels)] = (m.median_s, statistics.median(cpu[:repeats]))
-            base.setdefault(len(labels), timing[len(labels)])
-        (wall, cpu_s), (wall_1, _) = timing[len(want)], timing[1]
+        (run, cpu_s, cpu_x), (run_1, _, _) = timed[len(want)][order], timed[1][order]
         rows.append(
             [
                 f"{order} GPT, {order} decoding",
@@ -106,13 +96,13 @@ def fidelity(per_class: int, repeats: int) -> tuple[str, str]:
                 quality[f"{order}: classifier accuracy of samples"],
                 quality[f"{order}: FD of samples vs test digits"],
                 quality[f"{order}: held-out bits/token"],
-                wall,
-                len(want) / wall,
-                base[len(want)][0] / wall,
+                run.time_text(),
+                len(want) / run.median_s,
+                run.ratio_text(),
                 cpu_s,
-                base[len(want)][1] / cpu_s,
-                1 / wall_1,
-                base[1][0] / wall_1,
+                cpu_x,
+                1 / run_1.median_s,
+                run_1.ratio_text(),
             ]
         )
         print(*rows[-1], flush=True)
@@ -125,7 +115,8 @@ def fidelity(per_class: int, repeats: int) -> tuple[str, str]:
         "only at equal counts). The NAR GPT decoded in raster order scores "
         f"{quality['NAR model decoded in raster order: held-out bits/token']:.2f} bits/token, hence a "
         f"separate raster GPT. Timing: the same generation (all samples in one batch, CFG doubles it; and "
-        f"one digit alone), median of {repeats} run(s), {torch.get_num_threads()} thread(s)."
+        f"one digit alone), median of {repeats} interleaved rounds after a warm-up (min-max in brackets; "
+        f"~noise: the time ranges overlap), {torch.get_num_threads()} thread(s)."
     )
     return markdown_table(FIDELITY_HEADERS, rows), notes
 
@@ -137,7 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--fidelity-only", action="store_true", help="skip the random-weight speed table, run only fidelity"
     )
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per case (median)")
+    parser.add_argument(
+        "--repeats", type=int, default=MIN_REPEATS, help=f"interleaved rounds per case (>= {MIN_REPEATS})"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
     parser.add_argument("--cfg", type=float, default=1.0, help="CFG scale (> 1 doubles the batch)")
     parser.add_argument("--grids", type=int, nargs="+", help="square grid sides (default 16 24; quick 8 12)")
@@ -174,36 +167,28 @@ def speed(args: argparse.Namespace) -> None:
     for grid in grids:
         for batch in batches:
             cond = torch.arange(batch) % config.num_classes
-            base = None
-            for name, make in ORDERS.items():
-                schedule = make(grid, grid)
-                gen = torch.Generator().manual_seed(0)
-                cpu: list[float] = []
-
-                def run(s=schedule, g=gen, c=cond, cpu=cpu) -> None:
-                    start = time.process_time()
-                    decode(model, c, s, sampling, generator=g)
-                    cpu.append(time.process_time() - start)
-
-                m = measure(run, args.repeats, 0)
-                cpu_s = statistics.median(cpu)
-                base = base or (m, cpu_s)
-                wall_x, cpu_x = base[0].median_s / m.median_s, base[1] / cpu_s
+            runs = {
+                name: _decoding(model, cond, make(grid, grid), sampling, torch.Generator().manual_seed(0))
+                for name, make in ORDERS.items()
+            }
+            timed = _timed_orders(runs, args.repeats, memory=True)
+            base_peak = timed["raster"][0].peak_bytes
+            for name, (run, cpu_s, cpu_x) in timed.items():
                 if name == "nar":
-                    speedups[(grid, batch)] = (wall_x, cpu_x)
+                    speedups[(grid, batch)] = (run.ratio, cpu_x)
                 rows.append(
                     [
                         f"{grid}x{grid}",
                         batch,
                         name,
-                        schedule.forward_passes,
-                        m.median_s,
-                        batch / m.median_s,
-                        wall_x,
+                        runs[name].forwards,
+                        run.time_text(),
+                        batch / run.median_s,
+                        run.ratio_text(),
                         cpu_s,
                         cpu_x,
-                        m.peak_bytes / 2**20,
-                        m.peak_bytes / max(base[0].peak_bytes, 1),
+                        run.peak_bytes / 2**20,
+                        run.peak_bytes / max(base_peak, 1),
                     ]
                 )
                 print(*rows[-1], flush=True)
@@ -216,16 +201,47 @@ def speed(args: argparse.Namespace) -> None:
     ]
     notes = (
         f"{model_desc}, random weights, float32, KV cache for every order, top-k 2000 sampling, "
-        f"cfg {args.cfg}, {args.threads} CPU thread(s), median of {args.repeats} run(s). "
+        f"cfg {args.cfg}, {args.threads} CPU thread(s), median of {args.repeats} interleaved rounds after a "
+        "warm-up per order (min-max in brackets; ~noise: the time ranges overlap). "
         f"Target NAR >= {TARGET}x images/s over raster at {big}x{big}: " + "; ".join(verdicts) + ". "
-        "Peak memory is the resident-set growth during the call (CPU; memory the allocator kept "
-        "from earlier cases is not counted again)."
+        "Peak memory: peak live tensor storage during one untimed call (activations and KV cache)."
     )
     print(table)
     print(notes)
     if args.write:
         title = "NAR decoding (quick)" if args.quick else "NAR decoding"
         append_results(title, table, notes, path=RESULTS_DIR / "nar.md")
+
+
+class _CPUTimed:
+    """A zero-argument callable that records the process CPU time of each call."""
+
+    def __init__(self, fn: Callable[[], object], forwards: int = 0) -> None:
+        self.fn, self.forwards, self.cpu_s = fn, forwards, []
+
+    def __call__(self) -> None:
+        start = time.process_time()
+        self.fn()
+        self.cpu_s.append(time.process_time() - start)
+
+
+def _decoding(model: GPT, cond: torch.Tensor, schedule, sampling: SamplingConfig, gen: torch.Generator) -> _CPUTimed:
+    return _CPUTimed(lambda: decode(model, cond, schedule, sampling, generator=gen), schedule.forward_passes)
+
+
+def _generation(models, labels: torch.Tensor, order: str) -> _CPUTimed:
+    return _CPUTimed(lambda: digits_nar.generate(models, labels, order, generator=torch.Generator().manual_seed(0)))
+
+
+def _timed_orders(
+    runs: dict[str, _CPUTimed], repeats: int, memory: bool = False
+) -> dict[str, tuple[Comparison, float, float]]:
+    """:func:`compare` the runs (the first is the baseline): per run its comparison, the median CPU
+    seconds of its timed rounds, and the baseline's median CPU time over it."""
+    timed = compare(runs, repeats=repeats, memory=memory)
+    cpu = {name: statistics.median(run.cpu_s[1 : 1 + repeats]) for name, run in runs.items()}  # after warm-up
+    first = next(iter(runs))
+    return {name: (timed[name], cpu[name], cpu[first] / cpu[name]) for name in runs}
 
 
 if __name__ == "__main__":

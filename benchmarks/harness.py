@@ -114,7 +114,7 @@ class Comparison:
     ratio: float  # median over rounds of baseline time / this time (> 1: faster than the baseline)
     ratio_min: float
     ratio_max: float
-    overlaps: bool  # this variant's [min, max] time range overlaps the baseline's: within noise
+    overlaps: bool  # this variant's [min, max] time range overlaps the baseline's: within noise; never set on the baseline
     peak_bytes: int | None
 
     @property
@@ -167,7 +167,7 @@ def compare(
     out = {}
     for name in names:
         ratios = [b / t for b, t in zip(base, times[name])]
-        overlaps = min(times[name]) <= max(base) and min(base) <= max(times[name])
+        overlaps = name != names[0] and min(times[name]) <= max(base) and min(base) <= max(times[name])
         peak = _peak_bytes(fns[name], device) if memory else None
         out[name] = Comparison(tuple(times[name]), statistics.median(ratios), min(ratios), max(ratios), overlaps, peak)
     return out
