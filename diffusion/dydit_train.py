@@ -16,7 +16,6 @@ only the routers and the TD-LoRA adapters (the dense weights stay frozen; save t
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 
 from mmaccel.diffusion.dydit import DyDiTTransformer2DModel
 from mmaccel.diffusion.train import _model_inputs
+from mmaccel.runtime.configs import check_floats, check_ints
 
 __all__ = ["DyDiTTrainConfig", "dydit_loss", "train_dydit"]
 
@@ -63,24 +63,14 @@ class DyDiTTrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
-        for name in ("steps", "batch_size", "gradient_accumulation_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_ints(self, ("seed",), 0)
+        check_ints(self, ("steps", "batch_size", "gradient_accumulation_steps"), 1)
         if self.mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {self.mode!r}")
         if self.objective not in _OBJECTIVES:
             raise ValueError(f"objective must be one of {_OBJECTIVES}, got {self.objective!r}")
-        for name in ("learning_rate", "router_learning_rate", "max_grad_norm"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
-                raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
-        for name in ("weight_decay", "distill_weight", "diffusion_weight", "flops_weight"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
-                raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
+        check_floats(self, ("learning_rate", "router_learning_rate", "max_grad_norm"), positive=True)
+        check_floats(self, ("weight_decay", "distill_weight", "diffusion_weight", "flops_weight"), positive=False)
         if self.distill_weight == 0 and self.diffusion_weight == 0:
             raise ValueError("distill_weight and diffusion_weight cannot both be 0")
         if not isinstance(self.label_dropout, (int, float)) or not 0.0 <= self.label_dropout < 1.0:

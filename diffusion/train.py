@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from tqdm.auto import tqdm
 
 from mmaccel.diffusion.flexdit import FlexDiTConfig, FlexDiTTransformer2DModel, convert_to_flexdit
 from mmaccel.runtime.budget import ConstantSchedule, CosineSchedule, LinearSchedule
+from mmaccel.runtime.configs import check_floats, check_ints
 
 __all__ = ["DistillConfig", "LatentDataset", "distill", "distillation_loss", "load_transformer", "main"]
 
@@ -58,20 +58,10 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
-        for name in ("steps", "batch_size", "gradient_accumulation_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        for name in ("learning_rate", "max_grad_norm"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
-                raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
-        for name in ("weight_decay", "feature_weight"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
-                raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
+        check_ints(self, ("seed",), 0)
+        check_ints(self, ("steps", "batch_size", "gradient_accumulation_steps"), 1)
+        check_floats(self, ("learning_rate", "max_grad_norm"), positive=True)
+        check_floats(self, ("weight_decay", "feature_weight"), positive=False)
         if not isinstance(self.label_dropout, (int, float)) or not 0.0 <= self.label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):

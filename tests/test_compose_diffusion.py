@@ -24,6 +24,7 @@ from mmaccel.testing import (
     tiny_pixart_pipeline,
     tiny_wan_pipeline,
 )
+from mmaccel.testing.offload import OFFLOAD_KINDS, enable_offload
 
 FULL, QUARTER = ConstantSchedule(1.0), ConstantSchedule(0.25)
 #: SVG2 that really drops pairs (half the layers sparse, top-p 0.5)
@@ -90,18 +91,6 @@ def references():
     return refs
 
 
-def _offload(pipe, kind):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if kind == "model":
-            pipe.enable_model_cpu_offload(device="cpu")
-        else:
-            pipe.transformer.enable_group_offload(
-                onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
-                offload_type="block_level", num_blocks_per_group=1,
-            )  # fmt: skip
-
-
 def _counting_offload(pipe, kind, name, blocks=None):
     """Run the pipeline once, counting calls through the offloading machinery."""
     if blocks is None:
@@ -119,14 +108,14 @@ def _counting_offload(pipe, kind, name, blocks=None):
     return len(calls), out
 
 
-@pytest.mark.parametrize("kind", ["model", "group"])
+@pytest.mark.parametrize("kind", OFFLOAD_KINDS)
 @pytest.mark.parametrize("technique,name", CASES)
 def test_offloading_with_technique_both_orders(references, technique, name, kind):
     dense, patched = references[technique, name]
     pipe = BUILDERS[name]()
     # order 1: apply -> offload -> run -> remove
     handle = _apply(technique, pipe.transformer)
-    _offload(pipe, kind)
+    enable_offload(pipe, kind)
     calls, out = _counting_offload(pipe, kind, name)
     assert calls > 0
     torch.testing.assert_close(out, patched, rtol=0, atol=1e-5)
@@ -145,7 +134,7 @@ def test_offloading_with_technique_both_orders(references, technique, name, kind
     torch.testing.assert_close(out, dense, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["model", "group"])
+@pytest.mark.parametrize("kind", OFFLOAD_KINDS)
 def test_offloading_a_flexdit_model(kind):
     """A converted FlexDiT model is an ordinary ``ModelMixin``: model offload wraps it, group
     offload groups its ``pooling_blocks`` / ``sdt_modules`` / ``dense_blocks``; output unchanged."""
@@ -156,7 +145,7 @@ def test_offloading_a_flexdit_model(kind):
     ref = _generate(pipe, "pixart")
     pipe = tiny_pixart_pipeline()
     pipe.transformer = convert_to_flexdit(pipe.transformer, cfg)
-    _offload(pipe, kind)
+    enable_offload(pipe, kind)
     calls, out = _counting_offload(pipe, kind, "pixart", blocks=pipe.transformer.pooling_blocks)
     assert calls > 0
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)

@@ -1,6 +1,5 @@
 """apply / offload / remove in any order leaves offloading working (remove undoes only what is ours)."""
 
-import warnings
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from mmaccel.runtime.patching import PatchHandle
 from mmaccel.testing import call_kwargs, tiny_pixart_pipeline
+from mmaccel.testing.offload import OFFLOAD_KINDS, enable_offload
 
 
 class Shift(ModelHook):
@@ -30,18 +30,6 @@ def _patch(transformer):
     return handle
 
 
-def _offload(pipe, kind):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if kind == "model":
-            pipe.enable_model_cpu_offload(device="cpu")
-        else:
-            pipe.transformer.enable_group_offload(
-                onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
-                offload_type="block_level", num_blocks_per_group=1,
-            )  # fmt: skip
-
-
 def _offload_calls(pipe, kind):
     """Count calls through the offloading machinery while the pipeline runs once."""
     calls = []
@@ -56,16 +44,16 @@ def _offload_calls(pipe, kind):
     return len(calls), images
 
 
-@pytest.mark.parametrize("kind", ["model", "group"])
+@pytest.mark.parametrize("kind", OFFLOAD_KINDS)
 @pytest.mark.parametrize("order", ["apply-offload-remove", "offload-apply-remove"])
 def test_offloading_survives_remove(kind, order):
     dense = tiny_pixart_pipeline()(**{**call_kwargs("pixart"), "output_type": "pt"}).images
     pipe = tiny_pixart_pipeline()
     if order == "apply-offload-remove":
         handle = _patch(pipe.transformer)
-        _offload(pipe, kind)
+        enable_offload(pipe, kind)
     else:
-        _offload(pipe, kind)
+        enable_offload(pipe, kind)
         handle = _patch(pipe.transformer)
     calls, patched = _offload_calls(pipe, kind)
     assert calls > 0 and not torch.allclose(patched, dense)

@@ -1,5 +1,6 @@
 """Test helpers for mmaccel and its users: tiny random models of the real classes
-(:mod:`mmaccel.testing.models`) and the technique contract check (:mod:`mmaccel.testing.contract`)."""
+(:mod:`mmaccel.testing.models`), the technique contract check (:mod:`mmaccel.testing.contract`) and
+CPU offloading (:mod:`mmaccel.testing.offload`)."""
 
 from mmaccel.testing.contract import check_technique_contract
 from mmaccel.testing.models import (
