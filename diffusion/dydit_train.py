@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from mmaccel.diffusion.dydit import DyDiTTransformer2DModel
-from mmaccel.diffusion.train import _model_inputs
+from mmaccel.diffusion.train import _model_inputs, unwrap
 from mmaccel.runtime.configs import check_floats, check_ints
 
 __all__ = ["DyDiTTrainConfig", "dydit_loss", "train_dydit"]
@@ -79,12 +79,6 @@ class DyDiTTrainConfig:
             raise ValueError(f"mixed_precision must be one of 'no', 'fp16', 'bf16', got {self.mixed_precision!r}")
 
 
-def _unwrap(model: torch.nn.Module) -> DyDiTTransformer2DModel:
-    while hasattr(model, "module") and not isinstance(model, DyDiTTransformer2DModel):
-        model = model.module
-    return model
-
-
 def dydit_loss(
     student: DyDiTTransformer2DModel,
     teacher: ModelMixin,
@@ -122,8 +116,8 @@ def dydit_loss(
             reference = teacher(**inputs).sample
         distill = F.mse_loss(pred.float(), reference.float())
     diffusion = F.mse_loss(pred[:, : target.shape[1]].float(), target.float()) if config.diffusion_weight > 0 else zero
-    ratio = _unwrap(student).flops_ratio_from_masks()
-    flops = (ratio.mean() - _unwrap(student).dydit.target_flops_ratio) ** 2
+    ratio = unwrap(student, DyDiTTransformer2DModel).flops_ratio_from_masks()
+    flops = (ratio.mean() - unwrap(student, DyDiTTransformer2DModel).dydit.target_flops_ratio) ** 2
     loss = config.distill_weight * distill + config.diffusion_weight * diffusion + config.flops_weight * flops
     parts = {"distill": distill.item(), "diffusion": diffusion.item(), "flops": flops.item(),
              "flops_ratio": ratio.mean().item(), "loss": loss.item()}  # fmt: skip

@@ -20,7 +20,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import diffusers
 import torch
@@ -38,6 +38,7 @@ from mmaccel.runtime.configs import check_floats, check_ints
 __all__ = ["DistillConfig", "LatentDataset", "distill", "distillation_loss", "load_transformer", "main"]
 
 _CONDITIONS = ("class_labels", "encoder_hidden_states", "encoder_attention_mask")
+M = TypeVar("M", bound=torch.nn.Module)
 
 
 @dataclass(frozen=True)
@@ -204,7 +205,7 @@ def distillation_loss(
         null = torch.full_like(batch["class_labels"], teacher.config.num_embeds_ada_norm)
         batch["class_labels"] = torch.where(drop, null, batch["class_labels"])
     inputs = _model_inputs(teacher, batch, noisy, t)
-    features = _Features(_unwrap(student), teacher) if feature_weight > 0 else None
+    features = _Features(unwrap(student), teacher) if feature_weight > 0 else None
     try:
         with torch.no_grad():
             target = teacher(**inputs).sample
@@ -218,8 +219,9 @@ def distillation_loss(
     return loss, {"output": output_loss.item(), "feature": feature_loss.item()}
 
 
-def _unwrap(model: torch.nn.Module) -> FlexDiTTransformer2DModel:
-    while hasattr(model, "module") and not isinstance(model, FlexDiTTransformer2DModel):
+def unwrap(model: torch.nn.Module, cls: type[M] = FlexDiTTransformer2DModel) -> M:
+    """The ``cls`` inside DDP / accelerate wrappers (their ``.module``)."""
+    while hasattr(model, "module") and not isinstance(model, cls):
         model = model.module
     return model
 
@@ -277,7 +279,7 @@ def distill(
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.4g}", feature=f"{parts['feature']:.3g}")
     if config.gradient_checkpointing:
-        _unwrap(student).disable_gradient_checkpointing()
+        unwrap(student).disable_gradient_checkpointing()
     return losses
 
 
@@ -397,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> list[float]:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out = Path(args.output)
-        _unwrap(accelerator.unwrap_model(student)).save_pretrained(out)
+        unwrap(accelerator.unwrap_model(student)).save_pretrained(out)
         (out / "distill_log.json").write_text(
             json.dumps({"losses": losses, "config": vars(config)}, indent=1)
         )
