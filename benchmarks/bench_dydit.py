@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+from collections.abc import Callable
 
 import torch
 from diffusers import DiTTransformer2DModel
@@ -75,9 +76,10 @@ def _operating_point(model: DyDiTTransformer2DModel, n: int, target: float) -> t
 
 @torch.no_grad()
 def _fix_decisions(
-    model: DyDiTTransformer2DModel, groups: int, tokens: float, x: torch.Tensor, label: torch.Tensor
+    model: DyDiTTransformer2DModel, groups: int, tokens: float, forward: Callable[[], object]
 ) -> None:
-    """Keep the first ``groups`` head/MLP groups everywhere; calibrate token routers to ``tokens``."""
+    """Keep the first ``groups`` head/MLP groups everywhere; calibrate token routers to ``tokens`` on
+    the input of ``forward()`` (one forward of ``model``)."""
     for router in model.routers:
         for layer in (router.head, router.mlp):
             layer.weight.zero_()
@@ -90,7 +92,7 @@ def _fix_decisions(
 
     hooks = [r.token[2].register_forward_pre_hook(calibrate) for r in model.routers]
     model.clear_cache()
-    _forward(model, x, label)
+    forward()
     for h in hooks:
         h.remove()
     model.clear_cache()
@@ -139,7 +141,7 @@ def run(quick: bool, repeats: int) -> str:
         _share_weights(dydit, dense)
         gc.collect()
         groups, tokens = _operating_point(dydit, n, target)
-        _fix_decisions(dydit, groups, tokens, x, label)
+        _fix_decisions(dydit, groups, tokens, functools.partial(_forward, dydit, x, label))
         flex = convert_to_flexdit(dense, _flexdit_config(target, side))
         keep, dense_flops = _td_keep(dense, x, label, target)
         fns = {

@@ -20,15 +20,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
 from torch.utils import flop_counter
-from tqdm.auto import tqdm
 
-from mmaccel.benchmarks.harness import RESULTS_DIR, PeakTensorBytes, append_results, measure
+from mmaccel.benchmarks.harness import RESULTS_DIR, PeakTensorBytes, append_results, compare
 from mmaccel.diffusion.flexdit import FlexDiTConfig, FlexDiTTransformer2DModel, convert_to_flexdit
 from mmaccel.diffusion.train import DistillConfig, LatentDataset, distill, distillation_loss
 from mmaccel.runtime.budget import LinearSchedule
@@ -81,7 +78,7 @@ def _dit(size: int, depth: int, heads: int, head_dim: int, seed: int = 0) -> DiT
 def speed_table(quick: bool) -> tuple[str, list[str]]:
     # full: DiT-XL/2 at 512 px (64x64x4 latent); quick: width 384 at 256 px, same depth and layout.
     size, heads, head_dim, grid = (32, 6, 64, (4, 4)) if quick else (64, 16, 72, (8, 8))
-    repeats, steps = (3, 2) if quick else (2, 3)
+    repeats, steps = (5, 2) if quick else (5, 3)
     dense = _dit(size, 28, heads, head_dim)
     flex = convert_to_flexdit(dense, FlexDiTConfig(sparse_grid=grid))
     sched = convert_to_flexdit(dense, FlexDiTConfig(sparse_grid=grid, schedule=LinearSchedule(0.25, 1.0)))
@@ -94,23 +91,19 @@ def speed_table(quick: bool) -> tuple[str, list[str]]:
         (f"FlexDiT + linear schedule 0.25->1, t=999 ({grid[0] // 2}x{grid[1] // 2})", sched, 999),
     ]
     calls = [functools.partial(_forward, model, x, torch.tensor([t]), label) for _, model, t in settings]
-    # Interleaved rounds, so that every setting sees the same (shared-machine) load.
-    times: list[list[float]] = [[] for _ in settings]
-    for _ in tqdm(range(repeats + 1), desc="timing rounds"):
-        for i, call in enumerate(calls):
-            times[i].append(measure(call, repeats=1, warmup=0).median_s)
+    # harness.compare: per-setting warm-up, then interleaved rounds (order rotated), median ratio with min-max.
+    result = list(compare({name: call for (name, _, _), call in zip(settings, calls)}, repeats=repeats).values())
     with torch.no_grad():
         ref_out = dense(x, torch.tensor([500]), label).sample
         ref_latents = sample(dense, steps, size)
     rows, base = [], None
-    for (name, model, t), call, ts in zip(settings, calls, times):
-        median = statistics.median(ts[1:])  # the first round is the warm-up
+    for (name, model, t), call, cmp in zip(settings, calls, result):
         flops, peak = flops_and_peak(call)
         if isinstance(model, FlexDiTTransformer2DModel):
             query_tokens = sum(c.queries for c in model.token_counts((size // 2, size // 2), t))
         else:
             query_tokens = tokens * 28
-        base = base or (median, flops, peak, query_tokens)
+        base = base or (flops, peak, query_tokens)
         if model is dense:
             fid_out, fid_lat = "ref", "ref"
         else:
@@ -120,17 +113,18 @@ def speed_table(quick: bool) -> tuple[str, list[str]]:
             fid_out = f"{psnr(out, ref_out):.1f} dB (rel err {relative_l2(out, ref_out):.2f})"
             fid_lat = f"{psnr(latents, ref_latents):.1f} dB"
         rows.append([
-            name, f"{median:.2f}", f"{base[0] / median:.2f}x", f"{flops / 1e9:.0f}",
-            f"{100 * (1 - flops / base[1]):.0f}%", f"{peak / 2**20:.0f}", f"{peak / base[2]:.2f}",
-            f"{query_tokens / base[3]:.2f}", fid_out, fid_lat,
+            name, cmp.time_text(), "1.00x (ref)" if model is dense else cmp.ratio_text(), f"{flops / 1e9:.0f}",
+            f"{100 * (1 - flops / base[0]):.0f}%", f"{peak / 2**20:.0f}", f"{peak / base[1]:.2f}",
+            f"{query_tokens / base[2]:.2f}", fid_out, fid_lat,
         ])  # fmt: skip
         print(rows[-1], flush=True)
-    headers = ["setting", "forward s", "speed-up", "GFLOPs", "FLOPs saved", "peak activations MiB", "vs dense",
+    headers = ["setting", "forward s (median, min-max)", "speed-up (median, min-max)", "GFLOPs", "FLOPs saved", "peak activations MiB", "vs dense",
                "query tokens vs dense", "output PSNR vs dense (t=500)", f"latent PSNR after {steps} DDIM steps"]  # fmt: skip
     shape = f"{tokens} tokens, width {heads * head_dim}, 28 blocks"
     notes = [
         f"Model: DiT-shaped ({shape}), random weights, batch 1, fp32, {torch.get_num_threads()} threads; "
-        f"median of {repeats} interleaved rounds after a warm-up round. Peak activations: largest total of "
+        f"harness.compare: one warm-up per setting, {repeats} interleaved rounds (order rotated), median "
+        "speed-up with min-max, ~noise where the time ranges overlap. Peak activations: largest total of "
         "live tensors created during one forward (weights excluded).",
         "Targets: FlexDiT layout >= 2.5x forward speed and -55% FLOPs vs dense.",
         "Fidelity is of the converted model *before* fine-tuning; poor values are expected: each SDTM's "
@@ -174,12 +168,6 @@ def distill_table(quick: bool) -> tuple[str, list[str]]:
     return markdown_table(["student", "held-out distill loss", "output PSNR dB", "rel err"], rows), notes
 
 
-def _timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
-
-
 def zoo_table(quick: bool) -> tuple[str, list[str]]:
     """Sample fidelity of FlexDiT on the trained zoo Digits DiT, before and after distillation."""
     from diffusers import DiTPipeline
@@ -204,34 +192,43 @@ def zoo_table(quick: bool) -> tuple[str, list[str]]:
     dense_tokens = grid[0] * grid[1] * teacher.config.num_layers
     query_ratio = sum(c.queries for c in student.token_counts(grid, 500)) / dense_tokens
 
-    def run(model: torch.nn.Module) -> tuple[torch.Tensor, float]:
+    def generate(model: torch.nn.Module) -> torch.Tensor:
         model_pipe = DiTPipeline(transformer=model, vae=pipe.vae, scheduler=pipe.scheduler)
         model_pipe.set_progress_bar_config(disable=True)
-        return _timed(lambda: digits_dit.generate(model_pipe, labels.tolist()))
+        return digits_dit.generate(model_pipe, labels.tolist())
 
-    run(teacher)  # warm-up
-    ref, ref_time = run(teacher)
+    ref = generate(teacher)
     rows = []
 
-    def row(name: str, tokens: float, samples: torch.Tensor, seconds: float) -> None:
+    def row(name: str, tokens: float, model: torch.nn.Module | None) -> None:
+        """Sample with ``model`` (None: the dense teacher) and time it against the teacher with
+        harness.compare (one warm-up each, 5 interleaved rounds)."""
+        if model is None:
+            samples, speed, seconds = ref, "1.00x (ref)", "-"
+        else:
+            out: dict[str, torch.Tensor] = {}
+            result = compare({"dense": lambda: generate(teacher),
+                              "flexdit": lambda: out.__setitem__("s", generate(model))})  # fmt: skip
+            samples, speed = out["s"], result["flexdit"].ratio_text()
+            seconds = f"{result['flexdit'].time_text()} vs dense {result['dense'].time_text()}"
         m = digits_dit.sample_metrics(samples, labels, reference=ref, classifier=clf)
         rows.append([
-            name, f"{tokens:.3f}", f"{seconds:.1f}", f"{ref_time / seconds:.2f}x", f"{m['PSNR dB vs reference']:.1f}",
+            name, f"{tokens:.3f}", seconds, speed, f"{m['PSNR dB vs reference']:.1f}",
             f"{m['SSIM vs reference']:.3f}", f"{m['sample accuracy']:.3f}", f"{m['sample FD vs test digits']:.2f}",
         ])  # fmt: skip
 
-    row("dense", 1.0, ref, ref_time)
-    row("FlexDiT converted, no training", query_ratio, *run(student))
+    row("dense", 1.0, None)
+    row("FlexDiT converted, no training", query_ratio, student)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model: one thread is faster
-    try:
-        for r in range(rounds):
-            config = DistillConfig(steps=steps, batch_size=32, learning_rate=1e-3, label_dropout=0.1, seed=r)
+    for r in range(rounds):
+        config = DistillConfig(steps=steps, batch_size=32, learning_rate=1e-3, label_dropout=0.1, seed=r)
+        torch.set_num_threads(1)  # tiny model: one thread trains faster; every row is timed at `threads`
+        try:
             distill(student, teacher, data, config, progress=False)
-            student.eval().requires_grad_(False)
-            row(f"FlexDiT after {(r + 1) * steps} distillation steps", query_ratio, *run(student))
-    finally:
-        torch.set_num_threads(threads)
+        finally:
+            torch.set_num_threads(threads)
+        student.eval().requires_grad_(False)
+        row(f"FlexDiT after {(r + 1) * steps} distillation steps", query_ratio, student)
     notes = [
         f"Zoo model `digits-dit` ({teacher.config.num_layers} blocks, {grid[0]}x{grid[1]} tokens) as teacher; "
         "FlexDiT layout 1 Poolingformer, 1 SDTM (1 cross, 1 sparse, 1 recovery, 1 dense) with a 4x4 sparse "
@@ -239,9 +236,11 @@ def zoo_table(quick: bool) -> tuple[str, list[str]]:
         "batch 32, lr 1e-3, 10% label dropout. Query tokens counted per forward (`token_counts`). Samples: "
         f"{len(labels)} digits ({len(labels) // 10} per class), DPM-Solver++ "
         f"{digits_dit.SAMPLING['num_inference_steps']} steps, guidance {digits_dit.SAMPLING['guidance_scale']}, "
-        "noise of seed i for sample i in every row; wall time of the whole sampling run (machine shared)."
+        "noise of seed i for sample i in every row; wall time of the whole sampling run, each row timed "
+        "against the dense teacher with harness.compare (a warm-up each, 5 interleaved rounds, median "
+        "speed-up with min-max; machine shared)."
     ]
-    headers = ["transformer", "query tokens vs dense", "sampling s", "speed-up", "PSNR dB vs dense",
+    headers = ["transformer", "query tokens vs dense", "sampling s (median, min-max)", "speed-up (median, min-max)", "PSNR dB vs dense",
                "SSIM vs dense", "classifier accuracy", "FD vs test digits"]  # fmt: skip
     return markdown_table(headers, rows), notes
 

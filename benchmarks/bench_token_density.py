@@ -19,14 +19,12 @@ test digits, and the sampling-time ratio.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
 
-from mmaccel.benchmarks.harness import RESULTS_DIR, append_results, measure
+from mmaccel.benchmarks.harness import RESULTS_DIR, append_results, compare
 from mmaccel.diffusion.token_density import TokenDensityConfig, apply_token_density, count_flops
 from mmaccel.runtime.budget import ConstantSchedule, StepSchedule
 from mmaccel.runtime.metrics import psnr
@@ -112,13 +110,6 @@ def _sample(kind: str, denoise: Callable, shape: tuple, steps: int) -> torch.Ten
     return latents
 
 
-def _timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
-    """One call's result and wall time (for long runs where `measure`'s extra memory call is too costly)."""
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
-
-
 def _settings(kind: str, depth: int, quick: bool) -> list[tuple[str, TokenDensityConfig | None]]:
     video = kind == "wan"
     reduced = TokenDensityConfig().layout(depth)[1].stop  # blocks below the dense top of the auto layout
@@ -152,63 +143,70 @@ def _settings(kind: str, depth: int, quick: bool) -> list[tuple[str, TokenDensit
     return rows
 
 
+def _applied(model: torch.nn.Module, cfg: TokenDensityConfig | None, fn: Callable[[], torch.Tensor], record: dict):
+    """A callable that runs ``fn`` with ``cfg`` applied (installed and removed around the call, a
+    few microseconds) and records the output and the token ratio in ``record``."""
+
+    def run() -> torch.Tensor:
+        if cfg is None:
+            record["out"], record["tokens"], record["reduced"] = fn(), 1.0, 0
+        else:
+            with apply_token_density(model, cfg) as handle:
+                record["out"] = fn()
+                record["tokens"] = handle.stats.token_ratio
+                record["reduced"] = sum(s.token_ratio < 1 for s in handle.stats.steps)
+        return record["out"]
+
+    return run
+
+
 @torch.no_grad()
 def bench(kind: str, quick: bool, steps: int, repeats: int) -> tuple[str, str]:
-    """Forward-time table at a reduced step and sampling table for the default schedule."""
+    """Forward-time table at a reduced step and sampling table for the default schedule. Every
+    ratio from harness.compare (warm-up per setting, interleaved rotated rounds, min-max)."""
     model, denoise, shape = (_build_dit if kind == "dit" else _build_wan)(quick)
     latents = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     t = torch.tensor(900.0)  # progress 0.1: a reduced step under the default schedule
-    rows = []
-    base: dict[str, float] = {}
     depth = len(getattr(model, "blocks", None) or model.transformer_blocks)
-    for name, cfg in tqdm(_settings(kind, depth, quick), desc=f"{kind} settings", leave=False):
-        # Paired timing: the dense forward is re-timed right before each setting, so a change in
-        # the load of the shared machine biases the ratio less.
-        dense_now = (
-            statistics.median(_timed(lambda: denoise(latents, t))[1] for _ in range(repeats)) if cfg else None
-        )
-        handle = apply_token_density(model, cfg) if cfg is not None else None
-        out, flops = count_flops(lambda: denoise(latents, t))  # doubles as warm-up
-        m = measure(lambda: denoise(latents, t), repeats=repeats, warmup=0)
-        tokens = handle.stats.steps[0].token_ratio if handle else 1.0
-        if handle:
-            handle.remove()
-        if cfg is None:
-            base = dict(time=m.median_s, flops=flops, peak=max(m.peak_bytes, 1), out=out)
-        dense_time = dense_now if dense_now else m.median_s
+    settings = _settings(kind, depth, quick)
+    records: dict[str, dict] = {name: {} for name, _ in settings}
+    fns = {name: _applied(model, cfg, lambda: denoise(latents, t), records[name]) for name, cfg in settings}
+    result = compare(fns, repeats=repeats, memory=True)
+    base_flops = base_peak = None
+    rows = []
+    for name, _ in settings:
+        _, flops = count_flops(fns[name])
+        cmp, rec = result[name], records[name]
+        base_flops, base_peak = base_flops or flops, base_peak or max(cmp.peak_bytes, 1)
         rows.append([
-            name, f"{dense_time:.2f}", f"{m.median_s:.2f}", f"{dense_time / m.median_s:.2f}x", f"{flops / 1e9:.1f}",
-            f"{flops / base['flops']:.2f}", f"{m.peak_bytes / 2**20:.0f}", f"{m.peak_bytes / base['peak']:.2f}",
-            f"{tokens:.3f}", f"{psnr(out, base['out']):.1f}",
+            name, cmp.time_text(), "1.00x (ref)" if name == "dense" else cmp.ratio_text(), f"{flops / 1e9:.1f}",
+            f"{flops / base_flops:.2f}", f"{cmp.peak_bytes / 2**20:.0f}", f"{cmp.peak_bytes / base_peak:.2f}",
+            f"{rec['tokens']:.3f}", f"{psnr(rec['out'], records['dense']['out']):.1f}",
         ])  # fmt: skip
-    headers = ["setting (keep 0.25, progress 0.1)", "dense s (paired)", "forward s", "speed-up", "GFLOPs", "FLOPs ratio",
-               "peak MiB", "peak ratio", "token ratio", "PSNR dB (output)"]  # fmt: skip
+    headers = ["setting (keep 0.25, progress 0.1)", "forward s (median, min-max)", "speed-up (median, min-max)",
+               "GFLOPs", "FLOPs ratio", "peak MiB", "peak ratio", "token ratio", "PSNR dB (output)"]  # fmt: skip
     forward_table = markdown_table(headers, rows)
 
     # Short sampling run with the default schedule (keep 0.25 until progress 0.8, then dense).
-    sample_rows = []
-    ref = None
-    ref_time = 0.0
     f = (1, 2, 2) if kind == "wan" else (2, 2)
     sampling = [("dense", None), ("default (pool, sparse_q)", TokenDensityConfig(factor=f))]
     if quick:  # the merge run doubles the cost of the full benchmark on a shared 2-core machine
         sampling.append(("default, merge", TokenDensityConfig(reducer="merge", factor=f)))
+    records = {name: {} for name, _ in sampling}
+    fns = {name: _applied(model, cfg, lambda: _sample(kind, denoise, shape, steps), records[name])
+           for name, cfg in sampling}  # fmt: skip
+    result = compare(fns, repeats=repeats)
+    sample_rows = []
     for name, cfg in sampling:
-        handle = apply_token_density(model, cfg) if cfg is not None else None
-        latents_out, seconds = _timed(lambda: _sample(kind, denoise, shape, steps))
-        tokens = handle.stats.token_ratio if handle else 1.0
-        reduced = sum(s.token_ratio < 1 for s in handle.stats.steps) if handle else 0
-        if handle:
-            handle.remove()
-        if ref is None:
-            ref, ref_time = latents_out, seconds
-        speed = ref_time / seconds
-        target = "" if cfg is None else ("met" if speed >= SPEED_TARGET_DEFAULT else "missed")
-        sample_rows.append([name, f"{seconds:.1f}", f"{speed:.2f}x", target, f"{reduced}/{steps}",
-                            f"{tokens:.3f}", f"{psnr(latents_out, ref):.1f}"])  # fmt: skip
+        cmp, rec = result[name], records[name]
+        target = "" if cfg is None else ("met" if cmp.ratio >= SPEED_TARGET_DEFAULT else "missed")
+        sample_rows.append([name, cmp.time_text(), "1.00x (ref)" if cfg is None else cmp.ratio_text(), target,
+                            f"{rec['reduced']}/{steps}", f"{rec['tokens']:.3f}",
+                            f"{psnr(rec['out'], records['dense']['out']):.1f}"])  # fmt: skip
     sample_table = markdown_table(
-        [f"{steps}-step sampling", "wall s", "speed-up", f">= {SPEED_TARGET_DEFAULT}x", "reduced steps",
-         "token ratio", "PSNR dB (final latents)"], sample_rows,
+        [f"{steps}-step sampling", "wall s (median, min-max)", "speed-up (median, min-max)",
+         f">= {SPEED_TARGET_DEFAULT}x (median)", "reduced steps", "token ratio", "PSNR dB (final latents)"],
+        sample_rows,
     )  # fmt: skip
     return forward_table, sample_table
 
@@ -242,24 +240,24 @@ def fidelity(quick: bool) -> tuple[str, int]:
     pipe = digits_dit.load()
     clf = load_digit_classifier()
     labels = torch.arange(10).repeat_interleave(2 if quick else 20)
-    digits_dit.generate(pipe, [0, 1])  # warm-up
+    settings = _zoo_settings()
+    records: dict[str, dict] = {name: {} for name, _ in settings}
+    fns = {
+        name: _applied(pipe.transformer, cfg, lambda: digits_dit.generate(pipe, labels.tolist()), records[name])
+        for name, cfg in settings
+    }
+    result = compare(fns)  # warm-up per setting, 5 interleaved rounds
+    ref = records["dense"]["out"]
     rows = []
-    ref, ref_time = None, 0.0
-    for name, cfg in tqdm(_zoo_settings(), desc="zoo settings", leave=False):
-        handle = apply_token_density(pipe.transformer, cfg) if cfg is not None else None
-        samples, seconds = _timed(lambda: digits_dit.generate(pipe, labels.tolist()))
-        tokens = handle.stats.token_ratio if handle else 1.0
-        if handle:
-            handle.remove()
-        if ref is None:
-            ref, ref_time = samples, seconds
-        m = digits_dit.sample_metrics(samples, labels, reference=ref, classifier=clf)
+    for name, cfg in settings:
+        rec, cmp = records[name], result[name]
+        m = digits_dit.sample_metrics(rec["out"], labels, reference=ref, classifier=clf)
         rows.append([
-            name, f"{tokens:.3f}", f"{seconds:.1f}", f"{ref_time / seconds:.2f}x",
+            name, f"{rec['tokens']:.3f}", cmp.time_text(), "1.00x (ref)" if cfg is None else cmp.ratio_text(),
             f"{m['PSNR dB vs reference']:.1f}", f"{m['SSIM vs reference']:.3f}",
             f"{m['sample accuracy']:.3f}", f"{m['sample FD vs test digits']:.2f}",
         ])  # fmt: skip
-    headers = ["setting", "token ratio", "sampling s", "speed-up", "PSNR dB vs dense", "SSIM vs dense",
+    headers = ["setting", "token ratio", "sampling s (median, min-max)", "speed-up (median, min-max)", "PSNR dB vs dense", "SSIM vs dense",
                "classifier accuracy", "FD vs test digits"]  # fmt: skip
     return markdown_table(headers, rows), len(labels)
 
@@ -270,7 +268,7 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help=f"append the tables to {RESULTS}")
     parser.add_argument("--only", choices=("dit", "wan", "zoo"), help="run one model / the zoo fidelity only")
     args = parser.parse_args()
-    steps, repeats = (4, 1) if args.quick else (6, 3)
+    steps, repeats = (4, 5) if args.quick else (6, 5)
     for kind in ("dit", "wan"):
         if args.only and kind != args.only:
             continue
@@ -288,8 +286,9 @@ def main() -> None:
         if args.write:
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
             notes = (
-                "Random weights, fp32, batch 1. Forward rows: one denoiser call at progress 0.1 (t = 900), "
-                f"median of {repeats}, each setting timed right after a paired dense forward; FLOPs from torch.utils.flop_counter (matmuls + attention); peak memory "
+                "Random weights, fp32, batch 1. Forward rows: one denoiser call at progress 0.1 (t = 900). "
+                f"Times and ratios from harness.compare: a warm-up per setting, {repeats} interleaved rounds "
+                "(order rotated), median with min-max, ~noise where the time ranges overlap; FLOPs from torch.utils.flop_counter (matmuls + attention); peak memory "
                 "is the peak of live activation tensors (harness PeakTensorBytes), set by the dense top blocks. "
                 "Sampling rows use the default schedule "
                 "(StepSchedule: keep 0.25 until progress 0.8, dense after). Machine shared with other jobs."
@@ -310,7 +309,8 @@ def main() -> None:
                 f"{SAMPLING['guidance_scale']}, batches of 100 samples (x2 for guidance), fp32. Every setting starts from the "
                 "dense run's noise (seed i for sample i); PSNR / SSIM of the [0, 1] images vs the dense samples, "
                 "accuracy of the zoo digit classifier on the requested classes (10 classes x "
-                f"{n // 10}), FD of its features vs the 360 test digits. Wall time of the whole sampling run; "
+                f"{n // 10}), FD of its features vs the 360 test digits. Wall time of the whole sampling run "
+                "from harness.compare (a warm-up per setting, 5 interleaved rounds, median with min-max); "
                 "machine shared with other jobs."
             )
             append_results(title, table, notes, path=RESULTS)

@@ -106,3 +106,70 @@ def test_merge_merges_duplicates_first():
     x2[0, dst[0] + 1] = x2[0, dst[0]]  # a source equal to its cell's destination
     merged = BipartiteMerge(x2, grid, cell, 1)
     assert int(dst[0] + 1) not in merged.kept_positions[0].tolist()
+
+
+def _tomesd_bipartite_random2d(metric, w, h, sx, sy, r, generator=None):
+    """Independent transcription of tomesd's ``bipartite_soft_matching_random2d`` rule (dbolya/tomesd,
+    merge.py) for grids that ``(sy, sx)`` divide: one destination per ``sy x sx`` cell (random, or the
+    top-left token without a generator), cosine similarity of every source to every destination, the
+    ``r`` sources with the highest best-match score merged (mean) into their best destination.
+    Returns ``(merge, unmerge, kept_positions)``."""
+    b, n, _ = metric.shape
+    hsy, wsx = h // sy, w // sx
+    if generator is None:
+        choice = torch.zeros(hsy, wsx, 1, dtype=torch.int64)
+    else:
+        choice = torch.randint(sy * sx, size=(hsy, wsx, 1), generator=generator)
+    buf = torch.zeros(hsy, wsx, sy * sx, dtype=torch.int64)
+    buf.scatter_(2, choice, -torch.ones_like(choice))  # -1 marks the destination of each cell
+    buf = buf.view(hsy, wsx, sy, sx).transpose(1, 2).reshape(h * w)
+    order = buf.argsort(stable=True)  # destinations first, then sources
+    num_dst = hsy * wsx
+    src_pos, dst_pos = order[num_dst:], order[:num_dst]
+    m = metric / metric.norm(dim=-1, keepdim=True)
+    scores = m[:, src_pos] @ m[:, dst_pos].transpose(1, 2)
+    node_max, node_idx = scores.max(dim=-1)
+    edge = node_max.argsort(dim=-1, descending=True)
+    unm, merged = edge[:, r:], edge[:, :r]
+    dst_of = node_idx.gather(1, merged)
+
+    def merge(x):
+        c = x.shape[-1]
+        src, dst = x[:, src_pos], x[:, dst_pos]
+        keep = src.gather(1, unm[..., None].expand(-1, -1, c))
+        gone = src.gather(1, merged[..., None].expand(-1, -1, c))
+        dst = dst.scatter_reduce(1, dst_of[..., None].expand(-1, -1, c), gone, reduce="mean")
+        return torch.cat([keep, dst], dim=1)
+
+    def unmerge(y):
+        c = y.shape[-1]
+        keep, dst = y[:, : unm.shape[1]], y[:, unm.shape[1] :]
+        out = torch.zeros(b, n, c, dtype=y.dtype)
+        out[:, dst_pos] = dst
+        for i in range(b):
+            out[i, src_pos[unm[i]]] = keep[i]
+            out[i, src_pos[merged[i]]] = dst[i, dst_of[i]]
+        return out
+
+    kept = torch.cat([src_pos[unm], dst_pos.expand(b, -1)], dim=1)
+    return merge, unmerge, kept
+
+
+@pytest.mark.parametrize("seeded", [True, False])
+@pytest.mark.parametrize("h,w,r", [(8, 8, 20), (6, 10, 7), (4, 4, 12)])
+def test_merge_equals_tomesd_bipartite_soft_matching(seeded, h, w, r):
+    """BipartiteMerge with a (1, 2, 2) cell is tomesd's bipartite_soft_matching_random2d with
+    sx = sy = 2: same destinations from the same generator draws, same merged set, same means."""
+    torch.manual_seed(0)
+    x = torch.randn(2, h * w, 16)
+    gen = (lambda: torch.Generator().manual_seed(3)) if seeded else (lambda: None)
+    ours = BipartiteMerge(x, (1, h, w), (1, 2, 2), r, gen())
+    merge, unmerge, kept = _tomesd_bipartite_random2d(x, w, h, 2, 2, r, gen())
+    y_ours, y_ref = ours.reduce(x), merge(x)
+    assert y_ours.shape == y_ref.shape == (2, h * w - r, 16)
+    # same tokens survive; outputs are equal once both are put in grid-position order
+    for i in range(2):
+        a, b = ours.kept_positions[i].argsort(), kept[i].argsort()
+        torch.testing.assert_close(ours.kept_positions[i][a], kept[i][b])
+        torch.testing.assert_close(y_ours[i][a], y_ref[i][b])
+    torch.testing.assert_close(ours.expand(y_ours), unmerge(y_ref))
