@@ -24,14 +24,27 @@ from typing import Any
 
 import numpy as np
 
+from mmaccel.apps.demo_realistic import (
+    LABEL,
+    realistic_ar,
+    realistic_dit,
+    realistic_video,
+    realistic_vlm,
+    step_progress,
+)
 from mmaccel.apps.demo_tabs import (
+    DIT_DEFAULTS,
     MAX_FRAMES,
     MAX_NEW_TOKENS,
     MAX_STEPS,
     OUTPUT_PREFIX,
+    VIDEO_DEFAULTS,
+    VLM_DEFAULTS,
     DemoLimits,
     DemoModels,
     TabResult,
+    check_dit_settings,
+    check_video_settings,
     run_ar_tab,
     run_dit_tab,
     run_video_tab,
@@ -155,7 +168,16 @@ def build_demo(
             models, image, question, _number("budget", budget), _flag("hired", hired), _flag("vista", vista),
             as_int("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS), limits=limits,
         )  # fmt: skip
-        return r.dense, r.accelerated, r.extras["overlay"], r.markdown()
+        return r.dense, r.accelerated, r.extras["overlay"], r.markdown(), r.extras["timing"].ratio
+
+    @ui
+    def vlm_realistic(budget, hired, vista, toy_ratio, progress=track):  # noqa: ANN001, ARG001
+        budget = _number("budget", budget)
+        if not 0.01 <= budget <= 1.0:
+            raise ValueError(f"budget must be in [0.01, 1.0], got {budget}")
+        if not (_flag("hired", hired) or _flag("vista", vista)):
+            raise ValueError("turn on HiRED or VISTA (or both) to compare against the dense model")
+        return realistic_vlm(budget, hired, vista).markdown(toy_ratio)
 
     @ui
     def dit(text, steps, keep_ratio, dense_from, seed, progress=track):  # noqa: ANN001, ARG001
@@ -163,7 +185,15 @@ def build_demo(
             models, text, as_int("steps", steps, 1, MAX_STEPS), _number("keep_ratio", keep_ratio),
             _number("dense_from", dense_from), as_int("seed", seed, 0, 2**31 - 1),
         )  # fmt: skip
-        return _enlarge(r.dense), _enlarge(r.accelerated), r.markdown()
+        return _enlarge(r.dense), _enlarge(r.accelerated), r.markdown(), r.extras["timing"].ratio
+
+    @ui
+    def dit_realistic(steps, keep_ratio, dense_from, toy_ratio, progress=track):  # noqa: ANN001, ARG001
+        steps = as_int("steps", steps, 1, MAX_STEPS)
+        keep_ratio, dense_from = _number("keep_ratio", keep_ratio), _number("dense_from", dense_from)
+        check_dit_settings(steps, keep_ratio, dense_from)
+        scheduler = models.get("dit").scheduler  # the tab's step schedule: which steps are reduced
+        return realistic_dit(keep_ratio, dense_from, step_progress(scheduler, steps)).markdown(toy_ratio)
 
     @ui
     def video(prompt, frames, steps, top_p, dense_steps, seed, progress=track):  # noqa: ANN001, ARG001
@@ -171,7 +201,14 @@ def build_demo(
             models, prompt, out, as_int("frames", frames, 1, MAX_FRAMES), as_int("steps", steps, 1, MAX_STEPS),
             _number("top_p", top_p), _number("dense_steps", dense_steps), as_int("seed", seed, 0, 2**31 - 1),
         )  # fmt: skip
-        return str(r.dense), str(r.accelerated), r.markdown()
+        return str(r.dense), str(r.accelerated), r.markdown(), r.extras["timing"].ratio
+
+    @ui
+    def video_realistic(steps, top_p, dense_steps, toy_ratio, progress=track):  # noqa: ANN001, ARG001
+        steps = as_int("steps", steps, 1, MAX_STEPS)
+        top_p, dense_steps = _number("top_p", top_p), _number("dense_steps", dense_steps)
+        check_video_settings(steps, top_p, dense_steps)
+        return realistic_video(top_p, dense_steps, steps).markdown(toy_ratio)
 
     @ui
     def ar(class_id, grid, seed, progress=track):  # noqa: ANN001, ARG001
@@ -185,7 +222,12 @@ def build_demo(
             str(r.extras["raster_gif"]),
             str(r.extras["nar_gif"]),
             r.markdown(),
+            r.extras["timing"].ratio,
         )
+
+    @ui
+    def ar_realistic(toy_ratio, progress=track):  # noqa: ANN001, ARG001
+        return realistic_ar().markdown(toy_ratio)
 
     defaults = models.defaults()
     age = max(60, int(limits.keep_s * 10))
@@ -195,30 +237,54 @@ def build_demo(
             "By default the tabs run the zoo's small trained reference models (shapes VLM, digits DiT, "
             "moving-digits Wan, digits VQ + GPTs; `mmaccel zoo list`): real attention structure, toy "
             "scale. `--vlm-model tiny` etc. gives random tiny models; real checkpoints load with "
-            "`mmaccel demo --vlm-model PATH ...`."
+            "`mmaccel demo --vlm-model PATH ...`.\n\n"
+            "**Timings are warm**: each click runs one untimed warm-up call of the dense and of the "
+            "accelerated path (excluded), then times both alternately, 3 rounds, and shows the median "
+            "with its min-max spread. The toy models are too small for most techniques to pay off: "
+            f"each tab's **time on a realistic shape** button times the same settings on a model of "
+            f"realistic shape with random weights (depth reduced for a CPU), shown as a *{LABEL}*."
         )
+        realistic_label = "time on a realistic shape"
         with gr.Tab("VLM"):
+            gr.Markdown(
+                f"Default: HiRED at a {VLM_DEFAULTS['budget']:g} visual-token budget, VISTA off, up to "
+                f"{VLM_DEFAULTS['max_new_tokens']} new tokens (answers end at the end-of-sequence token). "
+                "Chosen on the zoo VLM as the budget with the highest word agreement with the dense answer "
+                "before the speed-up fades; the answers still differ in a shape or two (docs/demo.md)."
+            )
             with gr.Row():
                 with gr.Column():
                     # a file path, not a decoded image: the size is checked from the header first
                     image = gr.Image(value=defaults["vlm_image"], type="filepath", label="image", image_mode=None)
                     question = gr.Textbox(value=defaults["vlm_question"], label="question")
-                    budget = gr.Slider(0.05, 1.0, value=0.2, step=0.05, label="HiRED visual-token budget")
-                    hired = gr.Checkbox(value=True, label="HiRED (drop visual tokens)")
-                    vista = gr.Checkbox(value=False, label="VISTA (steer against hallucination)")
-                    new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=16, step=1, label="max new tokens")
+                    budget = gr.Slider(0.05, 1.0, value=VLM_DEFAULTS["budget"], step=0.05,
+                                       label="HiRED visual-token budget")  # fmt: skip
+                    hired = gr.Checkbox(value=VLM_DEFAULTS["hired"], label="HiRED (drop visual tokens)")
+                    vista = gr.Checkbox(value=VLM_DEFAULTS["vista"], label="VISTA (steer against hallucination)")
+                    new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=VLM_DEFAULTS["max_new_tokens"], step=1,
+                                           label="max new tokens")  # fmt: skip
                     vlm_btn = gr.Button("Answer", variant="primary")
+                    vlm_real_btn = gr.Button(realistic_label)
                 with gr.Column():
                     dense_answer = gr.Textbox(label="dense answer")
                     fast_answer = gr.Textbox(label="accelerated answer")
                     overlay = gr.Image(label="kept visual tokens (base image; dropped ones darkened)")
                     vlm_stats = gr.Markdown()
+                    vlm_real = gr.Markdown()
+            vlm_toy = gr.State(None)
             vlm_btn.click(
                 vlm, [image, question, budget, hired, vista, new_tokens],
-                [dense_answer, fast_answer, overlay, vlm_stats], api_name="vlm", preprocess=False,
+                [dense_answer, fast_answer, overlay, vlm_stats, vlm_toy], api_name="vlm", preprocess=False,
             )  # fmt: skip
+            vlm_real_btn.click(vlm_realistic, [budget, hired, vista, vlm_toy], vlm_real, api_name="vlm_realistic")
         with gr.Tab("Image DiT"):
             labels = sorted(getattr(models.get("dit"), "labels", {}) or {})
+            gr.Markdown(
+                f"Default: keep {DIT_DEFAULTS['keep_ratio']:g} of the tokens until progress "
+                f"{DIT_DEFAULTS['dense_from']:g}, dense after, {DIT_DEFAULTS['steps']} steps. Chosen on the "
+                "zoo digits DiT so the digit classifier gives the accelerated sample the dense sample's label "
+                "(shown below); fewer kept tokens or a longer reduced phase changes digits (docs/demo.md)."
+            )
             with gr.Row():
                 with gr.Column():
                     choices = labels or ["a small cat sitting on grass"]
@@ -228,49 +294,69 @@ def build_demo(
                         label="class (DiT) or prompt (PixArt)",
                         allow_custom_value=True,
                     )
-                    dit_steps = gr.Slider(1, MAX_STEPS, value=8, step=1, label="denoising steps")
-                    keep = gr.Slider(0.05, 1.0, value=0.25, step=0.05, label="token keep ratio (early steps)")
-                    dense_from = gr.Slider(0.05, 1.0, value=0.8, step=0.05, label="dense from progress")
+                    dit_steps = gr.Slider(1, MAX_STEPS, value=DIT_DEFAULTS["steps"], step=1, label="denoising steps")
+                    keep = gr.Slider(0.05, 1.0, value=DIT_DEFAULTS["keep_ratio"], step=0.05,
+                                     label="token keep ratio (early steps)")  # fmt: skip
+                    dense_from = gr.Slider(0.05, 1.0, value=DIT_DEFAULTS["dense_from"], step=0.05,
+                                           label="dense from progress")  # fmt: skip
                     dit_seed = gr.Number(value=0, precision=0, label="seed")
                     dit_btn = gr.Button("Generate", variant="primary")
+                    dit_real_btn = gr.Button(realistic_label)
                 with gr.Column():
                     with gr.Row():
                         dit_dense = gr.Image(label="dense")
                         dit_fast = gr.Image(label="token density")
                     dit_stats = gr.Markdown()
+                    dit_real = gr.Markdown()
+            dit_toy = gr.State(None)
             dit_btn.click(
                 dit,
                 [label, dit_steps, keep, dense_from, dit_seed],
-                [dit_dense, dit_fast, dit_stats],
+                [dit_dense, dit_fast, dit_stats, dit_toy],
                 api_name="dit",
             )
+            dit_real_btn.click(
+                dit_realistic, [dit_steps, keep, dense_from, dit_toy], dit_real, api_name="dit_realistic"
+            )
         with gr.Tab("Video"):
+            gr.Markdown(
+                f"Default: SVG2 keeping {VIDEO_DEFAULTS['top_p']:g} of the attention mass, the first "
+                f"{VIDEO_DEFAULTS['dense_steps']:g} of {VIDEO_DEFAULTS['steps']} steps dense. Chosen on the zoo "
+                "moving-digits model for the highest PSNR vs dense among the settings tried (docs/demo.md); "
+                "the PSNR of each run is shown below."
+            )
             with gr.Row():
                 with gr.Column():
                     prompt = gr.Textbox(value=defaults["video_prompt"], label="prompt")
-                    frames = gr.Slider(1, MAX_FRAMES, value=9, step=4, label="frames (1 + 4k)")
-                    v_steps = gr.Slider(1, MAX_STEPS, value=4, step=1, label="denoising steps")
+                    frames = gr.Slider(1, MAX_FRAMES, value=VIDEO_DEFAULTS["frames"], step=4, label="frames (1 + 4k)")
+                    v_steps = gr.Slider(1, MAX_STEPS, value=VIDEO_DEFAULTS["steps"], step=1, label="denoising steps")
                     top_p = gr.Slider(
-                        0.1, 1.0, value=0.9, step=0.05, label="SVG2 top-p (attention mass kept)"
+                        0.1, 1.0, value=VIDEO_DEFAULTS["top_p"], step=0.05, label="SVG2 top-p (attention mass kept)"
                     )
                     dense_steps = gr.Slider(
-                        0.0, 1.0, value=0.25, step=0.05, label="dense first steps (fraction)"
+                        0.0, 1.0, value=VIDEO_DEFAULTS["dense_steps"], step=0.05, label="dense first steps (fraction)"
                     )
                     v_seed = gr.Number(value=0, precision=0, label="seed")
                     v_btn = gr.Button("Generate", variant="primary")
+                    v_real_btn = gr.Button(realistic_label)
                 with gr.Column():
                     with gr.Row():
                         v_dense = gr.Video(label="dense")
                         v_fast = gr.Video(label="SVG2")
                     v_stats = gr.Markdown()
+                    v_real = gr.Markdown()
             gr.Markdown(
                 "Long videos over several processes (clip / layer parallel) are the CLI's job:\n\n"
                 f"```\n{torchrun_command()}\n```"
             )
+            v_toy = gr.State(None)
             v_btn.click(
-                video, [prompt, frames, v_steps, top_p, dense_steps, v_seed], [v_dense, v_fast, v_stats],
+                video, [prompt, frames, v_steps, top_p, dense_steps, v_seed], [v_dense, v_fast, v_stats, v_toy],
                 api_name="video",
             )  # fmt: skip
+            v_real_btn.click(
+                video_realistic, [v_steps, top_p, dense_steps, v_toy], v_real, api_name="video_realistic"
+            )
         with gr.Tab("AR image"):
             with gr.Row():
                 with gr.Column():
@@ -280,6 +366,7 @@ def build_demo(
                                      interactive=ar_grid is None)  # fmt: skip
                     ar_seed = gr.Number(value=0, precision=0, label="seed")
                     ar_btn = gr.Button("Sample", variant="primary")
+                    ar_real_btn = gr.Button(realistic_label)
                 with gr.Column():
                     with gr.Row():
                         ar_raster = gr.Image(label="raster order")
@@ -288,12 +375,15 @@ def build_demo(
                         raster_gif = gr.Image(label="raster decoding order", type="filepath")
                         nar_gif = gr.Image(label="NAR decoding order", type="filepath")
                     ar_stats = gr.Markdown()
+                    ar_real = gr.Markdown()
+            ar_toy = gr.State(None)
             ar_btn.click(
                 ar,
                 [class_id, grid, ar_seed],
-                [ar_raster, ar_nar, raster_gif, nar_gif, ar_stats],
+                [ar_raster, ar_nar, raster_gif, nar_gif, ar_stats, ar_toy],
                 api_name="ar",
             )
+            ar_real_btn.click(ar_realistic, [ar_toy], ar_real, api_name="ar_realistic")
     demo.mmaccel_out_dir = out  # where launch() allows file serving from
     demo.mmaccel_uploads = uploads  # launch() adds its private upload folder: pruned like `out`
     demo.mmaccel_limits = limits

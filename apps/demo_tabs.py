@@ -8,11 +8,12 @@ and the accelerated path on the same model and inputs, and returns a :class:`Tab
 
 from __future__ import annotations
 
+import difflib
 import shlex
 import threading
-import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmaccel.apps.demo_timing import gain_words, warm_compare
 from mmaccel.runtime.images import PIL_MAX_PIXELS, open_image
 from mmaccel.runtime.limits import as_int, check_prompt
 from mmaccel.runtime.metrics import psnr
@@ -42,6 +44,12 @@ __all__ = [
     "run_video_tab",
     "run_ar_tab",
     "torchrun_command",
+    "check_dit_settings",
+    "check_video_settings",
+    "word_agreement",
+    "DIT_DEFAULTS",
+    "VIDEO_DEFAULTS",
+    "VLM_DEFAULTS",
 ]
 
 MAX_IMAGE_SIDE = 4096
@@ -53,6 +61,11 @@ MAX_FRAMES = 33
 MAX_STEPS = 50
 MAX_NEW_TOKENS = 64
 MAX_PROMPT_CHARS = 2000
+#: Each tab's default settings, chosen by measuring the zoo models (docs/demo.md, "Defaults"):
+#: accelerated outputs that stay recognisably the dense ones.
+VLM_DEFAULTS: dict[str, Any] = {"budget": 0.5, "hired": True, "vista": False, "max_new_tokens": 48}
+DIT_DEFAULTS: dict[str, Any] = {"steps": 8, "keep_ratio": 0.5, "dense_from": 0.5}
+VIDEO_DEFAULTS: dict[str, Any] = {"frames": 9, "steps": 4, "top_p": 0.9, "dense_steps": 0.5}
 #: Classes each ``--*-model`` folder may declare (model_index.json ``_class_name`` / config.json
 #: ``architectures``), checked before loading.
 VLM_MODELS = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
@@ -102,9 +115,11 @@ class TabResult:
     extras: dict[str, Any] = field(default_factory=dict)
 
     def markdown(self) -> str:
-        """The stats as a two-column markdown table."""
+        """The stats as a two-column markdown table, then ``extras["notes"]`` (words on the result)."""
         rows = "\n".join(f"| {k} | {v} |" for k, v in self.stats.items())
-        return f"| measure | value |\n|---|---|\n{rows}"
+        table = f"| measure | value |\n|---|---|\n{rows}"
+        notes = self.extras.get("notes")
+        return f"{table}\n\n{notes}" if notes else table
 
 
 #: ``DemoModels`` sources: a zoo entry (small trained reference model), a tiny random model, or a folder.
@@ -141,7 +156,6 @@ class DemoModels:
     ar: str = ZOO
     device: str = "cpu"
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
-    _warmed: set[str] = field(default_factory=set, repr=False)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     def __post_init__(self) -> None:
@@ -259,12 +273,16 @@ class DemoModels:
             "dit_label": "three" if self.dit == ZOO else None,
         }
 
-    def warm_up(self, name: str, fn: Callable[[], Any]) -> None:
-        """Run ``fn`` (a short call of model ``name``) once, so one-time costs stay out of the timings."""
+    def digit_classifier(self) -> Any | None:
+        """The zoo's digit classifier when the DiT tab runs the zoo digits model, else ``None``."""
+        if self.dit != ZOO:
+            return None
         with self.lock:
-            if name not in self._warmed:
-                fn()
-                self._warmed.add(name)
+            if "classifier" not in self._cache:
+                from mmaccel.apps.zoo.digits import load_digit_classifier
+
+                self._cache["classifier"] = load_digit_classifier().eval()
+            return self._cache["classifier"]
 
 
 def _existing(path: str, flag: str, accepted: tuple[str, ...]) -> str:
@@ -273,12 +291,6 @@ def _existing(path: str, flag: str, accepted: tuple[str, ...]) -> str:
         raise FileNotFoundError(f"{flag} {path!r} is not a folder saved with save_pretrained")
     check_model_folder(path, flag=flag, accepted=accepted)
     return path
-
-
-def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
 
 
 def _check_number(name: str, value: Any, low: float, high: float, integer: bool = False) -> None:
@@ -346,23 +358,31 @@ def _kept_overlay(image: Image.Image, keep: torch.Tensor, tokens: int) -> Image.
     return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
 
 
+def word_agreement(a: str, b: str) -> float:
+    """Similarity of two answers in [0, 1]: difflib's ratio over their words (1: same words, same order)."""
+    return difflib.SequenceMatcher(None, a.split(), b.split()).ratio()
+
+
 def run_vlm_tab(
     models: DemoModels,
     image: Any,
     question: str,
-    budget: float = 0.2,
-    hired: bool = True,
-    vista: bool = False,
-    max_new_tokens: int = 16,
+    budget: float = VLM_DEFAULTS["budget"],
+    hired: bool = VLM_DEFAULTS["hired"],
+    vista: bool = VLM_DEFAULTS["vista"],
+    max_new_tokens: int = VLM_DEFAULTS["max_new_tokens"],
     limits: DemoLimits | None = None,
 ) -> TabResult:
     """Answer ``question`` about ``image`` dense and with HiRED (``budget`` of visual tokens) / VISTA.
 
-    ``dense``/``accelerated`` are the answers; ``extras["overlay"]`` shows the kept tokens of the
-    base image (the whole image when HiRED is off).
+    ``dense``/``accelerated`` are the full answers (generation stops at the end-of-sequence token or
+    at ``max_new_tokens``; the stats say when an answer hit that limit). TTFT is timed warm: prefill
+    calls (one new token) of both paths, interleaved (:func:`~mmaccel.apps.demo_timing.warm_compare`).
+    ``extras["overlay"]`` shows the kept tokens of the base image (the whole image when HiRED is
+    off), ``extras["timing"]`` is the :class:`~mmaccel.apps.demo_timing.WarmTiming`.
     """
     from mmaccel.runtime import TokenBudget
-    from mmaccel.vlm import HiREDConfig, VISTAConfig
+    from mmaccel.vlm import HiREDConfig, VISTAConfig, apply_hired, apply_vista
 
     if not isinstance(question, str) or not question.strip():
         raise ValueError("type a question")
@@ -373,39 +393,55 @@ def run_vlm_tab(
     if not (hired or vista):
         raise ValueError("turn on HiRED or VISTA (or both) to compare against the dense model")
     vlm = models.get("vlm")
-    models.warm_up("vlm", lambda: vlm.generate(pil, question, max_new_tokens=1))
-    with models.lock:
-        dense = vlm.generate(pil, question, max_new_tokens=max_new_tokens)
-        from mmaccel.vlm import apply_hired, apply_vista
+    seen: dict[str, Any] = {}
 
+    @contextmanager
+    def accelerated() -> Iterator[None]:
         hired_handle = (
             apply_hired(vlm.model, HiREDConfig(budget=TokenBudget(ratio=float(budget)))) if hired else None
         )
         vista_handle = apply_vista(vlm.model, VISTAConfig()) if vista else None
         vlm.handle = hired_handle  # VLM reads its token counts from the handle
         try:
-            fast = vlm.generate(pil, question, max_new_tokens=max_new_tokens)
-            selection = hired_handle.last_selections[0] if hired_handle is not None else None
+            yield
+            seen["selection"] = hired_handle.last_selections[0] if hired_handle is not None else None
         finally:
             vlm.handle = None
             if vista_handle is not None:
                 vista_handle.remove()
             if hired_handle is not None:
                 hired_handle.remove()
+
+    def prefill() -> Any:
+        return vlm.generate(pil, question, max_new_tokens=1)
+
+    with models.lock:
+        dense = vlm.generate(pil, question, max_new_tokens=max_new_tokens)
+        with accelerated():
+            fast = vlm.generate(pil, question, max_new_tokens=max_new_tokens)
+        selection = seen["selection"]
+        timing, _, _ = warm_compare(prefill, prefill, patch=accelerated)
     d, f = dense.stats[0], fast.stats[0]
     if selection is not None:
         overlay = _kept_overlay(pil, selection.keep, selection.tokens_per_partition[0])
     else:
         overlay = pil
+    cut = [name for name, st in (("dense", d), ("accelerated", f)) if st.new_tokens >= max_new_tokens]
     stats = {
         "visual tokens (dense -> accelerated)": f"{d.visual_tokens_before} -> {f.visual_tokens_after}",
         "partitions": d.partitions,
-        "TTFT dense / accelerated (s)": f"{d.time_to_first_token_s:.3f} / {f.time_to_first_token_s:.3f}",
-        "TTFT speed-up": f"{d.time_to_first_token_s / f.time_to_first_token_s:.2f}x",
+        **timing.rows("TTFT", "TTFT speed-up"),
         "decode tokens/s dense / accelerated": f"{d.decode_tokens_per_s:.1f} / {f.decode_tokens_per_s:.1f}",
         "answers agree": dense.texts[0] == fast.texts[0],
+        "word agreement (1 = same answer)": f"{word_agreement(dense.texts[0], fast.texts[0]):.2f}",
+        "answer ends": (
+            "at the end-of-sequence token" if not cut else f"at max new tokens ({', '.join(cut)}): raise it"
+        ),
+        "setting": f"HiRED {'budget ' + format(budget, 'g') if hired else 'off'}, VISTA {'on' if vista else 'off'}",
     }
-    return TabResult(dense.texts[0], fast.texts[0], stats, {"overlay": overlay, "selection": selection})
+    notes = gain_words(timing, f"{d.visual_tokens_before} visual tokens")
+    return TabResult(dense.texts[0], fast.texts[0], stats, {"overlay": overlay, "selection": selection,
+                                                              "timing": timing, "notes": notes})  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------
@@ -416,23 +452,23 @@ def run_vlm_tab(
 def run_dit_tab(
     models: DemoModels,
     text: str,
-    steps: int = 8,
-    keep_ratio: float = 0.25,
-    dense_from: float = 0.8,
+    steps: int = DIT_DEFAULTS["steps"],
+    keep_ratio: float = DIT_DEFAULTS["keep_ratio"],
+    dense_from: float = DIT_DEFAULTS["dense_from"],
     seed: int = 0,
 ) -> TabResult:
     """Generate ``text`` dense and with token density (``keep_ratio`` until ``dense_from``).
 
     ``text`` is a class name for a ``DiTPipeline`` and a prompt for a ``PixArtAlphaPipeline``.
 
-    ``dense``/``accelerated`` are ``(H, W, 3)`` float images in [0, 1].
+    ``dense``/``accelerated`` are ``(H, W, 3)`` float images in [0, 1], from the last of the warm,
+    interleaved timing runs (:func:`~mmaccel.apps.demo_timing.warm_compare`). With the zoo digits
+    model the zoo digit classifier labels both images (``extras["labels"]``).
     """
     from mmaccel.diffusion.token_density import TokenDensityConfig, apply_token_density
     from mmaccel.runtime.budget import ConstantSchedule, StepSchedule
 
-    _check_number("steps", steps, 1, MAX_STEPS, integer=True)
-    _check_number("keep_ratio", keep_ratio, 0.01, 1.0)
-    _check_number("dense_from", dense_from, 0.0, 1.0)
+    check_dit_settings(steps, keep_ratio, dense_from)
     _check_number("seed", seed, 0, 2**31 - 1, integer=True)
     pipe = models.get("dit")
     if not isinstance(text, str) or not text.strip():
@@ -454,27 +490,62 @@ def run_dit_tab(
         image = pipe(**inputs, num_inference_steps=num_steps, generator=gen, output_type="np").images[0]
         return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image  # grey models (zoo digits)
 
-    if dense_from == 0.0:
-        raise ValueError("dense_from 0 runs every step dense: nothing to accelerate; use > 0")
     schedule = (
         StepSchedule(boundaries=(dense_from,), ratios=(keep_ratio, 1.0))
         if dense_from < 1
         else ConstantSchedule(keep_ratio)
     )
     config = TokenDensityConfig(schedule=schedule)
-    models.warm_up("dit", lambda: run(min(steps, 2)))
-    with models.lock:
-        dense, t_dense = _timed(run)
+    seen: dict[str, float] = {}
+
+    @contextmanager
+    def accelerated() -> Iterator[None]:
         with apply_token_density(pipe.transformer, config) as handle:
-            fast, t_fast = _timed(run)
-            ratio = handle.stats.token_ratio
+            yield
+            seen["token_ratio"] = handle.stats.token_ratio
+
+    with models.lock:
+        timing, dense, fast = warm_compare(run, run, patch=accelerated)
+        classifier = models.digit_classifier()
+        labels = _digit_labels(classifier, [dense, fast]) if classifier is not None else None
+    tokens = _dit_tokens(pipe)
     stats = {
-        "time dense / accelerated (s)": f"{t_dense:.3f} / {t_fast:.3f}",
-        "speed-up": f"{t_dense / t_fast:.2f}x",
-        "mean token ratio": f"{ratio:.2f}",
+        **timing.rows(),
+        "mean token ratio": f"{seen['token_ratio']:.2f}",
         "PSNR vs dense (dB)": f"{psnr(fast, dense, data_range=1.0):.1f}",
     }
-    return TabResult(dense, fast, stats)
+    if labels is not None:
+        stats["digit classifier label dense / accelerated"] = f"{labels[0]} / {labels[1]}"
+        stats["label unchanged"] = labels[0] == labels[1]
+    stats["setting"] = (
+        f"keep {keep_ratio:g} of the {tokens} tokens until progress {dense_from:g}, dense after; {steps} steps"
+    )
+    extras = {"timing": timing, "labels": labels, "notes": gain_words(timing, f"{tokens} image tokens")}
+    return TabResult(dense, fast, stats, extras)
+
+
+def check_dit_settings(steps: int, keep_ratio: float, dense_from: float) -> None:
+    """``ValueError`` / ``TypeError`` naming the first token-density setting out of range."""
+    _check_number("steps", steps, 1, MAX_STEPS, integer=True)
+    _check_number("keep_ratio", keep_ratio, 0.01, 1.0)
+    _check_number("dense_from", dense_from, 0.0, 1.0)
+    if dense_from == 0.0:
+        raise ValueError("dense_from 0 runs every step dense: nothing to accelerate; use > 0")
+
+
+def _dit_tokens(pipe: Any) -> int:
+    """Image tokens per transformer call: (latent side / patch size) squared."""
+    cfg = pipe.transformer.config
+    return (cfg.sample_size // cfg.patch_size) ** 2
+
+
+def _digit_labels(classifier: Any, images: list[np.ndarray]) -> list[str]:
+    """The zoo digit classifier's label (``"three"``) of each ``(H, W, 3)`` image in [0, 1]."""
+    from mmaccel.apps.zoo.digits_dit import ID2LABEL, to_digits
+
+    batch = to_digits(np.stack(images).astype(np.float32))
+    with torch.no_grad():
+        return [ID2LABEL[int(i)] for i in classifier(batch).argmax(-1)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -501,15 +572,16 @@ def run_video_tab(
     models: DemoModels,
     prompt: str,
     out_dir: str | Path,
-    frames: int = 9,
-    steps: int = 4,
-    top_p: float = 0.9,
-    dense_steps: float = 0.25,
+    frames: int = VIDEO_DEFAULTS["frames"],
+    steps: int = VIDEO_DEFAULTS["steps"],
+    top_p: float = VIDEO_DEFAULTS["top_p"],
+    dense_steps: float = VIDEO_DEFAULTS["dense_steps"],
     seed: int = 0,
 ) -> TabResult:
     """Generate a video dense and with SVG2 sparse attention; both saved as MP4 under ``out_dir``.
 
-    ``frames`` must be ``1 + 4k`` (the Wan VAE) and at most `MAX_FRAMES`.
+    ``frames`` must be ``1 + 4k`` (the Wan VAE) and at most `MAX_FRAMES`. Times are warm and
+    interleaved (:func:`~mmaccel.apps.demo_timing.warm_compare`); the videos are the last runs'.
     """
     from mmaccel.sparse_attn import SVG2Config, apply_svg2
 
@@ -520,7 +592,7 @@ def run_video_tab(
     _check_number("frames", frames, 1, MAX_FRAMES, integer=True)
     if (frames - 1) % 4:
         raise ValueError(f"frames must be 1 + 4k (1, 5, 9, ...) for the Wan VAE, got {frames}")
-    _check_number("steps", steps, 1, MAX_STEPS, integer=True)
+    check_video_settings(steps, top_p, dense_steps)
     _check_number("seed", seed, 0, 2**31 - 1, integer=True)
     config = SVG2Config(num_q_clusters=8, num_k_clusters=16, top_p=float(top_p), dense_steps=float(dense_steps),
                         dense_layers=0.0)  # fmt: skip
@@ -534,25 +606,48 @@ def run_video_tab(
             guidance_scale=5.0, negative_prompt="", max_sequence_length=32, output_type="np", generator=gen,
         ).frames[0]  # fmt: skip
 
-    models.warm_up("video", lambda: run(1))
-    with models.lock:
-        dense, t_dense = _timed(run)
+    seen: dict[str, Any] = {}
+
+    @contextmanager
+    def accelerated() -> Iterator[None]:
         with apply_svg2(pipe.transformer, config, lambda: pipe.current_timestep, scheduler=pipe.scheduler) as handle:
-            fast, t_fast = _timed(run)
-            summary = handle.stats.summary()
+            yield
+            seen["summary"] = handle.stats.summary()
+
+    with models.lock:
+        timing, dense, fast = warm_compare(run, run, patch=accelerated)
+    summary = seen["summary"]
+    tokens = _video_tokens(pipe, frames, height, width)
     tag = uuid.uuid4().hex[:8]
     dense_mp4 = _write_mp4(dense, out / f"{OUTPUT_PREFIX}dense-{tag}.mp4")
     fast_mp4 = _write_mp4(fast, out / f"{OUTPUT_PREFIX}svg2-{tag}.mp4")
     stats = {
-        "time dense / accelerated (s)": f"{t_dense:.3f} / {t_fast:.3f}",
-        "speed-up": f"{t_dense / t_fast:.2f}x",
+        **timing.rows(),
         "measured attention density (all calls)": f"{summary['density']:.2f}",
         "density of the sparse calls": (
             "-" if summary["sparse_density"] is None else f"{summary['sparse_density']:.2f}"
         ),
         "PSNR vs dense (dB)": f"{psnr(fast, dense, data_range=1.0):.1f}",
+        "setting": f"SVG2 top-p {top_p:g}, first {dense_steps:g} of {steps} steps dense; {tokens} video tokens",
     }
-    return TabResult(dense_mp4, fast_mp4, stats, {"dense_frames": dense, "fast_frames": fast})
+    extras = {"dense_frames": dense, "fast_frames": fast, "timing": timing,
+              "notes": gain_words(timing, f"{tokens} video tokens")}  # fmt: skip
+    return TabResult(dense_mp4, fast_mp4, stats, extras)
+
+
+def check_video_settings(steps: int, top_p: float, dense_steps: float) -> None:
+    """``ValueError`` / ``TypeError`` naming the first SVG2 setting out of range."""
+    _check_number("steps", steps, 1, MAX_STEPS, integer=True)
+    _check_number("top_p", top_p, 0.01, 1.0)
+    _check_number("dense_steps", dense_steps, 0.0, 1.0)
+
+
+def _video_tokens(pipe: Any, frames: int, height: int, width: int) -> int:
+    """Video tokens per attention call: latent frames x latent grid / patch."""
+    t, h, w = pipe.transformer.config.patch_size
+    latent_frames = (frames - 1) // pipe.vae_scale_factor_temporal + 1
+    side = pipe.vae_scale_factor_spatial
+    return (latent_frames // t) * (height // side // h) * (width // side // w)
 
 
 # ------------------------------------------------------------------------------------------
@@ -611,12 +706,10 @@ def run_ar_tab(
         gen = torch.Generator().manual_seed(seed)
         return fn(gpt, labels, grid=size, sampling=sampling, generator=gen, progress=progress)
 
-    with torch.no_grad():
-        warm = (ar.grid, ar.grid) if ar.grid is not None else (2, 2)
-        models.warm_up("ar", lambda: [sample(generate_raster, ar.raster, warm), sample(generate_nar, ar.nar, warm)])
     with models.lock, torch.no_grad():
-        raster, t_raster = _timed(lambda: sample(generate_raster, ar.raster))
-        nar, t_nar = _timed(lambda: sample(generate_nar, ar.nar))
+        timing, raster, nar = warm_compare(
+            lambda: sample(generate_raster, ar.raster), lambda: sample(generate_nar, ar.nar)
+        )
         decoded = [ar.vq.decode(d.tokens)[0] for d in (raster, nar)]  # [C, H, W] in [-1, 1]; C = 1 or 3
         images = [((x.expand(3, -1, -1).permute(1, 2, 0).clamp(-1, 1) + 1) / 2).numpy() for x in decoded]
     tag = uuid.uuid4().hex[:8]
@@ -628,7 +721,8 @@ def run_ar_tab(
     }
     stats = {
         "forward passes raster / NAR": f"{raster.forward_passes} / {nar.forward_passes}",
-        "time raster / NAR (s)": f"{t_raster:.3f} / {t_nar:.3f}",
-        "speed-up": f"{t_raster / t_nar:.2f}x",
+        **{k.replace("dense / accelerated", "raster / NAR"): v for k, v in timing.rows().items()},
     }
+    extras["timing"] = timing
+    extras["notes"] = gain_words(timing, f"{grid} x {grid} tokens")
     return TabResult(images[0], images[1], stats, extras)

@@ -23,6 +23,7 @@ import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmaccel.runtime.environment import machine_description
+from mmaccel.runtime.timing import interleaved_times, ratio_spread
 
 RESULTS_PATH = Path(__file__).with_name("RESULTS.md")
 RESULTS_DIR = Path(__file__).with_name("results")  # one file of full tables per benchmark
@@ -143,7 +144,8 @@ def compare(
     caches, allocator). Then ``repeats`` rounds each time every callable once, the order rotated
     by one each round, so drift and neighbour load hit all alike. A variant's ratio is the median
     of the per-round ``baseline / variant`` times, with their min and max. ``memory=True`` adds one
-    untimed call per callable for peak memory (see :func:`measure`).
+    untimed call per callable for peak memory (see :func:`measure`). The timing loop and the
+    ratio spread are :mod:`mmaccel.runtime.timing`'s (the demo times its tabs with them too).
     """
     if len(fns) < 2:
         raise ValueError(f"fns needs a baseline and at least one variant, got {len(fns)}")
@@ -151,25 +153,15 @@ def compare(
         raise ValueError(f"repeats must be >= {MIN_REPEATS} for a ratio with spread, got {repeats}")
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
+    sync = (lambda: _sync(device)) if device is not None and torch.device(device).type == "cuda" else None
+    times = interleaved_times(fns, repeats, warmup, sync)
     names = list(fns)
-    for name in names:
-        for _ in range(warmup):
-            fns[name]()
-    _sync(device)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            start = time.perf_counter()
-            fns[name]()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
     base = times[names[0]]
     out = {}
     for name in names:
-        ratios = [b / t for b, t in zip(base, times[name])]
-        overlaps = name != names[0] and min(times[name]) <= max(base) and min(base) <= max(times[name])
+        ratio, low, high, overlaps = ratio_spread(base, times[name])
         peak = _peak_bytes(fns[name], device) if memory else None
-        out[name] = Comparison(tuple(times[name]), statistics.median(ratios), min(ratios), max(ratios), overlaps, peak)
+        out[name] = Comparison(tuple(times[name]), ratio, low, high, overlaps and name != names[0], peak)
     return out
 
 

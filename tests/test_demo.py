@@ -147,9 +147,16 @@ def test_launched_server_through_gradio_client(models, tmp_path):
     demo = launch(models, port=None, out_dir=tmp_path, block=False, quiet=True)
     try:
         client = Client(demo.local_url, verbose=False)
-        assert {"/vlm", "/dit", "/video", "/ar"} <= set(
-            client.view_api(return_format="dict")["named_endpoints"]
-        )
+        endpoints = set(client.view_api(return_format="dict")["named_endpoints"])
+        assert {"/vlm", "/dit", "/video", "/ar"} <= endpoints
+        assert {"/vlm_realistic", "/dit_realistic", "/video_realistic", "/ar_realistic"} <= endpoints
+        # the realistic-shape buttons check the tab's settings before building anything
+        with pytest.raises(Exception, match=r"steps must be an integer in \[1, 50\], got 2.5"):
+            client.predict(2.5, 0.5, 0.5, api_name="/dit_realistic")
+        with pytest.raises(Exception, match=r"steps must be an integer in \[1, 50\], got 4.5"):
+            client.predict(4.5, 0.9, 0.5, api_name="/video_realistic")
+        with pytest.raises(Exception, match="turn on HiRED or VISTA"):
+            client.predict(0.5, False, False, api_name="/vlm_realistic")
         path = tmp_path / "in.png"
         tiny_image(64, 128, seed=1).save(path)
         dense, fast, overlay, stats = client.predict(
@@ -163,7 +170,7 @@ def test_launched_server_through_gradio_client(models, tmp_path):
         with Image.open(images[0]) as img:
             assert img.size == (256, 256)  # the 8 px sample, enlarged for display
         *images, stats = client.predict("dog", 2, 0.25, 0.8, 0, api_name="/dit")
-        assert "PSNR vs dense" in stats
+        assert "PSNR vs dense" in stats and "warm-up excluded" in stats
         for path in images:
             with Image.open(path) as img:
                 assert img.size == (256, 256)
@@ -220,3 +227,154 @@ def test_zoo_models_drive_every_tab(zoo_models, tmp_path):
         run_ar_tab(zoo_models, 3, tmp_path, grid=6)
     r = run_video_tab(zoo_models, d["video_prompt"], tmp_path, frames=5, steps=2, top_p=1.0)
     assert r.extras["dense_frames"].shape[1:3] == zoo_models.video_shape()
+
+
+# ------------------------------------------------------------------------------------------
+# Issue #20: warm timings, measured defaults, realistic-shape figures
+# ------------------------------------------------------------------------------------------
+
+
+def test_warm_compare_warms_up_interleaves_and_patches_outside_the_timed_span():
+    import time
+    from contextlib import contextmanager
+
+    from mmaccel.apps.demo_timing import warm_compare
+
+    log, state = [], {"patched": False}
+
+    @contextmanager
+    def patch():
+        state["patched"] = True
+        time.sleep(0.03)  # a slow patch set-up: must not count against the accelerated path
+        try:
+            yield
+        finally:
+            state["patched"] = False
+
+    def dense():
+        log.append(("dense", state["patched"]))
+        time.sleep(0.02)
+        return "d"
+
+    def fast():
+        log.append(("accelerated", state["patched"]))
+        time.sleep(0.004)
+        return "a"
+
+    timing, d, a = warm_compare(dense, fast, repeats=3, patch=patch)
+    assert (d, a) == ("d", "a") and timing.repeats == 3
+    # one warm-up call of each, then 3 rounds with the order rotated each round
+    assert [name for name, _ in log] == ["dense", "accelerated"] + ["dense", "accelerated", "accelerated", "dense"] + [
+        "dense", "accelerated"]  # fmt: skip
+    assert all(patched == (name == "accelerated") for name, patched in log)
+    assert timing.ratio > 2 and timing.ratio_min <= timing.ratio <= timing.ratio_max and not timing.overlaps
+    rows = timing.rows()
+    assert "warm-up excluded" in rows["timing"] and "median of 3 interleaved repeats" in rows["timing"]
+
+
+def test_interleaved_times_checks_its_arguments():
+    from mmaccel.runtime.timing import interleaved_times, ratio_spread
+
+    with pytest.raises(ValueError, match="baseline and at least one variant"):
+        interleaved_times({"a": lambda: None}, repeats=1)
+    with pytest.raises(ValueError, match="repeats must be an int >= 1"):
+        interleaved_times({"a": lambda: None, "b": lambda: None}, repeats=0)
+    with pytest.raises(ValueError, match=r"around names \['c'\]"):
+        interleaved_times({"a": lambda: None, "b": lambda: None}, repeats=1, around={"c": None})
+    assert ratio_spread([2.0, 4.0, 3.0], [1.0, 1.0, 3.0]) == (2.0, 1.0, 4.0, True)
+    assert ratio_spread([2.0, 2.0], [1.0, 1.0])[3] is False
+
+
+def _timing(ratio, overlaps):
+    from mmaccel.apps.demo_timing import WarmTiming
+
+    return WarmTiming((1.0,) * 3, (1.0 / ratio,) * 3, ratio, ratio, ratio, overlaps)
+
+
+def test_words_say_when_the_toy_model_is_too_small_for_a_gain():
+    from mmaccel.apps.demo_realistic import LABEL, RealisticFigure
+    from mmaccel.apps.demo_timing import gain_words
+
+    assert "too small for a gain" in gain_words(_timing(0.97, True), "64 image tokens")
+    assert "64 image tokens" in gain_words(_timing(0.97, True), "64 image tokens")
+    assert "faster here" in gain_words(_timing(2.0, False), "x")
+    assert "within noise" in gain_words(_timing(1.3, True), "x")  # overlapping times: no clear gain
+    fig = RealisticFigure("a shape", _timing(1.6, False), "forward", whole_run=1.25, schedule="4 of 8 steps reduced")
+    text = fig.markdown(toy_ratio=0.97)
+    assert text.startswith(f"**{LABEL}: 1.25x** over the whole run (4 of 8 steps reduced)")
+    assert "toy model is too small for a gain (0.97x)" in text and "1.60x" in text and "a shape" in text
+    slow = RealisticFigure("s", _timing(0.7, False), "attention call").markdown(toy_ratio=0.9)
+    assert f"**{LABEL}: 0.70x** per attention call" in slow and "no gain at this shape either" in slow
+
+
+def test_word_agreement():
+    from mmaccel.apps.demo_tabs import word_agreement
+
+    assert word_agreement("one red circle", "one red circle") == 1.0
+    assert word_agreement("one red circle", "two blue stars") == 0.0
+    assert 0 < word_agreement("one red circle and one blue star", "one red circle and one blue square") < 1
+
+
+def test_tab_results_show_warm_timings_and_the_setting(models, image, tmp_path):
+    r = run_dit_tab(models, "dog", steps=2, keep_ratio=0.5, dense_from=0.5)
+    assert "warm-up excluded" in r.markdown() and "speed-up (warm)" in r.stats
+    assert r.stats["setting"] == "keep 0.5 of the 256 tokens until progress 0.5, dense after; 2 steps"
+    assert r.extras["labels"] is None and "label unchanged" not in r.stats  # no classifier for random models
+    assert r.extras["notes"] in r.markdown()
+    r = run_video_tab(models, "a car", tmp_path, frames=5, steps=2, top_p=0.5, dense_steps=0.5)
+    assert "PSNR vs dense (dB)" in r.stats and "warm-up excluded" in r.stats["timing"]
+    assert r.stats["setting"].endswith("; 48 video tokens")  # 2 latent frames of 4 x 6
+    r = run_ar_tab(models, class_id=2, out_dir=tmp_path, grid=4)
+    assert "time raster / NAR (s, warm)" in r.stats and r.extras["timing"].repeats == 3
+    r = run_vlm_tab(models, image, "What is it?", budget=0.3, max_new_tokens=2)
+    assert r.stats["answer ends"].startswith("at max new tokens")  # random weights never stop early
+    assert "TTFT speed-up (warm)" in r.stats and "word agreement (1 = same answer)" in r.stats
+
+
+def test_zoo_defaults_keep_outputs_recognisable(zoo_models, tmp_path):
+    from mmaccel.apps.demo_tabs import DIT_DEFAULTS, VLM_DEFAULTS
+
+    d = zoo_models.defaults()
+    r = run_dit_tab(zoo_models, d["dit_label"])  # the tab's defaults
+    dense_label, fast_label = r.extras["labels"]
+    assert dense_label == d["dit_label"]  # the trained model draws the requested digit...
+    assert fast_label == dense_label and r.stats["label unchanged"] is True  # ...and so does the accelerated run
+    assert r.stats["digit classifier label dense / accelerated"] == f"{dense_label} / {fast_label}"
+    assert f"keep {DIT_DEFAULTS['keep_ratio']:g} of the 64 tokens" in r.stats["setting"]
+    r = run_vlm_tab(zoo_models, d["vlm_image"], d["vlm_question"])
+    assert r.stats["answer ends"] == "at the end-of-sequence token"  # not cut mid-sentence
+    assert r.dense.endswith(".") and r.accelerated.endswith(".")
+    assert r.stats["answers agree"] == (r.dense == r.accelerated)
+    assert f"budget {VLM_DEFAULTS['budget']:g}" in r.stats["setting"]
+    r = run_video_tab(zoo_models, d["video_prompt"], tmp_path)
+    assert float(r.stats["PSNR vs dense (dB)"]) > 15
+
+
+def test_realistic_figures_run_the_tab_settings_on_given_shapes():
+    from mmaccel.apps.demo_realistic import (
+        LABEL,
+        realistic_ar,
+        realistic_dit,
+        realistic_video,
+        realistic_vlm,
+        step_progress,
+    )
+    from mmaccel.testing import tiny_dit_pipeline
+
+    progress = step_progress(tiny_dit_pipeline().scheduler, 8)
+    assert len(progress) == 8 and progress == sorted(progress) and 0 <= progress[0] < 0.2
+    small = dict(num_attention_heads=2, attention_head_dim=16, sample_size=16)
+    fig = realistic_dit(0.5, 0.5, progress, blocks=3, shape=small)
+    reduced = sum(p < 0.5 for p in progress)
+    assert fig.schedule == f"{reduced} of 8 steps reduced, the rest dense"
+    expected = 8 / (reduced / fig.timing.ratio + 8 - reduced)
+    assert fig.whole_run == pytest.approx(expected)
+    assert "64 tokens, width 32" in fig.shape and "1 pooled, 1 sparse, 1 dense" in fig.shape
+    assert fig.markdown().startswith(f"**{LABEL}: ")
+    fig = realistic_video(0.9, 0.5, 4, grid=(2, 8, 8))
+    assert fig.schedule == "attention only: 2 of 4 steps sparse" and "128 video tokens" in fig.shape
+    fig = realistic_ar(grid=4, layers=1)
+    assert "16 raster / 7 NAR" in fig.shape and fig.whole_run is None
+    fig = realistic_vlm(0.2, True, False, vision_layers=2, width_scale=1 / 16)
+    before, after = (int(n.replace(",", "")) for n in fig.shape.split(": ")[1].split(" visual")[0].split(" -> "))
+    assert before > 2880 and 0.15 * before < after < 0.25 * before  # 5 partitions of 576 (+ newlines), 20% kept
