@@ -177,7 +177,8 @@ def build_demo(
             raise ValueError(f"budget must be in [0.01, 1.0], got {budget}")
         if not (_flag("hired", hired) or _flag("vista", vista)):
             raise ValueError("turn on HiRED or VISTA (or both) to compare against the dense model")
-        return realistic_vlm(budget, hired, vista).markdown(toy_ratio)
+        with models.lock:  # one timing at a time: concurrent runs would disturb each other's figures
+            return realistic_vlm(budget, hired, vista).markdown(toy_ratio)
 
     @ui
     def dit(text, steps, keep_ratio, dense_from, seed, progress=track):  # noqa: ANN001, ARG001
@@ -193,7 +194,8 @@ def build_demo(
         keep_ratio, dense_from = _number("keep_ratio", keep_ratio), _number("dense_from", dense_from)
         check_dit_settings(steps, keep_ratio, dense_from)
         scheduler = models.get("dit").scheduler  # the tab's step schedule: which steps are reduced
-        return realistic_dit(keep_ratio, dense_from, step_progress(scheduler, steps)).markdown(toy_ratio)
+        with models.lock:
+            return realistic_dit(keep_ratio, dense_from, step_progress(scheduler, steps)).markdown(toy_ratio)
 
     @ui
     def video(prompt, frames, steps, top_p, dense_steps, seed, progress=track):  # noqa: ANN001, ARG001
@@ -208,7 +210,8 @@ def build_demo(
         steps = as_int("steps", steps, 1, MAX_STEPS)
         top_p, dense_steps = _number("top_p", top_p), _number("dense_steps", dense_steps)
         check_video_settings(steps, top_p, dense_steps)
-        return realistic_video(top_p, dense_steps, steps).markdown(toy_ratio)
+        with models.lock:
+            return realistic_video(top_p, dense_steps, steps).markdown(toy_ratio)
 
     @ui
     def ar(class_id, grid, seed, progress=track):  # noqa: ANN001, ARG001
@@ -227,7 +230,8 @@ def build_demo(
 
     @ui
     def ar_realistic(toy_ratio, progress=track):  # noqa: ANN001, ARG001
-        return realistic_ar().markdown(toy_ratio)
+        with models.lock:
+            return realistic_ar().markdown(toy_ratio)
 
     defaults = models.defaults()
     age = max(60, int(limits.keep_s * 10))

@@ -12,8 +12,10 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from mmaccel.runtime.timing import interleaved_times, ratio_spread
 
@@ -35,6 +37,7 @@ class WarmTiming:
     ratio_min: float
     ratio_max: float
     overlaps: bool  # the two time ranges overlap: the ratio is within noise
+    threads: int = field(default_factory=torch.get_num_threads)  # torch's CPU threads while timing
 
     @property
     def repeats(self) -> int:
@@ -43,7 +46,7 @@ class WarmTiming:
     def method(self) -> str:
         return (
             f"median of {self.repeats} interleaved repeats after 1 warm-up call of each path "
-            "(warm-up excluded)"
+            f"(warm-up excluded); {self.threads} torch threads"
         )
 
     def ratio_text(self) -> str:

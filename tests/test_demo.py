@@ -270,6 +270,9 @@ def test_warm_compare_warms_up_interleaves_and_patches_outside_the_timed_span():
     assert timing.ratio > 2 and timing.ratio_min <= timing.ratio <= timing.ratio_max and not timing.overlaps
     rows = timing.rows()
     assert "warm-up excluded" in rows["timing"] and "median of 3 interleaved repeats" in rows["timing"]
+    import torch
+
+    assert rows["timing"].endswith(f"; {torch.get_num_threads()} torch threads")
 
 
 def test_interleaved_times_checks_its_arguments():
