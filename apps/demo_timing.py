@@ -46,7 +46,7 @@ class WarmTiming:
     def method(self) -> str:
         return (
             f"median of {self.repeats} interleaved repeats after 1 warm-up call of each path "
-            f"(warm-up excluded); {self.threads} torch threads"
+            f"(warm-up excluded); torch threads: {self.threads}"
         )
 
     def ratio_text(self) -> str:

@@ -272,7 +272,7 @@ def test_warm_compare_warms_up_interleaves_and_patches_outside_the_timed_span():
     assert "warm-up excluded" in rows["timing"] and "median of 3 interleaved repeats" in rows["timing"]
     import torch
 
-    assert rows["timing"].endswith(f"; {torch.get_num_threads()} torch threads")
+    assert rows["timing"].endswith(f"; torch threads: {torch.get_num_threads()}")
 
 
 def test_interleaved_times_checks_its_arguments():
