@@ -21,21 +21,23 @@ HiRED, three baselines at the same budgets: random pruning and uniform spatial s
 FastV (visual positions ranked by the language model's layer-K attention from the last prompt
 token, K = 2, masked out of layers K.. as FastV drops them there).
 
-    .venv/bin/python -m mmaccel.benchmarks.bench_hired [--quick] [--write] [--threads N] [--skip-clip-l] [--fidelity-only]
+    .venv/bin/python -m mmaccel.benchmarks.bench_hired [--quick] [--write] [--threads N] [--repeats N] [--skip-clip-l] [--fidelity-only]
 
-On a CPU shared with other jobs, ``--threads 1`` gives steadier numbers (small ops stall on
-intra-op thread barriers when the other core is busy).
+Timing comes from :func:`mmaccel.benchmarks.harness.compare`: a warm-up call per budget, then
+>= 5 interleaved rounds with the order rotated; times are medians with min-max, ratios the median of
+the per-round ratios with min-max, flagged ``~noise`` where the time ranges overlap. The thread
+count is fixed (``--threads``, default 1: on a CPU shared with other jobs small ops stall on
+intra-op thread barriers when the other core is busy) and printed with the machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import gc
+import copy
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from unittest import mock
 
@@ -43,7 +45,7 @@ import torch
 from tqdm import tqdm
 from transformers import LogitsProcessorList
 
-from mmaccel.benchmarks.harness import RESULTS_DIR, append_results, measure
+from mmaccel.benchmarks.harness import MIN_REPEATS, RESULTS_DIR, append_results, compare, measure
 from mmaccel.runtime.budget import TokenBudget
 from mmaccel.runtime.environment import machine_description
 from mmaccel.runtime.tables import markdown_table
@@ -64,12 +66,12 @@ SIZES: dict[str, dict[str, Any]] = {
     "full": dict(
         vision=dict(hidden_size=96, intermediate_size=384, num_hidden_layers=12, num_attention_heads=2),
         text=dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=12),
-        image_size=336, new_tokens=32, batches=(1, 4), repeats=1,
+        image_size=336, new_tokens=32, batches=(1, 4),
     ),
     "quick": dict(
         vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=12, num_attention_heads=1),
         text=dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4),
-        image_size=112, new_tokens=8, batches=(1, 4), repeats=1,
+        image_size=112, new_tokens=8, batches=(1, 4),
     ),
 }  # fmt: skip
 
@@ -105,7 +107,9 @@ def build(size: dict[str, Any]):
         model = LlavaNextForConditionalGeneration(config).eval()
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
-    image_processor_cls = getattr(transformers, "LlavaNextImageProcessorPil", None) or transformers.LlavaNextImageProcessor
+    image_processor_cls = (
+        getattr(transformers, "LlavaNextImageProcessorPil", None) or transformers.LlavaNextImageProcessor
+    )
     processor = LlavaNextProcessor(
         image_processor=image_processor_cls(size={"shortest_edge": b}, crop_size={"height": b, "width": b},
                                             image_grid_pinpoints=pinpoints),
@@ -125,7 +129,7 @@ def kv_bytes(model, batch: int, seq: int) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * seq * batch * 4
 
 
-def scoring_work(model, inputs, config: HiREDConfig, handle) -> float:
+def scoring_work(model, inputs, config: HiREDConfig, handle, repeats: int) -> float:
     """Median seconds of the work HiRED adds to the vision stage: two [CLS] rows from the
     captured q/k (O(N) each), the token layout and the per-image selection."""
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -144,10 +148,10 @@ def scoring_work(model, inputs, config: HiREDConfig, handle) -> float:
         for m in handle.hired._layout(content, select, sizes, len(sizes)):
             select_visual_tokens(m[:, 0].round().long(), m[:, 1], m[:, 2], config.budget, config.alpha)
 
-    return measure(work, repeats=5, warmup=1).median_s
+    return measure(work, repeats=repeats, warmup=1).median_s
 
 
-def prefill_stage(model, batch: int, seq: int, repeats: int):
+def prefill_call(model, batch: int, seq: int) -> Callable[[], None]:
     """The language model's prefill alone (embeddings in, KV cache + first logits out)."""
     emb = torch.randn(batch, seq, model.config.text_config.hidden_size) * 0.02
 
@@ -155,7 +159,7 @@ def prefill_stage(model, batch: int, seq: int, repeats: int):
         out = model.model.language_model(inputs_embeds=emb, use_cache=True)
         model.lm_head(out.last_hidden_state[:, -1:])
 
-    return measure(run, repeats=repeats, warmup=0)
+    return run
 
 
 def first_token_fidelity(dense_logits: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
@@ -166,115 +170,138 @@ def first_token_fidelity(dense_logits: torch.Tensor, logits: torch.Tensor) -> tu
     return agree, float(kl)
 
 
-def release_memory() -> None:
-    """Hand freed heap pages back to the OS so the next run's peak-RSS delta is its own."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+def speedup_spread(base: list[float], values: list[float], baseline: bool) -> str:
+    """Per-round speed-up ``base[i] / values[i]``: median (min-max), `` ~noise`` where the two time
+    ranges overlap (never on the ``baseline`` itself), as :meth:`harness.Comparison.ratio_text`."""
+    ratios = [b / v for b, v in zip(base, values)]
+    noise = not baseline and min(values) <= max(base) and min(base) <= max(values)
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})" + (
+        " ~noise" if noise else ""
+    )
 
 
-def run_budget(model, inputs, ratio: float, new: int, repeats: int, warmup: int) -> dict[str, Any]:
-    """One budget on one batch: scoring work, end-to-end generate (TTFT inside it), LM prefill."""
-    batch = inputs["input_ids"].shape[0]
-    handle, config = None, None
-    if ratio < 1.0:  # 100% is the unpatched model
-        config = HiREDConfig(budget=TokenBudget(ratio=ratio))
-        handle = apply_hired(model, config)
-    ttfts, totals, outs = [], [], []
+class Generation:
+    """End-to-end greedy generate of one budget on its own copy of the model (HiRED installed once,
+    outside the timed calls; 100% = the unpatched model): TTFT and outputs of every call."""
 
-    def e2e() -> None:
+    def __init__(self, model, inputs, ratio: float, new: int) -> None:
+        self.model, self.inputs, self.new = model, inputs, new
+        self.config = HiREDConfig(budget=TokenBudget(ratio=ratio)) if ratio < 1.0 else None
+        self.handle = apply_hired(model, self.config) if self.config is not None else None
+        self.ttfts: list[float] = []
+        self.outs: list[Any] = []
+
+    def __call__(self) -> None:
         clock = StepClock()
         start = time.perf_counter()
-        outs.append(model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                   logits_processor=LogitsProcessorList([clock]), return_dict_in_generate=True,
-                                   output_logits=True))  # fmt: skip
-        totals.append(time.perf_counter() - start)
-        ttfts.append(clock.times[0] - start)
+        self.outs.append(self.model.generate(**self.inputs, max_new_tokens=self.new, min_new_tokens=self.new,
+                                             do_sample=False, logits_processor=LogitsProcessorList([clock]),
+                                             return_dict_in_generate=True, output_logits=True))  # fmt: skip
+        self.ttfts.append(clock.times[0] - start)
 
-    try:
-        with torch.inference_mode():
-            scoring = scoring_work(model, inputs, config, handle) if handle is not None else 0.0
-            release_memory()
-            e2e_m = measure(e2e, repeats=repeats, warmup=warmup)
-            seq = inputs["input_ids"].shape[1]
-            visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
-            if handle is not None:
-                sel = handle.last_selections[0]
-                seq, visual = seq - (sel.tokens_before - sel.tokens_after), sel.tokens_after
-            release_memory()
-            prefill = prefill_stage(model, batch, seq, repeats)
-    finally:
-        if handle is not None:
-            handle.remove()
-    release_memory()
-    return dict(scoring=scoring, ttft=statistics.median(ttfts[warmup:]), total=statistics.median(totals[warmup:]),
-                e2e_peak=e2e_m.peak_bytes, prefill=prefill, seq=seq, visual=visual,
-                logits=outs[-1].logits[0].float(), tokens=outs[-1].sequences[:, -new:])  # fmt: skip
+    def lengths(self) -> tuple[int, int]:
+        """(sequence length, visual tokens per image) the language model saw on the last call."""
+        seq = self.inputs["input_ids"].shape[1]
+        visual = int((self.inputs["input_ids"][0] == self.model.config.image_token_id).sum())
+        if self.handle is None:
+            return seq, visual
+        sel = self.handle.last_selections[0]
+        return seq - (sel.tokens_before - sel.tokens_after), sel.tokens_after
 
 
-def run_model(size_name: str) -> tuple[str, str, list[str]]:
+def run_batch(model, inputs, new: int, repeats: int) -> list[dict[str, Any]]:
+    """Every budget of `BUDGETS` on one batch. Vision stage: median of ``repeats`` after a warm-up.
+    End-to-end generate and LM prefill: :func:`harness.compare` over the budgets (a warm-up per
+    budget, ``repeats`` interleaved rounds rotated each round, one untimed call each for peak memory)."""
+    pv, sizes = inputs["pixel_values"], inputs["image_sizes"]
+    gens = {r: Generation(model if r == 1.0 else copy.deepcopy(model), inputs, r, new) for r in BUDGETS}
+    with torch.inference_mode():
+        vision = measure(lambda: model.model.get_image_features(pv, sizes), repeats=repeats, warmup=1)
+        try:
+            e2e = compare({f"{r:.0%}": g for r, g in gens.items()}, repeats=repeats, warmup=1, memory=True)
+            lengths = {r: g.lengths() for r, g in gens.items()}
+            scoring = {r: scoring_work(g.model, inputs, g.config, g.handle, repeats) if g.handle is not None else 0.0
+                       for r, g in gens.items()}  # fmt: skip
+        finally:
+            for g in gens.values():
+                if g.handle is not None:
+                    g.handle.remove()
+        batch = inputs["input_ids"].shape[0]
+        prefill = compare({f"{r:.0%}": prefill_call(model, batch, lengths[r][0]) for r in BUDGETS},
+                          repeats=repeats, warmup=1, memory=True)  # fmt: skip
+    return [
+        dict(ratio=r, vision=vision, scoring=scoring[r], e2e=e2e[f"{r:.0%}"], prefill=prefill[f"{r:.0%}"],
+             ttfts=g.ttfts[1 : 1 + repeats], seq=lengths[r][0], visual=lengths[r][1],
+             logits=g.outs[repeats].logits[0].float(), tokens=g.outs[repeats].sequences[:, -new:])
+        for r, g in gens.items()
+    ]  # fmt: skip
+
+
+def run_model(size_name: str, repeats: int) -> tuple[str, str, list[str]]:
     size = SIZES[size_name]
     model, processor = build(size)
     vision_p, lm_p = n_params(model.model.vision_tower), n_params(model.model.language_model)
-    new, repeats = size["new_tokens"], size["repeats"]
-    headers = ["batch", "budget", "visual tok/img", "seq", "vision s", "scoring s (% vision)", "prefill s",
-               "decode s", "TTFT s", "TTFT x", "ideal TTFT x", "% of ideal", "tok/s", "tok/s x",
-               "peak vision MB", "peak prefill MB", "peak e2e MB", "KV MB", "top-1 agree", "KL",
-               "token agree"]  # fmt: skip
+    new = size["new_tokens"]
+    headers = ["batch", "budget", "visual tok/img", "seq", "vision s", "scoring s (% vision)", "prefill s (min-max)",
+               "decode s", "TTFT s (min-max)", "TTFT x (min-max)", "ideal TTFT x", "% of ideal", "tok/s",
+               "tok/s x (min-max)", "peak vision MB", "peak prefill MB", "peak e2e MB", "KV MB", "top-1 agree",
+               "KL", "token agree"]  # fmt: skip
     rows: list[list[object]] = []
     checks: list[str] = []
-    jobs = [(b, r) for b in size["batches"] for r in sorted(BUDGETS)]  # small first: RSS peaks stay honest
-    results: dict[tuple[int, float], dict[str, Any]] = {}
-    vision: dict[int, Any] = {}
-    for j, (batch, ratio) in enumerate(tqdm(jobs, desc="hired bench", unit="run")):
+    for batch in tqdm(size["batches"], desc="hired bench", unit="batch"):
         images = [tiny_image(2 * size["image_size"], 2 * size["image_size"], seed=i) for i in range(batch)]
         inputs = processor(images=images, text=[PROMPT] * batch, return_tensors="pt", padding=True)
-        if batch not in vision:  # the vision stage is the same for every budget
-            pv, sizes = inputs["pixel_values"], inputs["image_sizes"]
-            release_memory()
-            with torch.inference_mode():
-                vision[batch] = measure(lambda: model.model.get_image_features(pv, sizes), repeats=1, warmup=1)  # noqa: B023
-        results[batch, ratio] = run_budget(model, inputs, ratio, new, repeats, warmup=1 if j == 0 else 0)
-    for batch, ratio in sorted(results, key=lambda k: (k[0], -k[1])):
-        r, d, v = results[batch, ratio], results[batch, 1.0], vision[batch]
-        v_s, scoring = v.median_s, r["scoring"]
-        ideal = (v_s + d["prefill"].median_s) / (v_s + r["prefill"].median_s)
-        speed = d["ttft"] / r["ttft"]
-        tps, tps_x = batch * new / r["total"], d["total"] / r["total"]
-        agree, kl = first_token_fidelity(d["logits"], r["logits"])
-        token_agree = float((r["tokens"] == d["tokens"]).float().mean())
-        rows.append([
-            batch, f"{ratio:.0%}", r["visual"], r["seq"], v_s, f"{scoring:.3g} ({100 * scoring / v_s:.2g}%)",
-            r["prefill"].median_s, r["total"] - r["ttft"], r["ttft"], speed, ideal, f"{100 * speed / ideal:.0f}%",
-            tps, tps_x, v.peak_bytes / 2**20, r["prefill"].peak_bytes / 2**20, r["e2e_peak"] / 2**20,
-            kv_bytes(model, batch, r["seq"] + new) / 2**20, agree, kl, token_agree,
-        ])  # fmt: skip
-        if ratio == 0.2:
-            checks.append(f"batch {batch}, 20%: TTFT {speed:.2f}x (target >= 3.5x: {'met' if speed >= 3.5 else 'MISSED'}); "
-                          f"{100 * speed / ideal:.0f}% of the ideal {ideal:.2f}x (target >= 90%: "
-                          f"{'met' if speed / ideal >= 0.9 else 'MISSED'}); scoring {100 * scoring / v_s:.2g}% "
-                          f"of vision (target <= 3%: {'met' if scoring <= 0.03 * v_s else 'MISSED'}); "
-                          f"end-to-end throughput {tps_x:.2f}x" + (f" (target >= 2.5x: {'met' if tps_x >= 2.5 else 'MISSED'})"
-                                                                  if batch == 4 else ""))  # fmt: skip
+        results = run_batch(model, inputs, new, repeats)
+        d = results[0]  # 100% = dense
+        for r in results:
+            v_s, scoring, ratio = r["vision"].median_s, r["scoring"], r["ratio"]
+            ideal = (v_s + d["prefill"].median_s) / (v_s + r["prefill"].median_s)
+            ttft = statistics.median(r["ttfts"])
+            speed = statistics.median(b / t for b, t in zip(d["ttfts"], r["ttfts"]))  # as speedup_spread
+            total = r["e2e"].median_s
+            tps, tps_x = batch * new / total, d["e2e"].median_s / total
+            agree, kl = first_token_fidelity(d["logits"], r["logits"])
+            token_agree = float((r["tokens"] == d["tokens"]).float().mean())
+            rows.append([
+                batch, f"{ratio:.0%}", r["visual"], r["seq"], v_s, f"{scoring:.3g} ({100 * scoring / v_s:.2g}%)",
+                r["prefill"].time_text(), total - ttft, f"{ttft:.3g} ({min(r['ttfts']):.3g}-{max(r['ttfts']):.3g})",
+                speedup_spread(d["ttfts"], r["ttfts"], r is d), ideal, f"{100 * speed / ideal:.0f}%", tps,
+                r["e2e"].ratio_text(), r["vision"].peak_bytes / 2**20, r["prefill"].peak_bytes / 2**20,
+                r["e2e"].peak_bytes / 2**20, kv_bytes(model, batch, r["seq"] + new) / 2**20, agree, kl, token_agree,
+            ])  # fmt: skip
+            if ratio == 0.2:
+                checks.append(f"batch {batch}, 20%: TTFT {speedup_spread(d['ttfts'], r['ttfts'], False)} (target >= 3.5x: "
+                              f"{'met' if speed >= 3.5 else 'MISSED'}); {100 * speed / ideal:.0f}% of the ideal {ideal:.2f}x "
+                              f"(target >= 90%: {'met' if speed / ideal >= 0.9 else 'MISSED'}); scoring "
+                              f"{100 * scoring / v_s:.2g}% of vision (target <= 3%: {'met' if scoring <= 0.03 * v_s else 'MISSED'}); "
+                              f"end-to-end throughput {r['e2e'].ratio_text()}" + (f" (target >= 2.5x: {'met' if tps_x >= 2.5 else 'MISSED'})"
+                                                                               if batch == 4 else ""))  # fmt: skip
     if size_name == "quick":
-        checks.insert(0, "quick = smoke sizes (the tower is ~18% of the LM): the targets apply to the full size")
+        checks.insert(
+            0,
+            f"quick = smoke sizes (the tower is {100 * vision_p / lm_p:.0f}% of the LM): the targets apply to the full size",
+        )
     t, v = model.config.text_config, model.config.vision_config
     desc = (f"`{size_name}` size: CLIP tower {v.num_hidden_layers} layers x {v.hidden_size} wide at {v.image_size} px "
             f"({vision_p / 1e6:.2f} M params), Llama LM {t.num_hidden_layers} layers x {t.hidden_size} wide, "
             f"{t.num_attention_heads} heads ({lm_p / 1e6:.1f} M params); vision = {100 * vision_p / lm_p:.1f}% of the LM. "
-            f"Images {2 * v.image_size} px = 5 partitions; {new} new tokens (forced); fp32; median of "
-            f"{repeats} run(s). Dense (100%) = the unpatched model. TTFT and tok/s are measured inside one "
-            f"generate call (TTFT = first logits); prefill = the language model alone on the final length; "
-            f"ideal TTFT x = (vision + dense prefill) / (vision + pruned prefill); peaks are RSS above the level "
-            f"before each stage; KV = the cache after the last token.")  # fmt: skip
+            f"Images {2 * v.image_size} px = 5 partitions; {new} new tokens (forced); fp32; "
+            f"{torch.get_num_threads()} thread(s). Dense (100%) = the unpatched model; each budget runs on its own "
+            f"copy of the model with HiRED installed once. Timing by harness.compare: a warm-up call per budget, then "
+            f"{repeats} interleaved rounds (order rotated each round); times are medians with min-max, ratios the "
+            f"median of the per-round ratios with min-max, `~noise` where the time ranges overlap. TTFT and tok/s are "
+            f"measured inside one generate call (TTFT = first logits); prefill = the language model alone on the "
+            f"final length; vision and scoring: medians of {repeats}; ideal TTFT x = (vision + dense prefill) / "
+            f"(vision + pruned prefill); peaks are the live tensor storage of one untimed call; KV = the cache after "
+            f"the last token.")  # fmt: skip
     return markdown_table(headers, rows), desc, checks
 
 
-def run_clip_l(pairs: int = 5) -> str:
+def run_clip_l(repeats: int) -> str:
     """[CLS]-row scoring overhead on the real CLIP ViT-L/14-336 config (random init), one partition.
 
-    The hooks touch only the two scored layers, so their cost is measured on one layer
-    (plain and hooked runs interleaved, medians) and related to a whole tower forward.
+    The hooks touch only the two scored layers, so their cost is measured on one layer (plain and
+    hooked runs by :func:`harness.compare`) and related to a whole tower forward.
     """
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -286,27 +313,31 @@ def run_clip_l(pairs: int = 5) -> str:
     layers = inner.encoder.layers
     recorder = ClsAttentionRecorder([layer.self_attn for layer in layers], [0, 22])
     hooks = recorder.install()
-    times: dict[bool, list[float]] = {False: [], True: []}
+
+    def layer(active: bool) -> Callable[[], None]:
+        def run() -> None:
+            recorder.active = active
+            layers[22](hidden, None)
+
+        return run
+
     with torch.inference_mode():
-        forward = measure(lambda: tower(pixels), repeats=1, warmup=0).median_s
+        forward = measure(lambda: tower(pixels), repeats=repeats, warmup=1)
         hidden = inner.pre_layrnorm(inner.embeddings(pixels))
-        layers[22](hidden, None)  # warm-up
-        for i in tqdm(range(pairs), desc="CLIP-L layer pairs"):
-            for active in (i % 2 == 0, i % 2 == 1):  # alternate which runs first
-                recorder.active = active
-                start = time.perf_counter()
-                layers[22](hidden, None)
-                times[active].append(time.perf_counter() - start)
+        timed = compare({"layer": layer(False), "layer + hooks": layer(True)}, repeats=repeats, warmup=1)
         recorder.active = False
         q, k = torch.randn(1, 1024), torch.randn(1, 577, 1024)
-        rows_only = measure(lambda: [cls_attention_row(q, k, 16, 64**-0.5) for _ in range(2)], repeats=20).median_s
+        rows_only = measure(
+            lambda: [cls_attention_row(q, k, 16, 64**-0.5) for _ in range(2)], repeats=20
+        ).median_s
     for h in hooks:
         h.remove()
-    plain, hooked = statistics.median(times[False]), statistics.median(times[True])
-    overhead = 2 * max(hooked - plain, 0.0)
-    row = ["CLIP ViT-L/14-336 (24 x 1024, 577 tokens)", forward, plain, hooked, f"{100 * overhead / forward:.2g}%",
-           rows_only, f"{100 * rows_only / forward:.2g}%"]  # fmt: skip
-    headers = ["tower", "forward s", "layer s", "layer + hooks s", "2 hooked layers / forward",
+    plain, hooked = timed["layer"], timed["layer + hooks"]
+    overhead, fwd = 2 * max(hooked.median_s - plain.median_s, 0.0), forward.median_s
+    row = ["CLIP ViT-L/14-336 (24 x 1024, 577 tokens)", f"{fwd:.3g} ({min(forward.times_s):.3g}-{max(forward.times_s):.3g})",
+           plain.time_text(), hooked.time_text(), f"{100 * overhead / fwd:.2g}%" + (" ~noise" if hooked.overlaps else ""),
+           rows_only, f"{100 * rows_only / fwd:.2g}%"]  # fmt: skip
+    headers = ["tower", "forward s (min-max)", "layer s (min-max)", "layer + hooks s (min-max)", "2 hooked layers / forward",
                "2 [CLS] rows s", "rows / forward"]  # fmt: skip
     return markdown_table(headers, [row])
 
@@ -417,7 +448,11 @@ def run_fidelity(quick: bool) -> tuple[str, str]:
     for r in BASELINE_BUDGETS:
         config = HiREDConfig(budget=TokenBudget(ratio=r))
         variants += [
-            (f"HiRED {r:.0%} crop_regions=tiles", HiREDConfig(budget=TokenBudget(ratio=r), crop_regions="tiles"), None),
+            (
+                f"HiRED {r:.0%} crop_regions=tiles",
+                HiREDConfig(budget=TokenBudget(ratio=r), crop_regions="tiles"),
+                None,
+            ),
             (f"random {r:.0%}", config, lambda: within_partition_baseline("random")),
             (f"uniform spatial {r:.0%}", config, lambda: within_partition_baseline("uniform")),
             (f"FastV K={FASTV_K} {r:.0%}", None, lambda r=r: FastV(model, r)),
@@ -435,7 +470,15 @@ def run_fidelity(quick: bool) -> tuple[str, str]:
             visual = statistics.mean(active.kept)
         rows.append([name, f"{visual:.1f}", f"{m['QA accuracy']:.3f}", f"{m['CHAIR_i']:.3f}",
                      f"{m['CHAIR_s']:.3f}", f"{m['object recall']:.3f}", f"{m['caption exact match']:.3f}"])  # fmt: skip
-    headers = ["variant", "visual tok/img", "QA accuracy", "CHAIR_i", "CHAIR_s", "object recall", "caption exact"]
+    headers = [
+        "variant",
+        "visual tok/img",
+        "QA accuracy",
+        "CHAIR_i",
+        "CHAIR_s",
+        "object recall",
+        "caption exact",
+    ]
     notes = (f"Zoo model `shapes-vlm` (trained LLaVA-NeXT, 2-5 anyres partitions of 64 tokens), held-out scenes: "
              f"{n_questions} questions (count / is-there / colour / shape / total, exact match) and {n_captions} "
              f"greedy captions; CHAIR over the 16 colour+shape categories (count errors are not hallucinations), "
@@ -454,29 +497,39 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, < 1 min")
     parser.add_argument("--write", action="store_true", help=f"append the tables to {RESULTS}")
     parser.add_argument("--skip-clip-l", action="store_true", help="skip the CLIP ViT-L/14-336 overhead run")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (default 1, see above)"
+    )
     parser.add_argument("--fidelity-only", action="store_true", help="only the zoo-model fidelity section")
+    parser.add_argument(
+        "--repeats", type=int, default=MIN_REPEATS, help=f"interleaved rounds (>= {MIN_REPEATS})"
+    )
     args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    if args.repeats < MIN_REPEATS:
+        parser.error(f"--repeats must be >= {MIN_REPEATS}, got {args.repeats}")
+    torch.set_num_threads(args.threads)
     size = "quick" if args.quick else "full"
-    print(f"Machine: {machine_description()}")
+    print(f"Machine: {machine_description()}", flush=True)
     fidelity, fidelity_notes = run_fidelity(args.quick)
     print(f"\nFidelity on the zoo model shapes-vlm\n\n{fidelity}\n\n{fidelity_notes}\n")
     if args.write:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        append_results(f"HiRED fidelity, zoo shapes-vlm ({size})", fidelity, notes=fidelity_notes, path=RESULTS)
+        append_results(
+            f"HiRED fidelity, zoo shapes-vlm ({size})", fidelity, notes=fidelity_notes, path=RESULTS
+        )
     if args.fidelity_only:
         return
-    table, desc, checks = run_model(size)
+    table, desc, checks = run_model(size, args.repeats)
     print(f"\n{desc}\n\n{table}\n")
     print("\n".join(checks))
     clip = None
     if not (args.quick or args.skip_clip_l):
-        clip = run_clip_l()
+        clip = run_clip_l(args.repeats)
         print(f"\n{clip}\n")
     if args.write:
-        append_results(f"HiRED ({size})", table, notes=desc + "\n\n" + "\n".join(f"- {c}" for c in checks), path=RESULTS)
+        append_results(
+            f"HiRED ({size})", table, notes=desc + "\n\n" + "\n".join(f"- {c}" for c in checks), path=RESULTS
+        )
         if clip is not None:
             append_results("HiRED scoring overhead, CLIP ViT-L/14-336", clip, path=RESULTS)
 

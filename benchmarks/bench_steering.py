@@ -12,19 +12,23 @@ in main-thread CPU time and in wall time (the ratio vs vanilla is the issue's ta
 time to first token (VISTA adds its two steering forwards there), peak memory, and how much
 the outputs move against vanilla (first-token top-1 agreement and KL, generated-token
 agreement). Weights are random, so those numbers show the size of the intervention, not a
-hallucination rate; ``lam = gamma = 0`` must (and does) reproduce vanilla exactly. Variants run
-interleaved, repeat by repeat, so load on a shared machine hits them alike.
+hallucination rate; ``lam = gamma = 0`` must (and does) reproduce vanilla exactly. Timing comes
+from :func:`mmaccel.benchmarks.harness.compare`: a warm-up per variant, then >= 5 interleaved
+rounds with the order rotated, so load on a shared machine hits all variants alike; every ratio is
+the median of the per-round ratios with its min-max, flagged ``~noise`` where the time ranges of
+variant and vanilla overlap. The thread count is fixed (``--threads``, default 1) and printed.
 
 The fidelity section runs VISTA on the trained zoo model ``shapes-vlm`` (a tiny LLaVA-NeXT, see
 :mod:`mmaccel.apps.zoo.shapes_vlm`): CHAIR_i / CHAIR_s and object recall of greedy captions on its
 held-out scenes, and QA accuracy, against no steering.
 
-    .venv/bin/python -m mmaccel.benchmarks.bench_steering [--quick] [--write] [--fidelity-only]
+    .venv/bin/python -m mmaccel.benchmarks.bench_steering [--quick] [--write] [--fidelity-only] [--repeats N]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -35,7 +39,7 @@ import torch
 from tqdm import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from mmaccel.benchmarks.harness import RESULTS_DIR, append_results, measure
+from mmaccel.benchmarks.harness import MIN_REPEATS, RESULTS_DIR, append_results, compare
 from mmaccel.runtime.environment import machine_description
 from mmaccel.runtime.tables import markdown_table
 from mmaccel.testing import tiny_image, tiny_tokenizer
@@ -49,12 +53,12 @@ SIZES: dict[str, dict[str, Any]] = {
     "full": dict(
         vision=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=12, num_attention_heads=2),
         text=dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12),
-        image_size=336, new_tokens=16, batches=(1, 4), repeats=2,
+        image_size=336, new_tokens=16, batches=(1, 4),
     ),
     "quick": dict(
         vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=1),
         text=dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4),
-        image_size=168, new_tokens=8, batches=(1,), repeats=1,
+        image_size=168, new_tokens=8, batches=(1,),
     ),
 }  # fmt: skip
 
@@ -115,61 +119,75 @@ class _Clock(LogitsProcessor):
         return scores
 
 
-def run_once(model, inputs, new: int, memory: bool = False) -> dict[str, Any]:
-    """One timed greedy generate: per-step wall / CPU times, TTFT, first logits and tokens.
-
-    ``memory``: also measure peak tensor memory (the harness runs one more, untimed call).
-    """
-    clocks: list[tuple[_Clock, float, Any]] = []
-
-    def gen() -> None:
-        clock, start = _Clock(), time.perf_counter()
-        out = model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                             logits_processor=LogitsProcessorList([clock]), return_dict_in_generate=True,
-                             output_logits=True)  # fmt: skip
-        clocks.append((clock, start, out))
-
-    with torch.inference_mode():
-        peak = measure(gen, repeats=1, warmup=0).peak_bytes if memory else gen()
-    clock, start, out = clocks[0]  # the timed call
+def run_once(model, inputs, new: int) -> dict[str, Any]:
+    """One greedy generate: per-step wall / CPU times, TTFT, first logits and tokens."""
+    clock, start = _Clock(), time.perf_counter()
+    out = model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                         logits_processor=LogitsProcessorList([clock]), return_dict_in_generate=True,
+                         output_logits=True)  # fmt: skip
     return dict(steps=list(np.diff(clock.wall)), cpu_steps=list(np.diff(clock.cpu)), ttft=clock.wall[0] - start,
-                peak=peak, logits=out.logits[0].float(), tokens=out.sequences[:, -new:])  # fmt: skip
+                logits=out.logits[0].float(), tokens=out.sequences[:, -new:])  # fmt: skip
 
 
-def run_batch(model, processor, batch: int, size: dict[str, Any]) -> list[list[Any]]:
+def cost_spread(base: list[float], values: list[float], baseline: bool) -> str:
+    """Per-round cost ratio ``values[i] / base[i]``: median (min-max), `` ~noise`` where the two
+    ranges of values overlap (never on the ``baseline`` itself)."""
+    ratios = [v / b for b, v in zip(base, values)]
+    noise = not baseline and min(values) <= max(base) and min(base) <= max(values)
+    return f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f})" + (
+        " ~noise" if noise else ""
+    )
+
+
+def run_batch(model, processor, batch: int, size: dict[str, Any], repeats: int) -> list[list[Any]]:
+    """Every `VARIANTS` entry on one batch, timed by :func:`harness.compare`: a warm-up generate per
+    variant, then ``repeats`` interleaved rounds (order rotated each round), one untimed generate per
+    variant for peak memory. A variant's hooks are installed before and removed after each of its
+    calls, so the variants share one model."""
     images = [tiny_image(size["image_size"], size["image_size"], seed=i) for i in range(batch)]
     processor.tokenizer.padding_side = "left"
     inputs = processor(images=images, text=[PROMPT] * batch, return_tensors="pt", padding=True)
-    new, repeats = size["new_tokens"], size["repeats"]
-    results: dict[str, list[dict[str, Any]]] = {name: [] for name in VARIANTS}
-    run_once(model, inputs, 2)  # warm-up
-    for rep in tqdm(range(repeats), desc=f"batch {batch}", leave=False):
-        for name, install in VARIANTS.items():
+    new = size["new_tokens"]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in VARIANTS}
+
+    def call(name: str) -> Callable[[], None]:
+        install = VARIANTS[name]
+
+        def run() -> None:
             handles = install(model) if install is not None else []
             try:
-                results[name].append(run_once(model, inputs, new, memory=rep == repeats - 1))
+                runs[name].append(run_once(model, inputs, new))
             finally:
                 for h in reversed(handles):
                     h.remove()
-    base = results["vanilla"]
-    base_step = statistics.median(s for r in base for s in r["steps"])
-    base_cpu = statistics.median(s for r in base for s in r["cpu_steps"])
-    base_ttft = statistics.median(r["ttft"] for r in base)
-    base_peak = max(r["peak"] or 0 for r in base)
+
+        return run
+
+    with torch.inference_mode():
+        timed = compare({name: call(name) for name in VARIANTS}, repeats=repeats, warmup=1, memory=True)
+    rounds = {name: r[1 : 1 + repeats] for name, r in runs.items()}  # without the warm-up and the memory call
+    per_round = {
+        name: dict(step=[statistics.median(r["steps"]) for r in rs], cpu=[statistics.median(r["cpu_steps"]) for r in rs],
+                   ttft=[r["ttft"] for r in rs])
+        for name, rs in rounds.items()
+    }  # fmt: skip
+    base, base_peak = per_round["vanilla"], timed["vanilla"].peak_bytes or 0
     rows = []
-    for name, runs in results.items():
-        step = statistics.median(s for r in runs for s in r["steps"])
-        cpu = statistics.median(s for r in runs for s in r["cpu_steps"])
-        ttft = statistics.median(r["ttft"] for r in runs)
-        peak = max(r["peak"] or 0 for r in runs)
-        ref, out = base[-1], runs[-1]
+    for name, rs in rounds.items():
+        own, baseline = per_round[name], name == "vanilla"
+        step = statistics.median(s for r in rs for s in r["steps"])
+        cpu = statistics.median(s for r in rs for s in r["cpu_steps"])
+        peak = timed[name].peak_bytes or 0
+        ref, out = rounds["vanilla"][-1], rs[-1]
         agree = float((ref["logits"].argmax(-1) == out["logits"].argmax(-1)).float().mean())
         kl = torch.nn.functional.kl_div(out["logits"].log_softmax(-1), ref["logits"].log_softmax(-1),
                                         log_target=True, reduction="batchmean")  # fmt: skip
         tokens = float((ref["tokens"] == out["tokens"]).float().mean())
-        rows.append([batch, name, f"{cpu * 1e3:.1f}", f"{cpu / base_cpu:.3f}x", f"{step * 1e3:.1f}",
-                     f"{step / base_step:.3f}x", f"{ttft:.2f}",
-                     f"{ttft / base_ttft:.2f}x", f"{peak / 2**20:.0f}", f"{peak / max(base_peak, 1):.2f}x",
+        rows.append([batch, name, f"{cpu * 1e3:.1f}", cost_spread(base["cpu"], own["cpu"], baseline),
+                     f"{step * 1e3:.1f}", cost_spread(base["step"], own["step"], baseline),
+                     f"{statistics.median(own['ttft']):.2f}", cost_spread(base["ttft"], own["ttft"], baseline),
+                     timed[name].time_text(), timed[name].ratio_text(),
+                     f"{peak / 2**20:.0f}", f"{peak / max(base_peak, 1):.2f}x",
                      f"{agree:.2f}", f"{float(kl):.2e}", f"{tokens:.2f}"])  # fmt: skip
     return rows
 
@@ -224,14 +242,23 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help=f"append the table to {RESULTS}")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1, see notes)")
     parser.add_argument("--fidelity-only", action="store_true", help="only the zoo-model fidelity section")
+    parser.add_argument(
+        "--repeats", type=int, default=MIN_REPEATS, help=f"interleaved rounds (>= {MIN_REPEATS})"
+    )
     args = parser.parse_args()
+    if args.repeats < MIN_REPEATS:
+        parser.error(f"--repeats must be >= {MIN_REPEATS}, got {args.repeats}")
     torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]
+    print(f"Machine: {machine_description()}", flush=True)
     size_name = "quick" if args.quick else "full"
     fidelity, fidelity_notes = run_fidelity(args.quick)
-    print(f"Machine: {machine_description()}\n\nFidelity on the zoo model shapes-vlm\n\n{fidelity}\n\n{fidelity_notes}\n")
+    print(f"\nFidelity on the zoo model shapes-vlm\n\n{fidelity}\n\n{fidelity_notes}\n")
     if args.write:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        append_results(f"VISTA fidelity, zoo shapes-vlm ({size_name})", fidelity, fidelity_notes, path=RESULTS)
+        append_results(
+            f"VISTA fidelity, zoo shapes-vlm ({size_name})", fidelity, fidelity_notes, path=RESULTS
+        )
     if args.fidelity_only:
         return
     size = SIZES[size_name]
@@ -239,25 +266,28 @@ def main() -> None:
     lm_params = sum(p.numel() for p in model.model.language_model.parameters()) + model.lm_head.weight.numel()
     rows = []
     for batch in size["batches"]:
-        rows += run_batch(model, processor, batch, size)
-    headers = ["batch", "variant", "decode CPU ms/token", "CPU vs vanilla", "decode wall ms/token",
-               "wall vs vanilla", "TTFT s", "TTFT vs vanilla",
-               "peak MiB", "peak vs vanilla", "1st-token top-1 agree", "1st-token KL", "token agree"]  # fmt: skip
+        rows += run_batch(model, processor, batch, size, args.repeats)
+    headers = ["batch", "variant", "decode CPU ms/token", "CPU vs vanilla (min-max)", "decode wall ms/token",
+               "wall vs vanilla (min-max)", "TTFT s", "TTFT vs vanilla (min-max)", "generate s (min-max)",
+               "generate speed-up vs vanilla (min-max)", "peak MiB", "peak vs vanilla", "1st-token top-1 agree", "1st-token KL", "token agree"]  # fmt: skip
     table = markdown_table(headers, rows)
     text = size["text"]
     notes = (
         f"Size `{size_name}`: LLaVA-1.5-shaped, Llama LM {text['num_hidden_layers']} layers x {text['hidden_size']} "
         f"(MLP {text['intermediate_size']}, {text['num_attention_heads']} heads, vocab 32,000; "
         f"{lm_params / 1e6:.0f} M params incl. lm_head), {(size['image_size'] // 14) ** 2} visual tokens, "
-        f"{size['new_tokens']} greedy tokens, median over {size['repeats']} interleaved repeats. Random weights: "
+        f"{size['new_tokens']} greedy tokens. harness.compare: one warm-up generate per variant, then "
+        f"{args.repeats} interleaved rounds (order rotated each round); ms/token and TTFT are medians over the "
+        "rounds, each `vs vanilla` column the median of the per-round cost ratios (variant / vanilla) with "
+        "min-max, generate speed-up the median per-round vanilla / variant time of the whole call (hook "
+        "install and removal included), `~noise` where the time ranges overlap. Random weights: "
         "agreement/KL measure how far steering moves the outputs, not hallucination. Targets (issue 8): "
-        "VISTA decode <= 1.10x, rebalancing <= 1.15x (reference implementation: 1.27x). The machine was "
-        f"shared with other jobs (load average > 10 on 2 cores), so wall times swing by +-20% between identical "
-        f"runs (compare the exactness row); with {args.threads} intra-op thread(s) all model work runs on the "
-        "main thread, whose CPU time per step (`time.thread_time`) measures the added work without the "
-        "other jobs' contention: that is the column to read against the targets."
+        "VISTA decode <= 1.10x, rebalancing <= 1.15x (reference implementation: 1.27x). Load average at the "
+        f"start: {load:.1f} on {os.cpu_count()} CPUs; with {args.threads} intra-op thread(s) all "
+        "model work runs on the main thread, whose CPU time per step (`time.thread_time`) measures the added "
+        "work without other jobs' contention: that is the column to read against the targets."
     )
-    print(f"Machine: {machine_description()}\n\n{table}\n\n{notes}")
+    print(f"\n{table}\n\n{notes}")
     if args.write:
         append_results(f"Hallucination steering ({size_name})", table, notes, path=RESULTS)
 

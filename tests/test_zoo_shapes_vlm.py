@@ -18,7 +18,15 @@ from mmaccel.apps.zoo.shapes_data import (
     make_scene,
     question,
 )
-from mmaccel.apps.zoo.shapes_vlm import _training_batch, build, caption_scores, eval_set, evaluate, load
+from mmaccel.apps.zoo.shapes_vlm import (
+    _training_batch,
+    build,
+    caption_scores,
+    eval_set,
+    evaluate,
+    load,
+    train,
+)
 from mmaccel.runtime.budget import TokenBudget
 from mmaccel.vlm import HiREDConfig, load_vlm
 
@@ -160,3 +168,7 @@ def test_bad_input_raises(shapes_vlm):
         evaluate(shapes_vlm.model)
     with pytest.raises(TypeError, match="path"):
         load(3)
+    with pytest.raises(ValueError, match="vision_steps"):  # checked before anything is built
+        train(zoo_path("shapes-vlm") / "never-written", vision_steps=0)
+    with pytest.raises(TypeError, match="cls_objective"):
+        train(zoo_path("shapes-vlm") / "never-written", cls_objective=1)

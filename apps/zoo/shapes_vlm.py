@@ -364,7 +364,8 @@ def pretrain_vision(
     not learn shapes from the language loss alone in a CPU budget), and with ``cls_objective`` a
     linear head on the [CLS] token predicts which of the 16 colour + shape pairs the view shows
     (multi-label, binary cross-entropy), so [CLS] has an image-level meaning as CLIP's has (off by
-    default: the committed weights were trained without it). Returns the held-out patch shape
+    default: the committed weights were trained without it, and a retrain with it answered worse,
+    see docs/zoo.md). Returns the held-out patch shape
     accuracy on object patches; the heads are discarded."""
     tower = model.model.vision_tower
     head = torch.nn.Linear(tower.config.hidden_size, 2 * (len(SHAPES) + 1))
@@ -417,23 +418,27 @@ def train(
     batch_size: int = 8,
     lr: float = 2e-3,
     cls_objective: bool = False,
+    vision_steps: int = 2000,
 ) -> dict[str, float | int | str]:
     """Train from scratch on fresh scenes (AdamW, warm-up + cosine, loss on answer tokens only,
-    teacher forcing), evaluate on the held-out set, save model + processor and the model card."""
+    teacher forcing), evaluate on the held-out set, save model + processor and the model card.
+    The vision tower is first pretrained alone for ``vision_steps`` (:func:`pretrain_vision`, with
+    its [CLS] objective when ``cls_objective``)."""
     from mmaccel.apps.zoo.card import write_model_card
     from mmaccel.vlm.api import load_vlm
 
-    for name, value in (("steps", steps), ("batch_size", batch_size)):
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("vision_steps", vision_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if not isinstance(cls_objective, bool):
+        raise TypeError(f"cls_objective must be a bool, got {type(cls_objective).__name__}")
     start, cpu_start = time.perf_counter(), time.process_time()
     torch.manual_seed(seed)
     model, processor = build(seed)
     rng = np.random.default_rng([seed, 1])
-    if not isinstance(cls_objective, bool):
-        raise TypeError(f"cls_objective must be a bool, got {type(cls_objective).__name__}")
     patch_accuracy = pretrain_vision(
-        model, processor, np.random.default_rng([seed, 4]), progress=progress, cls_objective=cls_objective
+        model, processor, np.random.default_rng([seed, 4]), steps=vision_steps, progress=progress,
+        cls_objective=cls_objective,
     )
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(steps // 20, 1)
@@ -477,7 +482,7 @@ def train(
         "circles and one blue square.`, canonical colour/shape order) and one question of each supported kind "
         "(count, is-there, colour-of, shape-of, total), in random order. Evaluation uses separate scenes "
         f"(seed {EVAL_SEED}): 200 questions (kinds in turn) and 100 captions, greedy decoding.",
-        training="Stage 1, vision tower alone: 2000 steps of 32 64-px views (whole 64x64 scenes or crops of "
+        training=f"Stage 1, vision tower alone: {vision_steps} steps of 32 64-px views (whole 64x64 scenes or crops of "
         "128x128 ones), a linear head on every patch predicting the colour and shape under it (cross-entropy)"
         + (" plus a linear head on [CLS] predicting which of the 16 colour + shape pairs the view shows "
            "(multi-label, binary cross-entropy: an image-level objective for [CLS], as CLIP's has)"
