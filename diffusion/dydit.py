@@ -52,6 +52,7 @@ from mmaccel.diffusion.flexdit import (
     _Modulation,
     _modulation,
 )
+from mmaccel.runtime.configs import resolve_config
 from mmaccel.runtime.stats import Stats
 from mmaccel.runtime.timesteps import read_timestep
 
@@ -549,27 +550,53 @@ class DyDiTTransformer2DModel(ModelMixin, ConfigMixin):
             raise NotImplementedError("DyDiT does not support a self-attention mask over image tokens")
         if inputs["timestep"] is None:
             raise ValueError("DyDiT needs `timestep` (the width routers read it)")
-        batch = hidden_states.shape[0]
-        t = torch.as_tensor(inputs["timestep"], device=hidden_states.device).flatten()
-        t = t.expand(batch) if t.numel() == 1 else t
-        values = [float(v) for v in t.detach().cpu()]
-        for v in set(values):
-            read_timestep(v, self.dydit.num_train_timesteps, source="the transformer's timestep argument")
+        t, values, plans = self._prepare(inputs["timestep"], hidden_states)
         inputs["timestep"] = t
-        if self.execution == "masked" or len(set(values)) == 1:
-            output = self._forward(inputs, values[0])
+        records: list[tuple[dict[str, list], float, int, int]] = []
+        if self.execution == "masked" or len(plans) == 1:
+            output = self._forward(inputs, values[0], plans.get(values[0]), records)
         else:  # pruned execution, mixed timesteps: one pass per timestep, same order back
             output = None
-            for v in sorted(set(values)):
+            batch = hidden_states.shape[0]
+            for v in sorted(plans):
                 idx = torch.tensor([i for i, vi in enumerate(values) if vi == v], device=hidden_states.device)
-                part = self._forward({k: _index_batch(val, idx, batch) for k, val in inputs.items()}, v)
+                part_inputs = {k: _index_batch(val, idx, batch) for k, val in inputs.items()}
+                part = self._forward(part_inputs, v, plans[v], records)
                 output = part.new_empty((batch, *part.shape[1:])) if output is None else output
                 output[idx] = part
+        for record in records:
+            self._record(*record)
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)
 
-    def _forward(self, inputs: dict[str, Any], t_value: float) -> torch.Tensor:
+    @torch.compiler.disable  # host-side decisions, before the forward's first tensor op
+    def _prepare(
+        self, timestep: Any, hidden_states: torch.Tensor
+    ) -> tuple[torch.Tensor, list[float], dict[float, list[dict[str, Any]]]]:
+        """The timestep per sample, its values on the host and, for pruned execution, each distinct
+        value's per-block plans (width decisions and sliced weights). Outside any compiled graph:
+        a compiled forward has no graph break for them and is specialised on the kept widths."""
+        batch, device = hidden_states.shape[0], hidden_states.device
+        t = torch.as_tensor(timestep, device=device).flatten()
+        t = t.expand(batch) if t.numel() == 1 else t
+        values = [float(v) for v in t.detach().cpu()]
+        for v in set(values):
+            read_timestep(v, self.dydit.num_train_timesteps, source="the transformer's timestep argument")
+        if self.execution == "masked":
+            return t, values, {}
+        blocks = range(len(self.transformer_blocks))
+        plans = {v: [self._plan(i, v, device, hidden_states.dtype) for i in blocks] for v in set(values)}
+        return t, values, plans
+
+    def _forward(
+        self,
+        inputs: dict[str, Any],
+        t_value: float,
+        plans: list[dict[str, Any]] | None,
+        records: list[tuple[dict[str, list], float, int, int]],
+    ) -> torch.Tensor:
+        """One pass at one timestep (pruned: with its ``plans``); appends what ``_record`` takes."""
         hidden_states = inputs["hidden_states"]
         grid = (hidden_states.shape[-2] // self.patch_size, hidden_states.shape[-1] // self.patch_size)
         x, cond, out_cond = FlexDiTTransformer2DModel._embed(self, inputs)
@@ -584,19 +611,19 @@ class DyDiTTransformer2DModel(ModelMixin, ConfigMixin):
                 args = (i, x, cond, inputs["timestep"])
             else:
                 fn = self._block_pruned
-                args = (i, x, cond, self._plan(i, t_value, x.device, x.dtype), record)
+                args = (i, x, cond, plans[i], record)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x = self._gradient_checkpointing_func(fn, *args)
             else:
                 x = fn(*args)
         if not masked:
-            self._record(record, t_value, n, m)
+            records.append((record, t_value, n, m))
         elif not torch.is_grad_enabled():
             for masks in self._last_masks:
                 record["heads"].append(masks["heads"].sum(-1).mean().item() * (self.heads // self.head_groups))
                 record["channels"].append(masks["channels"].sum(-1).mean().item() * (self.ff_dim // self.mlp_groups))
                 record["tokens"].append(masks["tokens"].sum(-1).mean().item())
-            self._record(record, t_value, n, m)
+            records.append((record, t_value, n, m))
         out = FlexDiTTransformer2DModel._output(self, x, out_cond)
         return FlexDiTTransformer2DModel._unpatchify(self, out, grid)
 
@@ -650,7 +677,7 @@ class DyDiTTransformer2DModel(ModelMixin, ConfigMixin):
         keep = None
         if self.dydit.dynamic_tokens:
             keep = (self.routers[i].token(x)[..., 0] > self.dydit.logit_threshold)
-            if bool(keep.all()):
+            if not torch.compiler.is_compiling() and bool(keep.all()):  # compiled: no host sync, gather all
                 keep = None
         record["heads"].append(plan["heads"])
         record["channels"].append(plan["channels"])
@@ -790,9 +817,7 @@ def convert_to_dydit(transformer: ModelMixin, config: DyDiTConfig | None = None)
     """
     from accelerate import init_empty_weights
 
-    config = DyDiTConfig() if config is None else config
-    if not isinstance(config, DyDiTConfig):
-        raise TypeError(f"config must be a DyDiTConfig, got {type(config).__name__}")
+    config = resolve_config(config, DyDiTConfig)
     base_class = type(transformer).__name__
     if base_class not in _STEMS:
         raise TypeError(f"DyDiT supports {', '.join(sorted(_STEMS))}; got {base_class}")

@@ -45,6 +45,7 @@ from mmaccel.runtime.budget import (
     LinearSchedule,
     StepSchedule,
 )
+from mmaccel.runtime.configs import resolve_config
 
 __all__ = [
     "FlexDiTConfig",
@@ -375,6 +376,8 @@ class FlexDiTTransformer2DModel(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
+    # regional compilation (compile_repeated_blocks): the modules the forward calls once per layer
+    _repeated_blocks = ["PoolingformerBlock", "SparseDenseTokenModule", "BasicTransformerBlock"]
 
     @register_to_config
     def __init__(
@@ -469,6 +472,17 @@ class FlexDiTTransformer2DModel(ModelMixin, ConfigMixin):
         return sparse
 
     # -- forward --------------------------------------------------------------------------------
+    @torch.compiler.disable  # host-side decision, before the forward's first tensor op
+    def _sparse_grids(
+        self, timestep: torch.Tensor | float, batch: int, grid: tuple[int, int]
+    ) -> list[tuple[int, int]]:
+        """The sparse grid of each sample. Read on the host outside any compiled graph, so a
+        compiled forward has no graph break and is specialised on the grids, not the timestep."""
+        progress = self.progress(timestep)
+        return [
+            self._sparse_grid(grid, float(p)) for p in progress.expand(batch if progress.numel() == 1 else -1)
+        ]
+
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
         """Same arguments (positional or keyword) and outputs as the base model's forward."""
         bound = self._base_signature.bind(self, hidden_states, *args, **kwargs)
@@ -482,10 +496,7 @@ class FlexDiTTransformer2DModel(ModelMixin, ConfigMixin):
             raise ValueError("FlexDiT needs `timestep` (it sets the token density)")
         batch = hidden_states.shape[0]
         grid = (hidden_states.shape[-2] // self.patch_size, hidden_states.shape[-1] // self.patch_size)
-        progress = self.progress(inputs["timestep"])
-        grids = [
-            self._sparse_grid(grid, float(p)) for p in progress.expand(batch if progress.numel() == 1 else -1)
-        ]
+        grids = self._sparse_grids(inputs["timestep"], batch, grid)
         if len(set(grids)) == 1:
             output = self._forward(inputs, grid, grids[0])
         else:  # mixed timesteps with different densities: one pass per density, same order back
@@ -599,9 +610,7 @@ def convert_to_flexdit(
     """
     from accelerate import init_empty_weights
 
-    config = FlexDiTConfig() if config is None else config
-    if not isinstance(config, FlexDiTConfig):
-        raise TypeError(f"config must be a FlexDiTConfig, got {type(config).__name__}")
+    config = resolve_config(config, FlexDiTConfig)
     base_class = type(transformer).__name__
     if base_class not in dit.TRANSFORMERS:
         raise TypeError(f"transformer must be one of {sorted(dit.TRANSFORMERS)}, got {base_class}")

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from mmaccel.parallel_video.plan import END_KEYS, GLOBAL_SAMPLING, LOCAL_SCOPES, ClipPlan
 from mmaccel.runtime.adapters import wan
+from mmaccel.runtime.configs import resolve_config
 from mmaccel.runtime.distributed import CommError, CommHandle, DistContext, exchange_neighbours_async
 from mmaccel.runtime.patching import PatchHandle
 from mmaccel.runtime.stats import Stats
@@ -144,6 +145,7 @@ class ClipParallelState:
     stats: ClipParallelStats = field(default_factory=ClipParallelStats)
     timestep: float | None = None
     timestep_callback: Callable[[], Any] | None = None
+    to_global: bool = False  # the phase bias's scope at this step, set before the forward (phase_to_global)
     _cache: dict[tuple, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -157,6 +159,14 @@ class ClipParallelState:
         if self.timestep is None:
             raise ValueError("phase_bias needs the timestep: call the patched transformer with `timestep=`")
         return self.timestep
+
+    def phase_to_global(self) -> bool:
+        """Whether the phase bias goes to the global keys at the current timestep; False when no
+        bias applies (``phase_bias == 0`` or this rank has no global keys)."""
+        cfg = self.config
+        if cfg.phase_bias == 0 or not self.plan.global_keys(self.ctx.rank):
+            return False
+        return self.current_timestep() >= cfg.phase_boundary
 
     def layout(self) -> tuple[list[int], list[bool], list[tuple[int, int]]]:
         """Key frames of this rank (virtual positions, in key order), whether each is local, and for
@@ -173,12 +183,22 @@ class ClipParallelState:
             self._cache["layout"] = (local + glob, [True] * len(local) + [False] * len(glob), slices)
         return self._cache["layout"]
 
+    def count_calls(self, calls: int) -> None:
+        """Add ``calls`` self-attention calls to the stats (host-side, once per forward: counters
+        mutated inside a compiled forward would be guarded on and recompile it every step)."""
+        keys_at, is_local, slices = self.layout()
+        start, end = self.clip
+        per_call = sum(hi - lo for lo, hi in slices) / (end - start) + (len(keys_at) - sum(is_local))
+        for _ in range(calls):
+            self.stats.calls += 1
+            self.stats.key_frames += per_call
+
     def key_bias(self, local_tokens: int, global_tokens: int, device: torch.device, dtype: torch.dtype) -> Tensor | None:
         """Additive key bias ``(1, 1, 1, keys)`` for the current timestep, or ``None`` (no bias)."""
         cfg = self.config
         if cfg.phase_bias == 0 or global_tokens == 0:
             return None
-        to_global = self.current_timestep() >= cfg.phase_boundary
+        to_global = self.to_global
         key = (local_tokens, global_tokens, device, dtype, to_global)
         if key not in self._cache:
             bias = torch.zeros(local_tokens + global_tokens, device=device, dtype=dtype)
@@ -244,7 +264,6 @@ class DualScopeAttnProcessor:
         per_frame = tokens // frames
         keys_at, is_local, slices = st.layout()
         num_local = sum(is_local)
-        st.stats.calls += 1
 
         query, key, value = wan.project_qkv(attn, hidden_states, rotary=rotary_emb)
         # frames first: (frames, 2, batch, tokens per frame, heads, head dim)
@@ -265,12 +284,13 @@ class DualScopeAttnProcessor:
             own = torch.tensor([i - start for i in owned], dtype=torch.long, device=kv.device)
             gathered = _all_gather_frames_async(st, kv.index_select(0, own))
 
-        waited = time.perf_counter()
-        from_left = from_right = None
-        if halo is not None:
-            from_left, from_right = halo.wait()
-        chunks = gathered.wait() if gathered is not None else None
-        st.stats.comm_wait_s += time.perf_counter() - waited
+        from_left = from_right = chunks = None
+        if halo is not None or gathered is not None:  # world size 1: nothing to wait for, no clock read
+            waited = time.perf_counter()
+            if halo is not None:
+                from_left, from_right = halo.wait()
+            chunks = gathered.wait() if gathered is not None else None
+            st.stats.comm_wait_s += time.perf_counter() - waited
 
         # local keys in the plan's order: left halo (or zeros), the clip, right halo (or zeros)
         local_at = keys_at[:num_local]
@@ -287,7 +307,6 @@ class DualScopeAttnProcessor:
         local_kv = torch.cat(parts) if len(parts) > 1 else kv
         global_kv = torch.stack(glob) if glob else None
 
-        st.stats.key_frames += sum(hi - lo for lo, hi in slices) / frames + len(glob)
         if plan.local_scope == "window":
             out = self._attend(attn, query, local_kv, global_kv, num_local, per_frame)
         else:  # one attention call per query frame over its band and the global frames
@@ -369,9 +388,7 @@ def apply_clip_parallel(
     pipe.current_timestep``, takes precedence). Call the transformer on the clip's latents
     ``(B, C, end - start, H, W)`` on every rank in lockstep.
     """
-    config = ClipParallelConfig() if config is None else config
-    if not isinstance(config, ClipParallelConfig):
-        raise TypeError(f"config must be a ClipParallelConfig or None, got {type(config).__name__}")
+    config = resolve_config(config, ClipParallelConfig)
     if not isinstance(ctx, DistContext):
         raise TypeError(f"ctx must be a DistContext, got {type(ctx).__name__}")
     if isinstance(num_latent_frames, bool) or not isinstance(num_latent_frames, int) or num_latent_frames < 1:
@@ -384,7 +401,9 @@ def apply_clip_parallel(
     handle.state = state
     handle.stats = state.stats
     start, end = state.clip
+    state.layout()  # computed (host-side) once here, so the processors only read it
 
+    @torch.compiler.disable  # host-side checks and timestep, before the forward's first tensor op
     def pre_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         if hidden is not None and hidden.shape[2] != end - start:
@@ -393,6 +412,8 @@ def apply_clip_parallel(
             )
         timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         state.timestep = None if timestep is None else read_timestep(timestep, source="the transformer's timestep")
+        state.to_global = state.phase_to_global()
+        state.count_calls(len(module.blocks))
 
     def rope_hook(module: torch.nn.Module, args: tuple, output: Any) -> tuple[Tensor, Tensor]:
         return offset_rope(module, args[0].shape, start)

@@ -47,6 +47,7 @@ from mmaccel.parallel_video.noise import frame_noise, frame_seed
 from mmaccel.parallel_video.schedule import ORDERS, BlockSchedule, split_stages
 from mmaccel.runtime.adapters import wan
 from mmaccel.runtime.budget import allocate
+from mmaccel.runtime.configs import resolve_config
 from mmaccel.runtime.distributed import CommHandle, DistContext, PipeChannel
 from mmaccel.runtime.patching import PatchHandle
 
@@ -188,7 +189,13 @@ class BlockContext:
 
 
 class CachedContextAttnProcessor:
-    """Self-attention of one frame block's tokens plus cached K/V of another block (``BlockContext``)."""
+    """Self-attention of one frame block's tokens plus cached K/V of another block (``BlockContext``).
+
+    :class:`LayerStage` moves the K/V between the context and the processor, host-side before and
+    after its blocks: ``cached`` (the K/V to attend to, or None) in, ``stored`` (this call's K/V
+    slice ``context.store``) out. The processor itself never reads or writes ``context.kv``, so a
+    compiled stage does not guard on the cache's contents (no recompile per frame block).
+    """
 
     _attention_backend = None
     _parallel_config = None
@@ -196,6 +203,8 @@ class CachedContextAttnProcessor:
     def __init__(self, context: BlockContext, layer: int) -> None:
         self.context = context
         self.layer = layer
+        self.cached: tuple[Tensor, Tensor] | None = None
+        self.stored: tuple[Tensor, Tensor] | None = None
 
     def __call__(
         self,
@@ -209,15 +218,13 @@ class CachedContextAttnProcessor:
             raise ValueError(
                 "CachedContextAttnProcessor is for self-attention without a mask (blocks[i].attn1)"
             )
-        ctx = self.context
         query, key, value = wan.project_qkv(attn, hidden_states, rotary=rotary_emb)
-        cached = ctx.kv.get((self.layer, ctx.use)) if ctx.use is not None else None
-        if ctx.store is not None:
-            lo, hi = ctx.store
-            ctx.kv[(self.layer, ctx.store_as)] = (key[:, lo:hi], value[:, lo:hi])
+        if self.context.store is not None:
+            lo, hi = self.context.store
+            self.stored = (key[:, lo:hi], value[:, lo:hi])
+        cached = self.cached
         if cached is not None:
             key, value = torch.cat([key, cached[0]], dim=1), torch.cat([value, cached[1]], dim=1)
-            ctx.extra_key_tokens += cached[0].shape[1]
         return wan.project_out(attn, wan.attention(attn, query, key, value), query)
 
 
@@ -247,11 +254,13 @@ class LayerStage:
                     "(call unfuse_qkv(); image-to-video Wan is not supported)"
                 )
         self.transformer, self.lo, self.hi = transformer, lo, hi
+        self.processors: list[CachedContextAttnProcessor] = []
 
     def patch(self, context: BlockContext) -> PatchHandle:
         handle = PatchHandle(self.transformer, "layer_pipeline")
-        for i in range(self.lo, self.hi):
-            handle.set_processor(self.transformer.blocks[i].attn1, CachedContextAttnProcessor(context, i))
+        self.processors = [CachedContextAttnProcessor(context, i) for i in range(self.lo, self.hi)]
+        for processor in self.processors:
+            handle.set_processor(self.transformer.blocks[processor.layer].attn1, processor)
         return handle
 
     def conditions(self, timestep: Tensor, text: Tensor) -> StageConditions:
@@ -270,9 +279,29 @@ class LayerStage:
         return hidden.flatten(2).transpose(1, 2).contiguous()
 
     def __call__(self, hidden: Tensor, cond: StageConditions, rotary: tuple[Tensor, Tensor]) -> Tensor:
+        self._load_context()
         for i in range(self.lo, self.hi):
             hidden = self.transformer.blocks[i](hidden, cond.text, cond.proj, rotary)
+        self._store_context()
         return hidden
+
+    @torch.compiler.disable  # host-side, before the blocks' first tensor op
+    def _load_context(self) -> None:
+        """Hand each processor the cached K/V it attends to (``context.use``) and count its tokens."""
+        for p in self.processors:
+            ctx = p.context
+            p.stored = None
+            p.cached = ctx.kv.get((p.layer, ctx.use)) if ctx.use is not None else None
+            if p.cached is not None:
+                ctx.extra_key_tokens += p.cached[0].shape[1]
+
+    @torch.compiler.disable  # host-side, after the blocks' last tensor op
+    def _store_context(self) -> None:
+        """Move each processor's K/V slice into the context under ``context.store_as``."""
+        for p in self.processors:
+            if p.stored is not None:
+                p.context.kv[(p.layer, p.context.store_as)] = p.stored
+            p.cached = p.stored = None
 
     def head(self, hidden: Tensor, cond: StageConditions, latent_shape: torch.Size) -> Tensor:
         """Output norm, projection and unpatchify, as the end of ``WanTransformer3DModel.forward``."""
@@ -342,7 +371,7 @@ def run_layer_pipeline(
     ``resume``: such a ``state`` of this rank, saved after the same ``n`` on every rank; the run
     continues with iteration ``n`` and returns what the uninterrupted run returns, bit for bit.
     """
-    config = LayerPipelineConfig() if config is None else config
+    config = resolve_config(config, LayerPipelineConfig)
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
     transformer = pipe.transformer

@@ -1,0 +1,137 @@
+"""torch.compile (inductor, CPU) vs eager: dense DiT, FlexDiT and DyDiT forward times.
+
+A DiT-shaped transformer (width 384, 6 heads, 12 blocks, 256 px = 16x16 tokens; ``--quick``:
+width 192, 3 heads, 6 blocks, 128 px = 8x8 tokens) with random weights, batch 1, fp32, t = 500.
+FlexDiT: 2 Poolingformer blocks + SDTMs of (1, 1, 1, 1) blocks (sparse grid half the token grid
+per side) + the rest dense. DyDiT: width-only (``dynamic_tokens=False``, the setting that compiles with 0 graph breaks
+under the default dynamo config), routers fixed to keep the first 2/3 of the head and MLP groups.
+The accelerated models are converted from the dense one.
+
+Every ratio comes from :func:`mmaccel.benchmarks.harness.compare`: each variant is warmed up on
+its own (the compiled ones compile there), then all are timed in >= 5 interleaved rounds; the
+table shows each forward's median time and the median speed-up over eager dense with its min-max.
+
+    .venv/bin/python -m mmaccel.benchmarks.bench_compile [--quick] [--write] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+
+import torch
+from diffusers import DiTTransformer2DModel
+
+from mmaccel.benchmarks.harness import RESULTS_DIR, compare
+from mmaccel.diffusion.dydit import DyDiTConfig, DyDiTTransformer2DModel, convert_to_dydit
+from mmaccel.diffusion.flexdit import FlexDiTConfig, convert_to_flexdit
+from mmaccel.runtime.environment import machine_description
+from mmaccel.runtime.tables import markdown_table
+
+RESULTS = RESULTS_DIR / "compile.md"
+TIMESTEP = 500
+KEEP_GROUPS = 2 / 3
+
+
+def _shape(quick: bool) -> dict[str, int]:
+    if quick:
+        return dict(heads=3, layers=6, sample=16)
+    return dict(heads=6, layers=12, sample=32)
+
+
+def _dense(quick: bool) -> DiTTransformer2DModel:
+    s = _shape(quick)
+    torch.manual_seed(0)
+    return DiTTransformer2DModel(num_attention_heads=s["heads"], attention_head_dim=64, in_channels=4,
+                                 out_channels=8, num_layers=s["layers"], sample_size=s["sample"],
+                                 patch_size=2).eval()  # fmt: skip
+
+
+def _flexdit_config(quick: bool) -> FlexDiTConfig:
+    s = _shape(quick)
+    side = s["sample"] // 2 // 2
+    modules = (s["layers"] - 2) // 4
+    return FlexDiTConfig(pooling_blocks=2, num_modules=modules, module_layout=(1, 1, 1, 1),
+                         top_dense_blocks=s["layers"] - 2 - 4 * modules, sparse_grid=(side, side))  # fmt: skip
+
+
+@torch.no_grad()
+def _fix_widths(model: DyDiTTransformer2DModel, keep: float) -> None:
+    """Routers that keep the first ``keep`` of the head and MLP groups of every block, any timestep."""
+    for router in model.routers:
+        for layer in (router.head, router.mlp):
+            groups = layer.bias.numel()
+            layer.weight.zero_()
+            layer.bias.copy_(torch.where(torch.arange(groups) < round(keep * groups), 10.0, -10.0))
+    model.clear_cache()
+
+
+@torch.no_grad()
+def _forward(model: torch.nn.Module, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    return model(x, torch.tensor([TIMESTEP]), label, return_dict=False)[0]
+
+
+def run(quick: bool, repeats: int) -> str:
+    dense = _dense(quick)
+    flex = convert_to_flexdit(dense, _flexdit_config(quick))
+    dydit = convert_to_dydit(dense, DyDiTConfig(dynamic_tokens=False))
+    _fix_widths(dydit, KEEP_GROUPS)
+    s = _shape(quick)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, s["sample"], s["sample"], generator=gen)
+    label = torch.tensor([1])
+    models = {"dense DiT": dense, "FlexDiT": flex, "DyDiT width-only": dydit}
+    fns, compile_s = {}, {}
+    for name, model in models.items():
+        fns[f"{name}, eager"] = functools.partial(_forward, model, x, label)
+        compiled = torch.compile(model, backend="inductor")
+        start = time.perf_counter()
+        fns[f"{name}, compiled"] = functools.partial(_forward, compiled, x, label)
+        fns[f"{name}, compiled"]()  # first call compiles; compare's warm-up then runs it warm
+        compile_s[name] = time.perf_counter() - start
+    result = compare(fns, repeats=repeats, warmup=1)
+    rows = []
+    for name in models:
+        eager, compiled = result[f"{name}, eager"], result[f"{name}, compiled"]
+        for variant, cmp in (("eager", eager), ("inductor", compiled)):
+            rows.append([
+                name, variant, f"{compile_s[name]:.0f} s" if variant == "inductor" else "-",
+                cmp.time_text(), cmp.ratio_text(),
+                "-" if variant == "eager" else f"{eager.median_s / compiled.median_s:.2f}x",
+            ])  # fmt: skip
+    headers = ["model", "mode", "first call (compile)", "forward (median, min-max)",
+               "speed-up vs eager dense (median, min-max)", "compiled / own eager (medians)"]  # fmt: skip
+    return markdown_table(headers, rows)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="width 192, 6 blocks, 8x8 tokens (about a minute)"
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds (>= 5)")
+    parser.add_argument("--write", action="store_true", help=f"append the table to {RESULTS}")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    s = _shape(args.quick)
+    shape = (f"width {s['heads'] * 64}, {s['heads']} heads, {s['layers']} blocks, "
+             f"{(s['sample'] // 2) ** 2} tokens")  # fmt: skip
+    table = run(args.quick, args.repeats)
+    text = (f"### {'--quick' if args.quick else 'full'}: {shape}, random weights, batch 1, fp32, t={TIMESTEP}, "
+            f"{args.repeats} interleaved rounds\n\nMachine: {machine_description()}, "
+            f"torch threads {torch.get_num_threads()}\n\n{table}\n")  # fmt: skip
+    print(text)
+    if args.write:
+        if not RESULTS.exists():
+            RESULTS.write_text("## torch.compile vs eager (inductor, CPU)\n\nPrinted by "
+                               "`python -m mmaccel.benchmarks.bench_compile`.\n")  # fmt: skip
+        with open(RESULTS, "a") as f:
+            f.write("\n" + text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
