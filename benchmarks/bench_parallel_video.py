@@ -1,18 +1,19 @@
-"""Benchmark clip parallelism (Video-Infinity) and the layer pipeline (DualParal) against one process.
+"""Benchmark clip parallelism (Video-Infinity) and the layer pipeline (DualParal) against one
+process and against diffusers' Ulysses context parallelism.
 
-A Wan-shaped ``WanTransformer3DModel`` (random weights) runs one denoising forward over a video
-of latent frames: in one process (the baseline), and on 2 ranks launched with ``torchrun`` (gloo
-on CPU, NCCL on GPU), each rank its own clip. One compute thread per process, so a rank stands
-for one device. Reported per rank, as ratios to the single process of the same video:
+A Wan-shaped ``WanTransformer3DModel`` (random weights) on 2 ranks launched with ``torchrun``
+(gloo on CPU, NCCL on GPU), one compute thread per process, so a rank stands for one device.
+Each table is one spawned job in which every variant runs interleaved (`harness.compare`: a
+warm-up each, >= 5 rotated rounds, the same order on every rank), per rank:
 
-* wall time and peak activation memory (weights are replicated on every rank and not counted);
-* "frames per rank at constant memory": a 2x longer video on 2 ranks vs the 1x video on one;
-* K/V bytes received per denoising step (2 forwards, CFG) vs an all-gather of every frame's K/V;
-* fidelity: relative L2 of the 2-rank output vs the dense output of the same video, and the PSNR
-  of clip-wise VAE decoding (with overlap) vs decoding the whole latent video (tiny Wan VAE).
-
-Second table, DualParal: a few denoising steps of the whole video with the block-wise schedule,
-one process vs one layer stage per rank: time, activation memory, weights held, parity.
+* one denoising forward of the whole video: on the rank alone (the 1-process baseline), clip
+  parallelism (reference defaults and the window options), and diffusers' Ulysses
+  (``enable_parallelism(ContextParallelConfig(ulysses_degree=2))``; on CPU with the two-line
+  accelerator shim, labelled "CPU shim"): time, peak activation memory, bytes received (clip:
+  the handle's counters; Ulysses: wrapped collectives, checked against the analytic all-to-all
+  payload), relative L2 vs the 1-process output;
+* a few denoising steps of the whole video: DualParal's block-wise schedule on one rank and over
+  the stages, the standard loop on one rank and with Ulysses: the same, plus weights per rank.
 
 Fidelity of the algorithms (``--fidelity-only``; part of every run): the zoo's trained
 ``moving-digits`` WanPipeline generates an 81-frame video (21 latent frames, 4x its training
@@ -46,7 +47,7 @@ from types import SimpleNamespace
 
 import torch
 
-from mmaccel.benchmarks.harness import RESULTS_DIR, append_results, measure
+from mmaccel.benchmarks.harness import MIN_REPEATS, RESULTS_DIR, PeakTensorBytes, append_results, compare
 from mmaccel.parallel_video import ClipParallelConfig, ClipPlan, apply_clip_parallel, decode_clip, frame_noise
 from mmaccel.parallel_video.layer_pipeline import (
     LayerPipelineConfig,
@@ -88,49 +89,211 @@ def inputs(frames: range, height: int, width: int, device: torch.device) -> tupl
     return latents, torch.tensor([500.0], device=device), text
 
 
-def kv_bytes_per_frame(height: int, width: int) -> int:
-    """Bytes of one latent frame's K and V in one layer (float32)."""
-    tokens = (height // 2) * (width // 2)
-    return 2 * tokens * MODEL["num_attention_heads"] * MODEL["attention_head_dim"] * 4
+def _cpu_accelerator_shim() -> None:
+    """CPU shim (benchmark only, as in tests/test_context_parallel.py): diffusers' context
+    parallelism builds its device mesh on an accelerator; on CPU with gloo it runs once these
+    two report ``cpu`` and one device. On GPUs nothing is shimmed."""
+    if not torch.cuda.is_available():
+        torch._C._get_accelerator = lambda: torch.device("cpu")
+        torch.accelerator.device_count = lambda: 1
 
 
-def pipeline_worker(args: argparse.Namespace, ctx) -> None:
-    """One rank of the DualParal layer pipeline: ``args.steps`` denoising steps of the whole video."""
-    from diffusers import UniPCMultistepScheduler
+class CommCounter:
+    """Bytes this rank moves, counted by wrapping the collectives the variants call:
+    ``funcol.all_to_all_single`` (Ulysses: payload in; ``(W-1)/W`` of it goes to other ranks),
+    ``funcol.all_gather_tensor`` (diffusers' output gather: ``(W-1) x`` the input arrives) and
+    ``dist.isend`` / ``dist.irecv`` (the DualParal pipe channels; only with ``p2p``: wrapped, they
+    fail ``dist.P2POp``'s type check, which clip parallelism's exchanges use). Bytes per key."""
 
-    scheduler = UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
-    )
-    pipe = SimpleNamespace(transformer=build_transformer(ctx.device), scheduler=scheduler)
-    lo, hi = split_stages(MODEL["num_layers"], ctx.world_size)[ctx.rank]
+    def __init__(self, world_size: int, p2p: bool = False) -> None:
+        import torch.distributed as dist
+        import torch.distributed._functional_collectives as funcol
+
+        self.bytes = {"all_to_all_recv": 0.0, "all_gather_recv": 0.0, "p2p_recv": 0.0, "p2p_sent": 0.0}
+        w = world_size
+
+        def count(key, scale, fn):
+            def wrapped(tensor, *args, **kwargs):
+                self.bytes[key] += tensor.numel() * tensor.element_size() * scale
+                return fn(tensor, *args, **kwargs)
+
+            return wrapped
+
+        funcol.all_to_all_single = count("all_to_all_recv", (w - 1) / w, funcol.all_to_all_single)
+        funcol.all_gather_tensor = count("all_gather_recv", w - 1, funcol.all_gather_tensor)
+        if p2p:
+            dist.isend = count("p2p_sent", 1, dist.isend)
+            dist.irecv = count("p2p_recv", 1, dist.irecv)
+
+    def snapshot(self) -> dict[str, float]:
+        return dict(self.bytes)
+
+
+class PeakBytes(PeakTensorBytes):
+    """`harness.PeakTensorBytes` that skips tensors without a storage of their own: funcol's
+    ``AsyncCollectiveTensor`` wrappers (diffusers' Ulysses) make the harness tracker fail; their
+    data is the collective's output, already counted when the collective produced it."""
+
+    def _track(self, t: torch.Tensor) -> None:
+        try:
+            t.untyped_storage().data_ptr()
+        except RuntimeError:
+            return
+        super()._track(t)
+
+
+def peak_bytes(fn) -> int:
+    """Peak activation bytes of one call of ``fn`` (untimed; every rank must call it alike)."""
+    with PeakBytes() as tracker:
+        fn()
+    return tracker.peak
+
+
+def ulysses_bytes_per_forward(frames: int, height: int, width: int, batch: int = 1, world: int = 2) -> float:
+    """Analytic Ulysses bytes a rank receives per forward (float32): in every block's
+    self-attention, Q, K, V (head-scattered) and the output (sequence-scattered) each pass one
+    all-to-all of the rank's ``S / W`` tokens x all heads, ``(W-1)/W`` of it from the other ranks."""
+    tokens = frames * (height // 2) * (width // 2)
+    per_tensor = batch * tokens / world * MODEL["num_attention_heads"] * MODEL["attention_head_dim"] * 4
+    return MODEL["num_layers"] * 4 * per_tensor * (world - 1) / world
+
+
+def _rank_rows(ctx, names: list[str], result: dict, peaks: dict, extra: dict[str, list[float]]) -> list | None:
+    """Per variant: median, min, max s, ratio (min, max), peak bytes, then ``extra``; gathered."""
+    rows = []
+    for name in names:
+        c = result[name]
+        rows.append([c.median_s, min(c.times_s), max(c.times_s), c.ratio, c.ratio_min, c.ratio_max,
+                     float(c.overlaps), peaks[name], *extra[name]])  # fmt: skip
+    gathered = gather_to_main(ctx, torch.tensor(rows, dtype=torch.float64, device=ctx.device).unsqueeze(0))
+    return None if gathered is None else [g[0].tolist() for g in gathered]
+
+
+def peers_worker(args: argparse.Namespace, ctx) -> None:
+    """One rank: a denoising forward of the whole video, interleaved (harness.compare): on this
+    rank alone with no communication (the 1-process baseline), clip parallelism (reference
+    defaults, and the window options), and diffusers' Ulysses (CPU shim); rank 0 saves outputs."""
+    from diffusers import ContextParallelConfig
+
+    frames = args.frames
+    counter = CommCounter(ctx.world_size)
+    base = build_transformer(ctx.device)
+    clips = {
+        "clip parallel (reference defaults)": ClipParallelConfig(padding=args.padding, global_frames=args.global_frames),
+        "clip parallel (window options)": ClipParallelConfig(
+            padding=args.padding, global_frames=args.global_frames, phase_bias=0.0, local_scope="window",
+            end_keys="none", global_sampling="uniform"),
+    }  # fmt: skip
+    handles, models = {}, {}
+    for name, config in clips.items():
+        models[name] = build_transformer(ctx.device)
+        handles[name] = apply_clip_parallel(models[name], config, ctx=ctx, num_latent_frames=frames)
+    start, end = handles[next(iter(clips))].state.clip
+    uly = build_transformer(ctx.device)
+    uly.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ctx.world_size))
+    whole = inputs(range(frames), args.height, args.width, ctx.device)
+    clip_in = inputs(range(start, end), args.height, args.width, ctx.device)
+    calls = dict.fromkeys(["1 process", *clips, "Ulysses"], 0)
+
+    def forward(name, model, x):
+        def run():
+            calls[name] += 1
+            return model(*x, return_dict=False)[0]
+
+        return run
+
+    fns = {"1 process": forward("1 process", base, whole)}
+    fns.update({name: forward(name, models[name], clip_in) for name in clips})
+    uly_before = counter.snapshot()
+    fns["Ulysses"] = forward("Ulysses", uly, whole)
+    with torch.no_grad():
+        outs = {name: fn() for name, fn in fns.items()}
+        uly_once = {k: v - uly_before[k] for k, v in counter.snapshot().items()}  # one Ulysses forward
+        result = compare(fns, repeats=args.repeats, warmup=1)
+        peaks = {name: peak_bytes(fn) for name, fn in fns.items()}
+    extra = {"1 process": [0.0, 0.0]}
+    for name in clips:
+        summary = handles[name].stats.summary()
+        extra[name] = [summary["recv_bytes"] / calls[name], summary["sent_bytes"] / calls[name]]
+    extra["Ulysses"] = [uly_once["all_to_all_recv"] + uly_once["all_gather_recv"], uly_once["all_to_all_recv"]]
+    rows = _rank_rows(ctx, list(fns), result, peaks, extra)
+    clip_outs = {name: gather_to_main(ctx, outs[name].movedim(2, 0).contiguous()) for name in clips}
+    if ctx.is_main:
+        full = {name: torch.cat(parts).movedim(0, 2).cpu() for name, parts in clip_outs.items()}
+        torch.save({"1 process": outs["1 process"].cpu(), **full, "Ulysses": outs["Ulysses"].cpu()}, args.worker + ".pt")
+        Path(args.worker).write_text(json.dumps({"names": list(fns), "rows": rows}))
+
+
+def _stage_only(transformer, lo: int, hi: int):
     for i in range(MODEL["num_layers"]):  # a stage holds only its own blocks
         if not lo <= i < hi:
-            pipe.transformer.blocks[i] = torch.nn.Identity()
-    weights = sum(p.numel() * p.element_size() for p in pipe.transformer.parameters())
-    text = torch.randn(2, TEXT_TOKENS, MODEL["text_dim"], generator=torch.Generator().manual_seed(1)).to(
-        ctx.device
-    )
+            transformer.blocks[i] = torch.nn.Identity()
+    return transformer
+
+
+def pipeline_peers_worker(args: argparse.Namespace, ctx) -> None:
+    """One rank: ``args.steps`` denoising steps (CFG batched) of the whole video, interleaved: the
+    DualParal block-wise schedule on this rank alone (its 1-process baseline), the standard
+    denoising loop on this rank alone, DualParal over the ranks, and the standard loop with
+    diffusers' Ulysses (CPU shim), all from the same initial noise."""
+    from diffusers import ContextParallelConfig, UniPCMultistepScheduler
+
+    from mmaccel.runtime.distributed import DistContext
+
+    counter = CommCounter(ctx.world_size, p2p=True)
+
+    def scheduler():
+        return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+
+    text = torch.randn(2, TEXT_TOKENS, MODEL["text_dim"], generator=torch.Generator().manual_seed(1)).to(ctx.device)
     context, lag = ("reference", 1) if args.context == "reference_lag" else (args.context, 0)
     order = "newest_first" if context == "reference" else "oldest_first"
-    config = LayerPipelineConfig(
-        frames_per_block=args.frames_per_block, num_cat=1, context=context, order=order, tail_lag=lag
-    )
-    result: list[torch.Tensor | None] = []
+    config = LayerPipelineConfig(frames_per_block=args.frames_per_block, num_cat=1, context=context, order=order,
+                                 tail_lag=lag)  # fmt: skip
+    lo, hi = split_stages(MODEL["num_layers"], ctx.world_size)[ctx.rank]
+    staged = SimpleNamespace(transformer=_stage_only(build_transformer(ctx.device), lo, hi), scheduler=scheduler())
+    whole = SimpleNamespace(transformer=build_transformer(ctx.device), scheduler=scheduler())
+    single = DistContext.single(ctx.device)
+    shape = (MODEL["in_channels"], args.height, args.width)
+    sizes = block_sizes(args.frames, args.frames_per_block)
+    noise = torch.cat([block_noise(0, b, max(sizes), shape)[:, :, :n] for b, n in enumerate(sizes)], 2)
+    plain, uly = build_transformer(ctx.device), build_transformer(ctx.device)
+    uly.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ctx.world_size))
+    kw = dict(text=text, guidance_scale=5.0, num_latent_frames=args.frames, latent_hw=(args.height, args.width),
+              steps=args.steps, seed=0, progress=False)  # fmt: skip
 
-    def run() -> None:
-        result[:] = [
-            run_layer_pipeline(
-                pipe, ctx, config, text=text, guidance_scale=5.0, num_latent_frames=args.frames,
-                latent_hw=(args.height, args.width), steps=args.steps, seed=0, progress=False,
-            )[0]
-        ]  # fmt: skip
+    def standard_loop(model) -> torch.Tensor:
+        sched = scheduler()
+        sched.set_timesteps(args.steps)
+        x = noise.clone().to(ctx.device)
+        for t in sched.timesteps:
+            cond, uncond = model(x.expand(2, -1, -1, -1, -1), t.expand(2), text, return_dict=False)[0].chunk(2)
+            x = sched.step(uncond + 5.0 * (cond - uncond), t, x).prev_sample
+        return x
 
-    m = measure(run, 1, 1, ctx.device)
-    row = torch.tensor([m.median_s, m.peak_bytes, weights, hi - lo], dtype=torch.float64, device=ctx.device)
-    rows = gather_to_main(ctx, row.unsqueeze(0))
+    fns = {
+        "1 process: DualParal schedule": lambda: run_layer_pipeline(whole, single, config, **kw)[0],
+        "1 process: standard loop": lambda: standard_loop(plain),
+        "DualParal": lambda: run_layer_pipeline(staged, ctx, config, **kw)[0],
+        "Ulysses (standard loop)": lambda: standard_loop(uly),
+    }
+    with torch.no_grad():
+        outs, moved = {}, {}
+        for name, fn in fns.items():
+            before = counter.snapshot()
+            outs[name] = fn()
+            moved[name] = {k: v - before[k] for k, v in counter.snapshot().items()}
+        result = compare(fns, repeats=args.repeats, warmup=1)
+        peaks = {name: peak_bytes(fn) for name, fn in fns.items()}
+    weights = {
+        name: sum(p.numel() * p.element_size() for p in m.parameters())
+        for name, m in zip(fns, (whole.transformer, plain, staged.transformer, uly))
+    }
+    extra = {name: [sum(v for k, v in moved[name].items() if k.endswith("recv")), weights[name]] for name in fns}
+    rows = _rank_rows(ctx, list(fns), result, peaks, extra)
     if ctx.is_main:
-        torch.save(result[0].cpu(), args.worker + ".pt")
-        Path(args.worker).write_text(json.dumps([r[0].tolist() for r in rows]))
+        torch.save({name: out.cpu() for name, out in outs.items()}, args.worker + ".pt")
+        Path(args.worker).write_text(json.dumps({"names": list(fns), "rows": rows}))
 
 
 ZOO_TITLE = "Clip parallelism: fidelity on the moving-digits zoo model"
@@ -279,34 +442,9 @@ def worker(args: argparse.Namespace) -> None:
             (zoo_worker if args.mode == "zoo" else fidelity_worker)(args, ctx)
         destroy_distributed(ctx)
         return
-    if args.mode == "pipeline":
-        with ctx.guard(), torch.no_grad():
-            pipeline_worker(args, ctx)
-        destroy_distributed(ctx)
-        return
-    with ctx.guard():
-        transformer = build_transformer(ctx.device)
-        config = ClipParallelConfig(
-            padding=args.padding, global_frames=args.global_frames, phase_bias=0.0, local_scope="window",
-            end_keys="none", global_sampling="uniform",
-        )  # the timing table keeps the configuration it was first measured with
-        handle = apply_clip_parallel(transformer, config, ctx=ctx, num_latent_frames=args.frames)
-        start, end = handle.state.clip
-        latents, t, text = inputs(range(start, end), args.height, args.width, ctx.device)
-        with torch.no_grad():
-            m = measure(lambda: transformer(latents, t, text, return_dict=False), args.repeats, 1, ctx.device)
-            out = transformer(latents, t, text, return_dict=False)[0]
-        summary = handle.stats.summary()
-        recv = summary["recv_bytes"] / summary["calls"]  # per self-attention call: per forward and layer
-        handle.remove()
-        row = torch.tensor(
-            [m.median_s, m.peak_bytes, recv, end - start], dtype=torch.float64, device=ctx.device
-        )
-        rows = gather_to_main(ctx, row.unsqueeze(0))
-        outs = gather_to_main(ctx, out.movedim(2, 0).contiguous())
-        if ctx.is_main:
-            torch.save(torch.cat(outs).movedim(0, 2).cpu(), args.worker + ".pt")
-            Path(args.worker).write_text(json.dumps([r[0].tolist() for r in rows]))
+    _cpu_accelerator_shim()  # CPU shim for diffusers' Ulysses rows (no-op on GPUs)
+    with ctx.guard(), torch.no_grad():
+        (pipeline_peers_worker if args.mode == "pipeline" else peers_worker)(args, ctx)
     destroy_distributed(ctx)
 
 
@@ -412,7 +550,9 @@ def main() -> None:
                         help="only the fidelity table (both modes, reference defaults and options, vs full attention)")  # fmt: skip
     parser.add_argument("--prompts", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="clip", help=argparse.SUPPRESS)
-    parser.add_argument("--context", default="prev_kv", help=argparse.SUPPRESS)
+    parser.add_argument("--context", default="prev_kv", choices=["prev_kv", "reference", "reference_lag"],
+                        help="DualParal context of the pipeline table: prev_kv (oldest first), reference (newest "
+                        "first), reference_lag (reference with tail_lag 1)")  # fmt: skip
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--frames", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--height", type=int, default=None, help=argparse.SUPPRESS)
@@ -423,7 +563,7 @@ def main() -> None:
         return
     size = SIZES["quick" if args.quick else "full"]
     args.height, args.width = size["height"], size["width"]
-    args.repeats = args.repeats or (2 if args.quick else 3)
+    args.repeats = max(args.repeats or MIN_REPEATS, MIN_REPEATS)
     args.steps = args.steps or (2 if args.quick else 4)
     frames = size["frames"]
     args.prompts = args.prompts or (2 if args.quick else len(ZOO_PROMPTS))
@@ -449,84 +589,134 @@ def main() -> None:
             append_results(ZOO_TITLE, ztable, znotes, path=RESULTS)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        [(base_s, base_mem, _, _)], dense = launch(args, 1, frames, f"{tmp}/base.json")
-        rows = [
-            [f"{frames} frames, 1 process", frames, base_s, 1.0, base_mem / 2**20, 1.0, float("nan"), 0.0]
-        ]
-        for length in (frames,) if args.quick else (frames, 2 * frames):
-            ranks, out = launch(args, args.ranks, length, f"{tmp}/r{length}.json")
-            rel = metrics.relative_l2(out, dense) if length == frames else float("nan")
-            per_frame = kv_bytes_per_frame(args.height, args.width)
-            for rank, (secs, mem, recv, owned) in enumerate(ranks):
-                all_gather = (length - owned) * per_frame  # every other frame's K/V, per layer and forward
-                rows.append([f"{length} frames, rank {rank}/{args.ranks}", int(owned), secs, secs / base_s,
-                             mem / 2**20, mem / base_mem, recv / all_gather, rel])  # fmt: skip
-        # DualParal: the same block-wise algorithm on 1 process vs one layer stage per rank
-        [(one_s, one_mem, one_w, _)], one_out = launch(args, 1, frames, f"{tmp}/p1.json", "pipeline")
-        prow = [
-            [f"{frames} frames, 1 process", MODEL["num_layers"], one_s, 1.0, one_mem / 2**20, 1.0, 1.0, 0.0]
-        ]
-        ranks, out = launch(args, args.ranks, frames, f"{tmp}/p2.json", "pipeline")
-        rel = metrics.relative_l2(out, one_out)
-        for rank, (secs, mem, weights, layers) in enumerate(ranks):
-            prow.append([f"{frames} frames, rank {rank}/{args.ranks}", int(layers), secs, secs / one_s,
-                         mem / 2**20, mem / one_mem, weights / one_w, rel])  # fmt: skip
-        # the reference context (previous tail as input, next head K/V, newest first): rank 0 may
-        # wait for the previous block's update, so its bubble is measured separately
-        for context, label in (("reference", "reference context"), ("reference_lag", "reference context, tail_lag 1")):
-            ref_args = argparse.Namespace(**{**vars(args), "context": context})
-            [(ref_s, ref_mem, ref_w, _)], ref_out = launch(ref_args, 1, frames, f"{tmp}/{context}1.json", "pipeline")
-            prow.append([f"{frames} frames, 1 process, {label}", MODEL["num_layers"], ref_s, ref_s / one_s,
-                         ref_mem / 2**20, ref_mem / one_mem, ref_w / one_w, 0.0])  # fmt: skip
-            ranks, out = launch(ref_args, args.ranks, frames, f"{tmp}/{context}2.json", "pipeline")
-            rel = metrics.relative_l2(out, ref_out)
-            for rank, (secs, mem, weights, layers) in enumerate(ranks):
-                prow.append([f"{frames} frames, rank {rank}/{args.ranks}, {label}", int(layers), secs,
-                             secs / ref_s, mem / 2**20, mem / ref_mem, weights / ref_w, rel])  # fmt: skip
+        table, notes = peers_table(args, frames, tmp)
+        ptable, pnotes = pipeline_table(args, frames, tmp)
         ztable, znotes = ("", "") if args.skip_zoo else zoo_fidelity(zoo_args, tmp)
         ftable, fnotes = ("", "") if args.skip_zoo else fidelity(fid_args, tmp)
-    headers = ["run", "latent frames on rank", "s / forward", "time vs 1 proc", "peak MiB",
-               "memory vs 1 proc", "K/V bytes vs all-gather", "rel L2 vs dense"]  # fmt: skip
-    table = markdown_table(headers, rows)
-    pheaders = ["run", "blocks on rank", f"s / {args.steps} steps", "time vs 1 proc", "peak MiB",
-                "activations vs 1 proc", "weights vs 1 proc", "rel L2 vs 1 proc"]  # fmt: skip
-    ptable = markdown_table(pheaders, prow)
-    psnr = vae_psnr(args.ranks)
-    tokens = (args.height // 2) * (args.width // 2)
-    notes = (
-        f"Transformer {MODEL['num_layers']} blocks, {MODEL['num_attention_heads']}x{MODEL['attention_head_dim']} "
-        f"heads, {tokens} tokens per latent frame, padding {args.padding}, global frames {args.global_frames} "
-        "(options local_scope='window', end_keys='none', global_sampling='uniform', phase_bias 0: the "
-        "configuration these timings were first taken with), "
-        f"{args.ranks} ranks, one thread per process, median of {args.repeats}. Peak = activation memory "
-        f"(peak bytes of tensors created during a call, so weights excluded; harness.measure). K/V bytes: received per rank per forward (x2 per CFG step for both) "
-        f"vs receiving every other frame's K/V. Clip-wise VAE decode vs whole decode (tiny Wan VAE, 9 latent "
-        f"frames, {args.ranks} clips, overlap 1): PSNR {psnr:.1f} dB. Machine shared with other jobs."
-    )
-    blocks = frames // args.frames_per_block
-    pnotes = (
-        f"DualParal layer pipeline: {blocks} blocks of {args.frames_per_block} latent frames, num_cat 1, "
-        "context 'prev_kv' with oldest block first (first rows) or the reference context with newest block "
-        "first, with tail_lag 0 or 1 (rows marked; their ratios are vs the 1-process run of the same setting), "
-        f"{args.steps} steps with CFG batched, stages of {MODEL['num_layers'] // args.ranks} transformer blocks. "
-        f"Time = whole denoising of the video (1 run after 1 warm-up). Activations = peak bytes of tensors created during the run; weights "
-        f"= parameter bytes held by the rank (a stage keeps only its blocks). rel L2 = 2-rank output vs the "
-        f"same schedule on 1 process. With {blocks} blocks and {args.steps} steps the pipeline holds at most "
-        f"{min(blocks, args.steps)} blocks in flight for {args.ranks} stages."
-    )
-    print(f"Machine: {machine_description()}\n\n{table}\n\n{notes}\n\n{ptable}\n\n{pnotes}")
+    load = os.getloadavg()
+    print(f"Machine: {machine_description()}\nload average (1, 5, 15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+          f" (machine shared with other engineers' jobs)\n\n{table}\n\n{notes}\n\n{ptable}\n\n{pnotes}")  # fmt: skip
     if ztable:
         print(f"\n### Fidelity on the trained zoo model `moving-digits`\n\n{ztable}\n\n{znotes}")
     if ftable:
         print(f"\n### {FIDELITY_TITLE}\n\n{ftable}\n\n{fnotes}")
     if args.write:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        append_results("Clip parallelism (Video-Infinity dual-scope attention)", table, notes, path=RESULTS)
-        append_results("Block-wise layer pipeline (DualParal)", ptable, pnotes, path=RESULTS)
+        shared = f" Load average (1 min) at the end: {load[0]:.2f} on this shared machine."
+        append_results(PEERS_TITLE, table, notes + shared, path=RESULTS)
+        append_results(PIPELINE_TITLE, ptable, pnotes + shared, path=RESULTS)
         if ztable:
             append_results(ZOO_TITLE, ztable, znotes, path=RESULTS)
         if ftable:
             append_results(FIDELITY_TITLE, ftable, fnotes, path=RESULTS)
+
+
+PEERS_TITLE = "Clip parallelism vs diffusers Ulysses (one forward, 2 ranks)"
+PIPELINE_TITLE = "DualParal vs diffusers Ulysses (denoising steps, 2 ranks)"
+
+
+def _fmt_rows(names: list[str], ranks: list, outs: dict, ref_name: str, extra_cols) -> list[list]:
+    """Table rows per variant and rank from `_rank_rows`' numbers; rel L2 vs ``outs[ref_name]``."""
+    rows = []
+    for name in names:
+        for rank, per_variant in enumerate(ranks):
+            med, lo, hi, ratio, rlo, rhi, overlaps, peak, *extra = per_variant[names.index(name)]
+            rows.append([name, f"{rank}/{len(ranks)}", f"{med:.3g} ({lo:.3g}-{hi:.3g})",
+                         f"{ratio:.2f}x ({rlo:.2f}-{rhi:.2f})" + (" ~noise" if overlaps else ""),
+                         "n/a" if peak != peak else f"{peak / 2**20:.1f}", *extra_cols(name, extra),
+                         f"{metrics.relative_l2(outs[name], outs[ref_name]):.2e}"])  # fmt: skip
+    return rows
+
+
+def _verdict(names: list[str], ranks: list, technique: str, peer: str) -> str:
+    """``technique`` vs ``peer`` on rank 0: ratio of their median times (same job, interleaved)."""
+    t, p = ranks[0][names.index(technique)][0], ranks[0][names.index(peer)][0]
+    word = "ahead" if t < p else "behind"
+    return f"{technique} vs {peer}: {word} by {max(p / t, t / p):.2f}x in time (rank 0 medians {t:.3g} s vs {p:.3g} s)"
+
+
+def peers_table(args: argparse.Namespace, frames: int, tmp: str) -> tuple[str, str]:
+    """Clip parallelism (2 configurations) and Ulysses vs the 1-process forward, one spawned job."""
+    report, outs = launch(args, args.ranks, frames, f"{tmp}/peers.json", "clip")
+    names, ranks = report["names"], report["rows"]
+    analytic = ulysses_bytes_per_forward(frames, args.height, args.width, world=args.ranks)
+
+    def cols(name, extra):
+        recv, other = extra
+        if name == "Ulysses":
+            return [f"{recv / 2**20:.2f}", f"all-to-all {other / 2**20:.2f} (analytic {analytic / 2**20:.2f}) + output gather"]
+        if name == "1 process":
+            return ["0", "-"]
+        return [f"{recv / 2**20:.2f}", f"sent {other / 2**20:.2f}"]
+
+    rows = _fmt_rows(names, ranks, outs, "1 process", cols)
+    headers = ["variant", "rank", f"s / forward, median (min-max) of {args.repeats}", "speed vs 1 process, median (min-max)",
+               "peak activation MiB", "MiB received / forward", "detail (MiB)", "rel L2 vs 1 process"]  # fmt: skip
+    verdicts = [_verdict(names, ranks, n, "Ulysses") for n in names if n.startswith("clip")]
+    tokens = (args.height // 2) * (args.width // 2)
+    notes = (
+        f"Transformer {MODEL['num_layers']} blocks, {MODEL['num_attention_heads']}x{MODEL['attention_head_dim']} heads "
+        f"(random weights), {frames} latent frames x {tokens} tokens, {args.ranks} gloo ranks, one thread per process. "
+        "One spawned job runs all variants interleaved (harness.compare: 1 warm-up each, "
+        f"{args.repeats} rotated rounds, the same order on every rank); '1 process' = the whole video's forward on "
+        "the rank alone with no communication (both ranks run it at once, so the load matches). Clip parallelism: "
+        f"padding {args.padding}, global frames {args.global_frames}; each rank owns {frames // args.ranks} frames. "
+        "Ulysses = diffusers `enable_parallelism(ContextParallelConfig(ulysses_degree=2))` on the same "
+        "model, with the CPU shim (torch._C._get_accelerator / torch.accelerator.device_count patched in the "
+        "benchmark worker); its bytes are counted by wrapping funcol.all_to_all_single (x (W-1)/W) and "
+        "funcol.all_gather_tensor (x (W-1)); the analytic all-to-all figure = layers x 4 (Q, K, V, out) x S/W "
+        "tokens x heads x dim x 4 B x (W-1)/W. Clip bytes: the handle's recv/sent counters per forward. Peak = "
+        "activation memory (PeakTensorBytes, weights excluded; every variant holds the full weights). rel L2 vs "
+        "the rank's own 1-process output of the whole video. Clip-wise VAE decode vs whole decode (tiny Wan VAE, 9 "
+        f"latent frames, {args.ranks} clips, overlap 1): PSNR {vae_psnr(args.ranks):.1f} dB. Verdicts: "
+        + "; ".join(verdicts) + "."
+    )
+    return markdown_table(headers, rows), notes
+
+
+def pipeline_table(args: argparse.Namespace, frames: int, tmp: str) -> tuple[str, str]:
+    """DualParal and Ulysses over denoising steps vs their 1-process runs, one spawned job."""
+    report, outs = launch(args, args.ranks, frames, f"{tmp}/pipe.json", "pipeline")
+    names, ranks = report["names"], report["rows"]
+
+    def cols(name, extra):
+        recv, weights = extra
+        return [f"{recv / 2**20:.2f}", f"weights {weights / 2**20:.2f}"]
+
+    sizes = block_sizes(frames, args.frames_per_block)
+    shape = (MODEL["in_channels"], args.height, args.width)
+    noise = torch.cat([block_noise(0, b, max(sizes), shape)[:, :, :n] for b, n in enumerate(sizes)], 2)
+    outs = {name: out - noise for name, out in outs.items()}  # the denoising update: few steps stay near the noise
+    rows = []
+    for ref, group in (("1 process: DualParal schedule", ("1 process: DualParal schedule", "DualParal")),
+                       ("1 process: standard loop", ("1 process: standard loop", "Ulysses (standard loop)"))):  # fmt: skip
+        for row in _fmt_rows(names, ranks, outs, ref, cols):
+            if row[0] in group:
+                row.append(f"{metrics.relative_l2(outs[row[0]], outs['1 process: standard loop']):.3f}")
+                rows.append(row)
+    base = names.index("1 process: standard loop")
+    for row in rows:  # speeds vs the standard loop too (the first variant is compare's baseline)
+        rank = int(row[1].split("/")[0])
+        row.insert(4, f"{ranks[rank][base][0] / ranks[rank][names.index(row[0])][0]:.2f}x")
+    headers = ["variant", "rank", f"s / {args.steps} steps, median (min-max) of {args.repeats}",
+               "speed vs 1-process DualParal schedule, median (min-max)", "speed vs 1-process standard loop (medians)",
+               "peak activation MiB", "MiB received / run", "detail (MiB)", "rel L2 vs own 1-process run",
+               "rel L2 vs standard loop"]  # fmt: skip
+    blocks = len(sizes)
+    notes = (
+        f"Same model and video as above; {args.steps} UniPC steps (flow shift 3), CFG 5 batched (2 x the video per "
+        f"forward), the same initial noise (DualParal's coordinated block noise laid out as the whole video). "
+        f"DualParal: {blocks} blocks of {args.frames_per_block} latent frames, num_cat 1, context {args.context!r} "
+        f"({'newest' if args.context.startswith('reference') else 'oldest'} first), stages of {MODEL['num_layers'] // args.ranks} blocks (a stage holds only its blocks: see weights); "
+        "its 1-process baseline is the same block-wise schedule on one rank. Ulysses runs the standard denoising "
+        "loop (every step over the whole video), its baseline the same loop on one rank. One spawned job, all four "
+        f"interleaved (harness.compare, 1 warm-up, {args.repeats} rotated rounds). Received bytes: wrapped "
+        "dist.irecv (DualParal's pipe channels) and funcol collectives (Ulysses), one run. rel L2 of the update "
+        "(final latents - initial noise); vs standard loop: the algorithmic difference of the block-wise "
+        "schedule. Verdict: "
+        + _verdict(names, ranks, "DualParal", "Ulysses (standard loop)") + "."
+    )
+    return markdown_table(headers, rows), notes
 
 
 if __name__ == "__main__":
