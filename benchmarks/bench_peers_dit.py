@@ -400,16 +400,18 @@ def best_peer(ours: Scored, rows: list[Scored], match_db: float = PEERS_MATCH_DB
     return min(peers, key=lambda p: abs(p.psnr - ours.psnr)), False
 
 
-def verdict(ours: Scored, peer: Scored, matched: bool) -> str:
+def verdict(ours: Scored, peer: Scored, matched: bool, match_db: float = PEERS_MATCH_DB) -> str:
     """``"ahead by 1.31x"`` / ``"behind by 1.31x"`` (speed, ours over the peer's median), with
-    ``" (within spread)"`` where the min-max speed ranges overlap and the PSNR gap where unmatched."""
+    ``" (within spread)"`` where the min-max speed ranges overlap, and the PSNR gap wherever it is
+    above ``match_db`` (a faster row at lower quality is not simply ahead). ``matched`` is
+    `best_peer`'s flag; the gap is printed from the PSNRs either way."""
     r = ours.speed / peer.speed
     text = f"ahead by {r:.2f}x" if r >= 1 else f"behind by {1 / r:.2f}x"
     if ours.speed_min <= peer.speed_max and peer.speed_min <= ours.speed_max:
         text += " (within spread)"
-    if not matched:
-        gap = ours.psnr - peer.psnr
-        text += f", quality not matched: ours {abs(gap):.1f} dB {'higher' if gap > 0 else 'lower'}"
+    gap = ours.psnr - peer.psnr
+    if abs(gap) > match_db or not matched:
+        text += f", at {abs(gap):.1f} dB {'higher' if gap > 0 else 'lower'} quality"
     return text
 
 

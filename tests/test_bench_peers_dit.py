@@ -19,9 +19,11 @@ def test_best_peer_is_the_fastest_at_matched_quality():
             _s("other-ours", OURS, 9.0, 50.0)]  # fmt: skip
     peer, matched = best_peer(ours, rows)
     assert (peer.name, matched) == ("ok", True)  # 29.8 dB is within 0.5 dB; 20 dB is not; ours never count
-    assert verdict(ours, peer, matched) == "ahead by 1.25x"
+    assert verdict(ours, peer, matched) == "ahead by 1.25x"  # 0.2 dB apart: matched
+    # a faster row whose best peer is far better in quality is not simply ahead
+    assert verdict(ours, rows[3], True) == "ahead by 1.36x, at 10.0 dB lower quality"
     slower = _s("td", OURS, 1.0, 30.0, 0.9, 1.1)
-    assert verdict(slower, _s("ok", PEER, 1.05, 31.0, 1.0, 1.2), True) == "behind by 1.05x (within spread)"
+    assert verdict(slower, _s("ok", PEER, 1.05, 30.3, 1.0, 1.2), True) == "behind by 1.05x (within spread)"
 
 
 def test_best_peer_without_a_match_is_the_nearest_quality_and_says_so():
@@ -29,7 +31,7 @@ def test_best_peer_without_a_match_is_the_nearest_quality_and_says_so():
     rows = [ours, _s("a", PEER, 1.5, 30.0), _s("b", PEER, 1.1, 40.0)]
     peer, matched = best_peer(ours, rows)
     assert (peer.name, matched) == ("b", False)
-    assert verdict(ours, peer, matched) == "ahead by 1.82x, quality not matched: ours 5.0 dB higher"
+    assert verdict(ours, peer, matched) == "ahead by 1.82x, at 5.0 dB higher quality"
     assert best_peer(ours, [ours]) is None
 
 
