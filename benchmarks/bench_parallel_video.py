@@ -129,22 +129,9 @@ class CommCounter:
         return dict(self.bytes)
 
 
-class PeakBytes(PeakTensorBytes):
-    """`harness.PeakTensorBytes` that skips tensors without a storage of their own: funcol's
-    ``AsyncCollectiveTensor`` wrappers (diffusers' Ulysses) make the harness tracker fail; their
-    data is the collective's output, already counted when the collective produced it."""
-
-    def _track(self, t: torch.Tensor) -> None:
-        try:
-            t.untyped_storage().data_ptr()
-        except RuntimeError:
-            return
-        super()._track(t)
-
-
 def peak_bytes(fn) -> int:
     """Peak activation bytes of one call of ``fn`` (untimed; every rank must call it alike)."""
-    with PeakBytes() as tracker:
+    with PeakTensorBytes() as tracker:
         fn()
     return tracker.peak
 

@@ -235,7 +235,7 @@ def object_latents(frames: int, rows: int, cols: int, seed: int) -> torch.Tensor
 
 
 def bench_end_to_end(
-    latent: tuple[int, int, int], layers: int, steps: int, config: SVG2Config
+    latent: tuple[int, int, int], layers: int, steps: int, config: SVG2Config, repeats: int = MIN_REPEATS
 ) -> tuple[str, list]:
     from diffusers import WanTransformer3DModel
 
@@ -258,35 +258,39 @@ def bench_end_to_end(
                 x = x - model(x, t.reshape(1), text, return_dict=False)[0] / steps  # Euler step of a flow model
         return x
 
-    start = time.perf_counter()
-    dense = denoise()
-    dense_s = time.perf_counter() - start
     tokens = frames * rows * cols // 4
-    if config.backend == "flex":  # compile the kernel for this shape outside the timed run
+    if config.backend == "flex":  # compile the kernel for this shape outside the timed runs
         qkv = torch.randn(3, 1, 12, tokens, 128).unbind(0)
         semantic_sparse_attention(*qkv, replace(config, kmeans_init_iters=1))
-    handle = apply_svg2(model, config, scheduler=schedule)  # timestep: the forward's own argument
-    start = time.perf_counter()
-    sparse = denoise()  # includes the cold k-means (50 iterations) of the first sparse step
-    sparse_s = time.perf_counter() - start
-    summary = handle.stats.summary()
-    handle.remove()
+    outputs: dict[str, object] = {}
+
+    def dense_run() -> None:
+        outputs["dense"] = denoise()
+
+    def sparse_run() -> None:  # includes the cold k-means (50 iterations) of the first sparse step
+        with apply_svg2(model, config, scheduler=schedule) as handle:  # timestep: the forward's own argument
+            outputs["sparse"] = denoise()
+        outputs["summary"] = handle.stats.summary()
+
+    timed = compare({"dense": dense_run, "sparse": sparse_run}, repeats=repeats)
+    dense, sparse, summary = outputs["dense"], outputs["sparse"], outputs["summary"]
     psnr = metrics.psnr(sparse, dense, data_range=dense.abs().max().item())
-    row = [tokens, layers, steps, f"{config.dense_steps:.2f}", f"{dense_s:.1f}", f"{sparse_s:.1f}",
-           f"{dense_s / sparse_s:.2f}x", f"{summary['sparse_density']:.3f}", f"{psnr:.1f}",
+    row = [tokens, layers, steps, f"{config.dense_steps:.2f}", timed["dense"].time_text(), timed["sparse"].time_text(),
+           timed["sparse"].ratio_text(), f"{summary['sparse_density']:.3f}", f"{psnr:.1f}",
            f"{summary['kmeans_s']:.1f}", _backends(summary)]  # fmt: skip
-    headers = ["tokens", "blocks", "steps", "dense steps", "dense s", "sparse s", "speedup", "sparse density",
+    headers = ["tokens", "blocks", "steps", "dense steps", "dense s (min-max)", "sparse s (min-max)",
+               f"speed-up, median (min-max) of {repeats} interleaved rounds", "sparse density",
                "PSNR dB", "k-means s", "backends"]  # fmt: skip
     return markdown_table(headers, [row]), [row]
 
 
 def bench_zoo_fidelity(
-    configs: list[tuple[str, SVG2Config]], num_prompts: int, steps: int, repeats: int = 3
+    configs: list[tuple[str, SVG2Config]], num_prompts: int, steps: int, repeats: int = MIN_REPEATS
 ) -> tuple[str, list]:
     """Dense vs each SVG2 config on the `moving-digits` zoo model, same prompts and seed.
 
-    Timing: ``repeats`` rounds, each running dense then every config (interleaved, so machine
-    load hits all alike); the table shows the median time ratio and its range over rounds."""
+    Timing: :func:`harness.compare` (a warm-up each, ``repeats`` interleaved rotated rounds); the
+    table shows the median speed-up over dense and its min-max."""
     from skimage.metrics import structural_similarity
 
     from mmaccel.apps.zoo import moving_digits as md
@@ -296,34 +300,30 @@ def bench_zoo_fidelity(
     directions = [md.DIRECTIONS[i % len(md.DIRECTIONS)] for i in range(num_prompts)]
     want_d, want_r = torch.tensor(digits), torch.tensor([md.DIRECTIONS.index(r) for r in directions])
 
-    def run() -> tuple[torch.Tensor, float]:
-        start = time.perf_counter()
-        videos = md.generate(pipe, digits, directions, seed=0, num_inference_steps=steps)
-        return videos, time.perf_counter() - start
+    outputs: dict[str, tuple[torch.Tensor, dict]] = {}
+
+    def run(name: str, config: SVG2Config | None) -> Callable[[], None]:
+        def call() -> None:
+            if config is None:
+                outputs[name] = md.generate(pipe, digits, directions, seed=0, num_inference_steps=steps), {}
+                return
+            with apply_svg2(pipe.transformer, config, lambda: pipe.current_timestep, scheduler=pipe.scheduler) as h:
+                videos = md.generate(pipe, digits, directions, seed=0, num_inference_steps=steps)
+            outputs[name] = videos, h.stats.summary()
+
+        return call
 
     def accuracy(videos: torch.Tensor) -> tuple[float, float]:
         pred_d, pred_r = md.classify_videos(videos, clf)
         return (pred_d == want_d).float().mean().item(), (pred_r == want_r).float().mean().item()
 
-    run()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in ["dense", *(n for n, _ in configs)]}
-    outputs: dict[str, tuple[torch.Tensor, dict]] = {}
-    for _ in range(repeats):
-        dense, dense_s = run()
-        times["dense"].append(dense_s)
-        for name, config in configs:
-            with apply_svg2(pipe.transformer, config, lambda: pipe.current_timestep, scheduler=pipe.scheduler) as h:
-                sparse, sparse_s = run()
-            times[name].append(sparse_s)
-            outputs[name] = (sparse, h.stats.summary())
-    dense_s = statistics.median(times["dense"])
+    timed = compare({"dense": run("dense", None), **{n: run(n, c) for n, c in configs}}, repeats=repeats)
+    dense = outputs["dense"][0]
     acc_d, acc_r = accuracy(dense)
-    rows = [["dense", "-", "-", "1.000", "1.000", "inf", "1.000", f"{acc_d:.3f}", f"{acc_r:.3f}", f"{dense_s:.1f}",
+    rows = [["dense", "-", "-", "1.000", "1.000", "inf", "1.000", f"{acc_d:.3f}", f"{acc_r:.3f}", timed["dense"].time_text(),
              "1.00x", "sdpa"]]  # fmt: skip
     for name, config in configs:
         sparse, summary = outputs[name]
-        ratios = [t / d for t, d in zip(times[name], times["dense"])]
-        sparse_s = statistics.median(times[name])
         ssim = statistics.mean(
             structural_similarity(d.numpy(), s.numpy(), data_range=1.0)
             for d, s in zip(dense.flatten(0, 1), sparse.flatten(0, 1))
@@ -333,12 +333,12 @@ def bench_zoo_fidelity(
             [name, f"{config.num_q_clusters}/{config.num_k_clusters}", f"{config.top_p:g} / {config.min_kc_ratio:g}",
              f"{summary['density']:.3f}", f"{summary['sparse_density']:.3f}",
              f"{metrics.psnr(sparse, dense, data_range=1.0):.1f}", f"{ssim:.3f}", f"{acc_d:.3f}", f"{acc_r:.3f}",
-             f"{sparse_s:.1f}", f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})",
+             timed[name].time_text(), timed[name].ratio_text(),
              _backends(summary)]
         )  # fmt: skip
     headers = ["run", "clusters q/k", "top_p / min_kc", "density (all calls)", "density (sparse calls)",
-               "PSNR dB vs dense", "SSIM vs dense", "digit acc", "direction acc", "median s",
-               f"time vs dense, median (range) of {repeats} interleaved rounds",
+               "PSNR dB vs dense", "SSIM vs dense", "digit acc", "direction acc", "s (min-max)",
+               f"speed-up vs dense, median (min-max) of {repeats} interleaved rounds",
                "backends"]  # fmt: skip
     return markdown_table(headers, rows), rows
 

@@ -58,7 +58,10 @@ class PeakTensorBytes(TorchDispatchMode):
 
     def _track(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
-        key = storage.data_ptr()
+        try:
+            key = storage.data_ptr()
+        except RuntimeError:  # a wrapper without storage of its own (funcol's AsyncCollectiveTensor,
+            return  # e.g. diffusers' Ulysses): its data is the collective's output, counted there
         if key not in self._refs:
             self._refs[key] = [0, storage.nbytes()]
             self.live += storage.nbytes()
