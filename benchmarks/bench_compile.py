@@ -16,14 +16,13 @@ table shows each forward's median time and the median speed-up over eager dense 
 
 from __future__ import annotations
 
-import argparse
 import functools
 import time
 
 import torch
 from diffusers import DiTTransformer2DModel
 
-from mmaccel.benchmarks.harness import RESULTS_DIR, compare
+from mmaccel.benchmarks.harness import RESULTS_DIR, compare, parse_timing_args, timing_parser
 from mmaccel.diffusion.dydit import DyDiTConfig, DyDiTTransformer2DModel, convert_to_dydit
 from mmaccel.diffusion.flexdit import FlexDiTConfig, convert_to_flexdit
 from mmaccel.runtime.environment import machine_description
@@ -106,16 +105,8 @@ def run(quick: bool, repeats: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="width 192, 6 blocks, 8x8 tokens (about a minute)"
-    )
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds (>= 5)")
-    parser.add_argument("--write", action="store_true", help=f"append the table to {RESULTS}")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    parser = timing_parser(__doc__.splitlines()[0], "width 192, 6 blocks, 8x8 tokens (about a minute)", RESULTS)
+    args = parse_timing_args(parser, argv)
     s = _shape(args.quick)
     shape = (f"width {s['heads'] * 64}, {s['heads']} heads, {s['layers']} blocks, "
              f"{(s['sample'] // 2) ** 2} tokens")  # fmt: skip

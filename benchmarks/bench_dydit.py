@@ -19,7 +19,6 @@ speed-up with its min-max. FLOPs are counted with ``torch.utils.flop_counter`` (
 
 from __future__ import annotations
 
-import argparse
 import functools
 import gc
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from collections.abc import Callable
 import torch
 from diffusers import DiTTransformer2DModel
 
-from mmaccel.benchmarks.harness import RESULTS_DIR, compare
+from mmaccel.benchmarks.harness import RESULTS_DIR, compare, parse_timing_args, timing_parser
 from mmaccel.diffusion.dydit import DyDiTConfig, DyDiTTransformer2DModel, convert_to_dydit
 from mmaccel.diffusion.flexdit import FlexDiTConfig, convert_to_flexdit
 from mmaccel.diffusion.token_density import TokenDensityConfig, apply_token_density, count_flops
@@ -178,14 +177,8 @@ def run(quick: bool, repeats: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="width 384, 256 px (minutes, not tens of minutes)")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds (>= 5)")
-    parser.add_argument("--write", action="store_true", help=f"append the table to {RESULTS}")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    parser = timing_parser(__doc__.splitlines()[0], "width 384, 256 px (minutes, not tens of minutes)", RESULTS)
+    args = parse_timing_args(parser, argv)
     shape = "width 384, 6 heads, 256 px (256 tokens)" if args.quick else "DiT-XL/2 512 px (1,024 tokens, width 1152)"
     table = run(args.quick, args.repeats)
     text = (f"### {'--quick' if args.quick else 'full'}: {shape}, 28 blocks, random weights, batch 1, fp32, "

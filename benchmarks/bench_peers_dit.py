@@ -57,7 +57,6 @@ ours (matched quality); if none is, the peer of nearest PSNR, and the verdict sa
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import io
@@ -78,7 +77,7 @@ from diffusers.hooks import (
 from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
 from mmaccel.benchmarks.bench_dydit import _fix_decisions, _operating_point
-from mmaccel.benchmarks.harness import RESULTS_DIR, Comparison, compare
+from mmaccel.benchmarks.harness import RESULTS_DIR, Comparison, compare, parse_timing_args, timing_parser
 from mmaccel.diffusion.dydit import DyDiTConfig, convert_to_dydit
 from mmaccel.diffusion.flexdit import FlexDiTConfig, convert_to_flexdit
 from mmaccel.diffusion.token_density import TokenDensityConfig, apply_token_density
@@ -465,15 +464,9 @@ def bench(setup: Setup, repeats: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny widths, 4 steps (a smoke test, seconds)")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds (>= 5)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser = timing_parser(__doc__.splitlines()[0], "tiny widths, 4 steps (a smoke test, seconds)", RESULTS)
     parser.add_argument("--only", choices=tuple(BUILDERS), help="one model only")
-    parser.add_argument("--write", action="store_true", help=f"append the tables to {RESULTS}")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_timing_args(parser, argv)
     load = " / ".join(f"{v:.2f}" for v in os.getloadavg())
     head = (f"### Peers, {'--quick' if args.quick else 'full'}: random weights, batch 1, fp32, no CFG, "
             f"{args.repeats} interleaved rounds\n\nMachine: {machine_description()}, torch threads "

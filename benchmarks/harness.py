@@ -11,6 +11,7 @@ Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA and the peak of live 
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 import weakref
@@ -189,3 +190,29 @@ def append_results(title: str, table: str, notes: str = "", path: Path = RESULTS
         block += f"\n{notes}\n"
     with open(path, "a") as f:
         f.write(block)
+
+
+def timing_parser(description: str, quick_help: str, results: Path) -> argparse.ArgumentParser:
+    """The flags every timing benchmark shares: ``--quick``, ``--repeats`` (interleaved rounds of
+    :func:`compare`), ``--threads`` and ``--write``; read them back with :func:`parse_timing_args`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument(
+        "--repeats", type=int, default=MIN_REPEATS, help=f"interleaved timing rounds (>= {MIN_REPEATS})"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--write", action="store_true", help=f"append the tables to {results}")
+    return parser
+
+
+def parse_timing_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, refusing ``--repeats`` below :data:`MIN_REPEATS` and ``--threads`` below 1 before any
+    work, and fix the torch thread count."""
+    args = parser.parse_args(argv)
+    if args.repeats < MIN_REPEATS:
+        parser.error(f"--repeats must be >= {MIN_REPEATS}, got {args.repeats}")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    return args
