@@ -105,7 +105,7 @@ def _launch(order: str, limit_s: float = 90.0) -> list[dict[str, Any]]:
         for rank, proc in enumerate(procs):
             proc.join(max(deadline - time.monotonic(), 0.1))
             path = Path(out, f"rank{rank}.pt")
-            record = torch.load(path, weights_only=False) if path.exists() else {}
+            record = torch.load(path, weights_only=True) if path.exists() else {}
             err = Path(out, f"rank{rank}.err")
             stderr = err.read_text(errors="replace")[-2000:] if err.exists() else ""
             assert "result" in record, f"rank {rank}: {record.get('error', 'no result (hung?)')}\n{stderr}"
