@@ -25,7 +25,6 @@ a :class:`DyDiTTransformer2DModel` from a dense ``DiTTransformer2DModel`` / ``Pi
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import math
 from contextlib import contextmanager
@@ -33,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -46,6 +44,7 @@ from torch import nn
 from mmaccel.diffusion.flexdit import (
     _STEMS,
     FlexDiTTransformer2DModel,
+    _adopt_stem,
     _attn_input,
     _Cond,
     _index_batch,
@@ -300,19 +299,9 @@ class DyDiTTransformer2DModel(ModelMixin, ConfigMixin):
         dydit: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if base_class not in _STEMS:
-            raise TypeError(f"base_class must be one of {sorted(_STEMS)}, got {base_class!r}")
-        base_config = {k: v for k, v in (base_config or {}).items() if not k.startswith("_")}
-        dense = getattr(diffusers, base_class)(**base_config)
+        dense = _adopt_stem(self, base_class, base_config)
         cfg = DyDiTConfig.from_dict(dydit or {})
         self.dydit = cfg
-        self.base_class = base_class
-        self.out_channels = dense.out_channels
-        self.patch_size = dense.config.patch_size
-        self.use_additional_conditions = getattr(dense, "use_additional_conditions", False)
-        self._base_signature = inspect.signature(type(dense).forward)
-        for name in _STEMS[base_class]:
-            setattr(self, name, getattr(dense, name))
         self.transformer_blocks = dense.transformer_blocks
         shape = _check_supported(dense, cfg)
         self.dim, self.heads, self.head_dim, self.ff_dim, self.head_groups, self.mlp_groups = shape

@@ -365,6 +365,24 @@ def _index_batch(value: Any, idx: torch.Tensor, batch: int) -> Any:
     return value
 
 
+def _adopt_stem(model: nn.Module, base_class: str, base_config: dict[str, Any] | None) -> ModelMixin:
+    """Build the dense ``base_class`` from its saved config (private ``_`` keys dropped), give
+    ``model`` its stem modules (embeddings, norms, output projection) and the attributes a converted
+    model shares with it; returns the dense model, whose blocks the caller takes over."""
+    if base_class not in _STEMS:
+        raise TypeError(f"base_class must be one of {sorted(_STEMS)}, got {base_class!r}")
+    base_config = {k: v for k, v in (base_config or {}).items() if not k.startswith("_")}
+    dense = getattr(diffusers, base_class)(**base_config)
+    model.base_class = base_class
+    model.out_channels = dense.out_channels
+    model.patch_size = dense.config.patch_size
+    model.use_additional_conditions = getattr(dense, "use_additional_conditions", False)
+    model._base_signature = inspect.signature(type(dense).forward)
+    for name in _STEMS[base_class]:
+        setattr(model, name, getattr(dense, name))
+    return dense
+
+
 class FlexDiTTransformer2DModel(ModelMixin, ConfigMixin):
     """A DiT / PixArt transformer in the FlexDiT layout; forward takes the base model's arguments.
 
@@ -387,20 +405,10 @@ class FlexDiTTransformer2DModel(ModelMixin, ConfigMixin):
         flexdit: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if base_class not in _STEMS:
-            raise TypeError(f"base_class must be one of {sorted(_STEMS)}, got {base_class!r}")
-        base_config = {k: v for k, v in (base_config or {}).items() if not k.startswith("_")}
-        dense = getattr(diffusers, base_class)(**base_config)
+        dense = _adopt_stem(self, base_class, base_config)
         flex = FlexDiTConfig.from_dict(flexdit or {})
         _check_fits(flex, dense)
         self.flex = flex
-        self.base_class = base_class
-        self.out_channels = dense.out_channels
-        self.patch_size = dense.config.patch_size
-        self.use_additional_conditions = getattr(dense, "use_additional_conditions", False)
-        self._base_signature = inspect.signature(type(dense).forward)
-        for name in _STEMS[base_class]:
-            setattr(self, name, getattr(dense, name))
         blocks = list(dit.blocks(dense))
         p, per = flex.pooling_blocks, sum(flex.module_layout)
         self.pooling_blocks = nn.ModuleList(PoolingformerBlock(b) for b in blocks[:p])
