@@ -68,6 +68,12 @@ def _breaks(fn, *args, **kwargs) -> torch._dynamo.backends.debugging.ExplainOutp
     return explain
 
 
+def _assert_one_graph(fn, *args, **kwargs) -> None:
+    """``fn(*args, **kwargs)`` traces as one graph: no graph break."""
+    explain = _breaks(fn, *args, **kwargs)
+    assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
+
+
 @torch.no_grad()
 def _randomise_dydit(model) -> None:
     """Routers that drop some head groups, MLP groups and tokens (as in test_dydit.py)."""
@@ -83,8 +89,7 @@ def test_flexdit_compiles_without_graph_breaks_and_recompiles_per_sparse_grid():
     """The sparse grid is chosen from the timestep host-side before the first tensor op: one graph,
     no break; a compiled model recompiles once per distinct grid, never per timestep."""
     model = convert_to_flexdit(_dit(), FLEX)
-    explain = _breaks(model, **_dit_inputs(900.0))
-    assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
+    _assert_one_graph(model, **_dit_inputs(900.0))
     steps = (900.0, 850.0, 100.0)
     grids = {t: model.flex.sparse_grid_at(float(model.progress(torch.tensor(t)))) for t in steps}
     assert len(set(grids.values())) == 2  # the first two timesteps share a grid
@@ -101,8 +106,7 @@ def test_dydit_width_only_compiles_without_graph_breaks():
     op and the stats recorded after the last; 0 breaks, compiled == eager, same stats."""
     model = convert_to_dydit(_dit(2), DyDiTConfig(dynamic_tokens=False))
     _randomise_dydit(model)
-    explain = _breaks(model, **_dit_inputs(500.0))
-    assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
+    _assert_one_graph(model, **_dit_inputs(500.0))
     with torch.no_grad():
         eager = model(**_dit_inputs(500.0))[0]
         compiled = torch.compile(model, backend="aot_eager")(**_dit_inputs(500.0))[0]
@@ -125,8 +129,7 @@ def test_dydit_token_skipping_breaks_once_per_gather_unless_dynamic_shapes_are_c
         "Dynamic shape operator"
     }
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True):
-        explain = _breaks(model, **_dit_inputs(500.0))
-        assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
+        _assert_one_graph(model, **_dit_inputs(500.0))
         with torch.no_grad():
             eager = model(**_dit_inputs(500.0))[0]
             compiled = torch.compile(model, backend="aot_eager")(**_dit_inputs(500.0))[0]
@@ -143,8 +146,7 @@ def test_clip_parallel_compiles_without_graph_breaks_one_graph_per_phase():
     with apply_clip_parallel(
         model, ClipParallelConfig(), ctx=DistContext.single(), num_latent_frames=4
     ) as handle:
-        explain = _breaks(model, *_wan_inputs(500.0))
-        assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
+        _assert_one_graph(model, *_wan_inputs(500.0))
         steps = (900.0, 880.0, 500.0, 400.0)  # phase_boundary 850: two steps on each side
         with torch.no_grad():
             eager = [model(*_wan_inputs(t)).sample for t in steps]
@@ -181,8 +183,7 @@ def test_layer_stage_compiles_without_graph_breaks_one_graph_per_context_use():
             return outs, context.extra_key_tokens
 
         eager = run(stage)
-        explain = _breaks(stage.__call__, hidden, cond, rotary)
-        assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
+        _assert_one_graph(stage.__call__, hidden, cond, rotary)
         counter = CompileCounterWithBackend("aot_eager")
         compiled = run(torch.compile(stage.__call__, backend=counter))
     torch.testing.assert_close(compiled[0], eager[0])
