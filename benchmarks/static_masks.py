@@ -31,12 +31,13 @@ density is closest to the target and reports the density reached.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from dataclasses import dataclass
 
 import torch
+
+from mmaccel.sparse_attn.backends import compiled_flex, flex_tiles
 
 __all__ = [
     "StaticMask",
@@ -226,13 +227,6 @@ def profile_svg1_heads(
     return errors[1] < errors[0]
 
 
-@functools.cache
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)  # the options of SVG2's flex backend
-
-
 def run_block_mask(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: StaticMask, compiled: bool = True
 ) -> torch.Tensor:
@@ -258,5 +252,7 @@ def run_block_mask(
         torch.zeros_like(full_num), torch.zeros_like(full_idx), full_num, full_idx.contiguous(),
         BLOCK_SIZE=size, mask_mod=mask_mod, seq_lengths=(s, s),
     )  # fmt: skip
-    out = (_compiled_flex() if compiled else flex_attention)(qp, kp, vp, block_mask=block_mask)
+    tiles = flex_tiles(size, q.device) if compiled else None
+    attend = compiled_flex() if compiled else flex_attention
+    out = attend(qp, kp, vp, block_mask=block_mask, kernel_options=tiles)
     return torch.empty_like(out).scatter_(2, index.expand(b, -1, -1, out.shape[-1]), out)

@@ -280,23 +280,25 @@ def all_gather_varlen(ctx: DistContext, tensor: Tensor) -> list[Tensor]:
     if ctx.group is None:
         return [tensor]
     lengths = _exchange_shapes(ctx, tensor, "all_gather_varlen")
-    padded, buffers = _padded(tensor, max(lengths), ctx.world_size)
+    padded, buffers = _padded(ctx, tensor, max(lengths), ctx.world_size)
     with _comm_errors(ctx, "all_gather_varlen"):
         work = dist.all_gather(buffers, padded, group=ctx.group, async_op=True)
     _wait(ctx, [work], "all_gather_varlen")
-    return [buffer[:length] for buffer, length in zip(buffers, lengths)]
+    return [buffer[:length].to(tensor.device) for buffer, length in zip(buffers, lengths)]
 
 
 def gather_to_main(ctx: DistContext, tensor: Tensor) -> list[Tensor] | None:
     """Rank 0 gets every rank's ``tensor`` in rank order, the other ranks ``None``.
 
     Same rules as :func:`all_gather_varlen`: the first dim may differ per rank, the rest must
-    match. With world size 1 the result is ``[tensor]``.
+    match. With world size 1 the result is ``[tensor]``. A tensor on another device than
+    ``ctx.device`` (frames on the CPU under NCCL) travels through ``ctx.device`` and comes back
+    on its own device.
     """
     if ctx.group is None:
         return [tensor]
     lengths = _exchange_shapes(ctx, tensor, "gather_to_main")
-    padded, buffers = _padded(tensor, max(lengths), ctx.world_size if ctx.is_main else 0)
+    padded, buffers = _padded(ctx, tensor, max(lengths), ctx.world_size if ctx.is_main else 0)
     with _comm_errors(ctx, "gather_to_main"):
         work = dist.gather(
             padded, gather_list=buffers if ctx.is_main else None, dst=0, group=ctx.group, async_op=True
@@ -304,7 +306,7 @@ def gather_to_main(ctx: DistContext, tensor: Tensor) -> list[Tensor] | None:
     _wait(ctx, [work], "gather_to_main")
     if not ctx.is_main:
         return None
-    return [buffer[:length] for buffer, length in zip(buffers, lengths)]
+    return [buffer[:length].to(tensor.device) for buffer, length in zip(buffers, lengths)]
 
 
 class PipeChannel:
@@ -479,14 +481,15 @@ def _exchange_shapes(ctx: DistContext, tensor: Tensor, what: str) -> list[int]:
     return [s[0] for s in shapes]
 
 
-def _padded(tensor: Tensor, length: int, count: int) -> tuple[Tensor, list[Tensor]]:
-    """``tensor`` zero-padded along dim 0 to ``length``, and ``count`` receive buffers of that shape."""
+def _padded(ctx: DistContext, tensor: Tensor, length: int, count: int) -> tuple[Tensor, list[Tensor]]:
+    """``tensor`` on ``ctx.device`` (NCCL moves CUDA tensors only), zero-padded along dim 0 to
+    ``length``, and ``count`` receive buffers of that shape there."""
     shape = (length, *tensor.shape[1:])
-    padded = tensor.contiguous()
+    padded = tensor.to(ctx.device).contiguous()
     if tensor.shape[0] < length:
-        padded = tensor.new_zeros(shape)
+        padded = padded.new_zeros(shape)
         padded[: tensor.shape[0]] = tensor
-    return padded, [tensor.new_empty(shape) for _ in range(count)]
+    return padded, [padded.new_empty(shape) for _ in range(count)]
 
 
 def _recv_buffer(buffer: Tensor | None, like: Tensor | None, name: str) -> Tensor | None:

@@ -26,8 +26,10 @@ __all__ = [
     "BACKENDS",
     "ClusterLayout",
     "PaddedLayout",
+    "compiled_flex",
     "flex_attention_available",
     "flex_block_sparse",
+    "flex_tiles",
     "masked_block_sparse",
     "reference_block_sparse",
 ]
@@ -83,7 +85,8 @@ def flex_attention_available() -> bool:
 
 
 @functools.cache
-def _compiled_flex():
+def compiled_flex():
+    """``flex_attention`` under ``torch.compile(dynamic=False)``, built once per process."""
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention, dynamic=False)
@@ -166,10 +169,19 @@ def flex_block_sparse(
     qp = pq.scatter(q.reshape(n, sq, d)).view(b, h, pq.length, d)
     kp = pk.scatter(k.reshape(n, sk, d)).view(b, h, pk.length, d)
     vp = pk.scatter(v.reshape(n, sk, -1)).view(b, h, pk.length, -1)
-    out = _compiled_flex()(qp, kp, vp, block_mask=block_mask)
+    out = compiled_flex()(qp, kp, vp, block_mask=block_mask, kernel_options=flex_tiles(block, q.device))
     out = pq.gather(out.reshape(n, pq.length, -1)).view(b, h, sq, -1)
     computed = (num + full_num).sum() * (block * block / (n * sq * sk))
     return out, computed if torch.compiler.is_compiling() else computed.item()  # a tensor when compiled
+
+
+def flex_tiles(block: int, device: torch.device) -> dict[str, int] | None:
+    """Triton tile sizes that divide a ``block``-token BlockMask on CUDA: inductor's default tiles
+    (128 x 64 on Hopper) refuse smaller blocks ("Q and KV block size must be divisible by BLOCK_M
+    and BLOCK_N"); ``None`` (its own choice) from 128 up and off CUDA."""
+    if device.type != "cuda" or block >= 128:
+        return None
+    return {"BLOCK_M": block, "BLOCK_N": min(block, 64)}
 
 
 def _to_kv_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

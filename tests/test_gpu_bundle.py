@@ -55,13 +55,24 @@ def test_missing_on_gpu_is_what_the_gpu_machine_lacks():
     pins = bundle.missing_on_gpu()
     assert pins["diffusers"] == metadata.version("diffusers")
     assert "importlib-metadata" in pins  # diffusers needs it; the GPU image has only zipp
-    assert not {"torch", "transformers", "accelerate", "numpy", "mmaccel", "gradio"} & set(pins)
+    assert pins["transformers"] == bundle.CARRIED_AT["transformers"]  # mmaccel needs >= 5.18, the GPU has 5.17
+    assert not {"torch", "accelerate", "numpy", "mmaccel", "gradio"} & set(pins)
 
 
 def test_a_requirement_the_gpu_packages_do_not_meet_is_refused(monkeypatch):
     monkeypatch.setitem(bundle.GPU_VERSIONS, "huggingface-hub", "0.20.0")
     with pytest.raises(SystemExit, match="huggingface-hub"):
         bundle.missing_on_gpu()
+
+
+def test_carried_wheel_requirements_are_checked(tmp_path):
+    wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("pkg-1.0.dist-info/METADATA", "Name: pkg\nVersion: 1.0\nRequires-Dist: huggingface-hub>=1.31\n"
+                   "Requires-Dist: tokenizers<0.24,>=0.23.1\nRequires-Dist: pytest; extra == 'dev'\n")  # fmt: skip
+    bundle.check_carried_requirements(wheel, {})  # the GPU machine's hub 1.33 and tokenizers 0.23.2 do
+    with pytest.raises(SystemExit, match="huggingface-hub"):
+        bundle.check_carried_requirements(wheel, {"huggingface-hub": "1.0.0"})
 
 
 def test_bundle_holds_what_is_missing_for_cp312_under_the_cap(built):
@@ -94,9 +105,9 @@ def test_rebuild_reuses_the_folder(built):
 
 def test_stand_in_site_has_the_gpu_packages_but_not_the_bundled_ones(built, tmp_path):
     linked = bundle.stand_in_site(tmp_path / "site", built)
-    assert {"torch", "transformers", "accelerate", "einops", "pytest"} <= set(linked)
+    assert {"torch", "accelerate", "einops", "pytest"} <= set(linked)
     present = {p.name.lower() for p in (tmp_path / "site").iterdir()}
-    assert "torch" in present and "transformers" in present
+    assert "torch" in present and "transformers" not in present  # carried at 5.18: the bundle's copy is used
     assert not any(n.startswith(("diffusers", "gradio", "mmaccel", "importlib_metadata", "__editable__")) for n in present)
 
 

@@ -91,6 +91,22 @@ def test_unsupported_models_raise_type_error():
         apply_hired(lm, HiREDConfig())
 
 
+def test_transformers_without_mm_encoder_outputs_is_refused_before_patching(llava_next, monkeypatch):
+    """transformers 5.17 (the GPU machine's) has no ``forward(mm_encoder_outputs=...)``: one clear
+    line instead of generate's 'model_kwargs are not used' after the image was encoded."""
+    import transformers
+
+    def old_forward(input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, **kwargs):
+        raise AssertionError("never called")
+
+    model = llava_next.model
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    monkeypatch.setattr(model, "forward", old_forward)
+    with pytest.raises(ImportError, match=r"transformers >= 5\.18.*transformers 5\.17\.0"):
+        apply_hired(model, HiREDConfig())
+    assert model.forward is old_forward and not hasattr(model, "_mmaccel_hired")
+
+
 def test_tower_without_cls_raises_clearly():
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
 

@@ -310,3 +310,18 @@ def test_dense_prefix_for_joint_text_video_attention():
         semantic_sparse_attention(q, k[:, :, :50], v[:, :, :50], sparse, dense_prefix=n)
     with pytest.raises(ValueError, match="num_k_clusters=6 exceeds the 4 key tokens"):
         semantic_sparse_attention(q, k, v, sparse, dense_prefix=96)
+
+
+def test_flex_tiles_divide_the_block_on_cuda_and_defer_elsewhere():
+    """Inductor's default flex tiles (128 x 64 on Hopper) refuse a 32-token BlockMask; on CUDA the
+    tiles follow the block below 128 (first H200 run, 2026-12-04), elsewhere inductor chooses."""
+    from mmaccel.sparse_attn.backends import flex_tiles
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    for block in (16, 32, 64, 128, 256):
+        tiles = flex_tiles(block, cuda)
+        if block >= 128:
+            assert tiles is None
+        else:
+            assert block % tiles["BLOCK_M"] == 0 and block % tiles["BLOCK_N"] == 0 and tiles["BLOCK_N"] <= 64
+        assert flex_tiles(block, cpu) is None

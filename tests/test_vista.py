@@ -351,3 +351,18 @@ def test_text_only_llama_with_explicit_pairs():
         assert vectors.shape == (3, 1, 32) and handle.window == (1, 1)
         out = model.generate(input_ids=torch.tensor([[1, 9, 9]]), max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 6)
+
+
+def test_lm_head_slice_of_older_transformers_equals_the_named_rule():
+    """SLA slices the early-exit states as the language model slices lm_head's input; before 5.21
+    the rule was inline in each model (vista carries it), from 5.21 transformers names it."""
+    from transformers import modeling_utils
+
+    from mmaccel.vlm.vista import _slice_before_lm_head
+
+    named = getattr(modeling_utils, "slice_logits_to_keep", None)
+    if named is None:
+        pytest.skip("this transformers has no slice_logits_to_keep to compare with")
+    h = torch.randn(2, 7, 5)
+    for keep in (0, 1, 3, torch.tensor([0, 4, 6])):
+        assert torch.equal(_slice_before_lm_head(h, keep), named(h, keep))

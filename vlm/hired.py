@@ -438,6 +438,13 @@ def apply_hired(model: nn.Module, config: HiREDConfig | None = None) -> HiREDHan
     caller's original prompt followed by the new tokens.
     """
     llava.require(model, "apply_hired")
+    if "mm_encoder_outputs" not in inspect.signature(model.forward).parameters:
+        import transformers
+
+        raise ImportError(
+            f"apply_hired needs transformers >= 5.18 (forward(mm_encoder_outputs=...) hands the pruned "
+            f"features to the model); this is transformers {transformers.__version__}"
+        )
     config = resolve_config(config, HiREDConfig)
     patch = HiREDPatch(model, config)  # validates before anything is changed
     handle = HiREDHandle(model, "hired")

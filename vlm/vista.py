@@ -36,14 +36,26 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import transformers.modeling_utils
 from torch import nn
-from transformers.modeling_utils import slice_logits_to_keep
 
 from mmaccel.runtime.adapters import llava
 from mmaccel.runtime.configs import resolve_config
 from mmaccel.runtime.patching import PatchHandle
 from mmaccel.runtime.stats import Stats
 from mmaccel.vlm.placeholders import padding_side_of, shrink_placeholders
+
+
+def _slice_before_lm_head(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """The positions a transformers 5.18-5.20 language model hands ``lm_head`` (the rule was inline
+    there; 5.21 names it ``slice_logits_to_keep``): an int keeps the last ``logits_to_keep`` (0:
+    all), a tensor indexes them."""
+    index = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+    return hidden_states[:, index, :]
+
+
+slice_logits_to_keep = getattr(transformers.modeling_utils, "slice_logits_to_keep", _slice_before_lm_head)
+
 
 __all__ = [
     "VISTAConfig",

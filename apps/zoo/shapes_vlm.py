@@ -356,17 +356,16 @@ def presence_targets(colour: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
 
 
 def pretrain_vision(
-    model: Any, processor: Any, rng: np.random.Generator, *, steps: int = 2000, batch_size: int = 32,
-    lr: float = 3e-3, progress: bool = True, cls_objective: bool = False,
+    model: Any, processor: Any, rng: np.random.Generator, *, steps: int = 4000, batch_size: int = 32,
+    lr: float = 3e-3, progress: bool = True, cls_objective: bool = True,
 ) -> float:
     """Supervision for the vision tower before the VLM sees it: a linear head on every patch of
     the feature layer predicts the colour and shape of the object under it (a from-scratch ViT does
     not learn shapes from the language loss alone in a CPU budget), and with ``cls_objective`` a
     linear head on the [CLS] token predicts which of the 16 colour + shape pairs the view shows
-    (multi-label, binary cross-entropy), so [CLS] has an image-level meaning as CLIP's has (off by
-    default: the committed weights were trained without it, and a retrain with it answered worse,
-    see docs/zoo.md). Returns the held-out patch shape
-    accuracy on object patches; the heads are discarded."""
+    (multi-label, binary cross-entropy), so [CLS] has an image-level meaning as CLIP's has (on by
+    default: the committed weights were trained with it, see docs/zoo.md). Returns the held-out
+    patch shape accuracy on object patches; the heads are discarded."""
     tower = model.model.vision_tower
     head = torch.nn.Linear(tower.config.hidden_size, 2 * (len(SHAPES) + 1))
     cls_head = torch.nn.Linear(tower.config.hidden_size, len(COLOURS) * len(SHAPES))
@@ -417,8 +416,8 @@ def train(
     steps: int = 3200,
     batch_size: int = 8,
     lr: float = 2e-3,
-    cls_objective: bool = False,
-    vision_steps: int = 2000,
+    cls_objective: bool = True,
+    vision_steps: int = 4000,
 ) -> dict[str, float | int | str]:
     """Train from scratch on fresh scenes (AdamW, warm-up + cosine, loss on answer tokens only,
     teacher forcing), evaluate on the held-out set, save model + processor and the model card.

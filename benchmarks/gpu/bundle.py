@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
@@ -60,6 +61,9 @@ wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp
 # Versions seen there (KINDS.md's pip list): the bundle's requirements are checked against them.
 GPU_VERSIONS = {"accelerate": "1.15.0", "huggingface-hub": "1.33.0", "numpy": "2.5.2", "safetensors": "0.8.0",
                 "sentencepiece": "0.2.2", "tokenizers": "0.23.2", "torch": "2.11.0", "transformers": "5.17.0"}  # fmt: skip
+# A GPU package that a requirement refuses travels at this version (the oldest mmaccel supports,
+# so the GPU run also checks the floor): {name: version}. Any other refusal stops the build.
+CARRIED_AT = {"transformers": "5.18.0"}
 # Carried beyond what mmaccel's own requirements reach (none today: no GPU step writes MP4, and
 # imageio-ffmpeg's ~30 MB wheel alone would break the 40 MB cap).
 EXTRA: tuple[str, ...] = ()
@@ -89,10 +93,10 @@ def _requirements(dist: metadata.Distribution, extras: tuple[str, ...] = ()) -> 
 
 
 def missing_on_gpu(roots: tuple[str, ...] = ("mmaccel", "diffusers", *EXTRA)) -> dict[str, str]:
-    """{distribution: this venv's version} for every requirement reached from ``roots`` that the
-    GPU machine lacks (mmaccel itself excluded: it travels as its own wheel)."""
-    from packaging.specifiers import SpecifierSet
-
+    """{distribution: version to carry} for every requirement reached from ``roots`` that the GPU
+    machine lacks (this venv's version), or has at a version a requirement refuses (the oldest
+    version mmaccel supports, :data:`CARRIED_AT`: transformers 5.17 there, mmaccel needs >= 5.18;
+    :func:`build` checks that wheel's own requirements). mmaccel itself travels as its own wheel."""
     found: dict[str, str] = {}
     todo, seen = list(roots), set()
     problems = []
@@ -108,12 +112,40 @@ def missing_on_gpu(roots: tuple[str, ...] = ("mmaccel", "diffusers", *EXTRA)) ->
             found[name] = dist.version
         for req in _requirements(dist):
             r = norm(req.name)
-            if r in GPU_VERSIONS and not SpecifierSet(str(req.specifier)).contains(GPU_VERSIONS[r], prereleases=True):
-                problems.append(f"{name} needs {req}, the GPU machine has {r} {GPU_VERSIONS[r]}")
+            if r in GPU_VERSIONS and not req.specifier.contains(GPU_VERSIONS[r], prereleases=True):
+                if r in CARRIED_AT and req.specifier.contains(CARRIED_AT[r], prereleases=True):
+                    found[r] = CARRIED_AT[r]
+                else:
+                    problems.append(f"{name} needs {req}, the GPU machine has {r} {GPU_VERSIONS[r]}")
             todo.append(r)
     if problems:
         raise SystemExit("bundle: requirements the GPU machine's packages do not meet:\n  " + "\n  ".join(problems))
     return found
+
+
+def check_carried_requirements(wheel: Path, carried: dict[str, str]) -> None:
+    """A :data:`CARRIED_AT` wheel's own requirements must be met by what the GPU machine has or
+    the bundle carries (read from the wheel: this venv holds another version)."""
+    from email.parser import Parser
+
+    from packaging.requirements import Requirement
+
+    with zipfile.ZipFile(wheel) as z:
+        text = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    env = {"python_version": "3.12", "sys_platform": "linux", "platform_machine": "x86_64", "extra": ""}
+    problems = []
+    for line in Parser().parsestr(text).get_all("Requires-Dist") or []:
+        req = Requirement(line)
+        if req.marker is not None and not req.marker.evaluate(env):
+            continue
+        r = norm(req.name)
+        have = carried.get(r, GPU_VERSIONS.get(r))
+        if have is None and r not in GPU_PACKAGES:
+            problems.append(f"{wheel.name} needs {req}, which neither the GPU machine nor the bundle has")
+        elif have is not None and not req.specifier.contains(have, prereleases=True):
+            problems.append(f"{wheel.name} needs {req}, the GPU machine / bundle has {r} {have}")
+    if problems:
+        raise SystemExit("bundle: " + "\n  ".join(problems))
 
 
 def source_hash(root: Path = ROOT) -> str:
@@ -162,6 +194,8 @@ def build(out: Path, max_mb: float = MAX_MB, pip: tuple[str, ...] = (sys.executa
                 raise SystemExit(f"bundle: pip download {name}=={version} failed (rc {res.returncode}):\n{res.stderr[-2000:]}")
             have = [p for p in out.glob("*.whl") if norm(p.name.split("-")[0]) == name and p.name.split("-")[1] == version]
         (wheel,) = have
+        if name in CARRIED_AT:
+            check_carried_requirements(wheel, pins)
         wheels[name] = {"file": wheel.name, "version": version}
     digest = source_hash()
     stale = [p for p in out.glob("mmaccel-*.whl")]
