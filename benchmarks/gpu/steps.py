@@ -4,7 +4,7 @@
     python benchmarks/gpu/steps.py hired   --work W [--tiny]   # HiRED 20% TTFT, LLaVA-NeXT-7B proportions
     python benchmarks/gpu/steps.py svg2    --work W [--tiny]   # SVG2 attention ~15% density, S=32K vs SDPA/flash
     python benchmarks/gpu/steps.py density --work W [--tiny]   # token density + FlexDiT, DiT-XL/2 512
-    python benchmarks/gpu/steps.py nar     --work W [--tiny]   # NAR 24x24 images/s vs raster / PAR-4X (KV cache)
+    python benchmarks/gpu/steps.py nar     --work W [--tiny]   # NAR 24x24 images/s vs PAR-4X (KV cache)
     python benchmarks/gpu/steps.py clip    --work W [--tiny]   # clip parallelism: per-GPU memory, Wan 1.3B 81 frames
     python benchmarks/gpu/steps.py report  --work W --out OUTDIR
 
@@ -435,7 +435,6 @@ def step_nar(args: argparse.Namespace) -> None:
         decode,
         nar_schedule,
         par_schedule,
-        raster_schedule,
     )
 
     torch, device, dtype = _setup(args)
@@ -465,14 +464,16 @@ def step_nar(args: argparse.Namespace) -> None:
 
         return run
 
-    fns = {"raster": order("raster", raster_schedule(grid, grid)),
-           "PAR-4X": order("PAR-4X", par_schedule(grid, grid, 2)),
+    # Raster order (576 forwards) is not timed: on the first H200 run (2026-12-04) the three orders
+    # did not finish one timed round in 78 s; the paper's figure is NAR over PAR-4X.
+    fns = {"PAR-4X": order("PAR-4X", par_schedule(grid, grid, 2)),
            "NAR": order("NAR", nar_schedule(grid, grid))}  # fmt: skip
-    if not s.stage("raster / PAR-4X / NAR decoding", 25):
+    s.data["notes"].append(f"raster order not timed ({grid * grid} forwards per image batch).")
+    if not s.stage("PAR-4X / NAR decoding", 25):
         s.save("skipped")
         return
     result = _compare(fns, device, args.repeats, memory=True)
-    s.data["headers"] = ["order", "forward passes", "s / batch (min-max)", "images/s", "speed-up vs raster",
+    s.data["headers"] = ["order", "forward passes", "s / batch (min-max)", "images/s", "speed-up vs PAR-4X",
                          "peak MiB"]  # fmt: skip
     for name, c in result.items():
         s.row(name, passes.get(name), c.time_text(), batch / c.median_s, c.ratio_text(),
@@ -481,8 +482,7 @@ def step_nar(args: argparse.Namespace) -> None:
     nar, par = result["NAR"], result["PAR-4X"]
     ratios = sorted(p / n for p, n in zip(par.times_s, nar.times_s))
     s.data["figures"]["headline"] = {"figure": "NAR images/s over PAR-4X, 24x24", "value": ratios[len(ratios) // 2],
-                                     "min": ratios[0], "max": ratios[-1], "paper": 2.4,
-                                     "vs_raster": nar.ratio}  # fmt: skip
+                                     "min": ratios[0], "max": ratios[-1], "paper": 2.4}  # fmt: skip
     s.save("ok")
 
 
