@@ -60,6 +60,7 @@ BUDGETS = (1.0, 0.4, 0.2, 0.1)
 FIDELITY_BUDGETS = (1.0, 0.5, 0.2, 0.1)
 BASELINE_BUDGETS = (0.5, 0.2, 0.1)
 FASTV_K = 2
+RANDOM_SEEDS = tuple(range(5))  # random pruning per seed; HiRED is read against their spread
 PROMPT = "USER: <image>\nWhat is shown in the image? ASSISTANT:"
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -453,11 +454,12 @@ def run_fidelity(quick: bool) -> tuple[str, str]:
                 HiREDConfig(budget=TokenBudget(ratio=r), crop_regions="tiles"),
                 None,
             ),
-            (f"random {r:.0%}", config, lambda: within_partition_baseline("random")),
+            *((f"random {r:.0%}" + (f" seed {seed}" if seed else ""), config,
+               lambda seed=seed: within_partition_baseline("random", seed)) for seed in RANDOM_SEEDS),
             (f"uniform spatial {r:.0%}", config, lambda: within_partition_baseline("uniform")),
             (f"FastV K={FASTV_K} {r:.0%}", None, lambda r=r: FastV(model, r)),
         ]
-    rows = []
+    rows, random_runs = [], {}
     for name, config, baseline in tqdm(variants, desc="hired fidelity"):
         vlm = load_vlm(model, processor=processor, hired=config)
         try:
@@ -470,6 +472,15 @@ def run_fidelity(quick: bool) -> tuple[str, str]:
             visual = statistics.mean(active.kept)
         rows.append([name, f"{visual:.1f}", f"{m['QA accuracy']:.3f}", f"{m['CHAIR_i']:.3f}",
                      f"{m['CHAIR_s']:.3f}", f"{m['object recall']:.3f}", f"{m['caption exact match']:.3f}"])  # fmt: skip
+        if name.startswith("random "):
+            random_runs.setdefault(name.split()[1], []).append((visual, m))
+    for budget, runs in random_runs.items():  # the seed spread that HiRED's margins are read against
+        cells = []
+        for key in ("QA accuracy", "CHAIR_i", "CHAIR_s", "object recall", "caption exact match"):
+            values = [m[key] for _, m in runs]
+            cells.append(f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})")
+        rows.append([f"random {budget}, {len(runs)} seeds: mean (min-max)",
+                     f"{statistics.mean(v for v, _ in runs):.1f}", *cells])  # fmt: skip
     headers = [
         "variant",
         "visual tok/img",
@@ -485,7 +496,7 @@ def run_fidelity(quick: bool) -> tuple[str, str]:
              f"recall = ground-truth categories mentioned. Visual tokens per image are the LLM positions kept, "
              f"row newlines included; HiRED alpha 0.5, crop split as the reference (base image's layer-0 [CLS] "
              f"top tokens counted per strip). random / uniform spatial: HiRED's per-partition budgets, tokens inside "
-             f"a partition chosen at random (seed 0) / evenly spaced in raster order. FastV: the last prompt "
+             f"a partition chosen at random (seeds {RANDOM_SEEDS[0]}-{RANDOM_SEEDS[-1]}; the mean row gives their spread) / evenly spaced in raster order. FastV: the last prompt "
              f"token's layer-{FASTV_K - 1} attention (0-based, heads averaged) ranks all <image> positions "
              f"(newlines included), the rest are masked from layers {FASTV_K}..{model.config.text_config.num_hidden_layers - 1}; "
              f"its tok/img column is what those layers see (layers < {FASTV_K} see all).")  # fmt: skip
