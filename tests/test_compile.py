@@ -74,6 +74,14 @@ def _assert_one_graph(fn, *args, **kwargs) -> None:
     assert explain.graph_break_count == 0 and explain.graph_count == 1, explain.break_reasons
 
 
+def _assert_compiled_equals_eager(model) -> None:
+    """One eager and one aot_eager-compiled forward at t=500 agree (each records its stats step)."""
+    with torch.no_grad():
+        eager = model(**_dit_inputs(500.0))[0]
+        compiled = torch.compile(model, backend="aot_eager")(**_dit_inputs(500.0))[0]
+    torch.testing.assert_close(compiled, eager)
+
+
 @torch.no_grad()
 def _randomise_dydit(model) -> None:
     """Routers that drop some head groups, MLP groups and tokens (as in test_dydit.py)."""
@@ -107,10 +115,7 @@ def test_dydit_width_only_compiles_without_graph_breaks():
     model = convert_to_dydit(_dit(2), DyDiTConfig(dynamic_tokens=False))
     _randomise_dydit(model)
     _assert_one_graph(model, **_dit_inputs(500.0))
-    with torch.no_grad():
-        eager = model(**_dit_inputs(500.0))[0]
-        compiled = torch.compile(model, backend="aot_eager")(**_dit_inputs(500.0))[0]
-    torch.testing.assert_close(compiled, eager)
+    _assert_compiled_equals_eager(model)
     last = model.stats.steps[-2:]
     assert last[0] == last[1] and last[1]["flops"] < last[1]["dense_flops"]
 
@@ -130,10 +135,7 @@ def test_dydit_token_skipping_breaks_once_per_gather_unless_dynamic_shapes_are_c
     }
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True):
         _assert_one_graph(model, **_dit_inputs(500.0))
-        with torch.no_grad():
-            eager = model(**_dit_inputs(500.0))[0]
-            compiled = torch.compile(model, backend="aot_eager")(**_dit_inputs(500.0))[0]
-    torch.testing.assert_close(compiled, eager)
+        _assert_compiled_equals_eager(model)
     last = model.stats.steps[-2:]
     assert last[0]["tokens"] == last[1]["tokens"] and min(last[1]["tokens"]) < 64
 
