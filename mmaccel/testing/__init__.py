@@ -1,8 +1,10 @@
 """Test helpers for mmaccel and its users: tiny random models of the real classes
-(:mod:`mmaccel.testing.models`), the technique contract check (:mod:`mmaccel.testing.contract`) and
-CPU offloading (:mod:`mmaccel.testing.offload`)."""
+(:mod:`mmaccel.testing.models`), the technique contract check (:mod:`mmaccel.testing.contract`),
+CPU offloading (:mod:`mmaccel.testing.offload`) and the hot-path counters: host-device syncs, aten ops,
+graph breaks and compiles (:mod:`mmaccel.testing.hotpath`)."""
 
 from mmaccel.testing.contract import check_technique_contract
+from mmaccel.testing.hotpath import CompileCounts, HotPathCounter, compile_counts, count_hot_path
 from mmaccel.testing.models import (
     IMAGE_TOKEN,
     LLAVA_CHAT_TEMPLATE,
@@ -24,6 +26,10 @@ from mmaccel.testing.models import (
 )
 
 __all__ = [
+    "CompileCounts",
+    "HotPathCounter",
+    "compile_counts",
+    "count_hot_path",
     "IMAGE_TOKEN",
     "LLAVA_CHAT_TEMPLATE",
     "TINY_BUILDERS",
