@@ -6,6 +6,12 @@ attention broadcast does (``current_timestep_callback=lambda: pipe.current_times
 a callback the transformer's own ``timestep`` argument is read. :func:`read_timestep` validates
 the value (a value that cannot be a timestep is an error, never a silent dense run) and
 :func:`timestep_progress` / :func:`step_position` turn it into denoising progress.
+
+Per-sample timesteps (a training batch, diffusion forcing) and per-token timesteps (Wan 2.2
+TI2V-5B's image-to-video, whose first frame is at timestep 0) are one decision for the whole
+forward, taken by the **noisiest** element: the largest timestep. Every rule here reduces compute
+least at high noise (dense steps first, reduction later), so the noisiest sample decides
+conservatively: no sample is reduced more than it would be alone.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import torch
 
 __all__ = ["TimestepCallback", "check_timestep_callback", "read_timestep", "step_position", "timestep_progress"]
 
-#: ``() -> the scheduler's current timestep`` (a number or a tensor whose elements are equal).
+#: ``() -> the scheduler's current timestep`` (a number, or a tensor: its largest element decides).
 TimestepCallback = Callable[[], Any]
 
 
@@ -34,8 +40,9 @@ def check_timestep_callback(callback: Any, name: str = "current_timestep_callbac
 def read_timestep(value: Any, num_train_timesteps: int = 1000, source: str = "current_timestep_callback") -> float:
     """The timestep ``value`` as a float in ``[0, num_train_timesteps]``; ``ValueError`` otherwise.
 
-    Accepts a Python number or a tensor (a batch of timesteps must agree: one denoising step).
-    ``source`` names where the value came from, for the error message.
+    Accepts a Python number or a tensor of any shape (per sample or per token): a tensor's
+    largest element is the timestep (the noisiest sample decides, module docstring). Reading a
+    tensor is one host read. ``source`` names where the value came from, for the error message.
     """
     if value is None:
         raise ValueError(
@@ -47,10 +54,13 @@ def read_timestep(value: Any, num_train_timesteps: int = 1000, source: str = "cu
     if isinstance(value, torch.Tensor):
         if value.numel() == 0:
             raise ValueError(f"{source} returned an empty tensor")
-        flat = value.detach().flatten()
-        if flat.numel() > 1 and not bool((flat == flat[0]).all()):
-            raise ValueError(f"{source} returned different timesteps in one batch: {flat.tolist()}")
-        value = float(flat[0])
+        flat = value.detach().flatten().float()
+        if flat.numel() > 1:  # one host read of (min, max): every element must be a timestep
+            low, value = torch.stack(torch.aminmax(flat)).tolist()
+            if not math.isfinite(low) or low < 0.0:
+                raise ValueError(f"{source} returned a tensor holding {low!r}, which is not a timestep")
+        else:
+            value = float(flat[0])
     t = float(value)
     if not math.isfinite(t) or not 0.0 <= t <= num_train_timesteps:
         raise ValueError(
