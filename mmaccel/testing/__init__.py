@@ -11,6 +11,8 @@ from mmaccel.testing.models import (
     TINY_BUILDERS,
     TINY_CALL_KWARGS,
     TINY_WAN_TRANSFORMER,
+    WAN22_BOUNDARY_RATIO,
+    WAN22_TI2V_5B_TRANSFORMER,
     TinyVLM,
     call_kwargs,
     load_tiny,
@@ -22,6 +24,8 @@ from mmaccel.testing.models import (
     tiny_llava_next,
     tiny_pixart_pipeline,
     tiny_tokenizer,
+    tiny_wan22_pipeline,
+    tiny_wan22_ti2v_pipeline,
     tiny_wan_pipeline,
 )
 
@@ -35,6 +39,8 @@ __all__ = [
     "TINY_BUILDERS",
     "TINY_CALL_KWARGS",
     "TINY_WAN_TRANSFORMER",
+    "WAN22_BOUNDARY_RATIO",
+    "WAN22_TI2V_5B_TRANSFORMER",
     "TinyVLM",
     "call_kwargs",
     "check_technique_contract",
@@ -47,5 +53,7 @@ __all__ = [
     "tiny_llava_next",
     "tiny_pixart_pipeline",
     "tiny_tokenizer",
+    "tiny_wan22_pipeline",
+    "tiny_wan22_ti2v_pipeline",
     "tiny_wan_pipeline",
 ]
