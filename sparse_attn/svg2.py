@@ -757,11 +757,17 @@ def apply_svg2(
     warm-up counts in: the first ``floor(config.dense_steps * len(scheduler.timesteps))`` steps
     run dense; it is required when ``config.dense_steps > 0``. A timestep that is not valid or
     not one of the scheduler's raises ``ValueError`` at that forward. Supported:
-    ``WanTransformer3DModel`` and ``CogVideoXTransformer3DModel`` (others raise ``TypeError``).
-    ``handle.remove()`` restores the original processors; ``handle.stats`` records every call.
+    ``WanTransformer3DModel`` and ``CogVideoXTransformer3DModel`` (others raise ``TypeError``), or
+    a pipeline: every transformer it holds (Wan 2.2: both experts; scheduler and timestep from the
+    pipeline; `mmaccel.runtime.pipelines`). ``handle.remove()`` restores the original processors; ``handle.stats`` records every call.
     """
     from mmaccel.runtime.adapters import require_family
+    from mmaccel.runtime.pipelines import apply_to_pipeline, is_pipeline, timestep_callback
 
+    if is_pipeline(transformer):  # every transformer of the pipeline (Wan 2.2: both experts), one handle
+        scheduler = transformer.scheduler if scheduler is None else scheduler
+        return apply_to_pipeline(transformer, apply_svg2, SVG2Handle, "svg2", config, scheduler=scheduler,
+                                 current_timestep_callback=timestep_callback(transformer, current_timestep_callback))
     family = require_family(transformer, SUPPORTED_TRANSFORMERS, "apply_svg2")
     config = resolve_config(config, SVG2Config)
     check_timestep_callback(current_timestep_callback)
