@@ -629,6 +629,11 @@ def apply_token_density(
     that forward. Returns a `TokenDensityHandle` whose ``stats`` records every forward;
     ``.remove()`` restores the model bit-for-bit.
     """
+    from mmaccel.runtime.pipelines import apply_to_pipeline, is_pipeline, timestep_callback
+
+    if is_pipeline(transformer):  # every transformer of the pipeline (Wan 2.2: both experts), one handle
+        return apply_to_pipeline(transformer, apply_token_density, TokenDensityHandle, "token_density", config,
+                                 current_timestep_callback=timestep_callback(transformer, current_timestep_callback))
     config = resolve_config(config, TokenDensityConfig)
     check_timestep_callback(current_timestep_callback)
     name = type(transformer).__name__
