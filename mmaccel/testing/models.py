@@ -35,6 +35,8 @@ from PIL import Image
 
 __all__ = [
     "TINY_WAN_TRANSFORMER",
+    "FLUX_DEV_TRANSFORMER",
+    "HUNYUAN_VIDEO_TRANSFORMER",
     "WAN22_BOUNDARY_RATIO",
     "WAN22_TI2V_5B_TRANSFORMER",
     "IMAGE_TOKEN",
@@ -47,6 +49,10 @@ __all__ = [
     "save_tiny",
     "tiny_cogvideox_pipeline",
     "tiny_dit_pipeline",
+    "tiny_flux_inputs",
+    "tiny_flux_transformer",
+    "tiny_hunyuan_video_inputs",
+    "tiny_hunyuan_video_transformer",
     "tiny_image",
     "tiny_llava",
     "tiny_llava_next",
@@ -577,6 +583,85 @@ def tiny_cogvideox_pipeline(
         tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
     )
     return _finish_pipe(pipe, device, dtype)
+
+
+#: ``FluxTransformer2DModel``'s config in FLUX.1-dev, readable without building it: 19 dual-stream and
+#: 38 single-stream blocks of 24 heads x 128, 2-D RoPE axes (16, 56, 56) over (-, row, column).
+FLUX_DEV_TRANSFORMER: dict[str, Any] = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)  # fmt: skip
+
+#: ``HunyuanVideoTransformer3DModel``'s config in HunyuanVideo (``hunyuanvideo-community/HunyuanVideo``):
+#: 20 dual-stream and 40 single-stream blocks of 24 heads x 128, 3-D RoPE axes (16, 56, 56).
+HUNYUAN_VIDEO_TRANSFORMER: dict[str, Any] = dict(
+    in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
+    num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
+    guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0,
+    rope_axes_dim=(16, 56, 56),
+)  # fmt: skip
+
+
+def tiny_flux_transformer(seed: int = 0, **config: Any):
+    """``FluxTransformer2DModel`` from `FLUX_DEV_TRANSFORMER` shrunk: 2 dual-stream + 2 single-stream
+    blocks of 4 heads x 16, RoPE axes (4, 6, 6), 16 packed latent channels (4 x 2x2), text width 32.
+    Inputs: `tiny_flux_inputs`."""
+    from diffusers import FluxTransformer2DModel
+
+    tiny = dict(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=4,
+                joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))  # fmt: skip
+    with _seeded(seed):
+        return FluxTransformer2DModel(**{**FLUX_DEV_TRANSFORMER, **tiny, **config}).eval()
+
+
+def tiny_flux_inputs(
+    transformer, rows: int = 8, cols: int = 12, text_len: int = 8, timestep: float = 0.5, seed: int = 0
+) -> dict[str, Any]:
+    """Random inputs of a `tiny_flux_transformer` forward for a ``rows x cols`` image token grid,
+    with ``img_ids`` / ``txt_ids`` as ``FluxPipeline`` makes them (``timestep`` in [0, 1])."""
+    cfg = transformer.config
+    g = torch.Generator().manual_seed(seed)
+    img_ids = torch.zeros(rows, cols, 3)
+    img_ids[..., 1] = torch.arange(rows)[:, None]
+    img_ids[..., 2] = torch.arange(cols)[None, :]
+    return dict(
+        hidden_states=torch.randn(1, rows * cols, cfg.in_channels, generator=g),
+        encoder_hidden_states=torch.randn(1, text_len, cfg.joint_attention_dim, generator=g),
+        pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g),
+        timestep=torch.tensor([timestep]), img_ids=img_ids.reshape(-1, 3), txt_ids=torch.zeros(text_len, 3),
+        guidance=torch.tensor([3.5]) if cfg.guidance_embeds else None, return_dict=False,
+    )  # fmt: skip
+
+
+def tiny_hunyuan_video_transformer(seed: int = 0, **config: Any):
+    """``HunyuanVideoTransformer3DModel`` from `HUNYUAN_VIDEO_TRANSFORMER` shrunk: 2 dual-stream + 2
+    single-stream blocks of 4 heads x 16, one refiner layer, RoPE axes (4, 6, 6), text width 32.
+    Inputs: `tiny_hunyuan_video_inputs`."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    tiny = dict(num_attention_heads=4, attention_head_dim=16, num_layers=2, num_single_layers=2,
+                num_refiner_layers=1, text_embed_dim=32, pooled_projection_dim=32, rope_axes_dim=(4, 6, 6))  # fmt: skip
+    with _seeded(seed):
+        return HunyuanVideoTransformer3DModel(**{**HUNYUAN_VIDEO_TRANSFORMER, **tiny, **config}).eval()
+
+
+def tiny_hunyuan_video_inputs(
+    transformer, shape: tuple[int, int, int] = (3, 8, 12), text_len: int = 8, valid_text: int | None = None,
+    timestep: float = 500.0, seed: int = 0,
+) -> dict[str, Any]:
+    """Random inputs of a `tiny_hunyuan_video_transformer` forward for latents of ``(frames, height,
+    width)``; the text mask keeps the first ``valid_text`` tokens (default all), as the pipeline pads."""
+    cfg = transformer.config
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(1, text_len, dtype=torch.long)
+    mask[:, : text_len if valid_text is None else valid_text] = 1
+    return dict(
+        hidden_states=torch.randn(1, cfg.in_channels, *shape, generator=g), timestep=torch.tensor([timestep]),
+        encoder_hidden_states=torch.randn(1, text_len, cfg.text_embed_dim, generator=g), encoder_attention_mask=mask,
+        pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g),
+        guidance=torch.tensor([6000.0]) if cfg.guidance_embeds else None, return_dict=False,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
