@@ -111,6 +111,21 @@ def test_token_density_contract_and_full_budget_on_both_experts(t2v):
         assert (run() - dense).abs().max() > 1e-3  # a reduced run differs
 
 
+def test_token_density_i2v_full_budget_and_one_transformer_pipelines():
+    i2v = tiny_wan22_pipeline(task="i2v")
+    dense = _call(i2v)
+    with apply_token_density(i2v, TokenDensityConfig(schedule=ConstantSchedule(1.0))) as handle:
+        torch.testing.assert_close(_call(i2v), dense, rtol=0, atol=0)
+        _both_experts_ran(handle.stats.summary(), "forwards")
+    with apply_token_density(i2v, TokenDensityConfig(schedule=ConstantSchedule(0.25))) as handle:
+        assert (_call(i2v) - dense).abs().max() > 1e-3
+        _both_experts_ran(handle.stats.summary(), "reduced_forwards")
+    one = tiny_wan_pipeline()  # Wan 2.1: one transformer, the summary is its own (no prefixes)
+    with apply_token_density(one) as handle:
+        _call(one)
+        assert list(handle.experts) == ["transformer"] and handle.stats.summary()["forwards"] == 4 * 2
+
+
 def test_clip_parallel_contract_and_dense_options_on_both_experts(t2v):
     ctx = DistContext.single()
     run = lambda: _call(t2v)  # noqa: E731

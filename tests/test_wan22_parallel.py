@@ -138,3 +138,22 @@ def test_two_rank_cli_runs_both_experts_in_both_modes(pipe, cli_runs):
     state = load_verified(tmp / "pipeline.mp4.parts" / "pipe0of2_iter00006.pt")["state"]
     parallel = torch.cat([state["latents"][b] for b in range(3)], dim=2)
     torch.testing.assert_close(parallel, single.latents, rtol=1e-5, atol=1e-5)
+
+
+def test_ti2v_5b_one_rank_both_modes_are_the_stock_pipeline():
+    """TI2V-5B (48 channels, 16x VAE, per-token timesteps in the stock pipeline): clip mode with
+    dense options and one DualParal block give the stock pipeline's latents."""
+    from mmaccel.testing import tiny_wan22_ti2v_pipeline
+
+    ti2v = tiny_wan22_ti2v_pipeline()
+    geometry = VideoGeometry.of(ti2v)
+    assert geometry.spatial_stride == 16 and geometry.experts == ("transformer",)
+    run = dict(RUN, height=64, width=96, num_inference_steps=3)
+    noise = frame_noise(RUN["seed"], range(5), (48, 4, 6))
+    reference = ti2v(prompt=PROMPT, negative_prompt="", height=64, width=96, num_frames=17, num_inference_steps=3,
+                     guidance_scale=5.0, max_sequence_length=32, latents=noise, output_type="latent").frames  # fmt: skip
+    clip = generate_long_video(ti2v, LongVideoConfig(**run, clip=DENSE_CLIP), progress=False)
+    torch.testing.assert_close(clip.latents, reference, rtol=1e-5, atol=1e-5)
+    one_block = LayerPipelineConfig(frames_per_block=5, num_cat=0)
+    pipelined = generate_long_video(ti2v, LongVideoConfig(**run, mode="pipeline", pipeline=one_block), progress=False)
+    torch.testing.assert_close(pipelined.latents, reference, rtol=1e-4, atol=1e-4)
