@@ -169,3 +169,43 @@ def test_svg2_contract_hunyuan_video(hv):
     summary = check_technique_contract(SVG2Config, apply_svg2, SVG2Handle, hv, run, scheduler=scheduler)
     assert summary["calls"] == 4 and summary["sparse_calls"] == 4
     assert 0 < summary["sparse_density"] < 1
+
+
+# ---------------------------------------------------------------- host-device syncs
+
+
+@pytest.mark.parametrize("family", ["hunyuan_video", "flux"])
+def test_token_density_steady_state_has_no_sync(family, hv, fx):
+    """After the first forward (Flux reads its grid from img_ids once), a reduced forward reads
+    nothing back from the device."""
+    from mmaccel.testing import HotPathCounter
+
+    model, inputs = (fx, tiny_flux_inputs(fx)) if family == "flux" else (hv, tiny_hunyuan_video_inputs(hv, valid_text=5))
+    config = TokenDensityConfig(pooled_blocks=(0, 3), sparse_blocks=None, schedule=ConstantSchedule(0.25))
+    with apply_token_density(model, config, current_timestep_callback=lambda: 500.0) as handle, torch.no_grad():
+        model(**inputs)
+        with HotPathCounter() as count:
+            model(**inputs)
+        assert handle.stats.summary()["reduced_forwards"] == 2
+    assert count.syncs == 0, count.sync_counts
+
+
+def test_svg2_hunyuan_masked_prefix_adds_no_sync(hv):
+    """The padded-text cluster is built on the device: an SVG2 call on HunyuanVideo (joint attention,
+    masked text prefix) reads back from the device no more often than one on Wan (no prefix)."""
+    from mmaccel.sparse_attn import SVG2Config, apply_svg2
+    from mmaccel.testing import HotPathCounter, tiny_wan_pipeline
+
+    config = SVG2Config(**SVG2_FULL)
+    wan = tiny_wan_pipeline().transformer
+    g = torch.Generator().manual_seed(0)
+    wan_inputs = (torch.randn(1, 16, 3, 8, 12, generator=g), torch.tensor([500.0]), torch.randn(1, 8, 32, generator=g))
+    counts = {}
+    for name, model, run in (("hunyuan", hv, lambda: hv(**tiny_hunyuan_video_inputs(hv, valid_text=5))),
+                             ("wan", wan, lambda: wan(*wan_inputs))):  # fmt: skip
+        with apply_svg2(model, config, current_timestep_callback=lambda: 500.0) as handle, torch.no_grad():
+            run()
+            with HotPathCounter() as count:
+                run()
+            counts[name] = count.syncs / (handle.stats.summary()["sparse_calls"] / 2)
+    assert counts["hunyuan"] == counts["wan"], counts
