@@ -22,7 +22,7 @@ from mmaccel.parallel_video import (
 )
 from mmaccel.parallel_video.layer_pipeline import LayerPipelineConfig
 from mmaccel.runtime.checkpoint_io import load_verified
-from mmaccel.testing import load_tiny, save_tiny
+from mmaccel.testing import load_tiny, save_tiny, tiny_wan22_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red car on a street"
@@ -77,7 +77,8 @@ def test_folder_geometry_names_both_experts(wan22_dir, pipe):
     assert "transformer (high noise, t >= 875)" in geometry.describe()
     one = VideoGeometry.from_folder(save_tiny("wan", wan22_dir.parent / "wan21"))
     assert one.experts == ("transformer",) and "one transformer" in one.describe()
-    i2v = save_tiny("wan22_i2v", wan22_dir.parent / "wan22_i2v")
+    i2v = wan22_dir.parent / "wan22_i2v"
+    tiny_wan22_pipeline(task="i2v").save_pretrained(i2v)
     with pytest.raises(ValueError, match="text-to-video WanPipeline folder, got a WanImageToVideoPipeline"):
         VideoGeometry.from_folder(i2v)
 

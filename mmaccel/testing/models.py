@@ -676,7 +676,6 @@ TINY_BUILDERS: dict[str, Callable[..., Any]] = {
     "wan": tiny_wan_pipeline,
     "cogvideox": tiny_cogvideox_pipeline,
     "wan22": tiny_wan22_pipeline,
-    "wan22_i2v": lambda seed=0, **kw: tiny_wan22_pipeline(seed, task="i2v", **kw),
     "wan22_ti2v": tiny_wan22_ti2v_pipeline,
 }
 
@@ -704,13 +703,10 @@ TINY_CALL_KWARGS: dict[str, dict[str, Any]] = {
     ),
     # 4 steps of UniPC (flow shift 3): timesteps 999, 900, 750, 500; the first two are the
     # high-noise expert's at both boundaries (T2V 875, I2V 900), the last two the low-noise one's.
-    # WanImageToVideoPipeline (diffusers 0.42) cleans prompts with ftfy without checking that it
-    # is installed: without ftfy pass prompt_embeds / negative_prompt_embeds instead of prompts.
+    # (The I2V variant, tiny_wan22_pipeline(task="i2v"), is not in this registry: diffusers 0.42's
+    # WanImageToVideoPipeline cleans prompts with ftfy without checking that it is installed, so
+    # without ftfy it must be called with prompt_embeds, which plain kwargs cannot hold.)
     "wan22": dict(
-        prompt=_VIDEO_PROMPT, negative_prompt="", height=64, width=96, num_frames=9, num_inference_steps=4,
-        guidance_scale=5.0, max_sequence_length=32, output_type="np",
-    ),
-    "wan22_i2v": dict(
         prompt=_VIDEO_PROMPT, negative_prompt="", height=64, width=96, num_frames=9, num_inference_steps=4,
         guidance_scale=5.0, max_sequence_length=32, output_type="np",
     ),
@@ -724,8 +720,6 @@ TINY_CALL_KWARGS: dict[str, dict[str, Any]] = {
 def call_kwargs(name: str, seed: int = 0) -> dict[str, Any]:
     """A fresh copy of ``TINY_CALL_KWARGS[name]``, with a seeded CPU ``generator`` for pipelines."""
     kwargs = {k: (list(v) if isinstance(v, list) else v) for k, v in TINY_CALL_KWARGS[name].items()}
-    if name == "wan22_i2v":
-        kwargs["image"] = tiny_image(64, 96, seed)
     if name not in ("llava", "llava_next"):
         kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
     return kwargs
@@ -760,6 +754,6 @@ def load_tiny(
     import diffusers
 
     cls = getattr(diffusers, {"dit": "DiTPipeline", "pixart": "PixArtAlphaPipeline", "wan": "WanPipeline",
-                              "cogvideox": "CogVideoXPipeline", "wan22": "WanPipeline", "wan22_ti2v": "WanPipeline",
-                              "wan22_i2v": "WanImageToVideoPipeline"}[name])  # fmt: skip
+                              "cogvideox": "CogVideoXPipeline", "wan22": "WanPipeline",
+                              "wan22_ti2v": "WanPipeline"}[name])  # fmt: skip
     return _finish_pipe(cls.from_pretrained(path), device, dtype)
