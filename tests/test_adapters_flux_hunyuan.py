@@ -209,3 +209,17 @@ def test_svg2_hunyuan_masked_prefix_adds_no_sync(hv):
                 run()
             counts[name] = count.syncs / (handle.stats.summary()["sparse_calls"] / 2)
     assert counts["hunyuan"] == counts["wan"], counts
+
+
+@pytest.mark.parametrize("family", ["flux", pytest.param("hunyuan_video", marks=pytest.mark.slow)])
+def test_token_density_compiles_without_graph_breaks(family, hv, fx):
+    """The host-side part (timestep, plan, Flux's grid) runs before the first tensor op: a reduced
+    forward is one graph, and a second step at the same setting does not recompile."""
+    from mmaccel.testing import compile_counts
+
+    model, inputs = (fx, tiny_flux_inputs(fx)) if family == "flux" else (hv, tiny_hunyuan_video_inputs(hv, valid_text=5))
+    config = TokenDensityConfig(pooled_blocks=(0, 3), sparse_blocks=None, schedule=ConstantSchedule(0.25))
+    with apply_token_density(model, config, current_timestep_callback=lambda: 500.0):
+        counts = compile_counts(model, [((), inputs), ((), inputs)])
+    assert counts.graph_breaks == 0, counts.break_reasons
+    assert counts.compiles == 1
