@@ -674,6 +674,8 @@ def apply_token_density(
         raise NotImplementedError(f"sparse blocks are not implemented for {name}; use sparse_blocks=None")
     if sparse and name in wan.TRANSFORMERS:
         wan.check_self_attention(transformer, "token density's sparse blocks")
+    if name in hunyuan_video.TRANSFORMERS:
+        hunyuan_video.check_token_count_agnostic(transformer, "token density")
     if (
         len(config.factor) == 3
         and config.factor[0] != 1

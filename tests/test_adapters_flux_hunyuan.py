@@ -223,3 +223,17 @@ def test_token_density_compiles_without_graph_breaks(family, hv, fx):
         counts = compile_counts(model, [((), inputs), ((), inputs)])
     assert counts.graph_breaks == 0, counts.break_reasons
     assert counts.compiles == 1
+
+
+def test_token_density_refuses_hunyuan_token_replace_and_svg2_runs_there():
+    """Image-to-video token-replace blocks split the first frame by token count: token density
+    refuses them; SVG2 keeps the token count and runs (full budget = dense)."""
+    from mmaccel.sparse_attn import SVG2Config, apply_svg2
+
+    i2v = tiny_hunyuan_video_transformer(image_condition_type="token_replace")
+    with pytest.raises(NotImplementedError, match="token_replace"):
+        apply_token_density(i2v, TokenDensityConfig(pooled_blocks=(0, 3), sparse_blocks=None))
+    run = _runner(i2v, tiny_hunyuan_video_inputs(i2v, valid_text=5))
+    dense = run()
+    with apply_svg2(i2v, SVG2Config(**SVG2_FULL)):
+        torch.testing.assert_close(run(), dense, rtol=1e-4, atol=1e-4)

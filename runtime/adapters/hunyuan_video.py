@@ -24,6 +24,7 @@ __all__ = [
     "TRANSFORMERS",
     "attention",
     "blocks",
+    "check_token_count_agnostic",
     "project_out",
     "project_qkv",
     "token_grid",
@@ -44,6 +45,17 @@ MASK_ARG = "attention_mask"
 def blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
     """Every block, bottom first: the dual-stream blocks, then the single-stream ones."""
     return [*getattr(transformer, DUAL_BLOCKS), *getattr(transformer, SINGLE_BLOCKS)]
+
+
+def check_token_count_agnostic(transformer: torch.nn.Module, technique: str) -> None:
+    """``NotImplementedError`` for image-to-video ``image_condition_type="token_replace"``: its
+    blocks split the first frame's tokens by count (``first_frame_num_tokens``), so they cannot run
+    on a changed number of video tokens."""
+    if transformer.config.image_condition_type == "token_replace":
+        raise NotImplementedError(
+            f"{technique}: HunyuanVideo with image_condition_type='token_replace' (image-to-video) splits "
+            "the first frame's tokens by count and is not supported"
+        )
 
 
 def token_grid(transformer: torch.nn.Module, hidden_states: Tensor) -> tuple[int, int, int]:
