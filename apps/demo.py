@@ -26,6 +26,7 @@ import numpy as np
 
 from mmaccel.apps.demo_realistic import (
     LABEL,
+    VIDEO_MODELS,
     realistic_ar,
     realistic_dit,
     realistic_video,
@@ -210,8 +211,8 @@ def build_demo(
         steps = as_int("steps", steps, 1, MAX_STEPS)
         top_p, dense_steps = _number("top_p", top_p), _number("dense_steps", dense_steps)
         check_video_settings(steps, top_p, dense_steps)
-        with models.lock:
-            return realistic_video(top_p, dense_steps, steps).markdown(toy_ratio)
+        with models.lock:  # Wan 2.1 and Wan 2.2 shapes
+            return "\n\n".join(realistic_video(top_p, dense_steps, steps, model=m).markdown(toy_ratio) for m in VIDEO_MODELS)
 
     @ui
     def ar(class_id, grid, seed, progress=track):  # noqa: ANN001, ARG001

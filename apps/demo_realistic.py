@@ -169,6 +169,13 @@ def realistic_dit(
 #: Wan2.1-1.3B: width 1536 = 12 heads x 128, 30 blocks. 16 latent frames of 32x32 tokens = 16,384.
 WAN_GRID = (16, 32, 32)
 WAN_HEAD_DIM, WAN_HEADS = 128, 12
+#: The video shapes of the figures: name -> (label, latent token grid, heads, blocks); head dim 128.
+#: Wan2.2-TI2V-5B (24 heads x 128, 30 blocks; VAE 16x spatially, 4x in time, patch 2): 1280x704 px,
+#: 41 frames -> 11 latent frames of 22x40 tokens = 9,680.
+VIDEO_MODELS: dict[str, tuple[str, tuple[int, int, int], int, int]] = {
+    "wan2.1-1.3b": ("Wan2.1-1.3B", WAN_GRID, WAN_HEADS, 30),
+    "wan2.2-ti2v-5b": ("Wan2.2-TI2V-5B at 1280x704, 41 frames", (11, 22, 40), 24, 30),
+}
 
 
 def clustered_qkv(
@@ -193,11 +200,17 @@ def clustered_qkv(
 
 
 def realistic_video(
-    top_p: float, dense_steps: float, steps: int, heads: int = 1, grid: tuple[int, int, int] = WAN_GRID
+    top_p: float,
+    dense_steps: float,
+    steps: int,
+    heads: int = 1,
+    grid: tuple[int, int, int] | None = None,
+    model: str = "wan2.1-1.3b",
 ) -> RealisticFigure:
-    """SVG2 vs dense attention at Wan2.1-1.3B's head size and 16K video tokens, attention alone.
+    """SVG2 vs dense attention at a Wan model's head size and token count (`VIDEO_MODELS`: Wan2.1-1.3B,
+    16K video tokens; Wan2.2-TI2V-5B at 720p, 9.7K), attention alone; ``grid`` overrides the model's.
 
-    ``heads`` of Wan's 12 (1 on CPU: seconds per call); clusters 64 / 128 (the reference's 300 /
+    ``heads`` of the model's (1 on CPU: seconds per call); clusters 64 / 128 (the reference's 300 /
     1000 at ~76K tokens, scaled to the length); k-means warm-started from the previous call, as
     between denoising steps. The per-call ratio is weighed over the tab's schedule (the first
     ``dense_steps`` of the steps dense).
@@ -205,6 +218,10 @@ def realistic_video(
     from mmaccel.sparse_attn import SVG2Config
     from mmaccel.sparse_attn.svg2 import SparseAttentionState, dense_step_count, semantic_sparse_attention
 
+    if model not in VIDEO_MODELS:
+        raise ValueError(f"model must be one of {tuple(VIDEO_MODELS)}, got {model!r}")
+    name, model_grid, model_heads, blocks = VIDEO_MODELS[model]
+    grid = model_grid if grid is None else grid
     q, k, v = clustered_qkv(grid, heads, WAN_HEAD_DIM)
     config = SVG2Config(num_q_clusters=64, num_k_clusters=128, top_p=float(top_p))
     state = SparseAttentionState()
@@ -220,8 +237,8 @@ def realistic_video(
     s = math.prod(grid)
     density = getattr(state.last, "density", None)
     return RealisticFigure(
-        shape=f"Wan2.1-1.3B attention: {s:,} video tokens ({grid[0]} latent frames of {grid[1]}x{grid[2]}), "
-        f"head dim {WAN_HEAD_DIM}; attention alone, {heads} of its {WAN_HEADS} heads (x 30 blocks in the model), "
+        shape=f"{name} attention: {s:,} video tokens ({grid[0]} latent frames of {grid[1]}x{grid[2]}), "
+        f"head dim {WAN_HEAD_DIM}; attention alone, {heads} of its {model_heads} heads (x {blocks} blocks in the model), "
         f"synthetic clustered Q/K/V; SVG2 64/128 clusters"
         + (f", measured density {density:.2f}" if density is not None else ""),
         timing=timing,

@@ -59,7 +59,8 @@ def add_video_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--model", default="tiny",
-        help="WanPipeline folder, 'tiny' (built-in random tiny model) or 'zoo' (the trained moving-digits model)",
+        help="WanPipeline folder (Wan 2.1, or Wan 2.2 with both experts transformer and transformer_2), "
+        "'tiny' (built-in random tiny model) or 'zoo' (the trained moving-digits model)",
     )
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
@@ -249,6 +250,8 @@ def run_video(args: argparse.Namespace) -> int:
     try:
         pipe = _load(args.model, ctx.device, _DTYPES[args.dtype])
         check_long_video(pipe, config, ctx.world_size)  # the loaded model agrees with its config files
+        if ctx.is_main:  # Wan 2.2 A14B folders hold two experts: say which were found
+            print(f"model: {VideoGeometry.of(pipe).describe()}", flush=True)
         with ctx.guard():
             result = generate_long_video(pipe, config, ctx, progress=not args.quiet)
             if ctx.is_main:

@@ -18,8 +18,10 @@ convention (`mmaccel.runtime.timesteps`): ``current_timestep_callback`` returns 
 timestep (``lambda: pipe.current_timestep``), without it the transformer's own ``timestep``
 argument is read, and progress is ``1 - t / num_train_timesteps``. Supported (the model tables
 of `mmaccel.runtime.adapters`): ``DiTTransformer2DModel``, ``PixArtTransformer2DModel``,
-``WanTransformer3DModel`` (RoPE reduced with the tokens) and ``CogVideoXTransformer3DModel``
-(pooled blocks only).
+``WanTransformer3DModel`` (RoPE reduced with the tokens; Wan 2.2 included, a pipeline's two
+experts through `mmaccel.runtime.pipelines`), ``CogVideoXTransformer3DModel``,
+``HunyuanVideoTransformer3DModel`` and ``FluxTransformer2DModel`` (the last three pooled blocks
+only; their dual- and single-stream blocks count as one stack, the text stream is not reduced).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from diffusers.hooks import ModelHook
 from torch.utils import flop_counter
 
 from mmaccel.diffusion.token_reduce import BipartiteMerge, Grid, GridPool, check_divides, pool_factors_at_most
-from mmaccel.runtime.adapters import cogvideox, dit, wan
+from mmaccel.runtime.adapters import cogvideox, dit, flux, hunyuan_video, wan
 from mmaccel.runtime.budget import DensitySchedule, StepSchedule
 from mmaccel.runtime.configs import resolve_config
 from mmaccel.runtime.patching import PatchHandle
@@ -277,11 +279,16 @@ def count_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
 class _Family:
     blocks_attr: str
     hidden: str = "hidden_states"
-    rotary: str | None = None  # block argument holding (cos, sin)
+    rotary: str | tuple[str, ...] | None = None  # block argument(s) holding (cos, sin)
     rotary_token_dim: int = 1  # token dim of cos/sin ((1, N, 1, D) for Wan, (N, D) for CogVideoX)
     temb: str | None = None  # block argument that may be per-token (Wan 2.2)
     tuple_output: bool = False
     sparse_ok: bool = True
+    block_list: Callable[[torch.nn.Module], list[torch.nn.Module]] | None = None  # dual + single stream
+    output_index: int = 0  # where the image/video tokens are in a tuple output (Flux: 1)
+    rotary_text_arg: str | None = None  # the RoPE's first rows are this argument's tokens (Flux: text)
+    mask_arg: str | None = None  # joint key mask, image/video tokens first (HunyuanVideo)
+    grid_args: tuple[str, ...] = ()  # more transformer arguments the token grid needs (Flux: img_ids)
 
 
 # What token density needs per family; the supported classes come from the adapters' tables.
@@ -291,14 +298,24 @@ _ADAPTERS = {
     cogvideox: _Family(
         cogvideox.BLOCKS, rotary=cogvideox.ROTARY_ARG, rotary_token_dim=0, tuple_output=True, sparse_ok=False
     ),
+    hunyuan_video: _Family(
+        hunyuan_video.DUAL_BLOCKS, rotary=hunyuan_video.ROTARY_ARGS, rotary_token_dim=0, tuple_output=True,
+        sparse_ok=False, block_list=hunyuan_video.blocks, mask_arg=hunyuan_video.MASK_ARG,
+    ),
+    flux: _Family(
+        flux.DUAL_BLOCKS, rotary=flux.ROTARY_ARG, rotary_token_dim=0, tuple_output=True, sparse_ok=False,
+        block_list=flux.blocks, output_index=flux.OUTPUT_INDEX, rotary_text_arg=flux.TEXT_ARG, grid_args=("img_ids",),
+    ),
 }
 _FAMILIES = {name: family for adapter, family in _ADAPTERS.items() for name in adapter.TRANSFORMERS}
 _GRIDS = {name: adapter.token_grid for adapter in _ADAPTERS for name in adapter.TRANSFORMERS}
 
 
-def _token_grid(model: torch.nn.Module, hidden_states: torch.Tensor) -> Grid:
-    """(frames, height, width) of the transformer's image/video tokens for this input."""
-    return _GRIDS[type(model).__name__](model, hidden_states)
+def _token_grid(model: torch.nn.Module, arguments: dict[str, Any]) -> Grid:
+    """(frames, height, width) of the transformer's image/video tokens for this forward's arguments."""
+    name = type(model).__name__
+    extra = (arguments[a] for a in _FAMILIES[name].grid_args)
+    return _GRIDS[name](model, arguments["hidden_states"], *extra)
 
 
 # ------------------------------------------------------------------------------------------
@@ -408,7 +425,7 @@ class _TransformerHook(ModelHook):
     @torch.compiler.disable
     def _begin(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         bound = self.signature.bind(*args, **kwargs)
-        grid = _token_grid(module, bound.arguments["hidden_states"])
+        grid = _token_grid(module, bound.arguments)
         check_divides(self.config.factor3, grid, "factor")
         progress = self._progress(bound)
         keep = float(self.config.schedule(progress))
@@ -497,12 +514,21 @@ class _BlockHook(ModelHook):
         x = bound.arguments[fam.hidden]
         if x.shape[1] != plan.n:
             raise ValueError(f"block {self.index} got {x.shape[1]} tokens, the grid {plan.grid} has {plan.n}")
-        if bound.arguments.get("attention_mask") is not None:
+        mask = bound.arguments.get(fam.mask_arg or "attention_mask")
+        if mask is not None and fam.mask_arg is None:
             raise NotImplementedError("token density with a self-attention mask is not implemented")
         reducer = plan.reducer(x)
         m = reducer.num_tokens
-        rope = bound.arguments.get(fam.rotary) if fam.rotary else None
-        rope_r = self._reduce_rotary(reducer, rope) if rope is not None else None
+        names = (fam.rotary,) if isinstance(fam.rotary, str) else fam.rotary or ()
+        rotary = next((n for n in names if n in bound.arguments), None)
+        rope = bound.arguments.get(rotary) if rotary else None
+        rope_r = self._reduce_rotary(reducer, rope) if rope is not None and not fam.rotary_text_arg else None
+        if rope is not None and fam.rotary_text_arg:  # text rows first (Flux): reduce the image rows only
+            k = bound.arguments[fam.rotary_text_arg].shape[1]
+            image = self._reduce_rotary(reducer, tuple(r[k:] for r in rope))
+            rope_r = tuple(torch.cat([r[:k], i]) for r, i in zip(rope, image))
+        if mask is not None:  # video keys first and never masked: drop n - m of them
+            bound.arguments[fam.mask_arg] = mask[..., plan.n - m :]
 
         if self.kind == "sparse_kv":
             self.state.route = _AttnRoute("sparse_kv", reducer=reducer, rope_q=rope, rope_k=rope_r)
@@ -522,7 +548,7 @@ class _BlockHook(ModelHook):
             bound.arguments[fam.temb] = reducer.reduce(temb.flatten(2)).unflatten(2, temb.shape[2:])
         if self.kind == "pooled":
             if rope is not None:
-                bound.arguments[fam.rotary] = rope_r
+                bound.arguments[rotary] = rope_r
             out = original(*bound.args, **bound.kwargs)
         else:  # sparse_q: norm1 sees [reduced; dense], attention splits queries from keys/values
             self.state.companion = x
@@ -535,9 +561,10 @@ class _BlockHook(ModelHook):
             finally:
                 self.state.companion = None
                 self.state.route = None
-        y = out[0] if fam.tuple_output else out
+        i = fam.output_index
+        y = out[i] if fam.tuple_output else out
         x_new = reducer.add_expanded(x, y - x_r)
-        return (x_new, *out[1:]) if fam.tuple_output else x_new
+        return (*out[:i], x_new, *out[i + 1 :]) if fam.tuple_output else x_new
 
     def _check_routed(self) -> None:
         if not self.state.route.used:  # type: ignore[union-attr]
@@ -629,23 +656,30 @@ def apply_token_density(
     that forward. Returns a `TokenDensityHandle` whose ``stats`` records every forward;
     ``.remove()`` restores the model bit-for-bit.
     """
+    from mmaccel.runtime.pipelines import apply_to_pipeline, is_pipeline, timestep_callback
+
+    if is_pipeline(transformer):  # every transformer of the pipeline (Wan 2.2: both experts), one handle
+        return apply_to_pipeline(transformer, apply_token_density, TokenDensityHandle, "token_density", config,
+                                 current_timestep_callback=timestep_callback(transformer, current_timestep_callback))
     config = resolve_config(config, TokenDensityConfig)
     check_timestep_callback(current_timestep_callback)
     name = type(transformer).__name__
     family = _FAMILIES.get(name)
     if family is None:
         raise NotImplementedError(f"token density supports {sorted(_FAMILIES)}, not {name}")
-    blocks = getattr(transformer, family.blocks_attr)
+    blocks = family.block_list(transformer) if family.block_list else getattr(transformer, family.blocks_attr)
     depth = len(blocks)
     pooled, sparse = config.layout(depth)
     if sparse and not family.sparse_ok:
         raise NotImplementedError(f"sparse blocks are not implemented for {name}; use sparse_blocks=None")
     if sparse and name in wan.TRANSFORMERS:
         wan.check_self_attention(transformer, "token density's sparse blocks")
+    if name in hunyuan_video.TRANSFORMERS:
+        hunyuan_video.check_token_count_agnostic(transformer, "token density")
     if (
         len(config.factor) == 3
         and config.factor[0] != 1
-        and name in dit.TRANSFORMERS
+        and name in (*dit.TRANSFORMERS, *flux.TRANSFORMERS)
     ):
         raise ValueError(f"factor {config.factor} pools frames, but {name} is an image model (use (h, w))")
 

@@ -388,6 +388,12 @@ def apply_clip_parallel(
     pipe.current_timestep``, takes precedence). Call the transformer on the clip's latents
     ``(B, C, end - start, H, W)`` on every rank in lockstep.
     """
+    from mmaccel.runtime.pipelines import apply_to_pipeline, is_pipeline, timestep_callback
+
+    if is_pipeline(transformer):  # every transformer of the pipeline (Wan 2.2: both experts), one handle
+        return apply_to_pipeline(transformer, apply_clip_parallel, ClipParallelHandle, "clip_parallel", config,
+                                 ctx=ctx, num_latent_frames=num_latent_frames,
+                                 current_timestep_callback=timestep_callback(transformer, current_timestep_callback))
     config = resolve_config(config, ClipParallelConfig)
     if not isinstance(ctx, DistContext):
         raise TypeError(f"ctx must be a DistContext, got {type(ctx).__name__}")

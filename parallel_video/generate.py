@@ -42,6 +42,7 @@ from mmaccel.runtime.distributed import (
     gather_to_main,
     init_distributed,
 )
+from mmaccel.runtime.pipelines import expert_for, pipeline_transformers
 
 __all__ = ["LongVideoConfig", "LongVideoOutput", "VideoGeometry", "check_long_video", "generate_long_video"]
 
@@ -142,15 +143,27 @@ class VideoGeometry:
     patch_size: tuple[int, int, int]
     num_layers: int
     transformer: str = "WanTransformer3DModel"
+    #: the pipeline's transformers (Wan 2.2 A14B: ``transformer``, ``transformer_2``) and their switch
+    experts: tuple[str, ...] = ("transformer",)
+    boundary_ratio: float | None = None
 
     @classmethod
     def of(cls, pipe: Any) -> VideoGeometry:
         """The geometry of a loaded ``WanPipeline``."""
-        tr = pipe.transformer
+        experts = pipeline_transformers(pipe)
+        tr = next(iter(experts.values()))
         return cls(
             pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial, tuple(tr.config.patch_size),
-            len(tr.blocks), type(tr).__name__,
+            len(tr.blocks), type(tr).__name__, tuple(experts), pipe.config.get("boundary_ratio"),
         )  # fmt: skip
+
+    def describe(self) -> str:
+        """One line naming the experts found, e.g. for ``mmaccel video``'s log."""
+        if len(self.experts) == 1:
+            return f"one transformer ({self.experts[0]}), {self.num_layers} blocks"
+        boundary = f"t >= {self.boundary_ratio * 1000:g}" if self.boundary_ratio is not None else "no boundary_ratio"
+        return (f"Wan 2.2 experts: {self.experts[0]} (high noise, {boundary}) and {', '.join(self.experts[1:])} "
+                f"(low noise), {self.num_layers} blocks each")  # fmt: skip
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> VideoGeometry:
@@ -164,9 +177,18 @@ class VideoGeometry:
             configs[part] = json.loads(path.read_text())
         downsample = configs["vae"].get("temperal_downsample", [False, True, True])
         tr = configs["transformer"]
+        index_path = folder / "model_index.json"
+        index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+        if index.get("_class_name", "WanPipeline") != "WanPipeline":
+            raise ValueError(f"--model must be a text-to-video WanPipeline folder, got a {index['_class_name']}")
+        experts = ("transformer", "transformer_2") if (index.get("transformer_2") or [None])[0] else ("transformer",)
+        if len(experts) == 2 and not (folder / "transformer_2" / "config.json").is_file():
+            raise FileNotFoundError(f"{folder / 'transformer_2' / 'config.json'} not found (model_index.json names it)")
+        spatial = configs["vae"].get("scale_factor_spatial") or 2 ** len(downsample)  # TI2V-5B's VAE: 16
         return cls(
-            2 ** sum(bool(d) for d in downsample), 2 ** len(downsample), tuple(tr.get("patch_size", (1, 2, 2))),
-            int(tr.get("num_layers", 30)), str(tr.get("_class_name", "WanTransformer3DModel")),
+            2 ** sum(bool(d) for d in downsample), int(spatial), tuple(tr.get("patch_size", (1, 2, 2))),
+            int(tr.get("num_layers", 30)), str(tr.get("_class_name", "WanTransformer3DModel")), experts,
+            index.get("boundary_ratio"),
         )  # fmt: skip
 
 
@@ -233,11 +255,11 @@ def generate_long_video(
     if config.mode == "pipeline":
         return _generate_pipelined(pipe, config, ctx, progress)
     num_latent, latent_h, latent_w = _check_geometry(VideoGeometry.of(pipe), config)
-    handle = apply_clip_parallel(
-        pipe.transformer, config.clip, ctx=ctx, num_latent_frames=num_latent,
+    handle = apply_clip_parallel(  # on every transformer of the pipeline (Wan 2.2: both experts)
+        pipe, config.clip, ctx=ctx, num_latent_frames=num_latent,
         current_timestep_callback=lambda: pipe.current_timestep,
     )  # fmt: skip
-    start, end = handle.state.clip
+    start, end = config.clip.plan(num_latent, ctx.world_size).clips[ctx.rank]
     stats: dict[str, Any] = {"clip": (start, end), "latent_frames": num_latent, "resumed_from_step": 0}
     bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
     try:
@@ -272,15 +294,15 @@ def generate_long_video(
                 latents=latents, output_type="latent", max_sequence_length=config.max_sequence_length,
                 callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"],
             ).frames  # fmt: skip
-        summary = handle.stats.summary()
+        experts = {attr: s.summary() for attr, s in handle.stats.experts.items()}
+        ran = [s for s in experts.values() if s["calls"]]
         stats.update(
             denoise_s=time.perf_counter() - began,
             steps_run=config.num_inference_steps - first,
-            attention_calls=summary["calls"],
-            sent_bytes=summary["sent_bytes"],
-            recv_bytes=summary["recv_bytes"],
-            comm_wait_s=summary["comm_wait_s"],
-            key_frames_per_query=summary["key_frames_per_query"],
+            **{key: sum(s[key] for s in experts.values()) for key in ("sent_bytes", "recv_bytes", "comm_wait_s")},
+            attention_calls=sum(s["calls"] for s in experts.values()),
+            expert_calls={attr: s["calls"] for attr, s in experts.items()},
+            key_frames_per_query=ran[0]["key_frames_per_query"] if ran else None,
         )
     finally:
         handle.remove()
@@ -315,8 +337,8 @@ def _denoise_remaining(
     """
     saved, sched = checkpoint.load_step(directory, ctx.rank, ctx.world_size, first, meta)
     latents = saved.to(ctx.device)
-    transformer, scheduler = pipe.transformer, pipe.scheduler
-    dtype = transformer.dtype
+    transformers, scheduler = pipeline_transformers(pipe), pipe.scheduler
+    dtype = next(iter(transformers.values())).dtype
     do_cfg = config.guidance_scale > 1.0
     cond, uncond = pipe.encode_prompt(
         prompt=config.prompt, negative_prompt=config.negative_prompt, do_classifier_free_guidance=do_cfg,
@@ -326,9 +348,11 @@ def _denoise_remaining(
     scheduler.set_begin_index(0)
     checkpoint.restore_scheduler(scheduler, sched)
     timesteps = scheduler.timesteps
+    experts = [expert_for(pipe, t) for t in timesteps.tolist()]  # Wan 2.2: switch at boundary_ratio
     bar = tqdm(total=len(timesteps), initial=first, desc="denoising", disable=not (progress and ctx.is_main))
     for i in range(first, len(timesteps)):
         t = timesteps[i]
+        transformer = transformers[experts[i]]
         pipe._current_timestep = t
         model_input = latents.to(dtype)
         timestep = t.expand(latents.shape[0])

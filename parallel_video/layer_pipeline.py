@@ -50,6 +50,7 @@ from mmaccel.runtime.budget import allocate
 from mmaccel.runtime.configs import resolve_config
 from mmaccel.runtime.distributed import CommHandle, DistContext, PipeChannel
 from mmaccel.runtime.patching import PatchHandle
+from mmaccel.runtime.pipelines import expert_for, pipeline_transformers
 
 __all__ = [
     "CONTEXTS",
@@ -374,7 +375,10 @@ def run_layer_pipeline(
     config = resolve_config(config, LayerPipelineConfig)
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
-    transformer = pipe.transformer
+    transformers = pipeline_transformers(pipe)  # Wan 2.2 A14B: two experts, switched at boundary_ratio
+    transformer = transformers["transformer"] if "transformer" in transformers else next(iter(transformers.values()))
+    if len({len(t.blocks) for t in transformers.values()}) != 1:
+        raise ValueError(f"the layer pipeline needs experts of one depth, got {[len(t.blocks) for t in transformers.values()]}")
     sizes = block_sizes(num_latent_frames, config.frames_per_block)
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     schedule = BlockSchedule(len(sizes), steps, iteration_order=config.order)
@@ -384,7 +388,7 @@ def run_layer_pipeline(
             f"resume: the state is after {start_iteration} iterations, the schedule has {schedule.num_iterations}"
         )
     lo, hi = split_stages(len(transformer.blocks), ctx.world_size)[ctx.rank]
-    stage = LayerStage(transformer, lo, hi)
+    stages = {attr: LayerStage(t, lo, hi) for attr, t in transformers.items()}  # this rank's blocks of each expert
     first, last = ctx.rank == 0, ctx.rank == ctx.world_size - 1
     multi = ctx.world_size > 1
     device, dtype = ctx.device, transformer.dtype
@@ -396,12 +400,13 @@ def run_layer_pipeline(
     scheduler.set_timesteps(steps, device=device)
     scheduler.set_begin_index(0)
     timesteps = scheduler.timesteps
+    step_expert = [expert_for(pipe, t) for t in timesteps.tolist()]  # decided on the host, once
     contexts = [context_frames(sizes, config, b) for b in range(len(sizes))]
     longest = max(sizes)
     max_input = longest + (config.num_cat if config.context == "reference" else 0)
 
-    cache = BlockContext()
-    handle = stage.patch(cache)
+    cache = BlockContext()  # shared by the experts: a block's context K/V may come from the other expert
+    handles = [stage.patch(cache) for stage in stages.values()]
     dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     hidden_ch = PipeChannel(ctx, (batch, max_input * tokens_per_frame, dim), dtype, tag=11) if multi else None
     # rank 0 keeps receives for the last rank's latent updates posted ahead, so those sends always
@@ -479,6 +484,7 @@ def run_layer_pipeline(
         """This rank's layers for block ``b`` at step ``s`` (iteration ``k``); the last rank also
         steps the block's scheduler and sends the update back to rank 0."""
         t = timesteps[s]
+        stage = stages[step_expert[s]]
         tail = contexts[b]["input"]
         frames_in = len(tail) + sizes[b]
         shape = torch.Size((1, channels, frames_in, *latent_hw))
@@ -554,13 +560,15 @@ def run_layer_pipeline(
             sends.popleft().wait()
     finally:
         bar.close()
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     stats = {
         "denoise_s": time.perf_counter() - began,
         "items": len(order),
         "items_run": len(order) - items_before,
         "resumed_from_iteration": start_iteration,
         "stage": (lo, hi),
+        "expert_steps": {attr: step_expert.count(attr) for attr in stages},
         "block_sizes": sizes,
         "context_key_tokens": cache.extra_key_tokens,
         "update_wait_s": waited[0],

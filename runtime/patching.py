@@ -92,8 +92,9 @@ class PatchHandle:
                 if module.__dict__.get("_old_forward") is installed:
                     module._old_forward = inner if inner is not _MISSING else type(module).forward.__get__(module)
                 module.forward = outer
-            if not had_registry and not registry.hooks:
-                del module._diffusers_hook
+            if not registry.hooks:  # a registry that existed empty (e.g. from CacheMixin.cache_context) stays
+                if not had_registry:
+                    del module._diffusers_hook
                 if not had_forward and not wrapped_later:
                     module.__dict__.pop("forward", None)
             _invalidate_registry_caches(self.model)

@@ -10,7 +10,9 @@ This file holds the whole technique: `SVG2Config`, the attention function
 (`semantic_sparse_attention`), the diffusers attention processors for Wan 2.1
 (`SVG2WanAttnProcessor`: ``blocks[i].attn1``; cross-attention to text stays dense) and CogVideoX
 (`SVG2CogVideoXAttnProcessor`: joint text+video ``transformer_blocks[i].attn1``, text attends and
-is attended densely), `apply_svg2` and its `SVG2Handle` / `SVG2Stats`. Dense warm-up follows the
+is attended densely), HunyuanVideo (`SVG2HunyuanVideoAttnProcessor`: the same with the text last
+and its padding masked; preset `SVG2Config.hunyuan_video`), `apply_svg2` and its `SVG2Handle` /
+`SVG2Stats`. Dense warm-up follows the
 reference code: the first ``floor(dense_steps * steps)`` denoising steps (counted in the
 scheduler's timesteps) and the first ``floor(dense_layers * layers)`` blocks run dense.
 """
@@ -27,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mmaccel.runtime.adapters import cogvideox, wan
+from mmaccel.runtime.adapters import cogvideox, hunyuan_video, wan
 from mmaccel.runtime.budget import top_p_mask
 from mmaccel.runtime.configs import resolve_config
 from mmaccel.runtime.patching import PatchHandle
@@ -49,6 +51,7 @@ __all__ = [
     "SVG2CogVideoXAttnProcessor",
     "SVG2Config",
     "SVG2Handle",
+    "SVG2HunyuanVideoAttnProcessor",
     "SVG2Stats",
     "SVG2WanAttnProcessor",
     "SparseAttentionState",
@@ -112,6 +115,15 @@ class SVG2Config:
     block_size: int = 32
     flex_min_tokens: int = 1024
     seed: int = 0
+
+    @classmethod
+    def hunyuan_video(cls, **overrides: Any) -> SVG2Config:
+        """The authors' HunyuanVideo settings (``scripts/hyvideo/hyvideo_t2v_720p_sap.sh``: 400 / 1,000
+        clusters, top_p 0.9, min_kc_ratio 0.10, 50 / 2 k-means iterations, the first 10% of steps
+        and 3% of blocks dense), with ``overrides``."""
+        preset = dict(num_q_clusters=400, num_k_clusters=1000, top_p=0.9, min_kc_ratio=0.10,
+                      kmeans_init_iters=50, kmeans_iters=2, dense_steps=0.1, dense_layers=0.03)  # fmt: skip
+        return cls(**{**preset, **overrides})
 
     def __post_init__(self) -> None:
         _int("num_q_clusters", self.num_q_clusters, 1)
@@ -403,6 +415,7 @@ def semantic_sparse_attention(
     dense_prefix: int = 0,
     prefix_attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     heads: tuple[int, int] | None = None,
+    prefix_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SVG2 attention for ``q`` (B, H, Sq, D), ``k`` (B, H, Sk, D), ``v`` (B, H, Sk, Dv).
 
@@ -415,6 +428,8 @@ def semantic_sparse_attention(
     ``dense_prefix`` tokens attend to everything and every query attends to them; only the
     video-video part is clustered and sparse. ``prefix_attention(q, k, v)`` computes those dense
     rows (``(B, H, S, D)`` in and out; default ``F.scaled_dot_product_attention``).
+    ``prefix_mask`` (bool ``(B, dense_prefix)``): the prefix keys the video queries see (padded
+    text tokens False, as HunyuanVideo's key mask); computed on the device, no host read.
 
     ``heads = (first, total)``: ``q``'s ``H`` heads are heads ``first .. first + H`` of a model
     with ``total`` heads (context parallelism: one rank's share); k-means cold starts then draw
@@ -452,18 +467,19 @@ def semantic_sparse_attention(
     t1 = _clock(q.device)
 
     if n:  # the prefix is one more key cluster (label Ck), selected by every query cluster
-        k_labels = torch.cat([kk.labels.new_full((b * h, n), config.num_k_clusters), kk.labels], 1)
-        k_counts = torch.cat([kk.counts, kk.counts.new_full((b * h, 1), n)], 1)
+        ck = config.num_k_clusters
+        prefix = kk.labels.new_full((b * h, n), ck)
+        counts = kk.counts.new_full((b * h, 1), n)
+        chosen = F.pad(selected, (0, 1), value=True)
+        if prefix_mask is not None:  # masked prefix keys: one more cluster (Ck + 1) nobody selects
+            valid = prefix_mask.to(torch.bool).repeat_interleave(h, 0)
+            prefix = torch.where(valid, prefix, ck + 1)
+            counts = torch.stack([valid.sum(1), (~valid).sum(1)], 1).to(counts.dtype)
+            chosen = F.pad(chosen, (0, 1), value=False)
+        k_labels = torch.cat([prefix, kk.labels], 1)
+        k_counts = torch.cat([kk.counts, counts], 1)
         video, backend, block_density = _clustered_attention(
-            q[:, :, n:],
-            k,
-            v,
-            kq.labels,
-            k_labels,
-            kq.counts,
-            k_counts,
-            F.pad(selected, (0, 1), value=True),
-            config,
+            q[:, :, n:], k, v, kq.labels, k_labels, kq.counts, k_counts, chosen, config
         )
         prefix = (prefix_attention or F.scaled_dot_product_attention)(q[:, :, :n], k, v)
         out = torch.cat([prefix, video], 2)
@@ -497,7 +513,7 @@ def semantic_sparse_attention(
 # ------------------------------------------------------------------------------------------
 
 #: the video transformers SVG2 patches (from the model adapters' tables)
-SUPPORTED_TRANSFORMERS = (*wan.TRANSFORMERS, *cogvideox.TRANSFORMERS)
+SUPPORTED_TRANSFORMERS = (*wan.TRANSFORMERS, *cogvideox.TRANSFORMERS, *hunyuan_video.TRANSFORMERS)
 
 _BACKEND_NAMES = ("dense", "masked", "flex", "reference")
 
@@ -713,6 +729,46 @@ class SVG2CogVideoXAttnProcessor(_SVG2Processor):
         return cogvideox.project_out(attn, out.transpose(1, 2), text_len)
 
 
+class SVG2HunyuanVideoAttnProcessor(_SVG2Processor):
+    """Processor for HunyuanVideo's joint video+text attention (dual- and single-stream blocks'
+    ``attn``): the text tokens (last in HunyuanVideo's sequence) attend and are attended densely,
+    padded text keys stay masked as the model's key mask says, video-video attention is
+    SVG2-sparse; dense warm-up as for Wan."""
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if _ulysses(self._parallel_config) is not None:
+            raise NotImplementedError("SVG2 on HunyuanVideo under context parallelism is not implemented")
+        t = encoder_hidden_states.shape[1]
+        query, key, value = hunyuan_video.project_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        if self._is_dense(None):  # the key mask is the model's own, not a user mask
+            return hunyuan_video.project_out(attn, hunyuan_video.attention(attn, query, key, value, attention_mask), t)
+
+        def text_first(x: torch.Tensor, dim: int) -> torch.Tensor:
+            return torch.cat([x.narrow(dim, x.shape[dim] - t, t), x.narrow(dim, 0, x.shape[dim] - t)], dim)
+
+        mask = None if attention_mask is None else text_first(attention_mask, -1)
+
+        def text_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            out = hunyuan_video.attention(attn, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+            return out.transpose(1, 2)
+
+        out = semantic_sparse_attention(
+            *(text_first(x, 1).transpose(1, 2) for x in (query, key, value)), self.config, self.state,
+            dense_prefix=t, prefix_attention=text_rows,
+            prefix_mask=None if mask is None else mask.flatten(0, 2)[:, :t],
+        )  # fmt: skip
+        self._record()
+        out = out.transpose(1, 2)
+        return hunyuan_video.project_out(attn, torch.cat([out[:, t:], out[:, :t]], 1), t)
+
+
 class SVG2Handle(PatchHandle):
     """What `apply_svg2` returns: the undo log, ``stats`` (`SVG2Stats`) and the per-layer
     ``processors``."""
@@ -757,11 +813,17 @@ def apply_svg2(
     warm-up counts in: the first ``floor(config.dense_steps * len(scheduler.timesteps))`` steps
     run dense; it is required when ``config.dense_steps > 0``. A timestep that is not valid or
     not one of the scheduler's raises ``ValueError`` at that forward. Supported:
-    ``WanTransformer3DModel`` and ``CogVideoXTransformer3DModel`` (others raise ``TypeError``).
-    ``handle.remove()`` restores the original processors; ``handle.stats`` records every call.
+    ``WanTransformer3DModel`` and ``CogVideoXTransformer3DModel`` (others raise ``TypeError``), or
+    a pipeline: every transformer it holds (Wan 2.2: both experts; scheduler and timestep from the
+    pipeline; `mmaccel.runtime.pipelines`). ``handle.remove()`` restores the original processors; ``handle.stats`` records every call.
     """
     from mmaccel.runtime.adapters import require_family
+    from mmaccel.runtime.pipelines import apply_to_pipeline, is_pipeline, timestep_callback
 
+    if is_pipeline(transformer):  # every transformer of the pipeline (Wan 2.2: both experts), one handle
+        scheduler = transformer.scheduler if scheduler is None else scheduler
+        return apply_to_pipeline(transformer, apply_svg2, SVG2Handle, "svg2", config, scheduler=scheduler,
+                                 current_timestep_callback=timestep_callback(transformer, current_timestep_callback))
     family = require_family(transformer, SUPPORTED_TRANSFORMERS, "apply_svg2")
     config = resolve_config(config, SVG2Config)
     check_timestep_callback(current_timestep_callback)
@@ -773,24 +835,26 @@ def apply_svg2(
         )
     if scheduler is not None and not hasattr(scheduler, "timesteps"):
         raise TypeError(f"scheduler must be a diffusers scheduler with .timesteps, got {type(scheduler).__name__}")
-    adapter = wan if family == "wan" else cogvideox
+    adapter = {"wan": wan, "cogvideox": cogvideox, "hunyuan_video": hunyuan_video}[family]
     if family == "wan":
         wan.check_self_attention(transformer, "SVG2")
     blocks = adapter.blocks(transformer)
-    cls = SVG2WanAttnProcessor if family == "wan" else SVG2CogVideoXAttnProcessor
+    cls = {"wan": SVG2WanAttnProcessor, "cogvideox": SVG2CogVideoXAttnProcessor,
+           "hunyuan_video": SVG2HunyuanVideoAttnProcessor}[family]  # fmt: skip
+    attention = "attn" if family == "hunyuan_video" else "attn1"  # the joint/self-attention of a block
     handle = SVG2Handle(transformer, "svg2")
     clock = _Clock(config, current_timestep_callback, scheduler, inspect.signature(transformer.forward), handle)
     try:
         handle.add_torch_hook(transformer.register_forward_pre_hook(clock, with_kwargs=True))
-        originals = [block.attn1.processor for block in blocks]
+        originals = [getattr(block, attention).processor for block in blocks]
         for i, block in enumerate(blocks):
             proc = cls(i, len(blocks), config, clock, handle.stats)
             # what set_attention_backend / enable_parallelism put on the processor we replace
             for attr in ("_attention_backend", "_parallel_config"):
-                if getattr(block.attn1.processor, attr, None) is not None:
-                    setattr(proc, attr, getattr(block.attn1.processor, attr))
+                if getattr(getattr(block, attention).processor, attr, None) is not None:
+                    setattr(proc, attr, getattr(getattr(block, attention).processor, attr))
             handle.processors.append(proc)
-            handle.set_processor(block.attn1, proc)
+            handle.set_processor(getattr(block, attention), proc)
         handle.on_remove(lambda: _hand_back_settings(handle.processors, originals))
     except BaseException:
         handle.remove()

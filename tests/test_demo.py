@@ -376,6 +376,8 @@ def test_realistic_figures_run_the_tab_settings_on_given_shapes():
     assert fig.markdown().startswith(f"**{LABEL}: ")
     fig = realistic_video(0.9, 0.5, 4, grid=(2, 8, 8))
     assert fig.schedule == "attention only: 2 of 4 steps sparse" and "128 video tokens" in fig.shape
+    fig = realistic_video(0.9, 0.5, 4, grid=(2, 8, 8), model="wan2.2-ti2v-5b")
+    assert fig.shape.startswith("Wan2.2-TI2V-5B at 1280x704, 41 frames attention") and "of its 24 heads" in fig.shape
     fig = realistic_ar(grid=4, layers=1)
     assert "16 raster / 7 NAR" in fig.shape and fig.whole_run is None
     fig = realistic_vlm(0.2, True, False, vision_layers=2, width_scale=1 / 16)

@@ -22,7 +22,7 @@ from mmaccel.testing import (  # noqa: E402
 )
 
 VLMS = ["llava", "llava_next"]
-PIPELINES = ["dit", "pixart", "wan", "cogvideox"]
+PIPELINES = ["dit", "pixart", "wan", "cogvideox", "wan22", "wan22_ti2v"]
 
 
 def _state(built) -> dict[str, torch.Tensor]:

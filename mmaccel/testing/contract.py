@@ -17,6 +17,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from mmaccel.runtime.patching import PatchHandle
+from mmaccel.runtime.pipelines import pipeline_transformers
 from mmaccel.runtime.stats import Stats, check_summary
 
 __all__ = ["check_technique_contract"]
@@ -24,9 +25,16 @@ __all__ = ["check_technique_contract"]
 _MODULE_SLOTS = ("_parameters", "_buffers", "_modules")
 
 
-def _snapshot(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list[dict[str, int]]]:
-    state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
-    attrs = [{k: id(v) for k, v in m.__dict__.items() if k not in _MODULE_SLOTS} for m in model.modules()]
+def _snapshot(target: Any) -> tuple[dict[str, torch.Tensor], list[dict[str, int]]]:
+    """Parameters, buffers and module attributes of ``target``: a module, or every transformer of a
+    pipeline (``transformer``, ``transformer_2``) and the pipeline's own attributes."""
+    models = {"": target} if isinstance(target, torch.nn.Module) else pipeline_transformers(target)
+    state = {f"{name}:{k}": v.detach().clone() for name, model in models.items()
+             for k, v in model.state_dict(keep_vars=True).items()}  # fmt: skip
+    modules = [m for model in models.values() for m in model.modules()]
+    attrs = [{k: id(v) for k, v in m.__dict__.items() if k not in _MODULE_SLOTS} for m in modules]
+    if not isinstance(target, torch.nn.Module):
+        attrs.append({k: id(v) for k, v in target.__dict__.items()})
     return state, attrs
 
 
@@ -44,15 +52,16 @@ def check_technique_contract(
     config_cls: type,
     apply: Callable[..., PatchHandle],
     handle_cls: type[PatchHandle],
-    model: torch.nn.Module,
+    model: Any,
     run: Callable[[], Any],
-    target: torch.nn.Module | None = None,
+    target: Any = None,
     **apply_kwargs: Any,
 ) -> dict[str, Any]:
     """Check one technique against the contract; returns the summary of the patched run.
 
     ``model`` is what ``run()`` calls (e.g. a pipeline's transformer, or a VLM), ``target`` the
-    module ``apply`` patches (default ``model``). ``run`` must be deterministic (seed inside it).
+    module ``apply`` patches (default ``model``), or a pipeline whose transformers it patches
+    (Wan 2.2: ``transformer`` and ``transformer_2``). ``run`` must be deterministic (seed inside it).
     """
     target = model if target is None else target
     if not (dataclasses.is_dataclass(config_cls) and config_cls.__dataclass_params__.frozen):

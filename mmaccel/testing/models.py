@@ -35,6 +35,10 @@ from PIL import Image
 
 __all__ = [
     "TINY_WAN_TRANSFORMER",
+    "FLUX_DEV_TRANSFORMER",
+    "HUNYUAN_VIDEO_TRANSFORMER",
+    "WAN22_BOUNDARY_RATIO",
+    "WAN22_TI2V_5B_TRANSFORMER",
     "IMAGE_TOKEN",
     "LLAVA_CHAT_TEMPLATE",
     "TINY_BUILDERS",
@@ -45,11 +49,17 @@ __all__ = [
     "save_tiny",
     "tiny_cogvideox_pipeline",
     "tiny_dit_pipeline",
+    "tiny_flux_inputs",
+    "tiny_flux_transformer",
+    "tiny_hunyuan_video_inputs",
+    "tiny_hunyuan_video_transformer",
     "tiny_image",
     "tiny_llava",
     "tiny_llava_next",
     "tiny_pixart_pipeline",
     "tiny_tokenizer",
+    "tiny_wan22_pipeline",
+    "tiny_wan22_ti2v_pipeline",
     "tiny_wan_pipeline",
 ]
 
@@ -432,6 +442,103 @@ def tiny_wan_pipeline(
     return _finish_pipe(pipe, device, dtype)
 
 
+#: Wan 2.2 A14B's expert switch (``boundary_ratio`` of the real Diffusers checkpoints): T2V, I2V
+WAN22_BOUNDARY_RATIO = {"t2v": 0.875, "i2v": 0.9}
+
+
+def _tiny_wan_vae(seed: int, **config: Any):
+    from diffusers import AutoencoderKLWan
+
+    base = dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+    with _seeded(seed):
+        return AutoencoderKLWan(**{**base, **config})
+
+
+def _wan_scheduler():
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000
+    )
+
+
+def tiny_wan22_pipeline(
+    seed: int = 0,
+    *,
+    task: str = "t2v",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    **transformer_config: Any,
+):
+    """Wan 2.2 A14B-shaped pipeline with both experts: ``transformer`` (high noise) and
+    ``transformer_2`` (low noise, other weights, same config) switched at ``boundary_ratio``
+    (`WAN22_BOUNDARY_RATIO`: 0.875 for T2V, 0.9 for I2V, as the real checkpoints).
+
+    ``task="t2v"``: ``WanPipeline``, 16 latent channels (the tiny Wan 2.1 config of
+    `tiny_wan_pipeline`). ``task="i2v"``: ``WanImageToVideoPipeline`` without an image encoder,
+    the image conditioning concatenated as channels (``in_channels=36``) as Wan 2.2 I2V A14B;
+    call with ``image=tiny_image(64, 96)``. Same text encoder, VAE and scheduler as
+    `tiny_wan_pipeline`.
+    """
+    from diffusers import WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
+
+    if task not in WAN22_BOUNDARY_RATIO:
+        raise ValueError(f"task must be one of {tuple(WAN22_BOUNDARY_RATIO)}, got {task!r}")
+    tok = tiny_tokenizer("t5")
+    text_encoder = _tiny_t5(tok, seed + 2, umt5=True)
+    cfg = {**TINY_WAN_TRANSFORMER, **({"in_channels": 36} if task == "i2v" else {}), **transformer_config}
+    experts = []
+    for offset in (0, 3):
+        with _seeded(seed + offset):
+            experts.append(WanTransformer3DModel(**cfg))
+    cls = WanPipeline if task == "t2v" else WanImageToVideoPipeline
+    pipe = cls(
+        tokenizer=tok, text_encoder=text_encoder, vae=_tiny_wan_vae(seed + 1), transformer=experts[0],
+        transformer_2=experts[1], scheduler=_wan_scheduler(), boundary_ratio=WAN22_BOUNDARY_RATIO[task],
+    )  # fmt: skip
+    return _finish_pipe(pipe, device, dtype)
+
+
+#: The TI2V-5B transformer config of the real checkpoint (``Wan-AI/Wan2.2-TI2V-5B-Diffusers``),
+#: readable without building it: 48 latent channels, 24 heads x 128, 30 layers.
+WAN22_TI2V_5B_TRANSFORMER: dict[str, Any] = dict(
+    patch_size=(1, 2, 2), num_attention_heads=24, attention_head_dim=128, in_channels=48, out_channels=48,
+    text_dim=4096, freq_dim=256, ffn_dim=14336, num_layers=30, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+)  # fmt: skip
+
+
+def tiny_wan22_ti2v_pipeline(
+    seed: int = 0,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    **transformer_config: Any,
+):
+    """Wan 2.2 TI2V-5B-shaped ``WanPipeline`` (one transformer, ``expand_timesteps=True``: the
+    timestep is given per token): `WAN22_TI2V_5B_TRANSFORMER` shrunk to 4 layers of 4 heads x 16
+    with its 48 latent channels, and the residual ``AutoencoderKLWan`` layout of the real VAE
+    (``is_residual``, pixel patch 2: spatial 16x, temporal 4x, ``z_dim=48``).
+    128x192 px, 9 frames -> latent (48, 3, 8, 12) -> 3 x 4 x 6 = 72 video tokens.
+    """
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    tok = tiny_tokenizer("t5")
+    text_encoder = _tiny_t5(tok, seed + 2, umt5=True)
+    cfg = {**TINY_WAN_TRANSFORMER, "in_channels": 48, "out_channels": 48, **transformer_config}
+    with _seeded(seed):
+        transformer = WanTransformer3DModel(**cfg)
+    vae = _tiny_wan_vae(
+        seed + 1, base_dim=4, z_dim=48, is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+        scale_factor_spatial=16, scale_factor_temporal=4, latents_mean=[0.0] * 48, latents_std=[1.0] * 48,
+    )  # fmt: skip
+    pipe = WanPipeline(
+        tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=_wan_scheduler(),
+        expand_timesteps=True,
+    )  # fmt: skip
+    return _finish_pipe(pipe, device, dtype)
+
+
 def tiny_cogvideox_pipeline(
     seed: int = 0,
     *,
@@ -478,6 +585,85 @@ def tiny_cogvideox_pipeline(
     return _finish_pipe(pipe, device, dtype)
 
 
+#: ``FluxTransformer2DModel``'s config in FLUX.1-dev, readable without building it: 19 dual-stream and
+#: 38 single-stream blocks of 24 heads x 128, 2-D RoPE axes (16, 56, 56) over (-, row, column).
+FLUX_DEV_TRANSFORMER: dict[str, Any] = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)  # fmt: skip
+
+#: ``HunyuanVideoTransformer3DModel``'s config in HunyuanVideo (``hunyuanvideo-community/HunyuanVideo``):
+#: 20 dual-stream and 40 single-stream blocks of 24 heads x 128, 3-D RoPE axes (16, 56, 56).
+HUNYUAN_VIDEO_TRANSFORMER: dict[str, Any] = dict(
+    in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
+    num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
+    guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0,
+    rope_axes_dim=(16, 56, 56),
+)  # fmt: skip
+
+
+def tiny_flux_transformer(seed: int = 0, **config: Any):
+    """``FluxTransformer2DModel`` from `FLUX_DEV_TRANSFORMER` shrunk: 2 dual-stream + 2 single-stream
+    blocks of 4 heads x 16, RoPE axes (4, 6, 6), 16 packed latent channels (4 x 2x2), text width 32.
+    Inputs: `tiny_flux_inputs`."""
+    from diffusers import FluxTransformer2DModel
+
+    tiny = dict(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=4,
+                joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))  # fmt: skip
+    with _seeded(seed):
+        return FluxTransformer2DModel(**{**FLUX_DEV_TRANSFORMER, **tiny, **config}).eval()
+
+
+def tiny_flux_inputs(
+    transformer, rows: int = 8, cols: int = 12, text_len: int = 8, timestep: float = 0.5, seed: int = 0
+) -> dict[str, Any]:
+    """Random inputs of a `tiny_flux_transformer` forward for a ``rows x cols`` image token grid,
+    with ``img_ids`` / ``txt_ids`` as ``FluxPipeline`` makes them (``timestep`` in [0, 1])."""
+    cfg = transformer.config
+    g = torch.Generator().manual_seed(seed)
+    img_ids = torch.zeros(rows, cols, 3)
+    img_ids[..., 1] = torch.arange(rows)[:, None]
+    img_ids[..., 2] = torch.arange(cols)[None, :]
+    return dict(
+        hidden_states=torch.randn(1, rows * cols, cfg.in_channels, generator=g),
+        encoder_hidden_states=torch.randn(1, text_len, cfg.joint_attention_dim, generator=g),
+        pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g),
+        timestep=torch.tensor([timestep]), img_ids=img_ids.reshape(-1, 3), txt_ids=torch.zeros(text_len, 3),
+        guidance=torch.tensor([3.5]) if cfg.guidance_embeds else None, return_dict=False,
+    )  # fmt: skip
+
+
+def tiny_hunyuan_video_transformer(seed: int = 0, **config: Any):
+    """``HunyuanVideoTransformer3DModel`` from `HUNYUAN_VIDEO_TRANSFORMER` shrunk: 2 dual-stream + 2
+    single-stream blocks of 4 heads x 16, one refiner layer, RoPE axes (4, 6, 6), text width 32.
+    Inputs: `tiny_hunyuan_video_inputs`."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    tiny = dict(num_attention_heads=4, attention_head_dim=16, num_layers=2, num_single_layers=2,
+                num_refiner_layers=1, text_embed_dim=32, pooled_projection_dim=32, rope_axes_dim=(4, 6, 6))  # fmt: skip
+    with _seeded(seed):
+        return HunyuanVideoTransformer3DModel(**{**HUNYUAN_VIDEO_TRANSFORMER, **tiny, **config}).eval()
+
+
+def tiny_hunyuan_video_inputs(
+    transformer, shape: tuple[int, int, int] = (3, 8, 12), text_len: int = 8, valid_text: int | None = None,
+    timestep: float = 500.0, seed: int = 0,
+) -> dict[str, Any]:
+    """Random inputs of a `tiny_hunyuan_video_transformer` forward for latents of ``(frames, height,
+    width)``; the text mask keeps the first ``valid_text`` tokens (default all), as the pipeline pads."""
+    cfg = transformer.config
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(1, text_len, dtype=torch.long)
+    mask[:, : text_len if valid_text is None else valid_text] = 1
+    return dict(
+        hidden_states=torch.randn(1, cfg.in_channels, *shape, generator=g), timestep=torch.tensor([timestep]),
+        encoder_hidden_states=torch.randn(1, text_len, cfg.text_embed_dim, generator=g), encoder_attention_mask=mask,
+        pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g),
+        guidance=torch.tensor([6000.0]) if cfg.guidance_embeds else None, return_dict=False,
+    )  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------------
 # Registry, recommended call kwargs, save / load
 # --------------------------------------------------------------------------------------------
@@ -489,6 +675,8 @@ TINY_BUILDERS: dict[str, Callable[..., Any]] = {
     "pixart": tiny_pixart_pipeline,
     "wan": tiny_wan_pipeline,
     "cogvideox": tiny_cogvideox_pipeline,
+    "wan22": tiny_wan22_pipeline,
+    "wan22_ti2v": tiny_wan22_ti2v_pipeline,
 }
 
 _VLM_PROMPT = "USER: <image>\nWhat is shown in the image? ASSISTANT:"
@@ -512,6 +700,19 @@ TINY_CALL_KWARGS: dict[str, dict[str, Any]] = {
     "cogvideox": dict(
         prompt=_VIDEO_PROMPT, height=64, width=96, num_frames=9, num_inference_steps=2, guidance_scale=6.0,
         max_sequence_length=32, output_type="np",
+    ),
+    # 4 steps of UniPC (flow shift 3): timesteps 999, 900, 750, 500; the first two are the
+    # high-noise expert's at both boundaries (T2V 875, I2V 900), the last two the low-noise one's.
+    # (The I2V variant, tiny_wan22_pipeline(task="i2v"), is not in this registry: diffusers 0.42's
+    # WanImageToVideoPipeline cleans prompts with ftfy without checking that it is installed, so
+    # without ftfy it must be called with prompt_embeds, which plain kwargs cannot hold.)
+    "wan22": dict(
+        prompt=_VIDEO_PROMPT, negative_prompt="", height=64, width=96, num_frames=9, num_inference_steps=4,
+        guidance_scale=5.0, max_sequence_length=32, output_type="np",
+    ),
+    "wan22_ti2v": dict(
+        prompt=_VIDEO_PROMPT, negative_prompt="", height=128, width=192, num_frames=9, num_inference_steps=2,
+        guidance_scale=5.0, max_sequence_length=32, output_type="np",
     ),
 }  # fmt: skip
 
@@ -553,5 +754,6 @@ def load_tiny(
     import diffusers
 
     cls = getattr(diffusers, {"dit": "DiTPipeline", "pixart": "PixArtAlphaPipeline", "wan": "WanPipeline",
-                              "cogvideox": "CogVideoXPipeline"}[name])  # fmt: skip
+                              "cogvideox": "CogVideoXPipeline", "wan22": "WanPipeline",
+                              "wan22_ti2v": "WanPipeline"}[name])  # fmt: skip
     return _finish_pipe(cls.from_pretrained(path), device, dtype)

@@ -14,7 +14,12 @@ family module         classes                                              used 
 ``dit``               ``DiTTransformer2DModel``, ``PixArtTransformer2DModel``  token density, FlexDiT
 ``llava``             ``LlavaForConditionalGeneration``,                   HiRED, VISTA,
                       ``LlavaNextForConditionalGeneration``                attention rebalancing
+``hunyuan_video``     ``HunyuanVideoTransformer3DModel``                   token density, SVG2
+``flux``              ``FluxTransformer2DModel``                           token density
 ====================  ===================================================  ===================
+
+Wan 2.2 (A14B: ``transformer`` + ``transformer_2``; TI2V-5B) uses ``wan``; a pipeline holding
+several transformers goes through `mmaccel.runtime.pipelines`.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ FAMILIES: dict[str, str] = {
     "PixArtTransformer2DModel": "dit",
     "LlavaForConditionalGeneration": "llava",
     "LlavaNextForConditionalGeneration": "llava",
+    "HunyuanVideoTransformer3DModel": "hunyuan_video",
+    "FluxTransformer2DModel": "flux",
 }
 
 
