@@ -214,37 +214,48 @@ def top_in_partition(partition: torch.Tensor, scores: torch.Tensor, kept: torch.
 
 
 def diverse_in_partition(
-    partition: torch.Tensor, features: torch.Tensor, kept: torch.Tensor, steps: int
+    partition: torch.Tensor, features: torch.Tensor, kept: torch.Tensor, part_sizes: Sequence[Sequence[int]], steps: int
 ) -> torch.Tensor:
     """(B, L) keep mask: in each partition ``p``, ``kept[:, p]`` tokens chosen by DivPrune's greedy
     max-min diversity of ``features`` (B, L, D) under cosine distance: first the token farthest from
     its nearest neighbour, then repeatedly the token whose distance to the chosen set is largest
-    (ties: lower position). ``steps`` (a host int >= every ``kept``) is the number of greedy rounds;
-    a partition that has its count takes no more."""
+    (ties: the lower position). Distances are computed inside each partition only (P blocks of
+    n x n, n = the largest partition, from the host ``part_sizes``); ``steps`` (a host int >=
+    every ``kept``) is the number of greedy rounds; a partition that has its count takes no more."""
     b, length = partition.shape
     p = kept.shape[1]
+    n = max(max(s) for s in part_sizes)
     device = partition.device
+    # Gather each partition's tokens (raster order) into a (B, P, n) block.
+    part = torch.where(partition >= 0, partition, torch.full_like(partition, p))
+    grouped = part.sort(dim=1, stable=True).indices
+    sizes = torch.tensor([list(s) + [0] * (p - len(s)) for s in part_sizes], device=device)
+    start = sizes.cumsum(1) - sizes
+    j = torch.arange(n, device=device)
+    valid = j[None, None, :] < sizes[:, :, None]  # (B, P, n)
+    slot = (start[:, :, None] + j[None, None, :]).clamp_max(length - 1)
+    index = grouped.gather(1, slot.view(b, -1)).view(b, p, n)  # packed position of each slot
     x = F.normalize(features.float(), dim=-1)
-    dist = 1.0 - x @ x.transpose(1, 2)  # (B, L, L) cosine distance
+    x = x.gather(1, index.view(b, -1, 1).expand(-1, -1, x.shape[-1])).view(b, p, n, -1)
+    dist = 1.0 - x @ x.transpose(-1, -2)  # (B, P, n, n) cosine distance inside each partition
     inf = torch.tensor(math.inf, device=device)
-    member = partition[:, None, :] == torch.arange(p, device=device)[None, :, None]  # (B, P, L)
-    same = (partition[:, :, None] == partition[:, None, :]) & (partition >= 0)[:, :, None]
-    same &= ~torch.eye(length, dtype=torch.bool, device=device)
-    nearest = torch.where(same, dist, inf).amin(1)  # (B, L): distance to the nearest other token
-    selected = torch.zeros_like(partition, dtype=torch.bool)
-    closest = torch.full((b, length), math.inf, device=device)  # distance to the chosen set
+    pair = valid[..., :, None] & valid[..., None, :] & ~torch.eye(n, dtype=torch.bool, device=device)
+    nearest = torch.where(pair, dist, inf).amin(-2)  # (B, P, n): distance to the nearest other token
+    selected = torch.zeros_like(valid)
+    closest = torch.full((b, p, n), math.inf, device=device)  # distance to the chosen set
     count = torch.zeros_like(kept)
     for step in range(steps):
-        score = (nearest if step == 0 else closest).masked_fill(selected, -math.inf)
-        pick = torch.where(member, score[:, None, :], -inf).argmax(-1)  # (B, P)
+        score = torch.where(valid & ~selected, nearest if step == 0 else closest, -inf)
+        pick = score.argmax(-1)  # (B, P)
         active = count < kept
-        hits = torch.zeros_like(partition).scatter_add_(1, pick, active.to(torch.long))
-        selected |= hits > 0
+        selected |= (j[None, None, :] == pick[..., None]) & active[..., None]
         count += active.to(torch.long)
-        rows = dist.gather(1, pick[..., None].expand(b, p, length))  # distances from each pick
-        rows = torch.where(member & active[..., None], rows, inf)
-        closest = torch.minimum(closest, rows.amin(1))
-    return selected
+        row = dist.gather(2, pick[..., None, None].expand(b, p, 1, n)).squeeze(2)  # distances from each pick
+        closest = torch.where(active[..., None], torch.minimum(closest, row), closest)
+    keep = torch.zeros((b, length + 1), dtype=torch.long, device=device)
+    target = torch.where(valid, index, torch.full_like(index, length)).view(b, -1)  # empty slots: a spare column
+    keep.scatter_add_(1, target, (selected & valid).view(b, -1).to(torch.long))
+    return keep[:, :length] > 0
 
 
 def with_newlines(partition: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -292,7 +303,7 @@ def select_batch(
     else:
         if features.shape[:2] != layout.partition.shape:
             raise ValueError(f"features must be (B, L, D) = {tuple(layout.partition.shape)} x D, got {tuple(features.shape)}")
-        keep = diverse_in_partition(layout.partition, features, kept, layout.diverse_steps())
+        keep = diverse_in_partition(layout.partition, features, kept, layout.part_sizes, layout.diverse_steps())
     if keep_newlines and layout.has_newlines:
         keep = with_newlines(layout.partition, keep)
     return keep, kept
