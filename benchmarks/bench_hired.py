@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -344,6 +345,46 @@ def run_clip_l(repeats: int) -> str:
     return markdown_table(headers, [row])
 
 
+def run_selection_cost(repeats: int) -> tuple[str, str]:
+    """HiRED's selection (scores in, keep masks out) at LLaVA-NeXT-7B's layout against the CLIP
+    ViT-L/14-336 tower it follows: 672 px images = 5 partitions of 576 tokens (2,928 positions),
+    batch 1 and 8, 20% budget; ``cls`` (reference) and ``diverse`` (4,096-wide projected features,
+    LLaVA-NeXT-7B's). Tower: one 336 px partition forward, x 5 per image."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    model, processor = build(SIZES["full"])  # 336 px / patch 14: the 7B's 576 tokens per partition
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tower = CLIPVisionModel(CLIPVisionConfig(**CLIP_L_336)).eval()
+    pixels = torch.randn(1, 3, 336, 336)
+    with torch.inference_mode():
+        forward = measure(functools.partial(tower, pixels), repeats=repeats, warmup=1)
+    per_image = 5 * forward.median_s
+    rows = []
+    for batch in (1, 8):
+        images = [tiny_image(672, 672, seed=i) for i in range(batch)]
+        sizes = processor(images=images, text=[PROMPT] * batch, return_tensors="pt", padding=True)["image_sizes"]
+        for selection in ("cls", "diverse"):
+            config = HiREDConfig(budget=TokenBudget(ratio=0.2), selection=selection)
+            with apply_hired(model, config) as handle:
+                layout = handle.hired.batch_layout(sizes, batch, 5 * batch, 576)
+                content, select = torch.rand(5 * batch, 576), torch.rand(5 * batch, 576)
+                feats = torch.randn(batch, max(layout.lengths), 4096) if selection == "diverse" else None
+                with torch.inference_mode():
+                    run = functools.partial(hired_select.select_batch, layout, content, select, 0.2, True, feats)
+                    t = measure(run, repeats=repeats, warmup=1)
+            sel = t.median_s
+            rows.append([batch, selection, f"{sel:.3g} ({min(t.times_s):.3g}-{max(t.times_s):.3g})", sel / batch,
+                         f"{100 * sel / (batch * per_image):.3g}%"])  # fmt: skip
+    headers = ["batch", "selection", "selection s (min-max)", "per image s", "% of the tower (5 partitions/image)"]
+    notes = (f"CLIP ViT-L/14-336 forward, one partition: {forward.median_s:.3g} s (median of {repeats}, "
+             f"{min(forward.times_s):.3g}-{max(forward.times_s):.3g}); a 672 px image = 5 partitions, so "
+             f"{per_image:.3g} s of tower per image. Selection = `hired_select.select_batch` on the cached layout "
+             f"(crop ranking, exact budget split, per-partition top-k or greedy max-min, newlines), HiRED 20%, "
+             f"{torch.get_num_threads()} thread(s).")  # fmt: skip
+    return markdown_table(headers, rows), notes
+
+
 @contextlib.contextmanager
 def within_partition_baseline(kind: str, seed: int = 0) -> Iterator[None]:
     """While active, HiRED's per-partition budgets stand but the tokens inside each partition are
@@ -451,6 +492,7 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch intra-op threads (default 1, see above)"
     )
     parser.add_argument("--fidelity-only", action="store_true", help="only the zoo-model fidelity section")
+    parser.add_argument("--selection-cost", action="store_true", help="only the selection-vs-tower timing")
     parser.add_argument("--zoo-path", default=None, help="a shapes-vlm folder to judge (default: the committed one)")
     parser.add_argument(
         "--repeats", type=int, default=MIN_REPEATS, help=f"interleaved rounds (>= {MIN_REPEATS})"
@@ -461,6 +503,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     size = "quick" if args.quick else "full"
     print(f"Machine: {machine_description()}", flush=True)
+    if args.selection_cost:
+        table, notes = run_selection_cost(args.repeats)
+        print(f"\n{table}\n\n{notes}\n")
+        if args.write:
+            append_results("HiRED selection cost vs the CLIP ViT-L/14-336 tower", table, notes=notes, path=RESULTS)
+        return
     fidelity, fidelity_notes, verdicts = run_fidelity(args.quick, args.zoo_path)
     label = args.zoo_path or "shapes-vlm"
     print(f"\nFidelity on the zoo model {label}\n\n{fidelity}\n\n{fidelity_notes}\n")
