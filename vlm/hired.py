@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -229,6 +230,7 @@ class HiREDPatch:
         scored = [self.content_layer] if config.selection == "diverse" else [self.content_layer, self.select_layer]
         self.recorder = ClsAttentionRecorder([layer.self_attn for layer in layers], scored)
         self._layouts: dict[tuple[Any, ...], ImageLayout] = {}  # per image size: the layout is host-only
+        self._batches: OrderedDict[tuple[Any, ...], BatchLayout] = OrderedDict()  # per batch, on the device
         self.image_token_id = llava.image_token_id(model)
         self.pad_token_id = llava.pad_token_id(model)  # re-padded positions are masked out
         self.last_selections: list[ImageSelection] = []
@@ -266,15 +268,14 @@ class HiREDPatch:
         self.recorder.reset()
         features = list(out.pooler_output)
         cfg = self.config
-        layout = self.batch_layout(image_sizes, len(features), content.shape[0], content.shape[1])
+        layout = self.batch_layout(image_sizes, len(features), content.shape[0], content.shape[1], content.device)
         for i, feat in enumerate(features):
             if feat.shape[0] != layout.lengths[i]:
                 raise RuntimeError(f"image {i}: {feat.shape[0]} features but a {layout.lengths[i]}-token layout")
-        device_layout = layout.to(content.device)
         packed = None
         if cfg.selection == "diverse":
             packed = nn.utils.rnn.pad_sequence(features, batch_first=True)
-        keep, kept = select_batch(device_layout, content, select, cfg.alpha, cfg.keep_newlines, packed)
+        keep, kept = select_batch(layout, content, select, cfg.alpha, cfg.keep_newlines, packed)
         # The one host read: how many positions each image keeps, when kept newlines make it
         # depend on the selection; otherwise it is the budget.
         counts = keep.sum(1).tolist() if cfg.keep_newlines and layout.has_newlines else list(layout.totals)
@@ -289,21 +290,31 @@ class HiREDPatch:
         return out, selections
 
     def batch_layout(
-        self, image_sizes: torch.Tensor | None, n_images: int, passes: int, n: int
+        self, image_sizes: torch.Tensor | None, n_images: int, passes: int, n: int, device: Any = "cpu"
     ) -> BatchLayout:
-        """The batch's packed layouts (host, cached per image size) and budgets."""
-        cfg = self.config
+        """The batch's packed layouts and budgets on ``device``: built on the host from the image
+        sizes (per image size, cached) and kept per batch shape and device (LRU, 64 entries), so a
+        repeated batch shape neither rebuilds nor copies anything."""
         if not self.is_next or image_sizes is None:
             if passes != n_images:
                 raise NotImplementedError(
                     "HiRED on LLaVA supports one tower pass per image (no image_sizes split)"
                 )
-            images = [self._image_layout(None, 1, n)] * n_images
+            keys = ((None, 1, n),) * n_images
         else:
             sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else [list(x) for x in image_sizes]
             counts = llava.partitions_per_image(self.model, sizes)
-            images = [self._image_layout(tuple(int(v) for v in size), c, n) for size, c in zip(sizes, counts)]
-        return BatchLayout.build(images, n, cfg.budget, cfg.alpha)
+            keys = tuple((tuple(int(v) for v in size), c, n) for size, c in zip(sizes, counts))
+        key = (keys, str(device))
+        if key in self._batches:
+            self._batches.move_to_end(key)
+            return self._batches[key]
+        images = [self._image_layout(*k) for k in keys]
+        layout = BatchLayout.build(images, n, self.config.budget, self.config.alpha).to(device)
+        self._batches[key] = layout
+        if len(self._batches) > 64:
+            self._batches.popitem(last=False)
+        return layout
 
     def _image_layout(self, size: tuple[int, ...] | None, parts: int, n: int) -> ImageLayout:
         key = (size, parts, n)

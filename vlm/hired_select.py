@@ -98,7 +98,9 @@ class BatchLayout:
 
     Tensors: ``partition`` / ``source`` (B, L), ``region`` (B, N), ``base_row`` (B,) (the row of
     each image's base partition among the batch's tower passes), ``sizes`` (B, P) (tokens per
-    partition, 0 past an image's last). Host values: ``part_sizes`` (the same sizes per image),
+    partition, 0 past an image's last), ``total`` / ``base`` (B,) (the budgets below). Moved to
+    the device once (:meth:`to`) and reused, so no call copies host values to the device.
+    Host values: ``part_sizes`` (the same sizes per image),
     ``totals`` / ``bases`` (the budget and the base image's share, ``floor(alpha * total)``
     capped by its size), ``lengths`` (positions per image) and ``has_newlines``.
     """
@@ -108,6 +110,8 @@ class BatchLayout:
     region: torch.Tensor
     base_row: torch.Tensor
     sizes: torch.Tensor
+    total: torch.Tensor
+    base: torch.Tensor
     part_sizes: tuple[tuple[int, ...], ...]
     totals: tuple[int, ...]
     bases: tuple[int, ...]
@@ -130,11 +134,12 @@ class BatchLayout:
         source = torch.stack([F.pad(im.source + r * n, (0, p)) for im, r, p in zip(images, rows, pad)])
         sizes = torch.tensor([list(s) + [0] * (p_max - len(s)) for s in part_sizes])
         region = torch.stack([im.region for im in images])
-        return cls(partition, source, region, torch.tensor(rows), sizes, part_sizes, totals, bases, lengths,
-                   any(im.has_newlines for im in images))  # fmt: skip
+        return cls(partition, source, region, torch.tensor(rows), sizes, torch.tensor(totals), torch.tensor(bases),
+                   part_sizes, totals, bases, lengths, any(im.has_newlines for im in images))  # fmt: skip
 
     def to(self, device: torch.device | str) -> BatchLayout:
-        moved = {k: getattr(self, k).to(device, non_blocking=True) for k in ("partition", "source", "region", "base_row", "sizes")}
+        names = ("partition", "source", "region", "base_row", "sizes", "total", "base")
+        moved = {k: getattr(self, k).to(device) for k in names}
         return dataclasses.replace(self, **moved)
 
     def diverse_steps(self) -> int:
@@ -214,22 +219,20 @@ def top_in_partition(partition: torch.Tensor, scores: torch.Tensor, kept: torch.
 
 
 def diverse_in_partition(
-    partition: torch.Tensor, features: torch.Tensor, kept: torch.Tensor, part_sizes: Sequence[Sequence[int]], steps: int
+    partition: torch.Tensor, features: torch.Tensor, kept: torch.Tensor, sizes: torch.Tensor, n: int, steps: int
 ) -> torch.Tensor:
     """(B, L) keep mask: in each partition ``p``, ``kept[:, p]`` tokens chosen by DivPrune's greedy
     max-min diversity of ``features`` (B, L, D) under cosine distance: first the token farthest from
     its nearest neighbour, then repeatedly the token whose distance to the chosen set is largest
     (ties: the lower position). Distances are computed inside each partition only (P blocks of
-    n x n, n = the largest partition, from the host ``part_sizes``); ``steps`` (a host int >=
+    n x n; ``sizes`` (B, P) tokens per partition, ``n`` a host int >= each); ``steps`` (a host int >=
     every ``kept``) is the number of greedy rounds; a partition that has its count takes no more."""
     b, length = partition.shape
     p = kept.shape[1]
-    n = max(max(s) for s in part_sizes)
     device = partition.device
     # Gather each partition's tokens (raster order) into a (B, P, n) block.
     part = torch.where(partition >= 0, partition, torch.full_like(partition, p))
     grouped = part.sort(dim=1, stable=True).indices
-    sizes = torch.tensor([list(s) + [0] * (p - len(s)) for s in part_sizes], device=device)
     start = sizes.cumsum(1) - sizes
     j = torch.arange(n, device=device)
     valid = j[None, None, :] < sizes[:, :, None]  # (B, P, n)
@@ -286,10 +289,8 @@ def select_batch(
     [CLS] attention of every tower pass (``[CLS]`` column dropped). With ``features`` (B, L, D),
     the packed projected features, tokens are picked by max-min diversity instead of ``select``.
     """
-    device = content.device
     crops = layout.sizes.shape[1] - 1
-    totals = torch.tensor(layout.totals, device=device)
-    bases = torch.tensor(layout.bases, device=device)
+    totals, bases = layout.total, layout.base
     base_content = content.index_select(0, layout.base_row)
     mass = crop_mass(base_content, layout.region, crops, alpha)
     kept_crops = allocate_rows(totals - bases, mass, layout.sizes[:, 1:])
@@ -303,7 +304,8 @@ def select_batch(
     else:
         if features.shape[:2] != layout.partition.shape:
             raise ValueError(f"features must be (B, L, D) = {tuple(layout.partition.shape)} x D, got {tuple(features.shape)}")
-        keep = diverse_in_partition(layout.partition, features, kept, layout.part_sizes, layout.diverse_steps())
+        n = max(max(s) for s in layout.part_sizes)
+        keep = diverse_in_partition(layout.partition, features, kept, layout.sizes, n, layout.diverse_steps())
     if keep_newlines and layout.has_newlines:
         keep = with_newlines(layout.partition, keep)
     return keep, kept
