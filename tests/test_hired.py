@@ -690,3 +690,17 @@ def test_diverse_option_runs_on_an_sdpa_tower_and_keeps_the_budget(llava_next):
 def test_selection_name_is_validated():
     with pytest.raises(ValueError, match="selection"):
         HiREDConfig(selection="random")
+
+
+def test_patched_forward_adds_only_the_length_reads(llava_next):
+    """The whole patched forward (encode, select, shrink the prompt, LM) against the dense one: no
+    boolean indexing or nonzero; the added host reads are the layout key (image_sizes), the kept
+    counts, the placeholder count, the padding side and the new length."""
+    model, processor = llava_next
+    inputs = _inputs(processor, [tiny_image(64, 128, seed=3), tiny_image(128, 128, seed=4)], [PROMPT, PROMPT2])
+    dense = count_hot_path(lambda: model(**inputs))
+    with apply_hired(model, HiREDConfig(budget=TokenBudget(ratio=0.2))):
+        model(**inputs)
+        hired = count_hot_path(lambda: model(**inputs))
+    added = hired.sync_counts - dense.sync_counts
+    assert added == {"tolist": 2, "item": 3}, (added, hired.sync_counts, dense.sync_counts)
