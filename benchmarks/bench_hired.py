@@ -429,7 +429,7 @@ def run_fidelity(quick: bool, zoo_path: str | None = None) -> tuple[str, str, li
     variants.append(("HiRED 100%", HiREDConfig(budget=TokenBudget(ratio=1.0)), None))
     for r in BASELINE_BUDGETS:
         config = HiREDConfig(budget=TokenBudget(ratio=r))
-        fastv = FastVConfig(budget=TokenBudget(ratio=r), k=FASTV_K)
+        fastv = FastVConfig(budget=TokenBudget(ratio=r), k=FASTV_K, mode="mask")  # quality only: prune's outputs
         variants += [
             (f"HiRED {r:.0%}", config, None),
             (f"HiRED diverse {r:.0%}", HiREDConfig(budget=TokenBudget(ratio=r), selection="diverse"), None),
@@ -477,7 +477,8 @@ def run_fidelity(quick: bool, zoo_path: str | None = None) -> tuple[str, str, li
              f"the same budgets, tokens inside a partition chosen at random (seeds {RANDOM_SEEDS[0]}-"
              f"{RANDOM_SEEDS[-1]}; the mean row gives their spread) / evenly spaced in raster order. FastV "
              f"(`apply_fastv`, K={FASTV_K}): the last prompt token's layer-{FASTV_K - 1} attention (0-based, heads "
-             f"averaged) ranks all <image> positions (newlines included), the rest are masked from layers "
+             f"averaged) ranks all <image> positions (newlines included), the rest are masked (`mode='mask'`, "
+             f"the outputs of the default `'prune'`) from layers "
              f"{FASTV_K}..{model.config.text_config.num_hidden_layers - 1}; its tok/img column is what those "
              f"layers see (layers < {FASTV_K} see all).")  # fmt: skip
     return markdown_table(headers, rows), notes, checks

@@ -36,6 +36,7 @@ def _batch(processor):
         (dict(k=1.0), TypeError, "k"),
         (dict(k=True), TypeError, "k"),
         (dict(budget=0.5), TypeError, "budget"),
+        (dict(mode="drop"), ValueError, "mode"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, err, word):
@@ -197,3 +198,33 @@ def test_llava_1_5_is_supported():
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
         assert handle.stats.summary()["image_tokens_after"] == 8
         assert int(handle.dropped.sum()) == int((inputs["input_ids"] == model.config.image_token_id).sum()) - 8
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("ratio", [0.2, 0.5])
+def test_prune_computes_only_the_kept_positions_and_equals_mask(llava_next, attn, ratio):
+    """mode="prune" (layers k.. hold only the kept positions; rows of different image sizes keep
+    different counts, so short rows are padded) gives the outputs of mode="mask"."""
+    model, processor = llava_next
+    if attn == "eager":
+        model = copy.deepcopy(model)
+        model.set_attn_implementation("eager")
+    inputs = _batch(processor)  # a 3- and a 5-partition image: ragged kept counts
+    kw = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    budget = TokenBudget(ratio=ratio)
+    with apply_fastv(model, FastVConfig(budget=budget, mode="mask")):
+        masked = model.generate(**inputs, **kw)
+    with apply_fastv(model, FastVConfig(budget=budget)) as handle:
+        seen = []
+        late = model.get_decoder().layers[2].self_attn
+        hook = late.register_forward_pre_hook(lambda m, a, k: seen.append(k["hidden_states"].shape[1]), with_kwargs=True)
+        try:
+            pruned = model.generate(**inputs, **kw)
+        finally:
+            hook.remove()
+        lengths = (~handle.dropped).sum(1)
+    assert seen[0] == int(lengths.max()) < inputs["input_ids"].shape[1]  # layer 2 saw the kept positions only
+    assert lengths[0] != lengths[1]
+    assert torch.equal(pruned.sequences, masked.sequences)
+    for a, b in zip(pruned.logits, masked.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -14,11 +14,15 @@ the kernel consumes), and the row ``softmax(q_last . K^T * scaling + mask)`` is 
 after the layer ran, with the layer's own rotary embedding: O(N) work on one layer, every layer
 keeps its attention backend.
 
-**Dropping = masking.** Layers ``k``.. see the dropped positions masked out of their keys (a
-forward pre-hook on their attention edits ``attention_mask``): the outputs are FastV's, but the
-dropped positions are still computed, so this saves no time yet. Masks: ``None`` (SDPA without
-padding), bool (SDPA) or additive float (eager); other forms (flash attention's 2-D padding mask)
-raise ``NotImplementedError``.
+**Dropping.** ``mode="prune"`` (default, as the reference's inplace mode): a forward pre-hook on
+each decoder layer ``k``.. hands it only the kept positions at the prefill (hidden states, rotary
+tables, mask rows and columns; rows that keep fewer tokens are left-padded with slots that
+attend only themselves), so those layers compute and cache only the kept positions; at a decode
+step it picks the mask's columns of the cached positions. A forward call then returns logits for
+the kept positions only (``generate`` reads the last one). ``mode="mask"`` computes every
+position and masks the dropped ones out of the keys: the same outputs, nothing saved. Masks:
+``None`` (SDPA without padding), bool (SDPA) or additive float (eager); other forms (flash
+attention's 2-D padding mask) raise ``NotImplementedError``.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from mmaccel.runtime.stats import Stats
 
 __all__ = ["FastVConfig", "FastVHandle", "FastVStats", "apply_fastv", "last_token_attention"]
 
+MODES = ("prune", "mask")
+
 
 @dataclass(frozen=True)
 class FastVConfig:
@@ -45,10 +51,14 @@ class FastVConfig:
     ``budget``: image tokens kept per sequence (ratio of, or count out of, its ``<image>``
     positions, LLaVA-NeXT's row newlines included, as FastV counts every image position).
     ``k`` >= 1: the first layer without the dropped tokens; layer ``k - 1``'s attention ranks them.
+    ``mode``: ``"prune"`` (reference: layers ``k``.. compute only the kept positions, their KV
+    cache holds only those) or ``"mask"`` (every position is computed, the dropped ones are
+    masked out of the keys: the same outputs, no time saved; any batch layout).
     """
 
     budget: TokenBudget = field(default_factory=lambda: TokenBudget(ratio=0.5))
     k: int = 2
+    mode: str = "prune"
 
     def __post_init__(self) -> None:
         if not isinstance(self.budget, TokenBudget):
@@ -57,6 +67,8 @@ class FastVConfig:
             raise TypeError(f"k must be an int >= 1, got {self.k!r}")
         if self.k < 1:
             raise ValueError(f"k must be >= 1 (layer k - 1 ranks the image tokens), got {self.k}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
 
 
 def last_token_attention(
@@ -129,6 +141,8 @@ class FastVPatch:
         self.stats = FastVStats()
         self.input_ids: torch.Tensor | None = None
         self.dropped: torch.Tensor | None = None  # (B, prompt_len) bool, set by the prefill
+        self.kept_index: torch.Tensor | None = None  # (B, L') prompt positions layers k.. hold ("prune")
+        self.kept_valid: torch.Tensor | None = None  # (B, L') False on the slots padding short rows
         self._qk: dict[str, torch.Tensor] = {}
 
     def hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
@@ -139,8 +153,11 @@ class FastVPatch:
             attn.k_proj.register_forward_hook(self._keep("k")),
             attn.register_forward_hook(self._rank, with_kwargs=True),
         ]
-        handles += [layer.self_attn.register_forward_pre_hook(self._mask, with_kwargs=True)
-                    for layer in self.layers[self.config.k :]]  # fmt: skip
+        late = self.layers[self.config.k :]
+        if self.config.mode == "mask":
+            handles += [layer.self_attn.register_forward_pre_hook(self._mask, with_kwargs=True) for layer in late]
+        else:
+            handles += [layer.register_forward_pre_hook(self._prune, with_kwargs=True) for layer in late]
         return handles
 
     def _start(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -150,6 +167,7 @@ class FastVPatch:
             if ids is None:
                 raise NotImplementedError("FastV needs input_ids to find the <image> positions")
             self.input_ids, self.dropped = ids, None
+            self.kept_index = self.kept_valid = None
 
     def _keep(self, kind: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -175,6 +193,13 @@ class FastVPatch:
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=order.device).expand_as(order))
         kept = rank < torch.tensor(keep, device=rank.device)[:, None]
         self.dropped = is_image & ~kept
+        if self.config.mode == "prune":  # the kept positions of each row, right-aligned
+            width = n - min(c - k for c, k in zip(counts, keep))
+            order = (~self.dropped).to(torch.uint8).sort(dim=1, descending=True, stable=True).indices
+            lengths = (~self.dropped).sum(1, keepdim=True)
+            slot = torch.arange(width, device=order.device)[None] - (width - lengths)  # < 0: padding slot
+            self.kept_valid = slot >= 0
+            self.kept_index = order.gather(1, slot.clamp_min(0))
         self.stats.prefills += 1
         self.stats.sequences += b
         self.stats.image_tokens_before += sum(counts)
@@ -206,6 +231,69 @@ class FastVPatch:
             )
         kwargs["attention_mask"] = mask
         return args, kwargs
+
+
+    def _prune(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+        """Decoder layers k..: at the prefill, keep the kept positions only (hidden states of layer k,
+        rotary tables, mask rows and columns); at a decode step, the mask's columns of the cached
+        positions. Short rows are left-padded with slots that attend only themselves."""
+        if self.kept_index is None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        index, valid = self.kept_index, self.kept_valid
+        b, width = index.shape
+        prompt = self.dropped.shape[1]
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not (mask.ndim == 4 and (mask.dtype == torch.bool or mask.is_floating_point())):
+            raise NotImplementedError(
+                f"FastV prunes with 4-D bool / float attention masks (SDPA, eager); got a {mask.ndim}-D {mask.dtype} "
+                f"mask ({self.model.config._attn_implementation}: flash attention is not supported yet)"
+            )
+        rows = torch.arange(b, device=hidden.device)[:, None]
+        q_len = hidden.shape[1]
+        if q_len == prompt:  # the prefill reaching layer k: gather the kept positions
+            hidden = hidden[rows, index]
+        if hidden.shape[1] == width:  # prefill, layers k..
+            cos, sin = (t.expand(b, *t.shape[1:]) for t in kwargs["position_embeddings"])
+            kwargs["position_embeddings"] = (cos[rows, index], sin[rows, index])
+            cols = index
+            q_rows = index
+        else:  # decode: queries are the new positions, keys the kept prompt + everything after it
+            cols = torch.cat([index, torch.arange(prompt, prompt + _past_after(kwargs, module, width, hidden),
+                                                  device=index.device).expand(b, -1)], 1)  # fmt: skip
+            q_rows = None
+        col_valid = torch.cat([valid, torch.ones((b, cols.shape[1] - width), dtype=torch.bool, device=valid.device)], 1)
+        if mask is None:  # SDPA's causal fast path: build the mask it stood for
+            allowed = col_valid[:, None, None, :]
+            if q_rows is not None:
+                allowed = allowed & (cols[:, None, :] <= q_rows[:, :, None])[:, None]
+        else:
+            mask = mask.expand(b, *mask.shape[1:])
+            if q_rows is not None:  # prefill: the kept rows and columns
+                allowed = mask[rows[:, :, None], 0, q_rows[:, :, None], cols[:, None, :]][:, None]
+            else:  # decode: the kept columns
+                allowed = mask.gather(3, cols[:, None, None, :].expand(b, mask.shape[1], mask.shape[2], -1))
+            if allowed.dtype == torch.bool:
+                allowed = allowed & col_valid[:, None, None, :]
+            else:
+                allowed = allowed.masked_fill(~col_valid[:, None, None, :], torch.finfo(allowed.dtype).min)
+        if q_rows is not None:  # a padding slot attends itself only: finite values, never read
+            eye = torch.eye(width, dtype=torch.bool, device=hidden.device)[None, None] & ~valid[:, None, :, None]
+            allowed = allowed | eye if allowed.dtype == torch.bool else allowed.masked_fill(eye, 0.0)
+        kwargs["attention_mask"] = allowed
+        if args:
+            args = (hidden, *args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+
+def _past_after(kwargs: dict[str, Any], module: nn.Module, width: int, hidden: torch.Tensor) -> int:
+    """Decode: positions after the prompt, this step's included (the layer's cache holds ``width``
+    prompt slots and the earlier steps)."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    past = cache.get_seq_length(module.self_attn.layer_idx) if cache is not None else width
+    return past - width + hidden.shape[1]
 
 
 def _last_row(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
