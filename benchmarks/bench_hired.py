@@ -385,6 +385,40 @@ def run_selection_cost(repeats: int) -> tuple[str, str]:
     return markdown_table(headers, rows), notes
 
 
+def run_ttft_peers(repeats: int) -> tuple[str, str]:
+    """TTFT (generate one token) at batch 1 on the `full` size: dense, HiRED and FastV (K = 2,
+    ``mode="prune"``) at 50% and 20%, each on its own copy of the model, by ``harness.compare``."""
+    model, processor = build(SIZES["full"])
+    size = SIZES["full"]["image_size"]
+    inputs = processor(images=[tiny_image(2 * size, 2 * size, seed=0)], text=[PROMPT], return_tensors="pt")
+    variants: dict[str, Callable[[], None]] = {}
+    handles = []
+
+    def ttft(m: torch.nn.Module) -> Callable[[], None]:
+        return functools.partial(m.generate, **inputs, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+
+    variants["dense"] = ttft(model)
+    for r in (0.5, 0.2):
+        hired, fastv = copy.deepcopy(model), copy.deepcopy(model)
+        handles += [apply_hired(hired, HiREDConfig(budget=TokenBudget(ratio=r))),
+                    apply_fastv(fastv, FastVConfig(budget=TokenBudget(ratio=r), k=FASTV_K))]  # fmt: skip
+        variants[f"HiRED {r:.0%}"], variants[f"FastV K={FASTV_K} {r:.0%}"] = ttft(hired), ttft(fastv)
+    try:
+        with torch.inference_mode():
+            result = compare(variants, repeats=repeats, warmup=1)
+    finally:
+        for h in handles:
+            h.remove()
+    rows = [[name, c.time_text(), "1 (baseline)" if name == "dense" else c.ratio_text()] for name, c in result.items()]
+    t = model.config.text_config
+    notes = (f"`full` size (CLIP 12 x 96 at 336 px, Llama {t.num_hidden_layers} x {t.hidden_size}), one 672 px image "
+             f"= 2,928 visual tokens, batch 1, TTFT = generate(max_new_tokens=1), fp32, {torch.get_num_threads()} "
+             f"thread(s); {repeats} interleaved rounds by harness.compare (median, min-max, ~noise where the time "
+             f"ranges overlap). FastV keeps every token in layers 0..{FASTV_K - 1} of {t.num_hidden_layers} (a 7B has 32) "
+             f"and in the vision tower; HiRED drops them before the language model.")  # fmt: skip
+    return markdown_table(["variant", "TTFT s (min-max)", "speed-up (min-max)"], rows), notes
+
+
 @contextlib.contextmanager
 def within_partition_baseline(kind: str, seed: int = 0) -> Iterator[None]:
     """While active, HiRED's per-partition budgets stand but the tokens inside each partition are
@@ -494,6 +528,7 @@ def main() -> None:
     )
     parser.add_argument("--fidelity-only", action="store_true", help="only the zoo-model fidelity section")
     parser.add_argument("--selection-cost", action="store_true", help="only the selection-vs-tower timing")
+    parser.add_argument("--ttft-peers", action="store_true", help="only TTFT of dense / HiRED / FastV, batch 1")
     parser.add_argument("--zoo-path", default=None, help="a shapes-vlm folder to judge (default: the committed one)")
     parser.add_argument(
         "--repeats", type=int, default=MIN_REPEATS, help=f"interleaved rounds (>= {MIN_REPEATS})"
@@ -504,6 +539,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     size = "quick" if args.quick else "full"
     print(f"Machine: {machine_description()}", flush=True)
+    if args.ttft_peers:
+        table, notes = run_ttft_peers(args.repeats)
+        print(f"\n{table}\n\n{notes}\n")
+        if args.write:
+            append_results("TTFT: dense vs HiRED vs FastV (prune), full size, batch 1", table, notes=notes, path=RESULTS)
+        return
     if args.selection_cost:
         table, notes = run_selection_cost(args.repeats)
         print(f"\n{table}\n\n{notes}\n")
