@@ -16,7 +16,9 @@ counts work, and ``image_newline`` is kept after every row of the crop grid that
 one token (``keep_newlines=True``; the public code drops all). Newlines are layout markers, not
 visual tokens: they do not count against the budget. ``crop_regions="strips"`` (default) cuts the
 base image into the reference's contiguous raster strips; ``"tiles"`` uses the crops' real 2-D
-footprints.
+footprints. The selection runs for the whole batch on the model's device without host reads
+(:mod:`mmaccel.vlm.hired_select`); ``selection="diverse"`` picks tokens inside each partition's
+budget by max-min diversity of the projected features instead (DivPrune's rule).
 """
 
 from __future__ import annotations
