@@ -241,7 +241,7 @@ def diverse_in_partition(
     x = F.normalize(features.float(), dim=-1)
     x = x.gather(1, index.view(b, -1, 1).expand(-1, -1, x.shape[-1])).view(b, p, n, -1)
     dist = 1.0 - x @ x.transpose(-1, -2)  # (B, P, n, n) cosine distance inside each partition
-    inf = torch.tensor(math.inf, device=device)
+    inf = torch.full((), math.inf, device=device)  # a fill, not a host->device copy
     pair = valid[..., :, None] & valid[..., None, :] & ~torch.eye(n, dtype=torch.bool, device=device)
     nearest = torch.where(pair, dist, inf).amin(-2)  # (B, P, n): distance to the nearest other token
     selected = torch.zeros_like(valid)
