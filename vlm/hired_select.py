@@ -12,7 +12,7 @@ batch at once, in three steps:
   base image's top early-layer tokens counted per crop region, split exactly as
   :func:`mmaccel.runtime.budget.allocate` does (largest remainder, capacities), for all images
   at once: a fixed number of masked rounds instead of a data-dependent loop. float64 here
-  only, as ``allocate``'s arithmetic (and so its tie-breaking) is float64.
+  only (the ranking's ``topk`` and the split), as the per-image code, so ties break the same.
 - **Selection on the device**: per partition the top-``k`` tokens by the select-layer score
   (:func:`top_in_partition`: two stable sorts, ties to the lower position, as the per-image
   rule) or, with ``selection="diverse"``, DivPrune's greedy max-min diversity of the projected
