@@ -228,3 +228,17 @@ def test_prune_computes_only_the_kept_positions_and_equals_mask(llava_next, attn
     assert torch.equal(pruned.sequences, masked.sequences)
     for a, b in zip(pruned.logits, masked.logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["prune", "mask"])
+def test_prefill_adds_one_host_read(llava_next, mode):
+    """FastV's ranking, pruning and masking read nothing on the host but each prompt's image-token count."""
+    from mmaccel.testing.hotpath import count_hot_path
+
+    model, processor = llava_next
+    inputs = _batch(processor)
+    dense = count_hot_path(lambda: model(**inputs))
+    with apply_fastv(model, FastVConfig(budget=TokenBudget(ratio=0.3), mode=mode)):
+        fastv = count_hot_path(lambda: model(**inputs))
+    added = fastv.sync_counts - dense.sync_counts
+    assert added == {"tolist": 1}, (added, fastv.sync_counts, dense.sync_counts)
