@@ -13,15 +13,16 @@ run (first-token top-1 agreement and KL, generated-token agreement; random weigh
 only show that pruning changes outputs by this much, not task accuracy). A separate table
 measures the [CLS]-row scoring overhead on the real CLIP ViT-L/14-336 tower config.
 
-The fidelity section runs the trained zoo model ``shapes-vlm`` (a tiny LLaVA-NeXT, see
-:mod:`mmaccel.apps.zoo.shapes_vlm`) on its held-out scenes at each budget: QA accuracy, CHAIR_i /
-CHAIR_s and object recall of greedy captions, and the visual tokens each image keeps; next to
-HiRED, three baselines at the same budgets: random pruning and uniform spatial subsampling
-(both with HiRED's per-partition budgets, only the choice inside a partition differs) and
-FastV (visual positions ranked by the language model's layer-K attention from the last prompt
-token, K = 2, masked out of layers K.. as FastV drops them there).
+The fidelity section runs a trained zoo model (``shapes-vlm``, a tiny LLaVA-NeXT, see
+:mod:`mmaccel.apps.zoo.shapes_vlm`, or another folder of the same recipe with ``--zoo-path``) on
+its held-out scenes at 50/20/10%: QA accuracy, CHAIR_i / CHAIR_s and object recall of greedy
+captions, and the visual tokens each image keeps, for HiRED (reference [CLS] selection), HiRED
+with ``selection="diverse"`` (DivPrune's max-min diversity inside HiRED's budgets), FastV
+(:func:`mmaccel.vlm.apply_fastv`, K = 2) and two baselines with HiRED's per-partition budgets:
+random choice (5 seeds) and uniform spatial subsampling. Each rule's QA and recall are read
+against the random seeds' range.
 
-    .venv/bin/python -m mmaccel.benchmarks.bench_hired [--quick] [--write] [--threads N] [--repeats N] [--skip-clip-l] [--fidelity-only]
+    .venv/bin/python -m mmaccel.benchmarks.bench_hired [--quick] [--write] [--threads N] [--repeats N] [--skip-clip-l] [--fidelity-only] [--zoo-path DIR]
 
 Timing comes from :func:`mmaccel.benchmarks.harness.compare`: a warm-up call per budget, then
 >= 5 interleaved rounds with the order rotated; times are medians with min-max, ratios the median of
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -50,14 +52,14 @@ from mmaccel.runtime.budget import TokenBudget
 from mmaccel.runtime.environment import machine_description
 from mmaccel.runtime.tables import markdown_table
 from mmaccel.testing import tiny_image, tiny_tokenizer
-from mmaccel.vlm import hired as hired_module
+from mmaccel.vlm import hired_select
 from mmaccel.vlm.api import StepClock
 from mmaccel.vlm.cls_attention import ClsAttentionRecorder, cls_attention_row
-from mmaccel.vlm.hired import HiREDConfig, apply_hired, select_visual_tokens
+from mmaccel.vlm.fastv import FastVConfig, FastVHandle, apply_fastv
+from mmaccel.vlm.hired import HiREDConfig, apply_hired
 
 RESULTS = RESULTS_DIR / "hired.md"
 BUDGETS = (1.0, 0.4, 0.2, 0.1)
-FIDELITY_BUDGETS = (1.0, 0.5, 0.2, 0.1)
 BASELINE_BUDGETS = (0.5, 0.2, 0.1)
 FASTV_K = 2
 RANDOM_SEEDS = tuple(range(5))  # random pruning per seed; HiRED is read against their spread
@@ -132,7 +134,7 @@ def kv_bytes(model, batch: int, seq: int) -> int:
 
 def scoring_work(model, inputs, config: HiREDConfig, handle, repeats: int) -> float:
     """Median seconds of the work HiRED adds to the vision stage: two [CLS] rows from the
-    captured q/k (O(N) each), the token layout and the per-image selection."""
+    captured q/k (O(N) each), the (cached) token layout and the batched selection."""
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     cfg = model.config
@@ -146,8 +148,8 @@ def scoring_work(model, inputs, config: HiREDConfig, handle, repeats: int) -> fl
     def work() -> None:
         content = cls_attention_row(q, k, heads, scale)[:, 1:]
         select = cls_attention_row(q, k, heads, scale)[:, 1:]
-        for m in handle.hired._layout(content, select, sizes, len(sizes)):
-            select_visual_tokens(m[:, 0].round().long(), m[:, 1], m[:, 2], config.budget, config.alpha)
+        layout = handle.hired.batch_layout(sizes, len(sizes), parts, content.shape[1])
+        hired_select.select_batch(layout, content, select, config.alpha, config.keep_newlines)
 
     return measure(work, repeats=repeats, warmup=1).median_s
 
@@ -343,164 +345,177 @@ def run_clip_l(repeats: int) -> str:
     return markdown_table(headers, [row])
 
 
+def run_selection_cost(repeats: int) -> tuple[str, str]:
+    """HiRED's selection (scores in, keep masks out) at LLaVA-NeXT-7B's layout against the CLIP
+    ViT-L/14-336 tower it follows: 672 px images = 5 partitions of 576 tokens (2,928 positions),
+    batch 1 and 8, 20% budget; ``cls`` (reference) and ``diverse`` (4,096-wide projected features,
+    LLaVA-NeXT-7B's). Tower: one 336 px partition forward, x 5 per image."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    model, processor = build(SIZES["full"])  # 336 px / patch 14: the 7B's 576 tokens per partition
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tower = CLIPVisionModel(CLIPVisionConfig(**CLIP_L_336)).eval()
+    pixels = torch.randn(1, 3, 336, 336)
+    with torch.inference_mode():
+        forward = measure(functools.partial(tower, pixels), repeats=repeats, warmup=1)
+    per_image = 5 * forward.median_s
+    rows = []
+    for batch in (1, 8):
+        images = [tiny_image(672, 672, seed=i) for i in range(batch)]
+        sizes = processor(images=images, text=[PROMPT] * batch, return_tensors="pt", padding=True)["image_sizes"]
+        for selection in ("cls", "diverse"):
+            config = HiREDConfig(budget=TokenBudget(ratio=0.2), selection=selection)
+            with apply_hired(model, config) as handle:
+                layout = handle.hired.batch_layout(sizes, batch, 5 * batch, 576)
+                content, select = torch.rand(5 * batch, 576), torch.rand(5 * batch, 576)
+                feats = torch.randn(batch, max(layout.lengths), 4096) if selection == "diverse" else None
+                with torch.inference_mode():
+                    run = functools.partial(hired_select.select_batch, layout, content, select, 0.2, True, feats)
+                    t = measure(run, repeats=repeats, warmup=1)
+            sel = t.median_s
+            rows.append([batch, selection, f"{sel:.3g} ({min(t.times_s):.3g}-{max(t.times_s):.3g})", sel / batch,
+                         f"{100 * sel / (batch * per_image):.3g}%"])  # fmt: skip
+    headers = ["batch", "selection", "selection s (min-max)", "per image s", "% of the tower (5 partitions/image)"]
+    notes = (f"CLIP ViT-L/14-336 forward, one partition: {forward.median_s:.3g} s (median of {repeats}, "
+             f"{min(forward.times_s):.3g}-{max(forward.times_s):.3g}); a 672 px image = 5 partitions, so "
+             f"{per_image:.3g} s of tower per image. Selection = `hired_select.select_batch` on the cached layout "
+             f"(crop ranking, exact budget split, per-partition top-k or greedy max-min, newlines), HiRED 20%, "
+             f"{torch.get_num_threads()} thread(s).")  # fmt: skip
+    return markdown_table(headers, rows), notes
+
+
+def run_ttft_peers(repeats: int) -> tuple[str, str]:
+    """TTFT (generate one token) at batch 1 on the `full` size: dense, HiRED and FastV (K = 2,
+    ``mode="prune"``) at 50% and 20%, each on its own copy of the model, by ``harness.compare``."""
+    model, processor = build(SIZES["full"])
+    size = SIZES["full"]["image_size"]
+    inputs = processor(images=[tiny_image(2 * size, 2 * size, seed=0)], text=[PROMPT], return_tensors="pt")
+    variants: dict[str, Callable[[], None]] = {}
+    handles = []
+
+    def ttft(m: torch.nn.Module) -> Callable[[], None]:
+        return functools.partial(m.generate, **inputs, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+
+    variants["dense"] = ttft(model)
+    for r in (0.5, 0.2):
+        hired, fastv = copy.deepcopy(model), copy.deepcopy(model)
+        handles += [apply_hired(hired, HiREDConfig(budget=TokenBudget(ratio=r))),
+                    apply_fastv(fastv, FastVConfig(budget=TokenBudget(ratio=r), k=FASTV_K))]  # fmt: skip
+        variants[f"HiRED {r:.0%}"], variants[f"FastV K={FASTV_K} {r:.0%}"] = ttft(hired), ttft(fastv)
+    try:
+        with torch.inference_mode():
+            result = compare(variants, repeats=repeats, warmup=1)
+    finally:
+        for h in handles:
+            h.remove()
+    rows = [[name, c.time_text(), "1 (baseline)" if name == "dense" else c.ratio_text()] for name, c in result.items()]
+    t = model.config.text_config
+    notes = (f"`full` size (CLIP 12 x 96 at 336 px, Llama {t.num_hidden_layers} x {t.hidden_size}), one 672 px image "
+             f"= 2,928 visual tokens, batch 1, TTFT = generate(max_new_tokens=1), fp32, {torch.get_num_threads()} "
+             f"thread(s); {repeats} interleaved rounds by harness.compare (median, min-max, ~noise where the time "
+             f"ranges overlap). FastV keeps every token in layers 0..{FASTV_K - 1} of {t.num_hidden_layers} (a 7B has 32) "
+             f"and in the vision tower; HiRED drops them before the language model.")  # fmt: skip
+    return markdown_table(["variant", "TTFT s (min-max)", "speed-up (min-max)"], rows), notes
+
+
 @contextlib.contextmanager
 def within_partition_baseline(kind: str, seed: int = 0) -> Iterator[None]:
     """While active, HiRED's per-partition budgets stand but the tokens inside each partition are
     chosen at random (``"random"``) or evenly spaced in raster order (``"uniform"``) instead of by
-    [CLS] attention. Newline handling is HiRED's."""
-    original = select_visual_tokens
+    [CLS] attention. Newline handling is HiRED's. (A host loop: an evaluation baseline only.)"""
     gen = torch.Generator().manual_seed(seed)
 
-    def select(partition, content, select_scores, budget, *args, **kwargs):
-        counts = original(partition, content, select_scores, budget, *args, **kwargs).kept_per_partition
-        scores = torch.zeros(partition.shape, dtype=torch.float64)
-        for p, k in enumerate(counts):
-            idx = (partition.cpu() == p).nonzero().squeeze(1)
-            n = idx.numel()
-            if k == 0:
-                continue
-            if kind == "random":
-                chosen = torch.randperm(n, generator=gen)[:k]
-            else:
-                chosen = ((torch.arange(k, dtype=torch.float64) + 0.5) * n / k).long().clamp_max(n - 1)
-            scores[idx[chosen]] = 1.0
-        return original(partition, content, scores, budget, *args, **kwargs)
+    def choose(partition: torch.Tensor, scores: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        keep = torch.zeros_like(partition, dtype=torch.bool)
+        for b in range(partition.shape[0]):
+            for p, k in enumerate(kept[b].tolist()):
+                idx = (partition[b] == p).nonzero().squeeze(1)
+                n = idx.numel()
+                if k == 0:
+                    continue
+                if kind == "random":
+                    chosen = torch.randperm(n, generator=gen)[:k]
+                else:
+                    chosen = ((torch.arange(k, dtype=torch.float64) + 0.5) * n / k).long().clamp_max(n - 1)
+                keep[b, idx[chosen]] = True
+        return keep
 
-    with mock.patch.object(hired_module, "select_visual_tokens", select):
+    with mock.patch.object(hired_select, "top_in_partition", choose):
         yield
 
 
-class FastV:
-    """FastV (Chen et al., 2024) on a LLaVA model for evaluation: at the prefill, the last prompt
-    token's attention in decoder layer ``k - 1`` (heads averaged) ranks the ``<image>`` positions
-    of each row; the top ``ratio`` of them stay, the rest are masked out of the keys of layers
-    ``k``.. for the prefill and every decode step, which gives the outputs of FastV's dropping
-    (kept tokens keep their positions; layers < k see everything). Needs eager attention (it
-    reads the weights); costs nothing less than dense here: it measures quality only."""
-
-    def __init__(self, model: torch.nn.Module, ratio: float, k: int = FASTV_K) -> None:
-        self.model, self.ratio, self.k = model, ratio, k
-        self.layers = model.get_decoder().layers
-        if not 1 <= k < len(self.layers):
-            raise ValueError(f"k must be in [1, {len(self.layers) - 1}], got {k}")
-        self.pruned: torch.Tensor | None = None  # (B, prompt_len) bool
-        self.input_ids: torch.Tensor | None = None
-        self.kept: list[int] = []
-        self.hooks: list[Any] = []
-
-    def __enter__(self) -> FastV:
-        self.old_impl = self.model.config._attn_implementation
-        self.model.set_attn_implementation("eager")
-        self.hooks.append(self.model.register_forward_pre_hook(self._start, with_kwargs=True))
-        self.hooks.append(self.layers[self.k - 1].self_attn.register_forward_hook(self._rank))
-        for layer in self.layers[self.k :]:
-            self.hooks.append(layer.self_attn.register_forward_pre_hook(self._mask, with_kwargs=True))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self.hooks:
-            h.remove()
-        self.model.set_attn_implementation(self.old_impl)
-
-    def _start(self, module, args, kwargs):
-        cache = kwargs.get("cache")
-        cache = kwargs.get("past_key_values") if cache is None else cache
-        if cache is None or cache.get_seq_length() == 0:
-            self.input_ids, self.pruned = kwargs.get("input_ids"), None
-
-    def _rank(self, module, args, output):
-        if self.pruned is not None or self.input_ids is None:
-            return
-        weights = output[1]  # (B, H, Q, K): the prefill's
-        if weights is None:
-            raise RuntimeError("FastV needs attention weights (eager attention)")
-        row = weights[:, :, -1, :].float().mean(1)  # (B, K)
-        is_image = self.input_ids == self.model.config.image_token_id
-        pruned = torch.zeros_like(is_image)
-        for b in range(row.shape[0]):
-            idx = is_image[b].nonzero().squeeze(1)
-            keep = TokenBudget(ratio=self.ratio).resolve(idx.numel())
-            order = torch.sort(row[b, idx], descending=True, stable=True).indices
-            pruned[b, idx[order[keep:]]] = True
-            self.kept.append(keep)
-        self.pruned = pruned
-
-    def _mask(self, module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        if self.pruned is None:
-            return None
-        if mask is None or mask.dtype == torch.bool:
-            raise RuntimeError("FastV expects eager's additive float attention mask")
-        cols = torch.zeros(mask.shape[0], mask.shape[-1], dtype=torch.bool, device=mask.device)
-        cols[:, : self.pruned.shape[1]] = self.pruned.to(mask.device)
-        kwargs["attention_mask"] = mask.masked_fill(cols[:, None, None, :], torch.finfo(mask.dtype).min)
-        return args, kwargs
+def _verdict(name: str, value: float, seeds: list[float]) -> str:
+    low, high = min(seeds), max(seeds)
+    where = "above every seed" if value > high else "below every seed" if value < low else "within the seeds"
+    return f"{name} {value:.3f} vs random {low:.3f}-{high:.3f}: {where}"
 
 
-def run_fidelity(quick: bool) -> tuple[str, str]:
-    """Task quality of the zoo's Shapes VLM per HiRED budget (dense = no HiRED), with baselines."""
+def run_fidelity(quick: bool, zoo_path: str | None = None) -> tuple[str, str, list[str]]:
+    """Task quality of a zoo Shapes VLM per budget: HiRED (reference [CLS] selection), HiRED with
+    ``selection="diverse"``, FastV, and random / uniform choices inside HiRED's budgets."""
     from mmaccel.apps.zoo.shapes_vlm import evaluate, load
     from mmaccel.vlm.api import load_vlm
 
     n_questions, n_captions = (50, 25) if quick else (200, 100)
-    model, processor = load()
+    model, processor = load(zoo_path)
     variants: list[tuple[str, HiREDConfig | None, Any]] = [("dense (no HiRED)", None, None)]
-    variants += [(f"HiRED {r:.0%}", HiREDConfig(budget=TokenBudget(ratio=r)), None) for r in FIDELITY_BUDGETS]
+    variants.append(("HiRED 100%", HiREDConfig(budget=TokenBudget(ratio=1.0)), None))
     for r in BASELINE_BUDGETS:
         config = HiREDConfig(budget=TokenBudget(ratio=r))
+        fastv = FastVConfig(budget=TokenBudget(ratio=r), k=FASTV_K, mode="mask")  # quality only: prune's outputs
         variants += [
-            (
-                f"HiRED {r:.0%} crop_regions=tiles",
-                HiREDConfig(budget=TokenBudget(ratio=r), crop_regions="tiles"),
-                None,
-            ),
-            *((f"random {r:.0%}" + (f" seed {seed}" if seed else ""), config,
-               lambda seed=seed: within_partition_baseline("random", seed)) for seed in RANDOM_SEEDS),
+            (f"HiRED {r:.0%}", config, None),
+            (f"HiRED diverse {r:.0%}", HiREDConfig(budget=TokenBudget(ratio=r), selection="diverse"), None),
+            *((f"random {r:.0%} seed {seed}", config, lambda seed=seed: within_partition_baseline("random", seed))
+              for seed in RANDOM_SEEDS),
             (f"uniform spatial {r:.0%}", config, lambda: within_partition_baseline("uniform")),
-            (f"FastV K={FASTV_K} {r:.0%}", None, lambda r=r: FastV(model, r)),
-        ]
-    rows, random_runs = [], {}
+            (f"FastV K={FASTV_K} {r:.0%}", None, lambda fastv=fastv: apply_fastv(model, fastv)),
+        ]  # fmt: skip
+    rows, results = [], {}
     for name, config, baseline in tqdm(variants, desc="hired fidelity"):
         vlm = load_vlm(model, processor=processor, hired=config)
         try:
             with baseline() if baseline is not None else contextlib.nullcontext() as active:
                 m = evaluate(vlm, n_questions=n_questions, n_captions=n_captions)
+                if isinstance(active, FastVHandle):  # positions the layers >= K still see
+                    s = active.stats.summary()
+                    m["visual tokens / image"] = s["image_tokens_after"] / s["sequences"]
         finally:
             vlm.remove_hired()
-        visual = m["visual tokens / image"]
-        if isinstance(active, FastV):  # positions the layers >= K still see
-            visual = statistics.mean(active.kept)
-        rows.append([name, f"{visual:.1f}", f"{m['QA accuracy']:.3f}", f"{m['CHAIR_i']:.3f}",
+        results[name] = m
+        rows.append([name, f"{m['visual tokens / image']:.1f}", f"{m['QA accuracy']:.3f}", f"{m['CHAIR_i']:.3f}",
                      f"{m['CHAIR_s']:.3f}", f"{m['object recall']:.3f}", f"{m['caption exact match']:.3f}"])  # fmt: skip
-        if name.startswith("random "):
-            random_runs.setdefault(name.split()[1], []).append((visual, m))
-    for budget, runs in random_runs.items():  # the seed spread that HiRED's margins are read against
+    checks = []
+    for r in BASELINE_BUDGETS:  # the seed spread that every rule is read against
+        runs = [results[f"random {r:.0%} seed {seed}"] for seed in RANDOM_SEEDS]
         cells = []
         for key in ("QA accuracy", "CHAIR_i", "CHAIR_s", "object recall", "caption exact match"):
-            values = [m[key] for _, m in runs]
+            values = [m[key] for m in runs]
             cells.append(f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})")
-        rows.append([f"random {budget}, {len(runs)} seeds: mean (min-max)",
-                     f"{statistics.mean(v for v, _ in runs):.1f}", *cells])  # fmt: skip
-    headers = [
-        "variant",
-        "visual tok/img",
-        "QA accuracy",
-        "CHAIR_i",
-        "CHAIR_s",
-        "object recall",
-        "caption exact",
-    ]
-    notes = (f"Zoo model `shapes-vlm` (trained LLaVA-NeXT, 2-5 anyres partitions of 64 tokens), held-out scenes: "
+        rows.append([f"random {r:.0%}, {len(runs)} seeds: mean (min-max)",
+                     f"{statistics.mean(m['visual tokens / image'] for m in runs):.1f}", *cells])  # fmt: skip
+        for rule in ("HiRED", "HiRED diverse", f"FastV K={FASTV_K}"):
+            m = results[f"{rule} {r:.0%}"]
+            checks.append(f"{rule} {r:.0%}: " + "; ".join(
+                _verdict(key, m[key], [x[key] for x in runs]) for key in ("QA accuracy", "object recall")))  # fmt: skip
+    headers = ["variant", "visual tok/img", "QA accuracy", "CHAIR_i", "CHAIR_s", "object recall", "caption exact"]
+    label = zoo_path or "shapes-vlm"
+    notes = (f"Zoo model `{label}` (trained LLaVA-NeXT, 2-5 anyres partitions of 64 tokens), held-out scenes: "
              f"{n_questions} questions (count / is-there / colour / shape / total, exact match) and {n_captions} "
              f"greedy captions; CHAIR over the 16 colour+shape categories (count errors are not hallucinations), "
              f"recall = ground-truth categories mentioned. Visual tokens per image are the LLM positions kept, "
              f"row newlines included; HiRED alpha 0.5, crop split as the reference (base image's layer-0 [CLS] "
-             f"top tokens counted per strip). random / uniform spatial: HiRED's per-partition budgets, tokens inside "
-             f"a partition chosen at random (seeds {RANDOM_SEEDS[0]}-{RANDOM_SEEDS[-1]}; the mean row gives their spread) / evenly spaced in raster order. FastV: the last prompt "
-             f"token's layer-{FASTV_K - 1} attention (0-based, heads averaged) ranks all <image> positions "
-             f"(newlines included), the rest are masked from layers {FASTV_K}..{model.config.text_config.num_hidden_layers - 1}; "
-             f"its tok/img column is what those layers see (layers < {FASTV_K} see all).")  # fmt: skip
-    return markdown_table(headers, rows), notes
+             f"top tokens counted per strip). HiRED diverse: the same per-partition budgets, tokens picked by "
+             f"DivPrune's greedy max-min cosine diversity of the projected features. random / uniform spatial: "
+             f"the same budgets, tokens inside a partition chosen at random (seeds {RANDOM_SEEDS[0]}-"
+             f"{RANDOM_SEEDS[-1]}; the mean row gives their spread) / evenly spaced in raster order. FastV "
+             f"(`apply_fastv`, K={FASTV_K}): the last prompt token's layer-{FASTV_K - 1} attention (0-based, heads "
+             f"averaged) ranks all <image> positions (newlines included), the rest are masked (`mode='mask'`, "
+             f"the outputs of the default `'prune'`) from layers "
+             f"{FASTV_K}..{model.config.text_config.num_hidden_layers - 1}; its tok/img column is what those "
+             f"layers see (layers < {FASTV_K} see all).")  # fmt: skip
+    return markdown_table(headers, rows), notes, checks
 
 
 def main() -> None:
@@ -512,6 +527,9 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch intra-op threads (default 1, see above)"
     )
     parser.add_argument("--fidelity-only", action="store_true", help="only the zoo-model fidelity section")
+    parser.add_argument("--selection-cost", action="store_true", help="only the selection-vs-tower timing")
+    parser.add_argument("--ttft-peers", action="store_true", help="only TTFT of dense / HiRED / FastV, batch 1")
+    parser.add_argument("--zoo-path", default=None, help="a shapes-vlm folder to judge (default: the committed one)")
     parser.add_argument(
         "--repeats", type=int, default=MIN_REPEATS, help=f"interleaved rounds (>= {MIN_REPEATS})"
     )
@@ -521,13 +539,26 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     size = "quick" if args.quick else "full"
     print(f"Machine: {machine_description()}", flush=True)
-    fidelity, fidelity_notes = run_fidelity(args.quick)
-    print(f"\nFidelity on the zoo model shapes-vlm\n\n{fidelity}\n\n{fidelity_notes}\n")
+    if args.ttft_peers:
+        table, notes = run_ttft_peers(args.repeats)
+        print(f"\n{table}\n\n{notes}\n")
+        if args.write:
+            append_results("TTFT: dense vs HiRED vs FastV (prune), full size, batch 1", table, notes=notes, path=RESULTS)
+        return
+    if args.selection_cost:
+        table, notes = run_selection_cost(args.repeats)
+        print(f"\n{table}\n\n{notes}\n")
+        if args.write:
+            append_results("HiRED selection cost vs the CLIP ViT-L/14-336 tower", table, notes=notes, path=RESULTS)
+        return
+    fidelity, fidelity_notes, verdicts = run_fidelity(args.quick, args.zoo_path)
+    label = args.zoo_path or "shapes-vlm"
+    print(f"\nFidelity on the zoo model {label}\n\n{fidelity}\n\n{fidelity_notes}\n")
+    print("\n".join(verdicts))
     if args.write:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        append_results(
-            f"HiRED fidelity, zoo shapes-vlm ({size})", fidelity, notes=fidelity_notes, path=RESULTS
-        )
+        append_results(f"HiRED / diverse / FastV fidelity, zoo {label} ({size})", fidelity,
+                       notes=fidelity_notes + "\n\n" + "\n".join(f"- {v}" for v in verdicts), path=RESULTS)  # fmt: skip
     if args.fidelity_only:
         return
     table, desc, checks = run_model(size, args.repeats)

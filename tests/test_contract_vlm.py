@@ -1,4 +1,4 @@
-"""The technique contract (docs/architecture.md) for HiRED, VISTA and attention rebalancing,
+"""The technique contract (docs/architecture.md) for HiRED, FastV, VISTA and attention rebalancing,
 checked by ``mmaccel.testing.check_technique_contract`` on the tiny LLaVA / LLaVA-NeXT."""
 
 from __future__ import annotations
@@ -10,11 +10,14 @@ from mmaccel.testing import check_technique_contract, tiny_image, tiny_llava, ti
 from mmaccel.vlm import (
     AttentionBalanceConfig,
     AttentionBalanceHandle,
+    FastVConfig,
+    FastVHandle,
     HiREDConfig,
     HiREDHandle,
     VISTAConfig,
     VISTAHandle,
     apply_attention_balance,
+    apply_fastv,
     apply_hired,
     apply_vista,
 )
@@ -25,12 +28,15 @@ PROMPTS = [
 ]
 TECHNIQUES = {
     "hired": (HiREDConfig, apply_hired, HiREDHandle),
+    "fastv": (FastVConfig, apply_fastv, FastVHandle),
     "vista": (VISTAConfig, apply_vista, VISTAHandle),
     "attention_balance": (AttentionBalanceConfig, apply_attention_balance, AttentionBalanceHandle),
 }
 CASES = [
     ("hired", "llava"),
     ("hired", "llava_next"),
+    ("fastv", "llava"),
+    ("fastv", "llava_next"),
     ("vista", "llava"),
     ("vista", "llava_next"),
     ("attention_balance", "llava"),  # LLaVA-NeXT is refused (NotImplementedError), see its docs
@@ -60,6 +66,8 @@ def test_technique_contract(technique, which):
     assert summary  # plain numbers, checked by the contract; a few technique-specific facts:
     if technique == "hired":
         assert summary["images"] == 2 and 0 < summary["kept_ratio"] < 1
+    elif technique == "fastv":
+        assert summary["prefills"] == 1 and summary["sequences"] == 2 and 0 < summary["kept_ratio"] < 1
     elif technique == "vista":
         assert summary["vectors_computed"] == 1 and summary["sla_mixes"] >= 4
     else:
@@ -76,4 +84,16 @@ def test_stats_reset_forgets_what_was_recorded():
         assert handle.stats.summary() == {
             "encodes": 0, "images": 0, "partitions": 0, "visual_tokens_before": 0, "visual_tokens_after": 0,
             "kept_ratio": None, "crop_budget_min": None, "crop_budget_max": None,
+        }  # fmt: skip
+
+
+def test_fastv_stats_reset_forgets_what_was_recorded():
+    model, processor = tiny_llava_next()
+    run = _greedy_run(model, processor, "llava_next")
+    with apply_fastv(model) as handle:
+        run()
+        assert handle.stats.summary()["sequences"] == 2
+        handle.stats.reset()
+        assert handle.stats.summary() == {
+            "prefills": 0, "sequences": 0, "image_tokens_before": 0, "image_tokens_after": 0, "kept_ratio": None,
         }  # fmt: skip

@@ -1,4 +1,4 @@
-"""Multimodal understanding: HiRED token dropping, VISTA steering, attention rebalancing, the VLM API."""
+"""Multimodal understanding: HiRED and FastV token dropping, VISTA steering, attention rebalancing, the VLM API."""
 
 if __name__ != "mmaccel.vlm":  # installed as mmaccel.vlm; a second copy must never load
     raise ImportError("import mmaccel.vlm, not the bare folder name 'vlm'")
@@ -11,6 +11,7 @@ from mmaccel.vlm.attention_balance import (
     apply_attention_balance,
 )
 from mmaccel.vlm.cls_attention import ClsAttentionRecorder, cls_attention_row
+from mmaccel.vlm.fastv import FastVConfig, FastVHandle, FastVStats, apply_fastv
 from mmaccel.vlm.hired import (
     HiREDConfig,
     HiREDHandle,
@@ -29,6 +30,10 @@ __all__ = [
     "ImageSelection",
     "apply_hired",
     "select_visual_tokens",
+    "FastVConfig",
+    "FastVHandle",
+    "FastVStats",
+    "apply_fastv",
     "cls_attention_row",
     "ClsAttentionRecorder",
     "shrink_placeholders",

@@ -16,7 +16,9 @@ counts work, and ``image_newline`` is kept after every row of the crop grid that
 one token (``keep_newlines=True``; the public code drops all). Newlines are layout markers, not
 visual tokens: they do not count against the budget. ``crop_regions="strips"`` (default) cuts the
 base image into the reference's contiguous raster strips; ``"tiles"`` uses the crops' real 2-D
-footprints.
+footprints. The selection runs for the whole batch on the model's device without host reads
+(:mod:`mmaccel.vlm.hired_select`); ``selection="diverse"`` picks tokens inside each partition's
+budget by max-min diversity of the projected features instead (DivPrune's rule).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +39,7 @@ from mmaccel.runtime.configs import resolve_config
 from mmaccel.runtime.patching import PatchHandle
 from mmaccel.runtime.stats import Stats
 from mmaccel.vlm.cls_attention import ClsAttentionRecorder
+from mmaccel.vlm.hired_select import NEWLINE, BatchLayout, ImageLayout, crop_regions_of, select_batch
 from mmaccel.vlm.placeholders import shrink_placeholders
 
 __all__ = [
@@ -50,7 +54,7 @@ __all__ = [
 ]
 
 CROP_REGIONS = ("strips", "tiles")
-NEWLINE = -1  # partition id marking LLaVA-NeXT's image_newline positions
+SELECTIONS = ("cls", "diverse")
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,9 @@ class HiREDConfig:
     ``crop_regions``: how the base image is cut into one region per crop when counting its
     top early-layer tokens: ``"strips"`` (reference code: contiguous runs of the flattened
     grid) or ``"tiles"`` (each crop's 2-D footprint on the base grid).
+    ``selection``: how tokens are picked inside each partition's budget: ``"cls"`` (reference:
+    highest ``select_layer`` [CLS] attention) or ``"diverse"`` (DivPrune's greedy max-min cosine
+    diversity of the projected features, Alvar et al., CVPR 2025; needs no attention scores).
     """
 
     budget: TokenBudget = field(default_factory=lambda: TokenBudget(ratio=0.2))
@@ -74,6 +81,7 @@ class HiREDConfig:
     select_layer: int | None = None
     keep_newlines: bool = True
     crop_regions: str = "strips"
+    selection: str = "cls"
 
     def __post_init__(self) -> None:
         if not isinstance(self.budget, TokenBudget):
@@ -94,20 +102,28 @@ class HiREDConfig:
             raise TypeError(f"keep_newlines must be a bool, got {type(self.keep_newlines).__name__}")
         if self.crop_regions not in CROP_REGIONS:
             raise ValueError(f"crop_regions must be one of {CROP_REGIONS}, got {self.crop_regions!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
 
 
 @dataclass(frozen=True)
 class ImageSelection:
-    """What HiRED kept of one image: ``keep`` masks the image's LLM positions (newlines included)."""
+    """What HiRED kept of one image: ``keep`` masks the image's LLM positions (newlines included),
+    ``kept`` (partitions,) counts the tokens kept per partition. Both stay on the model's device;
+    the int properties read them on the host when asked."""
 
     keep: torch.Tensor
     budget: int
-    kept_per_partition: tuple[int, ...]
+    kept: torch.Tensor
     tokens_per_partition: tuple[int, ...]
 
     @property
+    def kept_per_partition(self) -> tuple[int, ...]:
+        return tuple(self.kept.tolist())
+
+    @property
     def partitions(self) -> int:
-        return len(self.kept_per_partition)
+        return len(self.tokens_per_partition)
 
     @property
     def tokens_before(self) -> int:
@@ -141,19 +157,7 @@ def crop_content_counts(
     top = torch.zeros(n, dtype=torch.bool)
     if k > 0:
         top[torch.topk(base_content.double().cpu(), k).indices] = True
-    j = torch.arange(n)
-    if regions == "strips":
-        region = j * crops // n
-    elif regions == "tiles":
-        if grid is None or grid[0] * grid[1] != crops:
-            raise ValueError(f"grid must be (rows, cols) with rows * cols = {crops} crops, got {grid!r}")
-        g = math.isqrt(n)
-        if g * g != n:
-            raise ValueError(f"crop_regions='tiles' needs a square base grid, got {n} tokens")
-        rows, cols = grid
-        region = (j // g * rows // g) * cols + (j % g) * cols // g
-    else:
-        raise ValueError(f"crop_regions must be one of {CROP_REGIONS}, got {regions!r}")
+    region = crop_regions_of(n, crops, regions, grid)
     return torch.zeros(crops, dtype=torch.float64).index_add_(0, region[top], torch.ones(k, dtype=torch.float64))
 
 
@@ -167,7 +171,10 @@ def select_visual_tokens(
     crop_regions: str = "strips",
     grid: tuple[int, int] | None = None,
 ) -> ImageSelection:
-    """HiRED's selection for one image laid out as the LLM sees it.
+    """HiRED's selection for one image laid out as the LLM sees it (the rule, on the host).
+
+    :class:`HiREDPatch` runs the batched device version (:mod:`mmaccel.vlm.hired_select`), which
+    the tests hold equal to this one.
 
     ``partition`` (L,) long: 0 = base image, 1..P-1 = crops, ``NEWLINE`` (-1) = row-end
     newline; ``content`` / ``select`` (L,): early- / feature-layer [CLS] attention of each
@@ -203,7 +210,7 @@ def select_visual_tokens(
         rows_with_kept = torch.zeros(int(row.max()) + 1, dtype=torch.bool)
         rows_with_kept[row[in_row & keep]] = True
         keep[newline] = rows_with_kept[row[newline]]
-    return ImageSelection(keep, total, tuple(kept.tolist()), tuple(sizes.tolist()))
+    return ImageSelection(keep, total, kept, tuple(sizes.tolist()))
 
 
 class HiREDPatch:
@@ -222,9 +229,10 @@ class HiREDPatch:
         if select is None:
             select = llava.feature_layer_index(model, n, "HiREDConfig.select_layer")
         self.select_layer = llava.layer_index("select_layer", select, n)
-        self.recorder = ClsAttentionRecorder(
-            [layer.self_attn for layer in layers], [self.content_layer, self.select_layer]
-        )
+        scored = [self.content_layer] if config.selection == "diverse" else [self.content_layer, self.select_layer]
+        self.recorder = ClsAttentionRecorder([layer.self_attn for layer in layers], scored)
+        self._layouts: dict[tuple[Any, ...], ImageLayout] = {}  # per image size: the layout is host-only
+        self._batches: OrderedDict[tuple[Any, ...], BatchLayout] = OrderedDict()  # per batch, on the device
         self.image_token_id = llava.image_token_id(model)
         self.pad_token_id = llava.pad_token_id(model)  # re-padded positions are masked out
         self.last_selections: list[ImageSelection] = []
@@ -256,56 +264,80 @@ class HiREDPatch:
             out = self._orig_features(**call)
         finally:
             self.recorder.active = False
-        content = self.recorder.scores[self.content_layer][:, 1:]  # drop [CLS] as the features do
-        select = self.recorder.scores[self.select_layer][:, 1:]
+        scores = self.recorder.scores
+        content = scores[self.content_layer][:, 1:]  # drop [CLS] as the features do
+        select = scores[self.select_layer][:, 1:] if self.select_layer in scores else None
         self.recorder.reset()
         features = list(out.pooler_output)
-        metas = self._layout(content, select, image_sizes, len(features))
-        grids = (
-            [llava.anyres_grid(self.model, s) for s in image_sizes]
-            if self.is_next and image_sizes is not None
-            else [None] * len(metas)
-        )
         cfg = self.config
-        selections = [
-            select_visual_tokens(
-                m[:, 0].round().long(), m[:, 1], m[:, 2], cfg.budget, cfg.alpha, cfg.keep_newlines,
-                cfg.crop_regions, grid,
-            )  # fmt: skip
-            for m, grid in zip(metas, grids)
-        ]
-        for i, (feat, sel) in enumerate(zip(features, selections)):
-            if feat.shape[0] != sel.keep.numel():
-                raise RuntimeError(
-                    f"image {i}: {feat.shape[0]} features but a {sel.keep.numel()}-token layout"
-                )
-            features[i] = feat[sel.keep.to(feat.device)]
+        layout = self.batch_layout(image_sizes, len(features), content.shape[0], content.shape[1], content.device)
+        for i, feat in enumerate(features):
+            if feat.shape[0] != layout.lengths[i]:
+                raise RuntimeError(f"image {i}: {feat.shape[0]} features but a {layout.lengths[i]}-token layout")
+        packed = None
+        if cfg.selection == "diverse":
+            packed = nn.utils.rnn.pad_sequence(features, batch_first=True)
+        keep, kept = select_batch(layout, content, select, cfg.alpha, cfg.keep_newlines, packed)
+        # The one host read: how many positions each image keeps, when kept newlines make it
+        # depend on the selection; otherwise it is the budget.
+        counts = keep.sum(1).tolist() if cfg.keep_newlines and layout.has_newlines else list(layout.totals)
+        order = torch.sort(keep.to(torch.uint8), dim=1, descending=True, stable=True).indices
+        selections = []
+        for i, (feat, sizes) in enumerate(zip(features, layout.part_sizes)):
+            features[i] = feat.index_select(0, order[i, : counts[i]].to(feat.device))
+            selections.append(ImageSelection(keep[i, : layout.lengths[i]], layout.totals[i], kept[i, : len(sizes)], sizes))
         out.pooler_output = features
         self.last_selections = selections
-        self.stats.record(selections)
+        self.stats.record(selections, counts)
         return out, selections
 
-    def _layout(
-        self, content: torch.Tensor, select: torch.Tensor, image_sizes: torch.Tensor | None, n_images: int
-    ) -> list[torch.Tensor]:
-        """Per image, (L, 3) rows [partition, content score, select score] in the LLM's token order."""
-        if not self.is_next:
-            if content.shape[0] != n_images:
+    def batch_layout(
+        self, image_sizes: torch.Tensor | None, n_images: int, passes: int, n: int, device: Any = "cpu"
+    ) -> BatchLayout:
+        """The batch's packed layouts and budgets on ``device``: built on the host from the image
+        sizes (per image size, cached) and kept per batch shape and device (LRU, 64 entries), so a
+        repeated batch shape neither rebuilds nor copies anything."""
+        if not self.is_next or image_sizes is None:
+            if passes != n_images:
                 raise NotImplementedError(
                     "HiRED on LLaVA supports one tower pass per image (no image_sizes split)"
                 )
-            zeros = torch.zeros_like(content)
-            return list(torch.stack([zeros, content, select], -1).double())
-        counts = llava.partitions_per_image(self.model, image_sizes)
-        metas = []
-        for c, s in zip(content.split(counts), select.split(counts)):
-            part = torch.arange(c.shape[0], dtype=c.dtype, device=c.device)[:, None].expand_as(c)
-            metas.append(torch.stack([part, c, s], -1).double())
-        marker = torch.tensor([NEWLINE, 0.0, 0.0], dtype=torch.float64, device=content.device)
-        packed, _ = self.base.pack_image_features(
-            metas, image_sizes, vision_feature_select_strategy="default", image_newline=marker
-        )
-        return [p.cpu() for p in packed]
+            keys = ((None, 1, n),) * n_images
+        else:
+            sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else [list(x) for x in image_sizes]
+            counts = llava.partitions_per_image(self.model, sizes)
+            keys = tuple((tuple(int(v) for v in size), c, n) for size, c in zip(sizes, counts))
+        key = (keys, str(device))
+        if key in self._batches:
+            self._batches.move_to_end(key)
+            return self._batches[key]
+        images = [self._image_layout(*k) for k in keys]
+        layout = BatchLayout.build(images, n, self.config.budget, self.config.alpha).to(device)
+        self._batches[key] = layout
+        if len(self._batches) > 64:
+            self._batches.popitem(last=False)
+        return layout
+
+    def _image_layout(self, size: tuple[int, ...] | None, parts: int, n: int) -> ImageLayout:
+        key = (size, parts, n)
+        if key not in self._layouts:
+            if size is None:
+                part, source = torch.zeros(n, dtype=torch.long), torch.arange(n)
+            else:  # the model's own packing, applied to [partition, index] pairs on the host
+                meta = torch.stack([torch.arange(parts).repeat_interleave(n), torch.arange(parts * n)], -1)
+                marker = torch.tensor([NEWLINE, 0], dtype=torch.float64)
+                (packed,), _ = self.base.pack_image_features(
+                    [meta.double().view(parts, n, 2)], torch.tensor([size]), vision_feature_select_strategy="default",
+                    image_newline=marker,
+                )  # fmt: skip
+                part, source = packed[:, 0].long(), packed[:, 1].long()
+            if parts == 1:
+                region = torch.zeros(n, dtype=torch.long)
+            else:
+                grid = llava.anyres_grid(self.model, list(size)) if self.config.crop_regions == "tiles" else None
+                region = crop_regions_of(n, parts - 1, self.config.crop_regions, grid)
+            self._layouts[key] = ImageLayout.of(part, source, region)
+        return self._layouts[key]
 
     def get_image_features(self, *args: Any, **kwargs: Any) -> Any:
         bound = inspect.signature(self._orig_features).bind(*args, **kwargs)
@@ -371,7 +403,8 @@ class HiREDPatch:
 
 class HiREDStats(Stats):
     """What HiRED kept since the last :meth:`reset`: images encoded, visual tokens (LLM positions,
-    newlines included) before / after, partitions, and the spread of crop budgets."""
+    newlines included) before / after, partitions, and the spread of crop budgets. Device counts
+    are summed on the device and read on the host only by :meth:`summary`."""
 
     def __init__(self) -> None:
         self.reset()
@@ -382,32 +415,29 @@ class HiREDStats(Stats):
         self.partitions = 0
         self.tokens_before = 0
         self.tokens_after = 0
-        self.crop_budget_min: int | None = None
-        self.crop_budget_max: int | None = None
+        self._crops: list[torch.Tensor] = []  # device tensors, read by summary()
 
-    def record(self, selections: list[ImageSelection]) -> None:
+    def record(self, selections: list[ImageSelection], counts: list[int]) -> None:
+        """One encode: its selections and the positions each image kept (host ints)."""
         self.encodes += 1
-        for sel in selections:
-            self.images += 1
-            self.partitions += sel.partitions
-            self.tokens_before += sel.tokens_before
-            self.tokens_after += sel.tokens_after
-            crops = sel.kept_per_partition[1:]
-            if crops:
-                low, high = min(crops), max(crops)
-                self.crop_budget_min = low if self.crop_budget_min is None else min(self.crop_budget_min, low)
-                self.crop_budget_max = high if self.crop_budget_max is None else max(self.crop_budget_max, high)
+        self.images += len(selections)
+        self.partitions += sum(s.partitions for s in selections)
+        self.tokens_before += sum(int(s.keep.shape[0]) for s in selections)
+        self.tokens_after += sum(counts)
+        self._crops += [s.kept[1:] for s in selections if s.partitions > 1]
 
     def summary(self) -> dict[str, int | float | None]:
+        after = self.tokens_after
+        crops = torch.cat([c.cpu() for c in self._crops]) if self._crops else None
         return {
             "encodes": self.encodes,
             "images": self.images,
             "partitions": self.partitions,
             "visual_tokens_before": self.tokens_before,
-            "visual_tokens_after": self.tokens_after,
-            "kept_ratio": self.tokens_after / self.tokens_before if self.tokens_before else None,
-            "crop_budget_min": self.crop_budget_min,
-            "crop_budget_max": self.crop_budget_max,
+            "visual_tokens_after": after,
+            "kept_ratio": after / self.tokens_before if self.tokens_before else None,
+            "crop_budget_min": int(crops.min()) if crops is not None else None,
+            "crop_budget_max": int(crops.max()) if crops is not None else None,
         }
 
 

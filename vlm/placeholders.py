@@ -55,23 +55,25 @@ def shrink_placeholders(
     side = padding_side or padding_side_of(attention_mask)
     if side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
-    token_keep = torch.ones_like(input_ids, dtype=torch.bool)
-    token_keep[placeholders] = keep.to(input_ids.device, torch.bool)
+    # Scatter ``keep`` into the placeholder positions (row-major) and compact each row with
+    # gathers and scatters: no boolean indexing, so the only value read is the new length.
+    slot = (placeholders.flatten().long().cumsum(0) - 1).clamp_min(0).view_as(input_ids)
+    flat_keep = keep.to(input_ids.device, torch.bool)
+    token_keep = ~placeholders | (flat_keep[slot] if n else torch.zeros_like(placeholders))
     lengths = token_keep.sum(1)
     new_len = int(lengths.max())
     target = token_keep.long().cumsum(1) - 1  # position of each kept token in its new row
     if side == "left":
         target = target + (new_len - lengths)[:, None]
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(input_ids)
+    target = torch.where(token_keep, target, torch.full_like(target, new_len))  # dropped: a spare column
 
     def gather(x: torch.Tensor, pad: int) -> torch.Tensor:
         if x.shape != input_ids.shape:
             raise ValueError(
                 f"per-token tensors must match input_ids {tuple(input_ids.shape)}, got {tuple(x.shape)}"
             )
-        out = x.new_full((x.shape[0], new_len), pad)
-        out[rows[token_keep], target[token_keep]] = x[token_keep]
-        return out
+        out = x.new_full((x.shape[0], new_len + 1), pad)
+        return out.scatter_(1, target, x)[:, :new_len]
 
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)

@@ -418,9 +418,11 @@ def train(
     lr: float = 2e-3,
     cls_objective: bool = True,
     vision_steps: int = 4000,
+    name: str = NAME,
 ) -> dict[str, float | int | str]:
     """Train from scratch on fresh scenes (AdamW, warm-up + cosine, loss on answer tokens only,
-    teacher forcing), evaluate on the held-out set, save model + processor and the model card.
+    teacher forcing), evaluate on the held-out set, save model + processor and the model card
+    (of zoo entry ``name``: the same recipe is registered under other seeds too).
     The vision tower is first pretrained alone for ``vision_steps`` (:func:`pretrain_vision`, with
     its [CLS] objective when ``cls_objective``)."""
     from mmaccel.apps.zoo.card import write_model_card
@@ -445,7 +447,7 @@ def train(
         opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
     )
     model.train()
-    bar = tqdm(range(steps), desc=f"train {NAME}", disable=not progress)
+    bar = tqdm(range(steps), desc=f"train {name}", disable=not progress)
     for _ in bar:
         loss = model(**_training_batch(processor, rng, batch_size)).loss
         opt.zero_grad(set_to_none=True)
@@ -466,7 +468,7 @@ def train(
     processor.save_pretrained(output)
     write_model_card(
         output,
-        name=NAME,
+        name=name,
         summary="A tiny LLaVA-NeXT that captions and answers questions about synthetic scenes of "
         "coloured shapes. mmaccel uses it to measure what HiRED token dropping and VISTA steering "
         "do to answers and object hallucination (CHAIR), with exact ground truth.",
