@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from mmaccel.apps.demo_timing import gain_words, warm_compare
+from mmaccel.runtime.checkpoint_io import check_weight_files
 from mmaccel.runtime.images import PIL_MAX_PIXELS, open_image
 from mmaccel.runtime.limits import as_int, check_prompt
 from mmaccel.runtime.metrics import psnr
@@ -290,6 +291,7 @@ def _existing(path: str, flag: str, accepted: tuple[str, ...]) -> str:
     if not Path(path).is_dir():
         raise FileNotFoundError(f"{flag} {path!r} is not a folder saved with save_pretrained")
     check_model_folder(path, flag=flag, accepted=accepted)
+    check_weight_files(path, flag=flag)
     return path
 
 

@@ -9,6 +9,9 @@ behind a SHA-256 header (:mod:`mmaccel.runtime.checkpoint_io`) and each rank kee
 three: ranks can be at most one checkpoint apart when a peer dies, and a corrupt newest file
 falls back to the one before it. Files hold only tensors and plain values and are read with
 ``torch.load(weights_only=True)``.
+
+A fresh run never replaces an earlier run's checkpoints silently: :func:`check_fresh_start`
+refuses a folder that holds some unless ``--resume`` (continue) or ``--overwrite`` (start over).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch import Tensor
 from mmaccel.runtime.checkpoint_io import load_verified, newest_valid, save_verified, settings_diff, verify
 
 __all__ = [
-    "KINDS", "available_steps", "clear", "load_iteration", "load_step", "newest_loadable_step",
+    "KINDS", "available_steps", "check_fresh_start", "clear", "load_iteration", "load_step", "newest_loadable_step",
     "restore_scheduler", "save_iteration", "save_step", "scheduler_state",
 ]  # fmt: skip
 
@@ -168,6 +171,27 @@ def load_iteration(
     """Pipeline mode: this rank's driver state after ``iteration`` iterations; ``ValueError``
     naming the settings that differ if another run wrote it."""
     return _load_matching(directory, rank, world_size, iteration, meta, "pipeline")["state"]
+
+
+_ANY = re.compile(r"(clip|pipe)(\d+)of(\d+)_(step|iter)(\d+)\.pt")
+
+
+def check_fresh_start(directory: Path, *, flag: str = "checkpoint_dir") -> None:
+    """``ValueError`` when ``directory`` holds checkpoints of an earlier run (any mode, any rank
+    count): a fresh run would replace its finished steps. The message names ``--resume`` and
+    ``--overwrite`` and how far the earlier run got."""
+    if not directory.is_dir():
+        return
+    found = [m for p in directory.iterdir() if (m := _ANY.fullmatch(p.name))]
+    if not found:
+        return
+    newest = max(found, key=lambda m: int(m.group(5)))
+    unit = newest.group(4) if newest.group(4) == "step" else "iteration"
+    raise ValueError(
+        f"{flag} {str(directory)!r} holds {len(found)} checkpoint(s) of an earlier run (up to {unit} "
+        f"{int(newest.group(5))} on {newest.group(3)} rank(s)); continue it with --resume, or start over "
+        "with --overwrite (deletes them)"
+    )
 
 
 def clear(directory: Path, rank: int, world_size: int, kind: str = "clip") -> None:

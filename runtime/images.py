@@ -95,6 +95,8 @@ def _open(source: ImageSource, name: str) -> Image.Image:
     path = Path(source)
     if path.is_dir():
         raise ValueError(f"{name} {str(source)!r} is a folder, not an image file")
+    if path.exists() and not path.is_file():  # /dev/zero, a FIFO: reading could never end
+        raise ValueError(f"{name} {str(source)!r} is not a regular file (a device, pipe or socket)")
     if not path.is_file():
         raise FileNotFoundError(f"{name} {str(source)!r} not found")
     return Image.open(path)
