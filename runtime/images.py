@@ -125,7 +125,10 @@ def _opened(
     except (OSError, SyntaxError) as err:  # PIL raises SyntaxError for some corrupt headers
         if isinstance(err, FileNotFoundError):
             raise
-        raise ValueError(f"cannot read {_label(source, name, show_path)}: {err}") from None
+        reason = str(err)
+        if not show_path and isinstance(source, (str, PathLike)):  # PIL's text names the file: hide it
+            reason = reason.replace(repr(str(source)), "the file").replace(str(source), "the file")
+        raise ValueError(f"cannot read {_label(source, name, show_path)}: {reason}") from None
 
 
 def image_size(source: ImageSource) -> tuple[int, int]:

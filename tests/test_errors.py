@@ -1049,3 +1049,54 @@ def test_video_memory_estimate_covers_steps(monkeypatch):
     check_video_memory(small, "cpu")
     with pytest.raises(ValueError, match=r"schedule 23\.8 GiB.*--steps"):
         check_video_memory(huge, "cpu")
+
+
+# ------------------------------------------------------------------------------------------
+# Issue #31: the demo refuses API values outside the sliders itself, hides server paths,
+# cleans its temp folders on SIGTERM
+# ------------------------------------------------------------------------------------------
+
+
+def test_demo_events_skip_gradio_preprocessing(demo):
+    """Gradio's own slider check raises an error whose traceback lands in the log; every event runs
+    without it, so our checks refuse out-of-range API values in one line (DEMO_CASES above)."""
+    events = {f.api_name: f.preprocess for f in demo.fns.values() if f.api_name}
+    assert {"vlm", "dit", "video", "ar", "dit_realistic", "video_realistic", "ar_realistic"} <= set(events)
+    assert not any(events.values()), events
+
+
+@pytest.mark.parametrize("key", ["text", "truncated"])
+def test_demo_upload_error_hides_the_server_path(demo, files, caplog, key):
+    import gradio as gr
+
+    with caplog.at_level("WARNING", logger="mmaccel.demo"), pytest.raises(gr.Error) as exc:
+        _handler(demo, "vlm")({"path": str(files[key])}, "q", 0.2, True, False, 4)
+    assert "uploaded image" in exc.value.message
+    assert str(files["dir"]) not in exc.value.message and str(files["dir"]) not in caplog.text
+
+
+def test_demo_sigterm_removes_its_temp_folders(tmp_path):
+    """`mmaccel demo` stopped with SIGTERM deletes its output and upload temp folders, as on Ctrl-C."""
+    import signal
+
+    port = _free_port()
+    env = {**os.environ, "TMPDIR": str(tmp_path), "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "mmaccel.apps.cli", "demo", "--port", str(port), "--vlm-model", "tiny",
+           "--dit-model", "tiny", "--video-model", "tiny", "--ar-model", "tiny"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert len(list(tmp_path.glob("mmaccel-demo-*"))) == 2  # outputs + private uploads
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not list(tmp_path.glob("mmaccel-demo-*")), output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
