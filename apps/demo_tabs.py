@@ -27,7 +27,7 @@ from mmaccel.runtime.checkpoint_io import check_weight_files
 from mmaccel.runtime.images import PIL_MAX_PIXELS, open_image
 from mmaccel.runtime.limits import as_int, check_prompt
 from mmaccel.runtime.metrics import psnr
-from mmaccel.runtime.paths import check_model_folder
+from mmaccel.runtime.paths import check_model_folder, model_folder_class
 
 __all__ = [
     "MAX_IMAGE_SIDE",
@@ -209,7 +209,10 @@ class DemoModels:
         if folder is not None:
             from diffusers import DiffusionPipeline
 
-            pipe = DiffusionPipeline.from_pretrained(folder)
+            from mmaccel.apps.zoo.digits_dit import int_id2label
+
+            kwargs = int_id2label(folder) if model_folder_class(folder) == "DiTPipeline" else {}
+            pipe = DiffusionPipeline.from_pretrained(folder, **kwargs)
             if type(pipe).__name__ not in IMAGE_PIPELINES:
                 raise TypeError(f"--dit-model must hold one of {IMAGE_PIPELINES}, got {type(pipe).__name__}")
             pipe.set_progress_bar_config(disable=True)

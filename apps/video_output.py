@@ -22,7 +22,7 @@ __all__ = ["VIDEO_FORMATS", "check_video_output", "frame_paths", "write_video"]
 
 #: Output suffix -> what is written.
 VIDEO_FORMATS = {
-    ".mp4": "MP4 (H.264 through imageio-ffmpeg)",
+    ".mp4": "H.264 through imageio-ffmpeg",
     ".gif": "animated GIF",
     ".png": "PNG frames NAME_00000.png, NAME_00001.png, ...",
 }
