@@ -1100,3 +1100,42 @@ def test_demo_sigterm_removes_its_temp_folders(tmp_path):
             proc.kill()
     assert not list(tmp_path.glob("mmaccel-demo-*")), output[-3000:]
     assert "Traceback" not in output, output[-3000:]
+
+
+def test_video_user_error_under_torchrun_exits_2_on_every_rank_printed_once(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT", "MMACCEL_DEBUG")}  # fmt: skip
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "--max-restarts", "0",
+           "-m", "mmaccel.apps.cli", "video", "--model", "tiny", "--prompt", "a car", "--steps", "100000000",
+           "--out", str(tmp_path / "v.mp4")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    ours = [line for line in proc.stderr.splitlines() if "--steps must be in [1, 1000]" in line]
+    assert len(ours) == 1 and ours[0].startswith("mmaccel video: error: "), proc.stderr[-3000:]
+    assert proc.stderr.count("exitcode  : 2") == 2, proc.stderr[-3000:]  # torchrun's report: both ranks exit 2
+    assert 'cli.py", line' not in proc.stderr and 'video.py", line' not in proc.stderr
+
+
+def test_step_timeout_follows_the_measured_step_time():
+    from mmaccel.parallel_video.generate import MIN_TIMEOUT_S, TIMEOUT_STEPS, StepTimeout
+    from mmaccel.runtime.distributed import DistContext
+
+    ctx = DistContext.single(timeout_s=120)
+    clock = StepTimeout(ctx)
+    clock.step()  # a fast step: the floor
+    assert ctx.timeout_s == MIN_TIMEOUT_S == 30.0
+    clock.last -= 20.0  # a 20 s step
+    clock.step()
+    assert ctx.timeout_s == pytest.approx(TIMEOUT_STEPS * 20.0, rel=0.01)
+    clock.last -= 30.0  # 3 steps in 30 s (a checkpoint every 3 iterations): 10 s each, the slowest stays
+    clock.step(3)
+    assert ctx.timeout_s == pytest.approx(TIMEOUT_STEPS * 20.0, rel=0.01)
+
+
+def test_vlm_prompt_over_the_zoo_vlms_context_is_one_line(capsys, files):
+    """3,900 characters pass the character cap but not the zoo VLM's 1,024-token context: refused
+    before generating, without transformers' indexing warning."""
+    code, err = _run(["vlm", "--image", str(files["ok"]), _P, "a red square " * 300], capsys)
+    err = "\n".join(line for line in err.splitlines() if not line.startswith("Loading weights"))
+    _assert_one_line(code, err, "over the model's context of 1,024 tokens", "shorten the prompt")

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.utils import logging as hf_logging
 
 from mmaccel.runtime.adapters import llava
 from mmaccel.runtime.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, check_image_limits, open_image
@@ -173,12 +174,15 @@ class VLM:
         ]
         tokenizer = self.processor.tokenizer
         side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the tokenizer's "longer than the maximum" warning: check_context says it
         try:
             inputs = self.processor(
                 images=pil, text=[self.format_prompt(p) for p in prompts], return_tensors="pt", padding=True
             )
         finally:
             tokenizer.padding_side = side
+            hf_logging.set_verbosity(verbosity)
         check_context(inputs["input_ids"].shape[1], max_new_tokens, self._context(), name="prompt")
         inputs = inputs.to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
