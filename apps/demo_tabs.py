@@ -567,10 +567,11 @@ def torchrun_command(prompt: str = "a red car on a coast road", frames: int = 12
 
 
 def _write_mp4(frames: np.ndarray, path: Path, fps: int = 8) -> Path:
-    from diffusers.utils import export_to_video
+    """Write and read back the MP4 (:func:`mmaccel.apps.video_output.write_video`): an empty or
+    short file is a one-line error, never a broken player in the page."""
+    from mmaccel.apps.video_output import write_video
 
-    export_to_video(list(frames), str(path), fps=fps)
-    return path
+    return write_video(np.asarray(frames), path, fps)
 
 
 def run_video_tab(
