@@ -127,6 +127,9 @@ def add_video_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds any communication may wait (default: 4 measured step times, at least 30 s)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--nproc-per-node", type=int, default=None,
+                   help="start N ranks on this machine (torch's launcher, in-process) instead of torchrun: a "
+                   "failure ends with the ranks' one line and exit status (2 for a user error), no launcher report")  # fmt: skip
     p.set_defaults(func=run_video)
     return p
 
@@ -164,9 +167,10 @@ def _model_folder(model: str) -> Path | None:
     return Path(model)
 
 
-def check_arguments(args: argparse.Namespace) -> LongVideoConfig:
+def check_arguments(args: argparse.Namespace, world_size: int | None = None) -> LongVideoConfig:
     """Every check that needs no model weights and no process group: the config, the model's
-    geometry (from its ``config.json`` files) and the split over ``WORLD_SIZE`` ranks."""
+    geometry (from its ``config.json`` files) and the split over ``world_size`` ranks (default
+    ``WORLD_SIZE``)."""
     limits = Limits(
         max_steps=_limit("--max-steps", args.max_steps), max_frames=_limit("--max-frames", args.max_frames)
     )
@@ -185,7 +189,7 @@ def check_arguments(args: argparse.Namespace) -> LongVideoConfig:
     folder = _model_folder(args.model)
     geometry = _TINY_GEOMETRY if folder is None else VideoGeometry.from_folder(folder)
     try:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     except ValueError:
         raise ValueError(f"WORLD_SIZE must be an int, got {os.environ['WORLD_SIZE']!r}") from None
     if config.checkpoint_dir:
@@ -264,12 +268,27 @@ def _resume_hint(args: argparse.Namespace, config: LongVideoConfig) -> str | Non
     )
 
 
+def _launch(args: argparse.Namespace) -> int:
+    """``--nproc-per-node N``: check everything for N ranks first (one line, nothing started), then
+    start them (:func:`mmaccel.apps.launch.launch_ranks`)."""
+    from mmaccel.apps.launch import launch_ranks, without_flag
+
+    if "RANK" in os.environ:
+        raise ValueError("--nproc-per-node starts the ranks itself: drop it under torchrun / accelerate launch")
+    nproc = _limit("--nproc-per-node", args.nproc_per_node)
+    config = check_arguments(args, world_size=nproc)
+    argv = without_flag(getattr(args, "argv", []), "--nproc-per-node")
+    return launch_ranks(nproc, argv, command="mmaccel video", hint=_resume_hint(args, config))
+
+
 def run_video(args: argparse.Namespace) -> int:
     """Run ``mmaccel video`` on this rank; returns the exit code (0 on success).
 
     Every argument is checked before any model loads or any process group forms, so a user error
     is one ``ValueError`` (printed once, by rank 0, as one line by ``mmaccel.apps.cli``; exit 2).
     """
+    if getattr(args, "nproc_per_node", None) is not None:
+        return _launch(args)
     config = check_arguments(args)
     ctx = init_distributed(timeout_s=args.timeout or DEFAULT_START_TIMEOUT_S)
     try:

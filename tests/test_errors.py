@@ -1139,3 +1139,41 @@ def test_vlm_prompt_over_the_zoo_vlms_context_is_one_line(capsys, files):
     code, err = _run(["vlm", "--image", str(files["ok"]), _P, "a red square " * 300], capsys)
     err = "\n".join(line for line in err.splitlines() if not line.startswith("Loading weights"))
     _assert_one_line(code, err, "over the model's context of 1,024 tokens", "shorten the prompt")
+
+
+def _launch_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT", "MMACCEL_DEBUG")}  # fmt: skip
+    return {**env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def test_video_nproc_per_node_user_error_is_one_line_exit_2(tmp_path):
+    """`mmaccel video --nproc-per-node 2`: no launcher report at all, only our line and exit 2."""
+    cmd = [sys.executable, "-m", "mmaccel.apps.cli", "video", "--nproc-per-node", "2", "--model", "tiny",
+           "--prompt", "a car", "--steps", "100000000", "--out", str(tmp_path / "v.mp4")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_launch_env(), capture_output=True, text=True, timeout=180)
+    _assert_one_line(proc.returncode, proc.stderr, "mmaccel video: error: --steps must be in [1, 1000]")
+
+
+def test_video_nproc_per_node_runs_the_ranks(tmp_path):
+    out = tmp_path / "v.mp4"
+    cmd = [sys.executable, "-m", "mmaccel.apps.cli", "video", "--nproc-per-node", "2", "--model", "tiny",
+           "--prompt", "a car", "--frames", "9", "--steps", "2", "--quiet", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_launch_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 rank(s)" in proc.stdout and out.stat().st_size > 0
+    assert "Traceback" not in proc.stderr and "W1" not in proc.stderr  # the launcher's log lines are silenced
+
+
+def test_launcher_reports_a_killed_rank_with_the_resume_hint(capsys):
+    from types import SimpleNamespace
+
+    from mmaccel.apps.launch import _report, without_flag
+
+    failures = {1: SimpleNamespace(exitcode=-9), 0: SimpleNamespace(exitcode=1)}
+    assert _report(failures, "mmaccel video", "rerun with --resume") == 1
+    assert capsys.readouterr().err == "mmaccel video: error: rank 1 was stopped by SIGKILL; rerun with --resume\n"
+    assert _report({0: SimpleNamespace(exitcode=2), 1: SimpleNamespace(exitcode=1)}, "mmaccel video", None) == 2
+    assert capsys.readouterr().err == ""  # a user error: the rank printed it
+    assert without_flag(["video", "--nproc-per-node", "2", "--x", "--nproc-per-node=3"], "--nproc-per-node") == [
+        "video", "--x"]  # fmt: skip
