@@ -299,8 +299,9 @@ def check_weight_files(folder: str | os.PathLike[str], *, flag: str = "model") -
 
     :class:`CorruptCheckpointError` (one line, naming ``flag`` and the file) for a truncated or
     garbled ``.safetensors`` header, a shard an ``*.index.json`` names that is missing, or a
-    pickle weight file (``.bin``, ``.pt``, ``.pth``, ``.ckpt``, ``.pkl``): unpickling a file runs
-    code, so only safetensors folders are loaded.
+    pickle weight file (``.bin``, ``.pt``, ``.pth``, ``.ckpt``, ``.pkl``) in a folder without
+    ``.safetensors`` (the loaders would unpickle it, which runs code; next to safetensors files,
+    which the loaders prefer, a pickle is left alone).
     """
     root = Path(folder)
     for path in sorted(root.rglob("*")):
@@ -310,7 +311,7 @@ def check_weight_files(folder: str | os.PathLike[str], *, flag: str = "model") -
         try:
             if suffix == ".safetensors":
                 _check_safetensors(path)
-            elif suffix in _PICKLE_SUFFIXES:
+            elif suffix in _PICKLE_SUFFIXES and not any(path.parent.glob("*.safetensors")):
                 raise CorruptCheckpointError(
                     f"weight file {str(path)!r} is a pickle, which can run code when loaded; "
                     "save the model with safetensors (save_pretrained's default) and remove it"

@@ -933,6 +933,16 @@ def test_check_weight_files_accepts_the_zoo_and_names_bad_files(broken):
         checkpoint_io.check_weight_files(broken["video-truncated"], flag="m")
 
 
+def test_check_weight_files_leaves_a_pickle_next_to_safetensors_alone(tmp_path):
+    """Hub folders often ship pytorch_model.bin beside model.safetensors; the loaders take the latter."""
+    (tmp_path / "model.safetensors").write_bytes((ZOO / "shapes-vlm" / "model.safetensors").read_bytes())
+    torch.save({"w": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
+    checkpoint_io.check_weight_files(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(checkpoint_io.CorruptCheckpointError, match="pytorch_model.bin.* is a pickle"):
+        checkpoint_io.check_weight_files(tmp_path)
+
+
 def test_lost_peer_is_one_line_with_the_resume_hint(tmp_path):
     """Under torchrun, a killed rank: the survivor prints our one line with the hint, no traceback."""
     script = tmp_path / "job.py"
