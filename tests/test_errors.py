@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -1187,3 +1188,29 @@ def test_launcher_reports_a_killed_rank_with_the_resume_hint(capsys):
     assert capsys.readouterr().err == ""  # a user error: the rank printed it
     assert without_flag(["video", "--nproc-per-node", "2", "--x", "--nproc-per-node=3"], "--nproc-per-node") == [
         "video", "--x"]  # fmt: skip
+
+
+def test_demo_api_values_outside_the_sliders_are_one_log_line_over_http(capfd, caplog):
+    """Through the real HTTP API (gradio_client): Gradio's own slider check is skipped, ours refuses
+    each value in one WARNING line, and nothing prints a traceback."""
+    pytest.importorskip("gradio_client")
+    from gradio_client import Client
+
+    from mmaccel.apps.demo import launch
+    from mmaccel.apps.demo_tabs import DemoModels
+
+    demo = launch(DemoModels(vlm="tiny", dit="tiny", video="tiny", ar="tiny"), port=_free_port(), block=False,
+                  quiet=True)  # fmt: skip
+    try:
+        client = Client(demo.local_url, verbose=False)
+        assert len(client.predict(1, 4, 0, api_name="/ar")) == 5  # in range: answered
+        with caplog.at_level("WARNING", logger="mmaccel.demo"):
+            for args, message in (((1, 400, 0), "grid must be in [2, 16], got 400"),
+                                  ((1.5, 4, 0), "class_id must be an integer in [0, 9], got 1.5")):  # fmt: skip
+                with pytest.raises(Exception, match=re.escape(message)):
+                    client.predict(*args, api_name="/ar")
+    finally:
+        demo.close()
+    records = [r for r in caplog.records if r.name == "mmaccel.demo"]
+    assert len(records) == 2 and all(r.exc_info is None for r in records)
+    assert "Traceback" not in capfd.readouterr().err
