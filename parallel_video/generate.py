@@ -172,7 +172,12 @@ class VideoGeometry:
             path = folder / part / "config.json"
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found: --model must be a saved WanPipeline folder")
-            configs[part] = json.loads(path.read_text())
+            try:
+                configs[part] = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:
+                raise ValueError(f"{str(path)!r} is not readable JSON: {err}") from None
+            if not isinstance(configs[part], dict):
+                raise ValueError(f"{str(path)!r} does not hold a JSON object")
         downsample = configs["vae"].get("temperal_downsample", [False, True, True])
         tr = configs["transformer"]
         return cls(

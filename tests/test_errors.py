@@ -786,6 +786,9 @@ def broken(tmp_path_factory) -> dict[str, Path]:
     bad_json = _copy_configs(ZOO / "shapes-vlm", d / "vlm-bad-json")
     (bad_json / "config.json").write_text("{ not json")
     out["vlm-bad-json"] = bad_json
+    video_json = _copy_configs(ZOO / "moving-digits", d / "video-bad-json")
+    (video_json / "transformer" / "config.json").write_text("{ not json")
+    out["video-bad-json"] = video_json
     parts = d / "run.mp4.parts"
     parts.mkdir()
     for step in (103, 104, 105):
@@ -812,6 +815,7 @@ VIDEO_CASES = [
     ("model-garbage", ["--model", "{video-garbage}"], ["--model", "diffusion_pytorch_model.safetensors", "not a safetensors"]),
     ("model-pickle", ["--model", "{video-pickle}"], ["--model", "diffusion_pytorch_model.bin", "pickle"]),
     ("prompt-nul", [_P, "a\x00car"], ["--prompt contains a NUL"]),
+    ("model-bad-config-json", ["--model", "{video-bad-json}"], ["transformer/config.json", "not readable JSON"]),
 ]
 
 
@@ -1214,3 +1218,12 @@ def test_demo_api_values_outside_the_sliders_are_one_log_line_over_http(capfd, c
     records = [r for r in caplog.records if r.name == "mmaccel.demo"]
     assert len(records) == 2 and all(r.exc_info is None for r in records)
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_zoo_dit_loads_without_the_id2label_warning(capfd):
+    from mmaccel.apps.demo_tabs import DemoModels
+    from mmaccel.apps.zoo.digits_dit import load
+
+    assert sorted(load().labels)[:2] == ["eight", "five"]
+    assert len(DemoModels(dit=str(ZOO / "digits-dit")).get("dit").labels) == 10
+    assert "Expected types for id2label" not in capfd.readouterr().err
