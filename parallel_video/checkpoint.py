@@ -24,7 +24,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mmaccel.runtime.checkpoint_io import load_verified, newest_valid, save_verified, settings_diff, verify
+from mmaccel.runtime.checkpoint_io import (
+    load_verified,
+    newest_valid,
+    save_verified,
+    settings_diff,
+    verify,
+    write_error,
+)
 
 __all__ = [
     "KINDS", "available_steps", "check_fresh_start", "clear", "load_iteration", "load_step", "newest_loadable_step",
@@ -34,6 +41,13 @@ __all__ = [
 _KEEP = 3
 _PLAIN = (Tensor, int, float, bool, str, type(None))
 KINDS = {"clip": ("clip", "step"), "pipeline": ("pipe", "iter")}  # mode -> file prefix, unit
+
+
+def _make_dir(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a full disk or a refused folder: one line naming it
+        raise write_error(err, directory) from None
 
 
 def _name(rank: int, world_size: int, step: int, kind: str = "clip") -> str:
@@ -92,7 +106,7 @@ def save_step(
     meta: dict[str, Any],
 ) -> Path:
     """Write this rank's state after ``step`` atomically and drop its checkpoints older than the last three."""
-    directory.mkdir(parents=True, exist_ok=True)
+    _make_dir(directory)
     path = directory / _name(rank, world_size, step)
     payload = {
         "meta": meta,
@@ -157,7 +171,7 @@ def save_iteration(
 ) -> Path:
     """Pipeline mode: write this rank's driver ``state`` after ``iteration`` iterations atomically
     and drop its pipeline checkpoints older than the last three."""
-    directory.mkdir(parents=True, exist_ok=True)
+    _make_dir(directory)
     path = directory / _name(rank, world_size, iteration, "pipeline")
     save_verified({"meta": meta, "iteration": iteration, "state": state}, path)
     for old in available_steps(directory, rank, world_size, "pipeline")[:-_KEEP]:
