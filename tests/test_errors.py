@@ -1227,3 +1227,28 @@ def test_zoo_dit_loads_without_the_id2label_warning(capfd):
     assert sorted(load().labels)[:2] == ["eight", "five"]
     assert len(DemoModels(dit=str(ZOO / "digits-dit")).get("dit").labels) == 10
     assert "Expected types for id2label" not in capfd.readouterr().err
+
+
+def test_remove_drops_the_hook_registry_diffusers_created_while_patched():
+    """SVG2 on a pipeline's transformer: the pipeline's cache_context creates `_diffusers_hook`
+    during the patched run; remove() takes it away (and keeps one that existed before)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from mmaccel.sparse_attn import apply_svg2
+    from mmaccel.testing import tiny_wan_pipeline
+
+    transformer = tiny_wan_pipeline().transformer
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    scheduler.set_timesteps(5)
+    before = set(transformer.__dict__)
+    handle = apply_svg2(transformer, None, scheduler=scheduler)
+    with transformer.cache_context("cond"):
+        pass
+    assert "_diffusers_hook" in transformer.__dict__
+    handle.remove()
+    assert set(transformer.__dict__) == before
+    with transformer.cache_context("cond"):  # now it exists before the patch: it stays
+        pass
+    with apply_svg2(transformer, None, scheduler=scheduler):
+        pass
+    assert "_diffusers_hook" in transformer.__dict__
