@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from mmaccel.apps.video_output import VIDEO_FORMATS, check_video_output, write_video
-from mmaccel.parallel_video.checkpoint import check_fresh_start
+from mmaccel.parallel_video.checkpoint import check_fresh_start, clear_all
 from mmaccel.parallel_video.clip_parallel import ClipParallelConfig
 from mmaccel.parallel_video.generate import (
     LongVideoConfig,
@@ -290,6 +290,9 @@ def run_video(args: argparse.Namespace) -> int:
     if getattr(args, "nproc_per_node", None) is not None:
         return _launch(args)
     config = check_arguments(args)
+    if args.overwrite and config.checkpoint_dir and os.environ.get("RANK", "0") == "0":
+        # before the group forms: no rank writes a checkpoint before rank 0 has joined it
+        clear_all(Path(config.checkpoint_dir))
     ctx = init_distributed(timeout_s=args.timeout or DEFAULT_START_TIMEOUT_S)
     try:
         pipe = _load(args.model, ctx.device, _DTYPES[args.dtype])

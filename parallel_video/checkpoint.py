@@ -34,7 +34,7 @@ from mmaccel.runtime.checkpoint_io import (
 )
 
 __all__ = [
-    "KINDS", "available_steps", "check_fresh_start", "clear", "load_iteration", "load_step", "newest_loadable_step",
+    "KINDS", "available_steps", "check_fresh_start", "clear", "clear_all", "load_iteration", "load_step", "newest_loadable_step",
     "restore_scheduler", "save_iteration", "save_step", "scheduler_state",
 ]  # fmt: skip
 
@@ -206,6 +206,17 @@ def check_fresh_start(directory: Path, *, flag: str = "checkpoint_dir") -> None:
         f"{int(newest.group(5))} on {newest.group(3)} rank(s)); continue it with --resume, or start over "
         "with --overwrite (deletes them)"
     )
+
+
+def clear_all(directory: Path) -> int:
+    """Delete every checkpoint in ``directory`` (any mode, rank or rank count): ``--overwrite``,
+    run by rank 0 before the group forms. Returns how many files were deleted."""
+    if not directory.is_dir():
+        return 0
+    found = [p for p in directory.iterdir() if _ANY.fullmatch(p.name)]
+    for path in found:
+        path.unlink(missing_ok=True)
+    return len(found)
 
 
 def clear(directory: Path, rank: int, world_size: int, kind: str = "clip") -> None:

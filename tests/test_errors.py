@@ -1252,3 +1252,22 @@ def test_remove_drops_the_hook_registry_diffusers_created_while_patched():
     with apply_svg2(transformer, None, scheduler=scheduler):
         pass
     assert "_diffusers_hook" in transformer.__dict__
+
+
+def test_video_overwrite_deletes_every_earlier_checkpoint(capsys, monkeypatch, broken, tmp_path):
+    import shutil
+
+    import mmaccel.apps.video as video
+
+    parts = tmp_path / "run.mp4.parts"
+    shutil.copytree(broken["parts"], parts)
+    (parts / "pipe1of4_iter00002.pt").write_bytes(b"x")  # another mode and rank count
+    (parts / "notes.txt").write_text("the user's file stays")
+
+    def stop(*args, **kwargs):
+        raise ValueError("stopped after the checks")
+
+    monkeypatch.setattr(video, "_load", stop)
+    argv = [*_VIDEO, _P, "a car", "--frames", "5", "--out", str(tmp_path / "run.mp4"), "--overwrite"]
+    _assert_one_line(*_run(argv, capsys), "stopped after the checks")
+    assert sorted(p.name for p in parts.iterdir()) == ["notes.txt"]
