@@ -3,12 +3,18 @@
     torchrun --nproc-per-node 2 -m mmaccel.apps.cli video --model tiny --prompt "a red car" \\
         --frames 33 --steps 4 --out car.mp4
 
-Every rank runs the same command; rank 0 shows the progress bar and writes the MP4 (atomically:
-a temporary file renamed into place). Each rank checkpoints its state in ``--checkpoint-dir``
-(default ``<out>.parts``): its clip after every step in ``--mode clip``; its part of the DualParal
-layer pipeline after every iteration of the block schedule in ``--mode pipeline`` (both every
-``--checkpoint-every``). A killed run continues with ``--resume`` and writes the identical video.
-Every argument is checked before any model loads; a user error is one line from rank 0, exit 2.
+    mmaccel video --nproc-per-node 2 --model tiny --prompt "a red car" --frames 33 --steps 4 --out car.mp4
+
+Every rank runs the same command; rank 0 shows the progress bar and writes the video (MP4, GIF or
+PNG frames, :mod:`mmaccel.apps.video_output`: the format is checked before any work, the file
+written atomically and read back before ``wrote`` is printed). Each rank checkpoints its state in
+``--checkpoint-dir`` (default ``<out>.parts``): its clip after every step in ``--mode clip``; its
+part of the DualParal layer pipeline after every iteration of the block schedule in ``--mode
+pipeline`` (both every ``--checkpoint-every``). A killed run continues with ``--resume`` and
+writes the identical video; a folder holding checkpoints is refused without ``--resume`` or
+``--overwrite``. Every argument is checked against :class:`mmaccel.runtime.limits.Limits` and
+the memory estimate before any model loads; a user error is one line from rank 0, exit 2.
+``--nproc-per-node N`` starts the ranks without torchrun (:mod:`mmaccel.apps.launch`).
 """
 
 from __future__ import annotations
