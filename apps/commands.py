@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mmaccel.runtime.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, PIL_MAX_PIXELS
-from mmaccel.runtime.limits import MAX_PROMPT_CHARS, as_int, check_prompt
+from mmaccel.runtime.limits import MAX_NEW_TOKENS, MAX_PROMPT_CHARS, as_int, check_prompt
 
 __all__ = [
     "add_demo_parser",
@@ -28,8 +28,6 @@ __all__ = [
 ]
 
 _BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
-#: Largest --max-new-tokens of ``mmaccel vlm``.
-MAX_NEW_TOKENS = 4096
 
 # Classes each --*-model folder may declare (kept in step with mmaccel.apps.demo_tabs.MODEL_CLASSES,
 # which tests/test_cli_commands.py checks; not imported here to keep `mmaccel --help` light).
@@ -52,7 +50,10 @@ def model_flag(flag: str) -> Callable[[str], str]:
     def parse(value: str) -> str:
         if value in ("zoo", "tiny"):
             return value
-        found = model_folder_class(value) if Path(value).is_dir() else None
+        try:
+            found = model_folder_class(value) if Path(value).is_dir() else None
+        except ValueError as err:  # a broken model_index.json / config.json: say what is wrong
+            raise argparse.ArgumentTypeError(str(err)) from None
         if found not in accepted:
             kinds = " or ".join(accepted)
             why = f"it holds a {found}" if found else "no model_index.json / config.json naming a class"
@@ -208,6 +209,10 @@ def check_vlm_args(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     hired = None if args.budget >= 1.0 else HiREDConfig(budget=TokenBudget(ratio=args.budget))
     vista = VISTAConfig(lam=args.vista_lam) if args.vista else None
     image = open_image(args.image, max_pixels=args.max_pixels, flag="--max-pixels", name="--image")
+    if args.model not in ("zoo", "tiny"):
+        from mmaccel.runtime.checkpoint_io import check_weight_files
+
+        check_weight_files(args.model, flag="--model")
     return image, hired, vista
 
 

@@ -15,8 +15,10 @@ import errno
 import logging
 import os
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -135,6 +137,19 @@ def _cleanup_folder(path: Path) -> None:
     atexit.register(shutil.rmtree, path, ignore_errors=True)
 
 
+def stop_on_sigterm() -> bool:
+    """Make SIGTERM stop the server as Ctrl-C does (Gradio closes it, the process exits normally and
+    the temp folders are deleted at exit); only from the main thread. Returns whether installed."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+
+    def interrupt(signum: int, frame: Any) -> None:  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    return True
+
+
 def build_demo(
     models: DemoModels | None = None, out_dir: str | Path | None = None, limits: DemoLimits | None = None
 ) -> Any:
@@ -163,7 +178,9 @@ def build_demo(
 
     @ui
     def vlm(image, question, budget, hired, vista, max_new_tokens, progress=track):  # noqa: ANN001, ARG001
-        # runs without Gradio's preprocessing: `image` is the upload's {"path": ...}, read from its
+        # every event runs without Gradio's preprocessing, so out-of-range API values reach the checks
+        # below (one gr.Error, no traceback in the log) instead of Gradio's own slider check, which
+        # logs a traceback; `image` is the upload's {"path": ...}, read from its
         # header before decoding (validate_image), never decoded by Gradio first
         r = run_vlm_tab(
             models, image, question, _number("budget", budget), _flag("hired", hired), _flag("vista", vista),
@@ -281,7 +298,8 @@ def build_demo(
                 vlm, [image, question, budget, hired, vista, new_tokens],
                 [dense_answer, fast_answer, overlay, vlm_stats, vlm_toy], api_name="vlm", preprocess=False,
             )  # fmt: skip
-            vlm_real_btn.click(vlm_realistic, [budget, hired, vista, vlm_toy], vlm_real, api_name="vlm_realistic")
+            vlm_real_btn.click(vlm_realistic, [budget, hired, vista, vlm_toy], vlm_real, api_name="vlm_realistic",
+                               preprocess=False)  # fmt: skip
         with gr.Tab("Image DiT"):
             labels = sorted(getattr(models.get("dit"), "labels", {}) or {})
             gr.Markdown(
@@ -319,9 +337,11 @@ def build_demo(
                 [label, dit_steps, keep, dense_from, dit_seed],
                 [dit_dense, dit_fast, dit_stats, dit_toy],
                 api_name="dit",
+                preprocess=False,
             )
             dit_real_btn.click(
-                dit_realistic, [dit_steps, keep, dense_from, dit_toy], dit_real, api_name="dit_realistic"
+                dit_realistic, [dit_steps, keep, dense_from, dit_toy], dit_real, api_name="dit_realistic",
+                preprocess=False,
             )
         with gr.Tab("Video"):
             gr.Markdown(
@@ -357,10 +377,11 @@ def build_demo(
             v_toy = gr.State(None)
             v_btn.click(
                 video, [prompt, frames, v_steps, top_p, dense_steps, v_seed], [v_dense, v_fast, v_stats, v_toy],
-                api_name="video",
+                api_name="video", preprocess=False,
             )  # fmt: skip
             v_real_btn.click(
-                video_realistic, [v_steps, top_p, dense_steps, v_toy], v_real, api_name="video_realistic"
+                video_realistic, [v_steps, top_p, dense_steps, v_toy], v_real, api_name="video_realistic",
+                preprocess=False,
             )
         with gr.Tab("AR image"):
             with gr.Row():
@@ -387,8 +408,9 @@ def build_demo(
                 [class_id, grid, ar_seed],
                 [ar_raster, ar_nar, raster_gif, nar_gif, ar_stats, ar_toy],
                 api_name="ar",
+                preprocess=False,
             )
-            ar_real_btn.click(ar_realistic, [ar_toy], ar_real, api_name="ar_realistic")
+            ar_real_btn.click(ar_realistic, [ar_toy], ar_real, api_name="ar_realistic", preprocess=False)
     demo.mmaccel_out_dir = out  # where launch() allows file serving from
     demo.mmaccel_uploads = uploads  # launch() adds its private upload folder: pruned like `out`
     demo.mmaccel_limits = limits
@@ -448,6 +470,8 @@ def launch(
     ``--port``. ``upload_dir`` (see :func:`private_upload_folder`) is pruned like the outputs.
     """
     check_port(host, port)
+    if block:
+        stop_on_sigterm()
     demo = build_demo(models, out_dir, limits)
     if upload_dir is not None:
         demo.mmaccel_uploads.append(Path(upload_dir))

@@ -23,10 +23,11 @@ import torch
 from PIL import Image
 
 from mmaccel.apps.demo_timing import gain_words, warm_compare
+from mmaccel.runtime.checkpoint_io import check_weight_files
 from mmaccel.runtime.images import PIL_MAX_PIXELS, open_image
 from mmaccel.runtime.limits import as_int, check_prompt
 from mmaccel.runtime.metrics import psnr
-from mmaccel.runtime.paths import check_model_folder
+from mmaccel.runtime.paths import check_model_folder, model_folder_class
 
 __all__ = [
     "MAX_IMAGE_SIDE",
@@ -208,7 +209,10 @@ class DemoModels:
         if folder is not None:
             from diffusers import DiffusionPipeline
 
-            pipe = DiffusionPipeline.from_pretrained(folder)
+            from mmaccel.apps.zoo.digits_dit import int_id2label
+
+            kwargs = int_id2label(folder) if model_folder_class(folder) == "DiTPipeline" else {}
+            pipe = DiffusionPipeline.from_pretrained(folder, **kwargs)
             if type(pipe).__name__ not in IMAGE_PIPELINES:
                 raise TypeError(f"--dit-model must hold one of {IMAGE_PIPELINES}, got {type(pipe).__name__}")
             pipe.set_progress_bar_config(disable=True)
@@ -290,6 +294,7 @@ def _existing(path: str, flag: str, accepted: tuple[str, ...]) -> str:
     if not Path(path).is_dir():
         raise FileNotFoundError(f"{flag} {path!r} is not a folder saved with save_pretrained")
     check_model_folder(path, flag=flag, accepted=accepted)
+    check_weight_files(path, flag=flag)
     return path
 
 
@@ -562,10 +567,11 @@ def torchrun_command(prompt: str = "a red car on a coast road", frames: int = 12
 
 
 def _write_mp4(frames: np.ndarray, path: Path, fps: int = 8) -> Path:
-    from diffusers.utils import export_to_video
+    """Write and read back the MP4 (:func:`mmaccel.apps.video_output.write_video`): an empty or
+    short file is a one-line error, never a broken player in the page."""
+    from mmaccel.apps.video_output import write_video
 
-    export_to_video(list(frames), str(path), fps=fps)
-    return path
+    return write_video(np.asarray(frames), path, fps)
 
 
 def run_video_tab(

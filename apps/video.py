@@ -3,12 +3,18 @@
     torchrun --nproc-per-node 2 -m mmaccel.apps.cli video --model tiny --prompt "a red car" \\
         --frames 33 --steps 4 --out car.mp4
 
-Every rank runs the same command; rank 0 shows the progress bar and writes the MP4 (atomically:
-a temporary file renamed into place). Each rank checkpoints its state in ``--checkpoint-dir``
-(default ``<out>.parts``): its clip after every step in ``--mode clip``; its part of the DualParal
-layer pipeline after every iteration of the block schedule in ``--mode pipeline`` (both every
-``--checkpoint-every``). A killed run continues with ``--resume`` and writes the identical video.
-Every argument is checked before any model loads; a user error is one line from rank 0, exit 2.
+    mmaccel video --nproc-per-node 2 --model tiny --prompt "a red car" --frames 33 --steps 4 --out car.mp4
+
+Every rank runs the same command; rank 0 shows the progress bar and writes the video (MP4, GIF or
+PNG frames, :mod:`mmaccel.apps.video_output`: the format is checked before any work, the file
+written atomically and read back before ``wrote`` is printed). Each rank checkpoints its state in
+``--checkpoint-dir`` (default ``<out>.parts``): its clip after every step in ``--mode clip``; its
+part of the DualParal layer pipeline after every iteration of the block schedule in ``--mode
+pipeline`` (both every ``--checkpoint-every``). A killed run continues with ``--resume`` and
+writes the identical video; a folder holding checkpoints is refused without ``--resume`` or
+``--overwrite``. Every argument is checked against :class:`mmaccel.runtime.limits.Limits` and
+the memory estimate before any model loads; a user error is one line from rank 0, exit 2.
+``--nproc-per-node N`` starts the ranks without torchrun (:mod:`mmaccel.apps.launch`).
 """
 
 from __future__ import annotations
@@ -18,9 +24,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from mmaccel.apps.video_output import VIDEO_FORMATS, check_video_output, write_video
+from mmaccel.parallel_video.checkpoint import check_fresh_start, clear_all
 from mmaccel.parallel_video.clip_parallel import ClipParallelConfig
 from mmaccel.parallel_video.generate import (
     LongVideoConfig,
@@ -29,18 +36,23 @@ from mmaccel.parallel_video.generate import (
     generate_long_video,
 )
 from mmaccel.parallel_video.layer_pipeline import LayerPipelineConfig
+from mmaccel.runtime.checkpoint_io import check_weight_files, write_error
 from mmaccel.runtime.distributed import destroy_distributed, init_distributed
 from mmaccel.runtime.limits import (
-    check_prompt,
+    MAX_FRAMES,
+    MAX_STEPS,
+    Limits,
     check_video_memory,
     estimate_video_memory,
     read_video_model_config,
 )
-from mmaccel.runtime.paths import check_output_dir, check_output_path
+from mmaccel.runtime.paths import check_output_dir
 from mmaccel.testing import TINY_WAN_TRANSFORMER
 
 __all__ = ["add_video_parser", "check_arguments", "run_video", "write_video"]
 
+#: Communication timeout until the first step is measured (rendezvous, model load, first step).
+DEFAULT_START_TIMEOUT_S = 120.0
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TINY_DEFAULTS = {"height": 64, "width": 96, "max_sequence_length": 32}
 _REAL_DEFAULTS = {"height": 480, "width": 832, "max_sequence_length": 512}
@@ -64,8 +76,11 @@ def add_video_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--frames", type=int, default=81, help="video frames; frames - 1 divisible by 4 (Wan VAE)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps")
+    p.add_argument("--frames", type=int, default=81,
+                   help=f"video frames; frames - 1 divisible by 4 (Wan VAE); at most --max-frames ({MAX_FRAMES})")  # fmt: skip
+    p.add_argument("--steps", type=int, default=50, help=f"denoising steps; at most --max-steps ({MAX_STEPS})")
+    p.add_argument("--max-steps", type=int, default=MAX_STEPS, help=f"raise the --steps limit (default {MAX_STEPS})")
+    p.add_argument("--max-frames", type=int, default=MAX_FRAMES, help=f"raise the --frames limit (default {MAX_FRAMES})")
     p.add_argument("--mode", choices=("clip", "pipeline"), default="clip",
                    help="clip: clip parallelism (Video-Infinity); pipeline: block-wise layer pipeline (DualParal)")  # fmt: skip
     p.add_argument("--height", type=int, default=None, help="default 64 for tiny and zoo, 480 otherwise")
@@ -105,7 +120,8 @@ def add_video_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "waits for the last rank (default 0)")  # fmt: skip
     p.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
     p.add_argument("--fps", type=int, default=16)
-    p.add_argument("--out", default="video.mp4", help="MP4 written by rank 0")
+    p.add_argument("--out", default="video.mp4",
+                   help=f"written by rank 0, checked before any work: {', '.join(VIDEO_FORMATS)} (PNG: one file per frame)")  # fmt: skip
     p.add_argument("--checkpoint-dir", default=None,
                    help="per-rank checkpoints, both modes (default: <out>.parts)")  # fmt: skip
     p.add_argument("--checkpoint-every", type=int, default=1,
@@ -113,8 +129,14 @@ def add_video_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "each checkpoint briefly drains the pipeline)")  # fmt: skip
     p.add_argument("--resume", action="store_true",
                    help="continue a killed run from its checkpoints (same settings and rank count)")  # fmt: skip
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds any communication may wait")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over, deleting the checkpoints an earlier run left in --checkpoint-dir")  # fmt: skip
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds any communication may wait (default: 4 measured step times, at least 30 s)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--nproc-per-node", type=int, default=None,
+                   help="start N ranks on this machine (torch's launcher, in-process) instead of torchrun: a "
+                   "failure ends with the ranks' one line and exit status (2 for a user error), no launcher report")  # fmt: skip
     p.set_defaults(func=run_video)
     return p
 
@@ -152,25 +174,35 @@ def _model_folder(model: str) -> Path | None:
     return Path(model)
 
 
-def check_arguments(args: argparse.Namespace) -> LongVideoConfig:
+def check_arguments(args: argparse.Namespace, world_size: int | None = None) -> LongVideoConfig:
     """Every check that needs no model weights and no process group: the config, the model's
-    geometry (from its ``config.json`` files) and the split over ``WORLD_SIZE`` ranks."""
-    config = _config(args)
-    folder = _model_folder(args.model)
-    geometry = _TINY_GEOMETRY if folder is None else VideoGeometry.from_folder(folder)
-    if args.timeout <= 0:
-        raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    geometry (from its ``config.json`` files) and the split over ``world_size`` ranks (default
+    ``WORLD_SIZE``)."""
+    limits = Limits(
+        max_steps=_limit("--max-steps", args.max_steps), max_frames=_limit("--max-frames", args.max_frames)
+    )
+    limits.steps(args.steps, "--steps", "--max-steps")
+    limits.frames(args.frames, "--frames", "--max-frames")
+    limits.prompt(args.prompt, "--prompt")
+    limits.prompt(args.negative_prompt, "--negative-prompt", allow_empty=True)
+    if args.timeout is not None and not (args.timeout > 0 and args.timeout < float("inf")):
+        raise ValueError(f"--timeout must be a finite number of seconds > 0, got {args.timeout}")
     if args.fps < 1:
         raise ValueError(f"--fps must be an int >= 1, got {args.fps}")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the earlier run or start over")
+    check_video_output(args.out, flag="--out")
+    config = _config(args, limits)
+    folder = _model_folder(args.model)
+    geometry = _TINY_GEOMETRY if folder is None else VideoGeometry.from_folder(folder)
     try:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     except ValueError:
         raise ValueError(f"WORLD_SIZE must be an int, got {os.environ['WORLD_SIZE']!r}") from None
-    check_prompt(args.prompt, name="--prompt")
-    check_prompt(args.negative_prompt, name="--negative-prompt", allow_empty=True)
-    check_output_path(args.out, flag="--out")
     if config.checkpoint_dir:
         check_output_dir(config.checkpoint_dir, flag="--checkpoint-dir")
+        if not args.resume and not args.overwrite:
+            check_fresh_start(Path(config.checkpoint_dir), flag="--checkpoint-dir")
     if folder is None:
         transformer, temporal, spatial = TINY_WAN_TRANSFORMER, geometry.temporal_stride, geometry.spatial_stride
     else:
@@ -178,14 +210,22 @@ def check_arguments(args: argparse.Namespace) -> LongVideoConfig:
     estimate = estimate_video_memory(
         config.num_frames, config.height, config.width, transformer, temporal_stride=temporal,
         spatial_stride=spatial, ranks=world_size, dtype_bytes=_DTYPES[args.dtype].itemsize,
-        guidance=config.guidance_scale > 1,
+        guidance=config.guidance_scale > 1, steps=config.num_inference_steps,
     )  # fmt: skip
     check_video_memory(estimate, "cuda" if torch.cuda.is_available() else "cpu")
     check_long_video(geometry, config, world_size)
+    if folder is not None:
+        check_weight_files(folder, flag="--model")
     return config
 
 
-def _config(args: argparse.Namespace) -> LongVideoConfig:
+def _limit(flag: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{flag} must be an int >= 1, got {value!r}")
+    return value
+
+
+def _config(args: argparse.Namespace, limits: Limits | None = None) -> LongVideoConfig:
     defaults = {"tiny": _TINY_DEFAULTS, "zoo": _ZOO_DEFAULTS}.get(args.model, _REAL_DEFAULTS)
     out = Path(args.out)
     checkpoints = args.checkpoint_dir or str(out.with_name(out.name + ".parts"))
@@ -206,6 +246,7 @@ def _config(args: argparse.Namespace) -> LongVideoConfig:
         checkpoint_dir=checkpoints,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
+        limits=limits or Limits(),
     )
 
 
@@ -224,19 +265,27 @@ def _load(model: str, device: torch.device, dtype: torch.dtype) -> Any:
     return pipe
 
 
-def write_video(frames: np.ndarray, path: str | Path, fps: int) -> Path:
-    """Write ``frames`` ``(F, H, W, 3)`` float in [0, 1] to an MP4 atomically (temp file + rename)."""
-    from diffusers.utils import export_to_video
+def _resume_hint(args: argparse.Namespace, config: LongVideoConfig) -> str | None:
+    """What a lost peer's one line adds: where the finished steps are and how to continue."""
+    if not config.checkpoint_dir:
+        return None
+    return (
+        f"the finished steps are kept in {config.checkpoint_dir!r}; rerun the same command with --resume "
+        "(and the same number of ranks) to continue"
+    )
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix or '.mp4'}")
-    try:
-        export_to_video(list(frames), str(tmp), fps=fps)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+
+def _launch(args: argparse.Namespace) -> int:
+    """``--nproc-per-node N``: check everything for N ranks first (one line, nothing started), then
+    start them (:func:`mmaccel.apps.launch.launch_ranks`)."""
+    from mmaccel.apps.launch import launch_ranks, without_flag
+
+    if "RANK" in os.environ:
+        raise ValueError("--nproc-per-node starts the ranks itself: drop it under torchrun / accelerate launch")
+    nproc = _limit("--nproc-per-node", args.nproc_per_node)
+    config = check_arguments(args, world_size=nproc)
+    argv = without_flag(getattr(args, "argv", []), "--nproc-per-node")
+    return launch_ranks(nproc, argv, command="mmaccel video", hint=_resume_hint(args, config))
 
 
 def run_video(args: argparse.Namespace) -> int:
@@ -245,17 +294,27 @@ def run_video(args: argparse.Namespace) -> int:
     Every argument is checked before any model loads or any process group forms, so a user error
     is one ``ValueError`` (printed once, by rank 0, as one line by ``mmaccel.apps.cli``; exit 2).
     """
+    if getattr(args, "nproc_per_node", None) is not None:
+        return _launch(args)
     config = check_arguments(args)
-    ctx = init_distributed(timeout_s=args.timeout)
+    if args.overwrite and config.checkpoint_dir and os.environ.get("RANK", "0") == "0":
+        # before the group forms: no rank writes a checkpoint before rank 0 has joined it
+        clear_all(Path(config.checkpoint_dir))
+    ctx = init_distributed(timeout_s=args.timeout or DEFAULT_START_TIMEOUT_S)
     try:
         pipe = _load(args.model, ctx.device, _DTYPES[args.dtype])
         check_long_video(pipe, config, ctx.world_size)  # the loaded model agrees with its config files
         if ctx.is_main:  # Wan 2.2 A14B folders hold two experts: say which were found
             print(f"model: {VideoGeometry.of(pipe).describe()}", flush=True)
-        with ctx.guard():
-            result = generate_long_video(pipe, config, ctx, progress=not args.quiet)
+        with ctx.guard("mmaccel video", hint=_resume_hint(args, config)):
+            result = generate_long_video(
+                pipe, config, ctx, progress=not args.quiet, timeout_from_steps=args.timeout is None
+            )
             if ctx.is_main:
-                path = write_video(result.frames, args.out, args.fps)
+                try:
+                    path = write_video(result.frames, args.out, args.fps)
+                except OSError as err:
+                    raise write_error(err, args.out, result.frames.size) from None
                 stats = result.stats
                 print(
                     f"wrote {path}: {result.frames.shape[0]} frames {config.height}x{config.width}, "

@@ -9,6 +9,9 @@ behind a SHA-256 header (:mod:`mmaccel.runtime.checkpoint_io`) and each rank kee
 three: ranks can be at most one checkpoint apart when a peer dies, and a corrupt newest file
 falls back to the one before it. Files hold only tensors and plain values and are read with
 ``torch.load(weights_only=True)``.
+
+A fresh run never replaces an earlier run's checkpoints silently: :func:`check_fresh_start`
+refuses a folder that holds some unless ``--resume`` (continue) or ``--overwrite`` (start over).
 """
 
 from __future__ import annotations
@@ -21,16 +24,30 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mmaccel.runtime.checkpoint_io import load_verified, newest_valid, save_verified, settings_diff, verify
+from mmaccel.runtime.checkpoint_io import (
+    load_verified,
+    newest_valid,
+    save_verified,
+    settings_diff,
+    verify,
+    write_error,
+)
 
 __all__ = [
-    "KINDS", "available_steps", "clear", "load_iteration", "load_step", "newest_loadable_step",
+    "KINDS", "available_steps", "check_fresh_start", "clear", "clear_all", "load_iteration", "load_step", "newest_loadable_step",
     "restore_scheduler", "save_iteration", "save_step", "scheduler_state",
 ]  # fmt: skip
 
 _KEEP = 3
 _PLAIN = (Tensor, int, float, bool, str, type(None))
 KINDS = {"clip": ("clip", "step"), "pipeline": ("pipe", "iter")}  # mode -> file prefix, unit
+
+
+def _make_dir(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a full disk or a refused folder: one line naming it
+        raise write_error(err, directory) from None
 
 
 def _name(rank: int, world_size: int, step: int, kind: str = "clip") -> str:
@@ -89,7 +106,7 @@ def save_step(
     meta: dict[str, Any],
 ) -> Path:
     """Write this rank's state after ``step`` atomically and drop its checkpoints older than the last three."""
-    directory.mkdir(parents=True, exist_ok=True)
+    _make_dir(directory)
     path = directory / _name(rank, world_size, step)
     payload = {
         "meta": meta,
@@ -154,7 +171,7 @@ def save_iteration(
 ) -> Path:
     """Pipeline mode: write this rank's driver ``state`` after ``iteration`` iterations atomically
     and drop its pipeline checkpoints older than the last three."""
-    directory.mkdir(parents=True, exist_ok=True)
+    _make_dir(directory)
     path = directory / _name(rank, world_size, iteration, "pipeline")
     save_verified({"meta": meta, "iteration": iteration, "state": state}, path)
     for old in available_steps(directory, rank, world_size, "pipeline")[:-_KEEP]:
@@ -168,6 +185,38 @@ def load_iteration(
     """Pipeline mode: this rank's driver state after ``iteration`` iterations; ``ValueError``
     naming the settings that differ if another run wrote it."""
     return _load_matching(directory, rank, world_size, iteration, meta, "pipeline")["state"]
+
+
+_ANY = re.compile(r"(clip|pipe)(\d+)of(\d+)_(step|iter)(\d+)\.pt")
+
+
+def check_fresh_start(directory: Path, *, flag: str = "checkpoint_dir") -> None:
+    """``ValueError`` when ``directory`` holds checkpoints of an earlier run (any mode, any rank
+    count): a fresh run would replace its finished steps. The message names ``--resume`` and
+    ``--overwrite`` and how far the earlier run got."""
+    if not directory.is_dir():
+        return
+    found = [m for p in directory.iterdir() if (m := _ANY.fullmatch(p.name))]
+    if not found:
+        return
+    newest = max(found, key=lambda m: int(m.group(5)))
+    unit = newest.group(4) if newest.group(4) == "step" else "iteration"
+    raise ValueError(
+        f"{flag} {str(directory)!r} holds {len(found)} checkpoint(s) of an earlier run (up to {unit} "
+        f"{int(newest.group(5))} on {newest.group(3)} rank(s)); continue it with --resume, or start over "
+        "with --overwrite (deletes them)"
+    )
+
+
+def clear_all(directory: Path) -> int:
+    """Delete every checkpoint in ``directory`` (any mode, rank or rank count): ``--overwrite``,
+    run by rank 0 before the group forms. Returns how many files were deleted."""
+    if not directory.is_dir():
+        return 0
+    found = [p for p in directory.iterdir() if _ANY.fullmatch(p.name)]
+    for path in found:
+        path.unlink(missing_ok=True)
+    return len(found)
 
 
 def clear(directory: Path, rank: int, world_size: int, kind: str = "clip") -> None:

@@ -42,6 +42,7 @@ from mmaccel.runtime.distributed import (
     gather_to_main,
     init_distributed,
 )
+from mmaccel.runtime.limits import Limits
 from mmaccel.runtime.pipelines import expert_for, pipeline_transformers
 
 __all__ = ["LongVideoConfig", "LongVideoOutput", "VideoGeometry", "check_long_video", "generate_long_video"]
@@ -63,6 +64,9 @@ class LongVideoConfig:
         clip after every ``checkpoint_every`` steps; pipeline mode, its part of the layer pipeline
         after every ``checkpoint_every`` iterations of the block schedule (each one drains the
         pipeline briefly). ``resume=True`` continues from the last point every rank saved there.
+    limits: the caps on ``num_inference_steps``, ``num_frames`` and the prompts
+        (:class:`mmaccel.runtime.limits.Limits`); raise one explicitly, e.g.
+        ``limits=Limits(max_steps=5000)``. Not part of a checkpoint's fingerprint.
     """
 
     prompt: str
@@ -81,6 +85,7 @@ class LongVideoConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 1
     resume: bool = False
+    limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
@@ -108,6 +113,12 @@ class LongVideoConfig:
             raise TypeError(f"pipeline must be a LayerPipelineConfig, got {type(self.pipeline).__name__}")
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("resume=True needs checkpoint_dir")
+        if not isinstance(self.limits, Limits):
+            raise TypeError(f"limits must be a mmaccel.runtime.limits.Limits, got {type(self.limits).__name__}")
+        self.limits.steps(self.num_inference_steps, "num_inference_steps", "limits=Limits(max_steps=N)")
+        self.limits.frames(self.num_frames, "num_frames", "limits=Limits(max_frames=N)")
+        self.limits.prompt(self.prompt)
+        self.limits.prompt(self.negative_prompt, "negative_prompt", allow_empty=True)
 
 
 @dataclass
@@ -123,7 +134,7 @@ class LongVideoOutput:
 def _fingerprint(pipe: Any, config: LongVideoConfig, world_size: int) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: the settings that change the result."""
     settings = {
-        k: v for k, v in asdict(config).items() if k not in ("checkpoint_dir", "checkpoint_every", "resume")
+        k: v for k, v in asdict(config).items() if k not in ("checkpoint_dir", "checkpoint_every", "resume", "limits")
     }
     public = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}
     model = json.dumps(public, sort_keys=True, default=str)
@@ -174,11 +185,11 @@ class VideoGeometry:
             path = folder / part / "config.json"
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found: --model must be a saved WanPipeline folder")
-            configs[part] = json.loads(path.read_text())
+            configs[part] = _read_json_object(path)
         downsample = configs["vae"].get("temperal_downsample", [False, True, True])
         tr = configs["transformer"]
         index_path = folder / "model_index.json"
-        index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+        index = _read_json_object(index_path) if index_path.is_file() else {}
         if index.get("_class_name", "WanPipeline") != "WanPipeline":
             raise ValueError(f"--model must be a text-to-video WanPipeline folder, got a {index['_class_name']}")
         experts = ("transformer", "transformer_2") if (index.get("transformer_2") or [None])[0] else ("transformer",)
@@ -190,6 +201,17 @@ class VideoGeometry:
             int(tr.get("num_layers", 30)), str(tr.get("_class_name", "WanTransformer3DModel")), experts,
             index.get("boundary_ratio"),
         )  # fmt: skip
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; ``ValueError`` naming the file when it is unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{str(path)!r} is not readable JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(path)!r} does not hold a JSON object")
+    return data
 
 
 def check_long_video(pipe: Any, config: LongVideoConfig, world_size: int) -> None:
@@ -241,19 +263,48 @@ def _resume_step(ctx: DistContext, directory: Path, kind: str = "clip") -> int:
     return int(min(int(t[0]) for t in everyone))
 
 
+#: Shortest communication timeout :class:`StepTimeout` sets, and the step times it allows.
+MIN_TIMEOUT_S, TIMEOUT_STEPS = 30.0, 4
+
+
+class StepTimeout:
+    """Ties ``ctx.timeout_s`` to the measured step time: after every step (or checkpointed block
+    schedule iteration) it becomes ``TIMEOUT_STEPS`` x the slowest step so far, at least
+    ``MIN_TIMEOUT_S``, so a hung peer is noticed within a few step times instead of a fixed two
+    minutes. The first step (warm-up included) counts, so it never undercuts a slow start."""
+
+    def __init__(self, ctx: DistContext) -> None:
+        self.ctx, self.slowest, self.last = ctx, 0.0, time.perf_counter()
+
+    def step(self, steps: int = 1) -> None:
+        now = time.perf_counter()
+        self.slowest = max(self.slowest, (now - self.last) / max(1, steps))
+        self.last = now
+        # DistContext is frozen so that no helper changes it by accident; the timeout is the one
+        # field meant to follow the run (every wait reads ctx.timeout_s when it starts)
+        object.__setattr__(self.ctx, "timeout_s", max(MIN_TIMEOUT_S, TIMEOUT_STEPS * self.slowest))
+
+
 @torch.no_grad()
 def generate_long_video(
-    pipe: Any, config: LongVideoConfig, ctx: DistContext | None = None, *, progress: bool = True
+    pipe: Any,
+    config: LongVideoConfig,
+    ctx: DistContext | None = None,
+    *,
+    progress: bool = True,
+    timeout_from_steps: bool = False,
 ) -> LongVideoOutput:
     """Generate ``config.num_frames`` frames with ``pipe`` (a diffusers ``WanPipeline``) on all ranks.
 
     Call on every rank (``torchrun``/``accelerate launch``) with the same arguments; ``ctx`` defaults
-    to :func:`init_distributed`. A progress bar is shown on rank 0 only.
+    to :func:`init_distributed`. A progress bar is shown on rank 0 only. ``timeout_from_steps``:
+    after each step, set ``ctx.timeout_s`` from the measured step time (:class:`StepTimeout`).
     """
     ctx = ctx or init_distributed()
     check_long_video(pipe, config, ctx.world_size)
+    clock = StepTimeout(ctx) if timeout_from_steps and ctx.world_size > 1 else None
     if config.mode == "pipeline":
-        return _generate_pipelined(pipe, config, ctx, progress)
+        return _generate_pipelined(pipe, config, ctx, progress, clock)
     num_latent, latent_h, latent_w = _check_geometry(VideoGeometry.of(pipe), config)
     handle = apply_clip_parallel(  # on every transformer of the pipeline (Wan 2.2: both experts)
         pipe, config.clip, ctx=ctx, num_latent_frames=num_latent,
@@ -275,6 +326,8 @@ def generate_long_video(
         stats["resumed_from_step"] = first
 
         def save(step: int, scheduler: Any, current: torch.Tensor) -> None:
+            if clock is not None:
+                clock.step()
             if directory is not None and (step % config.checkpoint_every == 0 or step == config.num_inference_steps):
                 checkpoint.save_step(directory, ctx.rank, ctx.world_size, step, current, scheduler, meta)
 
@@ -374,7 +427,7 @@ def _denoise_remaining(
 
 
 def _generate_pipelined(
-    pipe: Any, config: LongVideoConfig, ctx: DistContext, progress: bool
+    pipe: Any, config: LongVideoConfig, ctx: DistContext, progress: bool, clock: StepTimeout | None = None
 ) -> LongVideoOutput:
     """``mode="pipeline"``: DualParal over the ranks' layer stages; rank 0 decodes the whole video."""
     num_latent, latent_h, latent_w = _check_geometry(VideoGeometry.of(pipe), config)
@@ -398,6 +451,8 @@ def _generate_pipelined(
         checkpoint.clear(directory, ctx.rank, ctx.world_size, "pipeline")
 
     def save(iteration: int, rank_state: dict[str, Any]) -> None:
+        if clock is not None:
+            clock.step(config.checkpoint_every)
         checkpoint.save_iteration(directory, ctx.rank, ctx.world_size, iteration, rank_state, meta)
 
     latents, stats = run_layer_pipeline(

@@ -7,14 +7,22 @@ header before unpickling (``weights_only=True``): a truncated or altered file is
 :class:`CorruptCheckpointError` naming the file and what is wrong. :func:`newest_valid` walks
 checkpoints newest first and falls back to the previous good one; :func:`settings_diff` names
 the settings that differ between a checkpoint and the current run.
+
+A full disk or a refused write is a one-line :class:`WriteError` naming the file, the space it
+needs and the space free (:func:`write_error`). :func:`check_weight_files` checks a model folder's
+weight files before anything loads: a truncated or garbled ``.safetensors`` header, a missing
+shard or a pickle file (``.bin``, ``.pt``: unpickling runs code) is a one-line
+:class:`CorruptCheckpointError` naming the file and what is wrong.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
+import shutil
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -22,11 +30,14 @@ from typing import Any
 
 __all__ = [
     "CorruptCheckpointError",
+    "WriteError",
+    "check_weight_files",
     "load_verified",
     "newest_valid",
     "save_verified",
     "settings_diff",
     "verify",
+    "write_error",
 ]
 
 _MAGIC = b"MMACKPT1"
@@ -35,6 +46,45 @@ _HEADER = struct.Struct(">8s32sQ")  # magic, sha256 digest, payload length
 
 class CorruptCheckpointError(ValueError):
     """A checkpoint file is truncated, altered or not written by :func:`save_verified`."""
+
+
+class WriteError(OSError, ValueError):
+    """A file could not be written (disk full, no permission, read-only); one line naming the
+    file and, for a full disk, the space needed and free. Also a ``ValueError``, so the CLI and
+    the ranks of a ``torchrun`` report it as one line (exit 2) like every user error."""
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_PERMISSION_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in ``obj`` (nested dicts / lists / tuples)."""
+    if isinstance(obj, Mapping):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    nbytes = getattr(obj, "nbytes", None)
+    return int(nbytes) if isinstance(nbytes, int) else 0
+
+
+def write_error(err: OSError, path: str | os.PathLike[str], needed: int | None = None) -> OSError:
+    """``err`` as one line naming ``path`` (a :class:`WriteError` for a full disk or a refused
+    write, with ``needed`` bytes and the free space); other errors come back unchanged."""
+    from mmaccel.runtime.limits import format_bytes
+
+    path = Path(path)
+    if err.errno in _DISK_ERRNOS:
+        try:
+            free = format_bytes(shutil.disk_usage(path.parent).free)
+        except OSError:
+            free = "unknown"
+        need = f"needs about {format_bytes(needed)}" if needed else "needs more space"
+        return WriteError(err.errno, f"no space left to write {str(path)!r}: it {need}, {free} is free on its disk; "
+                          "free some space or choose another folder")  # fmt: skip
+    if err.errno in _PERMISSION_ERRNOS:
+        return WriteError(err.errno, f"cannot write {str(path)!r}: {err.strerror or 'permission denied'}")
+    return err
 
 
 class _HashingWriter(io.RawIOBase):
@@ -70,6 +120,13 @@ def save_verified(obj: Any, path: str | os.PathLike[str]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        raise write_error(err, path, _HEADER.size + _tensor_bytes(obj)) from None
+    except RuntimeError as err:  # torch.save wraps the file's OSError ("unexpected pos ...")
+        cause = _os_cause(err)
+        if cause is None:
+            raise
+        raise write_error(cause, path, _HEADER.size + _tensor_bytes(obj)) from None
     finally:
         tmp.unlink(missing_ok=True)
     try:  # make the rename itself durable
@@ -81,6 +138,17 @@ def save_verified(obj: Any, path: str | os.PathLike[str]) -> Path:
     except OSError:
         pass
     return path
+
+
+def _os_cause(err: BaseException) -> OSError | None:
+    """The ``OSError`` somewhere in ``err``'s cause / context chain, if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def verify(path: str | os.PathLike[str]) -> bytes:
@@ -182,3 +250,79 @@ def settings_diff(saved: Mapping[str, Any], current: Mapping[str, Any], *, width
             after = "(absent)" if b is missing else short(b)
             lines.append(f"{key}: {before} -> {after}")
     return lines
+
+
+# ------------------------------------------------------------------------------------------
+# Model folders
+# ------------------------------------------------------------------------------------------
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_MAX_SAFETENSORS_HEADER = 100 * 2**20  # the safetensors format's own cap on the JSON header
+
+
+def _check_safetensors(path: Path) -> None:
+    """Header of a ``.safetensors`` file: length, JSON, dtypes and offsets within the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CorruptCheckpointError(f"weight file {str(path)!r} is truncated ({size} bytes, no header)")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(_MAX_SAFETENSORS_HEADER, size - 8):
+            raise CorruptCheckpointError(
+                f"weight file {str(path)!r} is not a safetensors file or is truncated "
+                f"(header of {length:,} bytes in a {size:,}-byte file)"
+            )
+        try:
+            header = json.loads(f.read(length))
+        except ValueError:
+            raise CorruptCheckpointError(f"weight file {str(path)!r} has a garbled safetensors header") from None
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"weight file {str(path)!r} has a garbled safetensors header")
+    data = size - 8 - length
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise CorruptCheckpointError(f"weight file {str(path)!r} has a garbled entry for {name!r}")
+        end = max(end, offsets[1])
+    if end > data:
+        raise CorruptCheckpointError(
+            f"weight file {str(path)!r} is truncated ({data:,} of {end:,} data bytes)"
+        )
+
+
+def check_weight_files(folder: str | os.PathLike[str], *, flag: str = "model") -> None:
+    """Check every weight file under ``folder`` before a loader opens it (nothing is loaded).
+
+    :class:`CorruptCheckpointError` (one line, naming ``flag`` and the file) for a truncated or
+    garbled ``.safetensors`` header, a shard an ``*.index.json`` names that is missing, or a
+    pickle weight file (``.bin``, ``.pt``, ``.pth``, ``.ckpt``, ``.pkl``) in a folder without
+    ``.safetensors`` (the loaders would unpickle it, which runs code; next to safetensors files,
+    which the loaders prefer, a pickle is left alone).
+    """
+    root = Path(folder)
+    for path in sorted(root.rglob("*")):
+        if not path.is_file():
+            continue
+        suffix = path.suffix.lower()
+        try:
+            if suffix == ".safetensors":
+                _check_safetensors(path)
+            elif suffix in _PICKLE_SUFFIXES and not any(path.parent.glob("*.safetensors")):
+                raise CorruptCheckpointError(
+                    f"weight file {str(path)!r} is a pickle, which can run code when loaded; "
+                    "save the model with safetensors (save_pretrained's default) and remove it"
+                )
+            elif path.name.endswith(".index.json"):
+                index = json.loads(path.read_text(encoding="utf-8"))
+                shards = set(index.get("weight_map", {}).values()) if isinstance(index, dict) else set()
+                missing = sorted(s for s in shards if not (path.parent / s).is_file())
+                if missing:
+                    raise CorruptCheckpointError(f"{str(path)!r} names missing weight shards: {', '.join(missing[:3])}")
+        except CorruptCheckpointError as err:
+            raise CorruptCheckpointError(f"{flag}: {err}") from None
+        except (OSError, ValueError) as err:
+            raise CorruptCheckpointError(f"{flag}: cannot read {str(path)!r}: {err}") from None

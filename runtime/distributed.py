@@ -95,8 +95,11 @@ class DistContext:
         return self.rank == 0
 
     @contextmanager
-    def guard(self) -> Iterator[DistContext]:
+    def guard(self, command: str = "mmaccel", hint: str | None = None) -> Iterator[DistContext]:
         """Run a rank's work so that any exception brings the whole group down.
+
+        ``command`` prefixes the one-line reports (``mmaccel video: error: ...``); ``hint`` is
+        added to the one line a lost peer (:class:`CommError`) prints, e.g. the resume command.
 
         On an exception the traceback and a one-line summary go to stderr, the process group is
         destroyed (waiting at most ``min(timeout_s, 10)`` seconds) and the process exits with
@@ -109,7 +112,7 @@ class DistContext:
         except Exception as exc:
             if self.group is None:
                 raise
-            _abort(self, exc)
+            _abort(self, exc, command, hint)
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 120.0) -> DistContext:
@@ -423,6 +426,10 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:300]}"
 
 
+def _one_line(exc: BaseException) -> str:
+    return "; ".join(part.strip() for part in str(exc).strip().splitlines() if part.strip()) or type(exc).__name__
+
+
 def _comm_error(ctx: DistContext, what: str, elapsed: float, exc: BaseException) -> CommError:
     verb = "timed out" if elapsed >= 0.99 * ctx.timeout_s else "failed"
     return CommError(
@@ -531,21 +538,24 @@ def _peer_reported_user_error() -> bool:
         return False
 
 
-def _abort(ctx: DistContext, exc: Exception) -> NoReturn:
+def _abort(ctx: DistContext, exc: Exception, command: str = "mmaccel", hint: str | None = None) -> NoReturn:
     """Report ``exc``, shut the group down within a bounded time, and exit.
 
     A user error (``ValueError``, ``TypeError``, ``FileNotFoundError``) is one line, printed once
     (see :func:`_first_to_report`), and exit status 2, as the CLI reports it; anything else prints
-    its traceback on every rank and exits with status 1. ``MMACCEL_DEBUG=1`` treats user errors
-    like the rest.
+    its traceback on every rank and exits with status 1. A lost peer (:class:`CommError`) is one
+    line per rank with ``hint``, exit status 1. ``MMACCEL_DEBUG=1`` treats both like the rest.
     """
-    user_error = isinstance(exc, USER_ERRORS) and not os.environ.get("MMACCEL_DEBUG")
+    debug = bool(os.environ.get("MMACCEL_DEBUG"))
+    user_error = isinstance(exc, USER_ERRORS) and not debug
     if user_error:
         if _first_to_report(ctx):
             where = "" if ctx.is_main else f" (rank {ctx.rank}/{ctx.world_size})"
-            print(f"mmaccel: error{where}: {exc}", file=sys.stderr, flush=True)
+            print(f"{command}: error{where}: {_one_line(exc)}", file=sys.stderr, flush=True)
     elif isinstance(exc, CommError) and _peer_reported_user_error():
         pass  # the group broke because a peer stopped on a user error, which it printed
+    elif isinstance(exc, CommError) and not debug:
+        print(f"{command}: error: {_one_line(exc)}" + (f"; {hint}" if hint else ""), file=sys.stderr, flush=True)
     else:
         traceback.print_exception(exc)
         print(

@@ -95,6 +95,8 @@ def _open(source: ImageSource, name: str) -> Image.Image:
     path = Path(source)
     if path.is_dir():
         raise ValueError(f"{name} {str(source)!r} is a folder, not an image file")
+    if path.exists() and not path.is_file():  # /dev/zero, a FIFO: reading could never end
+        raise ValueError(f"{name} {str(source)!r} is not a regular file (a device, pipe or socket)")
     if not path.is_file():
         raise FileNotFoundError(f"{name} {str(source)!r} not found")
     return Image.open(path)
@@ -123,7 +125,10 @@ def _opened(
     except (OSError, SyntaxError) as err:  # PIL raises SyntaxError for some corrupt headers
         if isinstance(err, FileNotFoundError):
             raise
-        raise ValueError(f"cannot read {_label(source, name, show_path)}: {err}") from None
+        reason = str(err)
+        if not show_path and isinstance(source, (str, PathLike)):  # PIL's text names the file: hide it
+            reason = reason.replace(repr(str(source)), "the file").replace(str(source), "the file")
+        raise ValueError(f"cannot read {_label(source, name, show_path)}: {reason}") from None
 
 
 def image_size(source: ImageSource) -> tuple[int, int]:

@@ -1,9 +1,11 @@
-"""Limits checked before any work starts: prompt length, integer settings, video memory.
+"""Limits checked before any work starts: prompts, tokens, steps, frames, images, video memory.
 
+One set of limits (:class:`Limits`) is used by the CLI, the demo and the Python API alike
+(``VLM.generate(..., limits=Limits(max_new_tokens=8192))``; ``mmaccel video --max-steps N``).
 Everything here is plain arithmetic on the requested sizes and the model's config, so a request
-that cannot fit (``--frames 1000000001``) is refused in microseconds, before a model loads or a
-tensor is allocated. Errors are one-line ``ValueError`` / ``TypeError`` naming the setting, the
-allowed range and how to raise the limit.
+that cannot fit (``--frames 1000000001``, ``--steps 100000000``) is refused in microseconds,
+before a model loads or a tensor is allocated. Errors are one-line ``ValueError`` / ``TypeError``
+naming the setting, the allowed range and how to raise the limit (docs/errors.md).
 """
 
 from __future__ import annotations
@@ -13,16 +15,25 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from mmaccel.runtime.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, PIL_MAX_PIXELS
+
 __all__ = [
+    "MAX_FRAMES",
+    "MAX_NEW_TOKENS",
     "MAX_PROMPT_CHARS",
+    "MAX_STEPS",
     "MEMORY_LIMIT_ENV",
+    "SCHEDULE_BYTES_PER_STEP",
+    "Limits",
     "MemoryEstimate",
     "as_int",
     "available_memory",
+    "check_context",
+    "check_image_array",
     "check_prompt",
     "check_video_memory",
     "estimate_video_memory",
@@ -34,6 +45,17 @@ __all__ = [
 #: Longest prompt accepted by default (characters). Text encoders read at most a few hundred
 #: tokens (Wan: 512), so anything longer would be cut silently.
 MAX_PROMPT_CHARS = 4000
+#: Most tokens one generate call may add (raise with ``Limits(max_new_tokens=N)``).
+MAX_NEW_TOKENS = 4096
+#: Most denoising steps (raise with ``--max-steps`` / ``Limits(max_steps=N)``): reference
+#: samplers use 20 to 100; the scheduler's arrays alone grow by ~180 bytes a step.
+MAX_STEPS = 1000
+#: Most video frames (raise with ``--max-frames`` / ``Limits(max_frames=N)``); memory is checked too.
+MAX_FRAMES = 10_001
+#: Host bytes the pipeline's step schedule takes per denoising step, an upper bound: the zoo's
+#: UniPC scheduler's ``set_timesteps`` measured 32 B/step; a whole ``mmaccel video`` run with
+#: ``--steps 100000000`` reached 17.8 GB before its first step (178 B/step, issue #31).
+SCHEDULE_BYTES_PER_STEP = 256
 #: Environment variable overriding the detected free memory: bytes with an optional unit
 #: ("48GiB", "500MB"), or "off" to skip the memory check.
 MEMORY_LIMIT_ENV = "MMACCEL_MEMORY_LIMIT"
@@ -53,6 +75,86 @@ def as_int(name: str, value: Any, low: int, high: int) -> int:
     if not low <= value <= high:
         raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
     return value
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits every front door checks before any work (CLI, demo, Python API).
+
+    Raise one explicitly: ``Limits(max_steps=5000)``. Each value is an int >= 1; ``max_pixels``
+    is at most PIL's own decompression-bomb limit.
+    """
+
+    max_prompt_chars: int = MAX_PROMPT_CHARS
+    max_new_tokens: int = MAX_NEW_TOKENS
+    max_steps: int = MAX_STEPS
+    max_frames: int = MAX_FRAMES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    min_side: int = DEFAULT_MIN_SIDE
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            high = PIL_MAX_PIXELS if f.name == "max_pixels" else 2**40
+            as_int(f"Limits.{f.name}", getattr(self, f.name), 1, high)
+        if self.min_side**2 > self.max_pixels:
+            raise ValueError(f"Limits.max_pixels={self.max_pixels} is below min_side**2={self.min_side**2}")
+
+    def steps(self, value: Any, name: str = "steps", flag: str = "max_steps") -> int:
+        """``value`` as denoising steps in [1, max_steps]; the message names ``flag`` to raise it."""
+        return _capped(name, value, self.max_steps, flag)
+
+    def frames(self, value: Any, name: str = "frames", flag: str = "max_frames") -> int:
+        """``value`` as video frames in [1, max_frames]."""
+        return _capped(name, value, self.max_frames, flag)
+
+    def new_tokens(self, value: Any, name: str = "max_new_tokens", flag: str = "Limits.max_new_tokens") -> int:
+        """``value`` as new tokens in [1, max_new_tokens]."""
+        return _capped(name, value, self.max_new_tokens, flag)
+
+    def prompt(self, value: Any, name: str = "prompt", allow_empty: bool = False) -> str:
+        """``value`` as a prompt of at most ``max_prompt_chars`` characters, no NUL."""
+        return check_prompt(value, name=name, max_chars=self.max_prompt_chars, allow_empty=allow_empty)
+
+
+def _capped(name: str, value: Any, high: int, flag: str) -> int:
+    try:
+        return as_int(name, value, 1, high)
+    except ValueError as err:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > high:
+            raise ValueError(f"{err} (raise the limit with {flag})") from None
+        raise
+
+
+def check_context(prompt_tokens: int, new_tokens: int, context: int | None, *, name: str = "prompt") -> None:
+    """``ValueError`` when ``prompt_tokens + new_tokens`` exceeds the model's ``context`` (its
+    ``max_position_embeddings``): past it the model indexes positions it was never given."""
+    if context is None or prompt_tokens + new_tokens <= context:
+        return
+    room = context - prompt_tokens
+    fix = f"at most {room} new tokens fit" if room > 0 else "shorten the prompt"
+    raise ValueError(
+        f"{name} is {prompt_tokens:,} tokens (image tokens included) + {new_tokens:,} new tokens, over the "
+        f"model's context of {context:,} tokens; {fix}"
+    )
+
+
+def check_image_array(image: Any, *, name: str = "image", min_side: int = DEFAULT_MIN_SIDE,
+                      max_pixels: int = DEFAULT_MAX_PIXELS) -> None:  # fmt: skip
+    """``ValueError`` for an image array that is not ``(H, W[, 1|3|4])``, has a side under
+    ``min_side``, more than ``max_pixels`` pixels, or non-finite values."""
+    import numpy as np
+
+    shape = tuple(getattr(image, "shape", ()))
+    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3, 4)):
+        raise ValueError(f"{name} arrays must be (H, W) or (H, W, 1|3|4), got shape {shape}")
+    h, w = shape[:2]
+    if min(h, w) < min_side:
+        raise ValueError(f"{name} is {w}x{h}; each side must be at least {min_side} px")
+    if h * w > max_pixels:
+        raise ValueError(f"{name} is {w}x{h} = {h * w:,} pixels; the limit is {max_pixels:,} (max_pixels)")
+    array = np.asarray(image)
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise ValueError(f"{name} holds NaN or infinite values")
 
 
 def check_prompt(
@@ -134,7 +236,8 @@ class MemoryEstimate:
 
     ``latents``: the noise/latent tensors and their per-step copies on one rank; ``activations``:
     one transformer block's working set for one rank's tokens; ``frames``: the decoded float video
-    that rank 0 gathers and writes (host memory).
+    that rank 0 gathers and writes (host memory); ``schedule``: the scheduler's per-step arrays
+    (``steps * SCHEDULE_BYTES_PER_STEP``, host memory).
     """
 
     latents: int
@@ -142,6 +245,7 @@ class MemoryEstimate:
     frames: int
     latent_frames: int
     tokens: int
+    schedule: int = 0
 
     @property
     def device_bytes(self) -> int:
@@ -149,7 +253,7 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return self.latents + self.activations + self.frames
+        return self.latents + self.activations + self.frames + self.schedule
 
 
 def _positive(name: str, value: Any) -> int:
@@ -171,14 +275,16 @@ def estimate_video_memory(
     ranks: int = 1,
     dtype_bytes: int = 4,
     guidance: bool = True,
+    steps: int = 1,
 ) -> MemoryEstimate:
     """Estimate the memory of generating ``frames`` x ``height`` x ``width`` with a Wan-style model.
 
     ``transformer_config`` is the transformer's ``config`` (``in_channels``, ``patch_size``,
-    ``num_attention_heads``, ``attention_head_dim``, ``ffn_dim``). Pure integer arithmetic: no
-    tensor is allocated, so absurd sizes are answered at once.
+    ``num_attention_heads``, ``attention_head_dim``, ``ffn_dim``); ``steps`` the denoising steps
+    (the schedule's host arrays). Pure integer arithmetic: no tensor is allocated, so absurd sizes
+    are answered at once.
     """
-    for name, value in (("frames", frames), ("height", height), ("width", width), ("ranks", ranks),
+    for name, value in (("frames", frames), ("height", height), ("width", width), ("ranks", ranks), ("steps", steps),
                         ("temporal_stride", temporal_stride), ("spatial_stride", spatial_stride),
                         ("dtype_bytes", dtype_bytes)):  # fmt: skip
         _positive(name, value)
@@ -201,11 +307,11 @@ def estimate_video_memory(
     # one block: hidden states, q, k, v, attention output, residual + the FFN's intermediate
     activations = rank_tokens * (6 * hidden + ffn) * dtype_bytes * (2 if guidance else 1)
     decoded = frames * height * width * 3 * 4 * 2  # float32 frames, gathered + the numpy copy
-    return MemoryEstimate(latents, activations, decoded, latent_frames, tokens)
+    return MemoryEstimate(latents, activations, decoded, latent_frames, tokens, steps * SCHEDULE_BYTES_PER_STEP)
 
 
 def check_video_memory(
-    estimate: MemoryEstimate, device: Any = "cpu", *, hint: str = "--frames, --height or --width"
+    estimate: MemoryEstimate, device: Any = "cpu", *, hint: str = "--frames, --steps, --height or --width"
 ) -> None:
     """``ValueError`` when ``estimate`` does not fit in the free memory of ``device`` and the host.
 
@@ -213,7 +319,8 @@ def check_video_memory(
     ``MMACCEL_MEMORY_LIMIT`` to override the detected free memory.
     """
     kind = getattr(device, "type", str(device).split(":")[0])
-    checks = [("host memory", estimate.total if kind != "cuda" else estimate.frames, available_memory("cpu"))]
+    host = estimate.total if kind != "cuda" else estimate.frames + estimate.schedule
+    checks = [("host memory", host, available_memory("cpu"))]
     if kind == "cuda":
         checks.insert(0, (f"{device} memory", estimate.device_bytes, available_memory(device)))
     for where, need, free in checks:
@@ -221,7 +328,7 @@ def check_video_memory(
             raise ValueError(
                 f"this video needs at least {format_bytes(need)} of {where} (latents "
                 f"{format_bytes(estimate.latents)}, activations {format_bytes(estimate.activations)}, "
-                f"decoded frames {format_bytes(estimate.frames)}) but {format_bytes(free)} is free; "
+                f"decoded frames {format_bytes(estimate.frames)}, schedule {format_bytes(estimate.schedule)}) but {format_bytes(free)} is free; "
                 f"lower {hint}, use more ranks, or set {MEMORY_LIMIT_ENV} (e.g. 64GiB, or off)"
             )
 

@@ -4,6 +4,11 @@ Every ``apply_*`` in mmaccel returns a :class:`PatchHandle`. The handle records 
 it makes to a model instance (attributes, forward hooks, diffusers hooks, attention
 processors) and :meth:`PatchHandle.remove` undoes them in reverse order, restoring the model
 bit-for-bit. Classes and other instances are never touched.
+
+What diffusers adds to the model's modules while a patch is active is removed too: a
+``_diffusers_hook`` registry that did not exist at apply time and holds no hook at removal (a
+pipeline's ``transformer.cache_context(...)`` creates one on first use) is deleted, so the
+instance attributes are exactly those before the patch.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ __all__ = ["PatchHandle"]
 
 _MISSING = object()
 _REGISTRY_ATTR = "_mmaccel_patches"
+_DIFFUSERS_REGISTRY = "_diffusers_hook"
 
 
 class PatchHandle:
@@ -33,6 +39,7 @@ class PatchHandle:
                 f"{name} is already applied to this {type(model).__name__}; call .remove() on its handle first"
             )
         active.add(name)
+        self._had_registry = {id(m) for m in model.modules() if _DIFFUSERS_REGISTRY in m.__dict__}
         self.model = model
         self.name = name
         self._undo: list[Callable[[], None]] = []
@@ -129,11 +136,24 @@ class PatchHandle:
         self._removed = True
         while self._undo:
             self._undo.pop()()
+        self._drop_new_registries()
         active = self.model.__dict__.get(_REGISTRY_ATTR)
         if active is not None:
             active.discard(self.name)
             if not active:
                 del self.model.__dict__[_REGISTRY_ATTR]
+
+    def _drop_new_registries(self) -> None:
+        """Delete the empty diffusers hook registries created on the model since apply."""
+        dropped = False
+        for module in self.model.modules():
+            registry = module.__dict__.get(_DIFFUSERS_REGISTRY)
+            if registry is None or id(module) in self._had_registry or getattr(registry, "hooks", None):
+                continue
+            del module.__dict__[_DIFFUSERS_REGISTRY]
+            dropped = True
+        if dropped:
+            _invalidate_registry_caches(self.model)
 
     def __enter__(self) -> PatchHandle:
         return self

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -19,6 +20,7 @@ import time
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -259,7 +261,10 @@ def test_video_billion_frames_refused_before_any_allocation(capsys, monkeypatch,
 
     monkeypatch.setattr(video, "generate_long_video", never)
     start = time.perf_counter()
-    code, err = _run([*_VIDEO, _P, "a car", "--frames", "1000000001", "--out", str(tmp_path / "v.mp4")], capsys)
+    argv = [*_VIDEO, _P, "a car", "--frames", "1000000001", "--out", str(tmp_path / "v.mp4")]
+    code, err = _run(argv, capsys)
+    _assert_one_line(code, err, "--frames", "[1, 10001]", "--max-frames")
+    code, err = _run([*argv, "--max-frames", "2000000000"], capsys)  # the cap raised: memory refuses it
     _assert_one_line(code, err, "--frames", MEMORY_LIMIT_ENV)
     assert time.perf_counter() - start < 5
 
@@ -743,3 +748,526 @@ def test_settings_diff_names_the_settings():
     assert checkpoint_io.settings_diff({"a": 1}, {"b": 1}) == ["a: 1 -> (absent)", "b: (absent) -> 1"]
     nested = checkpoint_io.settings_diff({"s": json.dumps({"clip": {"padding": 1}})}, {"s": json.dumps({"clip": {"padding": 2}})})
     assert nested == ["clip.padding: 1 -> 2"]
+
+
+
+# ------------------------------------------------------------------------------------------
+# Issue #31: limits of the video command, outputs checked first, checkpoint folders, weights
+# ------------------------------------------------------------------------------------------
+
+
+def _copy_configs(src: Path, dst: Path) -> Path:
+    """The JSON / text files of a saved model folder (no weights), as a base for broken folders."""
+    for path in src.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".jinja", ".txt", ".model"):
+            target = dst / path.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+    return dst
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory) -> dict[str, Path]:
+    """Model folders with one bad weight file each, and checkpoint folders of an earlier run."""
+    d = tmp_path_factory.mktemp("broken")
+    out: dict[str, Path] = {}
+    video_weights = "transformer/diffusion_pytorch_model.safetensors"
+    real = (ZOO / "moving-digits" / video_weights).read_bytes()
+    for name, content in (("truncated", real[: len(real) // 2]), ("garbage", b"\xff" * 4096)):
+        folder = _copy_configs(ZOO / "moving-digits", d / f"video-{name}")
+        (folder / video_weights).write_bytes(content)
+        out[f"video-{name}"] = folder
+    pickled = _copy_configs(ZOO / "moving-digits", d / "video-pickle")
+    torch.save({"w": torch.zeros(2)}, pickled / "transformer" / "diffusion_pytorch_model.bin")
+    out["video-pickle"] = pickled
+    vlm = _copy_configs(ZOO / "shapes-vlm", d / "vlm-garbage")
+    (vlm / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    out["vlm-garbage"] = vlm
+    bad_json = _copy_configs(ZOO / "shapes-vlm", d / "vlm-bad-json")
+    (bad_json / "config.json").write_text("{ not json")
+    out["vlm-bad-json"] = bad_json
+    video_json = _copy_configs(ZOO / "moving-digits", d / "video-bad-json")
+    (video_json / "transformer" / "config.json").write_text("{ not json")
+    out["video-bad-json"] = video_json
+    parts = d / "run.mp4.parts"
+    parts.mkdir()
+    for step in (103, 104, 105):
+        (parts / f"clip0of1_step{step:05d}.pt").write_bytes(b"x")
+    out["parts"] = parts
+    return out
+
+
+VIDEO_CASES = [
+    # id, extra argv ({name} from the broken / files fixtures), words the one line must hold
+    ("steps-100M", ["--steps", "100000000"], ["--steps must be in [1, 1000]", "--max-steps"]),
+    ("steps-1e12", ["--steps", "1e12"], ["--steps", "invalid int value"]),
+    ("steps-100M-raised", ["--steps", "100000000", "--max-steps", "1000000000"], ["--steps", "schedule", MEMORY_LIMIT_ENV]),
+    ("max-steps-0", ["--max-steps", "0"], ["--max-steps must be an int >= 1"]),
+    ("frames-over-cap", ["--frames", "20001"], ["--frames must be in [1, 10001]", "--max-frames"]),
+    ("out-webm", ["--out", "{dir}/x.webm"], ["--out", "'.webm'", ".mp4", ".gif", ".png"]),
+    ("out-txt", ["--out", "{dir}/x.txt"], ["--out", "'.txt'", "the formats written are"]),
+    ("out-no-suffix", ["--out", "{dir}/video"], ["--out", "no suffix"]),
+    ("old-checkpoints", ["--out", "{dir}/run.mp4", "--checkpoint-dir", "{parts}"],
+     ["--checkpoint-dir", "3 checkpoint(s)", "up to step 105", "--resume", "--overwrite"]),  # fmt: skip
+    ("resume-and-overwrite", ["--resume", "--overwrite"], ["--resume and --overwrite"]),
+    ("timeout-0", ["--timeout", "0"], ["--timeout"]),
+    ("model-truncated", ["--model", "{video-truncated}"], ["--model", "diffusion_pytorch_model.safetensors", "truncated"]),
+    ("model-garbage", ["--model", "{video-garbage}"], ["--model", "diffusion_pytorch_model.safetensors", "not a safetensors"]),
+    ("model-pickle", ["--model", "{video-pickle}"], ["--model", "diffusion_pytorch_model.bin", "pickle"]),
+    ("prompt-nul", [_P, "a\x00car"], ["--prompt contains a NUL"]),
+    ("model-bad-config-json", ["--model", "{video-bad-json}"], ["transformer/config.json", "not readable JSON"]),
+]
+
+
+@pytest.mark.parametrize(("extra", "needles"), [c[1:] for c in VIDEO_CASES], ids=[c[0] for c in VIDEO_CASES])
+def test_video_user_error_is_one_line_before_any_work(capsys, monkeypatch, files, broken, video_never_loads,
+                                                      extra, needles):  # fmt: skip
+    import mmaccel.apps.video as video
+
+    def never(*args, **kwargs):
+        raise AssertionError("generation started before the arguments were refused")
+
+    monkeypatch.setattr(video, "generate_long_video", never)
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, "8GiB")
+    values = {k: str(v) for k, v in {**files, **broken}.items()}
+    extra = [a.format(**values) if "{" in a else a for a in extra]
+    argv = [*_VIDEO, _P, "a car", "--frames", "5", "--out", str(files["dir"] / "v.mp4"), *extra]
+    start = time.perf_counter()
+    _assert_one_line(*_run(argv, capsys), *needles)
+    assert time.perf_counter() - start < 5
+
+
+VLM_MODEL_CASES = [
+    ("garbage-safetensors", "vlm-garbage", ["--model", "model.safetensors", "garbled"]),
+    ("broken-config-json", "vlm-bad-json", ["--model", "config.json", "not readable JSON"]),
+]
+
+
+@pytest.mark.parametrize(("key", "needles"), [c[1:] for c in VLM_MODEL_CASES], ids=[c[0] for c in VLM_MODEL_CASES])
+def test_vlm_broken_model_folder_is_one_line(capsys, files, broken, key, needles):
+    code, err = _run(["vlm", "--image", str(files["ok"]), _P, "hi", "--model", str(broken[key])], capsys)
+    _assert_one_line(code, err, *needles)
+    assert "invalid model value" not in err
+
+
+def test_vlm_image_dev_zero_is_not_a_regular_file(capsys):
+    code, err = _run(["vlm", "--image", "/dev/zero", _P, "hi"], capsys)
+    _assert_one_line(code, err, "--image '/dev/zero' is not a regular file")
+
+
+def test_demo_refuses_a_broken_model_folder_before_loading(broken):
+    from mmaccel.apps.demo_tabs import DemoModels
+
+    with pytest.raises(ValueError, match="--video-model: weight file .*diffusion_pytorch_model.bin.* pickle"):
+        DemoModels(video=str(broken["video-pickle"])).get("video")
+
+
+def test_video_rerun_without_resume_keeps_the_finished_steps(capsys, tmp_path):
+    """An interrupted run's checkpoints survive a rerun without --resume (refused, nothing
+    deleted); --overwrite starts over; --resume continues."""
+    out = tmp_path / "v.mp4"
+    argv = [*_VIDEO[:-3], "--steps", "2", "--quiet", _P, "a car", "--frames", "5", "--out", str(out)]
+    assert main(argv) == 0
+    parts = sorted((tmp_path / "v.mp4.parts").glob("*.pt"))
+    before = {p.name: p.read_bytes() for p in parts}
+    capsys.readouterr()
+    _assert_one_line(*_run(argv, capsys), "--resume", "--overwrite")
+    assert {p.name: p.read_bytes() for p in parts} == before  # nothing replaced
+    assert main([*argv, "--resume"]) == 0
+    assert "resumed from step 2" in capsys.readouterr().out
+    assert main([*argv, "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".png", ".mp4"])
+def test_video_formats_are_written_and_verified(tmp_path, suffix):
+    from mmaccel.apps.video_output import check_video_output, frame_paths, write_video
+
+    rng = torch.Generator().manual_seed(0)
+    frames = torch.rand(5, 32, 48, 3, generator=rng).numpy()
+    path = check_video_output(tmp_path / f"v{suffix}")
+    written = write_video(frames, path, fps=8)
+    files = frame_paths(path, 5) if suffix == ".png" else [path]
+    assert written == files[0] and all(f.stat().st_size > 0 for f in files)
+    if suffix == ".png":
+        assert Image.open(files[-1]).size == (48, 32)
+
+
+def test_video_written_file_is_verified_before_wrote(tmp_path, monkeypatch):
+    """A writer that leaves an empty file is caught: one-line WriteError, nothing reported written."""
+    from mmaccel.apps import video_output
+    from mmaccel.runtime.checkpoint_io import WriteError
+
+    monkeypatch.setattr(video_output, "_write_one", lambda path, write: path.write_bytes(b""))
+    with pytest.raises(WriteError, match="was written empty"):
+        video_output.write_video(torch.rand(3, 16, 16, 3).numpy(), tmp_path / "v.gif", fps=8)
+
+
+def test_checkpoint_disk_full_is_one_line_naming_the_path_and_space(tmp_path, monkeypatch):
+    """The kernel's own ENOSPC (/dev/full) during torch.save: one line, no torch traceback."""
+    import builtins
+
+    real_open = builtins.open
+
+    def full_open(path, mode="r", *args, **kwargs):
+        return real_open("/dev/full", mode) if "w" in mode else real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_io, "open", full_open, raising=False)
+    target = tmp_path / "ckpt.pt"
+    with pytest.raises(checkpoint_io.WriteError) as exc:
+        checkpoint_io.save_verified({"latents": torch.zeros(1000)}, target)
+    message = str(exc.value)
+    assert "no space left to write" in message and str(target) in message and "needs about" in message
+    assert "\n" not in message and "inline_container" not in message
+    assert isinstance(exc.value, ValueError)  # the CLI and the ranks report it as one line
+    assert not list(tmp_path.iterdir())  # no temp file left behind
+
+
+def test_checkpoint_permission_error_is_one_line(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(checkpoint_io, "open", refuse, raising=False)
+    with pytest.raises(checkpoint_io.WriteError, match="cannot write .*ckpt.pt.*Permission denied"):
+        checkpoint_io.save_verified({"x": 1}, tmp_path / "ckpt.pt")
+
+
+def test_check_weight_files_accepts_the_zoo_and_names_bad_files(broken):
+    for name in ("moving-digits", "shapes-vlm", "digits-dit"):
+        checkpoint_io.check_weight_files(ZOO / name)
+    with pytest.raises(checkpoint_io.CorruptCheckpointError, match="m: weight file .* is truncated"):
+        checkpoint_io.check_weight_files(broken["video-truncated"], flag="m")
+
+
+def test_check_weight_files_leaves_a_pickle_next_to_safetensors_alone(tmp_path):
+    """Hub folders often ship pytorch_model.bin beside model.safetensors; the loaders take the latter."""
+    (tmp_path / "model.safetensors").write_bytes((ZOO / "shapes-vlm" / "model.safetensors").read_bytes())
+    torch.save({"w": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
+    checkpoint_io.check_weight_files(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(checkpoint_io.CorruptCheckpointError, match="pytorch_model.bin.* is a pickle"):
+        checkpoint_io.check_weight_files(tmp_path)
+
+
+def test_lost_peer_is_one_line_with_the_resume_hint(tmp_path):
+    """Under torchrun, a killed rank: the survivor prints our one line with the hint, no traceback."""
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import os, torch\nfrom mmaccel.runtime.distributed import all_gather_varlen, init_distributed\n"
+        "ctx = init_distributed(backend='gloo', timeout_s=20)\n"
+        "with ctx.guard('mmaccel video', hint='rerun the same command with --resume'):\n"
+        "    all_gather_varlen(ctx, torch.ones(2))\n"
+        "    if ctx.rank == 1:\n        os._exit(9)\n"
+        "    all_gather_varlen(ctx, torch.ones(2))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT", "MMACCEL_DEBUG")}  # fmt: skip
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "--max-restarts", "0", str(script)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("mmaccel video: error:")]
+    assert proc.returncode != 0
+    assert len(ours) == 1 and "rerun the same command with --resume" in ours[0], proc.stderr[-3000:]
+    assert 'job.py", line' not in proc.stderr, proc.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------
+# Issue #31: the Python API holds the same limits (VLM.generate, LongVideoConfig, Limits)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm():
+    from mmaccel.testing import tiny_llava_next
+    from mmaccel.vlm import load_vlm
+
+    model, processor = tiny_llava_next()
+    return load_vlm(model, processor=processor)
+
+
+_OK_IMAGE = Image.new("RGB", (64, 48), "red")
+API_CASES = [
+    # id, generate kwargs, error type, message
+    ("prompt-1MB", {"prompts": "x" * 1_000_000}, ValueError, "prompt is 1,000,000 characters"),
+    ("new-tokens-1e12", {"max_new_tokens": 10**12}, ValueError, r"max_new_tokens must be in \[1, 4096\].*Limits"),
+    ("new-tokens-float", {"max_new_tokens": 2.0}, TypeError, "max_new_tokens must be an int"),
+    ("new-tokens-bool", {"max_new_tokens": True}, TypeError, "max_new_tokens"),
+    ("image-1x1", {"images": Image.new("RGB", (1, 1))}, ValueError, "1x1; each side must be at least 16 px"),
+    ("array-nan", {"images": np.full((32, 32, 3), np.nan, dtype=np.float32)}, ValueError, "NaN or infinite"),
+    ("array-2x2", {"images": np.zeros((2, 2, 3), dtype=np.uint8)}, ValueError, "at least 16 px"),
+    ("prompt-nul", {"prompts": "what\x00is it"}, ValueError, "prompt contains a NUL"),
+    ("prompt-empty", {"prompts": "  "}, ValueError, "prompt is empty"),
+    ("prompt-not-str", {"prompts": [3]}, TypeError, r"prompts\[0\] must be a str|prompt must be a str"),
+    ("over-context", {"prompts": "word " * 700, "max_new_tokens": 4096}, ValueError, "over the model's context"),
+    ("limits-type", {"limits": {"max_new_tokens": 5}}, TypeError, "limits must be"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), [c[1:] for c in API_CASES], ids=[c[0] for c in API_CASES])
+def test_vlm_generate_holds_the_limits(tiny_vlm, kwargs, error, match):
+    import mmaccel.vlm.api as api
+
+    kwargs = {"images": _OK_IMAGE, "prompts": "what is it?", **kwargs}
+    start = time.perf_counter()
+    with pytest.raises(error, match=match) as exc:
+        tiny_vlm.generate(**kwargs)
+    assert "\n" not in str(exc.value)
+    assert time.perf_counter() - start < 5
+    assert api.VLM.generate is type(tiny_vlm).generate
+
+
+def test_vlm_generate_limits_can_be_raised(tiny_vlm):
+    from mmaccel.runtime.limits import Limits
+
+    with pytest.raises(ValueError, match="new tokens fit"):  # raised past the cap: the context decides
+        tiny_vlm.generate(_OK_IMAGE, "what is it?", max_new_tokens=5000, limits=Limits(max_new_tokens=5000))
+    with pytest.raises(ValueError, match="prompt is 5,000 characters; at most 4,000"):
+        tiny_vlm.generate(_OK_IMAGE, "x" * 5000, max_new_tokens=2)
+    with pytest.raises(ValueError, match="over the model's context of 2,048 tokens"):  # the raise took effect
+        tiny_vlm.generate(_OK_IMAGE, "x" * 5000, max_new_tokens=2, limits=Limits(max_prompt_chars=6000))
+    out = tiny_vlm.generate(_OK_IMAGE, "what is it?", max_new_tokens=2, limits=Limits(max_new_tokens=2))
+    assert out.stats[0].new_tokens >= 1
+
+
+def test_long_video_config_holds_the_limits():
+    from mmaccel.parallel_video import LongVideoConfig
+    from mmaccel.runtime.limits import Limits
+
+    with pytest.raises(ValueError, match=r"num_inference_steps must be in \[1, 1000\].*max_steps"):
+        LongVideoConfig(prompt="a car", num_inference_steps=10**12)
+    with pytest.raises(ValueError, match="num_frames must be in"):
+        LongVideoConfig(prompt="a car", num_frames=10**9 + 1)
+    with pytest.raises(ValueError, match="prompt contains a NUL"):
+        LongVideoConfig(prompt="a\x00car")
+    assert LongVideoConfig(prompt="a car", num_inference_steps=5000, limits=Limits(max_steps=5000))
+
+
+def test_limits_validate_and_name_the_raise():
+    from mmaccel.runtime.limits import Limits
+
+    with pytest.raises(ValueError, match="Limits.max_steps must be in"):
+        Limits(max_steps=0)
+    with pytest.raises(TypeError, match="Limits.max_frames"):
+        Limits(max_frames="9")
+    with pytest.raises(ValueError, match=r"\(raise the limit with --max-steps\)"):
+        Limits().steps(1001, "--steps", "--max-steps")
+    assert Limits(max_steps=2000).steps(1001) == 1001
+
+
+def test_video_memory_estimate_covers_steps(monkeypatch):
+    from mmaccel.testing import TINY_WAN_TRANSFORMER
+
+    small = estimate_video_memory(5, 64, 96, TINY_WAN_TRANSFORMER, steps=50)
+    huge = estimate_video_memory(5, 64, 96, TINY_WAN_TRANSFORMER, steps=100_000_000)
+    assert huge.total - small.total == (100_000_000 - 50) * 256  # the schedule's bytes per step
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, "8GiB")
+    check_video_memory(small, "cpu")
+    with pytest.raises(ValueError, match=r"schedule 23\.8 GiB.*--steps"):
+        check_video_memory(huge, "cpu")
+
+
+# ------------------------------------------------------------------------------------------
+# Issue #31: the demo refuses API values outside the sliders itself, hides server paths,
+# cleans its temp folders on SIGTERM
+# ------------------------------------------------------------------------------------------
+
+
+def test_demo_events_skip_gradio_preprocessing(demo):
+    """Gradio's own slider check raises an error whose traceback lands in the log; every event runs
+    without it, so our checks refuse out-of-range API values in one line (DEMO_CASES above)."""
+    events = {f.api_name: f.preprocess for f in demo.fns.values() if f.api_name}
+    assert {"vlm", "dit", "video", "ar", "dit_realistic", "video_realistic", "ar_realistic"} <= set(events)
+    assert not any(events.values()), events
+
+
+@pytest.mark.parametrize("key", ["text", "truncated"])
+def test_demo_upload_error_hides_the_server_path(demo, files, caplog, key):
+    import gradio as gr
+
+    with caplog.at_level("WARNING", logger="mmaccel.demo"), pytest.raises(gr.Error) as exc:
+        _handler(demo, "vlm")({"path": str(files[key])}, "q", 0.2, True, False, 4)
+    assert "uploaded image" in exc.value.message
+    assert str(files["dir"]) not in exc.value.message and str(files["dir"]) not in caplog.text
+
+
+def test_demo_sigterm_removes_its_temp_folders(tmp_path):
+    """`mmaccel demo` stopped with SIGTERM deletes its output and upload temp folders, as on Ctrl-C."""
+    import signal
+
+    port = _free_port()
+    env = {**os.environ, "TMPDIR": str(tmp_path), "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "mmaccel.apps.cli", "demo", "--port", str(port), "--vlm-model", "tiny",
+           "--dit-model", "tiny", "--video-model", "tiny", "--ar-model", "tiny"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert len(list(tmp_path.glob("mmaccel-demo-*"))) == 2  # outputs + private uploads
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not list(tmp_path.glob("mmaccel-demo-*")), output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+
+
+def test_video_user_error_under_torchrun_exits_2_on_every_rank_printed_once(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT", "MMACCEL_DEBUG")}  # fmt: skip
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "--max-restarts", "0",
+           "-m", "mmaccel.apps.cli", "video", "--model", "tiny", "--prompt", "a car", "--steps", "100000000",
+           "--out", str(tmp_path / "v.mp4")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    ours = [line for line in proc.stderr.splitlines() if "--steps must be in [1, 1000]" in line]
+    assert len(ours) == 1 and ours[0].startswith("mmaccel video: error: "), proc.stderr[-3000:]
+    assert proc.stderr.count("exitcode  : 2") == 2, proc.stderr[-3000:]  # torchrun's report: both ranks exit 2
+    assert 'cli.py", line' not in proc.stderr and 'video.py", line' not in proc.stderr
+
+
+def test_step_timeout_follows_the_measured_step_time():
+    from mmaccel.parallel_video.generate import MIN_TIMEOUT_S, TIMEOUT_STEPS, StepTimeout
+    from mmaccel.runtime.distributed import DistContext
+
+    ctx = DistContext.single(timeout_s=120)
+    clock = StepTimeout(ctx)
+    clock.step()  # a fast step: the floor
+    assert ctx.timeout_s == MIN_TIMEOUT_S == 30.0
+    clock.last -= 20.0  # a 20 s step
+    clock.step()
+    assert ctx.timeout_s == pytest.approx(TIMEOUT_STEPS * 20.0, rel=0.01)
+    clock.last -= 30.0  # 3 steps in 30 s (a checkpoint every 3 iterations): 10 s each, the slowest stays
+    clock.step(3)
+    assert ctx.timeout_s == pytest.approx(TIMEOUT_STEPS * 20.0, rel=0.01)
+
+
+def test_vlm_prompt_over_the_zoo_vlms_context_is_one_line(capsys, files):
+    """3,900 characters pass the character cap but not the zoo VLM's 1,024-token context: refused
+    before generating, without transformers' indexing warning."""
+    code, err = _run(["vlm", "--image", str(files["ok"]), _P, "a red square " * 300], capsys)
+    err = "\n".join(line for line in err.splitlines() if not line.startswith("Loading weights"))
+    _assert_one_line(code, err, "over the model's context of 1,024 tokens", "shorten the prompt")
+
+
+def _launch_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT", "MMACCEL_DEBUG")}  # fmt: skip
+    return {**env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def test_video_nproc_per_node_user_error_is_one_line_exit_2(tmp_path):
+    """`mmaccel video --nproc-per-node 2`: no launcher report at all, only our line and exit 2."""
+    cmd = [sys.executable, "-m", "mmaccel.apps.cli", "video", "--nproc-per-node", "2", "--model", "tiny",
+           "--prompt", "a car", "--steps", "100000000", "--out", str(tmp_path / "v.mp4")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_launch_env(), capture_output=True, text=True, timeout=180)
+    _assert_one_line(proc.returncode, proc.stderr, "mmaccel video: error: --steps must be in [1, 1000]")
+
+
+def test_video_nproc_per_node_runs_the_ranks(tmp_path):
+    out = tmp_path / "v.mp4"
+    cmd = [sys.executable, "-m", "mmaccel.apps.cli", "video", "--nproc-per-node", "2", "--model", "tiny",
+           "--prompt", "a car", "--frames", "9", "--steps", "2", "--quiet", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_launch_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 rank(s)" in proc.stdout and out.stat().st_size > 0
+    assert "Traceback" not in proc.stderr and "W1" not in proc.stderr  # the launcher's log lines are silenced
+
+
+def test_launcher_reports_a_killed_rank_with_the_resume_hint(capsys):
+    from types import SimpleNamespace
+
+    from mmaccel.apps.launch import _report, without_flag
+
+    failures = {1: SimpleNamespace(exitcode=-9), 0: SimpleNamespace(exitcode=1)}
+    assert _report(failures, "mmaccel video", "rerun with --resume") == 1
+    assert capsys.readouterr().err == "mmaccel video: error: rank 1 was stopped by SIGKILL; rerun with --resume\n"
+    assert _report({0: SimpleNamespace(exitcode=2), 1: SimpleNamespace(exitcode=1)}, "mmaccel video", None) == 2
+    assert capsys.readouterr().err == ""  # a user error: the rank printed it
+    assert without_flag(["video", "--nproc-per-node", "2", "--x", "--nproc-per-node=3"], "--nproc-per-node") == [
+        "video", "--x"]  # fmt: skip
+
+
+def test_demo_api_values_outside_the_sliders_are_one_log_line_over_http(capfd, caplog):
+    """Through the real HTTP API (gradio_client): Gradio's own slider check is skipped, ours refuses
+    each value in one WARNING line, and nothing prints a traceback."""
+    pytest.importorskip("gradio_client")
+    from gradio_client import Client
+
+    from mmaccel.apps.demo import launch
+    from mmaccel.apps.demo_tabs import DemoModels
+
+    demo = launch(DemoModels(vlm="tiny", dit="tiny", video="tiny", ar="tiny"), port=_free_port(), block=False,
+                  quiet=True)  # fmt: skip
+    try:
+        client = Client(demo.local_url, verbose=False)
+        assert len(client.predict(1, 4, 0, api_name="/ar")) == 5  # in range: answered
+        with caplog.at_level("WARNING", logger="mmaccel.demo"):
+            for args, message in (((1, 400, 0), "grid must be in [2, 16], got 400"),
+                                  ((1.5, 4, 0), "class_id must be an integer in [0, 9], got 1.5")):  # fmt: skip
+                with pytest.raises(Exception, match=re.escape(message)):
+                    client.predict(*args, api_name="/ar")
+    finally:
+        demo.close()
+    records = [r for r in caplog.records if r.name == "mmaccel.demo"]
+    assert len(records) == 2 and all(r.exc_info is None for r in records)
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_zoo_dit_loads_without_the_id2label_warning(capfd):
+    from mmaccel.apps.demo_tabs import DemoModels
+    from mmaccel.apps.zoo.digits_dit import load
+
+    assert sorted(load().labels)[:2] == ["eight", "five"]
+    assert len(DemoModels(dit=str(ZOO / "digits-dit")).get("dit").labels) == 10
+    assert "Expected types for id2label" not in capfd.readouterr().err
+
+
+def test_remove_drops_the_hook_registry_diffusers_created_while_patched():
+    """SVG2 on a pipeline's transformer: the pipeline's cache_context creates `_diffusers_hook`
+    during the patched run; remove() takes it away (and keeps one that existed before)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from mmaccel.sparse_attn import apply_svg2
+    from mmaccel.testing import tiny_wan_pipeline
+
+    transformer = tiny_wan_pipeline().transformer
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    scheduler.set_timesteps(5)
+    before = set(transformer.__dict__)
+    handle = apply_svg2(transformer, None, scheduler=scheduler)
+    with transformer.cache_context("cond"):
+        pass
+    assert "_diffusers_hook" in transformer.__dict__
+    handle.remove()
+    assert set(transformer.__dict__) == before
+    with transformer.cache_context("cond"):  # now it exists before the patch: it stays
+        pass
+    with apply_svg2(transformer, None, scheduler=scheduler):
+        pass
+    assert "_diffusers_hook" in transformer.__dict__
+
+
+def test_video_overwrite_deletes_every_earlier_checkpoint(capsys, monkeypatch, broken, tmp_path):
+    import shutil
+
+    import mmaccel.apps.video as video
+
+    parts = tmp_path / "run.mp4.parts"
+    shutil.copytree(broken["parts"], parts)
+    (parts / "pipe1of4_iter00002.pt").write_bytes(b"x")  # another mode and rank count
+    (parts / "notes.txt").write_text("the user's file stays")
+
+    def stop(*args, **kwargs):
+        raise ValueError("stopped after the checks")
+
+    monkeypatch.setattr(video, "_load", stop)
+    argv = [*_VIDEO, _P, "a car", "--frames", "5", "--out", str(tmp_path / "run.mp4"), "--overwrite"]
+    _assert_one_line(*_run(argv, capsys), "stopped after the checks")
+    assert sorted(p.name for p in parts.iterdir()) == ["notes.txt"]

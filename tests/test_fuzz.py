@@ -24,8 +24,9 @@ import io
 import math
 from typing import Any
 
+import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -285,3 +286,75 @@ def test_cli_any_argv_parses_or_is_one_line(command, image_file):
 def test_fuzz_covers_every_command():
     names = {" ".join(c) for c in COMMANDS}
     assert {"info", "vlm", "demo", "video", "bench", "zoo list", "zoo path", "zoo train"} <= names, names
+
+
+# ------------------------------------------------------------------------------------------
+# Issue #31: the Python API holds the same limits as the CLI (VLM.generate)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm():
+    from mmaccel.testing import tiny_llava_next
+    from mmaccel.vlm import load_vlm
+
+    model, processor = tiny_llava_next()
+    return load_vlm(model, processor=processor)
+
+
+def _images() -> st.SearchStrategy:
+    from hypothesis.extra import numpy as hnp
+
+    sides = st.sampled_from([0, 1, 2, 15, 16, 17, 32])  # around the 16 px minimum
+    shapes = st.tuples(sides, sides, st.sampled_from([None, 1, 2, 3, 4, 5])).map(
+        lambda s: s[:2] if s[2] is None else s
+    )
+    floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
+    arrays = st.one_of(
+        hnp.arrays(np.uint8, shapes),
+        hnp.arrays(np.float32, shapes, elements=st.one_of(st.floats(0, 1, width=32), floats)),
+        hnp.arrays(np.int16, shapes),
+    )
+    pil = st.tuples(st.integers(1, 40), st.integers(1, 40)).map(lambda s: Image.new("RGB", s, "red"))
+    return st.one_of(arrays, pil, st.none(), st.integers(), st.text(max_size=5))
+
+
+_PROMPTS = st.one_of(
+    st.text(max_size=40),
+    st.text(alphabet="ab \x00", min_size=1, max_size=10),
+    st.integers(min_value=3990, max_value=4010).map(lambda n: "x" * n),
+    st.none(),
+    st.integers(),
+)
+_TOKENS = st.one_of(st.integers(-3, 10**13), st.floats(allow_nan=True), st.booleans(), st.none(), st.just(4))
+
+
+def test_vlm_generate_any_input_is_an_answer_or_one_line(tiny_vlm):
+    """Random images (any shape, dtype, NaN), prompts (NUL, over the cap, not str) and token counts:
+    an answer within the limits, or ValueError / TypeError / FileNotFoundError (a str is a path) in
+    one line; never garbage silently."""
+    from mmaccel.runtime.limits import Limits
+
+    limits = Limits(max_new_tokens=4)  # keeps the accepted runs short; larger counts are refused
+    seen = {"answered": 0, "refused": 0}
+
+    @FUZZ
+    @given(image=_images(), prompt=_PROMPTS, tokens=_TOKENS)
+    @example(image=Image.new("RGB", (32, 24), "red"), prompt="what is it?", tokens=2)  # one that is answered
+    @example(image=np.where(np.eye(16)[..., None] > 0, np.nan, 0.5).repeat(3, 2), prompt="hi", tokens=1)
+    def check(image, prompt, tokens):
+        try:
+            out = tiny_vlm.generate(image, prompt, max_new_tokens=tokens, limits=limits)
+        except (*ALLOWED, FileNotFoundError) as exc:
+            assert _one_line(exc), (type(exc).__name__, str(exc))
+            seen["refused"] += 1
+            return
+        seen["answered"] += 1
+        assert isinstance(prompt, str) and "\x00" not in prompt and prompt.strip() and len(prompt) <= 4000
+        assert isinstance(tokens, int) and not isinstance(tokens, bool) and 1 <= tokens <= 4
+        array = np.asarray(image)
+        assert min(array.shape[:2]) >= 16 and (array.dtype == np.uint8 or np.isfinite(array).all())
+        assert len(out.texts) == 1 and 1 <= out.stats[0].new_tokens <= tokens
+
+    check()
+    assert seen["refused"] and seen["answered"], seen

@@ -90,7 +90,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path, dense):
     with pytest.raises(FileNotFoundError, match="missing.jpg' not found"):
         load_image(tmp_path / "missing.jpg")
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        load_image(np.full((8, 8, 3), 2.0))
+        load_image(np.full((16, 16, 3), 2.0))  # 8 x 8 is now refused for its size first (issue #31)
     with pytest.raises(TypeError, match="PIL images, paths or numpy arrays"):
         load_image(torch.zeros(3, 8, 8))
     with pytest.raises(ValueError, match="max_new_tokens"):

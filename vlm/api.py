@@ -4,6 +4,11 @@ Wraps a LLaVA-1.5 / LLaVA-NeXT model and its own processor (chat template when i
 batches any number of (image, prompt) pairs with left padding, optionally applies HiRED
 (:func:`mmaccel.vlm.hired.apply_hired`), and reports per sample the visual tokens before / after
 dropping, the partitions, time to first token, decode speed and peak memory.
+
+Every input is checked against :class:`mmaccel.runtime.limits.Limits` before any work, as the CLI
+and the demo check theirs: prompt characters (and NUL), new tokens, the prompt's tokens against
+the model's own context, image pixels, sides (at least the vision patch) and finite values.
+Raise a limit explicitly: ``vlm.generate(..., limits=Limits(max_new_tokens=8192))``.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.utils import logging as hf_logging
 
 from mmaccel.runtime.adapters import llava
-from mmaccel.runtime.images import DEFAULT_MAX_PIXELS, open_image
+from mmaccel.runtime.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, check_image_limits, open_image
+from mmaccel.runtime.limits import Limits, check_context, check_image_array
 from mmaccel.runtime.paths import model_folder_class
 from mmaccel.vlm.attention_balance import (
     AttentionBalanceConfig,
@@ -68,19 +75,21 @@ class StepClock(LogitsProcessor):
         return scores
 
 
-def load_image(image: ImageLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(
+    image: ImageLike, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAULT_MIN_SIDE, name: str = "image"
+) -> Image.Image:
     """An RGB PIL image from a PIL image, a path, or an (H, W[, C]) uint8 / [0, 1] float array.
 
-    A file's size is read from its header and checked against ``max_pixels`` before it is decoded
-    (:func:`mmaccel.runtime.images.open_image`).
+    A file's size is read from its header and checked against ``max_pixels`` and ``min_side``
+    before it is decoded (:func:`mmaccel.runtime.images.open_image`); arrays must be finite.
     """
     if isinstance(image, Image.Image):
+        check_image_limits(*image.size, max_pixels=max_pixels, min_side=min_side, what=name)
         return image.convert("RGB")
     if isinstance(image, (str, Path)):
-        return open_image(image, max_pixels=max_pixels)
+        return open_image(image, max_pixels=max_pixels, min_side=min_side, name=name)
     if isinstance(image, np.ndarray):
-        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
-            raise ValueError(f"image arrays must be (H, W) or (H, W, 1|3|4), got shape {image.shape}")
+        check_image_array(image, name=name, min_side=min_side, max_pixels=max_pixels)
         if image.dtype != np.uint8:
             if not np.issubdtype(image.dtype, np.floating) or image.min() < 0 or image.max() > 1:
                 raise ValueError("non-uint8 image arrays must be floats in [0, 1]")
@@ -133,9 +142,18 @@ class VLM:
         images: ImageLike | Sequence[ImageLike],
         prompts: str | Sequence[str],
         max_new_tokens: int = 32,
+        *,
+        limits: Limits | None = None,
         **generate_kwargs: Any,
     ) -> VLMOutput:
-        """Answer ``prompts[i]`` about ``images[i]`` for every i, in one batch (greedy by default)."""
+        """Answer ``prompts[i]`` about ``images[i]`` for every i, in one batch (greedy by default).
+
+        ``limits`` (default :class:`~mmaccel.runtime.limits.Limits`): the caps checked before any
+        work; the prompt plus ``max_new_tokens`` must also fit the model's context.
+        """
+        limits = Limits() if limits is None else limits
+        if not isinstance(limits, Limits):
+            raise TypeError(f"limits must be a mmaccel.runtime.limits.Limits, got {type(limits).__name__}")
         images = [images] if isinstance(images, (Image.Image, str, Path, np.ndarray)) else list(images)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if len(images) != len(prompts):
@@ -144,17 +162,28 @@ class VLM:
             )
         if not images:
             raise ValueError("images must not be empty")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-        pil = [load_image(img) for img in images]
+        if isinstance(max_new_tokens, float):
+            raise TypeError(f"max_new_tokens must be an int, got float {max_new_tokens!r}")
+        limits.new_tokens(max_new_tokens, flag="limits=Limits(max_new_tokens=N)")
+        for i, prompt in enumerate(prompts):
+            limits.prompt(prompt, f"prompts[{i}]" if len(prompts) > 1 else "prompt")
+        min_side = max(limits.min_side, self._patch_size())
+        pil = [
+            load_image(img, limits.max_pixels, min_side, f"images[{i}]" if len(images) > 1 else "image")
+            for i, img in enumerate(images)
+        ]
         tokenizer = self.processor.tokenizer
         side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the tokenizer's "longer than the maximum" warning: check_context says it
         try:
             inputs = self.processor(
                 images=pil, text=[self.format_prompt(p) for p in prompts], return_tensors="pt", padding=True
             )
         finally:
             tokenizer.padding_side = side
+            hf_logging.set_verbosity(verbosity)
+        check_context(inputs["input_ids"].shape[1], max_new_tokens, self._context(), name="prompt")
         inputs = inputs.to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         before = (inputs["input_ids"] == self.model.config.image_token_id).sum(1).tolist()
@@ -184,6 +213,17 @@ class VLM:
             for i in range(len(images))
         ]
         return VLMOutput(texts, stats)
+
+    def _patch_size(self) -> int:
+        """The vision encoder's patch side in pixels (an image must hold at least one patch)."""
+        vision = getattr(self.model.config, "vision_config", None)
+        return int(getattr(vision, "patch_size", 1) or 1)
+
+    def _context(self) -> int | None:
+        """The language model's context (``max_position_embeddings``), ``None`` when unknown."""
+        text = getattr(self.model.config, "text_config", None)
+        value = getattr(text, "max_position_embeddings", None)
+        return int(value) if isinstance(value, int) else None
 
     def _visual_counts(self, before: list[int], inputs: Any) -> tuple[list[int], list[int]]:
         if self.handle is not None:

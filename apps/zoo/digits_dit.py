@@ -368,6 +368,25 @@ def train(
     return metrics
 
 
+def int_id2label(folder: str | Path) -> dict[str, Any]:
+    """``{"id2label": {int: str}}`` from a DiT pipeline folder's ``model_index.json`` (``{}`` without
+    one). JSON keys are strings, and ``DiTPipeline`` warns about them on every load when the saved
+    mapping is passed through as is; pass this to ``from_pretrained`` to load it with int keys."""
+    import json
+
+    index = Path(folder) / "model_index.json"
+    try:
+        labels = json.loads(index.read_text(encoding="utf-8")).get("id2label")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(labels, dict):
+        return {}
+    try:
+        return {"id2label": {int(k): v for k, v in labels.items()}}
+    except ValueError:
+        return {}
+
+
 def load(
     path: str | Path | None = None, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ):
@@ -379,7 +398,8 @@ def load(
 
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
-    pipe = DiTPipeline.from_pretrained(str(zoo_path(NAME) if path is None else path), dtype=dtype)
+    folder = zoo_path(NAME) if path is None else path
+    pipe = DiTPipeline.from_pretrained(str(folder), dtype=dtype, **int_id2label(folder))
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.transformer, pipe.vae):
         module.eval()

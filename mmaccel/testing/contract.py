@@ -4,7 +4,9 @@
 config=None, ...)`` returns an ``XHandle`` (a :class:`~mmaccel.runtime.patching.PatchHandle`
 subclass) that is a context manager, refuses a second application, carries ``.stats`` with
 ``reset()`` and ``summary() -> dict`` of plain numbers, and whose ``remove()`` restores the model
-bit-for-bit: parameters, buffers, every module's attributes and the output of a rerun.
+bit-for-bit: parameters, buffers, every module's instance attributes (names and values, so
+an attribute diffusers added during the patched run, such as the ``_diffusers_hook`` registry a
+pipeline's ``cache_context`` creates, fails it) and the output of a rerun.
 """
 
 from __future__ import annotations
@@ -91,7 +93,14 @@ def check_technique_contract(
             pass
         else:
             raise AssertionError("a second apply on the same model must raise ValueError")
-        run()
+        # as a diffusers pipeline calls it: inside the transformer's cache context, which creates a
+        # hook registry on the model on first use (remove() must take it away again)
+        cache_context = getattr(target, "cache_context", None)
+        if callable(cache_context):
+            with cache_context("mmaccel-contract"):
+                run()
+        else:
+            run()
         if not isinstance(handle.stats, Stats):
             raise AssertionError(f"handle.stats must be a mmaccel.runtime.stats.Stats, got {type(handle.stats).__name__}")
         summary = check_summary(handle.stats.summary())
@@ -105,7 +114,10 @@ def check_technique_contract(
     if after_state.keys() != state.keys() or any(not torch.equal(state[k], after_state[k]) for k in state):
         raise AssertionError("remove() changed the parameters or buffers")
     if after_attrs != attrs:
-        changed = [i for i, (a, b) in enumerate(zip(attrs, after_attrs)) if a != b]
-        raise AssertionError(f"remove() left module attributes changed (modules {changed[:5]})")
+        changed = [
+            f"module {i}: {sorted(set(a) ^ set(b)) or sorted(k for k in a if a[k] != b[k])}"
+            for i, (a, b) in enumerate(zip(attrs, after_attrs)) if a != b
+        ]  # fmt: skip
+        raise AssertionError(f"remove() left instance attributes changed ({'; '.join(changed[:5])})")
     _assert_same_outputs(reference, run(), "dense run before apply vs after remove")
     return summary
