@@ -13,7 +13,7 @@ instance attributes are exactly those before the patch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -23,6 +23,11 @@ __all__ = ["PatchHandle"]
 _MISSING = object()
 _REGISTRY_ATTR = "_mmaccel_patches"
 _DIFFUSERS_REGISTRY = "_diffusers_hook"
+
+
+def _modules(model: Any) -> Iterator[torch.nn.Module]:
+    """``model.modules()``, or nothing for a pipeline (its transformers carry their own handles)."""
+    return model.modules() if isinstance(model, torch.nn.Module) else iter(())
 
 
 class PatchHandle:
@@ -39,7 +44,7 @@ class PatchHandle:
                 f"{name} is already applied to this {type(model).__name__}; call .remove() on its handle first"
             )
         active.add(name)
-        self._had_registry = {id(m) for m in model.modules() if _DIFFUSERS_REGISTRY in m.__dict__}
+        self._had_registry = {id(m) for m in _modules(model) if _DIFFUSERS_REGISTRY in m.__dict__}
         self.model = model
         self.name = name
         self._undo: list[Callable[[], None]] = []
@@ -146,7 +151,7 @@ class PatchHandle:
     def _drop_new_registries(self) -> None:
         """Delete the empty diffusers hook registries created on the model since apply."""
         dropped = False
-        for module in self.model.modules():
+        for module in _modules(self.model):
             registry = module.__dict__.get(_DIFFUSERS_REGISTRY)
             if registry is None or id(module) in self._had_registry or getattr(registry, "hooks", None):
                 continue

@@ -1128,7 +1128,10 @@ def test_video_user_error_under_torchrun_exits_2_on_every_rank_printed_once(tmp_
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     ours = [line for line in proc.stderr.splitlines() if "--steps must be in [1, 1000]" in line]
     assert len(ours) == 1 and ours[0].startswith("mmaccel video: error: "), proc.stderr[-3000:]
-    assert proc.stderr.count("exitcode  : 2") == 2, proc.stderr[-3000:]  # torchrun's report: both ranks exit 2
+    # torchrun's report: every rank exits 2; a rank still importing when another exits is stopped by
+    # torchrun itself (SIGTERM, on a loaded machine), never a rank exiting 1 with a traceback
+    codes = re.findall(r"exitcode  : (-?\d+)", proc.stderr)
+    assert "2" in codes and set(codes) <= {"2", "-15"}, proc.stderr[-3000:]
     assert 'cli.py", line' not in proc.stderr and 'video.py", line' not in proc.stderr
 
 
