@@ -68,7 +68,7 @@ def test_quick_benchmark_measures_every_technique(tmp_path) -> None:
     dense = {r["technique"]: r["dense_syncs"] for r in rows}
     for name in ("token density", "FlexDiT", "DyDiT", "SVG2", "clip parallelism", "DualParal stage"):
         assert dense[name] == 0, name  # the dense diffusers forwards never read a value on the host
-    assert {t["top_p"] for t in tiles} == {0.9, 0.5}
+    assert {t["min_kc_ratio"] for t in tiles} == {0.1, 0.02}
     for t in tiles:  # a tile holds whole clusters' worth of pairs or more: never below the exact density
         assert t["exact"] <= t["tiles_128x64"] <= t["tiles_128x128"] <= 1
     table = bench.readiness_table(rows)
