@@ -176,7 +176,10 @@ def _svg2_case(quick: bool) -> Case:
     calls = [((), kwargs(timesteps[i])) for i in _steps(quick)]
     return Case("SVG2", "tiny WanTransformer3DModel (2 layers, 1,000 video tokens)", lambda: model(**kwargs(t)),
                 lambda: dense(**kwargs(t)), model, calls,
-                notes=[f"4 / 13 clusters, backend auto, dense_steps 0; one warm forward at t={t:.0f}"])  # fmt: skip
+                notes=[f"4 / 13 clusters, backend auto (masked at 1,000 tokens), dense_steps 0; one warm forward at "
+                       f"t={t:.0f}", "not in the count (read from svg2.py, a no-op on CPU tensors): on a GPU each "
+                       "eager attention call adds 3 torch.cuda.synchronize (`_clock` before k-means, after "
+                       "k-means, after the kernel)"])  # fmt: skip
 
 
 def _clip_case(quick: bool) -> Case:
@@ -286,6 +289,7 @@ def measure(case: Case, compile_: bool = True) -> dict[str, Any]:
         "technique": case.name, "model": case.model,
         "syncs": tech.syncs / case.per_call,
         "sync_kinds": {k: v / case.per_call for k, v in sorted(tech.sync_counts.items())},
+        "sync_sites": {k: v / case.per_call for k, v in tech.sync_sites.most_common()},
         "dense_syncs": dense.syncs / case.dense_per_call,
         "ops": tech.ops / case.per_call, "dense_ops": dense.ops / case.dense_per_call,
         "notes": list(case.notes),
@@ -372,6 +376,15 @@ def _num(x: float) -> str:
     return f"{x:.0f}" if float(x).is_integer() else f"{x:.2f}"
 
 
+def _sites(row: dict[str, Any], top: int = 6) -> str:
+    """Where the technique's syncs come from (innermost caller outside torch), most frequent first."""
+    sites = list(row["sync_sites"].items())
+    if not sites:
+        return ""
+    shown = ", ".join(f"`{site}` {_num(n)}" for site, n in sites[:top])
+    return f". Syncs per forward from: {shown}" + (f" and {len(sites) - top} more sites" if len(sites) > top else "")
+
+
 def readiness_table(rows: list[dict[str, Any]]) -> str:
     headers = ["technique", "tiny model", "syncs / forward (kinds)", "dense syncs", "aten ops vs dense",
                "graph breaks", "compiles / run", "targets"]  # fmt: skip
@@ -442,7 +455,7 @@ def main(argv: list[str] | None = None) -> None:
     if tiles:
         text += ("\n\nSVG2 at the reference's tokens per cluster: tile pairs a 128-token-query-tile kernel computes "
                  "(clusters contiguous) vs the exact cluster-pair density.\n\n" + tiles_table(tiles))  # fmt: skip
-    notes = "\n".join(f"- {r['technique']}: " + "; ".join(r["notes"]) for r in rows)
+    notes = "\n".join(f"- {r['technique']}: " + "; ".join(r["notes"]) + _sites(r) for r in rows)
     print(text + "\n\n" + notes)
     if args.write:
         write_section(text + "\n\n" + notes)
