@@ -135,3 +135,15 @@ def test_report_summary_sets_the_prediction_beside_the_figure(tmp_path) -> None:
     assert "| nar |  | no figure (missing) | NAR: " not in text and "| nar |  | no figure (missing) |" in text
     assert "Profile of **SVG2 attention**, GPU busy 40% of 13.0 ms" in text
     assert json.loads((out / "gpu_figures.json").read_text())["readiness"]["SVG2"]["syncs"] == 13.0
+
+
+def test_predicted_floors_match_the_papers_flops() -> None:
+    predict = _load("predict")
+    rows = {r["name"]: r for r in predict.rows()}
+    dit = rows["density: DiT-XL/2 dense"]["flops"]
+    assert dit == pytest.approx(524.6e9 * 2 * 16, rel=0.03)  # DiT paper: XL/2 at 512 px = 524.6 GMACs per image
+    sdpa = rows["svg2: SDPA (dense)"]
+    assert sdpa["flops"] == 4 * 12 * 32760**2 * 128 and sdpa["h100_ms"] == pytest.approx(6.67, rel=0.01)
+    assert rows["nar: GPT-L 24 x 24, NAR, 47 forwards"]["bytes"] * 147 == pytest.approx(
+        rows["nar: GPT-L 24 x 24, PAR-4X, 147 forwards"]["bytes"] * 47)
+    assert "| density: DiT-XL/2 dense |" in predict.table(list(rows.values()))
