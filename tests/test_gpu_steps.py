@@ -147,3 +147,21 @@ def test_predicted_floors_match_the_papers_flops() -> None:
     assert rows["nar: GPT-L 24 x 24, NAR, 47 forwards"]["bytes"] * 147 == pytest.approx(
         rows["nar: GPT-L 24 x 24, PAR-4X, 147 forwards"]["bytes"] * 47)
     assert "| density: DiT-XL/2 dense |" in predict.table(list(rows.values()))
+
+
+def test_a_step_runs_eager_and_regionally_compiled_on_tiny_shapes(tmp_path) -> None:
+    """The compiled half of a step (which the dry run skips for time): PixArt, eager then compiled
+    per block (backend ``eager`` in --tiny), every variant timed, profiled and predicted."""
+    torch._dynamo.reset()
+    steps.main(["pixart", "--work", str(tmp_path), "--tiny", "--budget-s", "300"])
+    torch._dynamo.reset()
+    d = json.loads((tmp_path / "pixart.json").read_text())
+    assert d["status"] == "ok", d["notes"]
+    assert [r[0] for r in d["rows"]] == ["dense (eager)", "token density (eager)", "dense (compiled)",
+                                         "token density (compiled)"]  # fmt: skip
+    assert set(d["settings"]["compile"]) == {"dense", "token density"}
+    for name in ("dense (compiled)", "token density (compiled)"):
+        f = d["figures"][name]
+        assert f["rounds"] == 10 and f["flops"] == d["figures"][name.replace("compiled", "eager")]["flops"] > 0
+        assert d["profiles"][name]["kernels"]
+    assert d["figures"]["headline"]["figure"] == "token density at 2048 px (eager)"
