@@ -10,7 +10,7 @@ after warm-up, this benchmark counts for each technique (`mmaccel.testing.hotpat
 - aten ops per forward (views excluded) relative to the dense forward;
 - graph breaks of one forward under ``torch.compile`` (``torch._dynamo.explain``);
 - graphs compiled over a whole 20-step sampling run (``aot_eager``: first compiles and
-  recompiles alike); ``--quick`` (the default suite's version, ~10 s) skips the two compile
+  recompiles alike), beside the graphs ``explain`` counts for one call; ``--quick`` (the default suite's version, ~10 s) skips the two compile
   figures, which cost 7-50 s per technique on a CPU;
 - for SVG2, the fraction of (128-token query tile x 64- / 128-token key tile) pairs a tiled
   kernel computes when each cluster's tokens are contiguous (the reference's permutation),
@@ -381,14 +381,15 @@ def _sites(row: dict[str, Any], top: int = 6) -> str:
 
 def readiness_table(rows: list[dict[str, Any]]) -> str:
     headers = ["technique", "tiny model", "syncs / forward (kinds)", "dense syncs", "aten ops vs dense",
-               "graph breaks", "compiles / run", "targets"]  # fmt: skip
+               "graph breaks", "graphs compiled / run", "targets"]  # fmt: skip
     body = []
     for r in rows:
         kinds = ", ".join(f"{k} {_num(v)}" for k, v in r["sync_kinds"].items())
         breaks = "–" if r["graph_breaks"] is None else str(r["graph_breaks"])
         if r["graph_breaks"] and r.get("break_reasons"):
             breaks += f" ({r['break_reasons'][0][:80]})"
-        compiles = "–" if r["compiles"] is None else f"{r['compiles']} over {r['compile_steps']} steps"
+        compiles = "–" if r["compiles"] is None else (f"{r['compiles']} over {r['compile_steps']} steps "
+                                                      f"(one call: {r['graphs']} graphs)")  # fmt: skip
         body.append([r["technique"], r["model"], f"{_num(r['syncs'])}" + (f" ({kinds})" if kinds else ""),
                      _num(r["dense_syncs"]), f"{_num(r['ops'])} / {_num(r['dense_ops'])} = {r['ops_ratio']:.2f}x",
                      breaks, compiles, _met(r)])  # fmt: skip

@@ -31,6 +31,8 @@ def test_a_toy_is_counted_exactly() -> None:
     assert (row["dense_ops"], row["ops"]) == (1, 6)  # + sum, gt, the value read's copy, add, nonzero
     assert row["graph_breaks"] == 1 and row["compiles"] == 2  # the graph before and after the break
     assert bench._met(row) == "missed: syncs, ops, breaks"
+    assert "| 2 (item 1, nonzero 1) | 0 | 6 / 1 = 6.00x | 1 (" in bench.readiness_table([row])
+    assert f"| 2 over 3 steps (one call: {row['graphs']} graphs) | missed: syncs, ops, breaks |" in bench.readiness_table([row])
 
 
 def test_per_call_divides_a_decode_into_forwards() -> None:
