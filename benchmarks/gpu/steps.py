@@ -141,18 +141,20 @@ def measure(
     label: str = "",
     main: dict[str, str] | None = None,
     flops: dict[str, float | None] | None = None,
-    nbytes: float = 0.0,
+    nbytes: float | dict[str, float] = 0.0,
     rounds: int = 10,
     per_call: float = 1.0,
 ) -> dict[str, dict[str, Any]]:
     """Time ``fns`` (the first is the baseline), profile each, predict each from its FLOPs and
-    ``nbytes``; one table row and one figure per variant. ``per_call``: items per call (images)."""
+    ``nbytes`` (bytes it must read: one number, or one per variant); one table row and one figure
+    per variant. ``per_call``: items per call (images)."""
     timing = P.time_variants(fns, device, rounds=rounds)
     floors = {}
     for name, fn in fns.items():
         f = (flops or {}).get(name)
         f = count_flops(fn) if f is None and name not in (flops or {}) else f
-        floors[name] = None if f is None else P.floor_s(f, nbytes, s.args.gpu)
+        b = nbytes[name] if isinstance(nbytes, dict) else nbytes
+        floors[name] = None if f is None and not b else P.floor_s(f or 0.0, b, s.args.gpu)
         prof = P.profile_call(fn, device, (main or {}).get(name)) if s.left() > 5 else None
         key = f"{name}{label}"
         s.data["profiles"][key] = prof
@@ -644,8 +646,9 @@ def step_nar(args: argparse.Namespace) -> None:
     s.data["headers"] = HEADERS
     for batch in batches:
         cond = torch.arange(batch, device=device) % cfg.num_classes
-        fns = {}
+        fns, reads = {}, {}
         for name, schedule in (("PAR-4X", par_schedule(grid, grid, 2)), ("NAR", nar_schedule(grid, grid))):
+            reads[name] = schedule.forward_passes * _params_bytes(model)  # each forward reads the weights
             fns[name] = (lambda sch: lambda: decode(model, cond, sch, sampling, use_cache=True,  # noqa: B023
                                                     generator=torch.Generator(device).manual_seed(0)))(schedule)  # fmt: skip
         if not s.stage(f"batch {batch}: warm-up", 10):
@@ -659,11 +662,12 @@ def step_nar(args: argparse.Namespace) -> None:
         if not s.stage(f"batch {batch}: {rounds} rounds", 1.3 * one_round * (rounds + 2)):
             break
         with torch.inference_mode():
-            measure(s, fns, device, label=f" (batch {batch})", flops=dict.fromkeys(fns), nbytes=_params_bytes(model),
+            fed = 2.0 * sum(p.numel() for p in model.parameters()) * grid * grid * batch  # each token fed once
+            measure(s, fns, device, label=f" (batch {batch})", flops=dict.fromkeys(fns, fed), nbytes=reads,
                     rounds=rounds, per_call=batch, main=dict.fromkeys(fns, MATMUL_KERNELS))  # fmt: skip
     key = "NAR (batch 16)" if "NAR (batch 16)" in s.data["figures"] else "NAR (batch 1)"
     if key in s.data["figures"]:
-        _headline(s, f"NAR images/s over PAR-4X, 24x24, {key[5:-1]}", key)
+        _headline(s, f"NAR images/s over PAR-4X, {grid}x{grid}, {key[5:-1]}", key)
     s.save("ok" if "headline" in s.data["figures"] else "partial")
 
 
