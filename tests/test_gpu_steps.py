@@ -160,6 +160,7 @@ def test_a_step_runs_eager_and_regionally_compiled_on_tiny_shapes(tmp_path) -> N
     assert [r[0] for r in d["rows"]] == ["dense (eager)", "token density (eager)", "dense (compiled)",
                                          "token density (compiled)"]  # fmt: skip
     assert set(d["settings"]["compile"]) == {"dense", "token density"}
+    assert all("first call (compiles)" in v for v in d["settings"]["compile"].values())
     for name in ("dense (compiled)", "token density (compiled)"):
         f = d["figures"][name]
         assert f["rounds"] == 10 and f["flops"] == d["figures"][name.replace("compiled", "eager")]["flops"] > 0
