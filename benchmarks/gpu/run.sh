@@ -44,7 +44,7 @@ trap 'rm -rf "$WORK"' EXIT
 
 # Caps (seconds) per stage. The real run's sum to 440 s; with the install (~10 s) and the report the
 # whole run stays under 8 minutes. Compiles are regional (one block each), <= 60 s inside a step's cap.
-declare -A CAP=([env]=20 [svg2]=45 [wan14b]=45 [density]=65 [wan]=65 [hired]=55 [pixart]=45 [nar]=40 [clip]=20 [tests]=40)
+declare -A CAP=([env]=20 [svg2]=40 [wan14b]=40 [density]=75 [wan]=70 [hired]=50 [pixart]=45 [nar]=40 [clip]=20 [tests]=40)
 export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1  # cwd's mmaccel/ folder must not shadow the install
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 
