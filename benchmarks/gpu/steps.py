@@ -142,13 +142,13 @@ def measure(
     main: dict[str, str] | None = None,
     flops: dict[str, float | None] | None = None,
     nbytes: float | dict[str, float] = 0.0,
-    rounds: int = 10,
+    rounds: int | None = None,
     per_call: float = 1.0,
 ) -> dict[str, dict[str, Any]]:
     """Time ``fns`` (the first is the baseline), profile each, predict each from its FLOPs and
     ``nbytes`` (bytes it must read: one number, or one per variant); one table row and one figure
-    per variant. ``per_call``: items per call (images)."""
-    timing = P.time_variants(fns, device, rounds=rounds)
+    per variant. ``per_call``: items per call (images). ``rounds``: 10 (3 in --tiny, the dry run)."""
+    timing = P.time_variants(fns, device, rounds=rounds or (3 if s.args.tiny else 10))
     floors = {}
     for name, fn in fns.items():
         f = (flops or {}).get(name)
@@ -671,7 +671,7 @@ def step_nar(args: argparse.Namespace) -> None:
         for fn in fns.values():
             fn()
         one_round = time.perf_counter() - t0
-        rounds = max(3, min(10, int(0.6 * s.left() / max(one_round, 1e-6)) - 2))
+        rounds = 3 if args.tiny else max(3, min(10, int(0.6 * s.left() / max(one_round, 1e-6)) - 2))
         s.data["settings"][f"rounds_batch{batch}"] = rounds
         if not s.stage(f"batch {batch}: {rounds} rounds", 1.3 * one_round * (rounds + 2)):
             break
