@@ -129,10 +129,10 @@ def test_report_summary_sets_the_prediction_beside_the_figure(tmp_path) -> None:
                                                "graph_breaks": 8}]}))  # fmt: skip
     steps.report(work, out, readiness)
     text = (out / "gpu_report.md").read_text()
-    assert ("| svg2 | S 32760 | 0.81x (0.80-0.82) | FLOP/byte floor 20.50x; SVG2: 13 syncs/forward, ops 2.12x dense, "
+    assert ("| SVG2 attention (`svg2`) | S 32760 | 0.81x (0.80-0.82) | FLOP/byte floor 20.50x; SVG2: 13 syncs/forward, ops 2.12x dense, "
             "8 breaks | SVG2 1.89x | missed |") in text  # fmt: skip
     assert "| nar | 124 | 40 | 40 | KILLED at its time cap |" in text
-    assert "| nar |  | no figure (missing) | NAR: " not in text and "| nar |  | no figure (missing) |" in text
+    assert "| NAR (`nar`) |  | no figure (missing) | – |" in text
     assert "Profile of **SVG2 attention**, GPU busy 40% of 13.0 ms" in text
     assert json.loads((out / "gpu_figures.json").read_text())["readiness"]["SVG2"]["syncs"] == 13.0
 

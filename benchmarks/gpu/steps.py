@@ -757,6 +757,9 @@ def _readiness(path: Path | None) -> dict[str, dict]:
     return {r["technique"]: r for r in json.loads(path.read_text())["rows"]}
 
 
+TECHNIQUE_OF = {"svg2": "SVG2 attention", "wan14b": "SVG2 attention, Wan-14B layer",
+                "density": "FlexDiT, token density, DyDiT", "wan": "SVG2 in a Wan 1.3B forward", "hired": "HiRED",
+                "pixart": "token density at 2048 px", "nar": "NAR", "clip": "clip parallelism"}  # fmt: skip
 READINESS_OF = {"svg2": "SVG2", "wan14b": "SVG2", "density": "token density", "wan": "SVG2", "hired": "HiRED",
                 "pixart": "token density", "nar": "NAR", "clip": "clip parallelism"}  # fmt: skip
 
@@ -776,7 +779,8 @@ def _prediction(d: dict, readiness: dict[str, dict], step: str) -> str:
 
 def summary_table(steps: dict[str, dict], readiness: dict[str, dict]) -> list[str]:
     """RESULTS.md's GPU table: one row per step, the CPU prediction beside the measured figure."""
-    lines = ["| step | setting | measured | CPU prediction | target (paper) | verdict |", "|---|---|---|---|---|---|"]
+    lines = ["| technique (step) | setting | measured | CPU prediction | target (paper) | verdict |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
     for name in STEPS[1:]:
         d = steps[name]
         head = d.get("figures", {}).get("headline")
@@ -787,7 +791,7 @@ def summary_table(steps: dict[str, dict], readiness: dict[str, dict]) -> list[st
             verdict = "met" if head.get("paper") and head["min"] >= head["paper"] else "missed"
         else:
             measured, verdict = f"no figure ({d.get('status')})", "not measured"
-        lines.append(f"| {name} | {settings[:160]} | {measured} | {_prediction(d, readiness, name)} | "
+        lines.append(f"| {TECHNIQUE_OF[name]} (`{name}`) | {settings[:160]} | {measured} | {_prediction(d, readiness, name)} | "
                      f"{d.get('paper') or '–'} | {verdict} |")  # fmt: skip
     return lines
 
