@@ -30,6 +30,9 @@ def test_toy_counted_exactly() -> None:
     assert dict(count.sync_counts) == {"item": 2, "bool_index": 1, "nonzero": 1, "tolist": 1, "cpu": 1}
     assert count.syncs == 6
     assert count.ops == 13, count.op_counts  # 11 ops + the 2 value reads (a copy each)
+    assert count.sync_sites == {"item test_hotpath.py:_toy": 2, "bool_index test_hotpath.py:_toy": 1,
+                                "nonzero test_hotpath.py:_toy": 1, "tolist test_hotpath.py:_toy": 1,
+                                "cpu test_hotpath.py:_toy": 1}  # fmt: skip
 
 
 def test_sync_free_code_counts_zero_and_views_are_free() -> None:

@@ -1,21 +1,38 @@
 #!/usr/bin/env bash
-# The prepared GPU check (docs/gpu.md). One command, <= 8 minutes on one H100/H200:
+# The prepared GPU check, second version (docs/gpu.md). One command, <= 8 minutes on one H100/H200:
 #
-#   bash benchmarks/gpu/run.sh OUTDIR             # on the GPU machine (device tool: carry .gpu-bundle)
-#   bash benchmarks/gpu/run.sh --dry-run OUTDIR   # here, on CPU: the same sequence on tiny shapes
+#   bash benchmarks/gpu/run.sh OUTDIR                      # on the GPU machine (device tool: carry .gpu-bundle)
+#   bash benchmarks/gpu/run.sh --only svg2 --only nar OUTDIR   # only those steps (a rerun inside a grant)
+#   bash benchmarks/gpu/run.sh --dry-run OUTDIR            # here, on CPU: every step on tiny shapes
 #
 # Installs .gpu-bundle/ offline (--no-index --no-deps --target, PYTHONPATH; the system torch is
-# never touched), prints `mmaccel info`, runs `pytest -m cuda` (tests/test_cuda.py), then each
-# benchmark step of benchmarks/gpu/steps.py under its own `timeout` cap (a step past its cap is
-# killed and reported as such), and writes OUTDIR/gpu_report.md, OUTDIR/gpu_figures.json and
-# OUTDIR/run.log. The dry run installs into a fresh venv whose base packages are this venv's copies
-# of what the GPU machine's python3 has (a .pth to a linked stand-in site, bundle.py `site`).
+# never touched), then runs the benchmark steps of benchmarks/gpu/steps.py, most informative first,
+# each under its own `timeout` cap (a step past its cap is killed and reported as such; each step
+# writes its JSON after every stage), then `pytest -m cuda` (tests/test_cuda.py), and writes
+# OUTDIR/gpu_report.md, OUTDIR/gpu_figures.json and OUTDIR/run.log. nvidia-smi's clocks,
+# temperature and processes are printed before and after (and recorded per step). The dry run
+# installs into a fresh venv whose base packages are this venv's copies of what the GPU machine's
+# python3 has (a .pth to a linked stand-in site, bundle.py `site`) and runs every step in one process.
 set -u -o pipefail
 
 DRY=0
-if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
-if [ $# -ne 1 ]; then echo "usage: $0 [--dry-run] OUTDIR" >&2; exit 2; fi
+ONLY=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --dry-run) DRY=1; shift ;;
+        --only) [ $# -ge 2 ] || { echo "--only needs a STEP" >&2; exit 2; }; ONLY+=("${2//,/ }"); shift 2 ;;
+        --only=*) ONLY+=("${1#--only=}"); shift ;;
+        -*) echo "unknown option $1" >&2; exit 2 ;;
+        *) break ;;
+    esac
+done
+if [ $# -ne 1 ]; then echo "usage: $0 [--dry-run] [--only STEP]... OUTDIR" >&2; exit 2; fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+ALL_STEPS="svg2 wan14b density wan hired pixart nar clip"
+STEP_LIST="${ONLY[*]:-$ALL_STEPS}"
+for step in $STEP_LIST; do
+    case " $ALL_STEPS tests " in *" $step "*) ;; *) echo "--only: unknown step '$step' (one of: $ALL_STEPS tests)" >&2; exit 2 ;; esac
+done
 mkdir -p "$1" && OUT="$(cd "$1" && pwd)"
 cd "$ROOT"
 BUNDLE="${GPU_BUNDLE:-$ROOT/.gpu-bundle}"
@@ -25,17 +42,9 @@ START=$(date +%s)
 exec > >(tee "$OUT/run.log") 2>&1
 trap 'rm -rf "$WORK"' EXIT
 
-# Time caps (seconds) per stage: the real run's caps sum to 460 s, 8 minutes with install and report.
-# The first H200 run (2026-12-04) set them: density's compiled variants (3 x DiT-XL inductor) did
-# not finish in 95 s, so density runs eager (--no-compile); NAR needed > 33 s, clip's setup 12 s.
-# STEPS="svg2 nar" runs only those benchmark steps (a rerun inside what is left of a lease).
-if [ $DRY = 1 ]; then  # generous: a shared CPU can be loaded many times over
-    CAP_INFO=90; CAP_TESTS=120; CAP_ENV=90; CAP_HIRED=120; CAP_SVG2=120; CAP_DENSITY=120; CAP_NAR=120; CAP_CLIP=120
-    STEP_ARGS="--tiny --no-compile"; INFO_ARGS="--no-compile"
-else
-    CAP_INFO=40; CAP_TESTS=100; CAP_ENV=20; CAP_HIRED=50; CAP_SVG2=60; CAP_DENSITY=40; CAP_NAR=90; CAP_CLIP=60
-    STEP_ARGS=""; INFO_ARGS=""
-fi
+# Caps (seconds) per stage. The real run's sum to 440 s; with the install (~10 s) and the report the
+# whole run stays under 8 minutes. Compiles are regional (one block each), <= 60 s inside a step's cap.
+declare -A CAP=([env]=20 [svg2]=40 [wan14b]=40 [density]=75 [wan]=70 [hired]=50 [pixart]=45 [nar]=40 [clip]=20 [tests]=40)
 export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1  # cwd's mmaccel/ folder must not shadow the install
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 
@@ -52,6 +61,12 @@ stage() {  # stage NAME CAP CMD...: run under `timeout`, record exit status and 
     if [ $rc = 124 ] || [ $rc = 137 ]; then say "$name KILLED at its ${cap} s cap"; elif [ $rc != 0 ]; then say "$name FAILED (exit $rc)"; fi
     return 0
 }
+gpu_state() {  # clocks, temperature, power, throttling and other processes: explains a spread
+    say "GPU state ($1)"
+    nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw,utilization.gpu,memory.used,pstate,clocks_throttle_reasons.active \
+        --format=csv 2>/dev/null || echo "(no nvidia-smi)"
+    nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv 2>/dev/null || true
+}
 
 # ---------------------------------------------------------------- the interpreter
 if [ ! -f "$BUNDLE/bundle.json" ]; then echo "no bundle at $BUNDLE: run 'make gpu-bundle' first" >&2; exit 1; fi
@@ -66,7 +81,7 @@ if [ $DRY = 1 ]; then
 else
     PY="${PYTHON:-python3}"
     PIP=("$PY" -m pip)
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    gpu_state "before"
 fi
 
 # ---------------------------------------------------------------- the bundle, offline
@@ -87,41 +102,49 @@ fi
     --target "$SITE" "${WHEELS[@]}" || { echo "offline install failed" >&2; exit 1; }
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 
-# ---------------------------------------------------------------- checks, tests, steps
-stage env "$CAP_ENV" "$PY" benchmarks/gpu/steps.py env --work "$WORK"
-say "mmaccel info"
-timeout -k 5 "$CAP_INFO" "$PY" -m mmaccel.apps.cli info $INFO_ARGS | tee "$WORK/info.txt"
-printf 'info\t%s\t-\t%s\n' "${PIPESTATUS[0]}" "$CAP_INFO" >> "$WORK/status.tsv"
-stage "pytest -m cuda" "$CAP_TESTS" bash -c "set -o pipefail; '$PY' -m pytest -m cuda -q -rfEs --tb=short -p no:cacheprovider \
-    -o addopts='' tests/test_cuda.py 2>&1 | tee '$WORK/pytest.txt'"
-for step in ${STEPS:-hired svg2 density clip nar}; do
-    cap_var="CAP_$(echo $step | tr a-z A-Z)"
-    cap=${!cap_var}
-    extra=""
-    if [ $step = density ]; then extra="--no-compile"; fi
-    stage "$step" "$cap" "$PY" benchmarks/gpu/steps.py "$step" --work "$WORK" --budget-s $(( cap - 12 )) $STEP_ARGS $extra
-done
+# ---------------------------------------------------------------- steps, then the cuda tests
+BENCH=$(for s in $STEP_LIST; do [ "$s" != tests ] && printf '%s ' "$s"; done)
+if [ $DRY = 1 ]; then  # one process for all steps (imports once): the same code on tiny shapes, fp32
+    # compiled variants are not run here (inductor on CPU takes minutes); tests/test_gpu_steps.py compiles regionally
+    stage "steps: env $BENCH" 150 "$PY" benchmarks/gpu/steps.py env $BENCH --work "$WORK" --tiny --no-compile --budget-s 140
+else
+    stage env "${CAP[env]}" "$PY" benchmarks/gpu/steps.py env --work "$WORK"
+    for step in $BENCH; do
+        stage "$step" "${CAP[$step]}" "$PY" benchmarks/gpu/steps.py "$step" --work "$WORK" --budget-s $(( ${CAP[$step]} - 8 ))
+    done
+fi
+if [ -z "${ONLY[*]}" ] || [[ " $STEP_LIST " == *" tests "* ]]; then
+    stage "pytest -m cuda" "${CAP[tests]}" bash -c "set -o pipefail; '$PY' -m pytest -m cuda -q -rfEs --tb=short -p no:cacheprovider \
+        -o addopts='' tests/test_cuda.py 2>&1 | tee '$WORK/pytest.txt'"
+fi
+[ $DRY = 0 ] && gpu_state "after"
 say "report"
-"$PY" benchmarks/gpu/steps.py report --work "$WORK" --out "$OUT" > /dev/null || exit 1
+"$PY" benchmarks/gpu/steps.py report --work "$WORK" --out "$OUT" --readiness "$ROOT/benchmarks/results/gpu_readiness.json" \
+    > /dev/null || exit 1
 cat "$WORK/status.tsv"
 
-if [ $DRY = 1 ]; then  # what the dry run promises: everything resolved, every cuda test collected and skipped
-    "$PY" - "$WORK" <<'EOF' || exit 1
+if [ $DRY = 1 ]; then  # what the dry run promises: every step ran on tiny shapes, every cuda test collected and skipped
+    "$PY" - "$WORK" $BENCH <<'EOF' || exit 1
 import json, re, sys
 from pathlib import Path
-work = Path(sys.argv[1])
+work, steps = Path(sys.argv[1]), sys.argv[2:]
 bad = [l for l in (work / "status.tsv").read_text().splitlines() if l.split("\t")[1] != "0"]
-tail = (work / "pytest.txt").read_text()
-m = re.search(r"(\d+) skipped", tail)
-if not m or re.search(r"\d+ (passed|failed|error)", tail):
-    bad.append(f"pytest -m cuda: expected only skipped tests, got: {tail.strip().splitlines()[-1]}")
-for step in ("env", "hired", "svg2", "density", "nar", "clip"):
+pytest_txt = work / "pytest.txt"
+m = None
+if pytest_txt.exists():
+    tail = pytest_txt.read_text()
+    m = re.search(r"(\d+) skipped", tail)
+    if not m or re.search(r"\d+ (passed|failed|error)", tail):
+        bad.append(f"pytest -m cuda: expected only skipped tests, got: {tail.strip().splitlines()[-1]}")
+for step in ("env", *steps):
     d = json.loads((work / f"{step}.json").read_text())
     if d["status"] != "ok":
         bad.append(f"{step}: status {d['status']}")
-print("DRY RUN " + ("FAILED:\n  " + "\n  ".join(bad) if bad else f"OK: {m.group(1)} cuda tests collected and skipped"))
+    elif step != "env" and step != "clip" and not d.get("profiles"):
+        bad.append(f"{step}: no profile recorded")
+tests = f"{m.group(1)} cuda tests collected and skipped" if m else "cuda tests not run (--only)"
+print("DRY RUN " + ("FAILED:\n  " + "\n  ".join(bad) if bad else f"OK: {len(steps)} steps; {tests}"))
 sys.exit(1 if bad else 0)
 EOF
 fi
 say "done in $(( $(date +%s) - START )) s: $OUT/gpu_report.md, $OUT/gpu_figures.json"
-

@@ -26,6 +26,8 @@ how many graphs a run compiled (a counting backend over ``aot_eager`` or ``induc
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -62,6 +64,7 @@ _FREE = {
 # Python entry points that read a CPU tensor without dispatching (on a GPU each is a copy + sync)
 _PATCHED_TENSOR = ("cpu", "tolist", "numpy")
 _PATCHED_CUDA = ("synchronize",)
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 
 
 def _is_bool_index(args: tuple[Any, ...]) -> bool:
@@ -79,14 +82,26 @@ class HotPathCounter(TorchDispatchMode):
     ``sync_counts`` maps a kind (``item``, ``nonzero``, ``bool_index``, ``cpu``, ``tolist``, ...) to
     its count and ``syncs`` is their sum; ``op_counts`` maps each aten op to its count and ``ops``
     counts those that do work (views and metadata ops excluded). ``device_to_host`` counts copies
-    from a non-CPU tensor to the CPU (only a GPU run has them).
+    from a non-CPU tensor to the CPU (only a GPU run has them). ``sync_sites`` maps
+    ``"kind file.py:function"`` (the innermost caller outside torch) to its count: where each
+    synchronisation comes from.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.sync_counts: Counter[str] = Counter()
+        self.sync_sites: Counter[str] = Counter()
         self.op_counts: Counter[str] = Counter()
         self._stack: contextlib.ExitStack | None = None
+
+    def _record(self, kind: str) -> None:
+        self.sync_counts[kind] += 1
+        frame = sys._getframe(2)
+        while frame is not None and (frame.f_code.co_filename.startswith(_TORCH_DIR) or
+                                     frame.f_code.co_filename == __file__):  # fmt: skip
+            frame = frame.f_back
+        where = "?" if frame is None else f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_code.co_name}"
+        self.sync_sites[f"{kind} {where}"] += 1
 
     @property
     def syncs(self) -> int:
@@ -112,14 +127,14 @@ class HotPathCounter(TorchDispatchMode):
             if dst_cpu and isinstance(src, torch.Tensor) and src.device.type not in ("cpu", "meta"):
                 kind = "device_to_host"
         if kind is not None:
-            self.sync_counts[kind] += 1
+            self._record(kind)
         return func(*args, **kwargs)
 
     def _patch(self, owner: Any, attr: str, kind: str) -> None:
         original = getattr(owner, attr)
 
         def counted(*args: Any, **kwargs: Any) -> Any:
-            self.sync_counts[kind] += 1
+            self._record(kind)
             return original(*args, **kwargs)
 
         setattr(owner, attr, counted)
