@@ -6,8 +6,10 @@ if __name__ != "mmaccel.sparse_attn":  # installed as mmaccel.sparse_attn; a sec
 from mmaccel.sparse_attn.backends import flex_attention_available
 from mmaccel.sparse_attn.kmeans import KMeansResult, kmeans
 from mmaccel.sparse_attn.svg2 import (
+    PRESETS,
     SUPPORTED_TRANSFORMERS,
     AttentionInfo,
+    Preset,
     SparseAttentionState,
     SVG2CogVideoXAttnProcessor,
     SVG2Config,
@@ -26,8 +28,10 @@ from mmaccel.sparse_attn.svg2 import (
 )
 
 __all__ = [
+    "PRESETS",
     "SUPPORTED_TRANSFORMERS",
     "AttentionInfo",
+    "Preset",
     "KMeansResult",
     "SVG2CogVideoXAttnProcessor",
     "SVG2Config",
