@@ -25,6 +25,7 @@ from mmaccel.sparse_attn.svg2 import (
     min_kept_clusters,
     select_clusters,
     semantic_sparse_attention,
+    tile_cluster_counts,
 )
 
 __all__ = [
@@ -50,4 +51,5 @@ __all__ = [
     "min_kept_clusters",
     "select_clusters",
     "semantic_sparse_attention",
+    "tile_cluster_counts",
 ]

@@ -21,7 +21,7 @@ import inspect
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -64,6 +64,7 @@ __all__ = [
     "min_kept_clusters",
     "select_clusters",
     "semantic_sparse_attention",
+    "tile_cluster_counts",
 ]
 
 
@@ -109,8 +110,9 @@ class SVG2Config:
         "flex", "masked" (token-mask SDPA, small sizes) or "reference" (per-cluster gather).
     q_block_size / kv_block_size: flex tiles (tokens; powers of two >= 16): 128 x 64 by
         default, inductor's Triton tiles on Hopper; 128 x 128 for the FLASH kernel.
-    layout: flex token layout, "unpadded" (clusters contiguous, a tile spanning several
-        clusters takes a token-label mask) or "padded" (each cluster padded to whole tiles).
+    layout: flex token layout, "padded" (each cluster padded to whole tiles; measured faster
+        on the CPU) or "unpadded" (clusters contiguous, no padding; a tile spanning several
+        clusters takes a token-label mask).
     flex_kernel: "triton" (inductor's flex kernel) or "flash" (flex's FLASH backend, the
         ``flash-attn-4`` wheel; CUDA, 128 x 128 tiles).
     profile: record timings and per-call host numbers (``SVG2Stats.records``, the seconds in
@@ -132,7 +134,7 @@ class SVG2Config:
     backend: str = "auto"
     q_block_size: int = 128
     kv_block_size: int = 64
-    layout: str = "unpadded"
+    layout: str = "padded"
     flex_kernel: str = "triton"
     flex_min_tokens: int = 1024
     profile: bool = False
@@ -172,12 +174,28 @@ class SVG2Config:
         _int("seed", self.seed, 0)
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> SVG2Config:
+    def preset(cls, name: str, *, tile_sized: bool = False, **overrides: Any) -> SVG2Config:
         """The authors' settings for a model and resolution (`PRESETS`), with ``overrides``
-        (any field) on top: ``SVG2Config.preset("wan2.1-14b-720p", backend="flex")``."""
+        (any field) on top: ``SVG2Config.preset("wan2.1-14b-720p", backend="flex")``.
+
+        ``tile_sized=True`` (our option): cluster counts from `tile_cluster_counts` for the
+        preset's tokens and the config's tiles, so the padded layout pads at most ~25%."""
         if name not in PRESETS:
             raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {name!r}")
-        return cls(**{**PRESETS[name].settings, **overrides})
+        config = cls(**{**PRESETS[name].settings, **overrides})
+        if not tile_sized:
+            return config
+        cq, ck = tile_cluster_counts(PRESETS[name].tokens, config.q_block_size, config.kv_block_size)
+        return replace(config, num_q_clusters=cq, num_k_clusters=ck)
+
+
+def tile_cluster_counts(tokens: int, q_block: int, kv_block: int, max_padding: float = 0.25) -> tuple[int, int]:
+    """Query / key cluster counts whose expected padding in the padded layout is at most
+    ``max_padding`` of the tokens: a cluster pads on average ``(block - 1) / 2`` tokens, so
+    ``C = floor(2 max_padding tokens / (block - 1))`` (at least 1)."""
+    _int("tokens", tokens, 1)
+    _fraction("max_padding", max_padding, "(0, 1]")
+    return tuple(max(1, min(tokens, int(2 * max_padding * tokens / (b - 1)))) for b in (q_block, kv_block))
 
 
 @dataclass(frozen=True)

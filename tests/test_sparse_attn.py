@@ -20,6 +20,7 @@ from mmaccel.sparse_attn import (
     mask_density,
     select_clusters,
     semantic_sparse_attention,
+    tile_cluster_counts,
 )
 from mmaccel.sparse_attn.backends import (
     ClusterLayout,
@@ -411,6 +412,12 @@ def test_presets_are_the_authors_settings():
     assert (wan14.q_block_size, wan14.kv_block_size) == (128, 64)
     with pytest.raises(ValueError, match="preset must be one of"):
         SVG2Config.preset("wan2.2")
+    # our option: cluster counts sized to the tiles (at most ~25% padding); 14B 720p keeps ~300 query clusters
+    assert tile_cluster_counts(32_760, 128, 64) == (128, 260)
+    sized = SVG2Config.preset("wan2.1-14b-720p", tile_sized=True)
+    assert (sized.num_q_clusters, sized.num_k_clusters, sized.top_p) == (297, 600, 0.9)
+    with pytest.raises(ValueError, match="max_padding"):
+        tile_cluster_counts(1000, 128, 64, max_padding=0.0)
 
 
 @pytest.mark.skipif(not flex_attention_available(), reason="flex_attention not in this torch")
