@@ -450,3 +450,26 @@ def test_warm_sparse_step_reads_nothing_back(layout, monkeypatch):
     profiled = count_hot_path(lambda: semantic_sparse_attention(q, k, v, replace(config, profile=True), state))
     assert state.last.kmeans_s is not None and state.last.attention_s is not None
     assert profiled.syncs == 0  # on the CPU profiling only reads the clock (a GPU would synchronise)
+
+
+def test_tile_sized_preset_computes_at_most_one_and_a_half_times_the_density():
+    """At the Wan 1.3B 480p preset (32,760 tokens, one head of the benchmark's video-like Q/K),
+    tile-sized clusters in the padded 128 x 64 layout pad each side by at most ~25% and compute at
+    most 1.5x the exact mask-weighted density (the benchmark's table covers every preset)."""
+    from mmaccel.benchmarks.bench_sparse_attn import local_qkv
+
+    preset = PRESETS["wan2.1-1.3b-480p"]
+    config = SVG2Config.preset("wan2.1-1.3b-480p", tile_sized=True)
+    q, k, _ = local_qkv(*preset.grid, 1, preset.head_dim, num_objects=64)
+    gen = torch.Generator().manual_seed(0)
+    kq = kmeans(q[0], config.num_q_clusters, init=random_init(q[0], config.num_q_clusters, gen), iterations=3)
+    kk = kmeans(k[0], config.num_k_clusters, init=random_init(k[0], config.num_k_clusters, gen), iterations=3)
+    sel = select_clusters(kq.centroids, kk.centroids, kk.counts, config.top_p, config.min_kc_ratio)
+    density = mask_density(sel, kq.counts, kk.counts)
+    qs = TileSide(kq.labels, kq.counts, 128, True, pad_mask=False)
+    ks = TileSide(kk.labels, kk.counts, 64, True)
+    for counts, block in ((kq.counts, 128), (kk.counts, 64)):
+        assert (-(-counts // block) * block).sum() <= 1.27 * preset.tokens  # padding ~25% at most
+    partial, full = tile_selection(sel, qs, ks)
+    computed = (partial | full).sum().item() * 128 * 64 / preset.tokens**2
+    assert 0.05 < density < computed <= 1.5 * density

@@ -247,3 +247,26 @@ def test_steady_state_compiles_without_graph_breaks(pipe):
         summary = handle.stats.summary()  # compiled calls are counted (on-device counters)
         assert summary["calls"] == calls + 16 and summary["masked_calls"] == summary["calls"]
     torch._dynamo.reset()
+
+
+def test_warm_sparse_forward_reads_nothing_back(pipe):
+    """A warm sparse Wan forward (k-means, selection, sparse attention, stats counters in every
+    block) makes 0 host-device syncs by the hot-path counter when the timestep comes from the
+    host (the pipeline's scheduler value); reading it from the forward's tensor argument is the
+    one read, once per forward, never per layer."""
+    from mmaccel.testing.hotpath import count_hot_path
+
+    model = pipe.transformer
+    x = _inputs()
+    cfg = SVG2Config(num_q_clusters=4, num_k_clusters=6, top_p=0.5, min_kc_ratio=0.0, dense_steps=0.0,
+                     dense_layers=0.0, backend="masked", kmeans_init_iters=3)  # fmt: skip
+    with apply_svg2(model, cfg, lambda: 500.0) as handle:
+        _forward(model, *x)  # cold start
+        _forward(model, *x)
+        counter = count_hot_path(lambda: _forward(model, *x))
+        assert counter.syncs == 0, counter.sync_counts
+        assert handle.stats.summary()["masked_calls"] == 3 * len(model.blocks)
+    with apply_svg2(model, cfg):  # timestep from the forward's own (tensor) argument
+        _forward(model, *x)
+        _forward(model, *x)
+        assert count_hot_path(lambda: _forward(model, *x)).sync_counts == {"item": 1}
