@@ -16,7 +16,8 @@ cluster attends to. A query whose row selects no non-empty key cluster outputs z
   Two layouts: ``"unpadded"`` (tokens sorted by cluster; a tile spanning several clusters is
   *full* when all its cluster pairs are selected, else *partial* with the token-label mask
   ``selected[label_q, label_k]``) and ``"padded"`` (every cluster padded to whole tiles, so a tile
-  holds one cluster; only a key tile with padding is partial).
+  holds one cluster; only a key tile with padding is partial, and its mask only drops the
+  padding).
 """
 
 from __future__ import annotations
@@ -259,8 +260,13 @@ def flex_block_sparse(
     table = F.pad(sel, (0, 1, 0, 1)).view(b, h, cq + 1, ck + 1)  # label C: never selected
     qml, kml = qs.mask_labels.view(b, h, -1), ks.mask_labels.view(b, h, -1)
 
-    def mask_mod(b, h, q_idx, kv_idx):
+    def label_mask(b, h, q_idx, kv_idx):
         return table[b, h, qml[b, h, q_idx], kml[b, h, kv_idx]]
+
+    def padding_mask(b, h, q_idx, kv_idx):  # padded: a computed tile is one selected cluster pair
+        return kml[b, h, kv_idx] < ck
+
+    mask_mod = padding_mask if padded else label_mask
 
     shape = (b, h, *partial.shape[1:])
     num, idx = _to_kv_blocks(partial.view(shape))
