@@ -453,7 +453,7 @@ def attention_and_e2e_tables(
         "length scales 1.5 frames / 3 rows / 3 cols: +~4 logit at distance 0, Gaussian decay). Head dim 128; "
         f"heads per size {[h for _, h in cases]} (Wan 1.3B has 12: cut to fit the shared 2-core CPU). "
         f"SVG2: {config.layout} layout, {config.q_block_size} x {config.kv_block_size} tiles, cluster counts "
-        "from `tile_cluster_counts` (16K: 64/130, 32K: 128/260); the share of its step spent outside the "
+        "from `tile_cluster_counts` (16K: 64/130, 32K: 129/260); the share of its step spent outside the "
         "flex kernel is timed by wrapping the kernel call (3 extra steps, median). "
         "SVG2 = a warm-started step (k-means from the previous step's centroids; the previous step = the same "
         "inputs + 0.3 noise). Every peer at SVG2's measured density (fraction of query-key pairs; SVG2's "
