@@ -275,6 +275,38 @@ def bench_attention(cases: list[tuple[tuple[int, int, int], int]], config: SVG2C
     return markdown_table(headers, rows_out) + "\n\n" + markdown_table(vheaders, verdicts), rows_out, verdicts
 
 
+LAYOUTS = (("padded", 128, 64), ("unpadded", 128, 64), ("unpadded", 128, 128), ("padded", 128, 128))
+
+
+def bench_layouts(grid: tuple[int, int, int], heads: int, clusters: tuple[int, int], repeats: int) -> tuple[str, list]:
+    """SVG2's flex layouts and tiles on one input (a warm step each, same clusters): computed
+    tile fraction against the exact density, error and speed vs SDPA from one `harness.compare`."""
+    q, k, v = local_qkv(*grid, heads, 128, num_objects=64)
+    gen = torch.Generator().manual_seed(7)
+    q_prev, k_prev = (t + 0.3 * torch.randn(t.shape, generator=gen) for t in (q, k))
+    ref = F.scaled_dot_product_attention(q, k, v)
+    fns: dict[str, Callable[[], object]] = {"SDPA (dense)": lambda: F.scaled_dot_product_attention(q, k, v)}
+    info = {}
+    for layout, qb, kb in LAYOUTS:
+        config = SVG2Config(num_q_clusters=clusters[0], num_k_clusters=clusters[1], backend="flex", layout=layout,
+                            q_block_size=qb, kv_block_size=kb)  # fmt: skip
+        state = SparseAttentionState()
+        semantic_sparse_attention(q_prev, k_prev, v, config, state)  # cold k-means + compile
+        out = semantic_sparse_attention(q, k, v, config, state)
+        name = f"{layout} {qb}x{kb}"
+        info[name] = (state.last.density, state.last.block_density, metrics.relative_l2(out, ref))
+        fns[name] = lambda config=config, state=state: semantic_sparse_attention(q, k, v, config, state)
+    result = compare(fns, repeats=repeats, warmup=1)
+    rows = []
+    for name, c in result.items():
+        density, computed, err = info.get(name, (1.0, 1.0, 0.0))
+        rows.append([f"{math.prod(grid):,}", heads, f"{clusters[0]}/{clusters[1]}", name, f"{density:.3f}",
+                     f"{computed:.3f}", f"{computed / density:.2f}x", f"{err:.3f}", c.time_text(), c.ratio_text()])  # fmt: skip
+    headers = ["S", "heads", "clusters q/k", "layout, tiles", "exact density", "computed tiles", "computed / exact",
+               "rel L2 vs SDPA", f"time, median (min-max) of {repeats}", "speed vs SDPA, median (min-max)"]  # fmt: skip
+    return markdown_table(headers, rows), rows
+
+
 def bench_tile_fraction(iterations: int, presets: tuple[str, ...] = tuple(PRESETS)) -> tuple[str, list]:
     """At each preset's token count (one head of `local_qkv` on its latent grid): k-means
     (``iterations`` cold Lloyd rounds), the authors' selection, then per layout and tile size the
@@ -495,6 +527,7 @@ def main() -> None:
     parser.add_argument("--zoo-only", action="store_true", help="only the fidelity run on the zoo model")
     parser.add_argument("--skip-attention", action="store_true", help="skip parts 1 and 2 (attention, end to end)")
     parser.add_argument("--skip-tiles", action="store_true", help="skip the tile fraction at the presets")
+    parser.add_argument("--layouts-only", action="store_true", help="only SVG2's layouts and tiles at S=16K")
     parser.add_argument("--tile-kmeans-iters", type=int, default=10, help="cold k-means rounds for the tile table")
     args = parser.parse_args()
 
@@ -509,7 +542,20 @@ def main() -> None:
         e2e_config = replace(config, num_q_clusters=16, num_k_clusters=32)  # tile_cluster_counts(4096, 128, 64)
     print(f"Machine: {machine_description()}\nconfig: {config}\n")
     tables = []
-    if not args.zoo_only and not args.skip_tiles:
+    if args.layouts_only:
+        grid, heads = ((4, 16, 32), 2) if args.quick else ((16, 32, 32), args.heads_16k)
+        clusters = tile_cluster_counts(math.prod(grid), 128, 64)
+        layout_table, _ = bench_layouts(grid, heads, clusters, repeats)
+        print("### SVG2 flex layouts and tiles\n\n" + layout_table)
+        layout_notes = (
+            "The same `local_qkv` input and clusters for every layout (tile-sized for 128 x 64), a warm step each "
+            "(k-means included); computed tiles = (computed tiles x tile area) / S^2, padding included; exact = "
+            f"mask-weighted density. harness.compare, 1 warm-up, {repeats} interleaved rounds; load average at the "
+            f"end {os.getloadavg()[0]:.2f} (1 min)."
+        )
+        tables.append(("SVG2 flex layouts and tiles", layout_table, layout_notes))
+        args.skip_zoo = True
+    if not args.zoo_only and not args.skip_tiles and not args.layouts_only:
         presets = ("wan2.1-1.3b-480p",) if args.quick else tuple(PRESETS)
         tile_table, _ = bench_tile_fraction(args.tile_kmeans_iters, presets)
         print("### SVG2 computed tiles vs exact density at the presets\n\n" + tile_table + "\n")
@@ -521,7 +567,7 @@ def main() -> None:
             "density. Tile-sized counts: `tile_cluster_counts` (expected padding <= 25%)."
         )
         tables.append(("SVG2 computed tiles vs exact density at the presets", tile_table, tile_notes))
-    if not args.zoo_only and not args.skip_attention:
+    if not args.zoo_only and not args.skip_attention and not args.layouts_only:
         tables += attention_and_e2e_tables(args, config, cases, repeats, e2e, e2e_config)
     if not args.skip_zoo:
         zoo_base = SVG2Config(num_q_clusters=8, num_k_clusters=16, top_p=0.9, min_kc_ratio=0.1, dense_steps=0.2,
