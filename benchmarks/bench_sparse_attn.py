@@ -223,8 +223,9 @@ def _attention_case(
     }
     outs = {name: fn() for name, fn in fns.items() if name != "SVG2"}  # also compiles each shape once
     outs["SVG2"] = svg2_out
-    result = compare(fns, repeats=repeats, warmup=1)
-    _, outside = kernel_share(svg2)
+    timed = repeats > 0  # repeats=0: accuracy only (one call of each method, no timing)
+    result = compare(fns, repeats=repeats, warmup=1) if timed else {}
+    outside = kernel_share(svg2)[1] if timed else None
     dens = {"SDPA (dense)": 1.0, "SVG2": density, "positional blocks (top-p)": p_density,
             f"sliding tile {STA_TILE}": sta.density, "radial": radial.density,
             "SVG1 spatial/temporal": svg1_static.density}  # fmt: skip
@@ -238,19 +239,21 @@ def _attention_case(
               f"{int(temporal.sum())}/{heads} temporal heads"}  # fmt: skip
     errors = {name: metrics.relative_l2(out, ref) for name, out in outs.items()}
     for name in fns:
-        c = result[name]
+        times = (result[name].time_text(), result[name].ratio_text()) if timed else ("-", "-")
         rows_out.append([s, f"{frames}x{rows}x{cols}", heads, name, f"{dens[name]:.3f}", params[name],
-                         f"{errors[name]:.3f}", c.time_text(), c.ratio_text()])  # fmt: skip
+                         f"{errors[name]:.3f}", *times])  # fmt: skip
     peers = [n for n in fns if n not in ("SDPA (dense)", "SVG2")]
     best = min(peers, key=lambda n: errors[n])
+    err_ratio = errors[best] / errors["SVG2"]
+    accuracy = [s, heads, best, f"{errors['SVG2']:.3f} vs {errors[best]:.3f}",
+                f"{'ahead' if err_ratio > 1 else 'behind'} by {max(err_ratio, 1 / err_ratio):.2f}x"]  # fmt: skip
+    if not timed:
+        return rows_out, [*accuracy, "-", "-", "-", f"{cold_s:.1f}"]
     peer_t, svg2_t = result[best].times_s, result["SVG2"].times_s  # round i of each: the same interleaved round
     ratios = [p / t for p, t in zip(peer_t, svg2_t)]
     speed, low, high = statistics.median(ratios), min(ratios), max(ratios)
     overlaps = min(peer_t) <= max(svg2_t) and min(svg2_t) <= max(peer_t)
-    err_ratio = errors[best] / errors["SVG2"]
-    verdict = [s, heads, best, f"{errors['SVG2']:.3f} vs {errors[best]:.3f}",
-               f"{'ahead' if err_ratio > 1 else 'behind'} by {max(err_ratio, 1 / err_ratio):.2f}x",
-               f"{speed:.2f}x ({low:.2f}-{high:.2f})" + (" ~noise" if overlaps else ""),
+    verdict = [*accuracy, f"{speed:.2f}x ({low:.2f}-{high:.2f})" + (" ~noise" if overlaps else ""),
                f"{'ahead' if speed > 1 else 'behind'} by {max(speed, 1 / speed):.2f}x", f"{outside:.0%}",
                f"{cold_s:.1f}"]  # fmt: skip
     return rows_out, verdict
@@ -475,7 +478,7 @@ def attention_and_e2e_tables(
     """Parts 1 and 2: (title, table, notes) for the attention-alone and random-weight e2e runs."""
     attn_table, _, _ = bench_attention(cases, config, repeats)
     load = os.getloadavg()
-    title = "SVG2 vs static masks at equal density: attention alone"
+    title = "SVG2 vs static masks at equal density: attention alone" + ("" if repeats else ", accuracy only")
     print(f"### {title}\n\nload average (1, 5, 15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n")
     print(attn_table, "\n")
     attn_notes = (
@@ -501,6 +504,8 @@ def attention_and_e2e_tables(
         f"ratio = median (min-max) of per-round SDPA / variant; ~noise where time ranges overlap. Machine "
         f"shared with 4 other engineers' jobs: load average at the end of the run {load[0]:.2f} (1 min)."
     )
+    if not repeats:
+        attn_notes = "Accuracy only (`--accuracy-only`): one call per method, nothing timed. " + attn_notes
     tables = [(title, attn_table, attn_notes)]
     if not args.skip_e2e:
         e2e_cfg = replace(e2e_config, dense_steps=0.25, dense_layers=0.0)
@@ -528,10 +533,14 @@ def main() -> None:
     parser.add_argument("--skip-attention", action="store_true", help="skip parts 1 and 2 (attention, end to end)")
     parser.add_argument("--skip-tiles", action="store_true", help="skip the tile fraction at the presets")
     parser.add_argument("--layouts-only", action="store_true", help="only SVG2's layouts and tiles at S=16K")
+    parser.add_argument("--accuracy-only", action="store_true",
+                        help="attention part without timing (one call per method): error on more heads")
     parser.add_argument("--tile-kmeans-iters", type=int, default=10, help="cold k-means rounds for the tile table")
     args = parser.parse_args()
 
-    repeats = MIN_REPEATS
+    repeats = 0 if args.accuracy_only else MIN_REPEATS
+    if args.accuracy_only:
+        args.skip_tiles = args.skip_e2e = args.skip_zoo = True
     config = SVG2Config(backend="flex")  # 128 x 64 tiles, padded layout; cluster counts sized per case
     if args.quick:
         cases, e2e = [((4, 16, 32), 2)], ((4, 16, 16), 1, 4)
