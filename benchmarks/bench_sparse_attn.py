@@ -49,6 +49,7 @@ from mmaccel.runtime import metrics
 from mmaccel.runtime.environment import machine_description
 from mmaccel.runtime.tables import markdown_table
 from mmaccel.sparse_attn import (
+    PRESETS,
     SparseAttentionState,
     SVG2Config,
     apply_svg2,
@@ -57,7 +58,11 @@ from mmaccel.sparse_attn import (
     mask_density,
     select_clusters,
     semantic_sparse_attention,
+    tile_cluster_counts,
 )
+from mmaccel.sparse_attn import backends as sparse_backends
+from mmaccel.sparse_attn.backends import TileSide, tile_selection
+from mmaccel.sparse_attn.kmeans import kmeans, random_init
 
 RESULTS = RESULTS_DIR / "sparse_attn.md"
 
@@ -136,7 +141,45 @@ def positional_fn(
     return lambda: cluster_sparse_attention(q, k, v, ql4, kl4, cfg)[0], density
 
 
-STA_TILE = (2, 4, 4)  # 32 tokens: one flex block of SVG2's block size
+PEER_BLOCK = 128  # the peers' flex blocks: the hardware tile SVG2 uses for its queries (Radial: 128 x 128)
+STA_TILE = (2, 8, 8)  # 128 tokens: one flex block
+
+
+class KernelClock:
+    """Wraps the compiled flex kernel that SVG2's flex backend calls and adds up its seconds
+    (a CPU kernel runs synchronously), to split an SVG2 step into kernel and everything else."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._original = sparse_backends.compiled_flex
+
+    def __enter__(self) -> KernelClock:
+        kernel = self._original()
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = kernel(*args, **kwargs)
+            self.seconds += time.perf_counter() - t0
+            return out
+
+        sparse_backends.compiled_flex = lambda: timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sparse_backends.compiled_flex = self._original
+
+
+def kernel_share(step: Callable[[], object], rounds: int = 3) -> tuple[float, float]:
+    """Median over ``rounds`` of (step seconds, share of them spent outside the flex kernel)."""
+    totals, outside = [], []
+    for _ in range(rounds):
+        with KernelClock() as clock:
+            t0 = time.perf_counter()
+            step()
+            total = time.perf_counter() - t0
+        totals.append(total)
+        outside.append(1 - clock.seconds / total)
+    return statistics.median(totals), statistics.median(outside)
 
 
 def _attention_case(
@@ -162,14 +205,14 @@ def _attention_case(
     density = info.density
     positional, p_density = positional_fn(q, k, v, config, density)
     sta = sliding_tile_mask(grid, density, heads, STA_TILE)
-    radial = radial_mask(grid, density, heads, config.block_size)
+    radial = radial_mask(grid, density, heads, PEER_BLOCK)
 
     def svg1() -> torch.Tensor:  # SVG1 profiles its heads online, every call
-        temporal = profile_svg1_heads(q, k, v, grid, density, config.block_size)
-        return run_block_mask(q, k, v, svg1_mask(grid, density, temporal, config.block_size))
+        temporal = profile_svg1_heads(q, k, v, grid, density, PEER_BLOCK)
+        return run_block_mask(q, k, v, svg1_mask(grid, density, temporal, PEER_BLOCK))
 
-    temporal = profile_svg1_heads(q, k, v, grid, density, config.block_size)
-    svg1_static = svg1_mask(grid, density, temporal, config.block_size)
+    temporal = profile_svg1_heads(q, k, v, grid, density, PEER_BLOCK)
+    svg1_static = svg1_mask(grid, density, temporal, PEER_BLOCK)
     fns = {
         "SDPA (dense)": lambda: F.scaled_dot_product_attention(q, k, v),
         "SVG2": svg2,
@@ -180,12 +223,15 @@ def _attention_case(
     }
     outs = {name: fn() for name, fn in fns.items() if name != "SVG2"}  # also compiles each shape once
     outs["SVG2"] = svg2_out
-    result = compare(fns, repeats=repeats, warmup=1)
+    timed = repeats > 0  # repeats=0: accuracy only (one call of each method, no timing)
+    result = compare(fns, repeats=repeats, warmup=1) if timed else {}
+    outside = kernel_share(svg2)[1] if timed else None
     dens = {"SDPA (dense)": 1.0, "SVG2": density, "positional blocks (top-p)": p_density,
             f"sliding tile {STA_TILE}": sta.density, "radial": radial.density,
             "SVG1 spatial/temporal": svg1_static.density}  # fmt: skip
     params = {"SDPA (dense)": "-", "SVG2": f"{config.num_q_clusters}/{config.num_k_clusters} clusters, top_p "
-              f"{config.top_p:g}, computed blocks {info.block_density:.3f}",
+              f"{config.top_p:g}, {config.layout} {config.q_block_size}x{config.kv_block_size} tiles, computed "
+              f"tiles {info.block_density:.3f}",
               "positional blocks (top-p)": "contiguous blocks, top_p bisected",
               f"sliding tile {STA_TILE}": f"window {sta.param} tiles",
               "radial": f"decay {radial.param:.3g}",
@@ -193,36 +239,114 @@ def _attention_case(
               f"{int(temporal.sum())}/{heads} temporal heads"}  # fmt: skip
     errors = {name: metrics.relative_l2(out, ref) for name, out in outs.items()}
     for name in fns:
-        c = result[name]
+        times = (result[name].time_text(), result[name].ratio_text()) if timed else ("-", "-")
         rows_out.append([s, f"{frames}x{rows}x{cols}", heads, name, f"{dens[name]:.3f}", params[name],
-                         f"{errors[name]:.3f}", c.time_text(), c.ratio_text()])  # fmt: skip
+                         f"{errors[name]:.3f}", *times])  # fmt: skip
     peers = [n for n in fns if n not in ("SDPA (dense)", "SVG2")]
     best = min(peers, key=lambda n: errors[n])
+    err_ratio = errors[best] / errors["SVG2"]
+    accuracy = [s, heads, best, f"{errors['SVG2']:.3f} vs {errors[best]:.3f}",
+                f"{'ahead' if err_ratio > 1 else 'behind'} by {max(err_ratio, 1 / err_ratio):.2f}x"]  # fmt: skip
+    if not timed:
+        return rows_out, [*accuracy, "-", "-", "-", f"{cold_s:.1f}"]
     peer_t, svg2_t = result[best].times_s, result["SVG2"].times_s  # round i of each: the same interleaved round
     ratios = [p / t for p, t in zip(peer_t, svg2_t)]
     speed, low, high = statistics.median(ratios), min(ratios), max(ratios)
     overlaps = min(peer_t) <= max(svg2_t) and min(svg2_t) <= max(peer_t)
-    err_ratio = errors[best] / errors["SVG2"]
-    verdict = [s, heads, best, f"{errors['SVG2']:.3f} vs {errors[best]:.3f}",
-               f"{'ahead' if err_ratio > 1 else 'behind'} by {max(err_ratio, 1 / err_ratio):.2f}x",
-               f"{speed:.2f}x ({low:.2f}-{high:.2f})" + (" ~noise" if overlaps else ""),
-               f"{'ahead' if speed > 1 else 'behind'} by {max(speed, 1 / speed):.2f}x", f"{cold_s:.1f}"]  # fmt: skip
+    verdict = [*accuracy, f"{speed:.2f}x ({low:.2f}-{high:.2f})" + (" ~noise" if overlaps else ""),
+               f"{'ahead' if speed > 1 else 'behind'} by {max(speed, 1 / speed):.2f}x", f"{outside:.0%}",
+               f"{cold_s:.1f}"]  # fmt: skip
     return rows_out, verdict
 
 
 def bench_attention(cases: list[tuple[tuple[int, int, int], int]], config: SVG2Config, repeats: int) -> tuple[str, list, list]:
-    """For each video grid and head count: SDPA (baseline), SVG2 (a warm-started step) and the
-    peers at SVG2's measured density, timed with `harness.compare`; relative L2 vs SDPA."""
+    """For each video grid and head count: SDPA (baseline), SVG2 (a warm-started step, cluster
+    counts sized to its tiles by `tile_cluster_counts`) and the peers at SVG2's measured density,
+    timed with `harness.compare`; relative L2 vs SDPA."""
     rows_out, verdicts = [], []
     for (frames, rows, cols), heads in tqdm(cases, desc="attention sizes"):
-        case_rows, verdict = _attention_case(frames, rows, cols, heads, config, repeats)
+        cq, ck = tile_cluster_counts(frames * rows * cols, config.q_block_size, config.kv_block_size)
+        case_config = replace(config, num_q_clusters=cq, num_k_clusters=ck)
+        case_rows, verdict = _attention_case(frames, rows, cols, heads, case_config, repeats)
         rows_out += case_rows
         verdicts.append(verdict)
     headers = ["S", "grid", "heads", "method", "density", "setting", "rel L2 vs SDPA", f"time, median (min-max) of {repeats}",
                "speed vs SDPA, median (min-max)"]  # fmt: skip
     vheaders = ["S", "heads", "best peer (lowest rel L2)", "rel L2: SVG2 vs peer", "SVG2 accuracy",
-                "SVG2 speed vs peer, median (min-max)", "SVG2 speed", "SVG2 cold start + compile s"]  # fmt: skip
+                "SVG2 speed vs peer, median (min-max)", "SVG2 speed", "SVG2 time outside the kernel",
+                "SVG2 cold start + compile s"]  # fmt: skip
     return markdown_table(headers, rows_out) + "\n\n" + markdown_table(vheaders, verdicts), rows_out, verdicts
+
+
+LAYOUTS = (("padded", 128, 64), ("unpadded", 128, 64), ("unpadded", 128, 128), ("padded", 128, 128))
+
+
+def bench_layouts(grid: tuple[int, int, int], heads: int, clusters: tuple[int, int], repeats: int) -> tuple[str, list]:
+    """SVG2's flex layouts and tiles on one input (a warm step each, same clusters): computed
+    tile fraction against the exact density, error and speed vs SDPA from one `harness.compare`."""
+    q, k, v = local_qkv(*grid, heads, 128, num_objects=64)
+    gen = torch.Generator().manual_seed(7)
+    q_prev, k_prev = (t + 0.3 * torch.randn(t.shape, generator=gen) for t in (q, k))
+    ref = F.scaled_dot_product_attention(q, k, v)
+    fns: dict[str, Callable[[], object]] = {"SDPA (dense)": lambda: F.scaled_dot_product_attention(q, k, v)}
+    info = {}
+    for layout, qb, kb in LAYOUTS:
+        config = SVG2Config(num_q_clusters=clusters[0], num_k_clusters=clusters[1], backend="flex", layout=layout,
+                            q_block_size=qb, kv_block_size=kb)  # fmt: skip
+        state = SparseAttentionState()
+        semantic_sparse_attention(q_prev, k_prev, v, config, state)  # cold k-means + compile
+        out = semantic_sparse_attention(q, k, v, config, state)
+        name = f"{layout} {qb}x{kb}"
+        info[name] = (state.last.density, state.last.block_density, metrics.relative_l2(out, ref))
+        fns[name] = lambda config=config, state=state: semantic_sparse_attention(q, k, v, config, state)
+    result = compare(fns, repeats=repeats, warmup=1)
+    rows = []
+    for name, c in result.items():
+        density, computed, err = info.get(name, (1.0, 1.0, 0.0))
+        rows.append([f"{math.prod(grid):,}", heads, f"{clusters[0]}/{clusters[1]}", name, f"{density:.3f}",
+                     f"{computed:.3f}", f"{computed / density:.2f}x", f"{err:.3f}", c.time_text(), c.ratio_text()])  # fmt: skip
+    headers = ["S", "heads", "clusters q/k", "layout, tiles", "exact density", "computed tiles", "computed / exact",
+               "rel L2 vs SDPA", f"time, median (min-max) of {repeats}", "speed vs SDPA, median (min-max)"]  # fmt: skip
+    return markdown_table(headers, rows), rows
+
+
+def bench_tile_fraction(iterations: int, presets: tuple[str, ...] = tuple(PRESETS)) -> tuple[str, list]:
+    """At each preset's token count (one head of `local_qkv` on its latent grid): k-means
+    (``iterations`` cold Lloyd rounds), the authors' selection, then per layout and tile size the
+    computed tile fraction against the exact mask-weighted density, with the authors' cluster
+    counts and with `tile_cluster_counts`. No attention runs: the tile choice alone."""
+    rows = []
+    for name in tqdm(presets, desc="presets"):
+        preset = PRESETS[name]
+        s = preset.tokens
+        q, k, _ = local_qkv(*preset.grid, 1, preset.head_dim, num_objects=64)
+        for sized in (False, True):
+            config = SVG2Config.preset(name, tile_sized=sized)
+            gen = torch.Generator().manual_seed(0)
+            kq = kmeans(q[0], config.num_q_clusters, init=random_init(q[0], config.num_q_clusters, gen),
+                        iterations=iterations)  # fmt: skip
+            kk = kmeans(k[0], config.num_k_clusters, init=random_init(k[0], config.num_k_clusters, gen),
+                        iterations=iterations)  # fmt: skip
+            sel = select_clusters(kq.centroids, kk.centroids, kk.counts, config.top_p, config.min_kc_ratio)
+            density = mask_density(sel, kq.counts, kk.counts)
+            for layout in ("padded", "unpadded"):
+                for kv_block in (64, 128):
+                    padded = layout == "padded"
+                    qs = TileSide(kq.labels, kq.counts, 128, padded, pad_mask=False)
+                    ks = TileSide(kk.labels, kk.counts, kv_block, padded)
+                    partial, full = tile_selection(sel, qs, ks)
+                    computed = float((partial | full).sum()) * 128 * kv_block / (s * s)
+                    pad = [float((-(-c // b) * b).sum()) / s - 1 if padded else 0.0
+                           for c, b in ((kq.counts, 128), (kk.counts, kv_block))]  # fmt: skip
+                    ratio = computed / density
+                    rows.append([name, f"{s:,}", f"{config.num_q_clusters}/{config.num_k_clusters}"
+                                 + (" (tile-sized)" if sized else " (authors)"), layout, f"128x{kv_block}",
+                                 f"{density:.3f}", f"{pad[0]:.0%} / {pad[1]:.0%}", f"{computed:.3f}",
+                                 f"{ratio:.2f}x", "met" if ratio <= 1.5 else "missed",
+                                 f"{float(partial.sum() / (partial | full).sum().clamp_min(1)):.2f}"])  # fmt: skip
+    headers = ["preset", "tokens", "clusters q/k", "layout", "tiles", "exact density", "padding q / k",
+               "computed tile fraction", "computed / exact", "target <= 1.5x", "partial-tile share"]  # fmt: skip
+    return markdown_table(headers, rows), rows
 
 
 def object_latents(frames: int, rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -354,7 +478,7 @@ def attention_and_e2e_tables(
     """Parts 1 and 2: (title, table, notes) for the attention-alone and random-weight e2e runs."""
     attn_table, _, _ = bench_attention(cases, config, repeats)
     load = os.getloadavg()
-    title = "SVG2 vs static masks at equal density: attention alone"
+    title = "SVG2 vs static masks at equal density: attention alone" + ("" if repeats else ", accuracy only")
     print(f"### {title}\n\nload average (1, 5, 15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n")
     print(attn_table, "\n")
     attn_notes = (
@@ -363,6 +487,9 @@ def attention_and_e2e_tables(
         "plus spatial-temporal locality (Q and K + 6.7 x random Fourier features of the token position, "
         "length scales 1.5 frames / 3 rows / 3 cols: +~4 logit at distance 0, Gaussian decay). Head dim 128; "
         f"heads per size {[h for _, h in cases]} (Wan 1.3B has 12: cut to fit the shared 2-core CPU). "
+        f"SVG2: {config.layout} layout, {config.q_block_size} x {config.kv_block_size} tiles, cluster counts "
+        "from `tile_cluster_counts` (16K: 64/130, 32K: 129/260); the share of its step spent outside the "
+        "flex kernel is timed by wrapping the kernel call (3 extra steps, median). "
         "SVG2 = a warm-started step (k-means from the previous step's centroids; the previous step = the same "
         "inputs + 0.3 noise). Every peer at SVG2's measured density (fraction of query-key pairs; SVG2's "
         "computed blocks, padding included, are in its setting). Peers (benchmarks/static_masks.py): "
@@ -372,12 +499,13 @@ def attention_and_e2e_tables(
         "the frame distance, decay bisected); SVG1 = per head a frame band (spatial) or a same-position "
         "band (temporal, space-major order), chosen online per call by profiling 64 sampled query rows "
         "(SVG1's rule; the profiling is inside the timed call). Densities are discrete per rule: the "
-        "closest is used. Every mask runs through compiled flex_attention with a BlockMask of full "
-        f"{config.block_size}-token blocks (tokens permuted into the mask's order and back, timed), as SVG2's "
-        f"flex backend. Times: harness.compare, 1 warm-up per variant, {repeats} interleaved rotated rounds; "
+        "closest is used. Every peer mask runs through compiled flex_attention with a BlockMask of full "
+        f"{PEER_BLOCK}-token blocks (tokens permuted into the mask's order and back, timed). Times: harness.compare, 1 warm-up per variant, {repeats} interleaved rotated rounds; "
         f"ratio = median (min-max) of per-round SDPA / variant; ~noise where time ranges overlap. Machine "
         f"shared with 4 other engineers' jobs: load average at the end of the run {load[0]:.2f} (1 min)."
     )
+    if not repeats:
+        attn_notes = "Accuracy only (`--accuracy-only`): one call per method, nothing timed. " + attn_notes
     tables = [(title, attn_table, attn_notes)]
     if not args.skip_e2e:
         e2e_cfg = replace(e2e_config, dense_steps=0.25, dense_layers=0.0)
@@ -402,21 +530,53 @@ def main() -> None:
     parser.add_argument("--heads-32k", type=int, default=12, help="attention heads at S=32K")
     parser.add_argument("--skip-zoo", action="store_true", help="skip the fidelity run on the zoo model")
     parser.add_argument("--zoo-only", action="store_true", help="only the fidelity run on the zoo model")
+    parser.add_argument("--skip-attention", action="store_true", help="skip parts 1 and 2 (attention, end to end)")
+    parser.add_argument("--skip-tiles", action="store_true", help="skip the tile fraction at the presets")
+    parser.add_argument("--layouts-only", action="store_true", help="only SVG2's layouts and tiles at S=16K")
+    parser.add_argument("--accuracy-only", action="store_true",
+                        help="attention part without timing (one call per method): error on more heads")
+    parser.add_argument("--tile-kmeans-iters", type=int, default=10, help="cold k-means rounds for the tile table")
     args = parser.parse_args()
 
-    repeats = MIN_REPEATS
+    repeats = 0 if args.accuracy_only else MIN_REPEATS
+    if args.accuracy_only:
+        args.skip_tiles = args.skip_e2e = args.skip_zoo = True
+    config = SVG2Config(backend="flex")  # 128 x 64 tiles, padded layout; cluster counts sized per case
     if args.quick:
-        config = SVG2Config(num_q_clusters=32, num_k_clusters=64, backend="flex", block_size=32)
         cases, e2e = [((4, 16, 32), 2)], ((4, 16, 16), 1, 4)
         e2e_config = replace(config, backend="masked", num_q_clusters=8, num_k_clusters=16)
     else:
-        config = SVG2Config(num_q_clusters=64, num_k_clusters=128, backend="flex", block_size=32)
         # S = 16K (16 x 32 x 32) and 32K (16 x 32 x 64, Wan 480p's wide frames); heads cut to fit 2 cores
         cases, e2e = [((16, 32, 32), args.heads_16k), ((16, 32, 64), args.heads_32k)], ((4, 64, 64), 2, 4)
-        e2e_config = config
+        e2e_config = replace(config, num_q_clusters=16, num_k_clusters=32)  # tile_cluster_counts(4096, 128, 64)
     print(f"Machine: {machine_description()}\nconfig: {config}\n")
     tables = []
-    if not args.zoo_only:
+    if args.layouts_only:
+        grid, heads = ((4, 16, 32), 2) if args.quick else ((16, 32, 32), args.heads_16k)
+        clusters = tile_cluster_counts(math.prod(grid), 128, 64)
+        layout_table, _ = bench_layouts(grid, heads, clusters, repeats)
+        print("### SVG2 flex layouts and tiles\n\n" + layout_table)
+        layout_notes = (
+            "The same `local_qkv` input and clusters for every layout (tile-sized for 128 x 64), a warm step each "
+            "(k-means included); computed tiles = (computed tiles x tile area) / S^2, padding included; exact = "
+            f"mask-weighted density. harness.compare, 1 warm-up, {repeats} interleaved rounds; load average at the "
+            f"end {os.getloadavg()[0]:.2f} (1 min)."
+        )
+        tables.append(("SVG2 flex layouts and tiles", layout_table, layout_notes))
+        args.skip_zoo = True
+    if not args.zoo_only and not args.skip_tiles and not args.layouts_only:
+        presets = ("wan2.1-1.3b-480p",) if args.quick else tuple(PRESETS)
+        tile_table, _ = bench_tile_fraction(args.tile_kmeans_iters, presets)
+        print("### SVG2 computed tiles vs exact density at the presets\n\n" + tile_table + "\n")
+        tile_notes = (
+            f"One head of `local_qkv` (64 objects + locality, head dim 128) on each preset's latent grid; cold "
+            f"k-means of {args.tile_kmeans_iters} Lloyd rounds (bounded for the shared CPU; the authors' cold start "
+            "runs 50), top_p 0.9, min_kc 0.10. Computed tile fraction = (query tiles x key tiles computed) x "
+            "tile area / S^2, padding and unselected pairs inside computed tiles included; exact = mask-weighted "
+            "density. Tile-sized counts: `tile_cluster_counts` (expected padding <= 25%)."
+        )
+        tables.append(("SVG2 computed tiles vs exact density at the presets", tile_table, tile_notes))
+    if not args.zoo_only and not args.skip_attention and not args.layouts_only:
         tables += attention_and_e2e_tables(args, config, cases, repeats, e2e, e2e_config)
     if not args.skip_zoo:
         zoo_base = SVG2Config(num_q_clusters=8, num_k_clusters=16, top_p=0.9, min_kc_ratio=0.1, dense_steps=0.2,

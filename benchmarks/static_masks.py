@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmaccel.sparse_attn.backends import compiled_flex, flex_tiles
+from mmaccel.sparse_attn.backends import compiled_flex, flex_kernel_options
 
 __all__ = [
     "StaticMask",
@@ -252,7 +252,7 @@ def run_block_mask(
         torch.zeros_like(full_num), torch.zeros_like(full_idx), full_num, full_idx.contiguous(),
         BLOCK_SIZE=size, mask_mod=mask_mod, seq_lengths=(s, s),
     )  # fmt: skip
-    tiles = flex_tiles(size, q.device) if compiled else None
+    tiles = flex_kernel_options(size, size, q.device) if compiled else None
     attend = compiled_flex() if compiled else flex_attention
     out = attend(qp, kp, vp, block_mask=block_mask, kernel_options=tiles)
     return torch.empty_like(out).scatter_(2, index.expand(b, -1, -1, out.shape[-1]), out)

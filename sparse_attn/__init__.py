@@ -6,8 +6,10 @@ if __name__ != "mmaccel.sparse_attn":  # installed as mmaccel.sparse_attn; a sec
 from mmaccel.sparse_attn.backends import flex_attention_available
 from mmaccel.sparse_attn.kmeans import KMeansResult, kmeans
 from mmaccel.sparse_attn.svg2 import (
+    PRESETS,
     SUPPORTED_TRANSFORMERS,
     AttentionInfo,
+    Preset,
     SparseAttentionState,
     SVG2CogVideoXAttnProcessor,
     SVG2Config,
@@ -24,11 +26,14 @@ from mmaccel.sparse_attn.svg2 import (
     min_kept_clusters,
     select_clusters,
     semantic_sparse_attention,
+    tile_cluster_counts,
 )
 
 __all__ = [
+    "PRESETS",
     "SUPPORTED_TRANSFORMERS",
     "AttentionInfo",
+    "Preset",
     "KMeansResult",
     "SVG2CogVideoXAttnProcessor",
     "SVG2HunyuanVideoAttnProcessor",
@@ -48,4 +53,5 @@ __all__ = [
     "min_kept_clusters",
     "select_clusters",
     "semantic_sparse_attention",
+    "tile_cluster_counts",
 ]

@@ -8,15 +8,22 @@ cluster attends to. A query whose row selects no non-empty key cluster outputs z
   tokens of its selected key clusters. Exact; for tests and small sizes.
 * ``masked``: one SDPA call with the token-level boolean mask; exact and vectorised, but
   O(Sq Sk) memory and no saving in compute, so only for small sizes (tiny models).
-* ``flex``: permutes tokens so that each cluster is contiguous and padded to whole blocks
-  (`PaddedLayout`), then runs ``torch.nn.attention.flex_attention`` under ``torch.compile``
-  (compiled once per shape and cached) with a ``BlockMask`` in which a (query block, key block)
-  pair is computed iff its clusters are selected, and un-permutes the output.
+* ``flex``: permutes tokens so that each cluster is contiguous (`TileSide`), runs
+  ``torch.nn.attention.flex_attention`` under ``torch.compile`` (compiled once per shape and
+  cached) on hardware-sized tiles (128-token query tiles, 64- or 128-token key tiles) with a
+  ``BlockMask`` in which a tile is computed iff one of its cluster pairs is selected, and
+  un-permutes the output. Everything runs on the device: no host read, no data-dependent loop.
+  Two layouts: ``"unpadded"`` (tokens sorted by cluster; a tile spanning several clusters is
+  *full* when all its cluster pairs are selected, else *partial* with the token-label mask
+  ``selected[label_q, label_k]``) and ``"padded"`` (every cluster padded to whole tiles, so a tile
+  holds one cluster; only a key tile with padding is partial, and its mask only drops the
+  padding).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -24,15 +31,23 @@ import torch.nn.functional as F
 
 __all__ = [
     "BACKENDS",
+    "FLEX_KERNELS",
+    "LAYOUTS",
     "ClusterLayout",
-    "PaddedLayout",
+    "TileSide",
     "compiled_flex",
+    "flash_kernel_available",
     "flex_attention_available",
     "flex_block_sparse",
-    "flex_tiles",
+    "flex_kernel_options",
     "masked_block_sparse",
     "reference_block_sparse",
+    "tile_selection",
 ]
+
+BACKENDS = ("auto", "flex", "masked", "reference")
+LAYOUTS = ("unpadded", "padded")
+FLEX_KERNELS = ("triton", "flash")
 
 
 @dataclass(frozen=True)
@@ -85,6 +100,17 @@ def flex_attention_available() -> bool:
 
 
 @functools.cache
+def flash_kernel_available() -> bool:
+    """True when flex_attention's FLASH backend can run: the ``flash-attn-4`` wheel
+    (``flash_attn.cute``) is installed and CUDA is available."""
+    try:
+        found = importlib.util.find_spec("flash_attn.cute") is not None
+    except ModuleNotFoundError:
+        found = False
+    return found and torch.cuda.is_available()
+
+
+@functools.cache
 def compiled_flex():
     """``flex_attention`` under ``torch.compile(dynamic=False)``, built once per process."""
     from torch.nn.attention.flex_attention import flex_attention
@@ -92,33 +118,54 @@ def compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-class PaddedLayout:
-    """Every cluster padded to a multiple of ``block`` tokens, so each block holds one cluster.
+class TileSide:
+    """One side (queries or keys) of the tiled layout: tokens sorted by cluster into ``length``
+    slots, grouped ``block`` at a time into tiles. All on the device, static shapes.
 
-    ``length`` is a fixed upper bound, ``ceil((S + C (block - 1)) / block) * block``, so the
-    compiled kernel sees one shape per (S, C, block) whatever the cluster sizes; the tail past
-    the last cluster is padding. ``positions`` (N, S): padded slot of each token (clusters in
-    label order, tokens in their original order within a cluster);
-    ``block_cluster`` (N, nblocks): cluster of each block (C for tail blocks); ``valid`` (N, length).
+    ``positions`` (N, S): slot of each token. ``lo`` / ``hi`` (N, tiles): the range of clusters a
+    tile's tokens belong to (C for a tail tile). ``mask_labels`` (N, length): the label the
+    token-level mask reads per slot (C, never selected, for empty slots). ``clean`` (N, tiles):
+    the tile holds no empty slot whose mask label is C.
+
+    * ``padded=False``: clusters contiguous in label order, no gaps; ``length = ceil(S / block)
+      * block``, the tail slots empty.
+    * ``padded=True``: each cluster padded to whole tiles (one cluster per tile), ``length`` the
+      fixed bound ``ceil((S + C (block - 1)) / block) * block``. ``pad_mask`` says whether the
+      padding slots are masked (keys) or computed and dropped (queries, label = their cluster).
     """
 
-    def __init__(self, labels: torch.Tensor, counts: torch.Tensor, block: int) -> None:
+    def __init__(
+        self, labels: torch.Tensor, counts: torch.Tensor, block: int, padded: bool, pad_mask: bool = True
+    ) -> None:
         n, c = counts.shape
         s = labels.shape[1]
-        self.length = -(-(s + c * (block - 1)) // block) * block
-        padded = -(-counts // block) * block
+        dev = labels.device
         order = labels.argsort(dim=-1, stable=True)  # the permutation making clusters contiguous
         sorted_labels = labels.gather(1, order)
-        rank = torch.arange(s, device=labels.device) - (counts.cumsum(-1) - counts).gather(1, sorted_labels)
-        slots = (padded.cumsum(-1) - padded).gather(1, sorted_labels) + rank
-        self.positions = torch.empty_like(slots).scatter_(1, order, slots)  # token -> padded slot
-        block_starts = torch.arange(0, self.length, block, device=labels.device).expand(n, -1).contiguous()
-        self.block_cluster = torch.searchsorted(padded.cumsum(-1), block_starts, right=True)
-        self.valid = torch.zeros(n, self.length, dtype=torch.bool, device=labels.device)
-        self.valid.scatter_(1, self.positions, True)
+        if not padded:
+            self.length = -(-s // block) * block
+            slots = torch.arange(s, device=dev).expand(n, -1)
+            self.mask_labels = F.pad(sorted_labels, (0, self.length - s), value=c)
+            self.lo, self.hi = self.mask_labels[:, ::block], self.mask_labels[:, block - 1 :: block]
+            self.clean = self.hi < c
+        else:
+            self.length = -(-(s + c * (block - 1)) // block) * block
+            padded_counts = -(-counts // block) * block
+            rank = torch.arange(s, device=dev) - (counts.cumsum(-1) - counts).gather(1, sorted_labels)
+            slots = (padded_counts.cumsum(-1) - padded_counts).gather(1, sorted_labels) + rank
+            starts = torch.arange(0, self.length, block, device=dev).expand(n, -1).contiguous()
+            tile_cluster = torch.searchsorted(padded_counts.cumsum(-1), starts, right=True)  # C: tail
+            self.lo = self.hi = tile_cluster
+            valid = torch.zeros(n, self.length, dtype=torch.bool, device=dev)
+            valid.scatter_(1, slots, True)
+            slot_cluster = tile_cluster.unsqueeze(-1).expand(-1, -1, block).reshape(n, self.length)
+            self.mask_labels = slot_cluster.masked_fill(~valid, c) if pad_mask else slot_cluster
+            self.clean = (self.mask_labels < c).view(n, -1, block).all(-1)
+        self.positions = torch.empty_like(order).scatter_(1, order, slots)  # token -> slot
+        self.block = block
 
     def scatter(self, x: torch.Tensor) -> torch.Tensor:
-        """Permute (N, S, D) tokens into their (N, length, D) padded slots; padding is zero."""
+        """Permute (N, S, D) tokens into their (N, length, D) slots; empty slots are zero."""
         out = x.new_zeros(x.shape[0], self.length, x.shape[-1])
         return out.scatter_(1, self.positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
 
@@ -127,61 +174,54 @@ class PaddedLayout:
         return torch.gather(x, 1, self.positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def flex_block_sparse(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layout: ClusterLayout,
-    selected: torch.Tensor,
-    block: int,
-) -> tuple[torch.Tensor, float | torch.Tensor]:
-    """Sparse attention with compiled ``flex_attention``; returns the output and the computed
-    fraction ``(blocks x block^2) / (Sq Sk)`` (padding included; a 0-dim tensor when traced).
+def tile_selection(selected: torch.Tensor, qs: TileSide, ks: TileSide) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(partial, full)`` (N, q tiles, k tiles) bool from ``selected`` (N, Cq, Ck).
 
-    Q and K/V clusters are padded to multiples of ``block`` (`PaddedLayout`), so a block pair is
-    selected or not as a whole: blocks without key padding are *full* (no masking), a cluster's
-    last key block, when it holds padding, is *partial* with the cheap mask ``valid[kv]``.
-    Padded query rows are computed and dropped.
+    A tile is computed when any (query cluster, key cluster) pair of its cluster ranges is
+    selected, and *full* (no token mask) when every pair is and neither side holds an empty
+    slot. The pair counts come from a 2-D prefix sum over ``selected``: O(1) per tile, no loop.
     """
-    from torch.nn.attention.flex_attention import BlockMask
+    n, cq, ck = selected.shape
+    prefix = torch.zeros(n, cq + 2, ck + 2, dtype=torch.int32, device=selected.device)
+    prefix[:, 1:-1, 1:-1] = selected.to(torch.int32).cumsum(1).cumsum(2)
+    prefix[:, -1, 1:-1] = prefix[:, -2, 1:-1]  # the tail cluster C: a row / column never selected
+    prefix[:, :, -1] = prefix[:, :, -2]
+    flat, width = prefix.view(n, -1), ck + 2
+    r0, r1 = qs.lo.unsqueeze(-1), qs.hi.unsqueeze(-1) + 1
+    c0, c1 = ks.lo.unsqueeze(-2), ks.hi.unsqueeze(-2) + 1
 
-    b, h, sq, d = q.shape
-    sk = k.shape[2]
-    n = b * h
-    pq = PaddedLayout(layout.q_labels.reshape(n, sq), layout.q_counts.reshape(n, -1), block)
-    pk = PaddedLayout(layout.k_labels.reshape(n, sk), layout.k_counts.reshape(n, -1), block)
-    sel = F.pad(selected.reshape(n, *selected.shape[2:]), (0, 1, 0, 1))  # tail cluster: never selected
-    rows = torch.arange(n, device=q.device).view(n, 1, 1)
-    pairs = sel[rows, pq.block_cluster.unsqueeze(-1), pk.block_cluster.unsqueeze(-2)]  # (N, nq, nk)
-    kv_full = pk.valid.view(n, -1, block).all(-1)  # (N, nk): key block without padding
-    full = (pairs & kv_full.unsqueeze(1)).view(b, h, *pairs.shape[1:])
-    partial = (pairs & ~kv_full.unsqueeze(1)).view(b, h, *pairs.shape[1:])
-    valid = pk.valid.view(b, h, -1)
+    def at(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        idx = (r * width + c).expand(-1, r0.shape[1], c0.shape[2])
+        return flat.gather(1, idx.reshape(n, -1)).view(idx.shape)
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        return valid[b, h, kv_idx]
-
-    num, idx = _to_kv_blocks(partial)
-    full_num, full_idx = _to_kv_blocks(full)
-    block_mask = BlockMask.from_kv_blocks(
-        num, idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(pq.length, pk.length)
-    )
-    qp = pq.scatter(q.reshape(n, sq, d)).view(b, h, pq.length, d)
-    kp = pk.scatter(k.reshape(n, sk, d)).view(b, h, pk.length, d)
-    vp = pk.scatter(v.reshape(n, sk, -1)).view(b, h, pk.length, -1)
-    out = compiled_flex()(qp, kp, vp, block_mask=block_mask, kernel_options=flex_tiles(block, q.device))
-    out = pq.gather(out.reshape(n, pq.length, -1)).view(b, h, sq, -1)
-    computed = (num + full_num).sum() * (block * block / (n * sq * sk))
-    return out, computed if torch.compiler.is_compiling() else computed.item()  # a tensor when compiled
+    count = at(r1, c1) - at(r0, c1) - at(r1, c0) + at(r0, c0)
+    area = (r1 - r0) * (c1 - c0)
+    any_pair = count > 0
+    full = any_pair & (count == area) & qs.clean.unsqueeze(-1) & ks.clean.unsqueeze(-2)
+    return any_pair & ~full, full
 
 
-def flex_tiles(block: int, device: torch.device) -> dict[str, int] | None:
-    """Triton tile sizes that divide a ``block``-token BlockMask on CUDA: inductor's default tiles
-    (128 x 64 on Hopper) refuse smaller blocks ("Q and KV block size must be divisible by BLOCK_M
-    and BLOCK_N"); ``None`` (its own choice) from 128 up and off CUDA."""
-    if device.type != "cuda" or block >= 128:
+def flex_kernel_options(
+    q_block: int, kv_block: int, device: torch.device, kernel: str = "triton"
+) -> dict[str, object] | None:
+    """``kernel_options`` for ``flex_attention``. Triton (CUDA): tiles that divide the BlockMask's
+    blocks (inductor's Hopper default, 128 x 64, is kept whenever it divides them); None (its own
+    choice) off CUDA. ``kernel="flash"``: flex's FLASH backend (the ``flash-attn-4`` wheel), which
+    needs CUDA and 128 x 128 blocks on Hopper; anything else raises."""
+    if kernel not in FLEX_KERNELS:
+        raise ValueError(f"flex_kernel must be one of {FLEX_KERNELS}, got {kernel!r}")
+    if kernel == "flash":
+        if device.type != "cuda" or not flash_kernel_available():
+            raise RuntimeError(
+                "flex_kernel='flash' needs CUDA and the flash-attn-4 wheel (flash_attn.cute); "
+                f"device {device}, flash_attn.cute {'found' if flash_kernel_available() else 'missing'}"
+            )
+        if (q_block, kv_block) != (128, 128):
+            raise ValueError(f"flex_kernel='flash' needs q_block_size = kv_block_size = 128, got {q_block}, {kv_block}")
+        return {"BACKEND": "FLASH"}
+    if device.type != "cuda" or (q_block % 128 == 0 and kv_block % 64 == 0):
         return None
-    return {"BLOCK_M": block, "BLOCK_N": min(block, 64)}
+    return {"BLOCK_M": min(q_block, 128), "BLOCK_N": min(kv_block, 64)}
 
 
 def _to_kv_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,4 +230,56 @@ def _to_kv_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return num, idx.contiguous()
 
 
-BACKENDS = ("auto", "flex", "masked", "reference")
+def flex_block_sparse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: ClusterLayout,
+    selected: torch.Tensor,
+    q_block: int = 128,
+    kv_block: int = 64,
+    padded: bool = False,
+    kernel: str = "triton",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse attention with compiled ``flex_attention`` on ``q_block`` x ``kv_block`` tiles.
+
+    Returns the output and the computed tile fraction ``(tiles x q_block x kv_block) / (Sq Sk)``
+    as a 0-dim tensor (empty slots and unselected token pairs inside computed tiles included;
+    no host read). Exact: each query attends to exactly the keys of its selected clusters.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    b, h, sq, d = q.shape
+    sk = k.shape[2]
+    n = b * h
+    cq, ck = selected.shape[2:]
+    qs = TileSide(layout.q_labels.reshape(n, sq), layout.q_counts.reshape(n, cq), q_block, padded, pad_mask=False)
+    ks = TileSide(layout.k_labels.reshape(n, sk), layout.k_counts.reshape(n, ck), kv_block, padded)
+    sel = selected.reshape(n, cq, ck)
+    partial, full = tile_selection(sel, qs, ks)
+    table = F.pad(sel, (0, 1, 0, 1)).view(b, h, cq + 1, ck + 1)  # label C: never selected
+    qml, kml = qs.mask_labels.view(b, h, -1), ks.mask_labels.view(b, h, -1)
+
+    def label_mask(b, h, q_idx, kv_idx):
+        return table[b, h, qml[b, h, q_idx], kml[b, h, kv_idx]]
+
+    def padding_mask(b, h, q_idx, kv_idx):  # padded: a computed tile is one selected cluster pair
+        return kml[b, h, kv_idx] < ck
+
+    mask_mod = padding_mask if padded else label_mask
+
+    shape = (b, h, *partial.shape[1:])
+    num, idx = _to_kv_blocks(partial.view(shape))
+    full_num, full_idx = _to_kv_blocks(full.view(shape))
+    block_mask = BlockMask.from_kv_blocks(
+        num, idx, full_num, full_idx, BLOCK_SIZE=(q_block, kv_block), mask_mod=mask_mod,
+        seq_lengths=(qs.length, ks.length), compute_q_blocks=False,
+    )  # fmt: skip
+    qp = qs.scatter(q.reshape(n, sq, d)).view(b, h, qs.length, d)
+    kp = ks.scatter(k.reshape(n, sk, d)).view(b, h, ks.length, d)
+    vp = ks.scatter(v.reshape(n, sk, -1)).view(b, h, ks.length, -1)
+    options = flex_kernel_options(q_block, kv_block, q.device, kernel)
+    out = compiled_flex()(qp, kp, vp, block_mask=block_mask, kernel_options=options)
+    out = qs.gather(out.reshape(n, qs.length, -1)).view(b, h, sq, -1)
+    computed = (num.sum(dtype=torch.float64) + full_num.sum(dtype=torch.float64)) * (q_block * kv_block / (n * sq * sk))
+    return out, computed

@@ -3,16 +3,22 @@
 Sparse VideoGen2 (Yang et al., 2025, arXiv:2505.18875) clusters Q and K of every attention
 head with k-means, initialising from random tokens once and afterwards warm-starting from the
 previous step's centroids for a few iterations. Everything here is vectorised over a leading
-batch dimension (batch x heads); empty clusters keep their centroid.
+batch dimension (batch x heads); empty clusters keep their centroid. By default every call runs
+its iterations in full and reads nothing back to the host; an early-stop tolerance is an option.
+On CUDA the authors' Triton k-means (PyPI ``flash-kmeans``) can run instead (``backend``).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["KMeansResult", "assign", "inertia", "kmeans", "random_init"]
+__all__ = ["KMEANS_BACKENDS", "KMeansResult", "assign", "flash_kmeans_available", "inertia", "kmeans", "random_init"]
+
+KMEANS_BACKENDS = ("torch", "flash_kmeans")
 
 
 @dataclass(frozen=True)
@@ -64,25 +70,39 @@ def inertia(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor) -> t
     return (x.float() - picked).square().sum((-1, -2))
 
 
+@functools.cache
+def flash_kmeans_available() -> bool:
+    """True when the ``flash-kmeans`` package (``flash_kmeans``) is installed."""
+    return importlib.util.find_spec("flash_kmeans") is not None
+
+
 def kmeans(
     x: torch.Tensor,
     num_clusters: int,
     *,
     init: torch.Tensor | None = None,
     iterations: int = 2,
-    tol: float = 1e-4,
+    tol: float | None = None,
     generator: torch.Generator | None = None,
+    backend: str = "torch",
 ) -> KMeansResult:
     """Lloyd's k-means on ``x`` (N, S, D), batched over N.
 
     ``init`` (N, C, D) warm-starts from given centroids; without it, centroids are random
-    tokens. Runs at most ``iterations`` assignment + update rounds and stops early once no
-    centroid moves more than ``tol`` (Euclidean). Inertia never increases along the way.
+    tokens. Runs ``iterations`` assignment + update rounds, with no host read of a tensor value;
+    with ``tol``, eager calls stop early once no centroid moves more than ``tol`` (Euclidean),
+    reading the shift on the host each round (under ``torch.compile`` the rounds all run and
+    freeze once converged). Inertia never increases along the way.
+
+    ``backend="flash_kmeans"``: the authors' Triton kernels (``flash_kmeans.batch_kmeans_Euclid``),
+    CUDA only; its loop tests the shift on the host every round even without ``tol``.
     """
     if x.ndim != 3:
         raise ValueError(f"x must be (N, S, D), got shape {tuple(x.shape)}")
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
+    if backend not in KMEANS_BACKENDS:
+        raise ValueError(f"backend must be one of {KMEANS_BACKENDS}, got {backend!r}")
     xf = x.float()
     if init is None:
         centroids = random_init(xf, num_clusters, generator)
@@ -92,6 +112,13 @@ def kmeans(
                 f"init must have shape {(x.shape[0], num_clusters, x.shape[2])}, got {tuple(init.shape)}"
             )
         centroids = init.to(device=x.device, dtype=torch.float32)
+    if backend == "flash_kmeans":
+        return _flash_kmeans(x, centroids, iterations, tol)
+    if tol is None:
+        for _ in range(iterations):
+            labels = assign(xf, centroids)
+            centroids, counts = _update(xf, labels, centroids)
+        return KMeansResult(labels=labels, centroids=centroids, counts=counts, iterations=iterations)
     if torch.compiler.is_compiling():
         return _kmeans_traceable(xf, centroids, iterations, tol)
     done = 0
@@ -104,6 +131,26 @@ def kmeans(
         if shift.sqrt().item() <= tol:
             break
     return KMeansResult(labels=labels, centroids=centroids, counts=counts, iterations=done)
+
+
+def _flash_kmeans(x: torch.Tensor, centroids: torch.Tensor, iterations: int, tol: float | None) -> KMeansResult:
+    """``flash_kmeans.batch_kmeans_Euclid`` from our initial centroids, in ``x``'s dtype."""
+    if x.device.type != "cuda" or not flash_kmeans_available():
+        raise RuntimeError(
+            "kmeans backend 'flash_kmeans' needs CUDA tensors and the flash-kmeans package "
+            f"(pip install flash-kmeans); got device {x.device}, package "
+            f"{'installed' if flash_kmeans_available() else 'missing'}"
+        )
+    from flash_kmeans import batch_kmeans_Euclid
+
+    labels, new, done = batch_kmeans_Euclid(
+        x.contiguous(), centroids.shape[1], max_iters=iterations, tol=0.0 if tol is None else tol,
+        init_centroids=centroids.to(x.dtype).contiguous(),
+    )  # fmt: skip
+    labels = labels.long()
+    counts = torch.zeros(centroids.shape[:2], dtype=torch.long, device=x.device)
+    counts.scatter_add_(1, labels, torch.ones_like(labels))
+    return KMeansResult(labels=labels, centroids=new.float(), counts=counts, iterations=int(done))
 
 
 def _kmeans_traceable(xf: torch.Tensor, centroids: torch.Tensor, iterations: int, tol: float) -> KMeansResult:

@@ -23,31 +23,34 @@ import inspect
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from mmaccel.runtime.adapters import cogvideox, hunyuan_video, wan
-from mmaccel.runtime.budget import top_p_mask
 from mmaccel.runtime.configs import resolve_config
 from mmaccel.runtime.patching import PatchHandle
 from mmaccel.runtime.stats import Stats
 from mmaccel.runtime.timesteps import check_timestep_callback, read_timestep, step_position
 from mmaccel.sparse_attn.backends import (
     BACKENDS,
+    FLEX_KERNELS,
+    LAYOUTS,
     ClusterLayout,
     flex_attention_available,
     flex_block_sparse,
     masked_block_sparse,
     reference_block_sparse,
 )
-from mmaccel.sparse_attn.kmeans import kmeans, random_init
+from mmaccel.sparse_attn.kmeans import KMEANS_BACKENDS, kmeans, random_init
 
 __all__ = [
+    "PRESETS",
     "SUPPORTED_TRANSFORMERS",
     "AttentionInfo",
+    "Preset",
     "SVG2CogVideoXAttnProcessor",
     "SVG2Config",
     "SVG2Handle",
@@ -64,6 +67,7 @@ __all__ = [
     "min_kept_clusters",
     "select_clusters",
     "semantic_sparse_attention",
+    "tile_cluster_counts",
 ]
 
 
@@ -82,6 +86,11 @@ def _fraction(name: str, value: object, interval: str) -> None:
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
 
 
+def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class SVG2Config:
     """Knobs of semantic sparse attention (defaults: the reference Wan 2.1 settings).
@@ -91,14 +100,27 @@ class SVG2Config:
     top_p: attention mass each query cluster keeps, in (0, 1].
     min_kc_ratio: fraction of key clusters always kept per query cluster (the top ones), [0, 1];
         ``max(1, floor(min_kc_ratio * num_k_clusters))`` clusters, as the reference rounds.
-    kmeans_init_iters / kmeans_iters: iterations of a cold start / of a warm start.
-    kmeans_tol: early stop once no centroid moves more than this.
+    kmeans_init_iters / kmeans_iters: iterations of a cold start / of a warm start, always run
+        in full by default (no host read of the convergence test).
+    kmeans_tol: None (default) or an early stop once no centroid moves more than this (the
+        reference's 1e-4); eager calls then read the shift on the host every iteration.
+    kmeans_backend: "torch" (batched Lloyd here, any device, no host sync) or "flash_kmeans"
+        (the authors' Triton k-means, PyPI ``flash-kmeans``; CUDA only, raises when missing).
     dense_steps / dense_layers: fraction of the denoising steps / of the blocks run dense at the
         start, each in [0, 1]; ``floor(fraction * count)`` of them, as the reference rounds
         (`dense_step_count`, `dense_layer_count`; used by `apply_svg2`).
     backend: "auto" (flex for >= ``flex_min_tokens`` queries when available, else masked),
         "flex", "masked" (token-mask SDPA, small sizes) or "reference" (per-cluster gather).
-    block_size: flex BlockMask block size (tokens).
+    q_block_size / kv_block_size: flex tiles (tokens; powers of two >= 16): 128 x 64 by
+        default, inductor's Triton tiles on Hopper; 128 x 128 for the FLASH kernel.
+    layout: flex token layout, "padded" (each cluster padded to whole tiles; measured faster
+        on the CPU) or "unpadded" (clusters contiguous, no padding; a tile spanning several
+        clusters takes a token-label mask).
+    flex_kernel: "triton" (inductor's flex kernel) or "flash" (flex's FLASH backend, the
+        ``flash-attn-4`` wheel; CUDA, 128 x 128 tiles).
+    profile: record timings and per-call host numbers (``SVG2Stats.records``, the seconds in
+        ``state.last``); each eager call then synchronises the device. Off by default: a sparse
+        step reads nothing back to the host.
     seed: seed of the random k-means initialisation.
     """
 
@@ -108,22 +130,18 @@ class SVG2Config:
     min_kc_ratio: float = 0.10
     kmeans_init_iters: int = 50
     kmeans_iters: int = 2
-    kmeans_tol: float = 1e-4
+    kmeans_tol: float | None = None
+    kmeans_backend: str = "torch"
     dense_steps: float = 0.2
     dense_layers: float = 0.03
     backend: str = "auto"
-    block_size: int = 32
+    q_block_size: int = 128
+    kv_block_size: int = 64
+    layout: str = "padded"
+    flex_kernel: str = "triton"
     flex_min_tokens: int = 1024
+    profile: bool = False
     seed: int = 0
-
-    @classmethod
-    def hunyuan_video(cls, **overrides: Any) -> SVG2Config:
-        """The authors' HunyuanVideo settings (``scripts/hyvideo/hyvideo_t2v_720p_sap.sh``: 400 / 1,000
-        clusters, top_p 0.9, min_kc_ratio 0.10, 50 / 2 k-means iterations, the first 10% of steps
-        and 3% of blocks dense), with ``overrides``."""
-        preset = dict(num_q_clusters=400, num_k_clusters=1000, top_p=0.9, min_kc_ratio=0.10,
-                      kmeans_init_iters=50, kmeans_iters=2, dense_steps=0.1, dense_layers=0.03)  # fmt: skip
-        return cls(**{**preset, **overrides})
 
     def __post_init__(self) -> None:
         _int("num_q_clusters", self.num_q_clusters, 1)
@@ -132,33 +150,126 @@ class SVG2Config:
         _fraction("min_kc_ratio", self.min_kc_ratio, "[0, 1]")
         _int("kmeans_init_iters", self.kmeans_init_iters, 1)
         _int("kmeans_iters", self.kmeans_iters, 1)
-        if isinstance(self.kmeans_tol, bool) or not isinstance(self.kmeans_tol, (int, float)):
-            raise TypeError(f"kmeans_tol must be a float >= 0, got {type(self.kmeans_tol).__name__}")
-        if not 0 <= self.kmeans_tol < math.inf:
-            raise ValueError(f"kmeans_tol must be a finite float >= 0, got {self.kmeans_tol!r}")
+        if self.kmeans_tol is not None:
+            if isinstance(self.kmeans_tol, bool) or not isinstance(self.kmeans_tol, (int, float)):
+                raise TypeError(f"kmeans_tol must be None or a float >= 0, got {type(self.kmeans_tol).__name__}")
+            if not 0 <= self.kmeans_tol < math.inf:
+                raise ValueError(f"kmeans_tol must be None or a finite float >= 0, got {self.kmeans_tol!r}")
+        _choice("kmeans_backend", self.kmeans_backend, KMEANS_BACKENDS)
         _fraction("dense_steps", self.dense_steps, "[0, 1]")
         _fraction("dense_layers", self.dense_layers, "[0, 1]")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        _int("block_size", self.block_size, 16)
-        if self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size}")
+        _choice("backend", self.backend, BACKENDS)
+        for name in ("q_block_size", "kv_block_size"):
+            value = getattr(self, name)
+            _int(name, value, 16)
+            if value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+        _choice("layout", self.layout, LAYOUTS)
+        _choice("flex_kernel", self.flex_kernel, FLEX_KERNELS)
+        if self.flex_kernel == "flash" and (self.q_block_size, self.kv_block_size) != (128, 128):
+            raise ValueError(
+                "flex_kernel='flash' needs q_block_size = kv_block_size = 128, got "
+                f"{self.q_block_size}, {self.kv_block_size}"
+            )
         _int("flex_min_tokens", self.flex_min_tokens, 1)
+        if not isinstance(self.profile, bool):
+            raise TypeError(f"profile must be a bool, got {type(self.profile).__name__}")
         _int("seed", self.seed, 0)
+
+    @classmethod
+    def preset(cls, name: str, *, tile_sized: bool = False, **overrides: Any) -> SVG2Config:
+        """The authors' settings for a model and resolution (`PRESETS`), with ``overrides``
+        (any field) on top: ``SVG2Config.preset("wan2.1-14b-720p", backend="flex")``.
+
+        ``tile_sized=True`` (our option): cluster counts from `tile_cluster_counts` for the
+        preset's tokens and the config's tiles, so the padded layout pads at most ~25%."""
+        if name not in PRESETS:
+            raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {name!r}")
+        config = cls(**{**PRESETS[name].settings, **overrides})
+        if not tile_sized:
+            return config
+        cq, ck = tile_cluster_counts(PRESETS[name].tokens, config.q_block_size, config.kv_block_size)
+        return replace(config, num_q_clusters=cq, num_k_clusters=ck)
+
+
+def tile_cluster_counts(tokens: int, q_block: int, kv_block: int, max_padding: float = 0.25) -> tuple[int, int]:
+    """Query / key cluster counts whose expected padding in the padded layout is at most
+    ``max_padding`` of the tokens: a cluster pads on average ``(block - 1) / 2`` tokens, so
+    ``C = floor(2 max_padding tokens / (block - 1))`` (at least 1)."""
+    _int("tokens", tokens, 1)
+    _fraction("max_padding", max_padding, "(0, 1]")
+    return tuple(max(1, min(tokens, int(2 * max_padding * tokens / (b - 1)))) for b in (q_block, kv_block))
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A model at a resolution: its video tokens (``grid`` = latent frames x rows x cols after
+    patchify), its attention heads x head dim, and the authors' SVG2 settings for it."""
+
+    grid: tuple[int, int, int]
+    heads: int
+    head_dim: int
+    settings: dict[str, Any]
+    source: str
+
+    @property
+    def tokens(self) -> int:
+        return math.prod(self.grid)
+
+
+_AUTHORS = dict(num_q_clusters=300, num_k_clusters=1000, top_p=0.9, min_kc_ratio=0.10, kmeans_init_iters=50,
+                kmeans_iters=2, dense_steps=0.2, dense_layers=0.03)  # fmt: skip
+#: the authors' settings (svg-project/Sparse-VideoGen scripts), by model and resolution
+PRESETS: dict[str, Preset] = {
+    "wan2.1-1.3b-480p": Preset(
+        (21, 30, 52), 12, 128, _AUTHORS,
+        "Wan 2.1 T2V 1.3B, 832 x 480, 81 frames: the Wan script's flags (300 / 1000 clusters, top-p 0.9, "
+        "min_kc 0.10, k-means 50 / 2 iterations, first 20% of steps and 3% of layers dense)",
+    ),
+    "wan2.1-14b-720p": Preset(
+        (21, 45, 80), 40, 128, _AUTHORS,
+        "Wan 2.1 T2V 14B, 1280 x 720, 81 frames: the paper's Wan 720p setting (300 / 1000 clusters at "
+        "75,600 tokens, top-p 0.9, first 20% of steps and 3% of layers dense)",
+    ),
+    "hunyuanvideo-720p": Preset(
+        (33, 45, 80), 24, 128, {**_AUTHORS, "num_q_clusters": 400, "dense_steps": 0.1},
+        "HunyuanVideo, 1280 x 720, 129 frames: the authors' scripts/hyvideo/hyvideo_t2v_720p_sap.sh "
+        "(400 / 1000 clusters, top-p 0.9, min_kc 0.10, k-means 50 / 2, first 10% of steps and 3% of blocks dense)",
+    ),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
 class AttentionInfo:
-    """What one sparse attention call did: backend that ran, mask-weighted density
-    (``sum(mask * |Q_i| |K_j|) / (Sq Sk)``), computed-block density (flex only), timings."""
+    """What one sparse attention call did: the backend that ran, the mask-weighted density
+    (``sum(mask * |Q_i| |K_j|) / (Sq Sk)``) and the computed tile fraction (flex only) as 0-dim
+    device tensors, read on the host only when ``density`` / ``block_density`` are read; timings
+    (seconds) only with ``SVG2Config(profile=True)``, else None."""
 
     backend: str
-    density: float
-    block_density: float | None
-    kmeans_s: float
-    attention_s: float
+    density_tensor: torch.Tensor
+    block_density_tensor: torch.Tensor | None
+    kmeans_s: float | None
+    attention_s: float | None
     kmeans_iterations: tuple[int, int]
     warm_start: bool
+
+    @property
+    def density(self) -> float:
+        """Mask-weighted density (a host read of the device value)."""
+        return float(self.density_tensor)
+
+    @property
+    def block_density(self) -> float | None:
+        """Computed tile fraction, padding and unselected pairs in computed tiles included
+        (flex only; above 1 it computes more than dense)."""
+        return None if self.block_density_tensor is None else float(self.block_density_tensor)
+
+    def as_record(self) -> dict[str, Any]:
+        """Host numbers of this call (reads the device values)."""
+        return dict(backend=self.backend, density=self.density, block_density=self.block_density,
+                    kmeans_s=self.kmeans_s, attention_s=self.attention_s,
+                    kmeans_iterations=self.kmeans_iterations, warm_start=self.warm_start)  # fmt: skip
 
 
 @dataclass
@@ -168,8 +279,8 @@ class SparseAttentionState:
     Consecutive calls on the same layer (later denoising steps, the CFG passes of one step)
     share it. ``q_labels`` / ``k_labels`` (B*H, S) and ``selected`` (B*H, Cq, Ck) are the latest
     call's clustering and selection, ``density`` (0-dim tensor) and ``backend`` its mask-weighted
-    density and kernel. ``last`` (an `AttentionInfo` with host numbers and timings) and ``calls``
-    are updated by eager calls only: under ``torch.compile`` nothing is read back to the host.
+    density and kernel. ``last`` (an `AttentionInfo`; its densities are read lazily, its timings
+    filled only with ``profile=True``) and ``calls`` are updated by eager calls only.
     """
 
     q_centroids: torch.Tensor | None = None
@@ -222,13 +333,12 @@ def select_clusters(
     scores = q_centroids @ k_centroids.transpose(-1, -2) / math.sqrt(q_centroids.shape[-1])
     logits = scores + k_counts.float().log().unsqueeze(-2)  # log |K_j|; empty clusters -> -inf
     min_keep = min_kept_clusters(min_kc_ratio, k_centroids.shape[-2])
-    if torch.compiler.is_compiling():  # top_p_mask's input checks read values on the host
-        return _top_p_traceable(logits, top_p, min_keep)
-    return top_p_mask(logits, top_p, min_keep=min_keep)
+    return _top_p_on_device(logits, top_p, min_keep)
 
 
-def _top_p_traceable(logits: torch.Tensor, p: float, min_keep: int) -> torch.Tensor:
-    """`top_p_mask` on logits without its host-side input checks (same arithmetic and result)."""
+def _top_p_on_device(logits: torch.Tensor, p: float, min_keep: int) -> torch.Tensor:
+    """`mmaccel.runtime.budget.top_p_mask` on logits without its host-side input checks, which
+    read tensor values (same arithmetic and result; tested against it)."""
     mass = logits.double().softmax(-1)
     sorted_mass, order = mass.sort(dim=-1, descending=True, stable=True)
     before = sorted_mass.cumsum(-1) - sorted_mass
@@ -238,8 +348,9 @@ def _top_p_traceable(logits: torch.Tensor, p: float, min_keep: int) -> torch.Ten
 
 
 def mask_density(selected: torch.Tensor, q_counts: torch.Tensor, k_counts: torch.Tensor) -> float:
-    """Mask-weighted density ``sum(mask_ij |Q_i| |K_j|) / sum(|Q_i| |K_j|)``, averaged over rows."""
-    return _mask_density(selected, q_counts, k_counts).item()
+    """Mask-weighted density ``sum(mask_ij |Q_i| |K_j|) / sum(|Q_i| |K_j|)``, averaged over rows
+    (a host read; the hot path keeps the tensor)."""
+    return float(_mask_density(selected, q_counts, k_counts))
 
 
 def _mask_density(selected: torch.Tensor, q_counts: torch.Tensor, k_counts: torch.Tensor) -> torch.Tensor:
@@ -296,16 +407,13 @@ def _choose_backend(config: SVG2Config, num_queries: int) -> str:
     return config.backend
 
 
-def _sync(device: torch.device) -> None:
+def _clock(device: torch.device, profile: bool) -> float | None:
+    """With ``profile``: host time after the device finished (a sync). None without it and
+    under ``torch.compile`` (no timing there)."""
+    if not profile or torch.compiler.is_compiling():
+        return None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _clock(device: torch.device) -> float | None:
-    """Host time after the device finished, or None under ``torch.compile`` (no timing there)."""
-    if torch.compiler.is_compiling():
-        return None
-    _sync(device)
     return time.perf_counter()
 
 
@@ -346,8 +454,9 @@ def _clustered_attention(
     k_counts: torch.Tensor,
     selected: torch.Tensor,
     config: SVG2Config,
-) -> tuple[torch.Tensor, str, float | None]:
-    """Run the chosen block-sparse backend over the selected cluster pairs."""
+) -> tuple[torch.Tensor, str, torch.Tensor | None]:
+    """Run the chosen block-sparse backend over the selected cluster pairs; the computed tile
+    fraction (a 0-dim tensor) for flex, None otherwise."""
     b, h = q.shape[:2]
     layout = ClusterLayout(
         q_labels.view(b, h, -1), k_labels.view(b, h, -1), q_counts.view(b, h, -1), k_counts.view(b, h, -1)
@@ -355,7 +464,10 @@ def _clustered_attention(
     sel = selected.view(b, h, *selected.shape[1:])
     backend = _choose_backend(config, q.shape[2])
     if backend == "flex":
-        out, block_density = flex_block_sparse(q, k, v, layout, sel, config.block_size)
+        out, block_density = flex_block_sparse(
+            q, k, v, layout, sel, config.q_block_size, config.kv_block_size, config.layout == "padded",
+            config.flex_kernel,
+        )  # fmt: skip
         return out, backend, block_density
     fn = masked_block_sparse if backend == "masked" else reference_block_sparse
     return fn(q, k, v, layout, sel), backend, None
@@ -384,7 +496,7 @@ def cluster_sparse_attention(
 ) -> tuple[torch.Tensor, AttentionInfo]:
     """Sparse attention for given clusterings (B, H, Sq) / (B, H, Sk) with labels in
     ``[0, num_q_clusters)`` / ``[0, num_k_clusters)``: the SVG2 selection and kernels without
-    k-means, e.g. for a positional (contiguous-block) baseline. Returns output and info."""
+    k-means, e.g. for a positional (contiguous-block) baseline. Returns output and info (timings only with ``profile=True``)."""
     _check_inputs(q, k, v, config)
     b, h, sq, d = q.shape
     sk = k.shape[2]
@@ -395,13 +507,11 @@ def cluster_sparse_attention(
     cq, nq = cluster_means(q.reshape(b * h, sq, d), ql, config.num_q_clusters)
     ck, nk = cluster_means(k.reshape(b * h, sk, d), kl, config.num_k_clusters)
     selected = select_clusters(cq, ck, nk, config.top_p, config.min_kc_ratio)
-    _sync(q.device)
-    t0 = time.perf_counter()
+    t0 = _clock(q.device, config.profile)
     out, backend, block_density = _clustered_attention(q, k, v, ql, kl, nq, nk, selected, config)
-    _sync(q.device)
-    block_density = None if block_density is None else float(block_density)
-    info = AttentionInfo(backend, mask_density(selected, nq, nk), block_density, 0.0,
-                         time.perf_counter() - t0, (0, 0), False)  # fmt: skip
+    t1 = _clock(q.device, config.profile)
+    seconds = None if t0 is None else t1 - t0
+    info = AttentionInfo(backend, _mask_density(selected, nq, nk), block_density, None, seconds, (0, 0), False)
     return out, info
 
 
@@ -441,7 +551,7 @@ def semantic_sparse_attention(
     sk, n = k.shape[2], dense_prefix
     qf, kf = q[:, :, n:].reshape(b * h, sq - n, d), k[:, :, n:].reshape(b * h, sk - n, d)
 
-    t0 = _clock(q.device)
+    t0 = _clock(q.device, config.profile)
     jobs = (("q", qf, config.num_q_clusters), ("k", kf, config.num_k_clusters))
     warm = {}
     for name, _x, c in jobs:
@@ -459,12 +569,13 @@ def semantic_sparse_attention(
                 init=getattr(state, f"{name}_centroids") if warm[name] else next(inits),
                 iterations=config.kmeans_iters if warm[name] else config.kmeans_init_iters,
                 tol=config.kmeans_tol,
+                backend=config.kmeans_backend,
             )
         )
     kq, kk = results
     state.q_centroids, state.k_centroids = kq.centroids, kk.centroids
     selected = select_clusters(kq.centroids, kk.centroids, kk.counts, config.top_p, config.min_kc_ratio)
-    t1 = _clock(q.device)
+    t1 = _clock(q.device, config.profile)
 
     if n:  # the prefix is one more key cluster (label Ck), selected by every query cluster
         ck = config.num_k_clusters
@@ -487,21 +598,21 @@ def semantic_sparse_attention(
         out, backend, block_density = _clustered_attention(
             q, k, v, kq.labels, kk.labels, kq.counts, kk.counts, selected, config
         )
-    t2 = _clock(q.device)
+    t2 = _clock(q.device, config.profile)
 
     sv = sq - n
     video_pairs = _mask_density(selected, kq.counts, kk.counts) * (sv * sv)
     state.density = (video_pairs + (sq * sk - sv * sv)) / (sq * sk)
     state.backend = backend
     state.q_labels, state.k_labels, state.selected = kq.labels, kk.labels, selected
-    if t0 is not None:  # eager: host-side numbers (under torch.compile they stay tensors)
+    if not torch.compiler.is_compiling():  # eager: the call's info, densities still on the device
         state.calls += 1
         state.last = AttentionInfo(
             backend=backend,
-            density=float(state.density),
-            block_density=None if block_density is None else float(block_density),
-            kmeans_s=t1 - t0,
-            attention_s=t2 - t1,
+            density_tensor=state.density,
+            block_density_tensor=block_density,
+            kmeans_s=None if t0 is None else t1 - t0,
+            attention_s=None if t0 is None else t2 - t1,
             kmeans_iterations=(kq.iterations, kk.iterations),
             warm_start=warm["q"] and warm["k"],
         )
@@ -522,11 +633,12 @@ class SVG2Stats(Stats):
     """What SVG2 did, per attention call.
 
     ``summary()`` counts calls per backend ("dense" in warm-up) and averages the mask-weighted
-    density; the counters are tensors updated in place, so they also count under
-    ``torch.compile``. Eager calls also append one dict to ``records`` (layer, timestep, backend,
-    density, computed-block density, k-means iterations, warm start, k-means and attention
-    seconds) and add up ``kmeans_s`` / ``attention_s``; compiled calls skip those host-side
-    records and timings (they would read values back from the device and break the graph).
+    density; the counters are tensors on the attention's device, updated in place, so counting
+    reads nothing back to the host and also works under ``torch.compile``. Only with
+    ``SVG2Config(profile=True)`` do eager calls also append one dict to ``records`` (layer,
+    timestep, backend, density, computed-tile fraction, k-means iterations, warm start, k-means
+    and attention seconds) and add up ``kmeans_s`` / ``attention_s``: each such call reads its
+    numbers back and synchronises the device.
     """
 
     def __init__(self) -> None:
@@ -544,6 +656,9 @@ class SVG2Stats(Stats):
 
     def _count(self, backend: str, density: torch.Tensor | float) -> None:
         i = _BACKEND_NAMES.index(backend)
+        if isinstance(density, torch.Tensor) and not torch.compiler.is_compiling():
+            if density.device != self._density.device:  # once: the counters follow the model's device
+                self._calls, self._density = self._calls.to(density.device), self._density.to(density.device)
         self._calls[i] += 1
         self._density[i] += density.to(self._density) if isinstance(density, torch.Tensor) else density
 
@@ -625,7 +740,7 @@ class _SVG2Processor:
         dense = self.dense_layer or self.clock.dense_step
         if dense:
             self.stats._count("dense", 1.0)
-            if not torch.compiler.is_compiling():
+            if self.config.profile and not torch.compiler.is_compiling():
                 self.stats.records.append(
                     dict(layer=self.layer_idx, timestep=self.clock.timestep, backend="dense", density=1.0,
                          block_density=None, kmeans_s=0.0, attention_s=0.0, kmeans_iterations=(0, 0),
@@ -636,8 +751,8 @@ class _SVG2Processor:
     def _record(self) -> None:
         state = self.state
         self.stats._count(state.backend, state.density)
-        if not torch.compiler.is_compiling():
-            self.stats.records.append(dict(layer=self.layer_idx, timestep=self.clock.timestep, **asdict(state.last)))
+        if self.config.profile and not torch.compiler.is_compiling():
+            self.stats.records.append(dict(layer=self.layer_idx, timestep=self.clock.timestep, **state.last.as_record()))
             self.stats.kmeans_s += state.last.kmeans_s
             self.stats.attention_s += state.last.attention_s
 

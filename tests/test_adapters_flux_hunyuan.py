@@ -126,10 +126,10 @@ SVG2_FULL = dict(num_q_clusters=6, num_k_clusters=9, top_p=1.0, min_kc_ratio=1.0
 def test_svg2_hunyuan_preset_is_the_authors_settings():
     from mmaccel.sparse_attn import SVG2Config
 
-    preset = SVG2Config.hunyuan_video()
+    preset = SVG2Config.preset("hunyuanvideo-720p")
     assert (preset.num_q_clusters, preset.num_k_clusters, preset.top_p, preset.min_kc_ratio) == (400, 1000, 0.9, 0.1)
     assert (preset.kmeans_init_iters, preset.kmeans_iters, preset.dense_steps, preset.dense_layers) == (50, 2, 0.1, 0.03)
-    assert SVG2Config.hunyuan_video(top_p=0.8).top_p == 0.8
+    assert SVG2Config.preset("hunyuanvideo-720p", top_p=0.8).top_p == 0.8
 
 
 @pytest.mark.parametrize("valid_text", [8, 5], ids=["no-padding", "padded-text"])

@@ -54,7 +54,7 @@ def test_dense_layers_are_bit_identical(pipe):
     model = pipe.transformer
     x = _inputs(1)
     cfg = SVG2Config(num_q_clusters=4, num_k_clusters=6, top_p=0.5, min_kc_ratio=0.0, dense_steps=0.0,
-                     dense_layers=1.0, backend="masked")  # fmt: skip
+                     dense_layers=1.0, backend="masked", profile=True)  # fmt: skip
     dense = _forward(model, *x)
     with apply_svg2(model, cfg) as handle:
         assert torch.equal(_forward(model, *x), dense)
@@ -97,7 +97,7 @@ def test_wan_pipeline_end_to_end_dense_warmup_bit_identical(pipe):
 
     dense_steps, _ = run()
     cfg = SVG2Config(num_q_clusters=8, num_k_clusters=12, top_p=0.9, min_kc_ratio=0.1, dense_steps=0.7,
-                     dense_layers=0.0, backend="auto")  # fmt: skip
+                     dense_layers=0.0, backend="auto", profile=True)  # fmt: skip
     with apply_svg2(pipe.transformer, cfg, lambda: pipe.current_timestep, scheduler=pipe.scheduler) as handle:
         sparse_steps, out = run()
         records = list(handle.stats.records)
@@ -111,6 +111,21 @@ def test_wan_pipeline_end_to_end_dense_warmup_bit_identical(pipe):
     assert all(0 < r["density"] <= 1 for r in records)
     # the uncond pass warm-starts from the cond pass's centroids (CFG passes share state)
     assert [r["warm_start"] for r in records[16:]] == [False] * 4 + [True] * 4
+    assert all(r["kmeans_s"] >= 0 for r in records[16:])  # profile=True: timings recorded
+
+
+def test_records_and_timings_only_when_asked(pipe):
+    """Without profile, the stats count calls and density on the device and keep no records."""
+    model = pipe.transformer
+    x = _inputs(1)
+    cfg = SVG2Config(num_q_clusters=4, num_k_clusters=6, top_p=0.5, min_kc_ratio=0.0, dense_steps=0.0,
+                     dense_layers=0.5, backend="masked")  # fmt: skip
+    with apply_svg2(model, cfg) as handle:
+        _forward(model, *x)
+        assert handle.stats.records == [] and handle.stats.kmeans_s == 0.0
+        summary = handle.stats.summary()
+        assert summary["dense_calls"] == 2 and summary["masked_calls"] == 2 and 0 < summary["sparse_density"] < 1
+        assert handle.processors[-1].state.last.kmeans_s is None
 
 
 def test_cogvideox_joint_attention():
@@ -131,7 +146,7 @@ def test_cogvideox_joint_attention():
     with apply_svg2(model, full) as handle:
         torch.testing.assert_close(run(), dense, atol=1e-4, rtol=1e-4)
         assert handle.stats.summary()["sparse_calls"] == 4
-    sparse = SVG2Config(**{**full.__dict__, "top_p": 0.3, "min_kc_ratio": 0.0, "dense_layers": 0.5})
+    sparse = SVG2Config(**{**full.__dict__, "top_p": 0.3, "min_kc_ratio": 0.0, "dense_layers": 0.5, "profile": True})
     with apply_svg2(model, sparse) as handle:
         out = run()
         assert [r["backend"] for r in handle.stats.records] == ["dense", "dense", "masked", "masked"]
@@ -160,7 +175,7 @@ def test_timestep_validation(pipe):
 
     scheduler = FlowMatchEulerDiscreteScheduler()
     scheduler.set_timesteps(5)
-    warm = SVG2Config(**{**cfg.__dict__, "dense_steps": 0.4})  # floor(0.4 * 5) = 2 dense steps
+    warm = SVG2Config(**{**cfg.__dict__, "dense_steps": 0.4, "profile": True})  # floor(0.4 * 5) = 2 dense steps
     with apply_svg2(model, warm, scheduler=scheduler) as handle:
         with pytest.raises(ValueError, match="not one of the scheduler's timesteps"):
             _forward(model, x[0], torch.tensor([123.4]), x[2])
@@ -232,3 +247,26 @@ def test_steady_state_compiles_without_graph_breaks(pipe):
         summary = handle.stats.summary()  # compiled calls are counted (on-device counters)
         assert summary["calls"] == calls + 16 and summary["masked_calls"] == summary["calls"]
     torch._dynamo.reset()
+
+
+def test_warm_sparse_forward_reads_nothing_back(pipe):
+    """A warm sparse Wan forward (k-means, selection, sparse attention, stats counters in every
+    block) makes 0 host-device syncs by the hot-path counter when the timestep comes from the
+    host (the pipeline's scheduler value); reading it from the forward's tensor argument is the
+    one read, once per forward, never per layer."""
+    from mmaccel.testing.hotpath import count_hot_path
+
+    model = pipe.transformer
+    x = _inputs()
+    cfg = SVG2Config(num_q_clusters=4, num_k_clusters=6, top_p=0.5, min_kc_ratio=0.0, dense_steps=0.0,
+                     dense_layers=0.0, backend="masked", kmeans_init_iters=3)  # fmt: skip
+    with apply_svg2(model, cfg, lambda: 500.0) as handle:
+        _forward(model, *x)  # cold start
+        _forward(model, *x)
+        counter = count_hot_path(lambda: _forward(model, *x))
+        assert counter.syncs == 0, counter.sync_counts
+        assert handle.stats.summary()["masked_calls"] == 3 * len(model.blocks)
+    with apply_svg2(model, cfg):  # timestep from the forward's own (tensor) argument
+        _forward(model, *x)
+        _forward(model, *x)
+        assert count_hot_path(lambda: _forward(model, *x)).sync_counts == {"item": 1}
