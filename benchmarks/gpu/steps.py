@@ -9,9 +9,9 @@ Steps, most informative first (``STEPS``):
 | step | shape | variants |
 |---|---|---|
 | svg2 | Wan 2.1 1.3B attention: 12 heads x 128, S = 32,760 (480p, 81 frames) | cuDNN/default SDPA, flash SDPA, SVG2 attention, SVG2 step (warm k-means) |
-| wan14b | one Wan-14B attention layer at 720p: 40 heads x 128, S = 75,600 | SDPA, SVG2 300 / 1000 clusters top-p 0.9 |
+| wan14b | one Wan-14B attention layer at 720p: 40 heads x 128, S = 75,600 | SDPA, SVG2 preset `wan2.1-14b-720p` (top-p 0.9), tile-sized clusters (297 / 600) |
 | density | DiT-XL/2 512 px, batch 16, t = 500 | dense, token density, FlexDiT, DyDiT; eager and regionally compiled |
-| wan | one Wan 2.1 1.3B transformer forward, 480p x 81 frames (32,760 tokens) | dense, SVG2 (130 / 433 clusters, every layer sparse); eager and compiled |
+| wan | one Wan 2.1 1.3B transformer forward, 480p x 81 frames (32,760 tokens) | dense, SVG2 preset `wan2.1-1.3b-480p`, tile-sized clusters (128 / 260), every layer sparse; eager and compiled |
 | hired | LLaVA-NeXT-7B (32 LM x 4096, 24 CLIP x 1024), 672 px = 5 partitions, batch 1 and 8 | TTFT dense vs HiRED 20% |
 | pixart | PixArt-Sigma-shaped (28 x 1152) at 2048 px: 16,384 tokens | dense, token density; eager and compiled |
 | nar | LlamaGen GPT-L (24 x 1024), 24 x 24 tokens, batch 1 and 16, KV cache | PAR-4X, NAR |
@@ -39,6 +39,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -269,7 +270,7 @@ FLEX_KERNEL = "triton_tem|flex"
 MATMUL_KERNELS = "gemm|gemv|xmma|cutlass|nvjet|cublas|flash|fmha|cudnn|attention|triton_tem"
 
 
-def _attention_step(args: argparse.Namespace, name: str, shape: tuple[int, int, int, int], clusters: tuple[int, int],
+def _attention_step(args: argparse.Namespace, name: str, shape: tuple[int, int, int, int], preset: str,
                     groups: int) -> None:  # fmt: skip
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -284,14 +285,18 @@ def _attention_step(args: argparse.Namespace, name: str, shape: tuple[int, int, 
     s = Step(name, args)
     F = torch.nn.functional
     b, h, seq, d = shape
-    qc, kc = clusters
     backend = "auto" if args.tiny else "flex"
     q, k, v = _clustered_qkv(torch, b, h, seq, d, groups, device, dtype)
-    config = SVG2Config(num_q_clusters=qc, num_k_clusters=kc, top_p=0.9, backend=backend, dense_steps=0.0,
-                        dense_layers=0.0, kmeans_init_iters=5 if args.tiny else 50)  # fmt: skip
-    s.data["settings"] = {"B": b, "H": h, "S": seq, "D": d, "q_clusters": qc, "k_clusters": kc, "top_p": 0.9,
-                          "min_kc_ratio": config.min_kc_ratio, "dtype": str(dtype), "device": device,
-                          "backend": backend, "groups": groups}  # fmt: skip
+    # the authors' settings at this model and resolution, with cluster counts sized to the kernel's
+    # 128 x 64 tiles (SVG2Config.preset(tile_sized=True): padding <= ~25%); every step sparse here
+    config = SVG2Config.preset(preset, tile_sized=not args.tiny, backend=backend, dense_steps=0.0, dense_layers=0.0)
+    if args.tiny:
+        config = replace(config, num_q_clusters=8, num_k_clusters=16, kmeans_init_iters=5)
+    qc, kc = config.num_q_clusters, config.num_k_clusters
+    s.data["settings"] = {"B": b, "H": h, "S": seq, "D": d, "preset": preset, "q_clusters": qc, "k_clusters": kc,
+                          "top_p": config.top_p, "min_kc_ratio": config.min_kc_ratio, "dtype": str(dtype),
+                          "device": device, "backend": backend, "tiles": [config.q_block_size, config.kv_block_size],
+                          "layout": config.layout, "groups": groups}  # fmt: skip
     s.data["notes"].append(f"Synthetic q/k in {groups} semantic groups per head (attention concentrates in a group, "
                            "as in video); reference top-p 0.9. 'SVG2 attention' = cluster selection + the sparse "
                            "kernel on fixed clusters; 'SVG2 step' adds the warm k-means (2 iterations), as every "
@@ -343,17 +348,16 @@ def _attention_step(args: argparse.Namespace, name: str, shape: tuple[int, int, 
 
 
 def step_svg2(args: argparse.Namespace) -> None:
-    # Wan 2.1 1.3B: 12 heads x 128; 81 frames at 480 x 832 -> 21 x 30 x 52 = 32,760 video tokens;
-    # the reference's tokens per cluster (75,600 / 300 and / 1,000) at 32,760 tokens: 130 / 433
+    # Wan 2.1 1.3B: 12 heads x 128; 81 frames at 480 x 832 -> 21 x 30 x 52 = 32,760 video tokens
     tiny = args.tiny
-    _attention_step(args, "svg2", (1, 1, 384, 16) if tiny else (1, 12, 32760, 128), (8, 16) if tiny else (130, 433),
+    _attention_step(args, "svg2", (1, 1, 384, 16) if tiny else (1, 12, 32760, 128), "wan2.1-1.3b-480p",
                     12 if tiny else 96)  # fmt: skip
 
 
 def step_wan14b(args: argparse.Namespace) -> None:
-    # Wan 2.1 14B at 720p: 40 heads x 128, 21 x 45 x 80 = 75,600 tokens; the reference's 300 / 1,000 clusters
+    # Wan 2.1 14B at 720p: 40 heads x 128, 21 x 45 x 80 = 75,600 tokens
     tiny = args.tiny
-    _attention_step(args, "wan14b", (1, 2, 512, 16) if tiny else (1, 40, 75600, 128), (8, 24) if tiny else (300, 1000),
+    _attention_step(args, "wan14b", (1, 2, 512, 16) if tiny else (1, 40, 75600, 128), "wan2.1-14b-720p",
                     12 if tiny else 96)  # fmt: skip
 
 
@@ -481,9 +485,11 @@ def step_wan(args: argparse.Namespace) -> None:
     latents = torch.randn(1, 16, frames, *hw, generator=g).to(device, dtype)
     text = torch.randn(1, 8 if args.tiny else 512, 4096, generator=g).to(device, dtype)
     tokens = frames * hw[0] * hw[1] // 4
-    qc, kc = (4, 8) if args.tiny else (130, 433)
-    config = SVG2Config(num_q_clusters=qc, num_k_clusters=kc, top_p=0.9, dense_steps=0.0, dense_layers=0.0,
-                        backend="auto" if args.tiny else "flex")  # fmt: skip
+    config = SVG2Config.preset("wan2.1-1.3b-480p", tile_sized=not args.tiny, dense_steps=0.0, dense_layers=0.0,
+                               backend="auto" if args.tiny else "flex")  # fmt: skip
+    if args.tiny:
+        config = replace(config, num_q_clusters=4, num_k_clusters=8, kmeans_init_iters=5)
+    qc, kc = config.num_q_clusters, config.num_k_clusters
     s.data["settings"] = {"model": "Wan 2.1 1.3B transformer (30 x 1536)" if not args.tiny else "tiny Wan",
                           "latent": [frames, *hw], "tokens": tokens, "text_tokens": text.shape[1], "dtype": str(dtype),
                           "svg2": {"q_clusters": qc, "k_clusters": kc, "top_p": 0.9, "every_layer_sparse": True}}  # fmt: skip
