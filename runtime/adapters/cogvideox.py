@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mmaccel.runtime.adapters import projections
+
 __all__ = [
     "BLOCKS",
     "ROTARY_ARG",
@@ -57,10 +59,11 @@ def apply_rotary(x: Tensor, rotary: tuple[Tensor, Tensor]) -> Tensor:
 def project_qkv(
     attn: Any, hidden_states: Tensor, encoder_hidden_states: Tensor, rotary: tuple[Tensor, Tensor] | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Joint ``[text; video]`` query, key, value as ``(B, S, H, D)``, normed, the video part rotated."""
+    """Joint ``[text; video]`` query, key, value as ``(B, S, H, D)``, normed, the video part rotated;
+    fused or not (`projections.qkv`)."""
     text_len = encoder_hidden_states.shape[1]
     joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-    query, key, value = (proj(joint).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+    query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in projections.qkv(attn, joint))
     if attn.norm_q is not None:
         query = attn.norm_q(query)
     if attn.norm_k is not None:
