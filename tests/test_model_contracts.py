@@ -384,10 +384,7 @@ def _stateless(tech: str) -> bool:
     return tech != "svg2"  # SVG2 warm-starts k-means from the previous forward
 
 
-_FUSE_FAILS = {
-    ("svg2", "cogvideox", "reducing"): "CogVideoX's fuse_qkv_projections() sets FusedCogVideoXAttnProcessor2_0 on "
-                                       "every attention, replacing SVG2's processors: SVG2 silently stops",
-}
+_FUSE_FAILS: dict[tuple[str, str, str], str] = {}
 
 
 @pytest.mark.parametrize("tech, fam, budget", _cells(_FUSE_FAILS))
