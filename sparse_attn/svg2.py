@@ -847,6 +847,8 @@ def apply_svg2(
     clock = _Clock(config, current_timestep_callback, scheduler, inspect.signature(transformer.forward), handle)
     try:
         handle.add_torch_hook(transformer.register_forward_pre_hook(clock, with_kwargs=True))
+        if family == "cogvideox":  # its own fuse_qkv_projections() would replace our processors
+            cogvideox.keep_processors_on_fusion(handle, transformer)
         refuse_checkpointed_gradients(handle, transformer, "SVG2", "a block's recompute would rerun k-means from "
                                       "the centroids its forward stored and cluster differently")  # fmt: skip
         originals = [getattr(block, attention).processor for block in blocks]
