@@ -335,6 +335,45 @@ def test_gradient_checkpointing_is_refused_before_any_backward(tech: str, fam: s
     model(**kwargs)  # removed: diffusers' own checkpointing runs again
 
 
+def _training_grads(tech: str, fam: str, checkpointing: bool) -> dict[str, torch.Tensor]:
+    """Gradients of one step of the technique's own training loss (FlexDiT: distillation; DyDiT:
+    distillation + FLOPs under Gumbel routers), per-sample random timesteps, fixed seeds."""
+    from diffusers import DDPMScheduler
+
+    from mmaccel.diffusion.dydit_train import DyDiTTrainConfig, dydit_loss
+    from mmaccel.diffusion.train import distillation_loss
+
+    family, teacher = FAMILIES[fam](), FAMILIES[fam]().model
+    student, _ = TECHNIQUES[tech](family.model, True)
+    student.train()
+    if checkpointing:
+        student.enable_gradient_checkpointing()
+    kwargs = family.inputs(_timesteps(family, 0.0, 0.0))
+    batch = {"latents": kwargs["hidden_states"]}
+    batch.update({k: kwargs[k] for k in ("class_labels", "encoder_hidden_states") if k in kwargs})
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # Gumbel noise
+    if tech == "flexdit":
+        loss, _ = distillation_loss(student, teacher, batch, DDPMScheduler(), gen)
+        loss.backward()
+    else:  # backward inside: the recompute needs the training routers too (as train_dydit does)
+        with student.training_routers(noise=True):
+            loss, _ = dydit_loss(student, teacher, batch, DyDiTTrainConfig(), DDPMScheduler(), gen)
+            loss.backward()
+    return {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("tech, fam", [(t, f) for t in ("flexdit", "dydit") for f in ("dit", "pixart")])
+def test_training_step_with_gradient_checkpointing_gives_the_same_gradients(tech: str, fam: str) -> None:
+    """FlexDiT's and DyDiT's own training step (train mode, the technique's loss) with
+    ``enable_gradient_checkpointing()``: the same gradients as without."""
+    plain = _training_grads(tech, fam, checkpointing=False)
+    checkpointed = _training_grads(tech, fam, checkpointing=True)
+    assert plain.keys() == checkpointed.keys() and plain
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 # -- C. torch.compile(fullgraph=True) of a warm step -----------------------------------------------
 
 
