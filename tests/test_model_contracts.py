@@ -516,6 +516,33 @@ def test_fuse_and_unfuse_qkv_projections_keep_the_output(tech: str, fam: str, bu
     torch.testing.assert_close(applied_fused, ref, rtol=1e-4, atol=1e-5)
 
 
+def test_layer_stage_equals_itself_across_fused_projections() -> None:
+    """A DualParal layer stage (cross-block K/V stored and used) on a fused Wan equals it unfused:
+    its processor projects through the Wan adapter, fused or not."""
+    from mmaccel.parallel_video.layer_pipeline import BlockContext, LayerStage
+
+    family = _wan()
+    model, kwargs = family.model, family.inputs(torch.full((1,), family.t_high))
+    latents, text = kwargs["hidden_states"][:1], kwargs["encoder_hidden_states"][:1]
+
+    def run() -> list[torch.Tensor]:
+        stage, context = LayerStage(model, 0, len(model.blocks)), BlockContext()
+        with stage.patch(context), torch.no_grad():
+            cond = stage.conditions(torch.tensor([family.t_high]), text)
+            rotary, hidden = stage.rotary(latents.shape, 0), stage.embed(latents)
+            outs = []
+            for block in range(len(model.blocks)):
+                context.store, context.store_as, context.use = (0, 24), block, (block - 1 if block else None)
+                outs.append(stage(hidden, cond, rotary))
+        return outs
+
+    unfused = run()
+    model.fuse_qkv_projections()
+    fused = run()
+    for a, b in zip(fused, unfused):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 # -- save / load -----------------------------------------------------------------------------------
 
 
