@@ -397,13 +397,17 @@ def _slow_compile(cell: tuple[str, str, str]) -> bool:
 @pytest.mark.parametrize("tech, fam, budget", _cells(_FULLGRAPH_FAILS, _slow_compile))
 def test_fullgraph_compile_of_a_warm_step_equals_eager(tech: str, fam: str, budget: str) -> None:
     """One eager forward (the warm-up: plans, caches, k-means centroids), then the next step under
-    ``torch.compile(fullgraph=True)`` (dynamo, ``eager`` backend) equals a second eager one."""
+    ``torch.compile(fullgraph=True)`` (dynamo, ``eager`` backend) equals a second eager one; a
+    third step at the next timestep does not recompile (as diffusers' own compile test)."""
     family, model, handle = _build(tech, fam, budget)
     kwargs = family.inputs(_timesteps(family, family.t_high, family.t_high))
     with torch.no_grad():
         model(**kwargs)  # warm step
         torch._dynamo.reset()
-        compiled = _sample(torch.compile(model, fullgraph=True, backend="eager")(**kwargs))
+        compiled_model = torch.compile(model, fullgraph=True, backend="eager")
+        compiled = _sample(compiled_model(**kwargs))
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled_model(**family.inputs(_timesteps(family, family.t_high - 10, family.t_high - 10)))
     family2, model2, _ = _build(tech, fam, budget)
     with torch.no_grad():
         model2(**kwargs)
