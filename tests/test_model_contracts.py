@@ -149,9 +149,12 @@ _POOLED_ONLY = ("CogVideoXTransformer3DModel", "FluxTransformer2DModel", "Hunyua
 
 
 def _token_density(model: torch.nn.Module, reducing: bool) -> tuple[torch.nn.Module, Any]:
-    schedule = ConstantSchedule(0.25 if reducing else 1.0)
-    if type(model).__name__ in _POOLED_ONLY:
-        return model, apply_token_density(model, TokenDensityConfig(schedule=schedule, sparse_blocks=None))
+    # reducing: keep 0.325 at t=900 (2x2 pooling), dense at t=100, so a mixed batch has a choice
+    schedule = LinearSchedule(0.25, 1.0) if reducing else ConstantSchedule(1.0)
+    if type(model).__name__ in _POOLED_ONLY:  # Flux's timestep is in [0, 1]
+        scale = 1 if type(model).__name__ == "FluxTransformer2DModel" else 1000
+        cfg = TokenDensityConfig(schedule=schedule, sparse_blocks=None, num_train_timesteps=scale)
+        return model, apply_token_density(model, cfg)
     return model, apply_token_density(model, TokenDensityConfig(schedule=schedule))
 
 
