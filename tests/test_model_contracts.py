@@ -261,6 +261,28 @@ def test_per_sample_timesteps_take_the_noisiest_samples_decision(tech: str, fam:
     torch.testing.assert_close(mixed[0], noisy[0], rtol=1e-4, atol=1e-5)
 
 
+def test_svg2_dense_warm_up_follows_the_noisiest_sample() -> None:
+    """SVG2's step-counted dense warm-up with a mixed batch: the first step's sample puts the
+    whole forward in warm-up, so the other sample (at the last step) gets the dense output too."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    family = _wan()
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    scheduler.set_timesteps(2)
+    first, last = (float(t) for t in scheduler.timesteps)
+    kwargs = family.inputs(torch.tensor([first, last]))
+    with torch.no_grad():
+        dense = _sample(family.model(**kwargs))
+        cfg = SVG2Config(num_q_clusters=4, num_k_clusters=6, dense_steps=0.5, dense_layers=0.0, backend="masked",
+                         top_p=0.5)  # fmt: skip
+        with apply_svg2(family.model, cfg, scheduler=scheduler) as handle:
+            mixed = _sample(family.model(**kwargs))
+            assert handle.stats.summary()["sparse_calls"] == 0
+            family.model(**family.inputs(torch.tensor([last, last])))
+            assert handle.stats.summary()["sparse_calls"] > 0  # the last step alone is sparse
+    torch.testing.assert_close(mixed, dense)
+
+
 _PER_TOKEN = [
     pytest.param("svg2", "full", id="svg2-full"),
     pytest.param("svg2", "reducing", id="svg2-reducing"),
