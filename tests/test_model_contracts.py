@@ -201,9 +201,13 @@ def _id(cell: tuple[str, str, str]) -> str:
     return "-".join(cell)
 
 
-def _cells(xfails: dict[tuple[str, str, str], str], slow: Callable[[tuple[str, str, str]], bool] = lambda c: False):
-    """Every cell, with ``xfail(strict=True, reason)`` where ``xfails`` names it (a ``*`` matches
-    any family or budget) and ``slow`` where asked."""
+def _cells(
+    xfails: dict[tuple[str, str, str], str],
+    slow: Callable[[tuple[str, str, str]], bool] = lambda c: False,
+    raises: type[BaseException] | None = None,
+):
+    """Every cell, with ``xfail(strict=True, reason, raises)`` where ``xfails`` names it (a ``*``
+    matches any family or budget) and ``slow`` where asked."""
 
     def reason(cell: tuple[str, str, str]) -> str | None:
         for key, why in xfails.items():
@@ -215,7 +219,7 @@ def _cells(xfails: dict[tuple[str, str, str], str], slow: Callable[[tuple[str, s
     for cell in CELLS:
         marks = []
         if (why := reason(cell)) is not None:
-            marks.append(pytest.mark.xfail(strict=True, reason=why))
+            marks.append(pytest.mark.xfail(strict=True, reason=why, raises=raises))
         if slow(cell):
             marks.append(pytest.mark.slow)
         params.append(pytest.param(*cell, id=_id(cell), marks=marks))
@@ -232,7 +236,7 @@ def _sample(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out.sample
 
 
-def _timesteps(family: Family, *values: float) -> torch.Tensor:
+def _timesteps(*values: float) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
@@ -251,12 +255,12 @@ def test_per_sample_timesteps_take_the_noisiest_samples_decision(tech: str, fam:
     at (high, high): one decision per forward, the noisiest sample's (runtime.timesteps)."""
     family, model, handle = _build(tech, fam, budget)
     with torch.no_grad():
-        mixed = _sample(model(**family.inputs(_timesteps(family, family.t_high, family.t_low))))
+        mixed = _sample(model(**family.inputs(_timesteps(family.t_high, family.t_low))))
     if handle is not None:
         handle.remove()
     family2, model2, handle2 = _build(tech, fam, budget)
     with torch.no_grad():
-        noisy = _sample(model2(**family2.inputs(_timesteps(family2, family2.t_high, family2.t_high))))
+        noisy = _sample(model2(**family2.inputs(_timesteps(family2.t_high, family2.t_high))))
     assert torch.isfinite(mixed).all()
     torch.testing.assert_close(mixed[0], noisy[0], rtol=1e-4, atol=1e-5)
 
@@ -313,7 +317,7 @@ def _grads(tech: str, fam: str, budget: str, checkpointing: bool) -> dict[str, t
     family, model, handle = _build(tech, fam, budget)
     if checkpointing:
         model.enable_gradient_checkpointing()
-    out = _sample(model(**family.inputs(_timesteps(family, family.t_high, family.t_high))))
+    out = _sample(model(**family.inputs(_timesteps(family.t_high, family.t_high))))
     out.float().pow(2).mean().backward()
     if handle is not None:
         handle.remove()
@@ -330,7 +334,7 @@ _CHECKPOINT_REFUSED = {
 }
 
 
-@pytest.mark.parametrize("tech, fam, budget", _cells(_CHECKPOINT_REFUSED))
+@pytest.mark.parametrize("tech, fam, budget", _cells(_CHECKPOINT_REFUSED, raises=NotImplementedError))
 def test_gradient_checkpointing_gives_the_same_gradients(tech: str, fam: str, budget: str) -> None:
     """``enable_gradient_checkpointing()`` + backward: the recompute takes the forward's decisions,
     so the gradients equal those without checkpointing."""
@@ -350,7 +354,7 @@ def test_gradient_checkpointing_is_refused_before_any_backward(tech: str, fam: s
     gradients raises NotImplementedError, before backward; without gradients it runs."""
     family, model, handle = _build(tech, fam, budget)
     model.enable_gradient_checkpointing()
-    kwargs = family.inputs(_timesteps(family, family.t_high, family.t_high))
+    kwargs = family.inputs(_timesteps(family.t_high, family.t_high))
     with pytest.raises(NotImplementedError, match="gradient checkpointing with gradients enabled"):
         model(**kwargs)
     assert all(p.grad is None for p in model.parameters())
@@ -373,7 +377,7 @@ def _training_grads(tech: str, fam: str, checkpointing: bool) -> dict[str, torch
     student.train()
     if checkpointing:
         student.enable_gradient_checkpointing()
-    kwargs = family.inputs(_timesteps(family, 0.0, 0.0))
+    kwargs = family.inputs(_timesteps(0.0, 0.0))
     batch = {"latents": kwargs["hidden_states"]}
     batch.update({k: kwargs[k] for k in ("class_labels", "encoder_hidden_states") if k in kwargs})
     gen = torch.Generator().manual_seed(0)
@@ -419,20 +423,20 @@ def _slow_compile(cell: tuple[str, str, str]) -> bool:
     return cell[0] in ("svg2", "clip_parallel") and cell not in _FAST_COMPILE
 
 
-@pytest.mark.parametrize("tech, fam, budget", _cells(_FULLGRAPH_FAILS, _slow_compile))
+@pytest.mark.parametrize("tech, fam, budget", _cells(_FULLGRAPH_FAILS, _slow_compile, torch._dynamo.exc.Unsupported))
 def test_fullgraph_compile_of_a_warm_step_equals_eager(tech: str, fam: str, budget: str) -> None:
     """One eager forward (the warm-up: plans, caches, k-means centroids), then the next step under
     ``torch.compile(fullgraph=True)`` (dynamo, ``eager`` backend) equals a second eager one; a
     third step at the next timestep does not recompile (as diffusers' own compile test)."""
     family, model, handle = _build(tech, fam, budget)
-    kwargs = family.inputs(_timesteps(family, family.t_high, family.t_high))
+    kwargs = family.inputs(_timesteps(family.t_high, family.t_high))
     with torch.no_grad():
         model(**kwargs)  # warm step
         torch._dynamo.reset()
         compiled_model = torch.compile(model, fullgraph=True, backend="eager")
         compiled = _sample(compiled_model(**kwargs))
         with torch._dynamo.config.patch(error_on_recompile=True):
-            compiled_model(**family.inputs(_timesteps(family, family.t_high - 10, family.t_high - 10)))
+            compiled_model(**family.inputs(_timesteps(family.t_high - 10, family.t_high - 10)))
     family2, model2, _ = _build(tech, fam, budget)
     with torch.no_grad():
         model2(**kwargs)
@@ -455,7 +459,7 @@ def test_fullgraph_compile_of_a_cold_step(tech: str, fam: str) -> None:
     """The first forward after apply under ``torch.compile(fullgraph=True)`` (no eager warm-up),
     while reducing: it traces as one graph and equals an eager first forward."""
     family, model, _ = _build(tech, fam, "reducing")
-    kwargs = family.inputs(_timesteps(family, family.t_high, family.t_high))
+    kwargs = family.inputs(_timesteps(family.t_high, family.t_high))
     with torch.no_grad():
         compiled = _sample(torch.compile(model, fullgraph=True, backend="eager")(**kwargs))
         _, model2, _ = _build(tech, fam, "reducing")
@@ -490,7 +494,7 @@ def test_regional_compile_compiles_one_graph_per_block_kind(tech: str, fam: str)
     from torch._dynamo.testing import CompileCounterWithBackend
 
     family, model, _ = _build(tech, fam, "reducing")
-    kwargs = family.inputs(_timesteps(family, family.t_high, family.t_high))
+    kwargs = family.inputs(_timesteps(family.t_high, family.t_high))
     with torch.no_grad():
         eager = _sample(model(**kwargs))
         counter = CompileCounterWithBackend("eager")
@@ -506,7 +510,7 @@ def test_regional_compile_compiles_one_graph_per_block_kind(tech: str, fam: str)
 
 def _run(model: torch.nn.Module, family: Family) -> torch.Tensor:
     with torch.no_grad():
-        return _sample(model(**family.inputs(_timesteps(family, family.t_high, family.t_high))))
+        return _sample(model(**family.inputs(_timesteps(family.t_high, family.t_high))))
 
 
 def _stateless(tech: str) -> bool:
