@@ -39,6 +39,7 @@ from torch.utils import flop_counter
 from mmaccel.diffusion.token_reduce import BipartiteMerge, Grid, GridPool, check_divides, pool_factors_at_most
 from mmaccel.runtime.adapters import cogvideox, dit, flux, hunyuan_video, wan
 from mmaccel.runtime.budget import DensitySchedule, StepSchedule
+from mmaccel.runtime.checkpointing import refuse_checkpointed_gradients
 from mmaccel.runtime.configs import resolve_config
 from mmaccel.runtime.patching import PatchHandle
 from mmaccel.runtime.stats import Stats
@@ -198,6 +199,11 @@ class DensityStep:
     flops: int | None = None
 
     @property
+    def reduced(self) -> bool:
+        """Whether any block ran on fewer query or key/value tokens than the dense count."""
+        return any(b != (self.dense_tokens, self.dense_tokens) for b in self.block_tokens)
+
+    @property
     def token_ratio(self) -> float:
         """Query tokens processed by all blocks over the dense count."""
         return sum(q for q, _ in self.block_tokens) / (self.dense_tokens * len(self.block_tokens))
@@ -212,6 +218,11 @@ class TokenDensityStats(Stats):
 
     def reset(self) -> None:
         self.steps.clear()
+
+    @property
+    def reduced(self) -> bool:
+        """Whether any block ran on fewer query or key/value tokens than the dense count."""
+        return any(b != (self.dense_tokens, self.dense_tokens) for b in self.block_tokens)
 
     @property
     def token_ratio(self) -> float:
@@ -614,7 +625,7 @@ class _AttentionHook(ModelHook):
                 "sparse attention expects a self-attention call (no encoder_hidden_states)"
             )
         kwargs["encoder_hidden_states"] = kv_in
-        return self.fn_ref.original_forward(q_in, **kwargs)
+        return dit.split_attention(module, self.fn_ref.original_forward, q_in, **kwargs)  # fused or not
 
 
 def _wan_attention(
@@ -702,6 +713,8 @@ def apply_token_density(
         signature = inspect.signature(transformer.forward)
         hook = _TransformerHook(config, shared, stats, (pooled, sparse), depth, signature, current_timestep_callback)
         handle.add_diffusers_hook(transformer, hook, _HOOK)
+        refuse_checkpointed_gradients(handle, transformer, "token density while reducing", "a block's recompute "
+                                      "runs without its forward's reduction plan", decided=lambda: stats.steps[-1].reduced)  # fmt: skip
     except BaseException:
         handle.remove()
         raise

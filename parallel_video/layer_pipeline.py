@@ -249,10 +249,10 @@ class LayerStage:
             raise ValueError(f"the layer pipeline needs a temporal patch size of 1, got {transformer.config.patch_size}")
         for i in range(lo, hi):  # only this stage's blocks: a rank may hold no others
             attn = transformer.blocks[i].attn1
-            if getattr(attn, "add_k_proj", None) is not None or getattr(attn, "fused_projections", False):
+            if getattr(attn, "add_k_proj", None) is not None:  # fused q/k/v is fine: wan.project_qkv uses it
                 raise ValueError(
-                    f"the layer pipeline: blocks[{i}].attn1 has fused or image-conditioning projections "
-                    "(call unfuse_qkv(); image-to-video Wan is not supported)"
+                    f"the layer pipeline: blocks[{i}].attn1 has image-conditioning projections "
+                    "(image-to-video Wan is not supported)"
                 )
         self.transformer, self.lo, self.hi = transformer, lo, hi
         self.processors: list[CachedContextAttnProcessor] = []

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from mmaccel.runtime.adapters import cogvideox, hunyuan_video, wan
+from mmaccel.runtime.checkpointing import refuse_checkpointed_gradients
 from mmaccel.runtime.configs import resolve_config
 from mmaccel.runtime.patching import PatchHandle
 from mmaccel.runtime.stats import Stats
@@ -961,6 +962,10 @@ def apply_svg2(
     clock = _Clock(config, current_timestep_callback, scheduler, inspect.signature(transformer.forward), handle)
     try:
         handle.add_torch_hook(transformer.register_forward_pre_hook(clock, with_kwargs=True))
+        if family == "cogvideox":  # its own fuse_qkv_projections() would replace our processors
+            cogvideox.keep_processors_on_fusion(handle, transformer)
+        refuse_checkpointed_gradients(handle, transformer, "SVG2", "a block's recompute would rerun k-means from "
+                                      "the centroids its forward stored and cluster differently")  # fmt: skip
         originals = [getattr(block, attention).processor for block in blocks]
         for i, block in enumerate(blocks):
             proc = cls(i, len(blocks), config, clock, handle.stats)

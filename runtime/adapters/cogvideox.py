@@ -14,6 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mmaccel.runtime.adapters import projections
+from mmaccel.runtime.patching import PatchHandle
+
 __all__ = [
     "BLOCKS",
     "ROTARY_ARG",
@@ -21,6 +24,7 @@ __all__ = [
     "apply_rotary",
     "attention",
     "blocks",
+    "keep_processors_on_fusion",
     "project_out",
     "project_qkv",
     "token_grid",
@@ -57,10 +61,11 @@ def apply_rotary(x: Tensor, rotary: tuple[Tensor, Tensor]) -> Tensor:
 def project_qkv(
     attn: Any, hidden_states: Tensor, encoder_hidden_states: Tensor, rotary: tuple[Tensor, Tensor] | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Joint ``[text; video]`` query, key, value as ``(B, S, H, D)``, normed, the video part rotated."""
+    """Joint ``[text; video]`` query, key, value as ``(B, S, H, D)``, normed, the video part rotated;
+    fused or not (`projections.qkv`)."""
     text_len = encoder_hidden_states.shape[1]
     joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-    query, key, value = (proj(joint).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+    query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in projections.qkv(attn, joint))
     if attn.norm_q is not None:
         query = attn.norm_q(query)
     if attn.norm_k is not None:
@@ -86,3 +91,24 @@ def project_out(attn: Any, out: Tensor, text_len: int) -> tuple[Tensor, Tensor]:
     out = attn.to_out[1](attn.to_out[0](out.flatten(2, 3)))
     text, video = out.split([text_len, out.shape[1] - text_len], dim=1)
     return video, text
+
+
+def keep_processors_on_fusion(handle: PatchHandle, transformer: torch.nn.Module) -> None:
+    """While ``handle`` is active, ``transformer.fuse_qkv_projections()`` fuses the projections
+    only and ``unfuse_qkv_projections()`` changes nothing. CogVideoX's own methods put
+    ``FusedCogVideoXAttnProcessor2_0`` on every attention / put back the processors saved when
+    fusing, which would silently take a technique's processors out; the technique projects
+    through `projections.qkv`, fused or not, and diffusers' own unfuse leaves the fused weights in
+    place too. ``handle.remove()`` gives the class's methods back."""
+    from diffusers.models.attention_processor import Attention
+
+    def fuse_qkv_projections() -> None:
+        for module in transformer.modules():
+            if isinstance(module, Attention):
+                module.fuse_projections(fuse=True)
+
+    def unfuse_qkv_projections() -> None:
+        return None
+
+    handle.set_attr(transformer, "fuse_qkv_projections", fuse_qkv_projections)
+    handle.set_attr(transformer, "unfuse_qkv_projections", unfuse_qkv_projections)

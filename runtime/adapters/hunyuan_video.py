@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mmaccel.runtime.adapters import projections
+
 __all__ = [
     "DUAL_BLOCKS",
     "MASK_ARG",
@@ -68,13 +70,14 @@ def token_grid(transformer: torch.nn.Module, hidden_states: Tensor) -> tuple[int
 def project_qkv(
     attn: Any, hidden_states: Tensor, encoder_hidden_states: Tensor, rotary: tuple[Tensor, Tensor] | None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Joint ``[video; text]`` query, key, value ``(B, S, H, D)``: normed, the video part rotated."""
+    """Joint ``[video; text]`` query, key, value ``(B, S, H, D)``: normed, the video part rotated;
+    the video (single-stream: joint) projections fused or not (`projections.qkv`)."""
     from diffusers.models.embeddings import apply_rotary_emb
 
     dual = attn.add_q_proj is not None
     video = hidden_states if dual else torch.cat([hidden_states, encoder_hidden_states], dim=1)
     n = hidden_states.shape[1]
-    qkv = [proj(video).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v)]
+    qkv = [x.unflatten(2, (attn.heads, -1)) for x in projections.qkv(attn, video)]
     if attn.norm_q is not None:
         qkv[0] = attn.norm_q(qkv[0])
     if attn.norm_k is not None:

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mmaccel.runtime.adapters import projections
+
 __all__ = [
     "BLOCKS",
     "ROTARY_ARG",
@@ -30,13 +32,13 @@ TRANSFORMERS = ("WanTransformer3DModel",)
 
 
 def check_self_attention(transformer: torch.nn.Module, technique: str) -> None:
-    """``NotImplementedError`` if a block's ``attn1`` has fused or image (I2V) projections."""
+    """``NotImplementedError`` if a block's ``attn1`` has image (I2V) projections. Fused q/k/v
+    projections (``fuse_qkv_projections()``) are supported: `project_qkv` uses them."""
     for i, block in enumerate(transformer.blocks):
-        attn = block.attn1
-        if getattr(attn, "add_k_proj", None) is not None or getattr(attn, "fused_projections", False):
+        if getattr(block.attn1, "add_k_proj", None) is not None:
             raise NotImplementedError(
-                f"{technique}: blocks[{i}].attn1 has fused or image-conditioning projections "
-                "(call unfuse_qkv(); image-to-video Wan is not supported)"
+                f"{technique}: blocks[{i}].attn1 has image-conditioning projections "
+                "(image-to-video Wan is not supported)"
             )
 
 
@@ -58,11 +60,12 @@ def project_qkv(
     rotary_k: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Normed, rotated ``(B, S, H, D)`` query (from ``hidden_states``) and key/value (from
-    ``kv_states``, default the same tokens); ``rotary_k`` defaults to ``rotary``."""
-    kv_states = hidden_states if kv_states is None else kv_states
-    query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-    key = attn.norm_k(attn.to_k(kv_states)).unflatten(2, (attn.heads, -1))
-    value = attn.to_v(kv_states).unflatten(2, (attn.heads, -1))
+    ``kv_states``, default the same tokens); ``rotary_k`` defaults to ``rotary``. Fused or not
+    (`projections.qkv`)."""
+    query, key, value = projections.qkv(attn, hidden_states, kv_states)
+    query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+    key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+    value = value.unflatten(2, (attn.heads, -1))
     if rotary is not None:
         query = apply_rotary(query, *rotary)
         key = apply_rotary(key, *(rotary if rotary_k is None else rotary_k))
