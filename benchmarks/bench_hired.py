@@ -14,7 +14,8 @@ only show that pruning changes outputs by this much, not task accuracy). A separ
 measures the [CLS]-row scoring overhead on the real CLIP ViT-L/14-336 tower config.
 
 The fidelity section runs a trained zoo model (``shapes-vlm``, a tiny LLaVA-NeXT, see
-:mod:`mmaccel.apps.zoo.shapes_vlm`, or another folder of the same recipe with ``--zoo-path``) on
+:mod:`mmaccel.apps.zoo.shapes_vlm`; ``--zoo`` picks another registered entry of the same recipe,
+``--zoo-path`` an unregistered folder of it) on
 its held-out scenes at 50/20/10%: QA accuracy, CHAIR_i / CHAIR_s and object recall of greedy
 captions, and the visual tokens each image keeps, for HiRED (reference [CLS] selection), HiRED
 with ``selection="diverse"`` (DivPrune's max-min diversity inside HiRED's budgets), FastV
@@ -22,7 +23,7 @@ with ``selection="diverse"`` (DivPrune's max-min diversity inside HiRED's budget
 random choice (5 seeds) and uniform spatial subsampling. Each rule's QA and recall are read
 against the random seeds' range.
 
-    .venv/bin/python -m mmaccel.benchmarks.bench_hired [--quick] [--write] [--threads N] [--repeats N] [--skip-clip-l] [--fidelity-only] [--zoo-path DIR]
+    .venv/bin/python -m mmaccel.benchmarks.bench_hired [--quick] [--write] [--threads N] [--repeats N] [--skip-clip-l] [--fidelity-only] [--zoo NAME | --zoo-path DIR]
 
 Timing comes from :func:`mmaccel.benchmarks.harness.compare`: a warm-up call per budget, then
 >= 5 interleaved rounds with the order rotated; times are medians with min-max, ratios the median of
@@ -47,6 +48,7 @@ import torch
 from tqdm import tqdm
 from transformers import LogitsProcessorList
 
+from mmaccel.apps.zoo import REGISTRY, zoo_module
 from mmaccel.benchmarks.harness import MIN_REPEATS, RESULTS_DIR, append_results, compare, measure
 from mmaccel.runtime.budget import TokenBudget
 from mmaccel.runtime.environment import machine_description
@@ -64,6 +66,8 @@ BASELINE_BUDGETS = (0.5, 0.2, 0.1)
 FASTV_K = 2
 RANDOM_SEEDS = tuple(range(5))  # random pruning per seed; HiRED is read against their spread
 PROMPT = "USER: <image>\nWhat is shown in the image? ASSISTANT:"
+#: the zoo entries of the Shapes VLM recipe (seeds), judged by the fidelity section
+SHAPES_ENTRIES = tuple(name for name in REGISTRY if name.startswith("shapes-vlm"))
 
 SIZES: dict[str, dict[str, Any]] = {
     "full": dict(
@@ -451,14 +455,17 @@ def _verdict(name: str, value: float, seeds: list[float]) -> str:
     return f"{name} {value:.3f} vs random {low:.3f}-{high:.3f}: {where}"
 
 
-def run_fidelity(quick: bool, zoo_path: str | None = None) -> tuple[str, str, list[str]]:
-    """Task quality of a zoo Shapes VLM per budget: HiRED (reference [CLS] selection), HiRED with
-    ``selection="diverse"``, FastV, and random / uniform choices inside HiRED's budgets."""
-    from mmaccel.apps.zoo.shapes_vlm import evaluate, load
+def run_fidelity(quick: bool, zoo_path: str | None = None, zoo: str = "shapes-vlm") -> tuple[str, str, list[str]]:
+    """Task quality of a zoo Shapes VLM (entry ``zoo``, or the folder ``zoo_path``) per budget: HiRED
+    (reference [CLS] selection), HiRED with ``selection="diverse"``, FastV, and random / uniform
+    choices inside HiRED's budgets."""
+    from mmaccel.apps.zoo.shapes_vlm import evaluate
     from mmaccel.vlm.api import load_vlm
 
+    if zoo not in SHAPES_ENTRIES:
+        raise ValueError(f"zoo must be one of {list(SHAPES_ENTRIES)}, got {zoo!r}")
     n_questions, n_captions = (50, 25) if quick else (200, 100)
-    model, processor = load(zoo_path)
+    model, processor = zoo_module(zoo).load(zoo_path)
     variants: list[tuple[str, HiREDConfig | None, Any]] = [("dense (no HiRED)", None, None)]
     variants.append(("HiRED 100%", HiREDConfig(budget=TokenBudget(ratio=1.0)), None))
     for r in BASELINE_BUDGETS:
@@ -500,7 +507,7 @@ def run_fidelity(quick: bool, zoo_path: str | None = None) -> tuple[str, str, li
             checks.append(f"{rule} {r:.0%}: " + "; ".join(
                 _verdict(key, m[key], [x[key] for x in runs]) for key in ("QA accuracy", "object recall")))  # fmt: skip
     headers = ["variant", "visual tok/img", "QA accuracy", "CHAIR_i", "CHAIR_s", "object recall", "caption exact"]
-    label = zoo_path or "shapes-vlm"
+    label = zoo_path or zoo
     notes = (f"Zoo model `{label}` (trained LLaVA-NeXT, 2-5 anyres partitions of 64 tokens), held-out scenes: "
              f"{n_questions} questions (count / is-there / colour / shape / total, exact match) and {n_captions} "
              f"greedy captions; CHAIR over the 16 colour+shape categories (count errors are not hallucinations), "
@@ -529,7 +536,8 @@ def main() -> None:
     parser.add_argument("--fidelity-only", action="store_true", help="only the zoo-model fidelity section")
     parser.add_argument("--selection-cost", action="store_true", help="only the selection-vs-tower timing")
     parser.add_argument("--ttft-peers", action="store_true", help="only TTFT of dense / HiRED / FastV, batch 1")
-    parser.add_argument("--zoo-path", default=None, help="a shapes-vlm folder to judge (default: the committed one)")
+    parser.add_argument("--zoo", default="shapes-vlm", choices=SHAPES_ENTRIES, help="the zoo entry to judge")
+    parser.add_argument("--zoo-path", default=None, help="an unregistered folder of the shapes-vlm recipe to judge")
     parser.add_argument(
         "--repeats", type=int, default=MIN_REPEATS, help=f"interleaved rounds (>= {MIN_REPEATS})"
     )
@@ -551,8 +559,8 @@ def main() -> None:
         if args.write:
             append_results("HiRED selection cost vs the CLIP ViT-L/14-336 tower", table, notes=notes, path=RESULTS)
         return
-    fidelity, fidelity_notes, verdicts = run_fidelity(args.quick, args.zoo_path)
-    label = args.zoo_path or "shapes-vlm"
+    fidelity, fidelity_notes, verdicts = run_fidelity(args.quick, args.zoo_path, args.zoo)
+    label = args.zoo_path or args.zoo
     print(f"\nFidelity on the zoo model {label}\n\n{fidelity}\n\n{fidelity_notes}\n")
     print("\n".join(verdicts))
     if args.write:

@@ -75,6 +75,17 @@ def test_cli_train_writes_a_loadable_model(tmp_path, capsys, monkeypatch):
     assert "testing and demonstration" in (tmp_path / "README.md").read_text()
 
 
+def test_cli_train_seed_defaults_to_the_committed_weights(tmp_path, capsys, monkeypatch):
+    import mmaccel.apps.zoo.digits as digits
+
+    seeds = []
+    monkeypatch.setattr(digits, "train", lambda output, *, seed, progress: seeds.append(seed) or {})
+    for extra in ([], ["--seed", "3"]):
+        assert main(["zoo", "train", "digit-classifier", "--output", str(tmp_path), "--quiet", *extra]) == 0
+    assert seeds == [0, 3]
+    capsys.readouterr()
+
+
 def test_card_rejects_empty_fields(tmp_path):
     with pytest.raises(ValueError, match="summary"):
         write_model_card(tmp_path, name="x", summary=" ", architecture="a", data="d", training="t",

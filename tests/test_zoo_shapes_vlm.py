@@ -172,3 +172,15 @@ def test_bad_input_raises(shapes_vlm):
         train(zoo_path("shapes-vlm") / "never-written", vision_steps=0)
     with pytest.raises(TypeError, match="cls_objective"):
         train(zoo_path("shapes-vlm") / "never-written", cls_objective=1)
+
+
+def test_train_writes_the_card_of_the_entry_it_is_given(tmp_path, monkeypatch):
+    import mmaccel.apps.zoo.shapes_vlm as shapes_vlm
+
+    monkeypatch.setattr(shapes_vlm, "evaluate", lambda vlm: {"QA accuracy": 0.0})  # a 1-step model: skip eval
+    metrics = train(
+        tmp_path, seed=1, progress=False, steps=1, batch_size=1, vision_steps=1, name="shapes-vlm-seed1"
+    )
+    card = (tmp_path / "README.md").read_text()
+    assert card.startswith("# shapes-vlm-seed1\n") and "mmaccel zoo train shapes-vlm-seed1 --seed 1" in card
+    assert metrics["QA accuracy"] == 0.0 and load(tmp_path).model.config.text_config.num_hidden_layers == 4

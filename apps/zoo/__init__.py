@@ -55,10 +55,13 @@ def zoo_path(name: str) -> Path:
 
 
 def train_model(
-    name: str, output: str | Path | None = None, seed: int = 0, progress: bool = True
+    name: str, output: str | Path | None = None, seed: int | None = None, progress: bool = True
 ) -> dict[str, object]:
-    """Train entry ``name`` from scratch into ``output`` (default: its zoo folder); returns its metrics."""
+    """Train entry ``name`` from scratch into ``output`` (default: its zoo folder); returns its metrics.
+    ``seed`` defaults to the seed of the committed weights (the module's ``SEED``, else 0)."""
     module = zoo_module(name)
+    if seed is None:
+        seed = getattr(module, "SEED", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     target = ZOO_DIR / name if output is None else Path(output)

@@ -61,7 +61,12 @@ def add_zoo_parser(subparsers: Any) -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model from scratch (default: into its zoo folder)")
     train.add_argument("name", choices=list(REGISTRY))
     train.add_argument("--output", default=None, help="folder to write (default: the zoo folder)")
-    train.add_argument("--seed", type=int, default=0, help="random seed (default 0: the committed weights)")
+    train.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="random seed (default: the committed weights' seed, 0 unless the entry names another)",
+    )
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(func=_cmd_train)

@@ -428,9 +428,9 @@ def train(
     from mmaccel.apps.zoo.card import write_model_card
     from mmaccel.vlm.api import load_vlm
 
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("vision_steps", vision_steps)):
+    for param, value in (("steps", steps), ("batch_size", batch_size), ("vision_steps", vision_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            raise ValueError(f"{param} must be an int >= 1, got {value!r}")
     if not isinstance(cls_objective, bool):
         raise TypeError(f"cls_objective must be a bool, got {type(cls_objective).__name__}")
     start, cpu_start = time.perf_counter(), time.process_time()
