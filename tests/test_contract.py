@@ -19,6 +19,7 @@ REGISTRY = {
     "apply_hired": ("HiREDConfig", "tests/test_contract_vlm.py::test_technique_contract"),
     "apply_vista": ("VISTAConfig", "tests/test_contract_vlm.py::test_technique_contract"),
     "apply_attention_balance": ("AttentionBalanceConfig", "tests/test_contract_vlm.py::test_technique_contract"),
+    "apply_fastv": ("FastVConfig", "tests/test_contract_vlm.py::test_technique_contract"),
     "apply_token_density": ("TokenDensityConfig", "tests/test_contract_diffusion.py::test_token_density_contract"),
     "apply_svg2": ("SVG2Config", "tests/test_contract_diffusion.py::test_svg2_contract_wan"),
     "apply_clip_parallel": ("ClipParallelConfig", "tests/test_contract_video.py::test_clip_parallel_contract_one_rank"),
