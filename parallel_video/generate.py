@@ -42,10 +42,19 @@ from mmaccel.runtime.distributed import (
     gather_to_main,
     init_distributed,
 )
-from mmaccel.runtime.limits import Limits
+from mmaccel.runtime.limits import (
+    Limits,
+    check_step_eta,
+    check_video_time,
+    estimate_video_time,
+    format_duration,
+)
 from mmaccel.runtime.pipelines import expert_for, pipeline_transformers
 
-__all__ = ["LongVideoConfig", "LongVideoOutput", "VideoGeometry", "check_long_video", "generate_long_video"]
+__all__ = [
+    "FirstStepEta", "LongVideoConfig", "LongVideoOutput", "VideoGeometry", "check_long_video", "check_video_time_of",
+    "generate_long_video",
+]  # fmt: skip
 
 MODES = ("clip", "pipeline")
 
@@ -64,8 +73,11 @@ class LongVideoConfig:
         clip after every ``checkpoint_every`` steps; pipeline mode, its part of the layer pipeline
         after every ``checkpoint_every`` iterations of the block schedule (each one drains the
         pipeline briefly). ``resume=True`` continues from the last point every rank saved there.
-    limits: the caps on ``num_inference_steps``, ``num_frames`` and the prompts
-        (:class:`mmaccel.runtime.limits.Limits`); raise one explicitly, e.g.
+        A folder holding checkpoints of an earlier run is refused (``ValueError``) unless
+        ``resume=True`` or ``overwrite=True`` (rank 0 deletes every checkpoint there first).
+    limits: the caps on ``num_inference_steps``, ``num_frames``, the prompts and the denoising
+        time (``max_minutes``: a FLOP lower bound before any work, the measured first step after
+        it) (:class:`mmaccel.runtime.limits.Limits`); raise one explicitly, e.g.
         ``limits=Limits(max_steps=5000)``. Not part of a checkpoint's fingerprint.
     """
 
@@ -85,6 +97,7 @@ class LongVideoConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 1
     resume: bool = False
+    overwrite: bool = False
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -111,8 +124,13 @@ class LongVideoConfig:
             raise TypeError(f"clip must be a ClipParallelConfig, got {type(self.clip).__name__}")
         if not isinstance(self.pipeline, LayerPipelineConfig):
             raise TypeError(f"pipeline must be a LayerPipelineConfig, got {type(self.pipeline).__name__}")
-        if self.resume and self.checkpoint_dir is None:
-            raise ValueError("resume=True needs checkpoint_dir")
+        for name in ("resume", "overwrite"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume=True and overwrite=True exclude each other: continue the earlier run or start over")
+        if (self.resume or self.overwrite) and self.checkpoint_dir is None:
+            raise ValueError(f"{'resume' if self.resume else 'overwrite'}=True needs checkpoint_dir")
         if not isinstance(self.limits, Limits):
             raise TypeError(f"limits must be a mmaccel.runtime.limits.Limits, got {type(self.limits).__name__}")
         self.limits.steps(self.num_inference_steps, "num_inference_steps", "limits=Limits(max_steps=N)")
@@ -134,7 +152,7 @@ class LongVideoOutput:
 def _fingerprint(pipe: Any, config: LongVideoConfig, world_size: int) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: the settings that change the result."""
     settings = {
-        k: v for k, v in asdict(config).items() if k not in ("checkpoint_dir", "checkpoint_every", "resume", "limits")
+        k: v for k, v in asdict(config).items() if k not in ("checkpoint_dir", "checkpoint_every", "resume", "overwrite", "limits")
     }
     public = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}
     model = json.dumps(public, sort_keys=True, default=str)
@@ -285,6 +303,76 @@ class StepTimeout:
         object.__setattr__(self.ctx, "timeout_s", max(MIN_TIMEOUT_S, TIMEOUT_STEPS * self.slowest))
 
 
+#: How the time limit is raised, as the CLI and the Python API name it.
+_MINUTES_FLAG = "--max-minutes (limits=Limits(max_minutes=N))"
+
+
+def check_video_time_of(pipe: Any, config: LongVideoConfig, world_size: int, device: Any) -> None:
+    """``ValueError`` when even a FLOP lower bound of the denoising on one of ``world_size`` ranks
+    (:func:`mmaccel.runtime.limits.estimate_video_time`) exceeds ``config.limits.max_minutes``."""
+    geometry = VideoGeometry.of(pipe)
+    transformer = next(iter(pipeline_transformers(pipe).values()))
+    estimate = estimate_video_time(
+        config.num_frames, config.height, config.width, dict(transformer.config),
+        steps=config.num_inference_steps, temporal_stride=geometry.temporal_stride,
+        spatial_stride=geometry.spatial_stride, ranks=world_size, guidance=config.guidance_scale > 1,
+        text_tokens=config.max_sequence_length, device=device, dtype_bytes=transformer.dtype.itemsize,
+    )  # fmt: skip
+    check_video_time(estimate, config.limits.max_minutes, flag=_MINUTES_FLAG,
+                     hint="num_inference_steps, num_frames, height or width")  # fmt: skip
+
+
+class FirstStepEta:
+    """After the first step a run takes (fresh or resumed): the measured time of that step (the
+    text encoding included) times the steps left is the ETA, printed on rank 0 when ``report``;
+    a run whose ETA exceeds ``limits.max_minutes`` stops with one ``ValueError`` on every rank
+    (the ranks agree on the slowest rank's time through one gather), its finished step kept."""
+
+    def __init__(self, ctx: DistContext, config: LongVideoConfig, first: int, report: bool) -> None:
+        self.ctx, self.config, self.first, self.report = ctx, config, first, report
+        self.began = time.perf_counter()
+
+    def step(self, step: int, stats: dict[str, Any]) -> None:
+        if step != self.first + 1:
+            return
+        elapsed = time.perf_counter() - self.began
+        times = all_gather_varlen(self.ctx, torch.tensor([elapsed], dtype=torch.float64, device=self.ctx.device))
+        slowest = max(float(t[0]) for t in times)
+        remaining = self.config.num_inference_steps - step
+        directory = self.config.checkpoint_dir
+        hint = (f"the finished step is kept in {directory!r}: continue with --resume (resume=True) and the raised "
+                "limit") if directory else None  # fmt: skip
+        eta = check_step_eta(slowest, slowest, remaining, self.config.limits.max_minutes, flag=_MINUTES_FLAG, hint=hint)
+        stats.update(first_step_s=slowest, eta_s=eta)
+        if self.report and remaining:
+            tqdm.write(f"first step {slowest:.1f} s; about {format_duration(eta)} for the remaining {remaining} "
+                       f"step(s) (limit {self.config.limits.max_minutes:,} min)", file=sys.stderr)  # fmt: skip
+
+
+def _start_fresh(ctx: DistContext, directory: Path, config: LongVideoConfig, kind: str) -> None:
+    """A run that does not resume: with ``overwrite``, every rank deletes its own checkpoints and
+    rank 0 every checkpoint in the folder; without it, a folder holding an earlier run's
+    checkpoints is refused on every rank (``ValueError`` naming ``resume=True`` and
+    ``overwrite=True``). One gather makes the ranks agree and orders the deletion before any save."""
+    refused: ValueError | None = None
+    if config.overwrite:
+        checkpoint.clear(directory, ctx.rank, ctx.world_size, kind)
+        if ctx.is_main:
+            checkpoint.clear_all(directory)
+    else:
+        try:
+            checkpoint.check_fresh_start(directory, flag="checkpoint_dir", resume="resume=True",
+                                         overwrite="overwrite=True")  # fmt: skip
+        except ValueError as err:
+            refused = err
+    found = all_gather_varlen(ctx, torch.tensor([refused is not None], dtype=torch.int32, device=ctx.device))
+    if refused is not None:
+        raise refused
+    if any(int(t[0]) for t in found):
+        raise ValueError(f"checkpoint_dir {str(directory)!r}: another rank found an earlier run's checkpoints there; "
+                         "continue it with resume=True, or start over with overwrite=True")  # fmt: skip
+
+
 @torch.no_grad()
 def generate_long_video(
     pipe: Any,
@@ -302,6 +390,7 @@ def generate_long_video(
     """
     ctx = ctx or init_distributed()
     check_long_video(pipe, config, ctx.world_size)
+    check_video_time_of(pipe, config, ctx.world_size, ctx.device)
     clock = StepTimeout(ctx) if timeout_from_steps and ctx.world_size > 1 else None
     if config.mode == "pipeline":
         return _generate_pipelined(pipe, config, ctx, progress, clock)
@@ -322,14 +411,16 @@ def generate_long_video(
         if directory is not None and config.resume:
             first = _resume_step(ctx, directory)
         elif directory is not None:
-            checkpoint.clear(directory, ctx.rank, ctx.world_size)
+            _start_fresh(ctx, directory, config, "clip")
         stats["resumed_from_step"] = first
+        eta = FirstStepEta(ctx, config, first, report=progress and ctx.is_main)
 
         def save(step: int, scheduler: Any, current: torch.Tensor) -> None:
             if clock is not None:
                 clock.step()
             if directory is not None and (step % config.checkpoint_every == 0 or step == config.num_inference_steps):
                 checkpoint.save_step(directory, ctx.rank, ctx.world_size, step, current, scheduler, meta)
+            eta.step(step, stats)
 
         def on_step_end(pipeline: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             save(i + 1, pipeline.scheduler, kwargs["latents"])
@@ -448,7 +539,7 @@ def _generate_pipelined(
         if first:
             state = checkpoint.load_iteration(directory, ctx.rank, ctx.world_size, first, meta)
     elif directory is not None:
-        checkpoint.clear(directory, ctx.rank, ctx.world_size, "pipeline")
+        _start_fresh(ctx, directory, config, "pipeline")
 
     def save(iteration: int, rank_state: dict[str, Any]) -> None:
         if clock is not None:
