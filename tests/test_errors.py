@@ -1462,3 +1462,18 @@ def test_demo_video_tab_checks_the_time_before_any_run(tmp_path, monkeypatch):
     monkeypatch.setitem(limits.PEAK_FLOPS, "cpu_fp32", 1e6)
     with pytest.raises(ValueError, match=r"over the limit of 1 min; lower steps or frames.*Limits\(max_minutes=N\)"):
         tabs.run_video_tab(models, "a car", tmp_path, frames=33, steps=50, limits=Limits(max_minutes=1))
+
+
+def test_parallel_video_doc_knobs_table_lists_every_video_flag():
+    """docs/parallel_video.md's knobs table names every `mmaccel video` option (the limits,
+    --overwrite, --timeout and --nproc-per-node included)."""
+    import argparse
+
+    from mmaccel.apps.video import add_video_parser
+
+    parser = add_video_parser(argparse.ArgumentParser().add_subparsers())
+    flags = [f for a in parser._actions for f in a.option_strings if f.startswith("--") and f != "--help"]
+    assert {"--max-steps", "--max-frames", "--max-minutes", "--overwrite", "--nproc-per-node", "--timeout"} <= set(flags)
+    doc = (ROOT / "docs" / "parallel_video.md").read_text()
+    table = doc[doc.index("### Knobs") :].split("\n\n")[1]
+    assert [f for f in flags if f"`{f}`" not in table] == []
