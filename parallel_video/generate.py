@@ -387,6 +387,12 @@ def generate_long_video(
     Call on every rank (``torchrun``/``accelerate launch``) with the same arguments; ``ctx`` defaults
     to :func:`init_distributed`. A progress bar is shown on rank 0 only. ``timeout_from_steps``:
     after each step, set ``ctx.timeout_s`` from the measured step time (:class:`StepTimeout`).
+
+    Before any work, a FLOP lower bound of the denoising must fit ``config.limits.max_minutes``
+    (:func:`check_video_time_of`) and ``config.checkpoint_dir`` must hold no earlier run's
+    checkpoints unless ``config.resume`` or ``config.overwrite``; after the first step (clip
+    mode) its measured time gives the ETA (``stats["eta_s"]``, printed when ``progress``), which
+    must fit the same limit (:class:`FirstStepEta`). Each is one ``ValueError`` on every rank.
     """
     ctx = ctx or init_distributed()
     check_long_video(pipe, config, ctx.world_size)

@@ -1477,3 +1477,19 @@ def test_parallel_video_doc_knobs_table_lists_every_video_flag():
     doc = (ROOT / "docs" / "parallel_video.md").read_text()
     table = doc[doc.index("### Knobs") :].split("\n\n")[1]
     assert [f for f in flags if f"`{f}`" not in table] == []
+
+
+def test_video_eta_over_the_limit_on_two_ranks_is_one_line_exit_2_steps_kept(tmp_path):
+    """Two ranks agree on the slowest first step: both stop after it with exit 2, the line is
+    printed once, and both ranks' step-1 checkpoints are kept for --resume."""
+    out = tmp_path / "v.mp4"
+    cmd = [sys.executable, "-m", "mmaccel.apps.cli", "video", "--nproc-per-node", "2", "--model", "tiny",
+           "--prompt", "a car", "--frames", "9", "--steps", "100000", "--max-steps", "100000", "--max-minutes", "1",
+           "--quiet", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_launch_env(), capture_output=True, text=True, timeout=300)
+    _assert_one_line(proc.returncode, proc.stderr, "mmaccel video: error: the first step took",
+                     "the remaining 99,999 steps", "--max-minutes", "v.mp4.parts", "--resume")  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "v.mp4.parts").iterdir()) == [
+        "clip0of2_step00001.pt", "clip1of2_step00001.pt"
+    ]  # fmt: skip
+    assert not out.exists()
