@@ -14,7 +14,7 @@ pipeline`` (both every ``--checkpoint-every``). A killed run continues with ``--
 writes the identical video; a folder holding checkpoints is refused without ``--resume`` or
 ``--overwrite``. Every argument is checked against :class:`mmaccel.runtime.limits.Limits`, the
 memory estimate and a FLOP lower bound of the time (``--max-minutes``) before any model loads; the
-first step's measured time gives an ETA, checked against the same limit (clip mode). A user error
+second step's measured time gives an ETA, checked against the same limit (clip mode). A user error
 is one line from rank 0, exit 2.
 ``--nproc-per-node N`` starts the ranks without torchrun (:mod:`mmaccel.apps.launch`).
 """
@@ -88,7 +88,7 @@ def add_video_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=int, default=MAX_FRAMES, help=f"raise the --frames limit (default {MAX_FRAMES})")
     p.add_argument("--max-minutes", type=int, default=MAX_MINUTES,
                    help=f"limit on the denoising time per rank, checked before any work (a FLOP lower bound) and "
-                   f"after the first step (its measured time x the steps left); default {MAX_MINUTES}")  # fmt: skip
+                   f"after the second step (its measured time x the steps left); default {MAX_MINUTES}")  # fmt: skip
     p.add_argument("--mode", choices=("clip", "pipeline"), default="clip",
                    help="clip: clip parallelism (Video-Infinity); pipeline: block-wise layer pipeline (DualParal)")  # fmt: skip
     p.add_argument("--height", type=int, default=None, help="default 64 for tiny and zoo, 480 otherwise")

@@ -61,7 +61,7 @@ MAX_STEPS = 1000
 MAX_FRAMES = 10_001
 #: Longest video generation accepted by default, in minutes of denoising on one rank (raise with
 #: ``--max-minutes`` / ``Limits(max_minutes=N)``): checked before any work against a FLOP lower
-#: bound (:func:`estimate_video_time`), then against the measured first step (:func:`check_step_eta`).
+#: bound (:func:`estimate_video_time`), then against a measured step (:func:`check_step_eta`).
 MAX_MINUTES = 24 * 60
 #: FLOP/s no device of a kind reaches, so FLOPs / peak is a lower bound on the time. ``cuda``: above
 #: every current GPU's dense half-precision tensor-core peak (H100 SXM 989, H200 989 TFLOP/s);
@@ -100,7 +100,7 @@ class Limits:
     Raise one explicitly: ``Limits(max_steps=5000)``. Each value is an int >= 1; ``max_pixels``
     is at most PIL's own decompression-bomb limit; ``max_minutes`` bounds a video generation's
     denoising time on one rank (:func:`check_video_time` before any work, :func:`check_step_eta`
-    after the first step).
+    once a step is measured).
     """
 
     max_prompt_chars: int = MAX_PROMPT_CHARS
@@ -488,14 +488,15 @@ def check_step_eta(
     elapsed_s: float, step_s: float, remaining: int, max_minutes: int, *, flag: str = "--max-minutes",
     hint: str | None = None,
 ) -> float:  # fmt: skip
-    """After the first step: the estimated seconds left (``step_s`` x ``remaining`` steps);
-    ``ValueError`` when ``elapsed_s`` plus that exceeds ``max_minutes``. ``hint`` ends the message
-    (where the finished step is kept and how to continue, so nothing done is lost)."""
+    """Once a step is measured: the estimated seconds left (``step_s`` x ``remaining`` steps);
+    ``ValueError`` when ``elapsed_s`` (the run so far) plus that exceeds ``max_minutes``. ``hint``
+    ends the message (where the finished steps are kept and how to continue, so nothing is lost)."""
     eta = step_s * remaining
     if elapsed_s + eta <= max_minutes * 60:
         return eta
     where = f"; {hint}" if hint else ""
     raise ValueError(
-        f"the first step took {step_s:,.1f} s, so the remaining {remaining:,} steps need about {format_duration(eta)}, "
-        f"over the limit of {max_minutes:,} min; raise it with {flag}, or lower the steps, frames or size{where}"
+        f"a step takes {step_s:,.2f} s, so the remaining {remaining:,} steps need about {format_duration(eta)} "
+        f"(after {format_duration(elapsed_s)} so far), over the limit of {max_minutes:,} min; raise it with {flag}, "
+        f"or lower the steps, frames or size{where}"
     )

@@ -1281,7 +1281,7 @@ def test_video_overwrite_deletes_every_earlier_checkpoint(capsys, monkeypatch, b
 
 
 # ------------------------------------------------------------------------------------------
-# Video time: a FLOP lower bound before any work, the measured first step after it (#31)
+# Video time: a FLOP lower bound before any work, a measured step after it (#31)
 # ------------------------------------------------------------------------------------------
 
 
@@ -1334,7 +1334,8 @@ def test_check_video_time_and_step_eta_refuse_over_the_limit():
     with pytest.raises(ValueError, match=r"at least 2.0 min .* over the limit of 1 min; lower --steps.*--max-minutes"):
         check_video_time(TimeEstimate(2 * 10**12, 60, 1e12, "1 CPU thread(s)"), 1)
     assert check_step_eta(10.0, 10.0, 5, 1) == 50.0
-    with pytest.raises(ValueError, match=r"first step took 10.0 s, so the remaining 6 steps need about 60 s.*; kept"):
+    with pytest.raises(ValueError, match=r"a step takes 10.00 s, so the remaining 6 steps need about 60 s \(after "
+                                         r"10 s so far\), over the limit of 1 min.*; kept"):  # fmt: skip
         check_step_eta(10.0, 10.0, 6, 1, hint="kept")
 
 
@@ -1376,10 +1377,9 @@ def test_long_video_api_refuses_an_over_long_run_before_any_step(tiny_wan, monke
             generate_long_video(tiny_wan, LongVideoConfig(**config, mode=mode, limits=Limits(max_minutes=1)))
 
 
-def test_long_video_first_step_eta_over_the_limit_stops_and_keeps_the_step(tiny_wan, tmp_path):
+def test_long_video_step_eta_over_the_limit_stops_and_keeps_the_steps(tiny_wan, tmp_path):
     """100,000 steps of the tiny model take over a minute at any speed (0.6 ms a step): the
-    measured first step stops the run in one line, its checkpoint kept, and --resume with the
-    raised limit continues from it."""
+    measured second step stops the run in one line, both finished steps' checkpoints kept."""
     from mmaccel.parallel_video import LongVideoConfig, generate_long_video
     from mmaccel.runtime.limits import Limits
 
@@ -1388,18 +1388,18 @@ def test_long_video_first_step_eta_over_the_limit_stops_and_keeps_the_step(tiny_
     with pytest.raises(ValueError) as exc:
         generate_long_video(tiny_wan, LongVideoConfig(**config, limits=Limits(max_steps=steps, max_minutes=1)))
     message = str(exc.value)
-    assert "\n" not in message and f"the remaining {steps - 1:,} steps need about" in message
+    assert "\n" not in message and f"the remaining {steps - 2:,} steps need about" in message
     for needle in ("over the limit of 1 min", "--max-minutes", "Limits(max_minutes=N)", str(tmp_path), "--resume"):
         assert needle in message, needle
-    assert [p.name for p in tmp_path.iterdir()] == ["clip0of1_step00001.pt"]  # the finished step is kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip0of1_step00001.pt", "clip0of1_step00002.pt"]
 
 
 def test_long_video_prints_the_eta_and_reports_it(tiny_wan, capsys):
     from mmaccel.parallel_video import LongVideoConfig, generate_long_video
 
-    out = generate_long_video(tiny_wan, LongVideoConfig(**_LONG, num_inference_steps=3))
-    assert 0 < out.stats["first_step_s"] and out.stats["eta_s"] == pytest.approx(2 * out.stats["first_step_s"])
-    assert re.search(r"first step [0-9.]+ s; about \d+ s for the remaining 2 step\(s\) \(limit 1,440 min\)",
+    out = generate_long_video(tiny_wan, LongVideoConfig(**_LONG, num_inference_steps=4))
+    assert 0 < out.stats["step_s"] and out.stats["eta_s"] == pytest.approx(2 * out.stats["step_s"])
+    assert re.search(r"a step takes [0-9.]+ s: about \d+ s for the remaining 2 step\(s\) \(limit 1,440 min\)",
                      capsys.readouterr().err)  # fmt: skip
 
 
@@ -1480,16 +1480,16 @@ def test_parallel_video_doc_knobs_table_lists_every_video_flag():
 
 
 def test_video_eta_over_the_limit_on_two_ranks_is_one_line_exit_2_steps_kept(tmp_path):
-    """Two ranks agree on the slowest first step: both stop after it with exit 2, the line is
-    printed once, and both ranks' step-1 checkpoints are kept for --resume."""
+    """Two ranks agree on the slowest measured step: both stop after it with exit 2, the line is
+    printed once, and both ranks' checkpoints are kept for --resume."""
     out = tmp_path / "v.mp4"
     cmd = [sys.executable, "-m", "mmaccel.apps.cli", "video", "--nproc-per-node", "2", "--model", "tiny",
            "--prompt", "a car", "--frames", "9", "--steps", "100000", "--max-steps", "100000", "--max-minutes", "1",
            "--quiet", "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, env=_launch_env(), capture_output=True, text=True, timeout=300)
-    _assert_one_line(proc.returncode, proc.stderr, "mmaccel video: error: the first step took",
-                     "the remaining 99,999 steps", "--max-minutes", "v.mp4.parts", "--resume")  # fmt: skip
+    _assert_one_line(proc.returncode, proc.stderr, "mmaccel video: error: a step takes",
+                     "the remaining 99,998 steps", "--max-minutes", "v.mp4.parts", "--resume")  # fmt: skip
     assert sorted(p.name for p in (tmp_path / "v.mp4.parts").iterdir()) == [
-        "clip0of2_step00001.pt", "clip1of2_step00001.pt"
+        "clip0of2_step00001.pt", "clip0of2_step00002.pt", "clip1of2_step00001.pt", "clip1of2_step00002.pt"
     ]  # fmt: skip
     assert not out.exists()
