@@ -324,7 +324,7 @@ def check_video_time_of(pipe: Any, config: LongVideoConfig, world_size: int, dev
 
 class StepEta:
     """The ETA of a run (fresh or resumed) from its second step, timed alone: the first carries
-    the text encoding and the warm-up (on the zoo video model on CPU it took 2.7x a later step).
+    the text encoding and the warm-up (on the zoo video model on CPU it took 3.2-3.4x a later step).
     The slowest rank's step time (one gather, so the ranks agree) times the steps left is the ETA,
     printed on rank 0 when ``report``; when the time so far plus the ETA exceeds
     ``limits.max_minutes`` every rank stops with one ``ValueError``, both finished steps kept."""
