@@ -1493,3 +1493,15 @@ def test_video_eta_over_the_limit_on_two_ranks_is_one_line_exit_2_steps_kept(tmp
         "clip0of2_step00001.pt", "clip0of2_step00002.pt", "clip1of2_step00001.pt", "clip1of2_step00002.pt"
     ]  # fmt: skip
     assert not out.exists()
+
+
+def test_errors_doc_says_how_to_raise_every_limit():
+    """docs/errors.md names every `Limits` field as the argument that raises it, and every
+    `mmaccel video --max-*` flag."""
+    from dataclasses import fields
+
+    from mmaccel.runtime.limits import Limits
+
+    doc = (ROOT / "docs" / "errors.md").read_text()
+    assert [f.name for f in fields(Limits) if f"{f.name}=N" not in doc] == []
+    assert [flag for flag in ("--max-steps", "--max-frames", "--max-minutes") if f"`{flag} N`" not in doc] == []
