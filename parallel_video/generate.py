@@ -52,7 +52,7 @@ from mmaccel.runtime.limits import (
 from mmaccel.runtime.pipelines import expert_for, pipeline_transformers
 
 __all__ = [
-    "StepEta", "LongVideoConfig", "LongVideoOutput", "VideoGeometry", "check_long_video", "check_video_time_of",
+    "LongVideoConfig", "LongVideoOutput", "StepEta", "VideoGeometry", "check_long_video", "check_video_time_of",
     "generate_long_video",
 ]  # fmt: skip
 
@@ -151,9 +151,8 @@ class LongVideoOutput:
 
 def _fingerprint(pipe: Any, config: LongVideoConfig, world_size: int) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: the settings that change the result."""
-    settings = {
-        k: v for k, v in asdict(config).items() if k not in ("checkpoint_dir", "checkpoint_every", "resume", "overwrite", "limits")
-    }
+    run_only = ("checkpoint_dir", "checkpoint_every", "resume", "overwrite", "limits")
+    settings = {k: v for k, v in asdict(config).items() if k not in run_only}
     public = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}
     model = json.dumps(public, sort_keys=True, default=str)
     return {
