@@ -14,8 +14,8 @@ pipeline`` (both every ``--checkpoint-every``). A killed run continues with ``--
 writes the identical video; a folder holding checkpoints is refused without ``--resume`` or
 ``--overwrite``. Every argument is checked against :class:`mmaccel.runtime.limits.Limits`, the
 memory estimate and a FLOP lower bound of the time (``--max-minutes``) before any model loads; the
-second step's measured time gives an ETA, checked against the same limit (clip mode). A user error
-is one line from rank 0, exit 2.
+second step's measured time (pipeline mode: per item between the first two checkpoints) gives an
+ETA, checked against the same limit. A user error is one line from rank 0, exit 2.
 ``--nproc-per-node N`` starts the ranks without torchrun (:mod:`mmaccel.apps.launch`).
 """
 

@@ -31,10 +31,10 @@ from tqdm.auto import tqdm
 from mmaccel.parallel_video import checkpoint
 from mmaccel.parallel_video.clip_parallel import ClipParallelConfig, apply_clip_parallel
 from mmaccel.parallel_video.decode import decode_clip
-from mmaccel.parallel_video.layer_pipeline import LayerPipelineConfig, run_layer_pipeline
+from mmaccel.parallel_video.layer_pipeline import LayerPipelineConfig, block_sizes, run_layer_pipeline
 from mmaccel.parallel_video.noise import frame_noise
 from mmaccel.parallel_video.plan import latent_frame_count
-from mmaccel.parallel_video.schedule import split_stages
+from mmaccel.parallel_video.schedule import BlockSchedule, split_stages
 from mmaccel.runtime.distributed import (
     DistContext,
     all_gather_varlen,
@@ -76,8 +76,7 @@ class LongVideoConfig:
         A folder holding checkpoints of an earlier run is refused (``ValueError``) unless
         ``resume=True`` or ``overwrite=True`` (rank 0 deletes every checkpoint there first).
     limits: the caps on ``num_inference_steps``, ``num_frames``, the prompts and the denoising
-        time (``max_minutes``: a FLOP lower bound before any work, the measured second step after
-        it) (:class:`mmaccel.runtime.limits.Limits`); raise one explicitly, e.g.
+        time (``max_minutes``: a FLOP lower bound before any work, a measured step after it) (:class:`mmaccel.runtime.limits.Limits`); raise one explicitly, e.g.
         ``limits=Limits(max_steps=5000)``. Not part of a checkpoint's fingerprint.
     """
 
@@ -322,33 +321,45 @@ def check_video_time_of(pipe: Any, config: LongVideoConfig, world_size: int, dev
 
 
 class StepEta:
-    """The ETA of a run (fresh or resumed) from its second step, timed alone: the first carries
-    the text encoding and the warm-up (on the zoo video model on CPU it took 3.2-3.4x a later step).
-    The slowest rank's step time (one gather, so the ranks agree) times the steps left is the ETA,
-    printed on rank 0 when ``report``; when the time so far plus the ETA exceeds
-    ``limits.max_minutes`` every rank stops with one ``ValueError``, both finished steps kept."""
+    """The ETA of a run (fresh or resumed) from its second measured span, timed alone: the first
+    carries the text encoding and the warm-up (on the zoo video model on CPU it took 3.2-3.4x a
+    later step). :meth:`step` is called with the work done so far, in ``unit`` s (clip mode:
+    denoising steps, after each; pipeline mode: work items of the block schedule, at each
+    checkpoint). The slowest rank's time per unit (one gather, so the ranks agree) times the
+    units left is the ETA, printed on rank 0 when ``report``; when the time so far plus the ETA
+    exceeds ``limits.max_minutes`` every rank stops with one ``ValueError``, the checkpoints kept."""
 
-    def __init__(self, ctx: DistContext, config: LongVideoConfig, first: int, report: bool) -> None:
-        self.ctx, self.config, self.first, self.report = ctx, config, first, report
-        self.began = self.last = time.perf_counter()
+    def __init__(self, ctx: DistContext, config: LongVideoConfig, total: int, report: bool, unit: str = "step") -> None:
+        self.ctx, self.config, self.total, self.report, self.unit = ctx, config, total, report, unit
+        self.began = time.perf_counter()
+        self.marks: list[tuple[float, int]] = []
 
-    def step(self, step: int, stats: dict[str, Any]) -> None:
-        now = time.perf_counter()
-        step_s, self.last = now - self.last, now
-        if step != self.first + 2:
+    @property
+    def pending(self) -> bool:
+        """Whether :meth:`step` still measures (after the second call it does nothing)."""
+        return len(self.marks) < 2
+
+    def step(self, done: int, stats: dict[str, Any]) -> None:
+        if not self.pending:
             return
-        measured = torch.tensor([step_s, now - self.began], dtype=torch.float64, device=self.ctx.device)
+        self.marks.append((time.perf_counter(), done))
+        if len(self.marks) != 2:
+            return
+        (before, done_before), (now, _) = self.marks
+        per_unit = (now - before) / max(1, done - done_before)
+        measured = torch.tensor([per_unit, now - self.began], dtype=torch.float64, device=self.ctx.device)
         slowest, elapsed = torch.stack(all_gather_varlen(self.ctx, measured)).amax(0).tolist()
-        remaining = self.config.num_inference_steps - step
+        remaining = self.total - done
         directory = self.config.checkpoint_dir
         hint = (f"the finished steps are kept in {directory!r}: continue with --resume (resume=True) and the raised "
                 "limit") if directory else None  # fmt: skip
         eta = check_step_eta(elapsed, slowest, remaining, self.config.limits.max_minutes, flag=_MINUTES_FLAG,
-                             hint=hint)  # fmt: skip
+                             hint=hint, unit=self.unit)  # fmt: skip
         stats.update(step_s=slowest, eta_s=eta)
         if self.report and remaining:
-            tqdm.write(f"a step takes {slowest:.2f} s: about {format_duration(eta)} for the remaining {remaining} "
-                       f"step(s) (limit {self.config.limits.max_minutes:,} min)", file=sys.stderr)  # fmt: skip
+            tqdm.write(f"a {self.unit} takes {slowest:.2f} s: about {format_duration(eta)} for the remaining "
+                       f"{remaining} {self.unit}(s) (limit {self.config.limits.max_minutes:,} min)",
+                       file=sys.stderr)  # fmt: skip
 
 
 def _start_fresh(ctx: DistContext, directory: Path, config: LongVideoConfig, kind: str) -> None:
@@ -393,8 +404,9 @@ def generate_long_video(
     Before any work, a FLOP lower bound of the denoising must fit ``config.limits.max_minutes``
     (:func:`check_video_time_of`) and ``config.checkpoint_dir`` must hold no earlier run's
     checkpoints unless ``config.resume`` or ``config.overwrite``; after the second step (clip
-    mode) its measured time gives the ETA (``stats["eta_s"]``, printed when ``progress``), which
-    must fit the same limit (:class:`StepEta`). Each is one ``ValueError`` on every rank.
+    mode; pipeline mode: the second checkpoint, so only with ``checkpoint_dir``) the measured time
+    gives the ETA (``stats["eta_s"]``, printed when ``progress``), which must fit the same limit
+    (:class:`StepEta`). Each is one ``ValueError`` on every rank.
     """
     ctx = ctx or init_distributed()
     check_long_video(pipe, config, ctx.world_size)
@@ -421,7 +433,7 @@ def generate_long_video(
         elif directory is not None:
             _start_fresh(ctx, directory, config, "clip")
         stats["resumed_from_step"] = first
-        eta = StepEta(ctx, config, first, report=progress and ctx.is_main)
+        eta = StepEta(ctx, config, config.num_inference_steps, report=progress and ctx.is_main)
 
         def save(step: int, scheduler: Any, current: torch.Tensor) -> None:
             if clock is not None:
@@ -549,10 +561,17 @@ def _generate_pipelined(
     elif directory is not None:
         _start_fresh(ctx, directory, config, "pipeline")
 
+    schedule = BlockSchedule(len(block_sizes(num_latent, config.pipeline.frames_per_block)),
+                             config.num_inference_steps, config.pipeline.order)  # as run_layer_pipeline builds it
+    eta = StepEta(ctx, config, len(schedule.order()), report=progress and ctx.is_main, unit="pipeline item")
+    eta_stats: dict[str, Any] = {}
+
     def save(iteration: int, rank_state: dict[str, Any]) -> None:
         if clock is not None:
             clock.step(config.checkpoint_every)
         checkpoint.save_iteration(directory, ctx.rank, ctx.world_size, iteration, rank_state, meta)
+        if eta.pending:  # the items done so far, counted only while the ETA measures
+            eta.step(sum(schedule.in_flight(k) for k in range(iteration)), eta_stats)
 
     latents, stats = run_layer_pipeline(
         pipe, ctx, config.pipeline, text=text.to(pipe.transformer.dtype), guidance_scale=config.guidance_scale,
@@ -560,7 +579,7 @@ def _generate_pipelined(
         seed=config.seed, progress=progress, on_checkpoint=save if directory is not None else None,
         checkpoint_every=config.checkpoint_every, resume=state,
     )  # fmt: skip
-    stats.update(latent_frames=num_latent, resumed_from_step=first)
+    stats.update(latent_frames=num_latent, resumed_from_step=first, **eta_stats)
     if not ctx.is_main:
         return LongVideoOutput(None, None, stats)
     began = time.perf_counter()

@@ -486,9 +486,10 @@ def check_video_time(
 
 def check_step_eta(
     elapsed_s: float, step_s: float, remaining: int, max_minutes: int, *, flag: str = "--max-minutes",
-    hint: str | None = None,
+    hint: str | None = None, unit: str = "step",
 ) -> float:  # fmt: skip
-    """Once a step is measured: the estimated seconds left (``step_s`` x ``remaining`` steps);
+    """Once a step (or another ``unit`` of work) is measured: the estimated seconds left
+    (``step_s`` x ``remaining`` units);
     ``ValueError`` when ``elapsed_s`` (the run so far) plus that exceeds ``max_minutes``. ``hint``
     ends the message (where the finished steps are kept and how to continue, so nothing is lost)."""
     eta = step_s * remaining
@@ -496,7 +497,7 @@ def check_step_eta(
         return eta
     where = f"; {hint}" if hint else ""
     raise ValueError(
-        f"a step takes {step_s:,.2f} s, so the remaining {remaining:,} steps need about {format_duration(eta)} "
+        f"a {unit} takes {step_s:,.2f} s, so the remaining {remaining:,} {unit}s need about {format_duration(eta)} "
         f"(after {format_duration(elapsed_s)} so far), over the limit of {max_minutes:,} min; raise it with {flag}, "
         f"or lower the steps, frames or size{where}"
     )

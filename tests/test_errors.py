@@ -1377,30 +1377,42 @@ def test_long_video_api_refuses_an_over_long_run_before_any_step(tiny_wan, monke
             generate_long_video(tiny_wan, LongVideoConfig(**config, mode=mode, limits=Limits(max_minutes=1)))
 
 
-def test_long_video_step_eta_over_the_limit_stops_and_keeps_the_steps(tiny_wan, tmp_path):
+@pytest.mark.parametrize(
+    ("mode", "unit", "kept"),
+    [("clip", "step", ["clip0of1_step00001.pt", "clip0of1_step00002.pt"]),
+     ("pipeline", "pipeline item", ["pipe0of1_iter00001.pt", "pipe0of1_iter00002.pt"])],
+)  # fmt: skip
+def test_long_video_step_eta_over_the_limit_stops_and_keeps_the_steps(tiny_wan, tmp_path, mode, unit, kept):
     """100,000 steps of the tiny model take over a minute at any speed (0.6 ms a step): the
-    measured second step stops the run in one line, both finished steps' checkpoints kept."""
+    second measured span (clip: step; pipeline: checkpoint of the block schedule) stops the run
+    in one line, the finished checkpoints kept."""
     from mmaccel.parallel_video import LongVideoConfig, generate_long_video
     from mmaccel.runtime.limits import Limits
 
     steps = 100_000
-    config = dict(_LONG, num_inference_steps=steps, checkpoint_dir=str(tmp_path))
+    config = dict(_LONG, num_inference_steps=steps, checkpoint_dir=str(tmp_path), mode=mode)
     with pytest.raises(ValueError) as exc:
         generate_long_video(tiny_wan, LongVideoConfig(**config, limits=Limits(max_steps=steps, max_minutes=1)))
     message = str(exc.value)
-    assert "\n" not in message and f"the remaining {steps - 2:,} steps need about" in message
+    assert "\n" not in message and f"the remaining {steps - 2:,} {unit}s need about" in message  # one block
     for needle in ("over the limit of 1 min", "--max-minutes", "Limits(max_minutes=N)", str(tmp_path), "--resume"):
         assert needle in message, needle
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip0of1_step00001.pt", "clip0of1_step00002.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == kept
 
 
-def test_long_video_prints_the_eta_and_reports_it(tiny_wan, capsys):
-    from mmaccel.parallel_video import LongVideoConfig, generate_long_video
+def test_long_video_prints_the_eta_and_reports_it(tiny_wan, capsys, tmp_path):
+    from mmaccel.parallel_video import LayerPipelineConfig, LongVideoConfig, generate_long_video
 
     out = generate_long_video(tiny_wan, LongVideoConfig(**_LONG, num_inference_steps=4))
     assert 0 < out.stats["step_s"] and out.stats["eta_s"] == pytest.approx(2 * out.stats["step_s"])
     assert re.search(r"a step takes [0-9.]+ s: about \d+ s for the remaining 2 step\(s\) \(limit 1,440 min\)",
                      capsys.readouterr().err)  # fmt: skip
+    # pipeline mode (2 blocks of 2 latent frames, 4 steps: 8 items, 1 + 2 done at the second checkpoint)
+    config = LongVideoConfig(**{**_LONG, "num_frames": 13}, num_inference_steps=4, mode="pipeline",
+                             pipeline=LayerPipelineConfig(frames_per_block=2, num_cat=1), checkpoint_dir=str(tmp_path))  # fmt: skip
+    out = generate_long_video(tiny_wan, config)
+    assert out.stats["eta_s"] == pytest.approx(5 * out.stats["step_s"])
+    assert "for the remaining 5 pipeline item(s)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mode", ["clip", "pipeline"])
