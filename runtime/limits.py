@@ -64,10 +64,10 @@ MAX_FRAMES = 10_001
 #: bound (:func:`estimate_video_time`), then against a measured step (:func:`check_step_eta`).
 MAX_MINUTES = 24 * 60
 #: FLOP/s no device of a kind reaches, so FLOPs / peak is a lower bound on the time. ``cuda``: above
-#: every current GPU's dense half-precision tensor-core peak (H100 SXM 989, H200 989 TFLOP/s);
+#: every current GPU's dense bf16/fp16 tensor-core peak (H100 and H200 SXM 0.99, B200 2.25 PFLOP/s);
 #: ``cpu_fp32``: per thread, above two AVX-512 FMA units at 4 GHz (2 x 16 lanes x 2 FLOP x 4 GHz =
 #: 256 GFLOP/s); ``cpu_half``: per thread for bf16/fp16, above an AMX tile unit (~2 TFLOP/s a core).
-PEAK_FLOPS = {"cuda": 2.0e15, "cpu_fp32": 2.6e11, "cpu_half": 4.0e12}
+PEAK_FLOPS = {"cuda": 5.0e15, "cpu_fp32": 2.6e11, "cpu_half": 4.0e12}
 #: Host bytes the pipeline's step schedule takes per denoising step, an upper bound: the zoo's
 #: UniPC scheduler's ``set_timesteps`` measured 32 B/step; a whole ``mmaccel video`` run with
 #: ``--steps 100000000`` reached 17.8 GB before its first step (178 B/step, issue #31).

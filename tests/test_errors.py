@@ -1307,7 +1307,7 @@ def test_video_time_estimate_is_a_lower_bound_of_the_counted_flops():
     assert 0.5 * true_flops < estimate.flops_per_step <= true_flops
     two = estimate_video_time(9, 64, 96, dict(cfg), steps=10, text_tokens=32, ranks=2)
     assert two.flops == 10 * estimate.flops_per_step  # CFG doubles, two ranks halve
-    assert estimate_video_time(9, 64, 96, dict(cfg), steps=1, device="cuda").peak_flops == 2e15
+    assert estimate_video_time(9, 64, 96, dict(cfg), steps=1, device="cuda").peak_flops == 5e15
 
 
 @pytest.mark.parametrize(
