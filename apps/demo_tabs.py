@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmaccel.apps.demo_timing import gain_words, warm_compare
+from mmaccel.apps.demo_timing import WARM_REPEATS, gain_words, warm_compare
 from mmaccel.runtime.checkpoint_io import check_weight_files
 from mmaccel.runtime.images import PIL_MAX_PIXELS, open_image
-from mmaccel.runtime.limits import as_int, check_prompt
+from mmaccel.runtime.limits import Limits, as_int, check_prompt, check_video_time, estimate_video_time
 from mmaccel.runtime.metrics import psnr
 from mmaccel.runtime.paths import check_model_folder, model_folder_class
 
@@ -583,11 +583,14 @@ def run_video_tab(
     top_p: float = VIDEO_DEFAULTS["top_p"],
     dense_steps: float = VIDEO_DEFAULTS["dense_steps"],
     seed: int = 0,
+    limits: Limits | None = None,
 ) -> TabResult:
     """Generate a video dense and with SVG2 sparse attention; both saved as MP4 under ``out_dir``.
 
     ``frames`` must be ``1 + 4k`` (the Wan VAE) and at most `MAX_FRAMES`. Times are warm and
     interleaved (:func:`~mmaccel.apps.demo_timing.warm_compare`); the videos are the last runs'.
+    Before any run, a FLOP lower bound of all of them must fit ``limits.max_minutes``
+    (:func:`mmaccel.runtime.limits.check_video_time`; default :class:`~mmaccel.runtime.limits.Limits`).
     """
     from mmaccel.sparse_attn import SVG2Config, apply_svg2
 
@@ -604,6 +607,14 @@ def run_video_tab(
                         dense_layers=0.0)  # fmt: skip
     pipe = models.get("video")
     height, width = models.video_shape()
+    runs = 2 * (WARM_REPEATS + 1)  # warm_compare: a warm-up and WARM_REPEATS timed runs, dense and SVG2
+    estimate = estimate_video_time(
+        as_int("frames", frames, 1, MAX_FRAMES), height, width, dict(pipe.transformer.config),
+        steps=as_int("steps", steps, 1, MAX_STEPS) * runs,
+        temporal_stride=pipe.vae_scale_factor_temporal, spatial_stride=pipe.vae_scale_factor_spatial,
+        text_tokens=32, device=pipe.device, dtype_bytes=pipe.transformer.dtype.itemsize,
+    )  # fmt: skip
+    check_video_time(estimate, (limits or Limits()).max_minutes, flag="Limits(max_minutes=N)", hint="steps or frames")
 
     def run(num_steps: int = steps) -> np.ndarray:
         gen = torch.Generator("cpu").manual_seed(seed)

@@ -12,8 +12,10 @@ written atomically and read back before ``wrote`` is printed). Each rank checkpo
 part of the DualParal layer pipeline after every iteration of the block schedule in ``--mode
 pipeline`` (both every ``--checkpoint-every``). A killed run continues with ``--resume`` and
 writes the identical video; a folder holding checkpoints is refused without ``--resume`` or
-``--overwrite``. Every argument is checked against :class:`mmaccel.runtime.limits.Limits` and
-the memory estimate before any model loads; a user error is one line from rank 0, exit 2.
+``--overwrite``. Every argument is checked against :class:`mmaccel.runtime.limits.Limits`, the
+memory estimate and a FLOP lower bound of the time (``--max-minutes``) before any model loads; the
+second step's measured time (pipeline mode: per item between the first two checkpoints) gives an
+ETA, checked against the same limit. A user error is one line from rank 0, exit 2.
 ``--nproc-per-node N`` starts the ranks without torchrun (:mod:`mmaccel.apps.launch`).
 """
 
@@ -40,10 +42,13 @@ from mmaccel.runtime.checkpoint_io import check_weight_files, write_error
 from mmaccel.runtime.distributed import destroy_distributed, init_distributed
 from mmaccel.runtime.limits import (
     MAX_FRAMES,
+    MAX_MINUTES,
     MAX_STEPS,
     Limits,
     check_video_memory,
+    check_video_time,
     estimate_video_memory,
+    estimate_video_time,
     read_video_model_config,
 )
 from mmaccel.runtime.paths import check_output_dir
@@ -81,6 +86,9 @@ def add_video_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help=f"denoising steps; at most --max-steps ({MAX_STEPS})")
     p.add_argument("--max-steps", type=int, default=MAX_STEPS, help=f"raise the --steps limit (default {MAX_STEPS})")
     p.add_argument("--max-frames", type=int, default=MAX_FRAMES, help=f"raise the --frames limit (default {MAX_FRAMES})")
+    p.add_argument("--max-minutes", type=int, default=MAX_MINUTES,
+                   help=f"limit on the denoising time per rank, checked before any work (a FLOP lower bound) and "
+                   f"after the second step (its measured time x the steps left); default {MAX_MINUTES}")  # fmt: skip
     p.add_argument("--mode", choices=("clip", "pipeline"), default="clip",
                    help="clip: clip parallelism (Video-Infinity); pipeline: block-wise layer pipeline (DualParal)")  # fmt: skip
     p.add_argument("--height", type=int, default=None, help="default 64 for tiny and zoo, 480 otherwise")
@@ -179,8 +187,9 @@ def check_arguments(args: argparse.Namespace, world_size: int | None = None) -> 
     geometry (from its ``config.json`` files) and the split over ``world_size`` ranks (default
     ``WORLD_SIZE``)."""
     limits = Limits(
-        max_steps=_limit("--max-steps", args.max_steps), max_frames=_limit("--max-frames", args.max_frames)
-    )
+        max_steps=_limit("--max-steps", args.max_steps), max_frames=_limit("--max-frames", args.max_frames),
+        max_minutes=_limit("--max-minutes", args.max_minutes),
+    )  # fmt: skip
     limits.steps(args.steps, "--steps", "--max-steps")
     limits.frames(args.frames, "--frames", "--max-frames")
     limits.prompt(args.prompt, "--prompt")
@@ -207,12 +216,14 @@ def check_arguments(args: argparse.Namespace, world_size: int | None = None) -> 
         transformer, temporal, spatial = TINY_WAN_TRANSFORMER, geometry.temporal_stride, geometry.spatial_stride
     else:
         transformer, temporal, spatial = read_video_model_config(folder)
-    estimate = estimate_video_memory(
-        config.num_frames, config.height, config.width, transformer, temporal_stride=temporal,
-        spatial_stride=spatial, ranks=world_size, dtype_bytes=_DTYPES[args.dtype].itemsize,
-        guidance=config.guidance_scale > 1, steps=config.num_inference_steps,
-    )  # fmt: skip
-    check_video_memory(estimate, "cuda" if torch.cuda.is_available() else "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sizes = dict(temporal_stride=temporal, spatial_stride=spatial, ranks=world_size,
+                 dtype_bytes=_DTYPES[args.dtype].itemsize, guidance=config.guidance_scale > 1,
+                 steps=config.num_inference_steps)  # fmt: skip
+    check_video_memory(estimate_video_memory(config.num_frames, config.height, config.width, transformer, **sizes),
+                       device)  # fmt: skip
+    check_video_time(estimate_video_time(config.num_frames, config.height, config.width, transformer, **sizes,
+                                         text_tokens=config.max_sequence_length, device=device), limits.max_minutes)  # fmt: skip
     check_long_video(geometry, config, world_size)
     if folder is not None:
         check_weight_files(folder, flag="--model")
@@ -246,6 +257,7 @@ def _config(args: argparse.Namespace, limits: Limits | None = None) -> LongVideo
         checkpoint_dir=checkpoints,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
+        overwrite=args.overwrite,
         limits=limits or Limits(),
     )
 

@@ -11,7 +11,8 @@ falls back to the one before it. Files hold only tensors and plain values and ar
 ``torch.load(weights_only=True)``.
 
 A fresh run never replaces an earlier run's checkpoints silently: :func:`check_fresh_start`
-refuses a folder that holds some unless ``--resume`` (continue) or ``--overwrite`` (start over).
+refuses a folder that holds some unless ``--resume`` (continue) or ``--overwrite`` (start over),
+in the Python API ``resume=True`` or ``overwrite=True``.
 """
 
 from __future__ import annotations
@@ -190,10 +191,13 @@ def load_iteration(
 _ANY = re.compile(r"(clip|pipe)(\d+)of(\d+)_(step|iter)(\d+)\.pt")
 
 
-def check_fresh_start(directory: Path, *, flag: str = "checkpoint_dir") -> None:
+def check_fresh_start(
+    directory: Path, *, flag: str = "checkpoint_dir", resume: str = "--resume", overwrite: str = "--overwrite"
+) -> None:
     """``ValueError`` when ``directory`` holds checkpoints of an earlier run (any mode, any rank
-    count): a fresh run would replace its finished steps. The message names ``--resume`` and
-    ``--overwrite`` and how far the earlier run got."""
+    count): a fresh run would replace its finished steps. The message names ``resume`` and
+    ``overwrite`` (the CLI's flags, or the Python API's ``resume=True`` / ``overwrite=True``)
+    and how far the earlier run got."""
     if not directory.is_dir():
         return
     found = [m for p in directory.iterdir() if (m := _ANY.fullmatch(p.name))]
@@ -203,8 +207,8 @@ def check_fresh_start(directory: Path, *, flag: str = "checkpoint_dir") -> None:
     unit = newest.group(4) if newest.group(4) == "step" else "iteration"
     raise ValueError(
         f"{flag} {str(directory)!r} holds {len(found)} checkpoint(s) of an earlier run (up to {unit} "
-        f"{int(newest.group(5))} on {newest.group(3)} rank(s)); continue it with --resume, or start over "
-        "with --overwrite (deletes them)"
+        f"{int(newest.group(5))} on {newest.group(3)} rank(s)); continue it with {resume}, or start over "
+        f"with {overwrite} (deletes them)"
     )
 
 

@@ -31,10 +31,10 @@ from tqdm.auto import tqdm
 from mmaccel.parallel_video import checkpoint
 from mmaccel.parallel_video.clip_parallel import ClipParallelConfig, apply_clip_parallel
 from mmaccel.parallel_video.decode import decode_clip
-from mmaccel.parallel_video.layer_pipeline import LayerPipelineConfig, run_layer_pipeline
+from mmaccel.parallel_video.layer_pipeline import LayerPipelineConfig, block_sizes, run_layer_pipeline
 from mmaccel.parallel_video.noise import frame_noise
 from mmaccel.parallel_video.plan import latent_frame_count
-from mmaccel.parallel_video.schedule import split_stages
+from mmaccel.parallel_video.schedule import BlockSchedule, split_stages
 from mmaccel.runtime.distributed import (
     DistContext,
     all_gather_varlen,
@@ -42,10 +42,19 @@ from mmaccel.runtime.distributed import (
     gather_to_main,
     init_distributed,
 )
-from mmaccel.runtime.limits import Limits
+from mmaccel.runtime.limits import (
+    Limits,
+    check_step_eta,
+    check_video_time,
+    estimate_video_time,
+    format_duration,
+)
 from mmaccel.runtime.pipelines import expert_for, pipeline_transformers
 
-__all__ = ["LongVideoConfig", "LongVideoOutput", "VideoGeometry", "check_long_video", "generate_long_video"]
+__all__ = [
+    "LongVideoConfig", "LongVideoOutput", "StepEta", "VideoGeometry", "check_long_video", "check_video_time_of",
+    "generate_long_video",
+]  # fmt: skip
 
 MODES = ("clip", "pipeline")
 
@@ -64,8 +73,10 @@ class LongVideoConfig:
         clip after every ``checkpoint_every`` steps; pipeline mode, its part of the layer pipeline
         after every ``checkpoint_every`` iterations of the block schedule (each one drains the
         pipeline briefly). ``resume=True`` continues from the last point every rank saved there.
-    limits: the caps on ``num_inference_steps``, ``num_frames`` and the prompts
-        (:class:`mmaccel.runtime.limits.Limits`); raise one explicitly, e.g.
+        A folder holding checkpoints of an earlier run is refused (``ValueError``) unless
+        ``resume=True`` or ``overwrite=True`` (rank 0 deletes every checkpoint there first).
+    limits: the caps on ``num_inference_steps``, ``num_frames``, the prompts and the denoising
+        time (``max_minutes``: a FLOP lower bound before any work, a measured step after it) (:class:`mmaccel.runtime.limits.Limits`); raise one explicitly, e.g.
         ``limits=Limits(max_steps=5000)``. Not part of a checkpoint's fingerprint.
     """
 
@@ -85,6 +96,7 @@ class LongVideoConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 1
     resume: bool = False
+    overwrite: bool = False
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -111,8 +123,13 @@ class LongVideoConfig:
             raise TypeError(f"clip must be a ClipParallelConfig, got {type(self.clip).__name__}")
         if not isinstance(self.pipeline, LayerPipelineConfig):
             raise TypeError(f"pipeline must be a LayerPipelineConfig, got {type(self.pipeline).__name__}")
-        if self.resume and self.checkpoint_dir is None:
-            raise ValueError("resume=True needs checkpoint_dir")
+        for name in ("resume", "overwrite"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume=True and overwrite=True exclude each other: continue the earlier run or start over")
+        if (self.resume or self.overwrite) and self.checkpoint_dir is None:
+            raise ValueError(f"{'resume' if self.resume else 'overwrite'}=True needs checkpoint_dir")
         if not isinstance(self.limits, Limits):
             raise TypeError(f"limits must be a mmaccel.runtime.limits.Limits, got {type(self.limits).__name__}")
         self.limits.steps(self.num_inference_steps, "num_inference_steps", "limits=Limits(max_steps=N)")
@@ -133,9 +150,8 @@ class LongVideoOutput:
 
 def _fingerprint(pipe: Any, config: LongVideoConfig, world_size: int) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: the settings that change the result."""
-    settings = {
-        k: v for k, v in asdict(config).items() if k not in ("checkpoint_dir", "checkpoint_every", "resume", "limits")
-    }
+    run_only = ("checkpoint_dir", "checkpoint_every", "resume", "overwrite", "limits")
+    settings = {k: v for k, v in asdict(config).items() if k not in run_only}
     public = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}
     model = json.dumps(public, sort_keys=True, default=str)
     return {
@@ -285,6 +301,91 @@ class StepTimeout:
         object.__setattr__(self.ctx, "timeout_s", max(MIN_TIMEOUT_S, TIMEOUT_STEPS * self.slowest))
 
 
+#: How the time limit is raised, as the CLI and the Python API name it.
+_MINUTES_FLAG = "--max-minutes (limits=Limits(max_minutes=N))"
+
+
+def check_video_time_of(pipe: Any, config: LongVideoConfig, world_size: int, device: Any) -> None:
+    """``ValueError`` when even a FLOP lower bound of the denoising on one of ``world_size`` ranks
+    (:func:`mmaccel.runtime.limits.estimate_video_time`) exceeds ``config.limits.max_minutes``."""
+    geometry = VideoGeometry.of(pipe)
+    transformer = next(iter(pipeline_transformers(pipe).values()))
+    estimate = estimate_video_time(
+        config.num_frames, config.height, config.width, dict(transformer.config),
+        steps=config.num_inference_steps, temporal_stride=geometry.temporal_stride,
+        spatial_stride=geometry.spatial_stride, ranks=world_size, guidance=config.guidance_scale > 1,
+        text_tokens=config.max_sequence_length, device=device, dtype_bytes=transformer.dtype.itemsize,
+    )  # fmt: skip
+    check_video_time(estimate, config.limits.max_minutes, flag=_MINUTES_FLAG,
+                     hint="num_inference_steps, num_frames, height or width")  # fmt: skip
+
+
+class StepEta:
+    """The ETA of a run (fresh or resumed) from its second measured span, timed alone: the first
+    carries the text encoding and the warm-up (on the zoo video model on CPU it took 3.2-3.4x a
+    later step). :meth:`step` is called with the work done so far, in ``unit`` s (clip mode:
+    denoising steps, after each; pipeline mode: work items of the block schedule, at each
+    checkpoint). The slowest rank's time per unit (one gather, so the ranks agree) times the
+    units left is the ETA, printed on rank 0 when ``report``; when the time so far plus the ETA
+    exceeds ``limits.max_minutes`` every rank stops with one ``ValueError``, the checkpoints kept."""
+
+    def __init__(self, ctx: DistContext, config: LongVideoConfig, total: int, report: bool, unit: str = "step") -> None:
+        self.ctx, self.config, self.total, self.report, self.unit = ctx, config, total, report, unit
+        self.began = time.perf_counter()
+        self.marks: list[tuple[float, int]] = []
+
+    @property
+    def pending(self) -> bool:
+        """Whether :meth:`step` still measures (after the second call it does nothing)."""
+        return len(self.marks) < 2
+
+    def step(self, done: int, stats: dict[str, Any]) -> None:
+        if not self.pending:
+            return
+        self.marks.append((time.perf_counter(), done))
+        if len(self.marks) != 2:
+            return
+        (before, done_before), (now, _) = self.marks
+        per_unit = (now - before) / max(1, done - done_before)
+        measured = torch.tensor([per_unit, now - self.began], dtype=torch.float64, device=self.ctx.device)
+        slowest, elapsed = torch.stack(all_gather_varlen(self.ctx, measured)).amax(0).tolist()
+        remaining = self.total - done
+        directory = self.config.checkpoint_dir
+        hint = (f"the finished steps are kept in {directory!r}: continue with --resume (resume=True) and the raised "
+                "limit") if directory else None  # fmt: skip
+        eta = check_step_eta(elapsed, slowest, remaining, self.config.limits.max_minutes, flag=_MINUTES_FLAG,
+                             hint=hint, unit=self.unit)  # fmt: skip
+        stats.update(step_s=slowest, eta_s=eta)
+        if self.report and remaining:
+            tqdm.write(f"a {self.unit} takes {slowest:.2f} s: about {format_duration(eta)} for the remaining "
+                       f"{remaining} {self.unit}(s) (limit {self.config.limits.max_minutes:,} min)",
+                       file=sys.stderr)  # fmt: skip
+
+
+def _start_fresh(ctx: DistContext, directory: Path, config: LongVideoConfig, kind: str) -> None:
+    """A run that does not resume: with ``overwrite``, every rank deletes its own checkpoints and
+    rank 0 every checkpoint in the folder; without it, a folder holding an earlier run's
+    checkpoints is refused on every rank (``ValueError`` naming ``resume=True`` and
+    ``overwrite=True``). One gather makes the ranks agree and orders the deletion before any save."""
+    refused: ValueError | None = None
+    if config.overwrite:
+        checkpoint.clear(directory, ctx.rank, ctx.world_size, kind)
+        if ctx.is_main:
+            checkpoint.clear_all(directory)
+    else:
+        try:
+            checkpoint.check_fresh_start(directory, flag="checkpoint_dir", resume="resume=True",
+                                         overwrite="overwrite=True")  # fmt: skip
+        except ValueError as err:
+            refused = err
+    found = all_gather_varlen(ctx, torch.tensor([refused is not None], dtype=torch.int32, device=ctx.device))
+    if refused is not None:
+        raise refused
+    if any(int(t[0]) for t in found):
+        raise ValueError(f"checkpoint_dir {str(directory)!r}: another rank found an earlier run's checkpoints there; "
+                         "continue it with resume=True, or start over with overwrite=True")  # fmt: skip
+
+
 @torch.no_grad()
 def generate_long_video(
     pipe: Any,
@@ -299,9 +400,17 @@ def generate_long_video(
     Call on every rank (``torchrun``/``accelerate launch``) with the same arguments; ``ctx`` defaults
     to :func:`init_distributed`. A progress bar is shown on rank 0 only. ``timeout_from_steps``:
     after each step, set ``ctx.timeout_s`` from the measured step time (:class:`StepTimeout`).
+
+    Before any work, a FLOP lower bound of the denoising must fit ``config.limits.max_minutes``
+    (:func:`check_video_time_of`) and ``config.checkpoint_dir`` must hold no earlier run's
+    checkpoints unless ``config.resume`` or ``config.overwrite``; after the second step (clip
+    mode; pipeline mode: the second checkpoint, so only with ``checkpoint_dir``) the measured time
+    gives the ETA (``stats["eta_s"]``, printed when ``progress``), which must fit the same limit
+    (:class:`StepEta`). Each is one ``ValueError`` on every rank.
     """
     ctx = ctx or init_distributed()
     check_long_video(pipe, config, ctx.world_size)
+    check_video_time_of(pipe, config, ctx.world_size, ctx.device)
     clock = StepTimeout(ctx) if timeout_from_steps and ctx.world_size > 1 else None
     if config.mode == "pipeline":
         return _generate_pipelined(pipe, config, ctx, progress, clock)
@@ -322,14 +431,16 @@ def generate_long_video(
         if directory is not None and config.resume:
             first = _resume_step(ctx, directory)
         elif directory is not None:
-            checkpoint.clear(directory, ctx.rank, ctx.world_size)
+            _start_fresh(ctx, directory, config, "clip")
         stats["resumed_from_step"] = first
+        eta = StepEta(ctx, config, config.num_inference_steps, report=progress and ctx.is_main)
 
         def save(step: int, scheduler: Any, current: torch.Tensor) -> None:
             if clock is not None:
                 clock.step()
             if directory is not None and (step % config.checkpoint_every == 0 or step == config.num_inference_steps):
                 checkpoint.save_step(directory, ctx.rank, ctx.world_size, step, current, scheduler, meta)
+            eta.step(step, stats)
 
         def on_step_end(pipeline: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             save(i + 1, pipeline.scheduler, kwargs["latents"])
@@ -448,12 +559,19 @@ def _generate_pipelined(
         if first:
             state = checkpoint.load_iteration(directory, ctx.rank, ctx.world_size, first, meta)
     elif directory is not None:
-        checkpoint.clear(directory, ctx.rank, ctx.world_size, "pipeline")
+        _start_fresh(ctx, directory, config, "pipeline")
+
+    schedule = BlockSchedule(len(block_sizes(num_latent, config.pipeline.frames_per_block)),
+                             config.num_inference_steps, config.pipeline.order)  # as run_layer_pipeline builds it
+    eta = StepEta(ctx, config, len(schedule.order()), report=progress and ctx.is_main, unit="pipeline item")
+    eta_stats: dict[str, Any] = {}
 
     def save(iteration: int, rank_state: dict[str, Any]) -> None:
         if clock is not None:
             clock.step(config.checkpoint_every)
         checkpoint.save_iteration(directory, ctx.rank, ctx.world_size, iteration, rank_state, meta)
+        if eta.pending:  # the items done so far, counted only while the ETA measures
+            eta.step(sum(schedule.in_flight(k) for k in range(iteration)), eta_stats)
 
     latents, stats = run_layer_pipeline(
         pipe, ctx, config.pipeline, text=text.to(pipe.transformer.dtype), guidance_scale=config.guidance_scale,
@@ -461,7 +579,7 @@ def _generate_pipelined(
         seed=config.seed, progress=progress, on_checkpoint=save if directory is not None else None,
         checkpoint_every=config.checkpoint_every, resume=state,
     )  # fmt: skip
-    stats.update(latent_frames=num_latent, resumed_from_step=first)
+    stats.update(latent_frames=num_latent, resumed_from_step=first, **eta_stats)
     if not ctx.is_main:
         return LongVideoOutput(None, None, stats)
     began = time.perf_counter()

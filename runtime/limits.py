@@ -1,4 +1,4 @@
-"""Limits checked before any work starts: prompts, tokens, steps, frames, images, video memory.
+"""Limits checked before any work starts: prompts, tokens, steps, frames, images, video memory and time.
 
 One set of limits (:class:`Limits`) is used by the CLI, the demo and the Python API alike
 (``VLM.generate(..., limits=Limits(max_new_tokens=8192))``; ``mmaccel video --max-steps N``).
@@ -23,21 +23,28 @@ from mmaccel.runtime.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, PIL_MAX
 
 __all__ = [
     "MAX_FRAMES",
+    "MAX_MINUTES",
     "MAX_NEW_TOKENS",
     "MAX_PROMPT_CHARS",
     "MAX_STEPS",
     "MEMORY_LIMIT_ENV",
+    "PEAK_FLOPS",
     "SCHEDULE_BYTES_PER_STEP",
     "Limits",
     "MemoryEstimate",
+    "TimeEstimate",
     "as_int",
     "available_memory",
     "check_context",
     "check_image_array",
     "check_prompt",
+    "check_step_eta",
     "check_video_memory",
+    "check_video_time",
     "estimate_video_memory",
+    "estimate_video_time",
     "format_bytes",
+    "format_duration",
     "parse_bytes",
     "read_video_model_config",
 ]
@@ -52,6 +59,15 @@ MAX_NEW_TOKENS = 4096
 MAX_STEPS = 1000
 #: Most video frames (raise with ``--max-frames`` / ``Limits(max_frames=N)``); memory is checked too.
 MAX_FRAMES = 10_001
+#: Longest video generation accepted by default, in minutes of denoising on one rank (raise with
+#: ``--max-minutes`` / ``Limits(max_minutes=N)``): checked before any work against a FLOP lower
+#: bound (:func:`estimate_video_time`), then against a measured step (:func:`check_step_eta`).
+MAX_MINUTES = 24 * 60
+#: FLOP/s no device of a kind reaches, so FLOPs / peak is a lower bound on the time. ``cuda``: above
+#: every current GPU's dense bf16/fp16 tensor-core peak (H100 and H200 SXM 0.99, B200 2.25 PFLOP/s);
+#: ``cpu_fp32``: per thread, above two AVX-512 FMA units at 4 GHz (2 x 16 lanes x 2 FLOP x 4 GHz =
+#: 256 GFLOP/s); ``cpu_half``: per thread for bf16/fp16, above an AMX tile unit (~2 TFLOP/s a core).
+PEAK_FLOPS = {"cuda": 5.0e15, "cpu_fp32": 2.6e11, "cpu_half": 4.0e12}
 #: Host bytes the pipeline's step schedule takes per denoising step, an upper bound: the zoo's
 #: UniPC scheduler's ``set_timesteps`` measured 32 B/step; a whole ``mmaccel video`` run with
 #: ``--steps 100000000`` reached 17.8 GB before its first step (178 B/step, issue #31).
@@ -82,7 +98,9 @@ class Limits:
     """The limits every front door checks before any work (CLI, demo, Python API).
 
     Raise one explicitly: ``Limits(max_steps=5000)``. Each value is an int >= 1; ``max_pixels``
-    is at most PIL's own decompression-bomb limit.
+    is at most PIL's own decompression-bomb limit; ``max_minutes`` bounds a video generation's
+    denoising time on one rank (:func:`check_video_time` before any work, :func:`check_step_eta`
+    once a step is measured).
     """
 
     max_prompt_chars: int = MAX_PROMPT_CHARS
@@ -91,6 +109,7 @@ class Limits:
     max_frames: int = MAX_FRAMES
     max_pixels: int = DEFAULT_MAX_PIXELS
     min_side: int = DEFAULT_MIN_SIDE
+    max_minutes: int = MAX_MINUTES
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -350,3 +369,135 @@ def read_video_model_config(folder: str | Path) -> tuple[dict[str, Any], int, in
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot read the model config in {str(folder)!r}: {err}") from None
     return transformer, int(vae.get("scale_factor_temporal", 4)), int(vae.get("scale_factor_spatial", 8))
+
+
+# ------------------------------------------------------------------------------------------
+# Time
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TimeEstimate:
+    """Lower bound on the denoising time of a video generation on one rank.
+
+    ``flops_per_step``: one rank's transformer FLOPs for one denoising step (both classifier-free
+    guidance branches); ``steps``: the steps counted (a caller running several generations counts
+    them all); ``peak_flops``: the FLOP/s no device of that kind reaches (:data:`PEAK_FLOPS`), so
+    ``seconds`` never overstates the time (the text encoder, the VAE and the attention beyond each
+    query's own latent frame are not counted); ``device`` names what the peak is for.
+    """
+
+    flops_per_step: int
+    steps: int
+    peak_flops: float
+    device: str
+
+    @property
+    def flops(self) -> int:
+        return self.flops_per_step * self.steps
+
+    @property
+    def seconds(self) -> float:
+        return self.flops / self.peak_flops
+
+
+def _peak_flops(device: Any, dtype_bytes: int, threads: int | None) -> tuple[float, str]:
+    kind = getattr(device, "type", str(device).split(":")[0])
+    if kind == "cuda":
+        return PEAK_FLOPS["cuda"], "a CUDA device"
+    if threads is None:
+        import torch
+
+        threads = torch.get_num_threads()
+    per_thread = PEAK_FLOPS["cpu_fp32" if dtype_bytes >= 4 else "cpu_half"]
+    return per_thread * threads, f"{threads} CPU thread(s)"
+
+
+def estimate_video_time(
+    frames: int,
+    height: int,
+    width: int,
+    transformer_config: Mapping[str, Any],
+    *,
+    steps: int,
+    temporal_stride: int = 4,
+    spatial_stride: int = 8,
+    ranks: int = 1,
+    guidance: bool = True,
+    text_tokens: int = 512,
+    device: Any = "cpu",
+    dtype_bytes: int = 4,
+    threads: int | None = None,
+) -> TimeEstimate:
+    """A lower bound on the time one rank denoises ``frames`` x ``height`` x ``width`` for ``steps``
+    steps with a Wan-style transformer (``transformer_config``: ``num_layers``,
+    ``num_attention_heads``, ``attention_head_dim``, ``ffn_dim``, ``patch_size``), the work split
+    evenly over ``ranks`` (clip or layer parallel).
+
+    Per block and token: the self- and cross-attention projections (q, k, v, o and q, o: 12 d^2),
+    the FFN (4 d f), self-attention scores against at least the token's own latent frame and
+    cross-attention scores against ``text_tokens`` (4 d keys); per block and call the text's K/V
+    (4 d^2 text_tokens). Pure arithmetic, like :func:`estimate_video_memory`.
+    """
+    for name, value in (("frames", frames), ("height", height), ("width", width), ("ranks", ranks), ("steps", steps),
+                        ("temporal_stride", temporal_stride), ("spatial_stride", spatial_stride),
+                        ("text_tokens", text_tokens), ("dtype_bytes", dtype_bytes)):  # fmt: skip
+        _positive(name, value)
+    cfg = dict(transformer_config)
+    try:
+        pt, ph, pw = (int(p) for p in cfg.get("patch_size", (1, 2, 2)))
+        hidden = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
+        ffn = int(cfg.get("ffn_dim", 4 * hidden))
+        layers = int(cfg["num_layers"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"transformer_config lacks what the time estimate needs: {err}") from None
+    latent_frames = (frames - 1) // temporal_stride + 1
+    frame_tokens = max(1, height // spatial_stride // ph) * max(1, width // spatial_stride // pw)
+    tokens = math.ceil(latent_frames / pt) * frame_tokens
+    per_token = 12 * hidden * hidden + 4 * hidden * ffn + 4 * hidden * (frame_tokens + text_tokens)
+    per_call = layers * (tokens * per_token + 4 * hidden * hidden * text_tokens)
+    per_step = per_call * (2 if guidance else 1) // ranks
+    peak, where = _peak_flops(device, dtype_bytes, threads)
+    return TimeEstimate(per_step, steps, peak, where)
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as a short human string: ``42 s``, ``12.5 min``, ``57 h``."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:,.1f} min" if seconds < 48 * 3600 else f"{seconds / 3600:,.0f} h"
+
+
+def check_video_time(
+    estimate: TimeEstimate, max_minutes: int, *, flag: str = "--max-minutes",
+    hint: str = "--steps, --frames, --height or --width",
+) -> None:  # fmt: skip
+    """``ValueError`` when even the lower bound ``estimate`` exceeds ``max_minutes``; the message
+    names the FLOPs, the peak assumed, the limit, ``flag`` to raise it and ``hint`` to lower."""
+    if estimate.seconds <= max_minutes * 60:
+        return
+    raise ValueError(
+        f"this video needs at least {format_duration(estimate.seconds)} of denoising per rank "
+        f"({estimate.flops / 1e12:,.0f} TFLOP in {estimate.steps:,} steps at no more than "
+        f"{estimate.peak_flops / 1e12:,.2f} TFLOP/s on {estimate.device}), over the limit of {max_minutes:,} min; "
+        f"lower {hint}, use more ranks, or raise the limit with {flag}"
+    )
+
+
+def check_step_eta(
+    elapsed_s: float, step_s: float, remaining: int, max_minutes: int, *, flag: str = "--max-minutes",
+    hint: str | None = None, unit: str = "step",
+) -> float:  # fmt: skip
+    """Once a step (or another ``unit`` of work) is measured: the estimated seconds left
+    (``step_s`` x ``remaining`` units);
+    ``ValueError`` when ``elapsed_s`` (the run so far) plus that exceeds ``max_minutes``. ``hint``
+    ends the message (where the finished steps are kept and how to continue, so nothing is lost)."""
+    eta = step_s * remaining
+    if elapsed_s + eta <= max_minutes * 60:
+        return eta
+    where = f"; {hint}" if hint else ""
+    raise ValueError(
+        f"a {unit} takes {step_s:,.2f} s, so the remaining {remaining:,} {unit}s need about {format_duration(eta)} "
+        f"(after {format_duration(elapsed_s)} so far), over the limit of {max_minutes:,} min; raise it with {flag}, "
+        f"or lower the steps, frames or size{where}"
+    )

@@ -816,6 +816,10 @@ VIDEO_CASES = [
     ("model-pickle", ["--model", "{video-pickle}"], ["--model", "diffusion_pytorch_model.bin", "pickle"]),
     ("prompt-nul", [_P, "a\x00car"], ["--prompt contains a NUL"]),
     ("model-bad-config-json", ["--model", "{video-bad-json}"], ["transformer/config.json", "not readable JSON"]),
+    ("minutes-lower-bound", ["--frames", "2001", "--height", "256", "--width", "384", "--steps", "1000",
+                             "--max-minutes", "1"],
+     ["this video needs at least", "TFLOP in 1,000 steps", "over the limit of 1 min", "--max-minutes"]),
+    ("max-minutes-0", ["--max-minutes", "0"], ["--max-minutes must be an int >= 1"]),
 ]
 
 
@@ -1274,3 +1278,242 @@ def test_video_overwrite_deletes_every_earlier_checkpoint(capsys, monkeypatch, b
     argv = [*_VIDEO, _P, "a car", "--frames", "5", "--out", str(tmp_path / "run.mp4"), "--overwrite"]
     _assert_one_line(*_run(argv, capsys), "stopped after the checks")
     assert sorted(p.name for p in parts.iterdir()) == ["notes.txt"]
+
+
+# ------------------------------------------------------------------------------------------
+# Video time: a FLOP lower bound before any work, a measured step after it (#31)
+# ------------------------------------------------------------------------------------------
+
+
+def test_video_time_estimate_is_a_lower_bound_of_the_counted_flops():
+    """The estimate of one transformer call never exceeds what the tiny Wan transformer really
+    computes (its matmuls counted by torch's FlopCounterMode, plus its full self-attention), and
+    is not vacuous (over half of it)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mmaccel.runtime.limits import estimate_video_time
+    from mmaccel.testing import tiny_wan_pipeline
+
+    tr = tiny_wan_pipeline().transformer
+    cfg = tr.config
+    latent = torch.randn(1, cfg.in_channels, 3, 8, 12)  # 9 frames of 64 x 96
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        tr(hidden_states=latent, timestep=torch.tensor([500]), encoder_hidden_states=torch.randn(1, 32, cfg.text_dim),
+           return_dict=False)  # fmt: skip
+    hidden, tokens = cfg.num_attention_heads * cfg.attention_head_dim, 3 * 4 * 6
+    attention = cfg.num_layers * tokens * 4 * hidden * (tokens + 32)  # QK^T and AV, self and cross
+    true_flops = counter.get_total_flops() + attention
+    estimate = estimate_video_time(9, 64, 96, dict(cfg), steps=1, guidance=False, text_tokens=32)
+    assert 0.5 * true_flops < estimate.flops_per_step <= true_flops
+    two = estimate_video_time(9, 64, 96, dict(cfg), steps=10, text_tokens=32, ranks=2)
+    assert two.flops == 10 * estimate.flops_per_step  # CFG doubles, two ranks halve
+    assert estimate_video_time(9, 64, 96, dict(cfg), steps=1, device="cuda").peak_flops == 5e15
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"steps": 0}, ValueError, "steps must be an int >= 1, got 0"),
+        ({"steps": 2.0}, TypeError, "steps must be an int"),
+        ({"transformer_config": {"num_attention_heads": 2}}, ValueError, "lacks what the time estimate needs"),
+    ],
+)
+def test_video_time_estimate_errors(kwargs, error, match):
+    from mmaccel.runtime.limits import estimate_video_time
+    from mmaccel.testing import TINY_WAN_TRANSFORMER
+
+    args = {"frames": 5, "height": 64, "width": 96, "transformer_config": TINY_WAN_TRANSFORMER, "steps": 1} | kwargs
+    with pytest.raises(error, match=match):
+        estimate_video_time(**args)
+
+
+def test_check_video_time_and_step_eta_refuse_over_the_limit():
+    from mmaccel.runtime.limits import TimeEstimate, check_step_eta, check_video_time
+
+    check_video_time(TimeEstimate(10**12, 60, 1e12, "1 CPU thread(s)"), 1)  # exactly 60 s: allowed
+    with pytest.raises(ValueError, match=r"at least 2.0 min .* over the limit of 1 min; lower --steps.*--max-minutes"):
+        check_video_time(TimeEstimate(2 * 10**12, 60, 1e12, "1 CPU thread(s)"), 1)
+    assert check_step_eta(10.0, 10.0, 5, 1) == 50.0
+    with pytest.raises(ValueError, match=r"a step takes 10.00 s, so the remaining 6 steps need about 60 s \(after "
+                                         r"10 s so far\), over the limit of 1 min.*; kept"):  # fmt: skip
+        check_step_eta(10.0, 10.0, 6, 1, hint="kept")
+
+
+def test_limits_max_minutes_validates():
+    from mmaccel.runtime.limits import MAX_MINUTES, Limits
+
+    assert Limits().max_minutes == MAX_MINUTES == 1440
+    with pytest.raises(ValueError, match="Limits.max_minutes must be in"):
+        Limits(max_minutes=0)
+    with pytest.raises(TypeError, match="Limits.max_minutes"):
+        Limits(max_minutes="60")
+
+
+_LONG = {"prompt": "a car", "num_frames": 5, "height": 32, "width": 48, "max_sequence_length": 32}
+
+
+@pytest.fixture(scope="module")
+def tiny_wan():
+    from mmaccel.testing import tiny_wan_pipeline
+
+    pipe = tiny_wan_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_long_video_api_refuses_an_over_long_run_before_any_step(tiny_wan, monkeypatch):
+    import mmaccel.parallel_video.generate as generate
+    from mmaccel.parallel_video import LongVideoConfig, generate_long_video
+    from mmaccel.runtime.limits import Limits
+
+    def never(*args, **kwargs):
+        raise AssertionError("the transformer ran before the time limit was checked")
+
+    monkeypatch.setattr(generate, "apply_clip_parallel", never)
+    monkeypatch.setattr(generate, "run_layer_pipeline", never)
+    config = dict(_LONG, num_frames=2001, height=256, width=384, num_inference_steps=1000)
+    for mode in ("clip", "pipeline"):
+        with pytest.raises(ValueError, match=r"at least .* over the limit of 1 min.*Limits\(max_minutes=N\)"):
+            generate_long_video(tiny_wan, LongVideoConfig(**config, mode=mode, limits=Limits(max_minutes=1)))
+
+
+@pytest.mark.parametrize(
+    ("mode", "unit", "kept"),
+    [("clip", "step", ["clip0of1_step00001.pt", "clip0of1_step00002.pt"]),
+     ("pipeline", "pipeline item", ["pipe0of1_iter00001.pt", "pipe0of1_iter00002.pt"])],
+)  # fmt: skip
+def test_long_video_step_eta_over_the_limit_stops_and_keeps_the_steps(tiny_wan, tmp_path, mode, unit, kept):
+    """100,000 steps of the tiny model take over a minute at any speed (0.6 ms a step): the
+    second measured span (clip: step; pipeline: checkpoint of the block schedule) stops the run
+    in one line, the finished checkpoints kept."""
+    from mmaccel.parallel_video import LongVideoConfig, generate_long_video
+    from mmaccel.runtime.limits import Limits
+
+    steps = 100_000
+    config = dict(_LONG, num_inference_steps=steps, checkpoint_dir=str(tmp_path), mode=mode)
+    with pytest.raises(ValueError) as exc:
+        generate_long_video(tiny_wan, LongVideoConfig(**config, limits=Limits(max_steps=steps, max_minutes=1)))
+    message = str(exc.value)
+    assert "\n" not in message and f"the remaining {steps - 2:,} {unit}s need about" in message  # one block
+    for needle in ("over the limit of 1 min", "--max-minutes", "Limits(max_minutes=N)", str(tmp_path), "--resume"):
+        assert needle in message, needle
+    assert sorted(p.name for p in tmp_path.iterdir()) == kept
+
+
+def test_long_video_prints_the_eta_and_reports_it(tiny_wan, capsys, tmp_path):
+    from mmaccel.parallel_video import LayerPipelineConfig, LongVideoConfig, generate_long_video
+
+    out = generate_long_video(tiny_wan, LongVideoConfig(**_LONG, num_inference_steps=4))
+    assert 0 < out.stats["step_s"] and out.stats["eta_s"] == pytest.approx(2 * out.stats["step_s"])
+    assert re.search(r"a step takes [0-9.]+ s: about \d+ s for the remaining 2 step\(s\) \(limit 1,440 min\)",
+                     capsys.readouterr().err)  # fmt: skip
+    # pipeline mode (2 blocks of 2 latent frames, 4 steps: 8 items, 1 + 2 done at the second checkpoint)
+    config = LongVideoConfig(**{**_LONG, "num_frames": 13}, num_inference_steps=4, mode="pipeline",
+                             pipeline=LayerPipelineConfig(frames_per_block=2, num_cat=1), checkpoint_dir=str(tmp_path))  # fmt: skip
+    out = generate_long_video(tiny_wan, config)
+    assert out.stats["eta_s"] == pytest.approx(5 * out.stats["step_s"])
+    assert "for the remaining 5 pipeline item(s)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["clip", "pipeline"])
+def test_long_video_api_refuses_earlier_checkpoints_without_resume_or_overwrite(tiny_wan, tmp_path, mode):
+    """The Python API holds the CLI's rule: a fresh run over an earlier run's checkpoints is one
+    ValueError naming resume=True and overwrite=True, nothing deleted; overwrite=True starts over
+    (every checkpoint there deleted, other files kept) and resume=True continues."""
+    from mmaccel.parallel_video import LongVideoConfig, generate_long_video
+
+    config = dict(_LONG, num_inference_steps=2, checkpoint_dir=str(tmp_path), mode=mode, seed=3)
+    first = generate_long_video(tiny_wan, LongVideoConfig(**config), progress=False)
+    (tmp_path / "clip1of4_step00007.pt").write_bytes(b"x")  # another mode and rank count
+    (tmp_path / "notes.txt").write_text("the user's file stays")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError) as exc:
+        generate_long_video(tiny_wan, LongVideoConfig(**config), progress=False)
+    message = str(exc.value)
+    assert "\n" not in message and "checkpoint_dir" in message and str(tmp_path) in message
+    assert "resume=True" in message and "overwrite=True" in message and "--resume" not in message
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing replaced
+    resumed = generate_long_video(tiny_wan, LongVideoConfig(**config, resume=True), progress=False)
+    assert resumed.stats["resumed_from_step"] > 0
+    again = generate_long_video(tiny_wan, LongVideoConfig(**config, overwrite=True), progress=False)
+    assert again.stats["resumed_from_step"] == 0
+    np.testing.assert_array_equal(again.frames, first.frames)
+    assert "clip1of4_step00007.pt" not in {p.name for p in tmp_path.iterdir()}
+    assert (tmp_path / "notes.txt").is_file()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"resume": True, "overwrite": True, "checkpoint_dir": "x"}, ValueError, "exclude each other"),
+        ({"overwrite": True}, ValueError, "overwrite=True needs checkpoint_dir"),
+        ({"overwrite": 1, "checkpoint_dir": "x"}, TypeError, "overwrite must be a bool"),
+        ({"resume": "yes", "checkpoint_dir": "x"}, TypeError, "resume must be a bool"),
+    ],
+)
+def test_long_video_config_resume_overwrite_errors(kwargs, error, match):
+    from mmaccel.parallel_video import LongVideoConfig
+
+    with pytest.raises(error, match=match):
+        LongVideoConfig(prompt="a car", **kwargs)
+
+
+def test_demo_video_tab_checks_the_time_before_any_run(tmp_path, monkeypatch):
+    import mmaccel.apps.demo_tabs as tabs
+    from mmaccel.runtime.limits import Limits
+
+    def never(*args, **kwargs):
+        raise AssertionError("the video ran before the time limit was checked")
+
+    monkeypatch.setattr(tabs, "warm_compare", never)
+    import mmaccel.runtime.limits as limits
+
+    models = tabs.DemoModels(video="tiny")
+    # the demo's sliders keep the tiny model far under a minute, so the test lowers the peak
+    # FLOP/s assumed: 8 runs x 33 frames x 50 steps are then refused from the lower bound alone
+    monkeypatch.setitem(limits.PEAK_FLOPS, "cpu_fp32", 1e6)
+    with pytest.raises(ValueError, match=r"over the limit of 1 min; lower steps or frames.*Limits\(max_minutes=N\)"):
+        tabs.run_video_tab(models, "a car", tmp_path, frames=33, steps=50, limits=Limits(max_minutes=1))
+
+
+def test_parallel_video_doc_knobs_table_lists_every_video_flag():
+    """docs/parallel_video.md's knobs table names every `mmaccel video` option (the limits,
+    --overwrite, --timeout and --nproc-per-node included)."""
+    import argparse
+
+    from mmaccel.apps.video import add_video_parser
+
+    parser = add_video_parser(argparse.ArgumentParser().add_subparsers())
+    flags = [f for a in parser._actions for f in a.option_strings if f.startswith("--") and f != "--help"]
+    assert {"--max-steps", "--max-frames", "--max-minutes", "--overwrite", "--nproc-per-node", "--timeout"} <= set(flags)
+    doc = (ROOT / "docs" / "parallel_video.md").read_text()
+    table = doc[doc.index("### Knobs") :].split("\n\n")[1]
+    assert [f for f in flags if f"`{f}`" not in table] == []
+
+
+def test_video_eta_over_the_limit_on_two_ranks_is_one_line_exit_2_steps_kept(tmp_path):
+    """Two ranks agree on the slowest measured step: both stop after it with exit 2, the line is
+    printed once, and both ranks' checkpoints are kept for --resume."""
+    out = tmp_path / "v.mp4"
+    cmd = [sys.executable, "-m", "mmaccel.apps.cli", "video", "--nproc-per-node", "2", "--model", "tiny",
+           "--prompt", "a car", "--frames", "9", "--steps", "100000", "--max-steps", "100000", "--max-minutes", "1",
+           "--quiet", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_launch_env(), capture_output=True, text=True, timeout=300)
+    _assert_one_line(proc.returncode, proc.stderr, "mmaccel video: error: a step takes",
+                     "the remaining 99,998 steps", "--max-minutes", "v.mp4.parts", "--resume")  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "v.mp4.parts").iterdir()) == [
+        "clip0of2_step00001.pt", "clip0of2_step00002.pt", "clip1of2_step00001.pt", "clip1of2_step00002.pt"
+    ]  # fmt: skip
+    assert not out.exists()
+
+
+def test_errors_doc_says_how_to_raise_every_limit():
+    """docs/errors.md names every `Limits` field as the argument that raises it, and every
+    `mmaccel video --max-*` flag."""
+    from dataclasses import fields
+
+    from mmaccel.runtime.limits import Limits
+
+    doc = (ROOT / "docs" / "errors.md").read_text()
+    assert [f.name for f in fields(Limits) if f"{f.name}=N" not in doc] == []
+    assert [flag for flag in ("--max-steps", "--max-frames", "--max-minutes") if f"`{flag} N`" not in doc] == []
