@@ -236,7 +236,8 @@ def step_env(args: argparse.Namespace) -> None:
     import mmaccel
 
     s.data["settings"] = {"python": sys.version.split()[0], "mmaccel_from": os.path.dirname(mmaccel.__file__),
-                          "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+                          "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                          "cuda": torch.cuda.is_available(),
                           "gpus": torch.cuda.device_count(),
                           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}  # fmt: skip
     s.data["figures"] = {"versions": versions, "problems": problems}
@@ -894,6 +895,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.compile_backend = "eager" if args.tiny else "inductor"
     args.gpu = "H100"
+    if args.tiny:  # tiny shapes gain nothing from threads, and idle OpenMP workers spin on a shared CPU
+        import torch
+
+        torch.set_num_threads(1)
     if "report" in args.steps:
         if args.steps != ["report"] or args.out is None:
             parser.error("report runs alone and needs --out")
