@@ -235,7 +235,7 @@ class TDLoRA(nn.Module):
         a = self.lora_A if in_index is None else self.lora_A.index_select(1, in_index)
         b = self.lora_B if out_index is None else self.lora_B.index_select(0, out_index)
         g = gate.repeat_interleave(self.rank, dim=-1)  # (B, R)
-        low = F.linear(x, a) * g.view(g.shape[0], *([1] * (x.ndim - 2)), -1)
+        low = F.linear(x, a) * g.view(g.shape[0], *([1] * (x.ndim - 2)), g.shape[-1])  # also 0 rows
         return self.scale * F.linear(low, b)
 
 

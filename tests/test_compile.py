@@ -6,6 +6,9 @@ counted with a compile counter, compiled (``aot_eager``) == eager; regional comp
 
 from __future__ import annotations
 
+import dataclasses
+import types
+
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
@@ -16,10 +19,11 @@ from mmaccel.diffusion.flexdit import FlexDiTConfig, convert_to_flexdit
 from mmaccel.diffusion.token_density import TokenDensityConfig, apply_token_density
 from mmaccel.parallel_video.clip_parallel import ClipParallelConfig, apply_clip_parallel
 from mmaccel.parallel_video.layer_pipeline import BlockContext, LayerStage
-from mmaccel.runtime.budget import ConstantSchedule, LinearSchedule
+from mmaccel.runtime.budget import ConstantSchedule, LinearSchedule, StepSchedule
 from mmaccel.runtime.distributed import DistContext
 from mmaccel.sparse_attn.svg2 import SVG2Config, apply_svg2
 from mmaccel.testing import tiny_dit_pipeline
+from mmaccel.testing.hotpath import compile_counts, count_hot_path
 from mmaccel.testing.models import TINY_WAN_TRANSFORMER
 
 torch.set_num_threads(1)
@@ -248,3 +252,93 @@ def test_dydit_has_no_repeated_blocks():
     model = convert_to_dydit(_dit(2), DyDiTConfig())
     with pytest.raises(ValueError, match="_repeated_blocks"):
         model.compile_repeated_blocks(backend="aot_eager")
+
+
+# --------------------------------------------------------------------------------------------
+# Hot path: 0 host-device syncs per steady-state forward, <= 2 compiles per 20-step run
+# --------------------------------------------------------------------------------------------
+
+#: a 20-step schedule; the forwards below pass views of it, as diffusers pipelines do
+SCHEDULER = types.SimpleNamespace(timesteps=torch.linspace(999, 0, 20).round())
+TWO_LEVEL = StepSchedule(boundaries=(0.5,), ratios=(0.25, 1.0))
+
+
+def _dit_step(i: int) -> dict:
+    return {**_dit_inputs(0.0), "timestep": SCHEDULER.timesteps[i].expand(2)}
+
+
+def _hot_model(name: str):
+    """(model, inputs of step i) for each fixed-shape reduced path, reading SCHEDULER's timesteps."""
+    if name.startswith("token_density"):
+        if name.endswith("wan"):
+            model = _wan(2)
+            latents, _, text = _wan_inputs(0.0, frames=3, hw=(8, 12))
+            inputs = lambda i: dict(hidden_states=latents, timestep=SCHEDULER.timesteps[i].expand(1),  # noqa: E731
+                                    encoder_hidden_states=text, return_dict=False)  # fmt: skip
+            config = TokenDensityConfig(factor=(1, 2, 2), pooled_blocks=(0, 1), sparse_blocks=(1, 2))
+        else:
+            model, inputs = _dit(), _dit_step
+            mode = name.split("-")[1]
+            config = TokenDensityConfig(reducer="merge") if mode == "merge" else TokenDensityConfig(sparse_mode=mode)
+        apply_token_density(model, config, scheduler=SCHEDULER)
+        return model, inputs
+    if name == "flexdit":
+        model = convert_to_flexdit(_dit(), dataclasses.replace(FLEX, schedule=TWO_LEVEL))
+    else:
+        model = convert_to_dydit(_dit(), DyDiTConfig())
+        _randomise_dydit(model)
+        model.set_token_capacity(0.5)
+    model.use_scheduler_timesteps(SCHEDULER)
+    return model, _dit_step
+
+
+HOT = ["token_density-sparse_q", "token_density-sparse_kv", "token_density-merge", "token_density-wan",
+       "flexdit", "dydit"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", HOT)
+def test_reduced_forward_has_no_host_device_sync(name):
+    """After a warm-up forward, a reduced forward reads no tensor value on the host: the density
+    decision comes from the scheduler's timesteps (read once per schedule), pooling is reshape +
+    mean, merging and DyDiT's token skipping gather fixed counts (no ``nonzero``)."""
+    model, inputs = _hot_model(name)
+    with torch.no_grad():
+        model(**inputs(3))
+    count = count_hot_path(lambda: model(**inputs(3)))
+    assert count.syncs == 0, count.sync_counts
+    assert count.ops > 50  # the counter saw the forward
+
+
+def test_reading_the_timestep_tensor_is_counted_as_a_sync():
+    """The counter can fail the test above: without the scheduler, the timestep is read (.item())."""
+    model = _dit()
+    apply_token_density(model, TokenDensityConfig())
+    with torch.no_grad():
+        model(**_dit_step(3))
+    assert count_hot_path(lambda: model(**_dit_step(3))).sync_counts["item"] >= 1
+
+
+@pytest.mark.slow  # six 20-step aot_eager runs: ~60 s of CPU
+@pytest.mark.parametrize("name", HOT)
+def test_twenty_step_run_compiles_at_most_twice(name):
+    """A whole 20-step run under ``torch.compile``: no graph break, at most 2 compiles (token
+    density and FlexDiT: one per density level of a two-level schedule; DyDiT: one, its kept widths
+    are symbolic)."""
+    model, inputs = _hot_model(name)
+    counts = compile_counts(model, [((), inputs(i)) for i in range(20)])
+    assert counts.graph_breaks == 0 and counts.compiles <= 2, counts
+
+
+def test_dydit_symbolic_widths_compile_once_and_equal_eager():
+    """DyDiT with 4 distinct width patterns over 20 timesteps compiles once (aot_eager, dynamic
+    widths) and every compiled step equals eager."""
+    model, inputs = _hot_model("dydit")
+    patterns = {tuple(model._plan(i, float(t), torch.device("cpu"), torch.float32)["pattern"] for i in range(4))
+                for t in SCHEDULER.timesteps}  # fmt: skip
+    assert len(patterns) > 2
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)
+    with torch.no_grad():
+        for i in range(0, 20, 3):
+            torch.testing.assert_close(compiled(**inputs(i))[0], model(**inputs(i))[0])
+    assert counter.frame_count == 1
