@@ -16,17 +16,22 @@ table shows each forward's median time and the median speed-up over eager dense 
 
 from __future__ import annotations
 
+import copy
 import functools
 import time
+import types
 
 import torch
-from diffusers import DiTTransformer2DModel
+from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 
 from mmaccel.benchmarks.harness import RESULTS_DIR, compare, parse_timing_args, timing_parser
 from mmaccel.diffusion.dydit import DyDiTConfig, DyDiTTransformer2DModel, convert_to_dydit
 from mmaccel.diffusion.flexdit import FlexDiTConfig, convert_to_flexdit
+from mmaccel.diffusion.token_density import TokenDensityConfig, apply_token_density, count_flops
+from mmaccel.runtime.budget import ConstantSchedule
 from mmaccel.runtime.environment import machine_description
 from mmaccel.runtime.tables import markdown_table
+from mmaccel.testing.hotpath import count_hot_path
 
 RESULTS = RESULTS_DIR / "compile.md"
 TIMESTEP = 500
@@ -106,11 +111,20 @@ def run(quick: bool, repeats: int) -> str:
 
 def main(argv: list[str] | None = None) -> str:
     parser = timing_parser(__doc__.splitlines()[0], "width 192, 6 blocks, 8x8 tokens (about a minute)", RESULTS)
+    parser.add_argument("--shape", choices=("dit", "pixart-16k"), default="dit",
+                        help="dit: dense/FlexDiT/DyDiT, 256 tokens; pixart-16k: PixArt-Sigma-shaped 2048 px "
+                             "(16,384 tokens), dense/token density/FlexDiT/DyDiT with FLOPs and time ratios")  # fmt: skip
     args = parse_timing_args(parser, argv)
-    s = _shape(args.quick)
-    shape = (f"width {s['heads'] * 64}, {s['heads']} heads, {s['layers']} blocks, "
-             f"{(s['sample'] // 2) ** 2} tokens")  # fmt: skip
-    table = run(args.quick, args.repeats)
+    if args.shape == "pixart-16k":
+        latent = 64 if args.quick else 256
+        shape = (f"PixArt-Sigma-shaped, width 64, 2 heads, 4 blocks, {(latent // 2) ** 2} tokens "
+                 f"({latent * 8} px), 8 text tokens")  # fmt: skip
+        table = run_16k(args.quick, args.repeats)
+    else:
+        s = _shape(args.quick)
+        shape = (f"width {s['heads'] * 64}, {s['heads']} heads, {s['layers']} blocks, "
+                 f"{(s['sample'] // 2) ** 2} tokens")  # fmt: skip
+        table = run(args.quick, args.repeats)
     text = (f"### {'--quick' if args.quick else 'full'}: {shape}, random weights, batch 1, fp32, t={TIMESTEP}, "
             f"{args.repeats} interleaved rounds\n\nMachine: {machine_description()}, "
             f"torch threads {torch.get_num_threads()}\n\n{table}\n")  # fmt: skip
@@ -122,6 +136,86 @@ def main(argv: list[str] | None = None) -> str:
         with open(RESULTS, "a") as f:
             f.write("\n" + text)
     return text
+
+
+# ------------------------------------------------------------------------------------------
+# --shape pixart-16k: where token reduction pays (16,384 tokens), FLOPs ratio beside time ratio
+# ------------------------------------------------------------------------------------------
+
+#: PixArt-Sigma-shaped at 2048 px: 256x256x4 latent, patch 2 -> 128x128 = 16,384 tokens; narrow and
+#: shallow so a CPU run takes minutes (``--quick``: 64x64 latent, 1,024 tokens)
+PIXART_16K = dict(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=4,
+                  patch_size=2, cross_attention_dim=64, caption_channels=32, attention_bias=True,
+                  activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+                  norm_elementwise_affine=False, norm_eps=1e-6)  # fmt: skip
+#: the reduced step every variant is timed at (one scheduler timestep, read on the host)
+SCHEDULER_16K = types.SimpleNamespace(timesteps=torch.tensor([TIMESTEP], dtype=torch.float32))
+TARGET_SHARE = 0.85  # time ratio >= 85% of the FLOPs ratio
+
+
+def _pixart(latent: int) -> PixArtTransformer2DModel:
+    torch.manual_seed(0)
+    return PixArtTransformer2DModel(**PIXART_16K, sample_size=latent).eval()
+
+
+def _reduced_variants(dense: PixArtTransformer2DModel, grid: int) -> dict[str, torch.nn.Module]:
+    """Token density (1 pooled + 2 sparse_q blocks at keep 0.25), FlexDiT (1 Poolingformer, one
+    SDTM to a grid/4 sparse grid, 1 dense) and DyDiT at lambda ~ 0.5 (half the heads and MLP groups,
+    fixed token capacity 0.5): each a separate copy of ``dense``, reading SCHEDULER_16K on the host."""
+    density = copy.deepcopy(dense)
+    apply_token_density(density, TokenDensityConfig(pooled_blocks=(0, 1), sparse_blocks=(1, 3),
+                                                    schedule=ConstantSchedule(0.25)), scheduler=SCHEDULER_16K)  # fmt: skip
+    flex = convert_to_flexdit(dense, FlexDiTConfig(pooling_blocks=1, num_modules=1, module_layout=(1, 0, 1, 0),
+                                                   top_dense_blocks=1, sparse_grid=(grid // 4, grid // 4)))  # fmt: skip
+    dydit = convert_to_dydit(dense, DyDiTConfig())
+    _fix_widths(dydit, 0.5)
+    dydit.set_token_capacity(0.5)
+    for model in (flex, dydit):
+        model.use_scheduler_timesteps(SCHEDULER_16K)
+    return {"token density": density, "FlexDiT": flex, "DyDiT": dydit}
+
+
+@torch.no_grad()
+def _pixart_forward(model: torch.nn.Module, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    return model(x, encoder_hidden_states=text, timestep=SCHEDULER_16K.timesteps[0].expand(1),
+                 added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]  # fmt: skip
+
+
+def run_16k(quick: bool, repeats: int) -> str:
+    latent = 64 if quick else 256
+    grid = latent // 2
+    dense = _pixart(latent)
+    models = {"dense": dense, **_reduced_variants(dense, grid)}
+    gen = torch.Generator().manual_seed(0)
+    x, text = torch.randn(1, 4, latent, latent, generator=gen), torch.randn(1, 8, 32, generator=gen)
+    flops, syncs, compile_s, fns = {}, {}, {}, {}
+    for name, model in models.items():
+        _, flops[name] = count_flops(functools.partial(_pixart_forward, model, x, text))
+        syncs[name] = count_hot_path(functools.partial(_pixart_forward, model, x, text)).syncs
+    for mode in ("eager", "inductor"):
+        for name, model in models.items():
+            fn = model if mode == "eager" else torch.compile(model, backend="inductor")
+            fns[f"{name}, {mode}"] = functools.partial(_pixart_forward, fn, x, text)
+            if mode == "inductor":
+                start = time.perf_counter()
+                fns[f"{name}, {mode}"]()  # the first call compiles
+                compile_s[name] = time.perf_counter() - start
+    rows = []
+    for mode in ("eager", "inductor"):
+        result = compare({k: v for k, v in fns.items() if k.endswith(mode)}, repeats=repeats, warmup=1)
+        for name in models:
+            cmp = result[f"{name}, {mode}"]
+            flops_ratio = flops["dense"] / flops[name]
+            share = cmp.ratio / flops_ratio
+            verdict = "-" if name == "dense" else (
+                f"{'met' if share >= TARGET_SHARE else 'missed'} ({share:.0%})")  # fmt: skip
+            rows.append([name, mode, f"{compile_s[name]:.0f} s" if mode == "inductor" else "-",
+                         f"{flops[name] / 1e9:.1f}", f"{flops_ratio:.2f}x", cmp.time_text(), cmp.ratio_text(),
+                         verdict, str(syncs[name])])  # fmt: skip
+    headers = ["model", "mode", "first call (compile)", "GFLOPs", "FLOPs ratio (dense / this)",
+               "forward (median, min-max)", "time ratio vs dense, same mode (median, min-max)",
+               f"time >= {TARGET_SHARE:.0%} of FLOPs ratio", "host-device syncs per forward"]  # fmt: skip
+    return markdown_table(headers, rows)
 
 
 if __name__ == "__main__":
