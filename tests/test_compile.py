@@ -14,6 +14,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from torch._dynamo.testing import CompileCounterWithBackend
 
+from mmaccel.diffusion import compile_repeated_blocks
 from mmaccel.diffusion.dydit import DyDiTConfig, convert_to_dydit
 from mmaccel.diffusion.flexdit import FlexDiTConfig, convert_to_flexdit
 from mmaccel.diffusion.token_density import TokenDensityConfig, apply_token_density
@@ -22,7 +23,7 @@ from mmaccel.parallel_video.layer_pipeline import BlockContext, LayerStage
 from mmaccel.runtime.budget import ConstantSchedule, LinearSchedule, StepSchedule
 from mmaccel.runtime.distributed import DistContext
 from mmaccel.sparse_attn.svg2 import SVG2Config, apply_svg2
-from mmaccel.testing import tiny_dit_pipeline
+from mmaccel.testing import tiny_cogvideox_pipeline, tiny_dit_pipeline, tiny_pixart_pipeline
 from mmaccel.testing.hotpath import compile_counts, count_hot_path
 from mmaccel.testing.models import TINY_WAN_TRANSFORMER
 
@@ -342,3 +343,39 @@ def test_dydit_symbolic_widths_compile_once_and_equal_eager():
         for i in range(0, 20, 3):
             torch.testing.assert_close(compiled(**inputs(i))[0], model(**inputs(i))[0])
     assert counter.frame_count == 1
+
+
+def _family(name: str):
+    """(transformer, its inputs) of a tiny model of each family token density patches."""
+    gen = torch.Generator().manual_seed(4)
+    if name == "dit":
+        return _dit(), _dit_inputs(500.0)
+    if name == "pixart":
+        model = tiny_pixart_pipeline(num_layers=3).transformer.eval()
+        return model, dict(hidden_states=torch.randn(1, 4, 16, 16, generator=gen), timestep=torch.tensor([500.0]),
+                           encoder_hidden_states=torch.randn(1, 8, 32, generator=gen), return_dict=False,
+                           added_cond_kwargs={"resolution": None, "aspect_ratio": None})  # fmt: skip
+    model = tiny_cogvideox_pipeline(num_layers=3).transformer.eval()
+    return model, dict(hidden_states=torch.randn(1, 3, 4, 8, 12, generator=gen), timestep=torch.tensor([500]),
+                       encoder_hidden_states=torch.randn(1, 32, 32, generator=gen), return_dict=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["dit", pytest.param("pixart", marks=pytest.mark.slow),
+                                  pytest.param("cogvideox", marks=pytest.mark.slow)])  # ~25 s of CPU each
+def test_regional_compilation_of_families_without_repeated_blocks(name):
+    """DiT, PixArt and CogVideoX list no ``_repeated_blocks``: `compile_repeated_blocks` compiles
+    their blocks from the adapter tables, dense and under token density's block hooks, and the
+    output equals eager. DyDiT has no region and says so."""
+    model, inputs = _family(name)
+    cfg = (TokenDensityConfig(pooled_blocks=(0, 2), sparse_blocks=None, factor=(1, 2, 2), schedule=ConstantSchedule(0.25))
+           if name == "cogvideox" else TokenDensityConfig(schedule=ConstantSchedule(0.25)))  # fmt: skip
+    with torch.no_grad():
+        dense = model(**inputs)[0]
+        apply_token_density(model, cfg)
+        reduced = model(**inputs)[0]
+        counter = CompileCounterWithBackend("aot_eager")
+        assert compile_repeated_blocks(model, backend=counter) == len(model.transformer_blocks)
+        torch.testing.assert_close(model(**inputs)[0], reduced)
+    assert counter.frame_count >= 1 and not torch.allclose(reduced, dense)
+    with pytest.raises(ValueError, match="whole model"):
+        compile_repeated_blocks(convert_to_dydit(_dit(2), DyDiTConfig()))
