@@ -114,12 +114,13 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--shape", choices=("dit", "pixart-16k"), default="dit",
                         help="dit: dense/FlexDiT/DyDiT, 256 tokens; pixart-16k: PixArt-Sigma-shaped 2048 px "
                              "(16,384 tokens), dense/token density/FlexDiT/DyDiT with FLOPs and time ratios")  # fmt: skip
+    parser.add_argument("--device", default="cpu", help="pixart-16k only: cpu or cuda (the GPU step)")
     args = parse_timing_args(parser, argv)
     if args.shape == "pixart-16k":
         latent = 64 if args.quick else 256
         shape = (f"PixArt-Sigma-shaped, width 64, 2 heads, 4 blocks, {(latent // 2) ** 2} tokens "
                  f"({latent * 8} px), 8 text tokens")  # fmt: skip
-        table = run_16k(args.quick, args.repeats)
+        table = run_16k(args.quick, args.repeats, args.device)
     else:
         s = _shape(args.quick)
         shape = (f"width {s['heads'] * 64}, {s['heads']} heads, {s['layers']} blocks, "
@@ -170,6 +171,7 @@ def _reduced_variants(dense: PixArtTransformer2DModel, grid: int) -> dict[str, t
     dydit = convert_to_dydit(dense, DyDiTConfig())
     _fix_widths(dydit, 0.5)
     dydit.set_token_capacity(0.5)
+    flex, dydit = flex.to(dense.device), dydit.to(dense.device)
     for model in (flex, dydit):
         model.use_scheduler_timesteps(SCHEDULER_16K)
     return {"token density": density, "FlexDiT": flex, "DyDiT": dydit}
@@ -181,13 +183,16 @@ def _pixart_forward(model: torch.nn.Module, x: torch.Tensor, text: torch.Tensor)
                  added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]  # fmt: skip
 
 
-def run_16k(quick: bool, repeats: int) -> str:
+def run_16k(quick: bool, repeats: int, device: str = "cpu") -> str:
+    """The --shape pixart-16k table; ``device="cuda"`` for the GPU step (same models, CUDA timing)."""
     latent = 64 if quick else 256
     grid = latent // 2
-    dense = _pixart(latent)
+    SCHEDULER_16K.timesteps = SCHEDULER_16K.timesteps.to(device)
+    dense = _pixart(latent).to(device)
     models = {"dense": dense, **_reduced_variants(dense, grid)}
     gen = torch.Generator().manual_seed(0)
     x, text = torch.randn(1, 4, latent, latent, generator=gen), torch.randn(1, 8, 32, generator=gen)
+    x, text = x.to(device), text.to(device)
     flops, syncs, compile_s, fns = {}, {}, {}, {}
     for name, model in models.items():
         _, flops[name] = count_flops(functools.partial(_pixart_forward, model, x, text))
@@ -202,7 +207,7 @@ def run_16k(quick: bool, repeats: int) -> str:
                 compile_s[name] = time.perf_counter() - start
     rows = []
     for mode in ("eager", "inductor"):
-        result = compare({k: v for k, v in fns.items() if k.endswith(mode)}, repeats=repeats, warmup=1)
+        result = compare({k: v for k, v in fns.items() if k.endswith(mode)}, repeats=repeats, warmup=1, device=device)
         for name in models:
             cmp = result[f"{name}, {mode}"]
             flops_ratio = flops["dense"] / flops[name]

@@ -379,3 +379,21 @@ def test_regional_compilation_of_families_without_repeated_blocks(name):
     assert counter.frame_count >= 1 and not torch.allclose(reduced, dense)
     with pytest.raises(ValueError, match="whole model"):
         compile_repeated_blocks(convert_to_dydit(_dit(2), DyDiTConfig()))
+
+
+@pytest.mark.slow  # four inductor compiles: ~1 min of CPU
+def test_bench_compile_16k_quick_prints_flops_and_time_ratios():
+    """``bench_compile --shape pixart-16k --quick`` (1,024 tokens): a row per model and mode with
+    the FLOPs ratio beside the time ratio, a verdict against 85% of it, and 0 syncs per forward."""
+    import re
+
+    from mmaccel.benchmarks import bench_compile
+
+    text = bench_compile.main(["--shape", "pixart-16k", "--quick"])
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and " eager" in line
+            or line.startswith("| ") and " inductor" in line]  # fmt: skip
+    assert len(rows) == 8
+    for cells in rows:
+        assert re.fullmatch(r"\d+\.\d\dx", cells[4]) and cells[-1].rstrip(" |") == "0", cells
+        if not cells[0].endswith("dense"):
+            assert float(cells[4][:-1]) > 1.5 and re.match(r"(met|missed) \(\d+%\)", cells[7]), cells
