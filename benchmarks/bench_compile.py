@@ -20,6 +20,7 @@ import copy
 import functools
 import time
 import types
+from collections.abc import Callable
 
 import torch
 from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
@@ -111,16 +112,21 @@ def run(quick: bool, repeats: int) -> str:
 
 def main(argv: list[str] | None = None) -> str:
     parser = timing_parser(__doc__.splitlines()[0], "width 192, 6 blocks, 8x8 tokens (about a minute)", RESULTS)
-    parser.add_argument("--shape", choices=("dit", "pixart-16k"), default="dit",
+    parser.add_argument("--shape", choices=("dit", "pixart-16k", "wan-32k"), default="dit",
                         help="dit: dense/FlexDiT/DyDiT, 256 tokens; pixart-16k: PixArt-Sigma-shaped 2048 px "
-                             "(16,384 tokens), dense/token density/FlexDiT/DyDiT with FLOPs and time ratios")  # fmt: skip
-    parser.add_argument("--device", default="cpu", help="pixart-16k only: cpu or cuda (the GPU step)")
+                             "(16,384 tokens), dense/token density/FlexDiT/DyDiT with FLOPs and time ratios; "
+                             "wan-32k: Wan-1.3B-shaped 480p (32,760 tokens), dense/token density")  # fmt: skip
+    parser.add_argument("--device", default="cpu", help="pixart-16k, wan-32k: cpu or cuda (the GPU step)")
     args = parse_timing_args(parser, argv)
     if args.shape == "pixart-16k":
         latent = 64 if args.quick else 256
         shape = (f"PixArt-Sigma-shaped, width 64, 2 heads, 4 blocks, {(latent // 2) ** 2} tokens "
                  f"({latent * 8} px), 8 text tokens")  # fmt: skip
         table = run_16k(args.quick, args.repeats, args.device)
+    elif args.shape == "wan-32k":
+        tokens = 384 if args.quick else 32760
+        shape = f"Wan-1.3B-shaped, width 64, 2 heads, 4 blocks, {tokens} tokens, 16 text tokens"
+        table = run_wan_32k(args.quick, args.repeats, args.device)
     else:
         s = _shape(args.quick)
         shape = (f"width {s['heads'] * 64}, {s['heads']} heads, {s['layers']} blocks, "
@@ -193,14 +199,54 @@ def run_16k(quick: bool, repeats: int, device: str = "cpu") -> str:
     gen = torch.Generator().manual_seed(0)
     x, text = torch.randn(1, 4, latent, latent, generator=gen), torch.randn(1, 8, 32, generator=gen)
     x, text = x.to(device), text.to(device)
+    return _ratio_table(models, lambda m: functools.partial(_pixart_forward, m, x, text), repeats, device)
+
+
+#: Wan 2.1 1.3B-shaped at 480p, 81 frames: latent 16 x 21 x 60 x 104, patch (1, 2, 2) -> 21 x 30 x 52
+#: = 32,760 tokens; narrow (2 heads x 32) and 4 blocks so a CPU run takes minutes
+#: (``--quick``: 16 x 3 x 16 x 16 -> 384 tokens)
+WAN_32K = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=16, out_channels=16,
+               text_dim=64, freq_dim=64, ffn_dim=256, num_layers=4, cross_attn_norm=True,
+               qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)  # fmt: skip
+
+
+@torch.no_grad()
+def _wan_forward(model: torch.nn.Module, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    return model(x, timestep=SCHEDULER_16K.timesteps[0].expand(1), encoder_hidden_states=text, return_dict=False)[0]
+
+
+def run_wan_32k(quick: bool, repeats: int, device: str = "cpu") -> str:
+    """The --shape wan-32k table: dense vs token density (1 pooled + 2 sparse_q blocks, keep 0.25,
+    window (1, 2, 2)); FlexDiT and DyDiT convert DiT/PixArt only."""
+    from diffusers import WanTransformer3DModel
+
+    shape = (1, 16, 3, 16, 16) if quick else (1, 16, 21, 60, 104)
+    SCHEDULER_16K.timesteps = SCHEDULER_16K.timesteps.to(device)
+    torch.manual_seed(0)
+    dense = WanTransformer3DModel(**WAN_32K).eval().to(device)
+    density = copy.deepcopy(dense)
+    apply_token_density(density, TokenDensityConfig(factor=(1, 2, 2), pooled_blocks=(0, 1), sparse_blocks=(1, 3),
+                                                    schedule=ConstantSchedule(0.25)), scheduler=SCHEDULER_16K)  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    x, text = torch.randn(shape, generator=gen).to(device), torch.randn(1, 16, 64, generator=gen).to(device)
+    models = {"dense": dense, "token density": density}
+    return _ratio_table(models, lambda m: functools.partial(_wan_forward, m, x, text), repeats, device)
+
+
+def _ratio_table(
+    models: dict[str, torch.nn.Module], call: Callable[[torch.nn.Module], Callable[[], object]], repeats: int,
+    device: str,
+) -> str:
+    """Per model and mode (eager, inductor): FLOPs, FLOPs ratio, time ratio vs dense in the same mode
+    (`compare`), the 85% verdict and the host-device syncs of one eager forward."""
     flops, syncs, compile_s, fns = {}, {}, {}, {}
     for name, model in models.items():
-        _, flops[name] = count_flops(functools.partial(_pixart_forward, model, x, text))
-        syncs[name] = count_hot_path(functools.partial(_pixart_forward, model, x, text)).syncs
+        _, flops[name] = count_flops(call(model))
+        syncs[name] = count_hot_path(call(model)).syncs
     for mode in ("eager", "inductor"):
         for name, model in models.items():
             fn = model if mode == "eager" else torch.compile(model, backend="inductor")
-            fns[f"{name}, {mode}"] = functools.partial(_pixart_forward, fn, x, text)
+            fns[f"{name}, {mode}"] = call(fn)
             if mode == "inductor":
                 start = time.perf_counter()
                 fns[f"{name}, {mode}"]()  # the first call compiles
