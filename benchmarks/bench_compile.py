@@ -112,10 +112,11 @@ def run(quick: bool, repeats: int) -> str:
 
 def main(argv: list[str] | None = None) -> str:
     parser = timing_parser(__doc__.splitlines()[0], "width 192, 6 blocks, 8x8 tokens (about a minute)", RESULTS)
-    parser.add_argument("--shape", choices=("dit", "pixart-16k", "wan-32k"), default="dit",
+    parser.add_argument("--shape", choices=("dit", "pixart-16k", "wan-32k", "dit-xl-regional"), default="dit",
                         help="dit: dense/FlexDiT/DyDiT, 256 tokens; pixart-16k: PixArt-Sigma-shaped 2048 px "
                              "(16,384 tokens), dense/token density/FlexDiT/DyDiT with FLOPs and time ratios; "
-                             "wan-32k: Wan-1.3B-shaped 480p (32,760 tokens), dense/token density")  # fmt: skip
+                             "wan-32k: Wan-1.3B-shaped 480p (32,760 tokens), dense/token density; "
+                             "dit-xl-regional: regional compile time of DiT-XL/2")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="pixart-16k, wan-32k: cpu or cuda (the GPU step)")
     args = parse_timing_args(parser, argv)
     if args.shape == "pixart-16k":
@@ -123,6 +124,9 @@ def main(argv: list[str] | None = None) -> str:
         shape = (f"PixArt-Sigma-shaped, width 64, 2 heads, 4 blocks, {(latent // 2) ** 2} tokens "
                  f"({latent * 8} px), 8 text tokens")  # fmt: skip
         table = run_16k(args.quick, args.repeats, args.device)
+    elif args.shape == "dit-xl-regional":
+        shape = "DiT-XL/2 (28 blocks), 512 px = 1,024 tokens, regional compilation (inductor)"
+        table = run_dit_xl_regional(args.quick)
     elif args.shape == "wan-32k":
         tokens = 384 if args.quick else 32760
         shape = f"Wan-1.3B-shaped, width 64, 2 heads, 4 blocks, {tokens} tokens, 16 text tokens"
@@ -231,6 +235,34 @@ def run_wan_32k(quick: bool, repeats: int, device: str = "cpu") -> str:
     x, text = torch.randn(shape, generator=gen).to(device), torch.randn(1, 16, 64, generator=gen).to(device)
     models = {"dense": dense, "token density": density}
     return _ratio_table(models, lambda m: functools.partial(_wan_forward, m, x, text), repeats, device)
+
+
+@torch.no_grad()
+def run_dit_xl_regional(quick: bool) -> str:
+    """Regional compile time of DiT-XL/2 (28 blocks, width 1152, 512 px = 1,024 tokens; ``--quick``:
+    width 144): `mmaccel.diffusion.compile_repeated_blocks` with inductor; compile time = first
+    compiled call minus a warm compiled call (one sample each: a single-run figure)."""
+    from mmaccel.diffusion import compile_repeated_blocks
+
+    torch.manual_seed(0)
+    heads = 2 if quick else 16
+    model = DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=72, in_channels=4, out_channels=8,
+                                  num_layers=28, sample_size=64, patch_size=2).eval()  # fmt: skip
+    x, t, y = torch.randn(1, 4, 64, 64), torch.tensor([float(TIMESTEP)]), torch.tensor([1])
+    start = time.perf_counter()
+    model(x, t, y)
+    eager = time.perf_counter() - start
+    regions = compile_repeated_blocks(model, backend="inductor")
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        model(x, t, y)
+        times.append(time.perf_counter() - start)
+    rows = [[f"DiT-XL/2 depth, width {heads * 72}", str(regions), f"{eager:.1f} s", f"{times[0]:.1f} s",
+             f"{times[1]:.1f} s", f"{times[0] - times[1]:.0f} s"]]  # fmt: skip
+    headers = ["model", "compiled regions", "eager forward", "first compiled call", "warm compiled call",
+               "compile time (first - warm)"]  # fmt: skip
+    return markdown_table(headers, rows)
 
 
 def _ratio_table(
