@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> str:
                  f"{(s['sample'] // 2) ** 2} tokens")  # fmt: skip
         table = run(args.quick, args.repeats)
     text = (f"### {'--quick' if args.quick else 'full'}: {shape}, random weights, batch 1, fp32, t={TIMESTEP}, "
-            f"{args.repeats} interleaved rounds\n\nMachine: {machine_description()}, "
+            f"{'one sample' if args.shape == 'dit-xl-regional' else f'{args.repeats} interleaved rounds'}\n\nMachine: {machine_description()}, "
             f"torch threads {torch.get_num_threads()}\n\n{table}\n")  # fmt: skip
     print(text)
     if args.write:
