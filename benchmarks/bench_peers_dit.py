@@ -40,7 +40,8 @@ removes it, inside the timed call; installing hooks costs microseconds):
 - *MagCache*: ``apply_mag_cache`` with magnitude ratios calibrated in this run
   (``MagCacheConfig(calibrate=True)`` on one dense sampling run of this model), then diffusers'
   defaults (threshold 0.06, retention 0.2, at most 3 skipped steps in a row).
-- combinations: *token density + FirstBlockCache 0.25*, *token density + MagCache* (ours) and
+- combinations: *token density + FirstBlockCache 0.25*, the *fast preset*
+  (``mmaccel.diffusion.apply_fast``: token density + MagCache, ours) and
   *ToMe + MagCache* (peer): the token reduction applied first, then the cache (the order that
   composes, see tests/test_compose_diffusion.py).
 
@@ -80,6 +81,7 @@ from mmaccel.benchmarks.bench_dydit import _fix_decisions, _operating_point
 from mmaccel.benchmarks.harness import RESULTS_DIR, Comparison, compare, parse_timing_args, timing_parser
 from mmaccel.diffusion.dydit import DyDiTConfig, convert_to_dydit
 from mmaccel.diffusion.flexdit import FlexDiTConfig, convert_to_flexdit
+from mmaccel.diffusion.presets import FastConfig, apply_fast
 from mmaccel.diffusion.token_density import TokenDensityConfig, apply_token_density
 from mmaccel.runtime.budget import ConstantSchedule
 from mmaccel.runtime.environment import machine_description
@@ -88,6 +90,7 @@ from mmaccel.runtime.tables import markdown_table
 
 RESULTS = RESULTS_DIR / "peers_dit.md"
 OURS, PEER, BASE = "ours", "peer", "baseline"
+FAST_ROW = "fast preset (token density + MagCache)"
 PEERS_MATCH_DB = 0.5  # a peer matches our quality if its PSNR is at most this far below ours
 DYDIT_TARGET = 0.7
 FBC_THRESHOLD = 0.05  # diffusers' default
@@ -272,6 +275,14 @@ def _cache(model: torch.nn.Module, config: FirstBlockCacheConfig | MagCacheConfi
             registry.remove_hook(name, recurse=True)
 
 
+@contextlib.contextmanager
+def _fast(model: torch.nn.Module, steps: int, mag_ratios: list[float], record: dict) -> Iterator[None]:
+    """The ``fast`` preset (token density, then MagCache with this run's ratios) for one sampling run."""
+    with apply_fast(model, FastConfig(num_inference_steps=steps, mag_ratios=tuple(mag_ratios))) as handle:
+        yield
+        record["tokens"] = handle.stats.token_ratio
+
+
 def calibrate_mag_ratios(setup: Setup) -> list[float]:
     """MagCache's own calibration (``MagCacheConfig(calibrate=True)``) over one dense sampling run:
     diffusers prints the ratios at the last step; they are read back from that print."""
@@ -345,9 +356,11 @@ def variants(setup: Setup, mag_ratios: list[float]) -> list[Variant]:
                        with_ctx(lambda r: _cache(model, loose), {})))  # fmt: skip
     out.append(Variant("MagCache", PEER, f"calibrated ratios, threshold {mag.threshold}, retention "
                        f"{mag.retention_ratio}, K={mag.max_skip_steps}", with_ctx(lambda r: _cache(model, mag), {})))  # fmt: skip
+    rec = {}
+    out.append(Variant(FAST_ROW, OURS, "apply_fast: default token density, then MagCache as above",
+                       with_ctx(lambda r: _fast(model, setup.steps, mag_ratios, r), rec), rec))  # fmt: skip
     combos = [  # (name, kind, setting, token reduction config, cache config)
         (f"token density + FirstBlockCache {FBC_LOOSE}", OURS, f"default token density, then FBC {FBC_LOOSE}", td, loose),
-        ("token density + MagCache", OURS, "default token density, then MagCache as above", td, mag),
         ("ToMe + MagCache", PEER, "ToMe as above, then MagCache as above", tome, mag),
     ]  # fmt: skip
     for name, kind, setting, cfg, cache in combos:

@@ -6,6 +6,8 @@ if __name__ != "mmaccel.diffusion":  # installed as mmaccel.diffusion; a second 
 from mmaccel.diffusion.dydit import DyDiTConfig, DyDiTStats, DyDiTTransformer2DModel, convert_to_dydit
 from mmaccel.diffusion.dydit_train import DyDiTTrainConfig, train_dydit
 from mmaccel.diffusion.flexdit import FlexDiTConfig, FlexDiTTransformer2DModel, convert_to_flexdit
+from mmaccel.diffusion.presets import FAST_CACHES, FastConfig, FastHandle, apply_fast
+from mmaccel.diffusion.regional import compile_repeated_blocks
 from mmaccel.diffusion.token_density import (
     DensityStep,
     TokenDensityConfig,
@@ -38,5 +40,10 @@ __all__ = [
     "convert_to_dydit",
     "DyDiTTrainConfig",
     "train_dydit",
+    "compile_repeated_blocks",
+    "FAST_CACHES",
+    "FastConfig",
+    "FastHandle",
+    "apply_fast",
 ]
 

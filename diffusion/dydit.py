@@ -50,10 +50,11 @@ from mmaccel.diffusion.flexdit import (
     _index_batch,
     _Modulation,
     _modulation,
+    timestep_values,
 )
 from mmaccel.runtime.configs import resolve_config
 from mmaccel.runtime.stats import Stats
-from mmaccel.runtime.timesteps import read_timestep
+from mmaccel.runtime.timesteps import HostTimesteps, read_timestep
 
 __all__ = [
     "DyDiTConfig",
@@ -234,7 +235,7 @@ class TDLoRA(nn.Module):
         a = self.lora_A if in_index is None else self.lora_A.index_select(1, in_index)
         b = self.lora_B if out_index is None else self.lora_B.index_select(0, out_index)
         g = gate.repeat_interleave(self.rank, dim=-1)  # (B, R)
-        low = F.linear(x, a) * g.view(g.shape[0], *([1] * (x.ndim - 2)), -1)
+        low = F.linear(x, a) * g.view(g.shape[0], *([1] * (x.ndim - 2)), g.shape[-1])  # also 0 rows
         return self.scale * F.linear(low, b)
 
 
@@ -323,6 +324,8 @@ class DyDiTTransformer2DModel(ModelMixin, ConfigMixin):
         self.reset_routers()
         self.gradient_checkpointing = False
         self.execution = "pruned"
+        self.token_capacity: float | None = None
+        self.host_timesteps: HostTimesteps | None = None
         self.router_noise = False
         self.stats = DyDiTStats()
         self._cache: dict[Any, Any] = {}
@@ -355,6 +358,34 @@ class DyDiTTransformer2DModel(ModelMixin, ConfigMixin):
         if mode not in ("pruned", "masked"):
             raise ValueError(f"execution must be 'pruned' or 'masked', got {mode!r}")
         self.execution = mode
+
+    def set_token_capacity(self, capacity: float | None) -> None:
+        """Pruned token skipping with a fixed capacity (our option, not the reference's).
+
+        ``None`` (reference): the tokens whose router logit passes the threshold are gathered with
+        ``nonzero``, a data-dependent size (a host-device sync and a graph break per block).
+        ``capacity`` in (0, 1]: each sample's ``ceil(capacity * N)`` highest-logit tokens are gathered
+        (``topk``, a static shape) and those below the threshold get a zero MLP update. Equal to the
+        reference whenever at most that many tokens pass; beyond it the lowest-logit passing tokens
+        skip the MLP too.
+        """
+        if capacity is not None:
+            if isinstance(capacity, bool) or not isinstance(capacity, (int, float)):
+                raise TypeError(f"token capacity must be None or a float in (0, 1], got {capacity!r}")
+            if not 0.0 < capacity <= 1.0:
+                raise ValueError(f"token capacity must be None or a float in (0, 1], got {capacity!r}")
+            capacity = float(capacity)
+        self.token_capacity = capacity
+
+    def use_scheduler_timesteps(self, scheduler: Any) -> None:
+        """Read the ``timestep`` argument on the host from ``scheduler.timesteps``
+        (`mmaccel.runtime.timesteps.HostTimesteps`): no device read per forward when the pipeline
+        passes a view of the scheduler's timestep. ``None`` reads the tensor again."""
+        self.host_timesteps = None if scheduler is None else HostTimesteps(scheduler)
+
+    def _capacity(self, n: int) -> int:
+        """Tokens the fixed-capacity gather takes out of ``n``."""
+        return n if self.token_capacity is None else min(n, max(1, math.ceil(self.token_capacity * n)))
 
     @contextmanager
     def training_routers(self, noise: bool = True):
@@ -446,6 +477,10 @@ class DyDiTTransformer2DModel(ModelMixin, ConfigMixin):
         if not torch.is_grad_enabled():
             out = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
             self._cache[key] = out
+        # a compiled forward traces the kept widths as symbols from the start: one graph for all patterns
+        for name, dim in (("qkv_w", 0), ("qkv_b", 0), ("out_w", 1), ("ff_in_w", 0), ("ff_in_b", 0), ("ff_out_w", 1)):
+            if isinstance(out[name], torch.Tensor):
+                torch._dynamo.maybe_mark_dynamic(out[name], dim)
         return out
 
     @torch.no_grad()
@@ -513,7 +548,7 @@ class DyDiTTransformer2DModel(ModelMixin, ConfigMixin):
         """(B,) differentiable dynamic/dense FLOPs ratio of the last masked forward (the FLOPs loss input)."""
         if not self._last_masks:
             raise RuntimeError("no masked forward recorded; run the model under training_routers() first")
-        n, m = self._last_shape
+        _, n, m, _ = self._pending
         heads_per_group = self.heads // self.head_groups
         ch_per_group = self.ff_dim // self.mlp_groups
         total = self.stem_flops(n, m)
@@ -539,60 +574,61 @@ class DyDiTTransformer2DModel(ModelMixin, ConfigMixin):
             raise NotImplementedError("DyDiT does not support a self-attention mask over image tokens")
         if inputs["timestep"] is None:
             raise ValueError("DyDiT needs `timestep` (the width routers read it)")
-        t, values, plans = self._prepare(inputs["timestep"], hidden_states)
+        t, groups = self._prepare(inputs, hidden_states)
         inputs["timestep"] = t
-        records: list[tuple[dict[str, list], float, int, int]] = []
-        if self.execution == "masked" or len(plans) == 1:
-            output = self._forward(inputs, values[0], plans.get(values[0]), records)
+        records: list[dict[str, list]] = []
+        if len(groups) == 1:
+            output = self._forward(inputs, groups[0][1], records)
         else:  # pruned execution, mixed timesteps: one pass per timestep, same order back
             output = None
             batch = hidden_states.shape[0]
-            for v in sorted(plans):
-                idx = torch.tensor([i for i, vi in enumerate(values) if vi == v], device=hidden_states.device)
+            for rows, plans in groups:
+                idx = torch.tensor(rows, device=hidden_states.device)
                 part_inputs = {k: _index_batch(val, idx, batch) for k, val in inputs.items()}
-                part = self._forward(part_inputs, v, plans[v], records)
+                part = self._forward(part_inputs, plans, records)
                 output = part.new_empty((batch, *part.shape[1:])) if output is None else output
                 output[idx] = part
-        for record in records:
-            self._record(*record)
+        self._record(records)
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)
 
     @torch.compiler.disable  # host-side decisions, before the forward's first tensor op
     def _prepare(
-        self, timestep: Any, hidden_states: torch.Tensor
-    ) -> tuple[torch.Tensor, list[float], dict[float, list[dict[str, Any]]]]:
-        """The timestep per sample, its values on the host and, for pruned execution, each distinct
-        value's per-block plans (width decisions and sliced weights). Outside any compiled graph:
-        a compiled forward has no graph break for them and is specialised on the kept widths."""
-        batch, device = hidden_states.shape[0], hidden_states.device
+        self, inputs: dict[str, Any], hidden_states: torch.Tensor
+    ) -> tuple[torch.Tensor, list[tuple[list[int], list[dict[str, Any]] | None]]]:
+        """The timestep per sample and the passes to run: ``(rows, per-block plans)`` per distinct
+        timestep (pruned execution: width decisions and sliced weights), one pass with no plans
+        (masked execution). Outside any compiled graph and before the first tensor op: a compiled
+        forward has no graph break for them and is specialised on the kept widths, not on the
+        timestep value. The values (read on the host, `use_scheduler_timesteps`) are kept for
+        `_record`."""
+        batch, device, timestep = hidden_states.shape[0], hidden_states.device, inputs["timestep"]
         t = torch.as_tensor(timestep, device=device).flatten()
         t = t.expand(batch) if t.numel() == 1 else t
-        values = [float(v) for v in t.detach().cpu()]
+        values = timestep_values(self.host_timesteps, timestep, batch)
         for v in set(values):
             read_timestep(v, self.dydit.num_train_timesteps, source="the transformer's timestep argument")
+        n, m = self._tokens_text(inputs, hidden_states)
         if self.execution == "masked":
-            return t, values, {}
+            self._pending = ([values[0]], n, m, [None])
+            return t, [(list(range(batch)), None)]
         blocks = range(len(self.transformer_blocks))
-        plans = {v: [self._plan(i, v, device, hidden_states.dtype) for i in blocks] for v in set(values)}
-        return t, values, plans
+        distinct = sorted(set(values))
+        plans = {v: [self._plan(i, v, device, hidden_states.dtype) for i in blocks] for v in distinct}
+        self._pending = (distinct, n, m, [plans[v] for v in distinct])
+        return t, [([i for i, vi in enumerate(values) if vi == v], plans[v]) for v in distinct]
 
     def _forward(
-        self,
-        inputs: dict[str, Any],
-        t_value: float,
-        plans: list[dict[str, Any]] | None,
-        records: list[tuple[dict[str, list], float, int, int]],
+        self, inputs: dict[str, Any], plans: list[dict[str, Any]] | None, records: list[dict[str, list]]
     ) -> torch.Tensor:
-        """One pass at one timestep (pruned: with its ``plans``); appends what ``_record`` takes."""
+        """One pass at one timestep (pruned: with its ``plans``); appends the token counts (and, masked,
+        the widths) that only the tensors know to ``records`` for `_record`."""
         hidden_states = inputs["hidden_states"]
         grid = (hidden_states.shape[-2] // self.patch_size, hidden_states.shape[-1] // self.patch_size)
         x, cond, out_cond = FlexDiTTransformer2DModel._embed(self, inputs)
-        n, m = self._tokens_text(inputs, hidden_states)
-        self._last_shape = (n, m)
         self._last_masks = []
-        record = {"heads": [], "channels": [], "tokens": []}
+        record: dict[str, list] = {"heads": [], "channels": [], "tokens": []}
         masked = self.execution == "masked"
         for i in range(len(self.transformer_blocks)):
             if masked:
@@ -606,27 +642,34 @@ class DyDiTTransformer2DModel(ModelMixin, ConfigMixin):
             else:
                 x = fn(*args)
         if not masked:
-            records.append((record, t_value, n, m))
+            records.append(record)
         elif not torch.is_grad_enabled():
             for masks in self._last_masks:
                 record["heads"].append(masks["heads"].sum(-1).mean().item() * (self.heads // self.head_groups))
                 record["channels"].append(masks["channels"].sum(-1).mean().item() * (self.ff_dim // self.mlp_groups))
                 record["tokens"].append(masks["tokens"].sum(-1).mean().item())
-            records.append((record, t_value, n, m))
+            records.append(record)
         out = FlexDiTTransformer2DModel._output(self, x, out_cond)
         return FlexDiTTransformer2DModel._unpatchify(self, out, grid)
 
     @torch.compiler.disable
-    def _record(self, record: dict[str, list], t_value: float, n: int, m: int) -> None:
-        flops = self.stem_flops(n, m) + sum(
-            self.block_flops(n, m, h, c, k) for h, c, k in zip(record["heads"], record["channels"], record["tokens"])
-        )
-        self.stats.record({
-            "timestep": t_value, "flops": float(flops), "dense_flops": float(self.dense_flops(n, m)),
-            "heads": list(record["heads"]), "channels": list(record["channels"]), "tokens": list(record["tokens"]),
-            "total_heads": self.heads * len(self.transformer_blocks),
-            "total_channels": self.ff_dim * len(self.transformer_blocks), "total_tokens": n * len(self.transformer_blocks),
-        })  # fmt: skip
+    def _record(self, records: list[dict[str, list]]) -> None:
+        """One stats entry per pass: widths from the host-side plans, tokens from the pass's record
+        (reference gather, masked execution) or the fixed capacity."""
+        values, n, m, plans = self._pending
+        for t_value, record, block_plans in zip(values, records, plans):
+            heads = record["heads"] or [p["heads"] for p in block_plans]
+            channels = record["channels"] or [p["channels"] for p in block_plans]
+            k = self._capacity(n) if self.dydit.dynamic_tokens else n
+            tokens = record["tokens"] or [float(k)] * len(heads)
+            flops = self.stem_flops(n, m) + sum(self.block_flops(n, m, h, c, tk) for h, c, tk in zip(heads, channels, tokens))
+            self.stats.record({
+                "timestep": t_value, "flops": float(flops), "dense_flops": float(self.dense_flops(n, m)),
+                "heads": list(heads), "channels": list(channels), "tokens": list(tokens),
+                "total_heads": self.heads * len(self.transformer_blocks),
+                "total_channels": self.ff_dim * len(self.transformer_blocks),
+                "total_tokens": n * len(self.transformer_blocks),
+            })  # fmt: skip
 
     def _lora_gate(self, i: int, temb: torch.Tensor, batch: int) -> torch.Tensor | None:
         if not self.lora:
@@ -657,19 +700,19 @@ class DyDiTTransformer2DModel(ModelMixin, ConfigMixin):
             q, k, v = F.linear(h, plan["qkv_w"], plan["qkv_b"]).chunk(3, dim=-1)
             if gate is not None:
                 q, k, v = (self._lin(i, name, h, z, gate, out_index=idx) for name, z in zip(("to_q", "to_k", "to_v"), (q, k, v)))
-            shape = (b, n, plan["heads"], self.head_dim)
+            shape = (b, n, -1, self.head_dim)
             o = dispatch_attention_fn(q.reshape(shape), k.reshape(shape), v.reshape(shape)).flatten(2)
             attn = self._lin(i, "to_out", o, F.linear(o, plan["out_w"], block.attn1.to_out[0].bias), gate, in_index=idx)
         x = x + m.gate_msa * attn
         x = _text_attention(block, x, cond)
         h = _mlp_input(block, x, m)
         keep = None
+        if self.dydit.dynamic_tokens and self.token_capacity is not None:
+            return self._skip_tokens_fixed(i, x, h, m, plan, gate)
         if self.dydit.dynamic_tokens:
             keep = (self.routers[i].token(x)[..., 0] > self.dydit.logit_threshold)
             if not torch.compiler.is_compiling() and bool(keep.all()):  # compiled: no host sync, gather all
                 keep = None
-        record["heads"].append(plan["heads"])
-        record["channels"].append(plan["channels"])
         if keep is None:
             record["tokens"].append(float(n))
             if plan["dense_width"] and gate is None:
@@ -681,6 +724,24 @@ class DyDiTTransformer2DModel(ModelMixin, ConfigMixin):
         y = self._ff_pruned(i, h.reshape(b * n, d).index_select(0, flat), plan, None if gate is None else gate[rows])
         update = m.gate_mlp.expand(b, 1, d)[:, 0].index_select(0, rows) * y
         return x.reshape(b * n, d).index_add(0, flat, update).view(b, n, d)
+
+    def _skip_tokens_fixed(
+        self, i: int, x: torch.Tensor, h: torch.Tensor, m: _Modulation, plan: dict[str, Any], gate: Any
+    ) -> torch.Tensor:
+        """Token skipping at a fixed capacity (`set_token_capacity`): gather each sample's top-k
+        tokens by router logit (static shape, no ``nonzero``), zero the update of those below the
+        threshold, scatter-add back."""
+        b, n, d = x.shape
+        logits = self.routers[i].token(x)[..., 0]
+        k = self._capacity(n)
+        if k == n:  # every token fits: masked update, no gather
+            keep = (logits > self.dydit.logit_threshold).to(x.dtype)[..., None]
+            return x + m.gate_mlp * self._ff_pruned(i, h, plan, gate) * keep
+        top, idx = logits.topk(k, dim=1, sorted=False)
+        rows = idx[..., None].expand(b, k, d)
+        keep = (top > self.dydit.logit_threshold).to(x.dtype)[..., None]
+        y = self._ff_pruned(i, h.gather(1, rows), plan, gate) * keep
+        return x.scatter_add(1, rows, m.gate_mlp.expand(b, 1, d) * y)
 
     def _ff_pruned(self, i: int, h: torch.Tensor, plan: dict[str, Any], gate: Any) -> torch.Tensor:
         block = self.transformer_blocks[i]

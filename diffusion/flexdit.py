@@ -46,6 +46,7 @@ from mmaccel.runtime.budget import (
     StepSchedule,
 )
 from mmaccel.runtime.configs import resolve_config
+from mmaccel.runtime.timesteps import HostTimesteps
 
 __all__ = [
     "FlexDiTConfig",
@@ -356,6 +357,16 @@ class SparseDenseTokenModule(nn.Module):
 
 
 # -- the model ---------------------------------------------------------------------------------
+def timestep_values(host: HostTimesteps | None, timestep: Any, batch: int) -> list[float]:
+    """The ``timestep`` argument as one host float per sample: found in the scheduler's timesteps
+    by ``host`` without a device read, else read from the tensor (one sync)."""
+    found = host.lookup(timestep) if host is not None else None
+    if found is not None:
+        return [found] * batch
+    t = torch.as_tensor(timestep, dtype=torch.float64).flatten().cpu().tolist()
+    return t * batch if len(t) == 1 else t
+
+
 def _index_batch(value: Any, idx: torch.Tensor, batch: int) -> Any:
     """``value`` restricted to the samples ``idx`` when it has a batch dimension."""
     if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
@@ -420,7 +431,15 @@ class FlexDiTTransformer2DModel(ModelMixin, ConfigMixin):
         )
         self.dense_blocks = nn.ModuleList(blocks[p + flex.num_modules * per :])
         self.gradient_checkpointing = False
+        self.host_timesteps: HostTimesteps | None = None
         self.register_to_config(**base_config)  # mirrored for pipelines (transformer.config.sample_size, ...)
+
+    def use_scheduler_timesteps(self, scheduler: Any) -> None:
+        """Read the ``timestep`` argument on the host from ``scheduler.timesteps``
+        (`mmaccel.runtime.timesteps.HostTimesteps`): no device read per forward when the pipeline
+        passes a view of the scheduler's timestep (diffusers' DiT and PixArt pipelines do).
+        ``None`` reads the tensor again."""
+        self.host_timesteps = None if scheduler is None else HostTimesteps(scheduler)
 
     @classmethod
     def extract_init_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
@@ -486,10 +505,9 @@ class FlexDiTTransformer2DModel(ModelMixin, ConfigMixin):
     ) -> list[tuple[int, int]]:
         """The sparse grid of each sample. Read on the host outside any compiled graph, so a
         compiled forward has no graph break and is specialised on the grids, not the timestep."""
-        progress = self.progress(timestep)
-        return [
-            self._sparse_grid(grid, float(p)) for p in progress.expand(batch if progress.numel() == 1 else -1)
-        ]
+        n = self.flex.num_train_timesteps
+        values = timestep_values(self.host_timesteps, timestep, batch)
+        return [self._sparse_grid(grid, min(1.0, max(0.0, 1.0 - t / n))) for t in values]
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
         """Same arguments (positional or keyword) and outputs as the base model's forward."""

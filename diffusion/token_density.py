@@ -36,14 +36,21 @@ import torch
 from diffusers.hooks import ModelHook
 from torch.utils import flop_counter
 
-from mmaccel.diffusion.token_reduce import BipartiteMerge, Grid, GridPool, check_divides, pool_factors_at_most
+from mmaccel.diffusion.token_reduce import (
+    BipartiteMerge,
+    Grid,
+    GridPool,
+    check_divides,
+    merge_positions,
+    pool_factors_at_most,
+)
 from mmaccel.runtime.adapters import cogvideox, dit, flux, hunyuan_video, wan
 from mmaccel.runtime.budget import DensitySchedule, StepSchedule
 from mmaccel.runtime.checkpointing import refuse_checkpointed_gradients
 from mmaccel.runtime.configs import resolve_config
 from mmaccel.runtime.patching import PatchHandle
 from mmaccel.runtime.stats import Stats
-from mmaccel.runtime.timesteps import check_timestep_callback, read_timestep, timestep_progress
+from mmaccel.runtime.timesteps import HostTimesteps, check_timestep_callback, read_timestep, timestep_progress
 
 __all__ = [
     "TokenDensityConfig",
@@ -347,7 +354,7 @@ class _Plan:
         self.n = math.prod(grid)
         self.pool: GridPool | None = None
         self.num_merge = 0
-        self.generator: torch.Generator | None = None
+        self.positions: tuple[torch.Tensor, torch.Tensor] | None = None
         if config.reducer == "pool":
             target = math.log(keep)
             window = min(
@@ -360,8 +367,9 @@ class _Plan:
             cells = self.n // math.prod(config.factor3)
             self.num_merge = self.n - max(cells, round(keep * self.n))
             self.setting = self.num_merge
-            if config.merge_seed is not None:
-                self.generator = torch.Generator().manual_seed(config.merge_seed)
+            generator = None if config.merge_seed is None else torch.Generator().manual_seed(config.merge_seed)
+            # re-seeded each forward, the destinations never change: draw them once per plan
+            self.positions = merge_positions(grid, config.factor3, generator)
 
     @property
     def dense(self) -> bool:
@@ -372,15 +380,12 @@ class _Plan:
         """Tokens after reduction."""
         return self.pool.num_tokens if self.pool is not None else self.n - self.num_merge
 
-    def start(self) -> None:
-        """Per forward: re-seed the random merge destinations."""
-        if self.generator is not None:
-            self.generator.manual_seed(self.config.merge_seed)
-
     def reducer(self, x: torch.Tensor) -> GridPool | BipartiteMerge:
         if self.pool is not None:
             return self.pool
-        return BipartiteMerge(x, self.grid, self.config.factor3, self.num_merge, self.generator)
+        if self.positions[0].device != x.device:  # type: ignore[index]
+            self.positions = tuple(p.to(x.device) for p in self.positions)  # type: ignore[assignment,union-attr]
+        return BipartiteMerge(x, self.grid, self.config.factor3, self.num_merge, positions=self.positions)
 
 
 class _Shared:
@@ -407,24 +412,31 @@ class _TransformerHook(ModelHook):
         depth: int,
         signature: inspect.Signature,
         timestep_callback: Callable[[], Any] | None,
+        host: HostTimesteps | None,
     ) -> None:
         super().__init__()
         self.config, self.shared, self.stats, self.depth = config, shared, stats, depth
         self.pooled, self.sparse = layout
-        self.signature, self.timestep_callback = signature, timestep_callback
+        self.signature, self.timestep_callback, self.host = signature, timestep_callback, host
         self.plans: dict[tuple[Grid, Grid | int], _Plan] = {}
+        self.by_keep: dict[tuple[Grid, float], _Plan] = {}
 
     def _progress(self, bound: inspect.BoundArguments) -> float:
         n = self.config.num_train_timesteps
         if self.timestep_callback is not None:
-            t = read_timestep(self.timestep_callback(), n)
+            value, source = self.timestep_callback(), "current_timestep_callback"
         else:
-            t = read_timestep(bound.arguments.get("timestep"), n, source="the transformer's timestep argument")
+            value, source = bound.arguments.get("timestep"), "the transformer's timestep argument"
+        found = self.host.lookup(value) if self.host is not None and value is not None else None
+        t = read_timestep(value if found is None else found, n, source=source)
         return timestep_progress(t, n)
 
     def _plan(self, grid: Grid, keep: float) -> _Plan:
-        plan = _Plan(self.config, grid, keep)
-        return self.plans.setdefault((grid, plan.setting), plan)
+        plan = self.by_keep.get((grid, keep))
+        if plan is None:  # built once per (grid, keep ratio): no per-forward tensors
+            plan = _Plan(self.config, grid, keep)
+            plan = self.by_keep[grid, keep] = self.plans.setdefault((grid, plan.setting), plan)
+        return plan
 
     def _block_tokens(self, plan: _Plan) -> list[tuple[int, int]]:
         n, m = plan.n, plan.num_tokens
@@ -445,7 +457,6 @@ class _TransformerHook(ModelHook):
                 f"schedule returned keep ratio {keep!r} at progress {progress:.3f}; it must be in (0, 1]"
             )
         plan = self._plan(grid, keep)
-        plan.start()
         self.shared.plan = None if plan.dense else plan
         step = DensityStep(progress, keep, plan.setting, plan.n, self._block_tokens(plan))
         self.stats.steps.append(step)
@@ -657,6 +668,8 @@ def apply_token_density(
     transformer: torch.nn.Module,
     config: TokenDensityConfig | None = None,
     current_timestep_callback: Callable[[], Any] | None = None,
+    *,
+    scheduler: Any = None,
 ) -> TokenDensityHandle:
     """Install training-free token density on a diffusers transformer instance.
 
@@ -664,16 +677,20 @@ def apply_token_density(
     scheduler's timestep of the step being computed (``lambda: pipe.current_timestep``); without
     it the transformer's own ``timestep`` argument is read. A value that is not a timestep in
     ``[0, config.num_train_timesteps]`` (None, NaN, negative, too large) raises ``ValueError`` at
-    that forward. Returns a `TokenDensityHandle` whose ``stats`` records every forward;
+    that forward. With ``scheduler`` (the pipeline's), a timestep tensor that is a view of
+    ``scheduler.timesteps`` (what diffusers pipelines pass) is read on the host without a device
+    read (`mmaccel.runtime.timesteps.HostTimesteps`). Returns a `TokenDensityHandle` whose ``stats`` records every forward;
     ``.remove()`` restores the model bit-for-bit.
     """
     from mmaccel.runtime.pipelines import apply_to_pipeline, is_pipeline, timestep_callback
 
     if is_pipeline(transformer):  # every transformer of the pipeline (Wan 2.2: both experts), one handle
         return apply_to_pipeline(transformer, apply_token_density, TokenDensityHandle, "token_density", config,
-                                 current_timestep_callback=timestep_callback(transformer, current_timestep_callback))
+                                 current_timestep_callback=timestep_callback(transformer, current_timestep_callback),
+                                 scheduler=scheduler if scheduler is not None else transformer.scheduler)
     config = resolve_config(config, TokenDensityConfig)
     check_timestep_callback(current_timestep_callback)
+    host = None if scheduler is None else HostTimesteps(scheduler)
     name = type(transformer).__name__
     family = _FAMILIES.get(name)
     if family is None:
@@ -711,7 +728,9 @@ def apply_token_density(
                     handle.add_diffusers_hook(block.norm1, _NormConcatHook(state), _HOOK)
             handle.add_diffusers_hook(block, _BlockHook(i, kind, family, shared, state, signature), _HOOK)
         signature = inspect.signature(transformer.forward)
-        hook = _TransformerHook(config, shared, stats, (pooled, sparse), depth, signature, current_timestep_callback)
+        hook = _TransformerHook(
+            config, shared, stats, (pooled, sparse), depth, signature, current_timestep_callback, host
+        )
         handle.add_diffusers_hook(transformer, hook, _HOOK)
         refuse_checkpointed_gradients(handle, transformer, "token density while reducing", "a block's recompute "
                                       "runs without its forward's reduction plan", decided=lambda: stats.steps[-1].reduced)  # fmt: skip

@@ -28,6 +28,7 @@ __all__ = [
     "GridPool",
     "BipartiteMerge",
     "check_divides",
+    "merge_positions",
     "pool_factors_at_most",
     "MAX_ROTARY_POOL",
 ]
@@ -132,6 +133,28 @@ class GridPool:
         return (c / norm).reshape(out_shape).to(cos.dtype), (s / norm).reshape(out_shape).to(sin.dtype)
 
 
+def merge_positions(
+    grid: Grid, cell: Grid, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(src_pos, dst_pos)``: grid positions of the source and destination tokens of
+    `BipartiteMerge`, one destination per ``cell`` (random with ``generator``, else the cell's
+    first token), each sorted. Static shapes (no boolean indexing); compute once per seed."""
+    check_divides(cell, grid, "cell")
+    cells = math.prod(cell)
+    num_cells = math.prod(grid) // cells
+    if generator is None:
+        local = torch.zeros(num_cells, dtype=torch.long)
+    else:
+        local = torch.randint(cells, (num_cells,), generator=generator)
+    (fc, hc, wc), (cf, ch, cw) = (tuple(g // c for g, c in zip(grid, cell)), cell)
+    pos = torch.arange(math.prod(grid)).view(fc, cf, hc, ch, wc, cw).permute(0, 2, 4, 1, 3, 5).reshape(num_cells, cells)
+    dst_pos = pos.gather(1, local[:, None])[:, 0].sort().values
+    is_dst = F.one_hot(local, cells)
+    others = is_dst.argsort(dim=1, stable=True)[:, : cells - 1]  # the non-destination slots of each cell
+    src_pos = pos.gather(1, others).flatten().sort().values
+    return src_pos, dst_pos
+
+
 def _rename(axes: dict[str, int]) -> dict[str, int]:
     """einops names: ``b`` is the batch, so the height window is ``b2``; ``c`` is the width window."""
     return dict(f=axes["f"], h=axes["h"], w=axes["w"], a=axes["a"], b2=axes["b"], c=axes["c"])
@@ -153,6 +176,7 @@ class BipartiteMerge:
         cell: Grid,
         num_merge: int,
         generator: torch.Generator | None = None,
+        positions: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         check_divides(cell, grid, "cell")
         b, n, _ = metric.shape
@@ -167,26 +191,9 @@ class BipartiteMerge:
             )
         self.num_tokens_in = n
         self.num_merge = num_merge
-        device = metric.device
-
-        # Destination = one token per cell, chosen in cell-local coordinates.
-        if generator is None:
-            local = torch.zeros(num_cells, dtype=torch.long)
-        else:
-            local = torch.randint(cells, (num_cells,), generator=generator)
-        # token index of (cell, local) in the flattened grid
-        fcell, hcell, wcell = (g // c for g, c in zip(grid, cell))
-        cf, ch, cw = cell
-        pos = (
-            torch.arange(n)
-            .view(fcell, cf, hcell, ch, wcell, cw)
-            .permute(0, 2, 4, 1, 3, 5)
-            .reshape(num_cells, cells)
-        )
-        is_dst = torch.zeros(num_cells, cells, dtype=torch.bool)
-        is_dst[torch.arange(num_cells), local] = True
-        dst_pos = pos[is_dst].sort().values.to(device)  # (Nd,)
-        src_pos = pos[~is_dst].sort().values.to(device)  # (Ns,)
+        if positions is None:
+            positions = merge_positions(grid, cell, generator)
+        src_pos, dst_pos = (p.to(metric.device) for p in positions)
 
         with torch.no_grad():
             m = F.normalize(metric.float(), dim=-1)

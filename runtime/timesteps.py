@@ -22,7 +22,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["TimestepCallback", "check_timestep_callback", "read_timestep", "step_position", "timestep_progress"]
+__all__ = [
+    "HostTimesteps",
+    "TimestepCallback",
+    "check_timestep_callback",
+    "host_timestep_callback",
+    "read_timestep",
+    "step_position",
+    "timestep_progress",
+]
 
 #: ``() -> the scheduler's current timestep`` (a number, or a tensor: its largest element decides).
 TimestepCallback = Callable[[], Any]
@@ -82,3 +90,65 @@ def step_position(t: float, timesteps: Sequence[float] | torch.Tensor) -> tuple[
     if hits.numel() == 0:
         raise ValueError(f"timestep {t} is not one of the scheduler's timesteps {steps.tolist()[:8]}...")
     return int(hits[0]), steps.numel()
+
+
+class HostTimesteps:
+    """The scheduler's timesteps on the host: a timestep tensor becomes a Python float with no
+    device read when it is a view of ``scheduler.timesteps`` (what pipelines pass: ``t``,
+    ``t[None]``, ``t.expand(batch)``), found by its storage offset.
+
+    ``scheduler.timesteps`` is read once per schedule (one device read per sampling run, when the
+    pipeline has called ``set_timesteps``). :meth:`lookup` returns None for a tensor that is not
+    such a view (a copy, or a batch of different timesteps); ``misses`` counts those, so a caller
+    that falls back to reading the tensor is visible.
+    """
+
+    def __init__(self, scheduler: Any) -> None:
+        if not hasattr(scheduler, "timesteps"):
+            raise TypeError(f"scheduler must have `timesteps` (a diffusers scheduler), got {type(scheduler).__name__}")
+        self.scheduler = scheduler
+        self.misses = 0
+        self._source: torch.Tensor | None = None
+        self._values: list[float] = []
+
+    def _refresh(self) -> torch.Tensor:
+        steps = self.scheduler.timesteps
+        if steps is not self._source:
+            if not isinstance(steps, torch.Tensor) or steps.ndim != 1:
+                raise ValueError("scheduler.timesteps is not a 1-D tensor; call scheduler.set_timesteps first")
+            self._source, self._values = steps, [float(v) for v in steps.tolist()]  # once per schedule
+        return steps
+
+    def lookup(self, t: Any) -> float | None:
+        """``t`` as a float: a number as is, a view of one scheduler timestep by its offset, else None."""
+        if isinstance(t, (int, float)) and not isinstance(t, bool):
+            return float(t)
+        if not isinstance(t, torch.Tensor) or t.numel() == 0:
+            return None
+        steps = self._refresh()
+        same = (
+            t.device == steps.device
+            and t.dtype == steps.dtype
+            and t.untyped_storage().data_ptr() == steps.untyped_storage().data_ptr()
+            and all(s == 0 for s, n in zip(t.stride(), t.shape) if n > 1)  # one element, broadcast
+        )
+        offset, stride = (t.data_ptr() - steps.data_ptr()) // t.element_size(), steps.stride(0)
+        if not same or stride == 0 or offset % stride or not 0 <= offset // stride < len(self._values):
+            self.misses += 1
+            return None
+        return self._values[offset // stride]
+
+
+def host_timestep_callback(pipe: Any) -> TimestepCallback:
+    """``current_timestep_callback`` for a diffusers pipeline that reads no tensor value: returns
+    ``pipe.current_timestep`` as a host float found by :class:`HostTimesteps` (or the tensor
+    itself, read by :func:`read_timestep`, when it is not a view of ``pipe.scheduler.timesteps``)."""
+    host = HostTimesteps(pipe.scheduler)
+
+    def callback() -> Any:
+        value = pipe.current_timestep
+        found = host.lookup(value) if value is not None else None
+        return value if found is None else found
+
+    callback.host_timesteps = host  # type: ignore[attr-defined]
+    return callback

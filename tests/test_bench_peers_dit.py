@@ -70,3 +70,5 @@ def test_quick_run_prints_spreads_fidelity_and_verdicts(only):
     assert float(rows["token density"][6]) < 1
     assert rows["FirstBlockCache"][5].endswith(f"/{4}")
     assert ("FlexDiT" in rows) == (only != "wan")
+    assert rows[bench.FAST_ROW][1] == OURS  # the fast preset, in the same run as ToMe + MagCache and MagCache
+    assert "ToMe + MagCache" in rows and "MagCache" in rows

@@ -6,20 +6,25 @@ counted with a compile counter, compiled (``aot_eager``) == eager; regional comp
 
 from __future__ import annotations
 
+import dataclasses
+import types
+
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
 from torch._dynamo.testing import CompileCounterWithBackend
 
+from mmaccel.diffusion import compile_repeated_blocks
 from mmaccel.diffusion.dydit import DyDiTConfig, convert_to_dydit
 from mmaccel.diffusion.flexdit import FlexDiTConfig, convert_to_flexdit
 from mmaccel.diffusion.token_density import TokenDensityConfig, apply_token_density
 from mmaccel.parallel_video.clip_parallel import ClipParallelConfig, apply_clip_parallel
 from mmaccel.parallel_video.layer_pipeline import BlockContext, LayerStage
-from mmaccel.runtime.budget import ConstantSchedule, LinearSchedule
+from mmaccel.runtime.budget import ConstantSchedule, LinearSchedule, StepSchedule
 from mmaccel.runtime.distributed import DistContext
 from mmaccel.sparse_attn.svg2 import SVG2Config, apply_svg2
-from mmaccel.testing import tiny_dit_pipeline
+from mmaccel.testing import tiny_cogvideox_pipeline, tiny_dit_pipeline, tiny_pixart_pipeline
+from mmaccel.testing.hotpath import compile_counts, count_hot_path
 from mmaccel.testing.models import TINY_WAN_TRANSFORMER
 
 torch.set_num_threads(1)
@@ -248,3 +253,147 @@ def test_dydit_has_no_repeated_blocks():
     model = convert_to_dydit(_dit(2), DyDiTConfig())
     with pytest.raises(ValueError, match="_repeated_blocks"):
         model.compile_repeated_blocks(backend="aot_eager")
+
+
+# --------------------------------------------------------------------------------------------
+# Hot path: 0 host-device syncs per steady-state forward, <= 2 compiles per 20-step run
+# --------------------------------------------------------------------------------------------
+
+#: a 20-step schedule; the forwards below pass views of it, as diffusers pipelines do
+SCHEDULER = types.SimpleNamespace(timesteps=torch.linspace(999, 0, 20).round())
+TWO_LEVEL = StepSchedule(boundaries=(0.5,), ratios=(0.25, 1.0))
+
+
+def _dit_step(i: int) -> dict:
+    return {**_dit_inputs(0.0), "timestep": SCHEDULER.timesteps[i].expand(2)}
+
+
+def _hot_model(name: str):
+    """(model, inputs of step i) for each fixed-shape reduced path, reading SCHEDULER's timesteps."""
+    if name.startswith("token_density"):
+        if name.endswith("wan"):
+            model = _wan(2)
+            latents, _, text = _wan_inputs(0.0, frames=3, hw=(8, 12))
+            inputs = lambda i: dict(hidden_states=latents, timestep=SCHEDULER.timesteps[i].expand(1),  # noqa: E731
+                                    encoder_hidden_states=text, return_dict=False)  # fmt: skip
+            config = TokenDensityConfig(factor=(1, 2, 2), pooled_blocks=(0, 1), sparse_blocks=(1, 2))
+        else:
+            model, inputs = _dit(), _dit_step
+            mode = name.split("-")[1]
+            config = TokenDensityConfig(reducer="merge") if mode == "merge" else TokenDensityConfig(sparse_mode=mode)
+        apply_token_density(model, config, scheduler=SCHEDULER)
+        return model, inputs
+    if name == "flexdit":
+        model = convert_to_flexdit(_dit(), dataclasses.replace(FLEX, schedule=TWO_LEVEL))
+    else:
+        model = convert_to_dydit(_dit(), DyDiTConfig())
+        _randomise_dydit(model)
+        model.set_token_capacity(0.5)
+    model.use_scheduler_timesteps(SCHEDULER)
+    return model, _dit_step
+
+
+HOT = ["token_density-sparse_q", "token_density-sparse_kv", "token_density-merge", "token_density-wan",
+       "flexdit", "dydit"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", HOT)
+def test_reduced_forward_has_no_host_device_sync(name):
+    """After a warm-up forward, a reduced forward reads no tensor value on the host: the density
+    decision comes from the scheduler's timesteps (read once per schedule), pooling is reshape +
+    mean, merging and DyDiT's token skipping gather fixed counts (no ``nonzero``)."""
+    model, inputs = _hot_model(name)
+    with torch.no_grad():
+        model(**inputs(3))
+    count = count_hot_path(lambda: model(**inputs(3)))
+    assert count.syncs == 0, count.sync_counts
+    assert count.ops > 50  # the counter saw the forward
+
+
+def test_reading_the_timestep_tensor_is_counted_as_a_sync():
+    """The counter can fail the test above: without the scheduler, the timestep is read (.item())."""
+    model = _dit()
+    apply_token_density(model, TokenDensityConfig())
+    with torch.no_grad():
+        model(**_dit_step(3))
+    assert count_hot_path(lambda: model(**_dit_step(3))).sync_counts["item"] >= 1
+
+
+@pytest.mark.slow  # six 20-step aot_eager runs: ~60 s of CPU
+@pytest.mark.parametrize("name", HOT)
+def test_twenty_step_run_compiles_at_most_twice(name):
+    """A whole 20-step run under ``torch.compile``: no graph break, at most 2 compiles (token
+    density and FlexDiT: one per density level of a two-level schedule; DyDiT: one, its kept widths
+    are symbolic)."""
+    model, inputs = _hot_model(name)
+    counts = compile_counts(model, [((), inputs(i)) for i in range(20)])
+    assert counts.graph_breaks == 0 and counts.compiles <= 2, counts
+
+
+def test_dydit_symbolic_widths_compile_once_and_equal_eager():
+    """DyDiT with 4 distinct width patterns over 20 timesteps compiles once (aot_eager, dynamic
+    widths) and every compiled step equals eager."""
+    model, inputs = _hot_model("dydit")
+    patterns = {tuple(model._plan(i, float(t), torch.device("cpu"), torch.float32)["pattern"] for i in range(4))
+                for t in SCHEDULER.timesteps}  # fmt: skip
+    assert len(patterns) > 2
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)
+    with torch.no_grad():
+        for i in range(0, 20, 3):
+            torch.testing.assert_close(compiled(**inputs(i))[0], model(**inputs(i))[0])
+    assert counter.frame_count == 1
+
+
+def _family(name: str):
+    """(transformer, its inputs) of a tiny model of each family token density patches."""
+    gen = torch.Generator().manual_seed(4)
+    if name == "dit":
+        return _dit(), _dit_inputs(500.0)
+    if name == "pixart":
+        model = tiny_pixart_pipeline(num_layers=3).transformer.eval()
+        return model, dict(hidden_states=torch.randn(1, 4, 16, 16, generator=gen), timestep=torch.tensor([500.0]),
+                           encoder_hidden_states=torch.randn(1, 8, 32, generator=gen), return_dict=False,
+                           added_cond_kwargs={"resolution": None, "aspect_ratio": None})  # fmt: skip
+    model = tiny_cogvideox_pipeline(num_layers=3).transformer.eval()
+    return model, dict(hidden_states=torch.randn(1, 3, 4, 8, 12, generator=gen), timestep=torch.tensor([500]),
+                       encoder_hidden_states=torch.randn(1, 32, 32, generator=gen), return_dict=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["dit", pytest.param("pixart", marks=pytest.mark.slow),
+                                  pytest.param("cogvideox", marks=pytest.mark.slow)])  # ~25 s of CPU each
+def test_regional_compilation_of_families_without_repeated_blocks(name):
+    """DiT, PixArt and CogVideoX list no ``_repeated_blocks``: `compile_repeated_blocks` compiles
+    their blocks from the adapter tables, dense and under token density's block hooks, and the
+    output equals eager. DyDiT has no region and says so."""
+    model, inputs = _family(name)
+    cfg = (TokenDensityConfig(pooled_blocks=(0, 2), sparse_blocks=None, factor=(1, 2, 2), schedule=ConstantSchedule(0.25))
+           if name == "cogvideox" else TokenDensityConfig(schedule=ConstantSchedule(0.25)))  # fmt: skip
+    with torch.no_grad():
+        dense = model(**inputs)[0]
+        apply_token_density(model, cfg)
+        reduced = model(**inputs)[0]
+        counter = CompileCounterWithBackend("aot_eager")
+        assert compile_repeated_blocks(model, backend=counter) == len(model.transformer_blocks)
+        torch.testing.assert_close(model(**inputs)[0], reduced)
+    assert counter.frame_count >= 1 and not torch.allclose(reduced, dense)
+    with pytest.raises(ValueError, match="whole model"):
+        compile_repeated_blocks(convert_to_dydit(_dit(2), DyDiTConfig()))
+
+
+@pytest.mark.slow  # four inductor compiles: ~1 min of CPU
+def test_bench_compile_16k_quick_prints_flops_and_time_ratios():
+    """``bench_compile --shape pixart-16k --quick`` (1,024 tokens): a row per model and mode with
+    the FLOPs ratio beside the time ratio, a verdict against 85% of it, and 0 syncs per forward."""
+    import re
+
+    from mmaccel.benchmarks import bench_compile
+
+    text = bench_compile.main(["--shape", "pixart-16k", "--quick"])
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and " eager" in line
+            or line.startswith("| ") and " inductor" in line]  # fmt: skip
+    assert len(rows) == 8
+    for cells in rows:
+        assert re.fullmatch(r"\d+\.\d\dx", cells[4]) and cells[-1].rstrip(" |") == "0", cells
+        if not cells[0].endswith("dense"):
+            assert float(cells[4][:-1]) > 1.5 and re.match(r"(met|missed) \(\d+%\)", cells[7]), cells

@@ -284,3 +284,48 @@ def test_zoo_digits_dydit_loads_and_saves_flops(target):
     assert classifier_accuracy(load_digit_classifier(), samples, torch.arange(10)) >= 0.7
     with pytest.raises(ValueError, match="target"):
         digits_dydit.load(target=0.6)
+
+
+# -- fixed-capacity token skipping ----------------------------------------------------------------
+
+@pytest.mark.parametrize("lora", [0, 2])
+def test_fixed_capacity_equals_reference_gather_when_the_kept_tokens_fit(lora):
+    """``set_token_capacity(c)``: top-k by router logit (static shape) instead of ``nonzero``. At
+    capacity 1 and at any capacity holding every passing token it equals the reference gather;
+    the stats and the FLOPs counted follow the capacity."""
+    model = convert_to_dydit(_dense("dit"), DyDiTConfig(lora_rank=lora))
+    _randomise(model)
+    inputs = _inputs("dit")
+    with torch.no_grad():
+        for r in model.routers:
+            r.token[2].bias.fill_(-1.5)  # fewer tokens pass
+        reference = model(**inputs).sample
+        model.set_execution("masked")
+        model(**inputs)
+        passing = max(int(m["tokens"].sum(-1).max()) for m in model._last_masks)  # most in one sample and block
+        model.set_execution("pruned")
+        capacity = passing / 256
+        assert capacity < 0.9
+        for c in (1.0, capacity):
+            model.set_token_capacity(c)
+            torch.testing.assert_close(model(**inputs).sample, reference, rtol=1e-5, atol=1e-6)
+        assert model.stats.steps[-1]["tokens"] == [float(passing)] * len(model.transformer_blocks)
+        counted = _flops(lambda: model(**inputs)) / 2
+    assert counted == pytest.approx(model.stats.steps[-1]["flops"], rel=0.01)
+
+
+def test_small_capacity_skips_more_tokens_and_bad_capacities_raise():
+    model = convert_to_dydit(_dense("dit"), DyDiTConfig())
+    _randomise(model)
+    inputs = _inputs("dit")
+    with torch.no_grad():
+        reference = model(**inputs).sample
+        model.set_token_capacity(0.25)
+        reduced = model(**inputs).sample
+    assert not torch.allclose(reduced, reference) and torch.isfinite(reduced).all()
+    assert model.stats.steps[-1]["tokens"][0] == 64.0 and model.stats.steps[-1]["flops"] < model.stats.steps[-2]["flops"]
+    for bad, error in ((0.0, ValueError), (1.5, ValueError), ("half", TypeError), (True, TypeError)):
+        with pytest.raises(error, match="token capacity"):
+            model.set_token_capacity(bad)
+    model.set_token_capacity(None)
+    assert model.token_capacity is None

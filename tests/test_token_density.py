@@ -314,3 +314,27 @@ def test_steady_state_compiles_without_graph_breaks(pipes):
     assert len(steps) == 5 and [s.progress for s in steps[-2:]] == [pytest.approx(0.5), pytest.approx(0.7)]
     assert steps[-1].token_ratio < 1
     torch._dynamo.reset()
+
+
+def test_scheduler_timesteps_are_read_on_the_host(pipes):
+    """``scheduler=``: the DiT pipeline's timestep tensors are views of ``scheduler.timesteps``,
+    found by storage offset (no miss); progress follows the schedule. A copy is a miss, a new
+    schedule is re-read."""
+    from mmaccel.runtime.timesteps import HostTimesteps, host_timestep_callback
+
+    pipe = pipes["dit"]
+    with apply_token_density(pipe.transformer, TokenDensityConfig(), scheduler=pipe.scheduler) as handle:
+        pipe(**{**call_kwargs("dit"), "num_inference_steps": 3, "output_type": "latent"})
+        host = handle.model._diffusers_hook.get_hook(td._HOOK).host
+    steps = pipe.scheduler.timesteps.tolist()
+    assert host.misses == 0 and [s.progress for s in handle.stats.steps] == [pytest.approx(1 - t / 1000) for t in steps]
+    lookup = HostTimesteps(pipe.scheduler)
+    assert lookup.lookup(pipe.scheduler.timesteps[1][None].expand(4)) == steps[1]
+    assert lookup.lookup(pipe.scheduler.timesteps[1].clone()) is None and lookup.misses == 1
+    assert lookup.lookup(250) == 250.0
+    pipe.scheduler.set_timesteps(5)
+    assert lookup.lookup(pipe.scheduler.timesteps[4]) == pipe.scheduler.timesteps[4].item()
+    fake = type("Pipe", (), {"scheduler": pipe.scheduler, "current_timestep": pipe.scheduler.timesteps[2]})()
+    assert host_timestep_callback(fake)() == pipe.scheduler.timesteps[2].item()
+    with pytest.raises(TypeError, match="scheduler"):
+        HostTimesteps(object())
