@@ -227,11 +227,6 @@ class TokenDensityStats(Stats):
         self.steps.clear()
 
     @property
-    def reduced(self) -> bool:
-        """Whether any block ran on fewer query or key/value tokens than the dense count."""
-        return any(b != (self.dense_tokens, self.dense_tokens) for b in self.block_tokens)
-
-    @property
     def token_ratio(self) -> float:
         """Mean over forwards of `DensityStep.token_ratio`."""
         if not self.steps:
