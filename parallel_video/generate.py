@@ -49,6 +49,7 @@ from mmaccel.runtime.limits import (
     estimate_video_time,
     format_duration,
 )
+from mmaccel.runtime.paths import read_json_object
 from mmaccel.runtime.pipelines import expert_for, pipeline_transformers
 
 __all__ = [
@@ -201,11 +202,11 @@ class VideoGeometry:
             path = folder / part / "config.json"
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found: --model must be a saved WanPipeline folder")
-            configs[part] = _read_json_object(path)
+            configs[part] = read_json_object(path)
         downsample = configs["vae"].get("temperal_downsample", [False, True, True])
         tr = configs["transformer"]
         index_path = folder / "model_index.json"
-        index = _read_json_object(index_path) if index_path.is_file() else {}
+        index = read_json_object(index_path) if index_path.is_file() else {}
         if index.get("_class_name", "WanPipeline") != "WanPipeline":
             raise ValueError(f"--model must be a text-to-video WanPipeline folder, got a {index['_class_name']}")
         experts = ("transformer", "transformer_2") if (index.get("transformer_2") or [None])[0] else ("transformer",)
@@ -217,17 +218,6 @@ class VideoGeometry:
             int(tr.get("num_layers", 30)), str(tr.get("_class_name", "WanTransformer3DModel")), experts,
             index.get("boundary_ratio"),
         )  # fmt: skip
-
-
-def _read_json_object(path: Path) -> dict[str, Any]:
-    """The JSON object in ``path``; ``ValueError`` naming the file when it is unreadable or not an object."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{str(path)!r} is not readable JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{str(path)!r} does not hold a JSON object")
-    return data
 
 
 def check_long_video(pipe: Any, config: LongVideoConfig, world_size: int) -> None:

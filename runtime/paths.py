@@ -23,6 +23,7 @@ __all__ = [
     "check_output_path",
     "model_folder_class",
     "prune_folder",
+    "read_json_object",
 ]
 
 
@@ -87,6 +88,18 @@ def check_output_dir(path: Any, *, flag: str = "--checkpoint-dir") -> Path:
     return out
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in the file ``path``; ``ValueError`` naming the file when it is unreadable
+    or holds something else than an object (a model folder's ``config.json``, ``model_index.json``)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{str(path)!r} is not readable JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(path)!r} does not hold a JSON object")
+    return data
+
+
 def model_folder_class(folder: Any) -> str | None:
     """The class a ``save_pretrained`` folder declares: ``model_index.json``'s ``_class_name``
     (diffusers pipelines), else ``config.json``'s first ``architectures`` entry or its
@@ -96,12 +109,7 @@ def model_folder_class(folder: Any) -> str | None:
         path = folder / name
         if not path.is_file():
             continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{str(path)!r} is not readable JSON: {err}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{str(path)!r} does not hold a JSON object")
+        data = read_json_object(path)
         for key in keys:
             value = data.get(key)
             if isinstance(value, list) and value and isinstance(value[0], str):
