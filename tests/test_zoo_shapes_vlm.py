@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from mmaccel.apps.zoo import zoo_path
+from mmaccel.apps.zoo import zoo_module, zoo_path
 from mmaccel.apps.zoo.shapes_data import (
     COLOURS,
     SIZES,
@@ -130,8 +130,9 @@ def test_training_labels_cover_only_answers():
         assert torch.isfinite(model(**batch).loss)
 
 
-def test_committed_model_answers_held_out_questions(shapes_vlm):
-    model, processor = shapes_vlm
+@pytest.mark.parametrize("name", ["shapes-vlm", "shapes-vlm-seed1"])  # the same bars for both seeds
+def test_committed_model_answers_held_out_questions(name):
+    model, processor = zoo_module(name).load()
     assert type(model).__name__ == "LlavaNextForConditionalGeneration"
     metrics = evaluate(load_vlm(model, processor=processor), n_questions=200, n_captions=0)
     assert metrics["QA accuracy"] >= MIN_QA_ACCURACY, metrics
@@ -184,3 +185,20 @@ def test_train_writes_the_card_of_the_entry_it_is_given(tmp_path, monkeypatch):
     card = (tmp_path / "README.md").read_text()
     assert card.startswith("# shapes-vlm-seed1\n") and "mmaccel zoo train shapes-vlm-seed1 --seed 1" in card
     assert metrics["QA accuracy"] == 0.0 and load(tmp_path).model.config.text_config.num_hidden_layers == 4
+
+
+def test_seed1_entry_is_the_recipe_from_another_seed(shapes_vlm, tmp_path, monkeypatch, capsys):
+    import mmaccel.apps.zoo.shapes_vlm as shapes_vlm_module
+    from mmaccel.apps.cli import main
+    from mmaccel.apps.zoo import shapes_vlm_seed1
+
+    card = (zoo_path("shapes-vlm-seed1") / "README.md").read_text()
+    assert card.startswith("# shapes-vlm-seed1\n") and "mmaccel zoo train shapes-vlm-seed1 --seed 1" in card
+    a, b = shapes_vlm.model.state_dict(), shapes_vlm_seed1.load().model.state_dict()
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    assert not torch.equal(a["lm_head.weight"], b["lm_head.weight"])
+    calls = []
+    monkeypatch.setattr(shapes_vlm_module, "train", lambda output, **kw: calls.append(kw) or {})
+    assert main(["zoo", "train", "shapes-vlm-seed1", "--output", str(tmp_path), "--quiet"]) == 0
+    assert calls == [dict(seed=1, progress=False, name="shapes-vlm-seed1")]  # the committed weights' seed
+    capsys.readouterr()

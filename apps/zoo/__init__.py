@@ -26,6 +26,7 @@ REGISTRY: dict[str, str] = {
     "digits-dydit": "mmaccel.apps.zoo.digits_dydit",
     "moving-digits": "mmaccel.apps.zoo.moving_digits",
     "shapes-vlm": "mmaccel.apps.zoo.shapes_vlm",
+    "shapes-vlm-seed1": "mmaccel.apps.zoo.shapes_vlm_seed1",
     "digits-nar": "mmaccel.apps.zoo.digits_nar",
 }
 
