@@ -547,18 +547,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     size = "quick" if args.quick else "full"
     print(f"Machine: {machine_description()}", flush=True)
-    if args.ttft_peers:
-        table, notes = run_ttft_peers(args.repeats)
-        print(f"\n{table}\n\n{notes}\n")
-        if args.write:
-            append_results("TTFT: dense vs HiRED vs FastV (prune), full size, batch 1", table, notes=notes, path=RESULTS)
-        return
-    if args.selection_cost:
-        table, notes = run_selection_cost(args.repeats)
-        print(f"\n{table}\n\n{notes}\n")
-        if args.write:
-            append_results("HiRED selection cost vs the CLIP ViT-L/14-336 tower", table, notes=notes, path=RESULTS)
-        return
+    for asked, title, run in (
+        (args.ttft_peers, "TTFT: dense vs HiRED vs FastV (prune), full size, batch 1", run_ttft_peers),
+        (args.selection_cost, "HiRED selection cost vs the CLIP ViT-L/14-336 tower", run_selection_cost),
+    ):
+        if asked:  # a section run on its own
+            table, notes = run(args.repeats)
+            print(f"\n{table}\n\n{notes}\n")
+            if args.write:
+                append_results(title, table, notes=notes, path=RESULTS)
+            return
     fidelity, fidelity_notes, verdicts = run_fidelity(args.quick, args.zoo_path, args.zoo)
     label = args.zoo_path or args.zoo
     print(f"\nFidelity on the zoo model {label}\n\n{fidelity}\n\n{fidelity_notes}\n")
