@@ -273,7 +273,7 @@ class AttentionInfo:
                     kmeans_iterations=self.kmeans_iterations, warm_start=self.warm_start)  # fmt: skip
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Clustering:
     """One sparse call's decisions: the k-means labels (B*H, S) and cluster sizes (B*H, C) of the
     queries and of the keys, and the selected (query cluster, key cluster) pairs (B*H, Cq, Ck).
@@ -834,14 +834,15 @@ def _recomputing() -> bool:
 
 class _SVG2Processor:
     """Shared part: dense warm-up decision (by step and layer), k-means state and stats, the
-    cold-start draw made ahead (`_cold_start_draw`) and the clustering kept for a recompute.
+    cold-start draw made ahead (`_cold_start_draw`) and the decision kept for a recompute.
 
-    Gradient checkpointing: an eager call with gradients keeps its `Clustering` (``kept``); a
-    call inside the backward pass (`_recomputing`) is a checkpointed block's recompute and
-    attends with the kept clustering, without k-means and without touching the k-means memory
-    or the stats, so it saves the tensors its forward saved. The kept clustering is the layer's
-    latest forward's: run a checkpointed forward's backward before the next forward with
-    gradients (a training step's order)."""
+    Gradient checkpointing: an eager forward call with gradients keeps its decision (``kept``:
+    "dense" or its `Clustering`); a call inside the backward pass (`_recomputing`) is a
+    checkpointed block's recompute and takes the kept decision: dense, or the kept clustering
+    without k-means, and without touching the k-means memory or the stats, so it saves the
+    tensors its forward saved. Only the layer's latest forward's decision is kept: a recompute
+    after more than one forward with gradients since the layer's last recompute could be of an
+    earlier one, and raises."""
 
     _attention_backend = None  # set by diffusers' set_attention_backend; used by the dense paths
     _parallel_config = None
@@ -856,7 +857,8 @@ class _SVG2Processor:
         self.stats = stats
         self.state = SparseAttentionState()
         self.dense_layer = layer_idx < dense_layer_count(config.dense_layers, num_layers)
-        self.kept: Clustering | None = None
+        self.kept: Clustering | str | None = None
+        self.kept_forwards = 0  # forwards with gradients since this layer's last recompute
 
     def _cold_start_draw(
         self, batch: int, tokens: int, device: torch.device
@@ -879,32 +881,17 @@ class _SVG2Processor:
             return state.draw
         return key, [idx.to(device) for idx in _draw_indices(key)]
 
-    def _clustering(self) -> Clustering | None:
-        """None for a forward; in a recompute, the clustering its forward kept."""
-        if not _recomputing():
-            return None
-        if self.kept is None:
-            raise RuntimeError(
-                f"SVG2 layer {self.layer_idx} is recomputed in a backward pass but kept no clustering: its "
-                "forward ran without gradients, or the layer ran dense then"
-            )
-        return self.kept
-
-    def _done(self, clustering: Clustering | None, query: torch.Tensor) -> None:
-        """After a sparse call: stats, and the clustering kept for a recompute (eager calls with
-        gradients; a recompute changes neither)."""
-        if clustering is not None:
-            return
-        self._record()
-        grad = torch.is_grad_enabled() and query.requires_grad and not torch.compiler.is_compiling()
-        self.kept = self.state.clustering() if grad else None
-
-    def _is_dense(self, attention_mask: torch.Tensor | None) -> bool:
+    def _plan(self, attention_mask: torch.Tensor | None) -> tuple[bool, Clustering | None]:
+        """(dense, clustering) of this call. A forward decides (dense warm-up by step and layer;
+        clustering None: k-means runs) and counts a dense call; a recompute takes its forward's."""
         if attention_mask is not None:
             raise NotImplementedError(f"{type(self).__name__} does not implement attention masks")
+        if _recomputing():
+            kept = self._kept_for_recompute()
+            return (True, None) if isinstance(kept, str) else (False, kept)
         dense = self.dense_layer or self.clock.dense_step
-        if dense and not _recomputing():
-            self.kept = None
+        if dense:
+            self._keep("dense")
             self.stats._count("dense", 1.0)
             if self.config.profile and not torch.compiler.is_compiling():
                 self.stats.records.append(
@@ -912,7 +899,35 @@ class _SVG2Processor:
                          block_density=None, kmeans_s=0.0, attention_s=0.0, kmeans_iterations=(0, 0),
                          warm_start=False)
                 )  # fmt: skip
-        return dense
+        return dense, None
+
+    def _keep(self, decision: Clustering | str) -> None:
+        """An eager forward with gradients keeps its decision for a checkpointed recompute."""
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            self.kept = decision
+            self.kept_forwards += 1
+
+    def _kept_for_recompute(self) -> Clustering | str:
+        if self.kept is None:
+            raise RuntimeError(
+                f"SVG2 layer {self.layer_idx} is recomputed in a backward pass, but no forward of it ran with "
+                "gradients: there is no decision to recompute with"
+            )
+        if self.kept_forwards > 1:
+            raise RuntimeError(
+                f"SVG2 layer {self.layer_idx} is recomputed in a backward pass after {self.kept_forwards} forwards "
+                "with gradients, and keeps only the latest one's clustering for its recompute, which may be of "
+                "an earlier one: run each checkpointed forward's backward before the next forward with "
+                "gradients (forwards without a backward under torch.no_grad())"
+            )
+        self.kept_forwards = 0
+        return self.kept
+
+    def _done(self, clustering: Clustering | None) -> None:
+        """After a sparse call: a forward's stats and kept clustering (a recompute changes neither)."""
+        if clustering is None:
+            self._record()
+            self._keep(self.state.clustering())
 
     def _record(self) -> None:
         state = self.state
@@ -953,9 +968,10 @@ class SVG2WanAttnProcessor(_SVG2Processor):
         if encoder_hidden_states is not None:
             raise NotImplementedError("SVG2WanAttnProcessor handles self-attention (attn1) only")
         query, key, value = wan.project_qkv(attn, hidden_states, rotary=rotary_emb)
-        if self._is_dense(attention_mask):  # dispatch: backend and context parallelism apply
+        dense, clustering = self._plan(attention_mask)
+        if dense:  # dispatch: backend and context parallelism apply
             return wan.project_out(attn, wan.attention(attn, query, key, value), query)
-        ulysses, clustering = _ulysses(self._parallel_config), self._clustering()
+        ulysses = _ulysses(self._parallel_config)
         if ulysses is None:
             out = semantic_sparse_attention(
                 query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.config, self.state,
@@ -977,7 +993,7 @@ class SVG2WanAttnProcessor(_SVG2Processor):
             out = TemplatedUlyssesAttention.apply(
                 query, key, value, None, 0.0, False, None, False, False, sparse_op, None, self._parallel_config
             )
-        self._done(clustering, query)
+        self._done(clustering)
         return wan.project_out(attn, out, query)
 
 
@@ -997,18 +1013,18 @@ class SVG2CogVideoXAttnProcessor(_SVG2Processor):
             raise NotImplementedError("SVG2 on CogVideoX under context parallelism is not implemented")
         text_len = encoder_hidden_states.shape[1]
         query, key, value = cogvideox.project_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        if self._is_dense(attention_mask):
+        dense, clustering = self._plan(attention_mask)
+        if dense:
             return cogvideox.project_out(attn, cogvideox.attention(attn, query, key, value), text_len)
 
         def text_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return cogvideox.attention(attn, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
-        clustering = self._clustering()
         out = semantic_sparse_attention(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.config, self.state,
             dense_prefix=text_len, prefix_attention=text_rows, clustering=clustering,
         )  # fmt: skip
-        self._done(clustering, query)
+        self._done(clustering)
         return cogvideox.project_out(attn, out.transpose(1, 2), text_len)
 
 
@@ -1030,7 +1046,8 @@ class SVG2HunyuanVideoAttnProcessor(_SVG2Processor):
             raise NotImplementedError("SVG2 on HunyuanVideo under context parallelism is not implemented")
         t = encoder_hidden_states.shape[1]
         query, key, value = hunyuan_video.project_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        if self._is_dense(None):  # the key mask is the model's own, not a user mask
+        dense, clustering = self._plan(None)  # the key mask is the model's own, not a user mask
+        if dense:
             return hunyuan_video.project_out(attn, hunyuan_video.attention(attn, query, key, value, attention_mask), t)
 
         def text_first(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -1042,13 +1059,12 @@ class SVG2HunyuanVideoAttnProcessor(_SVG2Processor):
             out = hunyuan_video.attention(attn, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
             return out.transpose(1, 2)
 
-        clustering = self._clustering()
         out = semantic_sparse_attention(
             *(text_first(x, 1).transpose(1, 2) for x in (query, key, value)), self.config, self.state,
             dense_prefix=t, prefix_attention=text_rows,
             prefix_mask=None if mask is None else mask.flatten(0, 2)[:, :t], clustering=clustering,
         )  # fmt: skip
-        self._done(clustering, query)
+        self._done(clustering)
         out = out.transpose(1, 2)
         return hunyuan_video.project_out(attn, torch.cat([out[:, t:], out[:, :t]], 1), t)
 

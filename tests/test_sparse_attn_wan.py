@@ -276,7 +276,11 @@ def test_warm_sparse_forward_reads_nothing_back(pipe):
 
 def _family_forward(family: str):
     """A tiny model of ``family`` and a forward of it on fixed inputs (gradients as the caller's)."""
-    from mmaccel.testing import tiny_cogvideox_pipeline, tiny_hunyuan_video_inputs, tiny_hunyuan_video_transformer
+    from mmaccel.testing import (
+        tiny_cogvideox_pipeline,
+        tiny_hunyuan_video_inputs,
+        tiny_hunyuan_video_transformer,
+    )
 
     if family == "wan":
         model, x = tiny_wan_pipeline().transformer, _inputs()
@@ -364,13 +368,20 @@ def test_gradient_checkpointing_recomputes_with_the_forwards_clustering():
     assert stats == plain_stats and stats["dense_calls"] == 2 and stats["masked_calls"] == 2 * 3
 
 
-def test_a_recompute_without_its_forwards_clustering_raises():
+def test_a_recompute_without_its_forwards_decision_raises():
+    """A recompute takes the layer's latest forward's decision: with none kept, or after two
+    forwards with gradients (it could be the earlier one's recompute), it raises."""
     model = tiny_wan_pipeline().transformer
     cfg = SVG2Config(num_q_clusters=4, num_k_clusters=6, dense_steps=0.0, dense_layers=0.0, backend="masked")
     with apply_svg2(model, cfg) as handle:
         model.enable_gradient_checkpointing()
         out = model(*_inputs(), return_dict=False)[0]
-        assert all(p.kept is not None for p in handle.processors)
+        assert all(p.kept is not None and p.kept_forwards == 1 for p in handle.processors)
         handle.processors[-1].kept = None
-        with pytest.raises(RuntimeError, match="recomputed in a backward pass but kept no clustering"):
+        with pytest.raises(RuntimeError, match="no forward of it ran with gradients"):
             out.sum().backward()
+    with apply_svg2(model, cfg):
+        first = model(*_inputs(), return_dict=False)[0]
+        second = model(*_inputs(1), return_dict=False)[0]
+        with pytest.raises(RuntimeError, match="after 2 forwards with gradients"):
+            (first + second).sum().backward()
