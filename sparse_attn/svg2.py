@@ -485,8 +485,8 @@ def _initial_centroids(
     """Cold-start centroids (random distinct tokens, `_draw_indices`) for each ``(tokens,
     clusters)`` job, in order, seeded with ``seed``; ``heads = (first, local, total)`` as there.
 
-    ``draw``: a ``(key, indices)`` drawn ahead (`SVG2`'s pre-forward hook, outside a compiled
-    region); used when its key is this call's, so the call itself only gathers. Otherwise the
+    ``draw``: a ``(key, indices)`` drawn ahead (`_Clock`, the transformer's forward pre-hook,
+    outside a compiled region); used when its key is this call's, so the call itself only gathers. Otherwise the
     indices are drawn here (the same ones: the draw depends on the key only)."""
     key = _draw_key([(x.shape[0], x.shape[1], c) for x, c in jobs], seed, heads)
     indices = draw[1] if draw is not None and draw[0] == key else _draw_indices(key)
@@ -827,8 +827,8 @@ class _Clock:
 
 
 def _recomputing() -> bool:
-    """Whether this eager call is a checkpointed block's recompute: torch's checkpoint (reentrant
-    or not) recomputes inside the backward pass, the only time a graph task is running."""
+    """Whether this eager call is a checkpointed block's recompute: torch's checkpoint recomputes
+    inside the backward pass, the only time a graph task is running."""
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
@@ -842,7 +842,8 @@ class _SVG2Processor:
     without k-means, and without touching the k-means memory or the stats, so it saves the
     tensors its forward saved. Only the layer's latest forward's decision is kept: a recompute
     after more than one forward with gradients since the layer's last recompute could be of an
-    earlier one, and raises."""
+    earlier one, and raises; so does the recompute of a reentrant checkpoint, whose forward runs
+    without gradients (diffusers' checkpointing is non-reentrant)."""
 
     _attention_backend = None  # set by diffusers' set_attention_backend; used by the dense paths
     _parallel_config = None
@@ -911,7 +912,8 @@ class _SVG2Processor:
         if self.kept is None:
             raise RuntimeError(
                 f"SVG2 layer {self.layer_idx} is recomputed in a backward pass, but no forward of it ran with "
-                "gradients: there is no decision to recompute with"
+                "gradients: there is no decision to recompute with (a reentrant checkpoint, use_reentrant=True, "
+                "runs its forward without gradients; diffusers' own checkpointing is non-reentrant)"
             )
         if self.kept_forwards > 1:
             raise RuntimeError(

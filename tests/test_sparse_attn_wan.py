@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
@@ -369,8 +370,9 @@ def test_gradient_checkpointing_recomputes_with_the_forwards_clustering():
 
 
 def test_a_recompute_without_its_forwards_decision_raises():
-    """A recompute takes the layer's latest forward's decision: with none kept, or after two
-    forwards with gradients (it could be the earlier one's recompute), it raises."""
+    """A recompute takes the layer's latest forward's decision: with none kept (also a reentrant
+    checkpoint's), or after two forwards with gradients (it could be the earlier one's
+    recompute), it raises."""
     model = tiny_wan_pipeline().transformer
     cfg = SVG2Config(num_q_clusters=4, num_k_clusters=6, dense_steps=0.0, dense_layers=0.0, backend="masked")
     with apply_svg2(model, cfg) as handle:
@@ -385,3 +387,7 @@ def test_a_recompute_without_its_forwards_decision_raises():
         second = model(*_inputs(1), return_dict=False)[0]
         with pytest.raises(RuntimeError, match="after 2 forwards with gradients"):
             (first + second).sum().backward()
+    with apply_svg2(model, cfg):  # a reentrant checkpoint's forward runs without gradients
+        model.enable_gradient_checkpointing(functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=True))
+        with pytest.raises(RuntimeError, match="use_reentrant=True"):
+            model(*_inputs(), return_dict=False)[0].sum().backward()
