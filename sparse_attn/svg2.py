@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 
 from mmaccel.runtime.adapters import cogvideox, hunyuan_video, wan
-from mmaccel.runtime.checkpointing import refuse_checkpointed_gradients
 from mmaccel.runtime.configs import resolve_config
 from mmaccel.runtime.patching import PatchHandle
 from mmaccel.runtime.stats import Stats
@@ -45,12 +44,13 @@ from mmaccel.sparse_attn.backends import (
     masked_block_sparse,
     reference_block_sparse,
 )
-from mmaccel.sparse_attn.kmeans import KMEANS_BACKENDS, kmeans, random_init
+from mmaccel.sparse_attn.kmeans import KMEANS_BACKENDS, kmeans
 
 __all__ = [
     "PRESETS",
     "SUPPORTED_TRANSFORMERS",
     "AttentionInfo",
+    "Clustering",
     "Preset",
     "SVG2CogVideoXAttnProcessor",
     "SVG2Config",
@@ -273,33 +273,59 @@ class AttentionInfo:
                     kmeans_iterations=self.kmeans_iterations, warm_start=self.warm_start)  # fmt: skip
 
 
+@dataclass(frozen=True, eq=False)
+class Clustering:
+    """One sparse call's decisions: the k-means labels (B*H, S) and cluster sizes (B*H, C) of the
+    queries and of the keys, and the selected (query cluster, key cluster) pairs (B*H, Cq, Ck).
+    Given to `semantic_sparse_attention`, they replace its k-means and selection (the recompute
+    of a checkpointed forward takes its forward's)."""
+
+    q_labels: torch.Tensor
+    q_counts: torch.Tensor
+    k_labels: torch.Tensor
+    k_counts: torch.Tensor
+    selected: torch.Tensor
+
+
 @dataclass
 class SparseAttentionState:
     """Per-layer k-means memory: the last Q / K centroids (B*H, C, D), reused as warm start.
 
     Consecutive calls on the same layer (later denoising steps, the CFG passes of one step)
-    share it. ``q_labels`` / ``k_labels`` (B*H, S) and ``selected`` (B*H, Cq, Ck) are the latest
-    call's clustering and selection, ``density`` (0-dim tensor) and ``backend`` its mask-weighted
-    density and kernel. ``last`` (an `AttentionInfo`; its densities are read lazily, its timings
-    filled only with ``profile=True``) and ``calls`` are updated by eager calls only.
+    share it. ``q_labels`` / ``k_labels`` (B*H, S), ``q_counts`` / ``k_counts`` (B*H, C) and
+    ``selected`` (B*H, Cq, Ck) are the latest call's clustering and selection (`clustering`),
+    ``density`` (0-dim tensor) and ``backend`` its mask-weighted density and kernel. ``last`` (an
+    `AttentionInfo`; its densities are read lazily, its timings filled only with
+    ``profile=True``) and ``calls`` are updated by eager calls only. ``draw`` is a cold start's
+    random draw made ahead (`apply_svg2`'s pre-forward hook), used when a call's cold start
+    matches it.
     """
 
     q_centroids: torch.Tensor | None = None
     k_centroids: torch.Tensor | None = None
     q_labels: torch.Tensor | None = None
     k_labels: torch.Tensor | None = None
+    q_counts: torch.Tensor | None = None
+    k_counts: torch.Tensor | None = None
     selected: torch.Tensor | None = None
     last: AttentionInfo | None = None
     calls: int = field(default=0)
     density: torch.Tensor | None = None
     backend: str | None = None
+    draw: tuple[_DrawKey, list[torch.Tensor]] | None = None
 
     def reset(self) -> None:
         """Forget everything (the next call cold-starts), e.g. before a new video."""
         self.q_centroids = self.k_centroids = self.last = None
-        self.q_labels = self.k_labels = self.selected = None
-        self.density = self.backend = None
+        self.q_labels = self.k_labels = self.q_counts = self.k_counts = self.selected = None
+        self.density = self.backend = self.draw = None
         self.calls = 0
+
+    def clustering(self) -> Clustering | None:
+        """The latest call's `Clustering`, None before any call."""
+        if self.selected is None:
+            return None
+        return Clustering(self.q_labels, self.q_counts, self.k_labels, self.k_counts, self.selected)
 
 
 def min_kept_clusters(min_kc_ratio: float, num_k_clusters: int) -> int:
@@ -418,31 +444,56 @@ def _clock(device: torch.device, profile: bool) -> float | None:
     return time.perf_counter()
 
 
-@torch.compiler.disable
-def _initial_centroids(
-    jobs: list[tuple[torch.Tensor, int]], seed: int, heads: tuple[int, int, int] | None = None
-) -> list[torch.Tensor]:
-    """Cold-start centroids (random distinct tokens) for each ``(tokens, clusters)`` job, in order,
-    from one CPU generator seeded with ``seed``; outside any compiled graph.
+#: a cold start's random draw: (seed, first, local, total, ((rows, tokens, clusters), ...)), see `_draw_key`
+_DrawKey = tuple[int, int, int, int, tuple[tuple[int, int, int], ...]]
 
-    ``heads = (first, local, total)``: the rows are heads ``first .. first + local`` of ``total``
-    (a context-parallel rank's share after Ulysses' all-to-all). The draw is made for all
-    ``total`` heads and this rank's rows are kept, so every head starts from the same centroids
-    as in one process."""
+
+def _draw_key(jobs: list[tuple[int, int, int]], seed: int, heads: tuple[int, int, int] | None) -> _DrawKey:
+    """What a cold start's draw depends on: the ``(rows, tokens, clusters)`` of each cold job in
+    order, the seed and the head share ``(first, local, total)`` (None: all heads, as one share of
+    one head per row)."""
+    first, local, total = (0, 1, 1) if heads is None else heads
+    return (seed, first, local, total, tuple(jobs))
+
+
+@torch.compiler.disable
+def _draw_indices(key: _DrawKey) -> list[torch.Tensor]:
+    """The tokens a cold start takes as centroids: per job, ``clusters`` distinct random token
+    indices per row, (rows, clusters) long on the CPU, from one CPU generator seeded with the
+    key's seed (a host draw, outside any compiled graph).
+
+    Rows are heads ``first .. first + local`` of ``total`` per sample (a context-parallel rank's
+    share after Ulysses' all-to-all): the draw is made for all ``total`` heads and this share's
+    rows are kept, so every head starts from the same tokens as in one process."""
+    seed, first, local, total, jobs = key
     generator = torch.Generator().manual_seed(seed)
-    if heads is None:
-        return [random_init(x.float(), c, generator) for x, c in jobs]
-    first, local, total = heads
     out = []
-    for x, c in jobs:
-        n, s, d = x.shape
-        b = n // local
+    for n, s, c in jobs:
         if not 1 <= c <= s:
             raise ValueError(f"num_clusters must be in [1, {s}] (the number of tokens), got {c}")
-        noise = torch.rand(b * total, s, generator=generator).view(b, total, s)[:, first : first + local]
-        idx = noise.reshape(n, s).argsort(dim=1)[:, :c].to(x.device)
-        out.append(torch.gather(x.float(), 1, idx.unsqueeze(-1).expand(-1, -1, d)))
+        noise = torch.rand(n // local * total, s, generator=generator).view(n // local, total, s)
+        out.append(noise[:, first : first + local].reshape(n, s).argsort(dim=1)[:, :c])
     return out
+
+
+def _initial_centroids(
+    jobs: list[tuple[torch.Tensor, int]],
+    seed: int,
+    heads: tuple[int, int, int] | None = None,
+    draw: tuple[_DrawKey, list[torch.Tensor]] | None = None,
+) -> list[torch.Tensor]:
+    """Cold-start centroids (random distinct tokens, `_draw_indices`) for each ``(tokens,
+    clusters)`` job, in order, seeded with ``seed``; ``heads = (first, local, total)`` as there.
+
+    ``draw``: a ``(key, indices)`` drawn ahead (`_Clock`, the transformer's forward pre-hook,
+    outside a compiled region); used when its key is this call's, so the call itself only gathers. Otherwise the
+    indices are drawn here (the same ones: the draw depends on the key only)."""
+    key = _draw_key([(x.shape[0], x.shape[1], c) for x, c in jobs], seed, heads)
+    indices = draw[1] if draw is not None and draw[0] == key else _draw_indices(key)
+    return [
+        torch.gather(x.float(), 1, idx.to(x.device).unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        for (x, _), idx in zip(jobs, indices)
+    ]
 
 
 def _clustered_attention(
@@ -527,6 +578,7 @@ def semantic_sparse_attention(
     prefix_attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     heads: tuple[int, int] | None = None,
     prefix_mask: torch.Tensor | None = None,
+    clustering: Clustering | None = None,
 ) -> torch.Tensor:
     """SVG2 attention for ``q`` (B, H, Sq, D), ``k`` (B, H, Sk, D), ``v`` (B, H, Sk, Dv).
 
@@ -545,12 +597,20 @@ def semantic_sparse_attention(
     ``heads = (first, total)``: ``q``'s ``H`` heads are heads ``first .. first + H`` of a model
     with ``total`` heads (context parallelism: one rank's share); k-means cold starts then draw
     exactly the centroids the one-process run draws for those heads.
+
+    ``clustering``: the `Clustering` to attend with instead of running k-means and the selection
+    (the recompute of a checkpointed forward, which takes its forward's); ``state`` is then
+    neither read nor updated. k-means clusters detached queries and keys: its decisions carry
+    no gradient, and a backward saves only the attention's tensors.
     """
     _check_inputs(q, k, v, config, dense_prefix)
     state = SparseAttentionState() if state is None else state
     b, h, sq, d = q.shape
     sk, n = k.shape[2], dense_prefix
-    qf, kf = q[:, :, n:].reshape(b * h, sq - n, d), k[:, :, n:].reshape(b * h, sk - n, d)
+    if clustering is not None:
+        _check_clustering(clustering, b * h, sq - n, sk - n, config)
+        return _attend(q, k, v, config, clustering, dense_prefix, prefix_attention, prefix_mask)[0]
+    qf, kf = (x[:, :, n:].detach().reshape(b * h, x.shape[2] - n, d) for x in (q, k))
 
     t0 = _clock(q.device, config.profile)
     jobs = (("q", qf, config.num_q_clusters), ("k", kf, config.num_k_clusters))
@@ -560,7 +620,7 @@ def semantic_sparse_attention(
         warm[name] = init is not None and init.shape == (b * h, c, d) and init.device == q.device
     cold = [(x, c) for name, x, c in jobs if not warm[name]]
     share = None if heads is None else (heads[0], h, heads[1])
-    inits = iter(_initial_centroids(cold, config.seed + state.calls, share) if cold else [])
+    inits = iter(_initial_centroids(cold, config.seed + state.calls, share, state.draw) if cold else [])
     results = []
     for name, x, c in jobs:
         results.append(
@@ -577,35 +637,15 @@ def semantic_sparse_attention(
     state.q_centroids, state.k_centroids = kq.centroids, kk.centroids
     selected = select_clusters(kq.centroids, kk.centroids, kk.counts, config.top_p, config.min_kc_ratio)
     t1 = _clock(q.device, config.profile)
-
-    if n:  # the prefix is one more key cluster (label Ck), selected by every query cluster
-        ck = config.num_k_clusters
-        prefix = kk.labels.new_full((b * h, n), ck)
-        counts = kk.counts.new_full((b * h, 1), n)
-        chosen = F.pad(selected, (0, 1), value=True)
-        if prefix_mask is not None:  # masked prefix keys: one more cluster (Ck + 1) nobody selects
-            valid = prefix_mask.to(torch.bool).repeat_interleave(h, 0)
-            prefix = torch.where(valid, prefix, ck + 1)
-            counts = torch.stack([valid.sum(1), (~valid).sum(1)], 1).to(counts.dtype)
-            chosen = F.pad(chosen, (0, 1), value=False)
-        k_labels = torch.cat([prefix, kk.labels], 1)
-        k_counts = torch.cat([kk.counts, counts], 1)
-        video, backend, block_density = _clustered_attention(
-            q[:, :, n:], k, v, kq.labels, k_labels, kq.counts, k_counts, chosen, config
-        )
-        prefix = (prefix_attention or F.scaled_dot_product_attention)(q[:, :, :n], k, v)
-        out = torch.cat([prefix, video], 2)
-    else:
-        out, backend, block_density = _clustered_attention(
-            q, k, v, kq.labels, kk.labels, kq.counts, kk.counts, selected, config
-        )
+    clustering = Clustering(kq.labels, kq.counts, kk.labels, kk.counts, selected)
+    out, backend, block_density, density = _attend(
+        q, k, v, config, clustering, dense_prefix, prefix_attention, prefix_mask
+    )
     t2 = _clock(q.device, config.profile)
 
-    sv = sq - n
-    video_pairs = _mask_density(selected, kq.counts, kk.counts) * (sv * sv)
-    state.density = (video_pairs + (sq * sk - sv * sv)) / (sq * sk)
-    state.backend = backend
+    state.density, state.backend = density, backend
     state.q_labels, state.k_labels, state.selected = kq.labels, kk.labels, selected
+    state.q_counts, state.k_counts = kq.counts, kk.counts
     if not torch.compiler.is_compiling():  # eager: the call's info, densities still on the device
         state.calls += 1
         state.last = AttentionInfo(
@@ -618,6 +658,60 @@ def semantic_sparse_attention(
             warm_start=warm["q"] and warm["k"],
         )
     return out
+
+
+def _check_clustering(clustering: Clustering, rows: int, sq: int, sk: int, config: SVG2Config) -> None:
+    """A given `Clustering` fits this call: rows = batch x heads, video queries / keys, clusters."""
+    if not isinstance(clustering, Clustering):
+        raise TypeError(f"clustering must be a Clustering, got {type(clustering).__name__}")
+    cq, ck = config.num_q_clusters, config.num_k_clusters
+    want = dict(q_labels=(rows, sq), q_counts=(rows, cq), k_labels=(rows, sk), k_counts=(rows, ck),
+                selected=(rows, cq, ck))  # fmt: skip
+    got = {name: tuple(getattr(clustering, name).shape) for name in want}
+    if got != want:
+        raise ValueError(f"clustering must have the shapes {want} of this call, got {got}")
+
+
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    config: SVG2Config,
+    clustering: Clustering,
+    dense_prefix: int,
+    prefix_attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None,
+    prefix_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, str, torch.Tensor | None, torch.Tensor]:
+    """Block-sparse attention of a clustering (`semantic_sparse_attention` after k-means): the
+    output, backend, computed tile fraction (flex) and the density over all pairs, the dense
+    prefix rows and columns included (a 0-dim tensor)."""
+    b, h, sq, _ = q.shape
+    sk, n = k.shape[2], dense_prefix
+    c = clustering
+    if n:  # the prefix is one more key cluster (label Ck), selected by every query cluster
+        ck = config.num_k_clusters
+        prefix = c.k_labels.new_full((b * h, n), ck)
+        counts = c.k_counts.new_full((b * h, 1), n)
+        chosen = F.pad(c.selected, (0, 1), value=True)
+        if prefix_mask is not None:  # masked prefix keys: one more cluster (Ck + 1) nobody selects
+            valid = prefix_mask.to(torch.bool).repeat_interleave(h, 0)
+            prefix = torch.where(valid, prefix, ck + 1)
+            counts = torch.stack([valid.sum(1), (~valid).sum(1)], 1).to(counts.dtype)
+            chosen = F.pad(chosen, (0, 1), value=False)
+        k_labels = torch.cat([prefix, c.k_labels], 1)
+        k_counts = torch.cat([c.k_counts, counts], 1)
+        video, backend, block_density = _clustered_attention(
+            q[:, :, n:], k, v, c.q_labels, k_labels, c.q_counts, k_counts, chosen, config
+        )
+        prefix = (prefix_attention or F.scaled_dot_product_attention)(q[:, :, :n], k, v)
+        out = torch.cat([prefix, video], 2)
+    else:
+        out, backend, block_density = _clustered_attention(
+            q, k, v, c.q_labels, c.k_labels, c.q_counts, c.k_counts, c.selected, config
+        )
+    sv = sq - n
+    video_pairs = _mask_density(c.selected, c.q_counts, c.k_counts) * (sv * sv)
+    return out, backend, block_density, (video_pairs + (sq * sk - sv * sv)) / (sq * sk)
 
 
 # ------------------------------------------------------------------------------------------
@@ -684,6 +778,10 @@ class _Clock:
     argument (validated by `read_timestep`); the step index from its position in
     ``scheduler.timesteps``. A timestep above the previous one starts a new generation: every
     layer's k-means memory is dropped so its first sparse call cold-starts.
+
+    It also makes the random draw of every cold start this forward will make (`_draw_indices`,
+    a host CPU generator), from the latents' token grid: the attention processors then only
+    gather, so a cold step compiles with ``fullgraph=True``.
     """
 
     def __init__(
@@ -693,9 +791,10 @@ class _Clock:
         scheduler: Any,
         signature: inspect.Signature,
         handle: SVG2Handle,
+        token_grid: Callable[[torch.nn.Module, torch.Tensor], tuple[int, int, int]],
     ) -> None:
         self.config, self.callback, self.scheduler = config, callback, scheduler
-        self.signature, self.handle = signature, handle
+        self.signature, self.handle, self.token_grid = signature, handle, token_grid
         cfg = getattr(scheduler, "config", None)
         self.num_train_timesteps = int(getattr(cfg, "num_train_timesteps", None) or 1000)
         self.timestep: float | None = None
@@ -704,10 +803,10 @@ class _Clock:
     @torch.compiler.disable  # host-side decision, before the forward's first tensor op
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:  # forward pre-hook
         n = self.num_train_timesteps
+        bound = self.signature.bind(*args, **kwargs)
         if self.callback is not None:
             t = read_timestep(self.callback(), n)
         else:
-            bound = self.signature.bind(*args, **kwargs)
             t = read_timestep(bound.arguments.get("timestep"), n, source="the transformer's timestep argument")
         if self.timestep is not None and t > self.timestep:
             self.handle.reset_state()
@@ -719,27 +818,81 @@ class _Clock:
                 raise ValueError("scheduler has no timesteps yet: call scheduler.set_timesteps(num_steps) first")
             index, count = step_position(t, timesteps)
             self.dense_step = index < dense_step_count(self.config.dense_steps, count)
+        latents = bound.arguments.get("hidden_states")
+        if isinstance(latents, torch.Tensor) and latents.ndim == 5:
+            tokens = math.prod(self.token_grid(module, latents))
+            for proc in self.handle.processors:
+                if not (self.dense_step or proc.dense_layer):
+                    proc.state.draw = proc._cold_start_draw(latents.shape[0], tokens, latents.device)
+
+
+def _recomputing() -> bool:
+    """Whether this eager call is a checkpointed block's recompute: torch's checkpoint recomputes
+    inside the backward pass, the only time a graph task is running."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 class _SVG2Processor:
-    """Shared part: dense warm-up decision (by step and layer), k-means state and stats."""
+    """Shared part: dense warm-up decision (by step and layer), k-means state and stats, the
+    cold-start draw made ahead (`_cold_start_draw`) and the decision kept for a recompute.
+
+    Gradient checkpointing: an eager forward call with gradients keeps its decision (``kept``:
+    "dense" or its `Clustering`); a call inside the backward pass (`_recomputing`) is a
+    checkpointed block's recompute and takes the kept decision: dense, or the kept clustering
+    without k-means, and without touching the k-means memory or the stats, so it saves the
+    tensors its forward saved. Only the layer's latest forward's decision is kept: a recompute
+    after more than one forward with gradients since the layer's last recompute could be of an
+    earlier one, and raises; so does the recompute of a reentrant checkpoint, whose forward runs
+    without gradients (diffusers' checkpointing is non-reentrant)."""
 
     _attention_backend = None  # set by diffusers' set_attention_backend; used by the dense paths
     _parallel_config = None
 
-    def __init__(self, layer_idx: int, num_layers: int, config: SVG2Config, clock: _Clock, stats: SVG2Stats) -> None:
+    def __init__(
+        self, layer_idx: int, num_layers: int, heads: int, config: SVG2Config, clock: _Clock, stats: SVG2Stats
+    ) -> None:
         self.layer_idx = layer_idx
+        self.heads = heads
         self.config = config
         self.clock = clock
         self.stats = stats
         self.state = SparseAttentionState()
         self.dense_layer = layer_idx < dense_layer_count(config.dense_layers, num_layers)
+        self.kept: Clustering | str | None = None
+        self.kept_forwards = 0  # forwards with gradients since this layer's last recompute
 
-    def _is_dense(self, attention_mask: torch.Tensor | None) -> bool:
+    def _cold_start_draw(
+        self, batch: int, tokens: int, device: torch.device
+    ) -> tuple[_DrawKey, list[torch.Tensor]] | None:
+        """The random draw (key, indices on ``device``) of the cold start this layer's next sparse
+        call makes for ``batch`` samples of ``tokens`` video tokens, None when it warm-starts.
+        The same test as `semantic_sparse_attention`'s (centroids of this shape on this device)."""
+        state, config = self.state, self.config
+        ulysses = _ulysses(self._parallel_config)
+        local = self.heads if ulysses is None else self.heads // ulysses[1]
+        share = None if ulysses is None else (ulysses[0] * local, local, self.heads)
+        jobs = []
+        for init, c in ((state.q_centroids, config.num_q_clusters), (state.k_centroids, config.num_k_clusters)):
+            if init is None or init.shape[:2] != (batch * local, c) or init.device != device:
+                jobs.append((batch * local, tokens, c))
+        if not jobs or any(c > tokens for _, _, c in jobs):  # warm, or the call raises its own error
+            return None
+        key = _draw_key(jobs, config.seed + state.calls, share)
+        if state.draw is not None and state.draw[0] == key:
+            return state.draw
+        return key, [idx.to(device) for idx in _draw_indices(key)]
+
+    def _plan(self, attention_mask: torch.Tensor | None) -> tuple[bool, Clustering | None]:
+        """(dense, clustering) of this call. A forward decides (dense warm-up by step and layer;
+        clustering None: k-means runs) and counts a dense call; a recompute takes its forward's."""
         if attention_mask is not None:
             raise NotImplementedError(f"{type(self).__name__} does not implement attention masks")
+        if _recomputing():
+            kept = self._kept_for_recompute()
+            return (True, None) if isinstance(kept, str) else (False, kept)
         dense = self.dense_layer or self.clock.dense_step
         if dense:
+            self._keep("dense")
             self.stats._count("dense", 1.0)
             if self.config.profile and not torch.compiler.is_compiling():
                 self.stats.records.append(
@@ -747,7 +900,36 @@ class _SVG2Processor:
                          block_density=None, kmeans_s=0.0, attention_s=0.0, kmeans_iterations=(0, 0),
                          warm_start=False)
                 )  # fmt: skip
-        return dense
+        return dense, None
+
+    def _keep(self, decision: Clustering | str) -> None:
+        """An eager forward with gradients keeps its decision for a checkpointed recompute."""
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            self.kept = decision
+            self.kept_forwards += 1
+
+    def _kept_for_recompute(self) -> Clustering | str:
+        if self.kept is None:
+            raise RuntimeError(
+                f"SVG2 layer {self.layer_idx} is recomputed in a backward pass, but no forward of it ran with "
+                "gradients: there is no decision to recompute with (a reentrant checkpoint, use_reentrant=True, "
+                "runs its forward without gradients; diffusers' own checkpointing is non-reentrant)"
+            )
+        if self.kept_forwards > 1:
+            raise RuntimeError(
+                f"SVG2 layer {self.layer_idx} is recomputed in a backward pass after {self.kept_forwards} forwards "
+                "with gradients, and keeps only the latest one's clustering for its recompute, which may be of "
+                "an earlier one: run each checkpointed forward's backward before the next forward with "
+                "gradients (forwards without a backward under torch.no_grad())"
+            )
+        self.kept_forwards = 0
+        return self.kept
+
+    def _done(self, clustering: Clustering | None) -> None:
+        """After a sparse call: a forward's stats and kept clustering (a recompute changes neither)."""
+        if clustering is None:
+            self._record()
+            self._keep(self.state.clustering())
 
     def _record(self) -> None:
         state = self.state
@@ -788,13 +970,15 @@ class SVG2WanAttnProcessor(_SVG2Processor):
         if encoder_hidden_states is not None:
             raise NotImplementedError("SVG2WanAttnProcessor handles self-attention (attn1) only")
         query, key, value = wan.project_qkv(attn, hidden_states, rotary=rotary_emb)
-        if self._is_dense(attention_mask):  # dispatch: backend and context parallelism apply
+        dense, clustering = self._plan(attention_mask)
+        if dense:  # dispatch: backend and context parallelism apply
             return wan.project_out(attn, wan.attention(attn, query, key, value), query)
         ulysses = _ulysses(self._parallel_config)
         if ulysses is None:
             out = semantic_sparse_attention(
-                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.config, self.state
-            ).transpose(1, 2)
+                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.config, self.state,
+                clustering=clustering,
+            ).transpose(1, 2)  # fmt: skip
         else:  # diffusers' Ulysses all-to-all around our sparse op: full sequence, a share of heads
             rank, degree = ulysses
             total = query.shape[2]
@@ -803,7 +987,7 @@ class SVG2WanAttnProcessor(_SVG2Processor):
                 h = q.shape[2]
                 return semantic_sparse_attention(
                     q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.config, self.state,
-                    heads=(rank * h, total),
+                    heads=(rank * h, total), clustering=clustering,
                 ).transpose(1, 2)  # fmt: skip
 
             from diffusers.models.attention_dispatch import TemplatedUlyssesAttention
@@ -811,7 +995,7 @@ class SVG2WanAttnProcessor(_SVG2Processor):
             out = TemplatedUlyssesAttention.apply(
                 query, key, value, None, 0.0, False, None, False, False, sparse_op, None, self._parallel_config
             )
-        self._record()
+        self._done(clustering)
         return wan.project_out(attn, out, query)
 
 
@@ -831,7 +1015,8 @@ class SVG2CogVideoXAttnProcessor(_SVG2Processor):
             raise NotImplementedError("SVG2 on CogVideoX under context parallelism is not implemented")
         text_len = encoder_hidden_states.shape[1]
         query, key, value = cogvideox.project_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        if self._is_dense(attention_mask):
+        dense, clustering = self._plan(attention_mask)
+        if dense:
             return cogvideox.project_out(attn, cogvideox.attention(attn, query, key, value), text_len)
 
         def text_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -839,9 +1024,9 @@ class SVG2CogVideoXAttnProcessor(_SVG2Processor):
 
         out = semantic_sparse_attention(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.config, self.state,
-            dense_prefix=text_len, prefix_attention=text_rows,
+            dense_prefix=text_len, prefix_attention=text_rows, clustering=clustering,
         )  # fmt: skip
-        self._record()
+        self._done(clustering)
         return cogvideox.project_out(attn, out.transpose(1, 2), text_len)
 
 
@@ -863,7 +1048,8 @@ class SVG2HunyuanVideoAttnProcessor(_SVG2Processor):
             raise NotImplementedError("SVG2 on HunyuanVideo under context parallelism is not implemented")
         t = encoder_hidden_states.shape[1]
         query, key, value = hunyuan_video.project_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        if self._is_dense(None):  # the key mask is the model's own, not a user mask
+        dense, clustering = self._plan(None)  # the key mask is the model's own, not a user mask
+        if dense:
             return hunyuan_video.project_out(attn, hunyuan_video.attention(attn, query, key, value, attention_mask), t)
 
         def text_first(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -878,9 +1064,9 @@ class SVG2HunyuanVideoAttnProcessor(_SVG2Processor):
         out = semantic_sparse_attention(
             *(text_first(x, 1).transpose(1, 2) for x in (query, key, value)), self.config, self.state,
             dense_prefix=t, prefix_attention=text_rows,
-            prefix_mask=None if mask is None else mask.flatten(0, 2)[:, :t],
+            prefix_mask=None if mask is None else mask.flatten(0, 2)[:, :t], clustering=clustering,
         )  # fmt: skip
-        self._record()
+        self._done(clustering)
         out = out.transpose(1, 2)
         return hunyuan_video.project_out(attn, torch.cat([out[:, t:], out[:, :t]], 1), t)
 
@@ -959,16 +1145,15 @@ def apply_svg2(
            "hunyuan_video": SVG2HunyuanVideoAttnProcessor}[family]  # fmt: skip
     attention = "attn" if family == "hunyuan_video" else "attn1"  # the joint/self-attention of a block
     handle = SVG2Handle(transformer, "svg2")
-    clock = _Clock(config, current_timestep_callback, scheduler, inspect.signature(transformer.forward), handle)
+    clock = _Clock(config, current_timestep_callback, scheduler, inspect.signature(transformer.forward), handle,
+                   adapter.token_grid)  # fmt: skip
     try:
         handle.add_torch_hook(transformer.register_forward_pre_hook(clock, with_kwargs=True))
         if family == "cogvideox":  # its own fuse_qkv_projections() would replace our processors
             cogvideox.keep_processors_on_fusion(handle, transformer)
-        refuse_checkpointed_gradients(handle, transformer, "SVG2", "a block's recompute would rerun k-means from "
-                                      "the centroids its forward stored and cluster differently")  # fmt: skip
         originals = [getattr(block, attention).processor for block in blocks]
         for i, block in enumerate(blocks):
-            proc = cls(i, len(blocks), config, clock, handle.stats)
+            proc = cls(i, len(blocks), getattr(block, attention).heads, config, clock, handle.stats)
             # what set_attention_backend / enable_parallelism put on the processor we replace
             for attr in ("_attention_backend", "_parallel_config"):
                 if getattr(getattr(block, attention).processor, attr, None) is not None:

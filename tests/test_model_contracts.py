@@ -326,9 +326,6 @@ def _grads(tech: str, fam: str, budget: str, checkpointing: bool) -> dict[str, t
 
 #: cells where a recompute cannot take its forward's decisions: refused (NotImplementedError)
 _CHECKPOINT_REFUSED = {
-    ("svg2", "*", "*"): "refused: SVG2 keeps no clustering for a block's recompute, which would rerun k-means "
-                        "from the centroids its forward stored (torch CheckpointError: a different number of "
-                        "tensors saved)",
     ("token_density", "*", "reducing"): "refused: token density keeps no reduction plan for a block's recompute, "
                                         "which would run dense (torch CheckpointError: different metadata)",
 }
@@ -345,7 +342,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tech: str, fam: str, bu
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-_REFUSED_CELLS = [p for p in _cells({}) if p.values[0] == "svg2" or p.values[0::2] == ("token_density", "reducing")]
+_REFUSED_CELLS = [p for p in _cells({}) if p.values[0::2] == ("token_density", "reducing")]
 
 
 @pytest.mark.parametrize("tech, fam, budget", _REFUSED_CELLS)
@@ -445,9 +442,7 @@ def test_fullgraph_compile_of_a_warm_step_equals_eager(tech: str, fam: str, budg
 
 
 _COLD = [
-    pytest.param("svg2", "wan", id="svg2-wan", marks=pytest.mark.xfail(strict=True, reason=(
-        "a cold start runs k-means' initialisation (svg2._initial_centroids), a torch.compiler.disable'd "
-        "call inside the attention processor: dynamo cannot inline it under fullgraph=True"))),
+    pytest.param("svg2", "wan", id="svg2-wan"),
     pytest.param("clip_parallel", "wan", id="clip_parallel-wan"),
     pytest.param("token_density", "wan", id="token_density-wan",
                  marks=pytest.mark.xfail(strict=True, reason=_FULLGRAPH_FAILS["token_density", "*", "*"])),

@@ -473,3 +473,44 @@ def test_tile_sized_preset_computes_at_most_one_and_a_half_times_the_density():
     partial, full = tile_selection(sel, qs, ks)
     computed = (partial | full).sum().item() * 128 * 64 / preset.tokens**2
     assert 0.05 < density < computed <= 1.5 * density
+
+
+def test_cold_start_draw_is_the_seeded_random_tokens_and_can_be_made_ahead():
+    """A cold start's centroids are the seeded random tokens (`random_init` with the generator
+    seeded once, the query draw first); a draw made ahead with the same key gives them through
+    a gather only, and a draw for another key is not used."""
+    from mmaccel.sparse_attn.svg2 import _draw_indices, _draw_key, _initial_centroids
+
+    q, k, _ = _qkv(b=2, h=3, s=40)
+    xq, xk = q.reshape(6, 40, -1), k.reshape(6, 40, -1)
+    gen = torch.Generator().manual_seed(7)
+    want = [random_init(xq, 4, gen), random_init(xk, 5, gen)]
+    jobs = [(xq, 4), (xk, 5)]
+    key = _draw_key([(6, 40, 4), (6, 40, 5)], 7, None)
+    for draw in (None, (key, _draw_indices(key)), (_draw_key([(6, 40, 4), (6, 40, 5)], 8, None), [])):
+        for got, ref in zip(_initial_centroids(jobs, 7, None, draw), want):
+            assert torch.equal(got, ref)
+    # one rank's share of the heads draws those heads' rows of the one-process draw
+    share = _initial_centroids([(xq[1::3].contiguous(), 4)], 7, (1, 1, 3))[0]
+    assert torch.equal(share, want[0][1::3])
+
+
+def test_given_clustering_replaces_kmeans_and_leaves_the_state_alone():
+    """``clustering=``: the output of the call that made it, no k-means, the state untouched;
+    k-means' decisions carry no gradient (it clusters detached Q and K)."""
+    from mmaccel.sparse_attn.svg2 import Clustering
+
+    q, k, v = (x.requires_grad_() for x in _clustered(s=96))
+    cfg = SVG2Config(num_q_clusters=4, num_k_clusters=6, top_p=0.5, min_kc_ratio=0.0, backend="masked")
+    state = SparseAttentionState()
+    out = semantic_sparse_attention(q, k, v, cfg, state)
+    kept = state.clustering()
+    assert not any(t.requires_grad for t in (state.q_centroids, state.k_centroids))
+    centroids, calls = state.q_centroids, state.calls
+    again = semantic_sparse_attention(q, k, v, cfg, state, clustering=kept)
+    assert torch.equal(again, out) and state.q_centroids is centroids and state.calls == calls
+    with pytest.raises(ValueError, match="clustering must have the shapes"):
+        semantic_sparse_attention(q[:, :1], k[:, :1], v[:, :1], cfg, state, clustering=kept)
+    with pytest.raises(TypeError, match="clustering must be a Clustering"):
+        semantic_sparse_attention(q, k, v, cfg, state, clustering=tuple(kept.__dict__.values()))
+    assert isinstance(kept, Clustering) and SparseAttentionState().clustering() is None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import pytest
 import torch
 
@@ -270,3 +273,121 @@ def test_warm_sparse_forward_reads_nothing_back(pipe):
         _forward(model, *x)
         _forward(model, *x)
         assert count_hot_path(lambda: _forward(model, *x)).sync_counts == {"item": 1}
+
+
+def _family_forward(family: str):
+    """A tiny model of ``family`` and a forward of it on fixed inputs (gradients as the caller's)."""
+    from mmaccel.testing import (
+        tiny_cogvideox_pipeline,
+        tiny_hunyuan_video_inputs,
+        tiny_hunyuan_video_transformer,
+    )
+
+    if family == "wan":
+        model, x = tiny_wan_pipeline().transformer, _inputs()
+        return model, lambda: model(*x, return_dict=False)[0]
+    if family == "cogvideox":
+        model, g = tiny_cogvideox_pipeline().transformer, torch.Generator().manual_seed(0)
+        kw = dict(hidden_states=torch.randn(1, 3, 4, 8, 12, generator=g),
+                  encoder_hidden_states=torch.randn(1, 32, 32, generator=g), timestep=torch.tensor([500]))  # fmt: skip
+        return model, lambda: model(**kw, return_dict=False)[0]
+    model = tiny_hunyuan_video_transformer()
+    kw = {**tiny_hunyuan_video_inputs(model, valid_text=5), "return_dict": False}
+    return model, lambda: model(**kw)[0]
+
+
+@pytest.mark.parametrize("family", ["wan", "cogvideox", "hunyuan_video"])
+def test_cold_start_draw_is_made_before_the_forward(family, monkeypatch):
+    """Every cold start of a forward takes the random draw the pre-forward hook made (its
+    attention processors only gather): no draw from inside an attention call, and the
+    centroids are those of a draw made in the call (the same seed, the same tokens)."""
+    import inspect
+
+    from mmaccel.sparse_attn import svg2
+
+    callers = []
+    draw = svg2._draw_indices
+
+    def recording(key):
+        callers.append(inspect.stack()[1].function)
+        return draw(key)
+
+    monkeypatch.setattr(svg2, "_draw_indices", recording)
+    model, forward = _family_forward(family)
+    cfg = SVG2Config(num_q_clusters=4, num_k_clusters=6, top_p=0.5, min_kc_ratio=0.0, dense_steps=0.0,
+                     dense_layers=0.0, backend="masked", kmeans_init_iters=2)  # fmt: skip
+    with apply_svg2(model, cfg) as handle, torch.no_grad():
+        forward()
+        assert callers == ["_cold_start_draw"] * len(handle.processors)
+        centroids = [(p.state.q_centroids, p.state.k_centroids) for p in handle.processors]
+        forward()  # warm: nothing drawn
+        assert len(callers) == len(handle.processors)
+    monkeypatch.setattr(svg2, "_draw_indices", draw)
+    with apply_svg2(model, cfg) as handle, torch.no_grad():
+        for p in handle.processors:  # drop the hook's draws: each call draws itself
+            p._cold_start_draw = lambda *args: None
+        forward()
+        for p, (cq, ck) in zip(handle.processors, centroids):
+            assert torch.equal(p.state.q_centroids, cq) and torch.equal(p.state.k_centroids, ck)
+
+
+def _train_steps(checkpointing: bool, steps: int = 2) -> tuple[list[torch.Tensor], list[Any], dict]:
+    """Gradients of ``steps`` training steps (forward + backward each, SVG2 warm from the second)
+    of a freshly patched tiny Wan, the k-means memory after each backward, and the stats."""
+    model = tiny_wan_pipeline().transformer
+    cfg = SVG2Config(num_q_clusters=4, num_k_clusters=6, top_p=0.5, min_kc_ratio=0.0, dense_steps=0.0,
+                     dense_layers=0.3, backend="masked", kmeans_init_iters=3)  # fmt: skip
+    handle = apply_svg2(model, cfg)
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    grads, memory = [], []
+    for step in range(steps):
+        latents, t, text = _inputs(step)
+        model.zero_grad()
+        model(latents, t - 100 * step, text, return_dict=False)[0].square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        memory.append([(p.state.q_centroids, p.state.k_centroids, p.state.calls) for p in handle.processors])
+    summary = handle.stats.summary()
+    handle.remove()
+    return grads, memory, summary
+
+
+def test_gradient_checkpointing_recomputes_with_the_forwards_clustering():
+    """Two training steps with ``enable_gradient_checkpointing()`` (the second warm-starting
+    k-means from the first): the same gradients as without, and the backward's recompute leaves
+    the k-means memory (centroids, call counts) and the stats as the forward left them."""
+    plain, plain_memory, plain_stats = _train_steps(checkpointing=False)
+    checkpointed, memory, stats = _train_steps(checkpointing=True)
+    for a, b in zip(checkpointed, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for step, layers in zip(memory, plain_memory):
+        for (q, k, calls), (q0, k0, calls0) in zip(step, layers):
+            assert (q is None) == (q0 is None) and calls == calls0
+            if q is not None:
+                torch.testing.assert_close(q, q0)
+                torch.testing.assert_close(k, k0)
+    assert stats == plain_stats and stats["dense_calls"] == 2 and stats["masked_calls"] == 2 * 3
+
+
+def test_a_recompute_without_its_forwards_decision_raises():
+    """A recompute takes the layer's latest forward's decision: with none kept (also a reentrant
+    checkpoint's), or after two forwards with gradients (it could be the earlier one's
+    recompute), it raises."""
+    model = tiny_wan_pipeline().transformer
+    cfg = SVG2Config(num_q_clusters=4, num_k_clusters=6, dense_steps=0.0, dense_layers=0.0, backend="masked")
+    with apply_svg2(model, cfg) as handle:
+        model.enable_gradient_checkpointing()
+        out = model(*_inputs(), return_dict=False)[0]
+        assert all(p.kept is not None and p.kept_forwards == 1 for p in handle.processors)
+        handle.processors[-1].kept = None
+        with pytest.raises(RuntimeError, match="no forward of it ran with gradients"):
+            out.sum().backward()
+    with apply_svg2(model, cfg):
+        first = model(*_inputs(), return_dict=False)[0]
+        second = model(*_inputs(1), return_dict=False)[0]
+        with pytest.raises(RuntimeError, match="after 2 forwards with gradients"):
+            (first + second).sum().backward()
+    with apply_svg2(model, cfg):  # a reentrant checkpoint's forward runs without gradients
+        model.enable_gradient_checkpointing(functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=True))
+        with pytest.raises(RuntimeError, match="use_reentrant=True"):
+            model(*_inputs(), return_dict=False)[0].sum().backward()
