@@ -537,6 +537,16 @@ class _Kind:
         self.kind, self.family, self.shared, self.signature = kind, family, shared, signature
         self.companion: torch.Tensor | None = None  # dense tokens appended to norm1's input
         self.route: _AttnRoute | None = None
+        self.concat = self._concat  # one bound method: the same hook object on every norm1 of the kind
+
+    def _concat(self, module: torch.nn.Module, args: tuple) -> tuple | None:
+        """sparse_q's forward pre-hook on norm1: normalise (and modulate) [reduced; dense] in one call."""
+        dense = self.companion
+        if dense is None:
+            return None
+        self.companion = None
+        x = args[0]
+        return (torch.cat([x, dense.to(x.dtype)], dim=1), *args[1:])
 
 
 class _BlockHook(ModelHook):
@@ -634,33 +644,22 @@ def _wan_modulated_norm1(block: torch.nn.Module, x: torch.Tensor, temb: torch.Te
     return (block.norm1(x.float()) * (1 + scale.squeeze(2)) + shift.squeeze(2)).type_as(x)
 
 
-class _NormConcatHook(ModelHook):
-    """sparse_q: norm1 normalises and modulates the reduced and the dense tokens in one call."""
+class _RoutedAttention(torch.nn.Module):
+    """A sparse block's self-attention (``attn1``), its class swapped for a subclass of its own
+    that follows its kind's route: queries and keys/values from different token sets.
 
-    def __init__(self, state: _Kind) -> None:
-        super().__init__()
-        self.state = state
+    A class, not a per-module hook: every routed ``attn1`` of a kind shows dynamo the same
+    ``forward``, where a hook's per-module function would be guarded by identity (one graph per
+    block under regional compilation). `_routed_class` makes one subclass per attention class.
+    """
 
-    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        dense = self.state.companion
-        if dense is None:
-            return args, kwargs
-        self.state.companion = None
-        x = args[0]
-        return (torch.cat([x, dense.to(x.dtype)], dim=1), *args[1:]), kwargs
+    _mmaccel_token_density: _Kind  # set on each instance
 
-
-class _AttentionHook(ModelHook):
-    """Self-attention with queries and keys/values from different token sets."""
-
-    def __init__(self, state: _Kind) -> None:
-        super().__init__()
-        self.state = state
-
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        route = self.state.route
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        route = self._mmaccel_token_density.route
+        forward = super().forward
         if route is None:
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return forward(*args, **kwargs)
         route.used = True
         h = args[0] if args else kwargs.pop("hidden_states")
         args = args[1:]
@@ -670,16 +669,46 @@ class _AttentionHook(ModelHook):
             q_in, kv_in = h, route.kv_in
         else:
             q_in, kv_in = h[:, : route.n_query], h[:, route.n_query :]
-        if type(module).__name__ == "WanAttention":
-            return _wan_attention(module, q_in, kv_in, route.rope_q, route.rope_k)
+        if isinstance(self, _WanAttention):
+            return _wan_attention(self, q_in, kv_in, route.rope_q, route.rope_k)
         if route.rope_q is not None:
-            raise NotImplementedError(f"sparse attention with rotary embeddings on {type(module).__name__}")
+            raise NotImplementedError(f"sparse attention with rotary embeddings on {type(self).__name__}")
         if args or kwargs.get("encoder_hidden_states") is not None:
             raise NotImplementedError(
                 "sparse attention expects a self-attention call (no encoder_hidden_states)"
             )
         kwargs["encoder_hidden_states"] = kv_in
-        return dit.split_attention(module, self.fn_ref.original_forward, q_in, **kwargs)  # fused or not
+        return dit.split_attention(self, forward, q_in, **kwargs)  # fused or not
+
+
+class _WanAttention:
+    """Marks the routed subclass of ``WanAttention`` (its own projections and RoPE per token set)."""
+
+
+_ROUTED: dict[type, type] = {}
+
+
+def _routed_class(cls: type) -> type:
+    """The `_RoutedAttention` subclass of attention class ``cls`` (one per class, same name)."""
+    routed = _ROUTED.get(cls)
+    if routed is None:
+        bases = (_RoutedAttention, _WanAttention, cls) if cls.__name__ == "WanAttention" else (_RoutedAttention, cls)
+        routed = _ROUTED[cls] = type(cls.__name__, bases, {"__module__": __name__, "__qualname__": cls.__qualname__})
+    return routed
+
+
+def _route_attention(handle: PatchHandle, attention: torch.nn.Module, kind: _Kind) -> None:
+    """Swap ``attention``'s class for its routed subclass; ``handle.remove()`` swaps it back."""
+    base = type(attention)
+    routed = _routed_class(base)
+    handle.set_attr(attention, "_mmaccel_token_density", kind)
+    attention.__class__ = routed
+
+    def undo() -> None:
+        if type(attention) is routed:
+            attention.__class__ = base
+
+    handle.on_remove(undo)
 
 
 def _wan_attention(
@@ -768,9 +797,9 @@ def apply_token_density(
             kind = kinds[name, type(block)]
             if name != "pooled":
                 _check_sparse_block(block, i)
-                handle.add_diffusers_hook(block.attn1, _AttentionHook(kind), _HOOK)
+                _route_attention(handle, block.attn1, kind)
                 if name == "sparse_q":
-                    handle.add_diffusers_hook(block.norm1, _NormConcatHook(kind), _HOOK)
+                    handle.add_torch_hook(block.norm1.register_forward_pre_hook(kind.concat))
             handle.add_diffusers_hook(block, _BlockHook(kind), _HOOK)
         signature = inspect.signature(transformer.forward)
         planner = _Planner(
@@ -806,9 +835,14 @@ def _check_no_block_caches(blocks: torch.nn.ModuleList, indices: list[int]) -> N
 
 
 def _check_sparse_block(block: torch.nn.Module, index: int) -> None:
-    """Sparse-dense needs norm1 -> attn1 (self-attention) with token-independent modulation."""
+    """Sparse-dense needs norm1 -> attn1 (self-attention), attn1 called through its class."""
     if not hasattr(block, "norm1") or not hasattr(block, "attn1"):
         raise NotImplementedError(f"block {index} ({type(block).__name__}) has no norm1/attn1 to route")
+    if "forward" in block.attn1.__dict__:
+        raise NotImplementedError(
+            f"block {index}'s attn1 already carries a hook or wrapper on its forward, which would bypass "
+            "token density's sparse attention: apply token density first"
+        )
     if getattr(block, "pos_embed", None) is not None or getattr(block, "only_cross_attention", False):
         raise NotImplementedError(
             f"block {index}: sparse attention with per-block pos_embed or cross-only attention"

@@ -291,10 +291,7 @@ _PER_TOKEN = [
     pytest.param("svg2", "full", id="svg2-full"),
     pytest.param("svg2", "reducing", id="svg2-reducing"),
     pytest.param("token_density", "full", id="token_density-full"),
-    pytest.param("token_density", "reducing", id="token_density-reducing", marks=pytest.mark.xfail(
-        strict=True, raises=NotImplementedError,
-        reason="token density's sparse_q blocks refuse per-token timestep embeddings (Wan 2.2 TI2V): "
-               "the dense companion tokens of norm1 would need the unreduced per-token modulation")),
+    pytest.param("token_density", "reducing", id="token_density-reducing"),
 ]
 
 
@@ -329,8 +326,6 @@ _CHECKPOINT_REFUSED = {
     ("svg2", "*", "*"): "refused: SVG2 keeps no clustering for a block's recompute, which would rerun k-means "
                         "from the centroids its forward stored (torch CheckpointError: a different number of "
                         "tensors saved)",
-    ("token_density", "*", "reducing"): "refused: token density keeps no reduction plan for a block's recompute, "
-                                        "which would run dense (torch CheckpointError: different metadata)",
 }
 
 
@@ -345,7 +340,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tech: str, fam: str, bu
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-_REFUSED_CELLS = [p for p in _cells({}) if p.values[0] == "svg2" or p.values[0::2] == ("token_density", "reducing")]
+_REFUSED_CELLS = [p for p in _cells({}) if p.values[0] == "svg2"]
 
 
 @pytest.mark.parametrize("tech, fam, budget", _REFUSED_CELLS)
@@ -411,16 +406,15 @@ _DISABLED_DECISION = (
     "forward: dynamo cannot inline it under fullgraph=True (move it to a pre-forward hook)"
 )
 _FULLGRAPH_FAILS = {
-    ("token_density", "*", "*"): _DISABLED_DECISION.format("token_density._TransformerHook._begin"),
     ("flexdit", "*", "*"): _DISABLED_DECISION.format("FlexDiTTransformer2DModel._sparse_grids"),
     ("dydit", "*", "*"): _DISABLED_DECISION.format("DyDiTTransformer2DModel._prepare"),
 }
 #: the compile cells that trace a whole model (seconds each): one per technique in the default run
-_FAST_COMPILE = {("svg2", "wan", "reducing"), ("clip_parallel", "wan", "reducing")}
+_FAST_COMPILE = {("svg2", "wan", "reducing"), ("clip_parallel", "wan", "reducing"), ("token_density", "wan", "reducing")}
 
 
 def _slow_compile(cell: tuple[str, str, str]) -> bool:
-    return cell[0] in ("svg2", "clip_parallel") and cell not in _FAST_COMPILE
+    return cell[0] in ("svg2", "clip_parallel", "token_density") and cell not in _FAST_COMPILE
 
 
 @pytest.mark.parametrize("tech, fam, budget", _cells(_FULLGRAPH_FAILS, _slow_compile, torch._dynamo.exc.Unsupported))
@@ -449,8 +443,7 @@ _COLD = [
         "a cold start runs k-means' initialisation (svg2._initial_centroids), a torch.compiler.disable'd "
         "call inside the attention processor: dynamo cannot inline it under fullgraph=True"))),
     pytest.param("clip_parallel", "wan", id="clip_parallel-wan"),
-    pytest.param("token_density", "wan", id="token_density-wan",
-                 marks=pytest.mark.xfail(strict=True, reason=_FULLGRAPH_FAILS["token_density", "*", "*"])),
+    pytest.param("token_density", "wan", id="token_density-wan"),
 ]
 
 
@@ -480,10 +473,7 @@ _REGIONAL = [
     pytest.param("svg2", "wan", id="svg2-wan"),
     pytest.param("clip_parallel", "wan", id="clip_parallel-wan"),
     pytest.param("flexdit", "dit", id="flexdit-dit"),
-    pytest.param("token_density", "wan", id="token_density-wan", marks=pytest.mark.xfail(
-        strict=True, reason="one graph per hooked block, not per kind (4 graphs for pooled, sparse, sparse, "
-                            "dense): each block's hook object carries its own index and state, and dynamo "
-                            "guards on it, so a recompile limit of 1 falls back to eager")),
+    pytest.param("token_density", "wan", id="token_density-wan"),
 ]
 
 
