@@ -432,3 +432,31 @@ def test_sparse_blocks_refuse_a_wrapped_attention(pipes):
     with apply_token_density(model, TokenDensityConfig()):
         assert type(attn).__name__ == "WanAttention" and type(attn) in td._ROUTED.values()
     assert type(attn) not in td._ROUTED.values()
+
+
+def test_regional_compile_recompiles_each_hooked_kind_once_per_plan():
+    """``compile_repeated_blocks(fullgraph=True)`` over a two-level run (reduced, then dense) on a
+    4-block Wan (pooled 1, sparse_q 2, dense 1): one graph per block kind and plan: the dense
+    kind once, the pooled and sparse kinds once per plan (reduced, dense): 1 + 2 x 2 = 5."""
+    from diffusers import WanTransformer3DModel
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from mmaccel.testing import TINY_WAN_TRANSFORMER
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**{**TINY_WAN_TRANSFORMER, "num_layers": 4}).eval()
+    apply_token_density(model, TokenDensityConfig(schedule=StepSchedule(boundaries=(0.5,), ratios=(0.25, 1.0))))
+    inputs = _inputs("wan")
+    counter = CompileCounterWithBackend("eager")
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            eager = [model(**{**inputs, "timestep": torch.full((2,), t)}).sample for t in (900.0, 100.0)]
+            model.compile_repeated_blocks(fullgraph=True, backend=counter)
+            for t in (900.0, 800.0, 700.0, 300.0, 200.0, 100.0):
+                out = model(**{**inputs, "timestep": torch.full((2,), t)}).sample
+                if t in (900.0, 100.0):
+                    torch.testing.assert_close(out, eager[t == 100.0], rtol=1e-5, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == 5
