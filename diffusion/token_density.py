@@ -1,4 +1,4 @@
-"""Training-free dynamic token density for diffusion transformers (FlexDiT-style), as diffusers hooks.
+"""Training-free dynamic token density for diffusion transformers (FlexDiT-style), as hooks on a diffusers model.
 
 FlexDiT (Chang et al., "FlexDiT: Dynamic Token Density Control for Diffusion Transformer",
 arXiv:2412.06028) spends fewer tokens in the bottom and middle blocks and at the noisiest
