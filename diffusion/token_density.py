@@ -807,6 +807,10 @@ def apply_token_density(
         )
         handle.add_torch_hook(transformer.register_forward_pre_hook(planner.before, with_kwargs=True))
         handle.add_torch_hook(transformer.register_forward_hook(planner.after, always_call=True))
+        # the plan outlives its forward (for checkpointing's recompute), not the handle: a block hook
+        # that diffusers' remove_hook leaves in a cache's chain (its new_forward keeps calling our
+        # removed layer through fn_ref.original_forward) passes through after remove()
+        handle.on_remove(lambda: setattr(shared, "plan", None))
     except BaseException:
         handle.remove()
         raise
