@@ -1,4 +1,4 @@
-"""Training-free dynamic token density for diffusion transformers (FlexDiT-style), as hooks on a diffusers model.
+"""Training-free dynamic token density for diffusion transformers (FlexDiT-style), as model hooks.
 
 FlexDiT (Chang et al., "FlexDiT: Dynamic Token Density Control for Diffusion Transformer",
 arXiv:2412.06028) spends fewer tokens in the bottom and middle blocks and at the noisiest
@@ -508,7 +508,9 @@ class _RestorePlan:
 
 def _first_tensor(output: Any) -> torch.Tensor | None:
     """The sample tensor of a transformer's output (a tuple or diffusers' ``BaseOutput``)."""
-    values = output.values() if isinstance(output, dict) else output if isinstance(output, tuple) else (output,)
+    if isinstance(output, dict):
+        output = tuple(output.values())
+    values = output if isinstance(output, tuple) else (output,)
     return next((v for v in values if isinstance(v, torch.Tensor)), None)
 
 
@@ -615,7 +617,8 @@ class _BlockHook(ModelHook):
             out = original(*bound.args, **bound.kwargs)
         else:  # sparse_q: attention takes queries from the reduced tokens, keys/values from the dense ones
             if per_token:  # the dense rows keep their own modulation: norm1 runs on them here
-                state.route = _AttnRoute("sparse_q", kv_in=_wan_modulated_norm1(module, x, temb), rope_q=rope_r, rope_k=rope)
+                kv_in = _wan_modulated_norm1(module, x, temb)
+                state.route = _AttnRoute("sparse_q", kv_in=kv_in, rope_q=rope_r, rope_k=rope)
             else:  # norm1 sees [reduced; dense] in one call
                 state.companion = x
                 state.route = _AttnRoute("sparse_q", n_query=m, rope_q=rope_r, rope_k=rope)
@@ -692,8 +695,9 @@ def _routed_class(cls: type) -> type:
     """The `_RoutedAttention` subclass of attention class ``cls`` (one per class, same name)."""
     routed = _ROUTED.get(cls)
     if routed is None:
-        bases = (_RoutedAttention, _WanAttention, cls) if cls.__name__ == "WanAttention" else (_RoutedAttention, cls)
-        routed = _ROUTED[cls] = type(cls.__name__, bases, {"__module__": __name__, "__qualname__": cls.__qualname__})
+        wan_marker = (_WanAttention,) if cls.__name__ == "WanAttention" else ()
+        namespace = {"__module__": __name__, "__qualname__": cls.__qualname__}
+        routed = _ROUTED[cls] = type(cls.__name__, (_RoutedAttention, *wan_marker, cls), namespace)
     return routed
 
 

@@ -47,6 +47,11 @@ def _run(model, name, **kw):
     return model(**_inputs(name, **kw)).sample
 
 
+def _planner(model) -> td._Planner:
+    """The planner of token density applied to ``model`` (its forward pre-hook's owner)."""
+    return next(h.__self__ for h in model._forward_pre_hooks.values() if isinstance(h.__self__, td._Planner))
+
+
 # --------------------------------------------------------------------------------------------
 # Config validation
 # --------------------------------------------------------------------------------------------
@@ -325,7 +330,7 @@ def test_scheduler_timesteps_are_read_on_the_host(pipes):
     pipe = pipes["dit"]
     with apply_token_density(pipe.transformer, TokenDensityConfig(), scheduler=pipe.scheduler) as handle:
         pipe(**{**call_kwargs("dit"), "num_inference_steps": 3, "output_type": "latent"})
-        host = next(h for h in handle.model._forward_pre_hooks.values() if isinstance(h.__self__, td._Planner)).__self__.host
+        host = _planner(handle.model).host
     steps = pipe.scheduler.timesteps.tolist()
     assert host.misses == 0 and [s.progress for s in handle.stats.steps] == [pytest.approx(1 - t / 1000) for t in steps]
     lookup = HostTimesteps(pipe.scheduler)
@@ -380,7 +385,8 @@ def _two_forwards_grads(model, checkpointing: bool) -> dict[str, torch.Tensor]:
     if checkpointing:
         model.enable_gradient_checkpointing()
     try:
-        loss = sum(model(**_inputs("dit", t=t, seed=i)).sample.pow(2).mean() for i, t in enumerate((900.0, 100.0)))
+        outs = [model(**_inputs("dit", t=t, seed=i)).sample for i, t in enumerate((900.0, 100.0))]
+        loss = sum(out.pow(2).mean() for out in outs)
         loss.backward()
     finally:
         model.disable_gradient_checkpointing()
@@ -408,7 +414,7 @@ def test_a_forward_that_raises_is_not_recorded_and_leaves_no_plan(pipes, count):
     model = pipes["wan"].transformer
     inputs = _inputs("wan")
     with apply_token_density(model, TokenDensityConfig(schedule=QUARTER, count_flops=count)) as handle:
-        planner = next(h.__self__ for h in model._forward_pre_hooks.values() if isinstance(h.__self__, td._Planner))
+        planner = _planner(model)
         with pytest.raises(RuntimeError), torch.no_grad():
             model(**{**inputs, "encoder_hidden_states": inputs["encoder_hidden_states"][..., :-1]})
         assert handle.stats.steps == [] and planner.shared.plan is None
@@ -445,7 +451,8 @@ def test_regional_compile_recompiles_each_hooked_kind_once_per_plan():
 
     torch.manual_seed(0)
     model = WanTransformer3DModel(**{**TINY_WAN_TRANSFORMER, "num_layers": 4}).eval()
-    apply_token_density(model, TokenDensityConfig(schedule=StepSchedule(boundaries=(0.5,), ratios=(0.25, 1.0))))
+    two_level = StepSchedule(boundaries=(0.5,), ratios=(0.25, 1.0))
+    apply_token_density(model, TokenDensityConfig(schedule=two_level))
     inputs = _inputs("wan")
     counter = CompileCounterWithBackend("eager")
     torch._dynamo.reset()
