@@ -1,4 +1,4 @@
-"""Training-free dynamic token density for diffusion transformers (FlexDiT-style), as diffusers hooks.
+"""Training-free dynamic token density for diffusion transformers (FlexDiT-style), as model hooks.
 
 FlexDiT (Chang et al., "FlexDiT: Dynamic Token Density Control for Diffusion Transformer",
 arXiv:2412.06028) spends fewer tokens in the bottom and middle blocks and at the noisiest
@@ -46,7 +46,7 @@ from mmaccel.diffusion.token_reduce import (
 )
 from mmaccel.runtime.adapters import cogvideox, dit, flux, hunyuan_video, wan
 from mmaccel.runtime.budget import DensitySchedule, StepSchedule
-from mmaccel.runtime.checkpointing import refuse_checkpointed_gradients
+from mmaccel.runtime.checkpointing import checkpointing_with_gradients
 from mmaccel.runtime.configs import resolve_config
 from mmaccel.runtime.patching import PatchHandle
 from mmaccel.runtime.stats import Stats
@@ -277,10 +277,15 @@ def count_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
 
     Adds the formula for CPU flash attention, which torch does not count by itself.
     """
-    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
-    with flop_counter.FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+    with _flop_counter() as counter:
         out = fn()
     return out, counter.get_total_flops()
+
+
+def _flop_counter() -> flop_counter.FlopCounterMode:
+    """A ``FlopCounterMode`` that also counts CPU flash attention."""
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+    return flop_counter.FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 # ------------------------------------------------------------------------------------------
@@ -390,12 +395,20 @@ class _Shared:
         self.plan: _Plan | None = None
 
 
-class _TransformerHook(ModelHook):
-    """Builds the plan of each forward from the schedule and records its statistics.
+class _Planner:
+    """The host side of each transformer forward, as torch hooks on the transformer.
 
-    The host-side part (reading the timestep, the schedule, the plan, the record) runs in
-    `_begin`, outside any compiled graph and before the forward's first tensor op, so a compiled
-    transformer traces the blocks without a graph break.
+    `before` (a forward pre-hook) reads the timestep, evaluates the schedule, picks the plan and
+    records the step; `after` (a forward hook with ``always_call``) finishes the record. Both are
+    ``torch.compiler.disable``d and run outside the forward that ``torch.compile(transformer,
+    fullgraph=True)`` traces, so the compiled region only reads the plan (dynamo guards on which
+    plan it is: one graph per plan).
+
+    The plan stays set after the forward, until the next one's `before`: a block that gradient
+    checkpointing recomputes in backward takes its forward's plan. Where several checkpointed
+    forwards share one backward, `after` hooks the forward's output so that its backward sets the
+    plan of that forward again before its blocks recompute (the engine runs the later forward's
+    nodes first, so the earlier one's blocks see their own plan).
     """
 
     def __init__(
@@ -409,12 +422,13 @@ class _TransformerHook(ModelHook):
         timestep_callback: Callable[[], Any] | None,
         host: HostTimesteps | None,
     ) -> None:
-        super().__init__()
         self.config, self.shared, self.stats, self.depth = config, shared, stats, depth
         self.pooled, self.sparse = layout
         self.signature, self.timestep_callback, self.host = signature, timestep_callback, host
         self.plans: dict[tuple[Grid, Grid | int], _Plan] = {}
         self.by_keep: dict[tuple[Grid, float], _Plan] = {}
+        self.step: DensityStep | None = None  # the record of the forward running now
+        self.counter: flop_counter.FlopCounterMode | None = None
 
     def _progress(self, bound: inspect.BoundArguments) -> float:
         n = self.config.num_train_timesteps
@@ -441,7 +455,9 @@ class _TransformerHook(ModelHook):
         return [(m, m) if i in self.pooled else sparse if i in self.sparse else (n, n) for i in range(self.depth)]
 
     @torch.compiler.disable
-    def _begin(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    def before(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook (``with_kwargs=True``): this forward's plan and record."""
+        self.shared.plan, self.step = None, None
         bound = self.signature.bind(*args, **kwargs)
         grid = _token_grid(module, bound.arguments)
         check_divides(self.config.factor3, grid, "factor")
@@ -453,27 +469,49 @@ class _TransformerHook(ModelHook):
             )
         plan = self._plan(grid, keep)
         self.shared.plan = None if plan.dense else plan
-        step = DensityStep(progress, keep, plan.setting, plan.n, self._block_tokens(plan))
-        self.stats.steps.append(step)
+        self.step = DensityStep(progress, keep, plan.setting, plan.n, self._block_tokens(plan))
+        self.stats.steps.append(self.step)
+        if self.config.count_flops:  # eager only: the forward runs under a dispatch mode
+            self.counter = _flop_counter()
+            self.counter.__enter__()
 
     @torch.compiler.disable
-    def _failed(self) -> None:
-        self.shared.plan = None
-        self.stats.steps.pop()  # the forward that raised is not recorded
+    def after(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        """Forward hook (``always_call=True``; ``output`` is None when the forward or `before`
+        raised): FLOPs, and the checkpointed backward's plan; a failed forward is not recorded."""
+        step, self.step = self.step, None
+        counter, self.counter = self.counter, None
+        if counter is not None:
+            counter.__exit__(None, None, None)
+        if output is None:
+            self.shared.plan = None
+            if step is not None:
+                self.stats.steps.remove(step)
+            return
+        if counter is not None:
+            step.flops = counter.get_total_flops()  # type: ignore[union-attr]
+        if checkpointing_with_gradients(module):
+            out = _first_tensor(output)
+            if out is not None and out.requires_grad:
+                out.register_hook(_RestorePlan(self.shared, self.shared.plan))
 
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        self._begin(module, args, kwargs)
-        try:
-            if self.config.count_flops:  # eager only: FLOP counting runs the forward under a dispatch mode
-                out, flops = count_flops(lambda: self.fn_ref.original_forward(*args, **kwargs))
-                self.stats.steps[-1].flops = flops
-            else:
-                out = self.fn_ref.original_forward(*args, **kwargs)
-        except BaseException:
-            self._failed()
-            raise
-        self.shared.plan = None
-        return out
+
+class _RestorePlan:
+    """A gradient hook on a checkpointed forward's output: its backward recomputes with its plan."""
+
+    def __init__(self, shared: _Shared, plan: _Plan | None) -> None:
+        self.shared, self.plan = shared, plan
+
+    def __call__(self, grad: torch.Tensor) -> None:
+        self.shared.plan = self.plan
+
+
+def _first_tensor(output: Any) -> torch.Tensor | None:
+    """The sample tensor of a transformer's output (a tuple or diffusers' ``BaseOutput``)."""
+    if isinstance(output, dict):
+        output = tuple(output.values())
+    values = output if isinstance(output, tuple) else (output,)
+    return next((v for v in values if isinstance(v, torch.Tensor)), None)
 
 
 @dataclass
@@ -482,39 +520,49 @@ class _AttnRoute:
 
     mode: str
     n_query: int = 0  # sparse_q: the first n_query tokens of the input are the queries
+    kv_in: torch.Tensor | None = None  # sparse_q with per-token modulation: the dense keys/values input
     reducer: GridPool | BipartiteMerge | None = None  # sparse_kv: reduces the keys/values
     rope_q: tuple[torch.Tensor, torch.Tensor] | None = None
     rope_k: tuple[torch.Tensor, torch.Tensor] | None = None
     used: bool = False
 
 
-class _BlockState:
-    def __init__(self) -> None:
+class _Kind:
+    """What the hooked blocks of one kind (pooled, sparse_q or sparse_kv, per block class) share.
+
+    One object per kind, holding no block index: every block of a kind shows dynamo the same
+    objects, so regional compilation (`compile_repeated_blocks`) compiles one graph per kind.
+    Blocks run one after another, so one route and companion per kind suffice.
+    """
+
+    def __init__(self, kind: str, family: _Family, shared: _Shared, signature: inspect.Signature) -> None:
+        self.kind, self.family, self.shared, self.signature = kind, family, shared, signature
         self.companion: torch.Tensor | None = None  # dense tokens appended to norm1's input
         self.route: _AttnRoute | None = None
+        self.concat = self._concat  # one bound method: the same hook object on every norm1 of the kind
+
+    def _concat(self, module: torch.nn.Module, args: tuple) -> tuple | None:
+        """sparse_q's forward pre-hook on norm1: normalise (and modulate) [reduced; dense] in one call."""
+        dense = self.companion
+        if dense is None:
+            return None
+        self.companion = None
+        x = args[0]
+        return (torch.cat([x, dense.to(x.dtype)], dim=1), *args[1:])
 
 
 class _BlockHook(ModelHook):
     """Reduce before a block, expand its update after (pooled / sparse_q), or route attention."""
 
-    def __init__(
-        self,
-        index: int,
-        kind: str,
-        family: _Family,
-        shared: _Shared,
-        state: _BlockState,
-        signature: inspect.Signature,
-    ) -> None:
+    def __init__(self, kind: _Kind) -> None:
         super().__init__()
-        self.index, self.kind, self.family = index, kind, family
-        self.shared, self.state, self.signature = shared, state, signature
+        self.state = kind
 
     def _reduce_rotary(
         self, reducer: GridPool | BipartiteMerge, rope: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = rope
-        if self.family.rotary_token_dim == 0:
+        if self.state.family.rotary_token_dim == 0:
             if isinstance(reducer, BipartiteMerge):
                 raise NotImplementedError("token merging with CogVideoX rotary embeddings is not implemented")
             cos, sin = reducer.reduce_rotary(cos[None], sin[None])
@@ -522,15 +570,16 @@ class _BlockHook(ModelHook):
         return reducer.reduce_rotary(cos, sin)
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        plan = self.shared.plan
+        state = self.state
+        plan = state.shared.plan
         original = self.fn_ref.original_forward
         if plan is None:
             return original(*args, **kwargs)
-        fam = self.family
-        bound = self.signature.bind(*args, **kwargs)
+        fam, kind = state.family, state.kind
+        bound = state.signature.bind(*args, **kwargs)
         x = bound.arguments[fam.hidden]
         if x.shape[1] != plan.n:
-            raise ValueError(f"block {self.index} got {x.shape[1]} tokens, the grid {plan.grid} has {plan.n}")
+            raise ValueError(f"a {kind} block got {x.shape[1]} tokens, the grid {plan.grid} has {plan.n}")
         mask = bound.arguments.get(fam.mask_arg or "attention_mask")
         if mask is not None and fam.mask_arg is None:
             raise NotImplementedError("token density with a self-attention mask is not implemented")
@@ -547,37 +596,40 @@ class _BlockHook(ModelHook):
         if mask is not None:  # video keys first and never masked: drop n - m of them
             bound.arguments[fam.mask_arg] = mask[..., plan.n - m :]
 
-        if self.kind == "sparse_kv":
-            self.state.route = _AttnRoute("sparse_kv", reducer=reducer, rope_q=rope, rope_k=rope_r)
+        if kind == "sparse_kv":
+            state.route = _AttnRoute("sparse_kv", reducer=reducer, rope_q=rope, rope_k=rope_r)
             try:
                 out = original(*bound.args, **bound.kwargs)
                 self._check_routed()
             finally:
-                self.state.route = None
+                state.route = None
             return out
 
         x_r = reducer.reduce(x)
         bound.arguments[fam.hidden] = x_r
-        if fam.temb is not None and bound.arguments[fam.temb].ndim == 4:  # per-token modulation (Wan 2.2)
-            if self.kind == "sparse_q":
-                raise NotImplementedError("sparse_q with per-token timestep embeddings is not implemented")
-            temb = bound.arguments[fam.temb]
+        temb = bound.arguments[fam.temb] if fam.temb is not None else None
+        per_token = temb is not None and temb.ndim == 4  # (B, N, 6, C): Wan 2.2's per-token modulation
+        if per_token:  # the reduced rows take the modulation pooled like their tokens
             bound.arguments[fam.temb] = reducer.reduce(temb.flatten(2)).unflatten(2, temb.shape[2:])
-        if self.kind == "pooled":
+        if kind == "pooled":
             if rope is not None:
                 bound.arguments[rotary] = rope_r
             out = original(*bound.args, **bound.kwargs)
-        else:  # sparse_q: norm1 sees [reduced; dense], attention splits queries from keys/values
-            self.state.companion = x
-            self.state.route = _AttnRoute("sparse_q", n_query=m, rope_q=rope_r, rope_k=rope)
+        else:  # sparse_q: attention takes queries from the reduced tokens, keys/values from the dense ones
+            if per_token:  # the dense rows keep their own modulation: norm1 runs on them here
+                kv_in = _wan_modulated_norm1(module, x, temb)
+                state.route = _AttnRoute("sparse_q", kv_in=kv_in, rope_q=rope_r, rope_k=rope)
+            else:  # norm1 sees [reduced; dense] in one call
+                state.companion = x
+                state.route = _AttnRoute("sparse_q", n_query=m, rope_q=rope_r, rope_k=rope)
             try:
                 out = original(*bound.args, **bound.kwargs)
-                if self.state.companion is not None:
-                    raise RuntimeError(f"block {self.index}: norm1 was not called, cannot run sparse_q")
+                if state.companion is not None:
+                    raise RuntimeError("a sparse_q block did not call norm1, cannot run sparse_q")
                 self._check_routed()
             finally:
-                self.state.companion = None
-                self.state.route = None
+                state.companion = None
+                state.route = None
         i = fam.output_index
         y = out[i] if fam.tuple_output else out
         x_new = reducer.add_expanded(x, y - x_r)
@@ -585,53 +637,82 @@ class _BlockHook(ModelHook):
 
     def _check_routed(self) -> None:
         if not self.state.route.used:  # type: ignore[union-attr]
-            raise RuntimeError(f"block {self.index}: its self-attention (attn1) was not called")
+            raise RuntimeError(f"a {self.state.kind} block did not call its self-attention (attn1)")
 
 
-class _NormConcatHook(ModelHook):
-    """sparse_q: norm1 normalises and modulates the reduced and the dense tokens in one call."""
-
-    def __init__(self, state: _BlockState) -> None:
-        super().__init__()
-        self.state = state
-
-    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
-        dense = self.state.companion
-        if dense is None:
-            return args, kwargs
-        self.state.companion = None
-        x = args[0]
-        return (torch.cat([x, dense.to(x.dtype)], dim=1), *args[1:]), kwargs
+def _wan_modulated_norm1(block: torch.nn.Module, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    """``WanTransformerBlock``'s modulated norm1 of ``x`` under a per-token ``temb`` (B, N, 6, C),
+    as its forward computes it (diffusers' Wan 2.2 TI2V branch)."""
+    shift, scale = (block.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)[:2]
+    return (block.norm1(x.float()) * (1 + scale.squeeze(2)) + shift.squeeze(2)).type_as(x)
 
 
-class _AttentionHook(ModelHook):
-    """Self-attention with queries and keys/values from different token sets."""
+class _RoutedAttention(torch.nn.Module):
+    """A sparse block's self-attention (``attn1``), its class swapped for a subclass of its own
+    that follows its kind's route: queries and keys/values from different token sets.
 
-    def __init__(self, state: _BlockState) -> None:
-        super().__init__()
-        self.state = state
+    A class, not a per-module hook: every routed ``attn1`` of a kind shows dynamo the same
+    ``forward``, where a hook's per-module function would be guarded by identity (one graph per
+    block under regional compilation). `_routed_class` makes one subclass per attention class.
+    """
 
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        route = self.state.route
+    _mmaccel_token_density: _Kind  # set on each instance
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        route = self._mmaccel_token_density.route
+        forward = super().forward
         if route is None:
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return forward(*args, **kwargs)
         route.used = True
         h = args[0] if args else kwargs.pop("hidden_states")
         args = args[1:]
-        if route.mode == "sparse_q":
-            q_in, kv_in = h[:, : route.n_query], h[:, route.n_query :]
-        else:
+        if route.mode == "sparse_kv":
             q_in, kv_in = h, route.reducer.reduce(h)  # type: ignore[union-attr]
-        if type(module).__name__ == "WanAttention":
-            return _wan_attention(module, q_in, kv_in, route.rope_q, route.rope_k)
+        elif route.kv_in is not None:
+            q_in, kv_in = h, route.kv_in
+        else:
+            q_in, kv_in = h[:, : route.n_query], h[:, route.n_query :]
+        if isinstance(self, _WanAttention):
+            return _wan_attention(self, q_in, kv_in, route.rope_q, route.rope_k)
         if route.rope_q is not None:
-            raise NotImplementedError(f"sparse attention with rotary embeddings on {type(module).__name__}")
+            raise NotImplementedError(f"sparse attention with rotary embeddings on {type(self).__name__}")
         if args or kwargs.get("encoder_hidden_states") is not None:
             raise NotImplementedError(
                 "sparse attention expects a self-attention call (no encoder_hidden_states)"
             )
         kwargs["encoder_hidden_states"] = kv_in
-        return dit.split_attention(module, self.fn_ref.original_forward, q_in, **kwargs)  # fused or not
+        return dit.split_attention(self, forward, q_in, **kwargs)  # fused or not
+
+
+class _WanAttention:
+    """Marks the routed subclass of ``WanAttention`` (its own projections and RoPE per token set)."""
+
+
+_ROUTED: dict[type, type] = {}
+
+
+def _routed_class(cls: type) -> type:
+    """The `_RoutedAttention` subclass of attention class ``cls`` (one per class, same name)."""
+    routed = _ROUTED.get(cls)
+    if routed is None:
+        wan_marker = (_WanAttention,) if cls.__name__ == "WanAttention" else ()
+        namespace = {"__module__": __name__, "__qualname__": cls.__qualname__}
+        routed = _ROUTED[cls] = type(cls.__name__, (_RoutedAttention, *wan_marker, cls), namespace)
+    return routed
+
+
+def _route_attention(handle: PatchHandle, attention: torch.nn.Module, kind: _Kind) -> None:
+    """Swap ``attention``'s class for its routed subclass; ``handle.remove()`` swaps it back."""
+    base = type(attention)
+    routed = _routed_class(base)
+    handle.set_attr(attention, "_mmaccel_token_density", kind)
+    attention.__class__ = routed
+
+    def undo() -> None:
+        if type(attention) is routed:
+            attention.__class__ = base
+
+    handle.on_remove(undo)
 
 
 def _wan_attention(
@@ -711,24 +792,29 @@ def apply_token_density(
     shared = _Shared()
     stats = handle.stats
     try:
+        kinds: dict[tuple[str, type], _Kind] = {}
         for i in [*pooled, *sparse]:
             block = blocks[i]
-            kind = "pooled" if i in pooled else config.sparse_mode
-            state = _BlockState()
-            signature = inspect.signature(block.forward)
-            if kind != "pooled":
+            name = "pooled" if i in pooled else config.sparse_mode
+            if (name, type(block)) not in kinds:
+                kinds[name, type(block)] = _Kind(name, family, shared, inspect.signature(block.forward))
+            kind = kinds[name, type(block)]
+            if name != "pooled":
                 _check_sparse_block(block, i)
-                handle.add_diffusers_hook(block.attn1, _AttentionHook(state), _HOOK)
-                if kind == "sparse_q":
-                    handle.add_diffusers_hook(block.norm1, _NormConcatHook(state), _HOOK)
-            handle.add_diffusers_hook(block, _BlockHook(i, kind, family, shared, state, signature), _HOOK)
+                _route_attention(handle, block.attn1, kind)
+                if name == "sparse_q":
+                    handle.add_torch_hook(block.norm1.register_forward_pre_hook(kind.concat))
+            handle.add_diffusers_hook(block, _BlockHook(kind), _HOOK)
         signature = inspect.signature(transformer.forward)
-        hook = _TransformerHook(
+        planner = _Planner(
             config, shared, stats, (pooled, sparse), depth, signature, current_timestep_callback, host
         )
-        handle.add_diffusers_hook(transformer, hook, _HOOK)
-        refuse_checkpointed_gradients(handle, transformer, "token density while reducing", "a block's recompute "
-                                      "runs without its forward's reduction plan", decided=lambda: stats.steps[-1].reduced)  # fmt: skip
+        handle.add_torch_hook(transformer.register_forward_pre_hook(planner.before, with_kwargs=True))
+        handle.add_torch_hook(transformer.register_forward_hook(planner.after, always_call=True))
+        # the plan outlives its forward (for checkpointing's recompute), not the handle: a block hook
+        # that diffusers' remove_hook leaves in a cache's chain (its new_forward keeps calling our
+        # removed layer through fn_ref.original_forward) passes through after remove()
+        handle.on_remove(lambda: setattr(shared, "plan", None))
     except BaseException:
         handle.remove()
         raise
@@ -757,9 +843,14 @@ def _check_no_block_caches(blocks: torch.nn.ModuleList, indices: list[int]) -> N
 
 
 def _check_sparse_block(block: torch.nn.Module, index: int) -> None:
-    """Sparse-dense needs norm1 -> attn1 (self-attention) with token-independent modulation."""
+    """Sparse-dense needs norm1 -> attn1 (self-attention), attn1 called through its class."""
     if not hasattr(block, "norm1") or not hasattr(block, "attn1"):
         raise NotImplementedError(f"block {index} ({type(block).__name__}) has no norm1/attn1 to route")
+    if "forward" in block.attn1.__dict__:
+        raise NotImplementedError(
+            f"block {index}'s attn1 already carries a hook or wrapper on its forward, which would bypass "
+            "token density's sparse attention: apply token density first"
+        )
     if getattr(block, "pos_embed", None) is not None or getattr(block, "only_cross_attention", False):
         raise NotImplementedError(
             f"block {index}: sparse attention with per-block pos_embed or cross-only attention"

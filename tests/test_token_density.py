@@ -47,6 +47,11 @@ def _run(model, name, **kw):
     return model(**_inputs(name, **kw)).sample
 
 
+def _planner(model) -> td._Planner:
+    """The planner of token density applied to ``model`` (its forward pre-hook's owner)."""
+    return next(h.__self__ for h in model._forward_pre_hooks.values() if isinstance(h.__self__, td._Planner))
+
+
 # --------------------------------------------------------------------------------------------
 # Config validation
 # --------------------------------------------------------------------------------------------
@@ -325,7 +330,7 @@ def test_scheduler_timesteps_are_read_on_the_host(pipes):
     pipe = pipes["dit"]
     with apply_token_density(pipe.transformer, TokenDensityConfig(), scheduler=pipe.scheduler) as handle:
         pipe(**{**call_kwargs("dit"), "num_inference_steps": 3, "output_type": "latent"})
-        host = handle.model._diffusers_hook.get_hook(td._HOOK).host
+        host = _planner(handle.model).host
     steps = pipe.scheduler.timesteps.tolist()
     assert host.misses == 0 and [s.progress for s in handle.stats.steps] == [pytest.approx(1 - t / 1000) for t in steps]
     lookup = HostTimesteps(pipe.scheduler)
@@ -338,3 +343,127 @@ def test_scheduler_timesteps_are_read_on_the_host(pipes):
     assert host_timestep_callback(fake)() == pipe.scheduler.timesteps[2].item()
     with pytest.raises(TypeError, match="scheduler"):
         HostTimesteps(object())
+
+
+# --------------------------------------------------------------------------------------------
+# diffusers' model contracts (issue 32): per-token timesteps, checkpointing, failures, compile
+# --------------------------------------------------------------------------------------------
+
+
+def _per_token(t: torch.Tensor, tokens: int = 72) -> torch.Tensor:
+    """Wan 2.2 TI2V's timestep per token: the first of three latent frames at 0 (the clean image)."""
+    out = t[:, None].expand(-1, tokens).clone()
+    out[:, : tokens // 3] = 0.0
+    return out
+
+
+def test_sparse_q_with_per_token_timesteps(pipes, monkeypatch):
+    """Wan 2.2 TI2V's per-token modulation under sparse_q: the dense keys/values keep their own
+    rows, the reduced queries take them pooled like their tokens. A per-token timestep equal on
+    every token gives the per-sample output; an identity reducer gives dense."""
+    model = pipes["wan"].transformer
+    inputs = _inputs("wan")
+    with torch.no_grad(), apply_token_density(model, TokenDensityConfig(schedule=QUARTER)) as handle:
+        per_sample = model(**inputs).sample
+        flat = model(**{**inputs, "timestep": inputs["timestep"][:, None].expand(-1, 72)}).sample
+        ti2v = model(**{**inputs, "timestep": _per_token(inputs["timestep"])}).sample
+    torch.testing.assert_close(flat, per_sample, rtol=1e-5, atol=1e-5)
+    assert [s.block_tokens[1] for s in handle.stats.steps] == [(18, 72)] * 3  # sparse_q: 2x2 pooled queries
+    assert torch.isfinite(ti2v).all() and (ti2v - per_sample).abs().max() > 1e-3
+    with torch.no_grad():
+        dense = model(**{**inputs, "timestep": _per_token(inputs["timestep"])}).sample
+    monkeypatch.setattr(td._Plan, "dense", property(lambda self: False))
+    monkeypatch.setattr(td._Plan, "reducer", lambda self, x: GridPool(self.grid, (1, 1, 1)))
+    with torch.no_grad(), apply_token_density(model, TokenDensityConfig(schedule=FULL)):
+        identity = model(**{**inputs, "timestep": _per_token(inputs["timestep"])}).sample
+    torch.testing.assert_close(identity, dense, rtol=1e-5, atol=1e-5)
+
+
+def _two_forwards_grads(model, checkpointing: bool) -> dict[str, torch.Tensor]:
+    """Gradients of one backward through two forwards: a reduced one (t=900), then a dense one (t=100)."""
+    model.zero_grad(set_to_none=True)
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    try:
+        outs = [model(**_inputs("dit", t=t, seed=i)).sample for i, t in enumerate((900.0, 100.0))]
+        loss = sum(out.pow(2).mean() for out in outs)
+        loss.backward()
+    finally:
+        model.disable_gradient_checkpointing()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_checkpointed_forwards_sharing_one_backward_recompute_with_their_own_plans(pipes):
+    """Gradient checkpointing: each block's recompute takes its forward's plan, also when a later
+    forward (here dense) set another plan before the backward; gradients equal those without."""
+    model = pipes["dit"].transformer
+    with apply_token_density(model, TokenDensityConfig()) as handle:
+        plain = _two_forwards_grads(model, checkpointing=False)
+        checkpointed = _two_forwards_grads(model, checkpointing=True)
+        assert [s.reduced for s in handle.stats.steps] == [True, False, True, False]
+    model.zero_grad(set_to_none=True)
+    assert plain.keys() == checkpointed.keys() and plain
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("count", [False, True])
+def test_a_forward_that_raises_is_not_recorded_and_leaves_no_plan(pipes, count):
+    """The always-called forward hook cleans up after a forward that raised inside the blocks:
+    no record, no plan, no FLOP counter left active; the next forward runs as usual."""
+    model = pipes["wan"].transformer
+    inputs = _inputs("wan")
+    with apply_token_density(model, TokenDensityConfig(schedule=QUARTER, count_flops=count)) as handle:
+        planner = _planner(model)
+        with pytest.raises(RuntimeError), torch.no_grad():
+            model(**{**inputs, "encoder_hidden_states": inputs["encoder_hidden_states"][..., :-1]})
+        assert handle.stats.steps == [] and planner.shared.plan is None
+        assert torch._C._len_torch_dispatch_stack() == 0
+        _run(model, "wan")
+        assert len(handle.stats.steps) == 1 and handle.stats.steps[0].reduced
+        assert (handle.stats.steps[0].flops is not None) == count
+
+
+def test_sparse_blocks_refuse_a_wrapped_attention(pipes):
+    """sparse blocks route attn1 through its class: a forward already wrapped on the instance
+    (a hook installed before token density) would bypass it, so apply refuses."""
+    model = pipes["wan"].transformer
+    attn = model.blocks[1].attn1
+    attn.forward = attn.forward
+    try:
+        with pytest.raises(NotImplementedError, match="apply token density first"):
+            apply_token_density(model, TokenDensityConfig())
+    finally:
+        del attn.forward
+    with apply_token_density(model, TokenDensityConfig()):
+        assert type(attn).__name__ == "WanAttention" and type(attn) in td._ROUTED.values()
+    assert type(attn) not in td._ROUTED.values()
+
+
+def test_regional_compile_recompiles_each_hooked_kind_once_per_plan():
+    """``compile_repeated_blocks(fullgraph=True)`` over a two-level run (reduced, then dense) on a
+    4-block Wan (pooled 1, sparse_q 2, dense 1): one graph per block kind and plan: the dense
+    kind once, the pooled and sparse kinds once per plan (reduced, dense): 1 + 2 x 2 = 5."""
+    from diffusers import WanTransformer3DModel
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from mmaccel.testing import TINY_WAN_TRANSFORMER
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**{**TINY_WAN_TRANSFORMER, "num_layers": 4}).eval()
+    two_level = StepSchedule(boundaries=(0.5,), ratios=(0.25, 1.0))
+    apply_token_density(model, TokenDensityConfig(schedule=two_level))
+    inputs = _inputs("wan")
+    counter = CompileCounterWithBackend("eager")
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            eager = [model(**{**inputs, "timestep": torch.full((2,), t)}).sample for t in (900.0, 100.0)]
+            model.compile_repeated_blocks(fullgraph=True, backend=counter)
+            for t in (900.0, 800.0, 700.0, 300.0, 200.0, 100.0):
+                out = model(**{**inputs, "timestep": torch.full((2,), t)}).sample
+                if t in (900.0, 100.0):
+                    torch.testing.assert_close(out, eager[t == 100.0], rtol=1e-5, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == 5
