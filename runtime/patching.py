@@ -98,7 +98,15 @@ class PatchHandle:
         def undo() -> None:
             outer = module.__dict__.get("forward", _MISSING)
             wrapped_later = outer is not _MISSING and outer is not installed and registry._hook_order[-1:] == [hook_name]
+            index = registry._hook_order.index(hook_name)
+            later = registry._fn_refs[index + 1] if index + 1 < len(registry._fn_refs) else None
+            later_forward = later.forward if later is not None else None
             registry.remove_hook(hook_name, recurse=False)
+            if later is not None and later.original_forward is not None:
+                # a diffusers hook registered after ours with its own ``new_forward`` (a block cache):
+                # diffusers re-points only its ``forward``, which would drop that hook's ``new_forward``
+                # and keep calling ours through ``original_forward``; re-point ``original_forward``.
+                later.original_forward, later.forward = later.forward, later_forward
             if wrapped_later:  # e.g. accelerate's hook: re-point its inner forward past our layer
                 inner = module.__dict__.get("forward", _MISSING)
                 if module.__dict__.get("_old_forward") is installed:

@@ -366,6 +366,8 @@ def test_caches_compose_on_wan(technique, order):
                 handle.remove()
             torch.testing.assert_close(_generate(pipe, "wan", STEPS), dense, rtol=0, atol=1e-6)
             assert not hasattr(model, "_diffusers_hook") or not model._diffusers_hook.hooks
+            for name, module in model.named_modules():  # no layer of ours or the cache's left behind
+                assert getattr(module.forward, "__func__", None) is type(module).forward, name
 
 
 def test_first_block_cache_on_pixart_without_cache_mixin():
