@@ -412,8 +412,6 @@ _DISABLED_DECISION = (
 )
 _FULLGRAPH_FAILS = {
     ("token_density", "*", "*"): _DISABLED_DECISION.format("token_density._TransformerHook._begin"),
-    ("flexdit", "*", "*"): _DISABLED_DECISION.format("FlexDiTTransformer2DModel._sparse_grids"),
-    ("dydit", "*", "*"): _DISABLED_DECISION.format("DyDiTTransformer2DModel._prepare"),
 }
 #: the compile cells that trace a whole model (seconds each): one per technique in the default run
 _FAST_COMPILE = {("svg2", "wan", "reducing"), ("clip_parallel", "wan", "reducing")}
@@ -449,6 +447,8 @@ _COLD = [
         "a cold start runs k-means' initialisation (svg2._initial_centroids), a torch.compiler.disable'd "
         "call inside the attention processor: dynamo cannot inline it under fullgraph=True"))),
     pytest.param("clip_parallel", "wan", id="clip_parallel-wan"),
+    pytest.param("flexdit", "dit", id="flexdit-dit"),
+    pytest.param("dydit", "dit", id="dydit-dit"),
     pytest.param("token_density", "wan", id="token_density-wan",
                  marks=pytest.mark.xfail(strict=True, reason=_FULLGRAPH_FAILS["token_density", "*", "*"])),
 ]
