@@ -168,6 +168,25 @@ def test_fullgraph_compile_of_a_batch_at_two_densities_equals_eager(name):
         assert model.stats.steps[passes:] == model.stats.steps[:passes]
 
 
+@pytest.mark.slow  # two inductor compiles: ~70 s of CPU
+@pytest.mark.parametrize("name", ["flexdit", "dydit"])
+def test_fullgraph_inductor_compile_of_a_cold_step_and_the_next_equals_eager(name):
+    """``torch.compile(fullgraph=True)`` with inductor from the first forward after conversion
+    (reducing: FlexDiT's linear schedule, DyDiT's random routers), then the next timestep without
+    a recompile: both equal eager."""
+    if name == "flexdit":
+        model = convert_to_flexdit(_dit(), FLEX)
+    else:
+        model = convert_to_dydit(_dit(2), DyDiTConfig(dynamic_tokens=False))
+        _randomise_dydit(model)
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    with torch.no_grad():
+        for t in (900.0, 890.0):
+            with torch._dynamo.config.patch(error_on_recompile=t != 900.0):
+                out = compiled(**_dit_inputs(t))[0]
+            torch.testing.assert_close(out, model(**_dit_inputs(t))[0], rtol=1e-4, atol=1e-5)
+
+
 def test_clip_parallel_compiles_without_graph_breaks_one_graph_per_phase():
     """World size 1 (no communication): 0 breaks; the timestep, the phase of the bias and the
     counters are handled by the pre-forward hook, so a compiled run recompiles once, when the
