@@ -415,10 +415,11 @@ _FULLGRAPH_FAILS = {
 }
 #: the compile cells that trace a whole model (seconds each): one per technique in the default run
 _FAST_COMPILE = {("svg2", "wan", "reducing"), ("clip_parallel", "wan", "reducing")}
+_FAST_COMPILE |= {("flexdit", "dit", "reducing"), ("dydit", "dit", "reducing")}
 
 
 def _slow_compile(cell: tuple[str, str, str]) -> bool:
-    return cell[0] in ("svg2", "clip_parallel") and cell not in _FAST_COMPILE
+    return cell[0] in ("svg2", "clip_parallel", "flexdit", "dydit") and cell not in _FAST_COMPILE
 
 
 @pytest.mark.parametrize("tech, fam, budget", _cells(_FULLGRAPH_FAILS, _slow_compile, torch._dynamo.exc.Unsupported))
