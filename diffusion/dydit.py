@@ -579,7 +579,7 @@ class DyDiTTransformer2DModel(ModelMixin, ConfigMixin):
         return_dict = inputs.pop("return_dict")
         groups, self._groups = self._groups, None  # one decision per call
         if groups is None:
-            raise RuntimeError("DyDiT's forward ran without its pre-hook: call the model, not model.forward")
+            raise RuntimeError("DyDiT's forward ran without its pre-hook: call the model, not .forward")
         batch = hidden_states.shape[0]
         t = torch.as_tensor(inputs["timestep"], device=hidden_states.device).flatten()
         inputs["timestep"] = t.expand(batch) if t.numel() == 1 else t

@@ -511,6 +511,8 @@ class FlexDiTTransformer2DModel(ModelMixin, ConfigMixin):
         specialised on the grids, not on the timestep."""
         inputs = self._base_signature.bind(self, *args, **kwargs).arguments
         timestep, hidden_states = inputs.get("timestep"), inputs["hidden_states"]
+        if inputs.get("attention_mask") is not None:
+            raise NotImplementedError("FlexDiT does not support a self-attention mask over image tokens")
         if timestep is None:
             raise ValueError("FlexDiT needs `timestep` (it sets the token density)")
         batch = hidden_states.shape[0]
@@ -527,11 +529,9 @@ class FlexDiTTransformer2DModel(ModelMixin, ConfigMixin):
         inputs = dict(bound.arguments)
         del inputs["self"]
         return_dict = inputs.pop("return_dict")
-        if inputs.get("attention_mask") is not None:
-            raise NotImplementedError("FlexDiT does not support a self-attention mask over image tokens")
         grids, self._grids = self._grids, None  # one decision per call
         if grids is None:
-            raise RuntimeError("FlexDiT's forward ran without its pre-hook: call the model, not model.forward")
+            raise RuntimeError("FlexDiT's forward ran without its pre-hook: call the model, not .forward")
         batch = hidden_states.shape[0]
         grid = (hidden_states.shape[-2] // self.patch_size, hidden_states.shape[-1] // self.patch_size)
         if len(set(grids)) == 1:

@@ -213,7 +213,7 @@ def test_widths_are_decided_by_a_pre_hook_once_per_call_and_stats_recorded_by_a_
     with torch.no_grad():
         model(**inputs)
         assert len(model.stats.steps) == 1
-        with pytest.raises(RuntimeError, match="call the model, not model.forward"):
+        with pytest.raises(RuntimeError, match="call the model, not .forward"):
             model.forward(**inputs)
     assert len(model.stats.steps) == 1
 

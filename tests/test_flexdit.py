@@ -300,7 +300,7 @@ def test_the_density_is_decided_by_a_pre_hook_once_per_call():
     x, t, y = _dit_inputs()
     with torch.no_grad():
         flex(x, t, y)
-        with pytest.raises(RuntimeError, match="call the model, not model.forward"):
+        with pytest.raises(RuntimeError, match="call the model, not .forward"):
             flex.forward(x, t, y)
     with pytest.raises(ValueError, match="timestep"):
         flex(x, None, y)
