@@ -330,6 +330,11 @@ class DyDiTTransformer2DModel(ModelMixin, ConfigMixin):
         self.stats = DyDiTStats()
         self._cache: dict[Any, Any] = {}
         self._last_masks: list[dict[str, torch.Tensor]] = []
+        self._groups: list[tuple[list[int], list[dict[str, Any]] | None]] | None = None  # `_prepare`'s passes
+        self._records: list[dict[str, list]] = []  # what this forward's passes ran, for `_record`
+        # registered here, so a model built by from_pretrained has them too
+        self.register_forward_pre_hook(self._prepare, with_kwargs=True)
+        self.register_forward_hook(self._record)
         self.register_to_config(**base_config)  # mirrored for pipelines (transformer.config.sample_size, ...)
 
     @classmethod
@@ -564,66 +569,70 @@ class DyDiTTransformer2DModel(ModelMixin, ConfigMixin):
         return [f"transformer_blocks.{i}" for i in range(len(self.transformer_blocks))]
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
-        """Same arguments (positional or keyword) and outputs as the base model's forward."""
+        """Same arguments (positional or keyword) and outputs as the base model's forward. Call the
+        model (``model(...)``), not ``model.forward(...)``: the pre-hook `_prepare` takes the widths
+        and the post-hook `_record` records the stats."""
         bound = self._base_signature.bind(self, hidden_states, *args, **kwargs)
         bound.apply_defaults()
         inputs = dict(bound.arguments)
         del inputs["self"]
         return_dict = inputs.pop("return_dict")
-        if inputs.get("attention_mask") is not None:
-            raise NotImplementedError("DyDiT does not support a self-attention mask over image tokens")
-        if inputs["timestep"] is None:
-            raise ValueError("DyDiT needs `timestep` (the width routers read it)")
-        t, groups = self._prepare(inputs, hidden_states)
-        inputs["timestep"] = t
+        groups, self._groups = self._groups, None  # one decision per call
+        if groups is None:
+            raise RuntimeError("DyDiT's forward ran without its pre-hook: call the model, not .forward")
+        batch = hidden_states.shape[0]
+        t = torch.as_tensor(inputs["timestep"], device=hidden_states.device).flatten()
+        inputs["timestep"] = t.expand(batch) if t.numel() == 1 else t
         records: list[dict[str, list]] = []
         if len(groups) == 1:
             output = self._forward(inputs, groups[0][1], records)
         else:  # pruned execution, mixed timesteps: one pass per timestep, same order back
             output = None
-            batch = hidden_states.shape[0]
             for rows, plans in groups:
                 idx = torch.tensor(rows, device=hidden_states.device)
                 part_inputs = {k: _index_batch(val, idx, batch) for k, val in inputs.items()}
                 part = self._forward(part_inputs, plans, records)
                 output = part.new_empty((batch, *part.shape[1:])) if output is None else output
                 output[idx] = part
-        self._record(records)
+        self._records = records
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)
 
-    @torch.compiler.disable  # host-side decisions, before the forward's first tensor op
-    def _prepare(
-        self, inputs: dict[str, Any], hidden_states: torch.Tensor
-    ) -> tuple[torch.Tensor, list[tuple[list[int], list[dict[str, Any]] | None]]]:
-        """The timestep per sample and the passes to run: ``(rows, per-block plans)`` per distinct
-        timestep (pruned execution: width decisions and sliced weights), one pass with no plans
-        (masked execution). Outside any compiled graph and before the first tensor op: a compiled
-        forward has no graph break for them and is specialised on the kept widths, not on the
-        timestep value. The values (read on the host, `use_scheduler_timesteps`) are kept for
-        `_record`."""
-        batch, device, timestep = hidden_states.shape[0], hidden_states.device, inputs["timestep"]
-        t = torch.as_tensor(timestep, device=device).flatten()
-        t = t.expand(batch) if t.numel() == 1 else t
+    @torch.compiler.disable  # host-side decisions: a forward pre-hook, outside any compiled graph
+    def _prepare(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Forward pre-hook: the passes to run, stored for the forward to read: ``(rows, per-block
+        plans)`` per distinct timestep (pruned execution: width decisions and sliced weights), one
+        pass with no plans (masked execution). Runs in ``__call__`` before the forward
+        (``torch.compile(model)`` runs hooks outside dynamo's frame), so a compiled forward,
+        ``fullgraph=True`` included, is pure and specialised on the kept widths, not on the timestep
+        value. The values (read on the host, `use_scheduler_timesteps`) are kept for `_record`."""
+        inputs = self._base_signature.bind(self, *args, **kwargs).arguments
+        hidden_states, timestep = inputs["hidden_states"], inputs.get("timestep")
+        if inputs.get("attention_mask") is not None:
+            raise NotImplementedError("DyDiT does not support a self-attention mask over image tokens")
+        if timestep is None:
+            raise ValueError("DyDiT needs `timestep` (the width routers read it)")
+        batch, device = hidden_states.shape[0], hidden_states.device
         values = timestep_values(self.host_timesteps, timestep, batch)
         for v in set(values):
             read_timestep(v, self.dydit.num_train_timesteps, source="the transformer's timestep argument")
         n, m = self._tokens_text(inputs, hidden_states)
         if self.execution == "masked":
             self._pending = ([values[0]], n, m, [None])
-            return t, [(list(range(batch)), None)]
+            self._groups = [(list(range(batch)), None)]
+            return
         blocks = range(len(self.transformer_blocks))
         distinct = sorted(set(values))
         plans = {v: [self._plan(i, v, device, hidden_states.dtype) for i in blocks] for v in distinct}
         self._pending = (distinct, n, m, [plans[v] for v in distinct])
-        return t, [([i for i, vi in enumerate(values) if vi == v], plans[v]) for v in distinct]
+        self._groups = [([i for i, vi in enumerate(values) if vi == v], plans[v]) for v in distinct]
 
     def _forward(
         self, inputs: dict[str, Any], plans: list[dict[str, Any]] | None, records: list[dict[str, list]]
     ) -> torch.Tensor:
-        """One pass at one timestep (pruned: with its ``plans``); appends the token counts (and, masked,
-        the widths) that only the tensors know to ``records`` for `_record`."""
+        """One pass at one timestep (pruned: with its ``plans``, appending the token counts that
+        only the tensors know to ``records`` for `_record`; masked: keeping its masks)."""
         hidden_states = inputs["hidden_states"]
         grid = (hidden_states.shape[-2] // self.patch_size, hidden_states.shape[-1] // self.patch_size)
         x, cond, out_cond = FlexDiTTransformer2DModel._embed(self, inputs)
@@ -643,19 +652,26 @@ class DyDiTTransformer2DModel(ModelMixin, ConfigMixin):
                 x = fn(*args)
         if not masked:
             records.append(record)
-        elif not torch.is_grad_enabled():
-            for masks in self._last_masks:
-                record["heads"].append(masks["heads"].sum(-1).mean().item() * (self.heads // self.head_groups))
-                record["channels"].append(masks["channels"].sum(-1).mean().item() * (self.ff_dim // self.mlp_groups))
-                record["tokens"].append(masks["tokens"].sum(-1).mean().item())
-            records.append(record)
         out = FlexDiTTransformer2DModel._output(self, x, out_cond)
         return FlexDiTTransformer2DModel._unpatchify(self, out, grid)
 
-    @torch.compiler.disable
-    def _record(self, records: list[dict[str, list]]) -> None:
-        """One stats entry per pass: widths from the host-side plans, tokens from the pass's record
-        (reference gather, masked execution) or the fixed capacity."""
+    def _mask_record(self) -> dict[str, list]:
+        """Mean widths and tokens of the last masked pass, read from its masks."""
+        record: dict[str, list] = {"heads": [], "channels": [], "tokens": []}
+        for masks in self._last_masks:
+            record["heads"].append(masks["heads"].sum(-1).mean().item() * (self.heads // self.head_groups))
+            record["channels"].append(masks["channels"].sum(-1).mean().item() * (self.ff_dim // self.mlp_groups))
+            record["tokens"].append(masks["tokens"].sum(-1).mean().item())
+        return record
+
+    @torch.compiler.disable  # a forward hook, after the (compiled) forward
+    def _record(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        """Forward hook: one stats entry per pass: widths from the host-side plans, tokens from the
+        pass's record (reference gather), the fixed capacity, or (masked execution without
+        gradients) the masks; a masked forward with gradients (training) records nothing."""
+        records, self._records = self._records, []
+        if self.execution == "masked":
+            records = [] if torch.is_grad_enabled() else [self._mask_record()]
         values, n, m, plans = self._pending
         for t_value, record, block_plans in zip(values, records, plans):
             heads = record["heads"] or [p["heads"] for p in block_plans]

@@ -432,6 +432,9 @@ class FlexDiTTransformer2DModel(ModelMixin, ConfigMixin):
         self.dense_blocks = nn.ModuleList(blocks[p + flex.num_modules * per :])
         self.gradient_checkpointing = False
         self.host_timesteps: HostTimesteps | None = None
+        self._grids: list[tuple[int, int]] | None = None  # this forward's decision (`_decide`)
+        # registered here, so a model built by from_pretrained has it too
+        self.register_forward_pre_hook(self._decide, with_kwargs=True)
         self.register_to_config(**base_config)  # mirrored for pipelines (transformer.config.sample_size, ...)
 
     def use_scheduler_timesteps(self, scheduler: Any) -> None:
@@ -499,30 +502,38 @@ class FlexDiTTransformer2DModel(ModelMixin, ConfigMixin):
         return sparse
 
     # -- forward --------------------------------------------------------------------------------
-    @torch.compiler.disable  # host-side decision, before the forward's first tensor op
-    def _sparse_grids(
-        self, timestep: torch.Tensor | float, batch: int, grid: tuple[int, int]
-    ) -> list[tuple[int, int]]:
-        """The sparse grid of each sample. Read on the host outside any compiled graph, so a
-        compiled forward has no graph break and is specialised on the grids, not the timestep."""
+    @torch.compiler.disable  # host-side decision: a forward pre-hook, outside any compiled graph
+    def _decide(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Forward pre-hook: the sparse grid of each sample, stored for the forward to read.
+
+        Runs in ``__call__`` before the forward (``torch.compile(model)`` runs hooks outside
+        dynamo's frame), so a compiled forward, ``fullgraph=True`` included, is pure and
+        specialised on the grids, not on the timestep."""
+        inputs = self._base_signature.bind(self, *args, **kwargs).arguments
+        timestep, hidden_states = inputs.get("timestep"), inputs["hidden_states"]
+        if inputs.get("attention_mask") is not None:
+            raise NotImplementedError("FlexDiT does not support a self-attention mask over image tokens")
+        if timestep is None:
+            raise ValueError("FlexDiT needs `timestep` (it sets the token density)")
+        batch = hidden_states.shape[0]
+        grid = (hidden_states.shape[-2] // self.patch_size, hidden_states.shape[-1] // self.patch_size)
         n = self.flex.num_train_timesteps
         values = timestep_values(self.host_timesteps, timestep, batch)
-        return [self._sparse_grid(grid, min(1.0, max(0.0, 1.0 - t / n))) for t in values]
+        self._grids = [self._sparse_grid(grid, min(1.0, max(0.0, 1.0 - t / n))) for t in values]
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
-        """Same arguments (positional or keyword) and outputs as the base model's forward."""
+        """Same arguments (positional or keyword) and outputs as the base model's forward. Call the
+        model (``model(...)``), not ``model.forward(...)``: the pre-hook `_decide` takes the density."""
         bound = self._base_signature.bind(self, hidden_states, *args, **kwargs)
         bound.apply_defaults()
         inputs = dict(bound.arguments)
         del inputs["self"]
         return_dict = inputs.pop("return_dict")
-        if inputs.get("attention_mask") is not None:
-            raise NotImplementedError("FlexDiT does not support a self-attention mask over image tokens")
-        if inputs["timestep"] is None:
-            raise ValueError("FlexDiT needs `timestep` (it sets the token density)")
+        grids, self._grids = self._grids, None  # one decision per call
+        if grids is None:
+            raise RuntimeError("FlexDiT's forward ran without its pre-hook: call the model, not .forward")
         batch = hidden_states.shape[0]
         grid = (hidden_states.shape[-2] // self.patch_size, hidden_states.shape[-1] // self.patch_size)
-        grids = self._sparse_grids(inputs["timestep"], batch, grid)
         if len(set(grids)) == 1:
             output = self._forward(inputs, grid, grids[0])
         else:  # mixed timesteps with different densities: one pass per density, same order back

@@ -145,6 +145,48 @@ def test_dydit_token_skipping_breaks_once_per_gather_unless_dynamic_shapes_are_c
     assert last[0]["tokens"] == last[1]["tokens"] and min(last[1]["tokens"]) < 64
 
 
+@pytest.mark.parametrize("name", ["flexdit", "dydit", "dydit-masked"])
+def test_fullgraph_compile_of_a_batch_at_two_densities_equals_eager(name):
+    """A batch at t = (900, 100): FlexDiT's two sparse grids and DyDiT's two width plans (pruned:
+    one pass each; masked: one pass) are decided by the forward pre-hook, so the forward traces as
+    one graph under ``fullgraph=True`` and equals eager, and DyDiT records the same stats."""
+    if name == "flexdit":
+        model = convert_to_flexdit(_dit(), FLEX)
+        assert FLEX.sparse_grid_at(0.1) != FLEX.sparse_grid_at(0.9)
+    else:
+        model = convert_to_dydit(_dit(2), DyDiTConfig(dynamic_tokens=False))
+        _randomise_dydit(model)
+        model.set_execution("masked" if name.endswith("masked") else "pruned")
+    inputs = {**_dit_inputs(0.0), "timestep": torch.tensor([900.0, 100.0])}
+    with torch.no_grad():
+        eager = model(**inputs)[0]
+        compiled = torch.compile(model, fullgraph=True, backend="eager")(**inputs)[0]
+    torch.testing.assert_close(compiled, eager)
+    if name != "flexdit":  # one stats entry per pass, each call
+        passes = 1 if name.endswith("masked") else 2
+        assert len(model.stats.steps) == 2 * passes
+        assert model.stats.steps[passes:] == model.stats.steps[:passes]
+
+
+@pytest.mark.slow  # two inductor compiles: ~70 s of CPU
+@pytest.mark.parametrize("name", ["flexdit", "dydit"])
+def test_fullgraph_inductor_compile_of_a_cold_step_and_the_next_equals_eager(name):
+    """``torch.compile(fullgraph=True)`` with inductor from the first forward after conversion
+    (reducing: FlexDiT's linear schedule, DyDiT's random routers), then the next timestep without
+    a recompile: both equal eager."""
+    if name == "flexdit":
+        model = convert_to_flexdit(_dit(), FLEX)
+    else:
+        model = convert_to_dydit(_dit(2), DyDiTConfig(dynamic_tokens=False))
+        _randomise_dydit(model)
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    with torch.no_grad():
+        for t in (900.0, 890.0):
+            with torch._dynamo.config.patch(error_on_recompile=t != 900.0):
+                out = compiled(**_dit_inputs(t))[0]
+            torch.testing.assert_close(out, model(**_dit_inputs(t))[0], rtol=1e-4, atol=1e-5)
+
+
 def test_clip_parallel_compiles_without_graph_breaks_one_graph_per_phase():
     """World size 1 (no communication): 0 breaks; the timestep, the phase of the bias and the
     counters are handled by the pre-forward hook, so a compiled run recompiles once, when the

@@ -203,6 +203,21 @@ def test_mixed_timesteps_and_timestep_errors():
             model(inputs["hidden_states"], torch.tensor([2000.0, 2000.0]), inputs["class_labels"])
 
 
+def test_widths_are_decided_by_a_pre_hook_once_per_call_and_stats_recorded_by_a_hook():
+    """Widths and sliced weights are planned in a forward pre-hook and the stats recorded in a
+    forward hook (both outside a compiled forward), one decision per call: ``model.forward(...)``
+    bypasses them and is refused, also right after a call, and records nothing."""
+    model = convert_to_dydit(_dense("dit"))
+    _randomise(model)
+    inputs = _inputs("dit")
+    with torch.no_grad():
+        model(**inputs)
+        assert len(model.stats.steps) == 1
+        with pytest.raises(RuntimeError, match="call the model, not .forward"):
+            model.forward(**inputs)
+    assert len(model.stats.steps) == 1
+
+
 def test_save_pretrained_round_trip(tmp_path):
     model = convert_to_dydit(_dense("dit"), DyDiTConfig(target_flops_ratio=0.7, lora_rank=2))
     _randomise(model)

@@ -292,6 +292,20 @@ def test_sparse_grid_larger_than_the_input_grid_raises_at_run_time():
         flex(x, t, y)
 
 
+def test_the_density_is_decided_by_a_pre_hook_once_per_call():
+    """The sparse grids are decided in a forward pre-hook (outside a compiled forward) and used by
+    that call only: ``model.forward(...)`` bypasses the hook and is refused, also right after a
+    call; a model built by ``from_pretrained`` runs through its own hook too (save/load test)."""
+    flex = convert_to_flexdit(_dit(), SMALL)
+    x, t, y = _dit_inputs()
+    with torch.no_grad():
+        flex(x, t, y)
+        with pytest.raises(RuntimeError, match="call the model, not .forward"):
+            flex.forward(x, t, y)
+    with pytest.raises(ValueError, match="timestep"):
+        flex(x, None, y)
+
+
 # -- persistence and pipelines ------------------------------------------------------------------
 def test_save_load_round_trip_with_safetensors(tmp_path):
     cfg = FlexDiTConfig(**{**_fields(SMALL), "schedule": StepSchedule((0.5,), (0.25, 1.0))})

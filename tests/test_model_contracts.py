@@ -8,8 +8,8 @@ own tests of the same contracts on patched models: every technique (token densit
 DyDiT, clip parallelism at world size 1) on every model family it supports (tiny random models of
 the real classes), at full budget and while reducing.
 
-A cell that fails on today's code is ``xfail(strict=True)`` with its precise cause, so it flips
-to a failure (and must lose its mark) the day it is fixed. The compile cells trace with dynamo
+Every cell passes (the cells that failed when issue #32 was filed were strict xfails until they
+were fixed). The compile cells trace with dynamo
 (``fullgraph=True``) and run the graph with the ``eager`` backend, on a warm step (one eager
 forward first), and are marked ``slow`` except one per technique.
 """
@@ -201,29 +201,9 @@ def _id(cell: tuple[str, str, str]) -> str:
     return "-".join(cell)
 
 
-def _cells(
-    xfails: dict[tuple[str, str, str], str],
-    slow: Callable[[tuple[str, str, str]], bool] = lambda c: False,
-    raises: type[BaseException] | None = None,
-):
-    """Every cell, with ``xfail(strict=True, reason, raises)`` where ``xfails`` names it (a ``*``
-    matches any family or budget) and ``slow`` where asked."""
-
-    def reason(cell: tuple[str, str, str]) -> str | None:
-        for key, why in xfails.items():
-            if all(k in ("*", c) for k, c in zip(key, cell)):
-                return why
-        return None
-
-    params = []
-    for cell in CELLS:
-        marks = []
-        if (why := reason(cell)) is not None:
-            marks.append(pytest.mark.xfail(strict=True, reason=why, raises=raises))
-        if slow(cell):
-            marks.append(pytest.mark.slow)
-        params.append(pytest.param(*cell, id=_id(cell), marks=marks))
-    return params
+def _cells(slow: Callable[[tuple[str, str, str]], bool] = lambda c: False):
+    """Every cell, marked ``slow`` where asked."""
+    return [pytest.param(*cell, id=_id(cell), marks=[pytest.mark.slow] if slow(cell) else []) for cell in CELLS]
 
 
 def _build(tech: str, fam: str, budget: str) -> tuple[Family, torch.nn.Module, Any]:
@@ -249,7 +229,7 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("tech, fam, budget", _cells({}))
+@pytest.mark.parametrize("tech, fam, budget", _cells())
 def test_per_sample_timesteps_take_the_noisiest_samples_decision(tech: str, fam: str, budget: str) -> None:
     """A batch at (high, low) timesteps runs; its noisy sample equals the same sample in a batch
     at (high, high): one decision per forward, the noisiest sample's (runtime.timesteps)."""
@@ -321,7 +301,7 @@ def _grads(tech: str, fam: str, budget: str, checkpointing: bool) -> dict[str, t
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("tech, fam, budget", _cells({}))
+@pytest.mark.parametrize("tech, fam, budget", _cells())
 def test_gradient_checkpointing_gives_the_same_gradients(tech: str, fam: str, budget: str) -> None:
     """``enable_gradient_checkpointing()`` + backward: the recompute takes the forward's decisions,
     so the gradients equal those without checkpointing."""
@@ -374,23 +354,16 @@ def test_training_step_with_gradient_checkpointing_gives_the_same_gradients(tech
 # -- C. torch.compile(fullgraph=True) of a warm step -----------------------------------------------
 
 
-_DISABLED_DECISION = (
-    "the host-side decision of each forward ({}) is a torch.compiler.disable'd call inside the compiled "
-    "forward: dynamo cannot inline it under fullgraph=True (move it to a pre-forward hook)"
-)
-_FULLGRAPH_FAILS = {
-    ("flexdit", "*", "*"): _DISABLED_DECISION.format("FlexDiTTransformer2DModel._sparse_grids"),
-    ("dydit", "*", "*"): _DISABLED_DECISION.format("DyDiTTransformer2DModel._prepare"),
-}
 #: the compile cells that trace a whole model (seconds each): one per technique in the default run
-_FAST_COMPILE = {("svg2", "wan", "reducing"), ("clip_parallel", "wan", "reducing"), ("token_density", "wan", "reducing")}
+_FAST_COMPILE = {("svg2", "wan", "reducing"), ("clip_parallel", "wan", "reducing"), ("token_density", "wan", "reducing"),
+                 ("flexdit", "dit", "reducing"), ("dydit", "dit", "reducing")}  # fmt: skip
 
 
 def _slow_compile(cell: tuple[str, str, str]) -> bool:
-    return cell[0] in ("svg2", "clip_parallel", "token_density") and cell not in _FAST_COMPILE
+    return cell not in _FAST_COMPILE
 
 
-@pytest.mark.parametrize("tech, fam, budget", _cells(_FULLGRAPH_FAILS, _slow_compile, torch._dynamo.exc.Unsupported))
+@pytest.mark.parametrize("tech, fam, budget", _cells(_slow_compile))
 def test_fullgraph_compile_of_a_warm_step_equals_eager(tech: str, fam: str, budget: str) -> None:
     """One eager forward (the warm-up: plans, caches, k-means centroids), then the next step under
     ``torch.compile(fullgraph=True)`` (dynamo, ``eager`` backend) equals a second eager one; a
@@ -414,6 +387,8 @@ def test_fullgraph_compile_of_a_warm_step_equals_eager(tech: str, fam: str, budg
 _COLD = [
     pytest.param("svg2", "wan", id="svg2-wan"),
     pytest.param("clip_parallel", "wan", id="clip_parallel-wan"),
+    pytest.param("flexdit", "dit", id="flexdit-dit"),
+    pytest.param("dydit", "dit", id="dydit-dit"),
     pytest.param("token_density", "wan", id="token_density-wan"),
 ]
 
@@ -478,10 +453,7 @@ def _stateless(tech: str) -> bool:
     return tech != "svg2"  # SVG2 warm-starts k-means from the previous forward
 
 
-_FUSE_FAILS: dict[tuple[str, str, str], str] = {}
-
-
-@pytest.mark.parametrize("tech, fam, budget", _cells(_FUSE_FAILS))
+@pytest.mark.parametrize("tech, fam, budget", _cells())
 def test_fuse_and_unfuse_qkv_projections_keep_the_output(tech: str, fam: str, budget: str) -> None:
     """``fuse_qkv_projections()`` after the technique, ``unfuse_qkv_projections()`` again, and the
     technique applied to a fused model: each forward equals the technique on the unfused model."""
@@ -540,7 +512,7 @@ def test_layer_stage_equals_itself_across_fused_projections() -> None:
 # -- save / load -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tech, fam, budget", _cells({}))
+@pytest.mark.parametrize("tech, fam, budget", _cells())
 def test_save_pretrained_round_trips(tech: str, fam: str, budget: str, tmp_path) -> None:
     """``save_pretrained`` of a patched model writes the unpatched model's tensors (a converted
     model: its own), and ``from_pretrained`` of the folder gives the same output."""
