@@ -120,21 +120,25 @@ def compiled_flex():
 
 class TileSide:
     """One side (queries or keys) of the tiled layout: tokens sorted by cluster into ``length``
-    slots, grouped ``block`` at a time into tiles. All on the device, static shapes.
+    slots per row, grouped ``block`` at a time into tiles. All on the device, static shapes.
 
-    ``positions`` (N, S): slot of each token; ``tokens`` (N, length): token of each slot (an empty
-    slot holds a copy of token 0: it is masked (keys) or computed and dropped (queries)).
-    ``lo`` / ``hi`` (N, tiles): the range of clusters a tile's tokens belong to (C for a tail
-    tile). ``clean`` (N, tiles): the tile holds no empty slot that the mask drops. ``valid`` (N,
-    length) bool: the slot holds a token. ``mask_labels`` (N, length): the label the token-level
-    mask reads per slot (C, never selected, for empty slots that the mask drops).
+    The permutation is kept as flat row indices over the ``N`` rows: ``rows_in`` (N length,): the
+    token row (``n S + t``) each slot reads (an empty slot reads its row's token 0: it is masked
+    (keys) or computed and dropped (queries)), ``rows_out`` (N S,): the slot row (``n length + j``) of each
+    token; `scatter` / `gather` are one row ``index_select`` each. ``positions`` (N, S) / ``tokens``
+    (N, length) are the same maps per row. ``lo`` / ``hi`` (N, tiles): the range of clusters a
+    tile's tokens belong to (C for a tail tile). ``clean`` (N, tiles): the tile holds no empty slot
+    that the mask drops. ``fill_end`` (N, tiles): the slot where the tile's cluster's tokens end
+    (its padding starts; -1 for a tail tile). ``valid`` (N, length) and ``mask_labels`` (N, length,
+    the label the token-level mask reads per slot, C for dropped empty slots) are built on request
+    in the padded layout, whose kernel mask needs only ``fill_end``.
 
     * ``padded=False``: clusters contiguous in label order, no gaps; ``length = ceil(S / block)
       * block``, the tail slots empty.
     * ``padded=True``: each cluster padded to whole tiles (one cluster per tile, ``lo == hi``),
       ``length`` the fixed bound ``ceil((S + C (block - 1)) / block) * block``. ``pad_mask`` says
       whether the padding slots are masked (keys) or computed and dropped (queries, label = their
-      cluster). The kernel's mask needs only ``valid`` here; ``mask_labels`` is built on request.
+      cluster).
     """
 
     def __init__(
@@ -144,39 +148,53 @@ class TileSide:
         s = labels.shape[1]
         dev = labels.device
         self.block, self.padded, self.pad_mask, self.num_clusters = block, padded, pad_mask, c
-        order = labels.argsort(dim=-1, stable=True)  # sorted index -> token: clusters contiguous
-        sorted_labels = labels.gather(1, order)
-        if not padded:
-            self.length = -(-s // block) * block
-            slots = torch.arange(s, device=dev).expand(n, -1)
+        self.length = -(-(s + c * (block - 1)) // block) * block if padded else -(-s // block) * block
+        row = torch.arange(n, device=dev).unsqueeze(1)
+        # one flat stable sort: rows stay apart (labels offset by row C), clusters contiguous in each
+        sorted_flat, order = (labels + row * c).view(-1).sort(stable=True)
+        slot_counts = -(-counts // block) * block if padded else counts
+        slot_end = slot_counts.cumsum(-1)
+        first_slot = slot_end - slot_counts  # (N, C): slot of each cluster's first token in its row
+        shift = first_slot + row * self.length - (counts.cumsum(-1) - counts + row * s)  # flat slot - sorted index
+        slots = torch.arange(n * s, device=dev) + shift.view(-1).index_select(0, sorted_flat)
+        empty = (row * s).expand(n, self.length).contiguous().view(-1)  # an empty slot reads its row's token 0
+        self.rows_in = empty.scatter_(0, slots, order)
+        self.rows_out = torch.empty_like(order).scatter_(0, order, slots)
+        starts = torch.arange(0, self.length, block, device=dev).expand(n, -1).contiguous()
+        filled_end = F.pad(first_slot + counts, (0, 1), value=-1)  # the tail cluster C: no token
+        if padded:
+            self.lo = self.hi = torch.searchsorted(slot_end, starts, right=True)  # C: tail tile
+            self.fill_end = filled_end.gather(1, self.lo)
+            self.clean = starts + block <= self.fill_end if pad_mask else self.lo < c
+            self._mask_labels = None
+        else:
+            sorted_labels = sorted_flat.view(n, s) - row * c
             self._mask_labels = F.pad(sorted_labels, (0, self.length - s), value=c)
             self.lo, self.hi = self._mask_labels[:, ::block], self._mask_labels[:, block - 1 :: block]
+            self.fill_end = filled_end.gather(1, self.hi)
             self.clean = self.hi < c
-        else:
-            self.length = -(-(s + c * (block - 1)) // block) * block
-            padded_counts = -(-counts // block) * block
-            padded_end = padded_counts.cumsum(-1)
-            first_slot = padded_end - padded_counts  # (N, C): slot of a cluster's first token
-            shift = first_slot - (counts.cumsum(-1) - counts)  # slot minus sorted index, per cluster
-            slots = torch.arange(s, device=dev) + shift.gather(1, sorted_labels)
-            starts = torch.arange(0, self.length, block, device=dev).expand(n, -1).contiguous()
-            self.lo = self.hi = torch.searchsorted(padded_end, starts, right=True)  # C: tail tile
-            if pad_mask:  # a tile is clean when it ends before its cluster's padding
-                filled_end = F.pad(first_slot + counts, (0, 1), value=-1)  # the tail cluster C: never clean
-                self.clean = starts + block <= filled_end.gather(1, self.lo)
-            else:
-                self.clean = self.lo < c
-            self._mask_labels = None
-        self.positions = torch.empty_like(order).scatter_(1, order, slots)  # token -> slot
-        self.tokens = torch.zeros(n, self.length, dtype=order.dtype, device=dev).scatter_(1, slots, order)
         self._valid = None
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """(N, S): slot of each token in its row."""
+        n = self.fill_end.shape[0]
+        return self.rows_out.view(n, -1) - torch.arange(n, device=self.rows_out.device).unsqueeze(1) * self.length
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """(N, length): token read by each slot of its row (0 for an empty slot)."""
+        n = self.fill_end.shape[0]
+        s = self.rows_out.numel() // n
+        return self.rows_in.view(n, -1) - torch.arange(n, device=self.rows_in.device).unsqueeze(1) * s
 
     @property
     def valid(self) -> torch.Tensor:
         """(N, length) bool: the slot holds a token (built on first use, then kept)."""
         if self._valid is None:
-            self._valid = torch.zeros(self.tokens.shape, dtype=torch.bool, device=self.tokens.device).scatter_(
-                1, self.positions, torch.ones_like(self.positions, dtype=torch.bool)
+            flat = torch.zeros(self.rows_in.shape, dtype=torch.bool, device=self.rows_in.device)
+            self._valid = flat.scatter_(0, self.rows_out, torch.ones_like(self.rows_out, dtype=torch.bool)).view(
+                self.fill_end.shape[0], -1
             )
         return self._valid
 
@@ -191,14 +209,12 @@ class TileSide:
     def scatter(self, x: torch.Tensor) -> torch.Tensor:
         """Permute (N, S, D) tokens into their (N, length, D) slots (one row gather)."""
         n, s, d = x.shape
-        rows = (self.tokens + torch.arange(n, device=x.device).unsqueeze(1) * s).view(-1)
-        return x.reshape(n * s, d).index_select(0, rows).view(n, self.length, d)
+        return x.reshape(n * s, d).index_select(0, self.rows_in).view(n, self.length, d)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """Inverse of `scatter`: (N, length, D) -> (N, S, D) in the original token order."""
         n, length, d = x.shape
-        rows = (self.positions + torch.arange(n, device=x.device).unsqueeze(1) * length).view(-1)
-        return x.reshape(n * length, d).index_select(0, rows).view(n, -1, d)
+        return x.reshape(n * length, d).index_select(0, self.rows_out).view(n, -1, d)
 
 
 def tile_selection(selected: torch.Tensor, qs: TileSide, ks: TileSide) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,10 +308,10 @@ def flex_block_sparse(
     sel = selected.reshape(n, cq, ck)
     partial, full = tile_selection(sel, qs, ks)
     if padded:  # a computed tile is one selected cluster pair: the mask only drops key padding
-        kvalid = ks.valid.view(b, h, -1)
+        fill_end = ks.fill_end.view(b, h, -1)
 
         def mask_mod(b, h, q_idx, kv_idx):
-            return kvalid[b, h, kv_idx]
+            return kv_idx < fill_end[b, h, kv_idx // kv_block]
 
     else:
         table = F.pad(sel, (0, 1, 0, 1)).view(b, h, cq + 1, ck + 1)  # label C: never selected
