@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mmaccel.benchmarks.harness import MIN_REPEATS, RESULTS_DIR, append_results, compare
 from mmaccel.benchmarks import static_masks
+from mmaccel.benchmarks.harness import MIN_REPEATS, RESULTS_DIR, append_results, compare
 from mmaccel.benchmarks.static_masks import (
     VideoGrid,
     profile_svg1_heads,

@@ -124,22 +124,21 @@ class TileSide:
 
     The permutation is kept as flat row indices over the ``N`` rows: ``rows_in`` (N length,): the
     token row (``n S + t``) each slot reads (an empty slot reads its row's token 0: it is masked
-    (keys) or computed and dropped (queries)), ``rows_out`` (N S,): the slot row (``n length + j``) of each
-    token; `scatter` / `gather` are one row ``index_select`` each. ``positions`` (N, S) / ``tokens``
-    (N, length) are the same maps per row. ``lo`` / ``hi`` (N, tiles): the range of clusters a
-    tile's tokens belong to (C for a tail tile). ``clean`` (N, tiles): the tile holds no empty slot
-    that the mask drops. ``fill_end`` (N, tiles): the slot where the tile's cluster's tokens end
-    (its padding starts; -1 for a tail tile). ``valid`` (N, length): the slot holds a token (the
-    padded kernel's mask) and ``mask_labels`` (N, length: the label the token-level mask reads per
-    slot, C for dropped empty slots; the unpadded kernel's mask) are built on request in the
-    padded layout.
+    (keys) or computed and dropped (queries)), ``rows_out`` (N S,): the slot row (``n length +
+    j``) of each token; `scatter` / `gather` are one row ``index_select`` each. ``positions`` (N,
+    S) / ``tokens`` (N, length) are the same maps per row. ``lo`` / ``hi`` (N, tiles): the range
+    of clusters a tile's tokens belong to (C for a tail tile). ``clean`` (N, tiles): the tile holds
+    no empty slot that the mask drops. ``valid`` (N, length): the slot holds a token (the padded
+    kernel's mask). ``mask_labels`` (N, length): the label the token-level mask reads per slot, C
+    for dropped empty slots (the unpadded kernel's mask; built on request in the padded layout).
 
     * ``padded=False``: clusters contiguous in label order, no gaps; ``length = ceil(S / block)
       * block``, the tail slots empty.
     * ``padded=True``: each cluster padded to whole tiles (one cluster per tile, ``lo == hi``),
       ``length`` the fixed bound ``ceil((S + C (block - 1)) / block) * block``. ``pad_mask`` says
       whether the padding slots are masked (keys) or computed and dropped (queries, label = their
-      cluster).
+      cluster). ``fill_end`` (N, tiles): the slot where the tile's cluster's tokens end and its
+      padding starts (-1 for a tail tile).
     """
 
     def __init__(
@@ -148,7 +147,8 @@ class TileSide:
         n, c = counts.shape
         s = labels.shape[1]
         dev = labels.device
-        self.block, self.padded, self.pad_mask, self.num_clusters, self.num_tokens = block, padded, pad_mask, c, s
+        self.block, self.padded, self.pad_mask = block, padded, pad_mask
+        self.num_rows, self.num_clusters, self.num_tokens = n, c, s
         self.length = -(-(s + c * (block - 1)) // block) * block if padded else -(-s // block) * block
         row = torch.arange(n, device=dev).unsqueeze(1)
         sorted_labels, order = labels.sort(dim=-1, stable=True)  # per row (a flat 1-D sort is ~300x slower on CPU)
@@ -161,45 +161,45 @@ class TileSide:
         empty = (row * s).expand(n, self.length).contiguous().view(-1)  # an empty slot reads its row's token 0
         self.rows_in = empty.scatter_(0, slots, order)
         self.rows_out = torch.empty_like(order).scatter_(0, order, slots)
-        starts = torch.arange(0, self.length, block, device=dev)
-        filled_end = F.pad(first_slot + counts, (0, 1), value=-1)  # the tail cluster C: no token
         if padded:  # a tile's cluster = the clusters ending at or before its start (C: tail tile), as a
             # cumulative count (torch.searchsorted costs ~1000x more on these small CPU tensors)
             tiles = self.length // block
             ends = torch.zeros(n, tiles + 1, dtype=counts.dtype, device=dev)
             ends.scatter_add_(1, slot_end // block, torch.ones_like(slot_end))
             self.lo = self.hi = ends.cumsum(-1)[:, :tiles]
+            filled_end = F.pad(first_slot + counts, (0, 1), value=-1)  # the tail cluster C: no token
             self.fill_end = filled_end.gather(1, self.lo)
+            starts = torch.arange(0, self.length, block, device=dev)
             self.clean = starts + block <= self.fill_end if pad_mask else self.lo < c
             self._mask_labels = None
         else:
             self._mask_labels = F.pad(sorted_labels, (0, self.length - s), value=c)
             self.lo, self.hi = self._mask_labels[:, ::block], self._mask_labels[:, block - 1 :: block]
-            self.fill_end = filled_end.gather(1, self.hi)
             self.clean = self.hi < c
         self._valid = None
 
     @property
     def positions(self) -> torch.Tensor:
         """(N, S): slot of each token in its row."""
-        n = self.fill_end.shape[0]
+        n = self.num_rows
         return self.rows_out.view(n, -1) - torch.arange(n, device=self.rows_out.device).unsqueeze(1) * self.length
 
     @property
     def tokens(self) -> torch.Tensor:
         """(N, length): token read by each slot of its row (0 for an empty slot)."""
-        n = self.fill_end.shape[0]
-        s = self.rows_out.numel() // n
-        return self.rows_in.view(n, -1) - torch.arange(n, device=self.rows_in.device).unsqueeze(1) * s
+        n = self.num_rows
+        return self.rows_in.view(n, -1) - torch.arange(n, device=self.rows_in.device).unsqueeze(1) * self.num_tokens
 
     @property
     def valid(self) -> torch.Tensor:
         """(N, length) bool: the slot holds a token (one comparison; built on first use, then kept)."""
         if self._valid is None:
-            n, tiles = self.fill_end.shape
-            slot = torch.arange(self.length, device=self.fill_end.device).view(tiles, self.block)
-            ends = self.fill_end.unsqueeze(-1) if self.padded else self.num_tokens  # padded: one cluster per tile
-            self._valid = (slot < ends).expand(n, -1, -1).reshape(n, self.length)
+            slot = torch.arange(self.length, device=self.rows_in.device)
+            if self.padded:  # one cluster per tile: its tokens first, then its padding
+                valid = slot.view(-1, self.block) < self.fill_end.unsqueeze(-1)
+            else:
+                valid = (slot < self.num_tokens).expand(self.num_rows, -1)
+            self._valid = valid.reshape(self.num_rows, self.length)
         return self._valid
 
     @property
