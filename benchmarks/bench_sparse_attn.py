@@ -346,13 +346,15 @@ def _attention_case(
     return rows_out, verdict
 
 
-def bench_attention(cases: list[tuple[tuple[int, int, int], int]], config: SVG2Config, repeats: int) -> tuple[str, list, list]:
+def bench_attention(
+    cases: list[tuple[tuple[int, int, int], int]], config: SVG2Config, repeats: int, max_padding: float = 0.25
+) -> tuple[str, list, list]:
     """For each video grid and head count: SDPA (baseline), SVG2 (a warm-started step, cluster
     counts sized to its tiles by `tile_cluster_counts`) and the peers at SVG2's measured density,
     timed with `harness.compare`; relative L2 vs SDPA."""
     rows_out, verdicts = [], []
     for (frames, rows, cols), heads in tqdm(cases, desc="attention sizes"):
-        cq, ck = tile_cluster_counts(frames * rows * cols, config.q_block_size, config.kv_block_size)
+        cq, ck = tile_cluster_counts(frames * rows * cols, config.q_block_size, config.kv_block_size, max_padding)
         case_config = replace(config, num_q_clusters=cq, num_k_clusters=ck)
         case_rows, verdict = _attention_case(frames, rows, cols, heads, case_config, repeats)
         rows_out += case_rows
@@ -565,9 +567,11 @@ def attention_and_e2e_tables(
     e2e_config: SVG2Config,
 ) -> list[tuple[str, str, str]]:
     """Parts 1 and 2: (title, table, notes) for the attention-alone and random-weight e2e runs."""
-    attn_table, _, _ = bench_attention(cases, config, repeats)
+    attn_table, _, _ = bench_attention(cases, config, repeats, args.max_padding)
     load = os.getloadavg()
     title = "SVG2 vs static masks at equal density: attention alone" + ("" if repeats else ", accuracy only")
+    if args.max_padding != 0.25:
+        title += f", clusters for max_padding {args.max_padding:g}"
     print(f"### {title}\n\nload average (1, 5, 15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n")
     print(attn_table, "\n")
     attn_notes = (
@@ -577,7 +581,8 @@ def attention_and_e2e_tables(
         "length scales 1.5 frames / 3 rows / 3 cols: +~4 logit at distance 0, Gaussian decay). Head dim 128; "
         f"heads per size {[h for _, h in cases]} (Wan 1.3B has 12: cut to fit the shared 2-core CPU). "
         f"SVG2: {config.layout} layout, {config.q_block_size} x {config.kv_block_size} tiles, cluster counts "
-        "from `tile_cluster_counts` (16K: 64/130, 32K: 129/260); the share of its step spent outside the "
+        f"from `tile_cluster_counts(max_padding={args.max_padding:g})` (counts in the setting column); the share "
+        "of its step spent outside the "
         "flex kernel is timed by wrapping the kernel call (3 extra steps, median). "
         "SVG2 = a warm-started step (k-means from the previous step's centroids; the previous step = the same "
         "inputs + 0.3 noise). Every peer at SVG2's measured density (fraction of query-key pairs; SVG2's "
@@ -622,6 +627,8 @@ def main() -> None:
     parser.add_argument("--skip-attention", action="store_true", help="skip parts 1 and 2 (attention, end to end)")
     parser.add_argument("--skip-tiles", action="store_true", help="skip the tile fraction at the presets")
     parser.add_argument("--layouts-only", action="store_true", help="only SVG2's layouts and tiles at S=16K")
+    parser.add_argument("--max-padding", type=float, default=0.25,
+                        help="SVG2's cluster counts in the attention part: tile_cluster_counts(max_padding=...)")
     parser.add_argument("--breakdown", action="store_true",
                         help="only where a warm SVG2 step's time goes, per stage, at the attention sizes")
     parser.add_argument("--accuracy-only", action="store_true",
