@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from mmaccel.benchmarks import static_masks
 from mmaccel.benchmarks.harness import MIN_REPEATS, RESULTS_DIR, append_results, compare
 from mmaccel.benchmarks.static_masks import (
     VideoGrid,
@@ -61,6 +62,7 @@ from mmaccel.sparse_attn import (
     tile_cluster_counts,
 )
 from mmaccel.sparse_attn import backends as sparse_backends
+from mmaccel.sparse_attn import svg2 as svg2_module
 from mmaccel.sparse_attn.backends import TileSide, tile_selection
 from mmaccel.sparse_attn.kmeans import kmeans, random_init
 
@@ -146,8 +148,9 @@ STA_TILE = (2, 8, 8)  # 128 tokens: one flex block
 
 
 class KernelClock:
-    """Wraps the compiled flex kernel that SVG2's flex backend calls and adds up its seconds
-    (a CPU kernel runs synchronously), to split an SVG2 step into kernel and everything else."""
+    """Wraps the compiled flex kernel that SVG2's flex backend and the peers' `run_block_mask` call
+    and adds up its seconds (a CPU kernel runs synchronously), to split a step into kernel and
+    everything else."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
@@ -162,16 +165,17 @@ class KernelClock:
             self.seconds += time.perf_counter() - t0
             return out
 
-        sparse_backends.compiled_flex = lambda: timed
+        sparse_backends.compiled_flex = static_masks.compiled_flex = lambda: timed
         return self
 
     def __exit__(self, *exc) -> None:
-        sparse_backends.compiled_flex = self._original
+        sparse_backends.compiled_flex = static_masks.compiled_flex = self._original
 
 
-def kernel_share(step: Callable[[], object], rounds: int = 3) -> tuple[float, float]:
-    """Median over ``rounds`` of (step seconds, share of them spent outside the flex kernel)."""
-    totals, outside = [], []
+def kernel_share(step: Callable[[], object], rounds: int = 3) -> tuple[float, float, float]:
+    """Medians over ``rounds`` of (step seconds, share of them spent outside the flex kernel,
+    kernel seconds)."""
+    totals, outside, kernel = [], [], []
     for _ in range(rounds):
         with KernelClock() as clock:
             t0 = time.perf_counter()
@@ -179,7 +183,83 @@ def kernel_share(step: Callable[[], object], rounds: int = 3) -> tuple[float, fl
             total = time.perf_counter() - t0
         totals.append(total)
         outside.append(1 - clock.seconds / total)
-    return statistics.median(totals), statistics.median(outside)
+        kernel.append(clock.seconds)
+    return statistics.median(totals), statistics.median(outside), statistics.median(kernel)
+
+
+class StageClock:
+    """Host seconds per stage of SVG2 steps, by wrapping the functions a step calls (a CPU step
+    runs synchronously): k-means, top-p selection, tile layout (`TileSide`), tile selection,
+    BlockMask indices, the permutations in and out, the flex kernel, the density; the rest of
+    the step is the remainder."""
+
+    STAGES = (("k-means (q and k, warm)", svg2_module, "kmeans"), ("top-p selection", svg2_module, "select_clusters"),
+              ("tile layout (both sides)", sparse_backends, "TileSide"),
+              ("tile selection", sparse_backends, "tile_selection"),
+              ("BlockMask indices", sparse_backends, "_to_kv_blocks"),
+              ("permute q/k/v in", sparse_backends.TileSide, "scatter"),
+              ("permute output back", sparse_backends.TileSide, "gather"),
+              ("flex kernel", None, None), ("density", svg2_module, "_mask_density"))  # fmt: skip
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {name: 0.0 for name, _, _ in self.STAGES}
+        self._saved: list[tuple[object, str, object]] = []
+
+    def _timed(self, name: str, fn: Callable) -> Callable:
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.seconds[name] += time.perf_counter() - t0
+            return out
+
+        return call
+
+    def __enter__(self) -> StageClock:
+        kernel = sparse_backends.compiled_flex()
+        self._saved.append((sparse_backends, "compiled_flex", sparse_backends.compiled_flex))
+        timed_kernel = self._timed("flex kernel", kernel)
+        sparse_backends.compiled_flex = lambda: timed_kernel
+        for name, owner, attr in self.STAGES:
+            if owner is not None:
+                self._saved.append((owner, attr, owner.__dict__[attr]))
+                setattr(owner, attr, self._timed(name, owner.__dict__[attr]))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, attr, original in reversed(self._saved):
+            setattr(owner, attr, original)
+
+
+def bench_breakdown(cases: list[tuple[tuple[int, int, int], int]], config: SVG2Config, rounds: int) -> tuple[str, list]:
+    """Where a warm SVG2 step's time goes (`StageClock`), on the attention benchmark's inputs and
+    tile-sized clusters, median (min-max) of ``rounds`` steps per size."""
+    columns, headers = {}, ["stage"]
+    for (frames, rows, cols), heads in cases:
+        s = frames * rows * cols
+        cq, ck = tile_cluster_counts(s, config.q_block_size, config.kv_block_size)
+        case_config = replace(config, num_q_clusters=cq, num_k_clusters=ck)
+        q, k, v = local_qkv(frames, rows, cols, heads, 128, num_objects=64)
+        gen = torch.Generator().manual_seed(7)
+        q_prev, k_prev = (t + 0.3 * torch.randn(t.shape, generator=gen) for t in (q, k))
+        state = SparseAttentionState()
+        semantic_sparse_attention(q_prev, k_prev, v, case_config, state)  # cold k-means + compile
+        semantic_sparse_attention(q, k, v, case_config, state)
+        per: dict[str, list[float]] = {}
+        for _ in range(rounds):
+            with StageClock() as clock:
+                t0 = time.perf_counter()
+                semantic_sparse_attention(q, k, v, case_config, state)
+                total = time.perf_counter() - t0
+            stages = {**clock.seconds, "rest of the step": total - sum(clock.seconds.values()), "total": total}
+            for name, sec in stages.items():
+                per.setdefault(name, []).append(sec)
+        total = statistics.median(per["total"])
+        columns[s] = {name: f"{statistics.median(v) * 1e3:.1f} ({min(v) * 1e3:.1f}-{max(v) * 1e3:.1f}), "
+                      f"{statistics.median(v) / total:.0%}" for name, v in per.items()}  # fmt: skip
+        headers.append(f"S={s}, {heads} head(s), {cq}/{ck} clusters: ms, median (min-max) of {rounds}, share")
+    names = next(iter(columns.values()))
+    rows_out = [[name, *(col[name] for col in columns.values())] for name in names]
+    return markdown_table(headers, rows_out), rows_out
 
 
 def _attention_case(
@@ -225,7 +305,6 @@ def _attention_case(
     outs["SVG2"] = svg2_out
     timed = repeats > 0  # repeats=0: accuracy only (one call of each method, no timing)
     result = compare(fns, repeats=repeats, warmup=1) if timed else {}
-    outside = kernel_share(svg2)[1] if timed else None
     dens = {"SDPA (dense)": 1.0, "SVG2": density, "positional blocks (top-p)": p_density,
             f"sliding tile {STA_TILE}": sta.density, "radial": radial.density,
             "SVG1 spatial/temporal": svg1_static.density}  # fmt: skip
@@ -248,24 +327,34 @@ def _attention_case(
     accuracy = [s, heads, best, f"{errors['SVG2']:.3f} vs {errors[best]:.3f}",
                 f"{'ahead' if err_ratio > 1 else 'behind'} by {max(err_ratio, 1 / err_ratio):.2f}x"]  # fmt: skip
     if not timed:
-        return rows_out, [*accuracy, "-", "-", "-", f"{cold_s:.1f}"]
-    peer_t, svg2_t = result[best].times_s, result["SVG2"].times_s  # round i of each: the same interleaved round
-    ratios = [p / t for p, t in zip(peer_t, svg2_t)]
-    speed, low, high = statistics.median(ratios), min(ratios), max(ratios)
-    overlaps = min(peer_t) <= max(svg2_t) and min(svg2_t) <= max(peer_t)
-    verdict = [*accuracy, f"{speed:.2f}x ({low:.2f}-{high:.2f})" + (" ~noise" if overlaps else ""),
-               f"{'ahead' if speed > 1 else 'behind'} by {max(speed, 1 / speed):.2f}x", f"{outside:.0%}",
-               f"{cold_s:.1f}"]  # fmt: skip
+        return rows_out, [*accuracy, "-", "-", "-", "-", "-", "-", f"{cold_s:.1f}"]
+    fastest = min(peers, key=lambda n: statistics.median(result[n].times_s))
+
+    def versus(peer: str) -> tuple[str, str]:  # per-round peer / SVG2 ratio: round i of each is the same round
+        peer_t, svg2_t = result[peer].times_s, result["SVG2"].times_s
+        ratios = [p / t for p, t in zip(peer_t, svg2_t)]
+        speed, low, high = statistics.median(ratios), min(ratios), max(ratios)
+        overlaps = min(peer_t) <= max(svg2_t) and min(svg2_t) <= max(peer_t)
+        return (f"{speed:.2f}x ({low:.2f}-{high:.2f})" + (" ~noise" if overlaps else ""),
+                f"{'ahead' if speed > 1 else 'behind'} by {max(speed, 1 / speed):.2f}x")  # fmt: skip
+
+    _, outside, svg2_kernel = kernel_share(svg2)
+    peer_kernel = kernel_share(fns[fastest])[2]
+    kernels = (f"{svg2_kernel:.2f} / {peer_kernel:.2f} s (computed {info.block_density:.3f} / "
+               f"{dens[fastest]:.3f})")  # fmt: skip
+    verdict = [*accuracy, *versus(best), fastest, *versus(fastest), kernels, f"{outside:.0%}", f"{cold_s:.1f}"]
     return rows_out, verdict
 
 
-def bench_attention(cases: list[tuple[tuple[int, int, int], int]], config: SVG2Config, repeats: int) -> tuple[str, list, list]:
+def bench_attention(
+    cases: list[tuple[tuple[int, int, int], int]], config: SVG2Config, repeats: int, max_padding: float = 0.25
+) -> tuple[str, list, list]:
     """For each video grid and head count: SDPA (baseline), SVG2 (a warm-started step, cluster
     counts sized to its tiles by `tile_cluster_counts`) and the peers at SVG2's measured density,
     timed with `harness.compare`; relative L2 vs SDPA."""
     rows_out, verdicts = [], []
     for (frames, rows, cols), heads in tqdm(cases, desc="attention sizes"):
-        cq, ck = tile_cluster_counts(frames * rows * cols, config.q_block_size, config.kv_block_size)
+        cq, ck = tile_cluster_counts(frames * rows * cols, config.q_block_size, config.kv_block_size, max_padding)
         case_config = replace(config, num_q_clusters=cq, num_k_clusters=ck)
         case_rows, verdict = _attention_case(frames, rows, cols, heads, case_config, repeats)
         rows_out += case_rows
@@ -273,7 +362,9 @@ def bench_attention(cases: list[tuple[tuple[int, int, int], int]], config: SVG2C
     headers = ["S", "grid", "heads", "method", "density", "setting", "rel L2 vs SDPA", f"time, median (min-max) of {repeats}",
                "speed vs SDPA, median (min-max)"]  # fmt: skip
     vheaders = ["S", "heads", "best peer (lowest rel L2)", "rel L2: SVG2 vs peer", "SVG2 accuracy",
-                "SVG2 speed vs peer, median (min-max)", "SVG2 speed", "SVG2 time outside the kernel",
+                "SVG2 speed vs that peer, median (min-max)", "SVG2 speed", "fastest peer",
+                "SVG2 speed vs fastest peer, median (min-max)", "SVG2 speed vs fastest",
+                "kernel s: SVG2 / fastest peer (computed tiles / density)", "SVG2 time outside the kernel",
                 "SVG2 cold start + compile s"]  # fmt: skip
     return markdown_table(headers, rows_out) + "\n\n" + markdown_table(vheaders, verdicts), rows_out, verdicts
 
@@ -476,9 +567,11 @@ def attention_and_e2e_tables(
     e2e_config: SVG2Config,
 ) -> list[tuple[str, str, str]]:
     """Parts 1 and 2: (title, table, notes) for the attention-alone and random-weight e2e runs."""
-    attn_table, _, _ = bench_attention(cases, config, repeats)
+    attn_table, _, _ = bench_attention(cases, config, repeats, args.max_padding)
     load = os.getloadavg()
     title = "SVG2 vs static masks at equal density: attention alone" + ("" if repeats else ", accuracy only")
+    if args.max_padding != 0.25:
+        title += f", clusters for max_padding {args.max_padding:g}"
     print(f"### {title}\n\nload average (1, 5, 15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n")
     print(attn_table, "\n")
     attn_notes = (
@@ -488,7 +581,8 @@ def attention_and_e2e_tables(
         "length scales 1.5 frames / 3 rows / 3 cols: +~4 logit at distance 0, Gaussian decay). Head dim 128; "
         f"heads per size {[h for _, h in cases]} (Wan 1.3B has 12: cut to fit the shared 2-core CPU). "
         f"SVG2: {config.layout} layout, {config.q_block_size} x {config.kv_block_size} tiles, cluster counts "
-        "from `tile_cluster_counts` (16K: 64/130, 32K: 129/260); the share of its step spent outside the "
+        f"from `tile_cluster_counts(max_padding={args.max_padding:g})` (counts in the setting column); the share "
+        "of its step spent outside the "
         "flex kernel is timed by wrapping the kernel call (3 extra steps, median). "
         "SVG2 = a warm-started step (k-means from the previous step's centroids; the previous step = the same "
         "inputs + 0.3 noise). Every peer at SVG2's measured density (fraction of query-key pairs; SVG2's "
@@ -533,6 +627,10 @@ def main() -> None:
     parser.add_argument("--skip-attention", action="store_true", help="skip parts 1 and 2 (attention, end to end)")
     parser.add_argument("--skip-tiles", action="store_true", help="skip the tile fraction at the presets")
     parser.add_argument("--layouts-only", action="store_true", help="only SVG2's layouts and tiles at S=16K")
+    parser.add_argument("--max-padding", type=float, default=0.25,
+                        help="SVG2's cluster counts in the attention part: tile_cluster_counts(max_padding=...)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="only where a warm SVG2 step's time goes, per stage, at the attention sizes")
     parser.add_argument("--accuracy-only", action="store_true",
                         help="attention part without timing (one call per method): error on more heads")
     parser.add_argument("--tile-kmeans-iters", type=int, default=10, help="cold k-means rounds for the tile table")
@@ -551,6 +649,18 @@ def main() -> None:
         e2e_config = replace(config, num_q_clusters=16, num_k_clusters=32)  # tile_cluster_counts(4096, 128, 64)
     print(f"Machine: {machine_description()}\nconfig: {config}\n")
     tables = []
+    if args.breakdown:
+        breakdown_table, _ = bench_breakdown(cases, config, repeats)
+        load = os.getloadavg()
+        print("### Where a warm SVG2 step's time goes\n\n" + breakdown_table)
+        breakdown_notes = (
+            f"`bench_sparse_attn --breakdown`: the attention benchmark's `local_qkv` inputs, a warm step (k-means "
+            f"from the previous step's centroids), {config.layout} {config.q_block_size} x {config.kv_block_size} "
+            f"tiles, tile-sized clusters; host seconds per stage by wrapping the functions the step calls "
+            f"(`StageClock`), {repeats} steps per size; load average at the end {load[0]:.2f} (1 min)."
+        )
+        tables.append(("Where a warm SVG2 step's time goes", breakdown_table, breakdown_notes))
+        args.skip_zoo = args.skip_tiles = args.skip_attention = True
     if args.layouts_only:
         grid, heads = ((4, 16, 32), 2) if args.quick else ((16, 32, 32), args.heads_16k)
         clusters = tile_cluster_counts(math.prod(grid), 128, 64)

@@ -120,18 +120,25 @@ def compiled_flex():
 
 class TileSide:
     """One side (queries or keys) of the tiled layout: tokens sorted by cluster into ``length``
-    slots, grouped ``block`` at a time into tiles. All on the device, static shapes.
+    slots per row, grouped ``block`` at a time into tiles. All on the device, static shapes.
 
-    ``positions`` (N, S): slot of each token. ``lo`` / ``hi`` (N, tiles): the range of clusters a
-    tile's tokens belong to (C for a tail tile). ``mask_labels`` (N, length): the label the
-    token-level mask reads per slot (C, never selected, for empty slots). ``clean`` (N, tiles):
-    the tile holds no empty slot whose mask label is C.
+    The permutation is kept as flat row indices over the ``N`` rows: ``rows_in`` (N length,): the
+    token row (``n S + t``) each slot reads (an empty slot reads its row's token 0: it is masked
+    (keys) or computed and dropped (queries)), ``rows_out`` (N S,): the slot row (``n length +
+    j``) of each token; `scatter` / `gather` are one row ``index_select`` each. ``positions`` (N,
+    S) / ``tokens`` (N, length) are the same maps per row. ``lo`` / ``hi`` (N, tiles): the range
+    of clusters a tile's tokens belong to (C for a tail tile). ``clean`` (N, tiles): the tile holds
+    no empty slot that the mask drops. ``valid`` (N, length): the slot holds a token (the padded
+    kernel's mask). ``mask_labels`` (N, length): the label the token-level mask reads per slot, C
+    for dropped empty slots (the unpadded kernel's mask; built on request in the padded layout).
 
     * ``padded=False``: clusters contiguous in label order, no gaps; ``length = ceil(S / block)
       * block``, the tail slots empty.
-    * ``padded=True``: each cluster padded to whole tiles (one cluster per tile), ``length`` the
-      fixed bound ``ceil((S + C (block - 1)) / block) * block``. ``pad_mask`` says whether the
-      padding slots are masked (keys) or computed and dropped (queries, label = their cluster).
+    * ``padded=True``: each cluster padded to whole tiles (one cluster per tile, ``lo == hi``),
+      ``length`` the fixed bound ``ceil((S + C (block - 1)) / block) * block``. ``pad_mask`` says
+      whether the padding slots are masked (keys) or computed and dropped (queries, label = their
+      cluster). ``fill_end`` (N, tiles): the slot where the tile's cluster's tokens end and its
+      padding starts (-1 for a tail tile).
     """
 
     def __init__(
@@ -140,38 +147,78 @@ class TileSide:
         n, c = counts.shape
         s = labels.shape[1]
         dev = labels.device
-        order = labels.argsort(dim=-1, stable=True)  # the permutation making clusters contiguous
-        sorted_labels = labels.gather(1, order)
-        if not padded:
-            self.length = -(-s // block) * block
-            slots = torch.arange(s, device=dev).expand(n, -1)
-            self.mask_labels = F.pad(sorted_labels, (0, self.length - s), value=c)
-            self.lo, self.hi = self.mask_labels[:, ::block], self.mask_labels[:, block - 1 :: block]
-            self.clean = self.hi < c
+        self.block, self.padded, self.pad_mask = block, padded, pad_mask
+        self.num_rows, self.num_clusters, self.num_tokens = n, c, s
+        self.length = -(-(s + c * (block - 1)) // block) * block if padded else -(-s // block) * block
+        row = torch.arange(n, device=dev).unsqueeze(1)
+        sorted_labels, order = labels.sort(dim=-1, stable=True)  # per row (a flat 1-D sort is ~300x slower on CPU)
+        order = (order + row * s).view(-1)  # flat token rows in slot order
+        slot_counts = -(-counts // block) * block if padded else counts
+        slot_end = slot_counts.cumsum(-1)
+        first_slot = slot_end - slot_counts  # (N, C): slot of each cluster's first token in its row
+        shift = first_slot + row * self.length - (counts.cumsum(-1) - counts)  # flat slot - sorted index in the row
+        slots = (torch.arange(s, device=dev) + shift.gather(1, sorted_labels)).view(-1)
+        empty = (row * s).expand(n, self.length).contiguous().view(-1)  # an empty slot reads its row's token 0
+        self.rows_in = empty.scatter_(0, slots, order)
+        self.rows_out = torch.empty_like(order).scatter_(0, order, slots)
+        if padded:  # a tile's cluster = the clusters ending at or before its start (C: tail tile), as a
+            # cumulative count (torch.searchsorted costs ~1000x more on these small CPU tensors)
+            tiles = self.length // block
+            ends = torch.zeros(n, tiles + 1, dtype=counts.dtype, device=dev)
+            ends.scatter_add_(1, slot_end // block, torch.ones_like(slot_end))
+            self.lo = self.hi = ends.cumsum(-1)[:, :tiles]
+            filled_end = F.pad(first_slot + counts, (0, 1), value=-1)  # the tail cluster C: no token
+            self.fill_end = filled_end.gather(1, self.lo)
+            starts = torch.arange(0, self.length, block, device=dev)
+            self.clean = starts + block <= self.fill_end if pad_mask else self.lo < c
+            self._mask_labels = None
         else:
-            self.length = -(-(s + c * (block - 1)) // block) * block
-            padded_counts = -(-counts // block) * block
-            rank = torch.arange(s, device=dev) - (counts.cumsum(-1) - counts).gather(1, sorted_labels)
-            slots = (padded_counts.cumsum(-1) - padded_counts).gather(1, sorted_labels) + rank
-            starts = torch.arange(0, self.length, block, device=dev).expand(n, -1).contiguous()
-            tile_cluster = torch.searchsorted(padded_counts.cumsum(-1), starts, right=True)  # C: tail
-            self.lo = self.hi = tile_cluster
-            valid = torch.zeros(n, self.length, dtype=torch.bool, device=dev)
-            valid.scatter_(1, slots, True)
-            slot_cluster = tile_cluster.unsqueeze(-1).expand(-1, -1, block).reshape(n, self.length)
-            self.mask_labels = slot_cluster.masked_fill(~valid, c) if pad_mask else slot_cluster
-            self.clean = (self.mask_labels < c).view(n, -1, block).all(-1)
-        self.positions = torch.empty_like(order).scatter_(1, order, slots)  # token -> slot
-        self.block = block
+            self._mask_labels = F.pad(sorted_labels, (0, self.length - s), value=c)
+            self.lo, self.hi = self._mask_labels[:, ::block], self._mask_labels[:, block - 1 :: block]
+            self.clean = self.hi < c
+        self._valid = None
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """(N, S): slot of each token in its row."""
+        n = self.num_rows
+        return self.rows_out.view(n, -1) - torch.arange(n, device=self.rows_out.device).unsqueeze(1) * self.length
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """(N, length): token read by each slot of its row (0 for an empty slot)."""
+        n = self.num_rows
+        return self.rows_in.view(n, -1) - torch.arange(n, device=self.rows_in.device).unsqueeze(1) * self.num_tokens
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """(N, length) bool: the slot holds a token (one comparison; built on first use, then kept)."""
+        if self._valid is None:
+            slot = torch.arange(self.length, device=self.rows_in.device)
+            if self.padded:  # one cluster per tile: its tokens first, then its padding
+                valid = slot.view(-1, self.block) < self.fill_end.unsqueeze(-1)
+            else:
+                valid = (slot < self.num_tokens).expand(self.num_rows, -1)
+            self._valid = valid.reshape(self.num_rows, self.length)
+        return self._valid
+
+    @property
+    def mask_labels(self) -> torch.Tensor:
+        """(N, length) label per slot that the token-level mask reads (C for dropped empty slots)."""
+        if self._mask_labels is None:
+            slot_cluster = self.lo.repeat_interleave(self.block, dim=1)
+            return slot_cluster.masked_fill(~self.valid, self.num_clusters) if self.pad_mask else slot_cluster
+        return self._mask_labels
 
     def scatter(self, x: torch.Tensor) -> torch.Tensor:
-        """Permute (N, S, D) tokens into their (N, length, D) slots; empty slots are zero."""
-        out = x.new_zeros(x.shape[0], self.length, x.shape[-1])
-        return out.scatter_(1, self.positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
+        """Permute (N, S, D) tokens into their (N, length, D) slots (one row gather)."""
+        n, s, d = x.shape
+        return x.reshape(n * s, d).index_select(0, self.rows_in).view(n, self.length, d)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """Inverse of `scatter`: (N, length, D) -> (N, S, D) in the original token order."""
-        return torch.gather(x, 1, self.positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        n, length, d = x.shape
+        return x.reshape(n * length, d).index_select(0, self.rows_out).view(n, -1, d)
 
 
 def tile_selection(selected: torch.Tensor, qs: TileSide, ks: TileSide) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,8 +227,15 @@ def tile_selection(selected: torch.Tensor, qs: TileSide, ks: TileSide) -> tuple[
     A tile is computed when any (query cluster, key cluster) pair of its cluster ranges is
     selected, and *full* (no token mask) when every pair is and neither side holds an empty
     slot. The pair counts come from a 2-D prefix sum over ``selected``: O(1) per tile, no loop.
+    When both sides are padded every tile holds one cluster: a single lookup of its pair.
     """
     n, cq, ck = selected.shape
+    if qs.padded and ks.padded:
+        table = F.pad(selected, (0, 1, 0, 1)).view(n, -1)  # the tail cluster C: never selected
+        pair = qs.lo.unsqueeze(-1) * (ck + 1) + ks.lo.unsqueeze(-2)
+        computed = table.gather(1, pair.view(n, -1)).view(pair.shape)
+        full = computed & qs.clean.unsqueeze(-1) & ks.clean.unsqueeze(-2)
+        return computed & ~full, full
     prefix = torch.zeros(n, cq + 2, ck + 2, dtype=torch.int32, device=selected.device)
     prefix[:, 1:-1, 1:-1] = selected.to(torch.int32).cumsum(1).cumsum(2)
     prefix[:, -1, 1:-1] = prefix[:, -2, 1:-1]  # the tail cluster C: a row / column never selected
@@ -257,16 +311,18 @@ def flex_block_sparse(
     ks = TileSide(layout.k_labels.reshape(n, sk), layout.k_counts.reshape(n, ck), kv_block, padded)
     sel = selected.reshape(n, cq, ck)
     partial, full = tile_selection(sel, qs, ks)
-    table = F.pad(sel, (0, 1, 0, 1)).view(b, h, cq + 1, ck + 1)  # label C: never selected
-    qml, kml = qs.mask_labels.view(b, h, -1), ks.mask_labels.view(b, h, -1)
+    if padded:  # a computed tile is one selected cluster pair: the mask only drops key padding
+        kvalid = ks.valid.view(b, h, -1)  # a per-slot lookup: ~10% less kernel time than kv_idx < fill_end[tile]
 
-    def label_mask(b, h, q_idx, kv_idx):
-        return table[b, h, qml[b, h, q_idx], kml[b, h, kv_idx]]
+        def mask_mod(b, h, q_idx, kv_idx):
+            return kvalid[b, h, kv_idx]
 
-    def padding_mask(b, h, q_idx, kv_idx):  # padded: a computed tile is one selected cluster pair
-        return kml[b, h, kv_idx] < ck
+    else:
+        table = F.pad(sel, (0, 1, 0, 1)).view(b, h, cq + 1, ck + 1)  # label C: never selected
+        qml, kml = qs.mask_labels.view(b, h, -1), ks.mask_labels.view(b, h, -1)
 
-    mask_mod = padding_mask if padded else label_mask
+        def mask_mod(b, h, q_idx, kv_idx):
+            return table[b, h, qml[b, h, q_idx], kml[b, h, kv_idx]]
 
     shape = (b, h, *partial.shape[1:])
     num, idx = _to_kv_blocks(partial.view(shape))

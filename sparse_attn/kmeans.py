@@ -56,8 +56,8 @@ def _update(
     x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n, c, d = centroids.shape
-    sums = torch.zeros(n, c, d, dtype=x.dtype, device=x.device)
-    sums.scatter_add_(1, labels.unsqueeze(-1).expand(-1, -1, d), x)
+    rows = (labels + torch.arange(n, device=x.device).unsqueeze(1) * c).view(-1)  # one flat row per cluster
+    sums = torch.zeros(n * c, d, dtype=x.dtype, device=x.device).index_add_(0, rows, x.reshape(-1, d)).view(n, c, d)
     counts = torch.zeros(n, c, dtype=torch.long, device=x.device)
     counts.scatter_add_(1, labels, torch.ones_like(labels))
     means = sums / counts.clamp_min(1).unsqueeze(-1).to(x.dtype)

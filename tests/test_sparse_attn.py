@@ -242,9 +242,12 @@ def test_tile_side_is_an_exact_permutation(padded):
     assert torch.equal(side.gather(slots), x)  # inverse is exact
     assert side.length % 8 == 0 and (side.length == 56) != padded
     filled = torch.zeros(3, side.length, dtype=torch.bool).scatter_(1, side.positions, True)
-    assert torch.equal(slots[~filled], torch.zeros_like(slots[~filled]))  # empty slots hold zeros
+    assert torch.equal(side.valid, filled)
+    assert torch.equal(side.tokens.gather(1, side.positions), torch.arange(50).expand(3, -1))  # slot -> token
+    assert torch.equal(slots[~filled], x[:, :1].expand(-1, side.length, -1)[~filled])  # empty: token 0's row
     assert torch.equal(side.mask_labels.gather(1, side.positions), labels)  # the mask reads each token's label
     assert (side.mask_labels[~filled] == 6).all()  # empty slots: the tail label, never selected
+    assert torch.equal(side.clean, (side.mask_labels < 6).view(3, -1, 8).all(-1))  # no dropped slot in the tile
     tile = side.positions // 8
     for n in range(3):  # clusters in label order; a tile's range holds all its tokens' labels
         assert (side.lo[n][tile[n]] <= labels[n]).all() and (labels[n] <= side.hi[n][tile[n]]).all()
