@@ -1,0 +1,47 @@
+"""The two budgets at which issue #32's model contracts are checked, for the training-free techniques.
+
+**Full budget** computes what dense computes (token density keeps every token; SVG2 keeps every
+cluster pair). **Reducing** drops work on a noisy step: token density keeps a linear 0.25..1 over
+progress (2x2 pooling at t = 900, dense at t = 100), SVG2 keeps the top 50 % of attention mass.
+`tests/test_model_contracts.py` and the diffusers-suite plugin
+(:mod:`mmaccel.testing.diffusers_suite`) share these settings.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mmaccel.diffusion.token_density import TokenDensityConfig, TokenDensityHandle, apply_token_density
+from mmaccel.runtime.budget import ConstantSchedule, LinearSchedule
+from mmaccel.sparse_attn.svg2 import SVG2Config, SVG2Handle, apply_svg2
+
+__all__ = ["POOLED_ONLY", "svg2_at_budget", "token_density_at_budget"]
+
+#: families whose token density runs pooled blocks only
+POOLED_ONLY = ("CogVideoXTransformer3DModel", "FluxTransformer2DModel", "HunyuanVideoTransformer3DModel")
+
+
+def _check_reducing(reducing: object) -> None:
+    if not isinstance(reducing, bool):
+        raise TypeError(f"reducing must be a bool, got {type(reducing).__name__}")
+
+
+def svg2_at_budget(model: torch.nn.Module, reducing: bool) -> SVG2Handle:
+    """SVG2 (4 query / 6 key clusters, no dense warm-up, masked backend) at full budget
+    (``top_p=1``, ``min_kc_ratio=1``) or reducing (``top_p=0.5``, ``min_kc_ratio=0``)."""
+    _check_reducing(reducing)
+    cfg = SVG2Config(num_q_clusters=4, num_k_clusters=6, dense_steps=0.0, dense_layers=0.0, backend="masked",
+                     top_p=0.5 if reducing else 1.0, min_kc_ratio=0.0 if reducing else 1.0)  # fmt: skip
+    return apply_svg2(model, cfg)
+
+
+def token_density_at_budget(model: torch.nn.Module, reducing: bool) -> TokenDensityHandle:
+    """Token density at full budget (keep 1 at every step) or reducing (keep linear 0.25..1 over
+    progress); pooled blocks only on the `POOLED_ONLY` families (Flux's timestep is in [0, 1])."""
+    _check_reducing(reducing)
+    schedule = LinearSchedule(0.25, 1.0) if reducing else ConstantSchedule(1.0)
+    if type(model).__name__ in POOLED_ONLY:
+        scale = 1 if type(model).__name__ == "FluxTransformer2DModel" else 1000
+        cfg = TokenDensityConfig(schedule=schedule, sparse_blocks=None, num_train_timesteps=scale)
+        return apply_token_density(model, cfg)
+    return apply_token_density(model, TokenDensityConfig(schedule=schedule))
