@@ -7,12 +7,16 @@ Every instance of a transformer class the technique supports that is built by th
 (``Model(**init)``, ``from_config``) or loaded by ``Model.from_pretrained`` gets the technique at
 the budget of :mod:`mmaccel.testing.budgets`; its handle is the instance attribute `HANDLE_ATTR`.
 Each test's report carries the user properties ``mmaccel_setting``, ``mmaccel_models`` (models
-patched in the test), ``mmaccel_forwards`` (forwards, or SVG2 attention calls, recorded) and
+patched since the previous test's teardown: a class-scoped fixture's model counts for the test
+that set it up), ``mmaccel_forwards`` (forwards, or SVG2 attention calls, recorded) and
 ``mmaccel_reduced`` (of those, the ones that ran below full density), which ``--junitxml`` writes.
 
 ``python -m mmaccel.testing.diffusers_suite DIR`` reads ``DIR/<setting>.xml`` (one junit file per
 setting, ``none`` among them) and prints the summary table and every test that passes unpatched
 but not patched, with its first error line (`scripts/diffusers_model_tests.sh` runs the matrix).
+
+``--mmaccel-compile-on-cpu`` runs diffusers' compile tests (``TorchCompileTesterMixin``, which
+diffusers skips without an accelerator) on CPU.
 """
 
 from __future__ import annotations
@@ -179,6 +183,33 @@ class ModelPatcher:
 _PATCHER_KEY = pytest.StashKey[ModelPatcher]()
 
 
+#: the reason of diffusers' ``require_accelerator`` skip (``tests/testing_utils.py``)
+_ACCELERATOR_SKIP = "test requires a hardware accelerator"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--mmaccel-compile-on-cpu",
+        action="store_true",
+        help="run diffusers' TorchCompileTesterMixin tests on CPU: drop their 'requires a hardware accelerator' skip",
+    )
+
+
+def _is_accelerator_skip(mark: pytest.Mark) -> bool:
+    return mark.name == "skipif" and mark.kwargs.get("reason") == _ACCELERATOR_SKIP
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--mmaccel-compile-on-cpu"):
+        return
+    for item in items:
+        cls = getattr(item, "cls", None)
+        if cls is None or "TorchCompileTesterMixin" not in {c.__name__ for c in cls.__mro__}:
+            continue
+        for node in item.listchain():  # the skip is a class mark of the mixin
+            node.own_markers[:] = [m for m in node.own_markers if not _is_accelerator_skip(m)]
+
+
 def pytest_configure(config: pytest.Config) -> None:
     value = os.environ.get(ENV)
     if value is None:
@@ -198,10 +229,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     patcher = config.stash.get(_PATCHER_KEY, None)
     if patcher is not None:
         patcher.uninstall()
-
-
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    item.config.stash[_PATCHER_KEY].drain()  # handles of another test's fixtures are not this test's
 
 
 def pytest_runtest_teardown(item: pytest.Item) -> None:
