@@ -3,15 +3,20 @@
 **Full budget** computes what dense computes (token density keeps every token; SVG2 keeps every
 cluster pair). **Reducing** drops work on a noisy step: token density keeps a linear 0.25..1 over
 progress (2x2 pooling at t = 900, dense at t = 100), SVG2 keeps the top 50 % of attention mass.
+Token density's ``"auto"`` block layout needs 3 blocks; a shallower model (diffusers' own test
+models have 1 or 2) pools block 0 and runs block 1 sparse (pooled only on `POOLED_ONLY`).
 `tests/test_model_contracts.py` and the diffusers-suite plugin
 (:mod:`mmaccel.testing.diffusers_suite`) share these settings.
 """
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from mmaccel.diffusion.token_density import TokenDensityConfig, TokenDensityHandle, apply_token_density
+from mmaccel.runtime.adapters import family_of
 from mmaccel.runtime.budget import ConstantSchedule, LinearSchedule
 from mmaccel.sparse_attn.svg2 import SVG2Config, SVG2Handle, apply_svg2
 
@@ -35,13 +40,26 @@ def svg2_at_budget(model: torch.nn.Module, reducing: bool) -> SVG2Handle:
     return apply_svg2(model, cfg)
 
 
+def _shallow_layout(model: torch.nn.Module, pooled_only: bool) -> dict[str, tuple[int, int] | None]:
+    """Explicit block ranges where the ``"auto"`` layout needs more blocks than ``model`` has."""
+    family = family_of(model)
+    if family is None:  # apply_token_density says which classes it supports
+        return {}
+    depth = len(importlib.import_module(f"mmaccel.runtime.adapters.{family}").blocks(model))
+    if depth >= 3:
+        return {}
+    return {"pooled_blocks": (0, 1), "sparse_blocks": None if pooled_only or depth < 2 else (1, 2)}
+
+
 def token_density_at_budget(model: torch.nn.Module, reducing: bool) -> TokenDensityHandle:
     """Token density at full budget (keep 1 at every step) or reducing (keep linear 0.25..1 over
     progress); pooled blocks only on the `POOLED_ONLY` families (Flux's timestep is in [0, 1])."""
     _check_reducing(reducing)
     schedule = LinearSchedule(0.25, 1.0) if reducing else ConstantSchedule(1.0)
-    if type(model).__name__ in POOLED_ONLY:
-        scale = 1 if type(model).__name__ == "FluxTransformer2DModel" else 1000
-        cfg = TokenDensityConfig(schedule=schedule, sparse_blocks=None, num_train_timesteps=scale)
-        return apply_token_density(model, cfg)
-    return apply_token_density(model, TokenDensityConfig(schedule=schedule))
+    name = type(model).__name__
+    pooled_only = name in POOLED_ONLY
+    cfg: dict[str, object] = {"sparse_blocks": None} if pooled_only else {}
+    if pooled_only:
+        cfg["num_train_timesteps"] = 1 if name == "FluxTransformer2DModel" else 1000
+    cfg.update(_shallow_layout(model, pooled_only))
+    return apply_token_density(model, TokenDensityConfig(schedule=schedule, **cfg))
