@@ -12,6 +12,7 @@ from diffusers import DiTTransformer2DModel, ModelMixin, Transformer2DModel, Wan
 from mmaccel.diffusion.token_density import TokenDensityHandle
 from mmaccel.sparse_attn.svg2 import SVG2Handle
 from mmaccel.testing import TINY_WAN_TRANSFORMER
+from mmaccel.testing.budgets import token_density_at_budget
 from mmaccel.testing.diffusers_suite import ENV, HANDLE_ATTR, ModelPatcher, SuiteSetting, summarize
 
 torch.set_num_threads(1)
@@ -119,3 +120,13 @@ def test_summary_lists_the_tests_that_pass_unpatched_only(tmp_path: Path) -> Non
     (tmp_path / "none.xml").unlink()
     with pytest.raises(ValueError, match="none.xml"):
         summarize(tmp_path)
+
+
+@pytest.mark.parametrize(("layers", "blocks"), [(1, [(4, 4)]), (2, [(4, 4), (4, 16)]), (3, [(4, 4), (4, 16), (16, 16)])])
+def test_token_density_layout_of_models_shallower_than_auto_allows(layers: int, blocks: list) -> None:
+    """diffusers' DiT test model has one block: block 0 pooled, block 1 sparse, 3+ blocks "auto"."""
+    model = DiTTransformer2DModel(**{**DIT, "num_layers": layers}).eval()
+    handle = token_density_at_budget(model, True)
+    with torch.no_grad():
+        _dit_forward(model, 900.0)  # keep 0.325: 2x2 pooling of the 4x4 token grid
+    assert handle.stats.steps[0].block_tokens == blocks
