@@ -3,7 +3,7 @@
 `scripts/diffusers_model_tests.sh` runs diffusers' transformer tests with a technique applied to
 every model they create (`mmaccel.testing.diffusers_suite`). The contracts below hold for the
 unpatched model and fail patched; each is a strict xfail until it is fixed (the cause is in its
-reason; `docs/compat.md`, "diffusers' own model tests", lists them). Tiny Wan, the budgets of
+reason; `docs/compat.md`, "diffusers' own model tests", lists them). Tiny Wan (Flux: one test), the budgets of
 `mmaccel.testing.budgets`; compile with dynamo's ``eager`` backend (diffusers' tests use inductor:
 the guards, and so the recompiles, are the same).
 """
@@ -16,7 +16,7 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from mmaccel.testing import TINY_WAN_TRANSFORMER
+from mmaccel.testing import TINY_WAN_TRANSFORMER, tiny_flux_inputs, tiny_flux_transformer
 from mmaccel.testing.budgets import svg2_at_budget, token_density_at_budget
 
 torch.set_num_threads(1)
@@ -103,3 +103,31 @@ def test_torch_export_of_the_model(tech: str | None, budget: str) -> None:
     """diffusers' ``TorchCompileTesterMixin.test_compile_works_with_aot`` (its export step)."""
     model, inputs = _wan(tech, budget)
     torch.export.export(model, args=(), kwargs=inputs)
+
+
+@pytest.mark.parametrize(
+    "budget",
+    [
+        pytest.param(
+            "full",
+            marks=pytest.mark.xfail(
+                strict=True,
+                raises=ValueError,
+                reason="token density reads Flux's token grid from img_ids (raster order) in every forward, even "
+                "when the plan is dense (keep 1): diffusers' Flux tests pass random img_ids",
+            ),
+        ),
+    ],
+)
+@torch.no_grad()
+def test_token_density_at_full_budget_takes_any_flux_img_ids(budget: str) -> None:
+    """diffusers' Flux model tests (``img_ids = randn(h * w, 3)``): full budget computes what dense does.
+    While reducing, ids that are not a raster grid give no layout to pool: a ``ValueError`` there is the rule."""
+    model = tiny_flux_transformer()
+    inputs = {
+        **tiny_flux_inputs(model),
+        "img_ids": torch.randn(8 * 12, 3, generator=torch.Generator().manual_seed(1)),
+    }
+    dense = model(**inputs)[0]
+    token_density_at_budget(model, budget == "reducing")
+    torch.testing.assert_close(model(**inputs)[0], dense)
