@@ -5,7 +5,7 @@
 #
 # Runs diffusers' transformer tests of the families mmaccel patches (Wan, CogVideoX, HunyuanVideo,
 # Flux, DiT, PixArt) once per setting of mmaccel.testing.diffusers_suite (none, svg2-full,
-# svg2-reducing, token_density-full, token_density-reducing), compile tests included
+# svg2-reducing, token_density-full, token_density-reducing, token_density-every_step), compile tests included
 # (--mmaccel-compile-on-cpu), against the INSTALLED diffusers, and writes OUT_DIR/<setting>.xml,
 # OUT_DIR/<setting>.log and OUT_DIR/summary.md (counts per setting and every test that passes
 # unpatched but not patched, with its first error line).
@@ -25,7 +25,7 @@ shift || true  # the rest: extra pytest arguments (e.g. -k "not Compile")
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
 case "$PYTHON" in /*) ;; *) PYTHON="$ROOT/$PYTHON" ;; esac
 SRC="${DIFFUSERS_TESTS:-/tmp/diffusers_src}"
-SETTINGS="${SETTINGS:-none svg2-full svg2-reducing token_density-full token_density-reducing}"
+SETTINGS="${SETTINGS:-none svg2-full svg2-reducing token_density-full token_density-reducing token_density-every_step}"
 
 if [ ! -d "$SRC/tests/models/transformers" ]; then
   if [ -z "${DIFFUSERS_REPO:-}" ]; then

@@ -92,14 +92,15 @@ def test_uninstall_restores_the_classes_and_none_patches_nothing() -> None:
 
 
 def test_settings_are_validated() -> None:
-    assert SuiteSetting.parse("svg2-reducing") == SuiteSetting("svg2", True)
+    assert SuiteSetting.parse("svg2-reducing") == SuiteSetting("svg2", "reducing")
+    assert SuiteSetting.parse("token_density-every_step").name == "token_density-every_step"
     assert SuiteSetting.parse("none").name == "none"
     with pytest.raises(ValueError, match=ENV):
         SuiteSetting.parse("svg2")
     with pytest.raises(ValueError, match="technique"):
         SuiteSetting("dydit")
-    with pytest.raises(TypeError, match="reducing"):
-        SuiteSetting("svg2", 1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="budget"):
+        SuiteSetting("svg2", "every_step")
     with pytest.raises(TypeError, match="setting"):
         ModelPatcher("svg2-full")  # type: ignore[arg-type]
 
@@ -130,3 +131,13 @@ def test_token_density_layout_of_models_shallower_than_auto_allows(layers: int, 
     with torch.no_grad():
         _dit_forward(model, 900.0)  # keep 0.325: 2x2 pooling of the 4x4 token grid
     assert handle.stats.steps[0].block_tokens == blocks
+
+
+@pytest.mark.parametrize(("patcher", "reduced"), [("token_density-reducing", 0), ("token_density-every_step", 1)],
+                         indirect=["patcher"])  # fmt: skip
+def test_every_step_reduces_at_the_low_noise_timesteps_of_diffusers_inputs(patcher, reduced: int) -> None:
+    """diffusers' Wan/CogVideoX/HunyuanVideo inputs draw t = 44: the reducing schedule is dense there."""
+    model = DiTTransformer2DModel(**DIT).eval()
+    with torch.no_grad():
+        _dit_forward(model, 44.0)
+    assert model.__dict__[HANDLE_ATTR].stats.summary()["reduced_forwards"] == reduced

@@ -20,7 +20,7 @@ from mmaccel.runtime.adapters import family_of
 from mmaccel.runtime.budget import ConstantSchedule, LinearSchedule
 from mmaccel.sparse_attn.svg2 import SVG2Config, SVG2Handle, apply_svg2
 
-__all__ = ["POOLED_ONLY", "svg2_at_budget", "token_density_at_budget"]
+__all__ = ["POOLED_ONLY", "svg2_at_budget", "token_density_at_budget", "token_density_at_every_step"]
 
 #: families whose token density runs pooled blocks only
 POOLED_ONLY = ("CogVideoXTransformer3DModel", "FluxTransformer2DModel", "HunyuanVideoTransformer3DModel")
@@ -51,15 +51,23 @@ def _shallow_layout(model: torch.nn.Module, pooled_only: bool) -> dict[str, tupl
     return {"pooled_blocks": (0, 1), "sparse_blocks": None if pooled_only or depth < 2 else (1, 2)}
 
 
-def token_density_at_budget(model: torch.nn.Module, reducing: bool) -> TokenDensityHandle:
-    """Token density at full budget (keep 1 at every step) or reducing (keep linear 0.25..1 over
-    progress); pooled blocks only on the `POOLED_ONLY` families (Flux's timestep is in [0, 1])."""
-    _check_reducing(reducing)
-    schedule = LinearSchedule(0.25, 1.0) if reducing else ConstantSchedule(1.0)
+def _token_density(model: torch.nn.Module, schedule: ConstantSchedule | LinearSchedule) -> TokenDensityHandle:
     name = type(model).__name__
     pooled_only = name in POOLED_ONLY
     cfg: dict[str, object] = {"sparse_blocks": None} if pooled_only else {}
-    if pooled_only:
+    if pooled_only:  # Flux's timestep is in [0, 1]
         cfg["num_train_timesteps"] = 1 if name == "FluxTransformer2DModel" else 1000
     cfg.update(_shallow_layout(model, pooled_only))
     return apply_token_density(model, TokenDensityConfig(schedule=schedule, **cfg))
+
+
+def token_density_at_budget(model: torch.nn.Module, reducing: bool) -> TokenDensityHandle:
+    """Token density at full budget (keep 1 at every step) or reducing (keep linear 0.25..1 over
+    progress); pooled blocks only on the `POOLED_ONLY` families."""
+    _check_reducing(reducing)
+    return _token_density(model, LinearSchedule(0.25, 1.0) if reducing else ConstantSchedule(1.0))
+
+
+def token_density_at_every_step(model: torch.nn.Module) -> TokenDensityHandle:
+    """Token density keeping 0.25 (2x2 pooling) at every timestep, low-noise ones included."""
+    return _token_density(model, ConstantSchedule(0.25))

@@ -2,7 +2,8 @@
 
 A pytest plugin: ``pytest -p mmaccel.testing.diffusers_suite tests/models/transformers/...`` in a
 checkout of diffusers' test sources, with ``MMACCEL_DIFFUSERS_SUITE`` set to one of `SETTINGS`
-(``none``, ``svg2-full``, ``svg2-reducing``, ``token_density-full``, ``token_density-reducing``).
+(``none``, ``svg2-full``, ``svg2-reducing``, ``token_density-full``, ``token_density-reducing``,
+``token_density-every_step``).
 Every instance of a transformer class the technique supports that is built by the class itself
 (``Model(**init)``, ``from_config``) or loaded by ``Model.from_pretrained`` gets the technique at
 the budget of :mod:`mmaccel.testing.budgets`; its handle is the instance attribute `HANDLE_ATTR`.
@@ -36,9 +37,9 @@ import torch
 
 from mmaccel.diffusion.token_density import TokenDensityHandle
 from mmaccel.runtime.patching import PatchHandle
-from mmaccel.testing.budgets import svg2_at_budget, token_density_at_budget
+from mmaccel.testing.budgets import svg2_at_budget, token_density_at_budget, token_density_at_every_step
 
-__all__ = ["ENV", "HANDLE_ATTR", "SETTINGS", "ModelPatcher", "SuiteSetting", "summarize"]
+__all__ = ["BUDGETS", "ENV", "HANDLE_ATTR", "SETTINGS", "ModelPatcher", "SuiteSetting", "summarize"]
 
 ENV = "MMACCEL_DIFFUSERS_SUITE"
 HANDLE_ATTR = "_mmaccel_suite_handle"
@@ -53,41 +54,50 @@ CLASSES: dict[str, tuple[str, ...]] = {
     "token_density": ("DiTTransformer2DModel", "PixArtTransformer2DModel", "WanTransformer3DModel",
                       "CogVideoXTransformer3DModel", "FluxTransformer2DModel", "HunyuanVideoTransformer3DModel"),
 }  # fmt: skip
-SETTINGS = ("none", *(f"{t}-{b}" for t in _APPLY for b in ("full", "reducing")))
+#: full and reducing: `mmaccel.testing.budgets`; token density's ``every_step`` keeps 0.25 at every
+#: timestep (its reducing schedule is dense below t ~ 390, where diffusers' Wan, CogVideoX and
+#: HunyuanVideo test inputs are); SVG2 reduces at every step already (no dense warm-up)
+BUDGETS: dict[str, tuple[str, ...]] = {
+    "svg2": ("full", "reducing"),
+    "token_density": ("full", "reducing", "every_step"),
+}
+SETTINGS = ("none", *(f"{t}-{b}" for t, budgets in BUDGETS.items() for b in budgets))
 
 
 @dataclass(frozen=True)
 class SuiteSetting:
-    """A technique (None: unpatched) and its budget."""
+    """A technique (None: unpatched) and its budget (one of `BUDGETS`)."""
 
     technique: str | None
-    reducing: bool = False
+    budget: str = "full"
 
     def __post_init__(self) -> None:
-        if self.technique is not None and self.technique not in _APPLY:
-            raise ValueError(f"technique must be one of {sorted(_APPLY)} or None, got {self.technique!r}")
-        if not isinstance(self.reducing, bool):
-            raise TypeError(f"reducing must be a bool, got {type(self.reducing).__name__}")
-        if self.technique is None and self.reducing:
-            raise ValueError("reducing needs a technique")
+        if self.technique is not None and self.technique not in BUDGETS:
+            raise ValueError(f"technique must be one of {sorted(BUDGETS)} or None, got {self.technique!r}")
+        allowed = ("full",) if self.technique is None else BUDGETS[self.technique]
+        if self.budget not in allowed:
+            raise ValueError(f"budget of {self.technique} must be one of {allowed}, got {self.budget!r}")
 
     @classmethod
     def parse(cls, value: str) -> SuiteSetting:
-        """``none`` or ``<technique>-full`` / ``<technique>-reducing``."""
+        """``none`` or ``<technique>-<budget>``."""
         if value not in SETTINGS:
             raise ValueError(f"{ENV} must be one of {', '.join(SETTINGS)}; got {value!r}")
         if value == "none":
             return cls(None)
-        technique, budget = value.rsplit("-", 1)
-        return cls(technique, budget == "reducing")
+        technique, budget = value.split("-", 1)
+        return cls(technique, budget)
 
     @property
     def name(self) -> str:
-        return (
-            "none"
-            if self.technique is None
-            else f"{self.technique}-{'reducing' if self.reducing else 'full'}"
-        )
+        return "none" if self.technique is None else f"{self.technique}-{self.budget}"
+
+    def apply(self, model: torch.nn.Module) -> PatchHandle:
+        if self.technique is None:
+            raise ValueError("setting 'none' applies nothing")
+        if self.budget == "every_step":
+            return token_density_at_every_step(model)
+        return _APPLY[self.technique](model, self.budget == "reducing")
 
 
 def _work(handle: PatchHandle) -> tuple[int, int]:
@@ -116,8 +126,7 @@ class ModelPatcher:
         self._loading = threading.local()
 
     def _apply(self, model: Any) -> None:
-        assert self.setting.technique is not None
-        handle = _APPLY[self.setting.technique](model, self.setting.reducing)
+        handle = self.setting.apply(model)
         model.__dict__[HANDLE_ATTR] = handle
         self._handles.append(handle)
 
