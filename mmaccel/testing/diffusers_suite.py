@@ -105,10 +105,7 @@ def _work(handle: PatchHandle) -> tuple[int, int]:
     summary = handle.stats.summary()
     if isinstance(handle, TokenDensityHandle):
         return summary["forwards"], summary["reduced_forwards"]
-    sparse, density = (
-        summary["sparse_calls"],
-        summary["sparse_density"],
-    )  # SVG2: mean density of its sparse calls
+    sparse, density = summary["sparse_calls"], summary["sparse_density"]  # SVG2: the mean over sparse calls
     return summary["calls"], sparse if density is not None and density < 1.0 else 0
 
 
@@ -287,7 +284,7 @@ def _broken(results: dict[str, _Result], base: dict[str, _Result]) -> list[str]:
 
 
 def _lines(runs: dict[str, dict[str, _Result]]) -> Iterator[str]:
-    yield "| setting | passed | failed | skipped | passed unpatched, not patched | tests that patched | tests that reduced |"
+    yield "| setting | passed | failed | skipped | passed unpatched, not patched | tests that patched a model | tests that ran reduced |"
     yield "|---|---|---|---|---|---|---|"
     base = runs["none"]
     for name, results in runs.items():
