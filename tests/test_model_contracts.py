@@ -25,7 +25,7 @@ import torch
 
 from mmaccel.diffusion.dydit import DyDiTConfig, convert_to_dydit
 from mmaccel.diffusion.flexdit import FlexDiTConfig, convert_to_flexdit
-from mmaccel.diffusion.token_density import TokenDensityConfig, apply_token_density
+from mmaccel.diffusion.token_density import TokenDensityConfig
 from mmaccel.parallel_video.clip_parallel import ClipParallelConfig, apply_clip_parallel
 from mmaccel.runtime.budget import ConstantSchedule, LinearSchedule
 from mmaccel.runtime.distributed import DistContext
@@ -40,6 +40,7 @@ from mmaccel.testing import (
     tiny_hunyuan_video_transformer,
     tiny_pixart_pipeline,
 )
+from mmaccel.testing.budgets import svg2_at_budget, token_density_at_budget
 
 torch.set_num_threads(1)
 
@@ -139,23 +140,11 @@ FAMILIES: dict[str, Callable[[], Family]] = {
 
 
 def _svg2(model: torch.nn.Module, reducing: bool) -> tuple[torch.nn.Module, Any]:
-    cfg = SVG2Config(num_q_clusters=4, num_k_clusters=6, dense_steps=0.0, dense_layers=0.0, backend="masked",
-                     top_p=0.5 if reducing else 1.0, min_kc_ratio=0.0 if reducing else 1.0)  # fmt: skip
-    return model, apply_svg2(model, cfg)
-
-
-#: families whose token density runs pooled blocks only
-_POOLED_ONLY = ("CogVideoXTransformer3DModel", "FluxTransformer2DModel", "HunyuanVideoTransformer3DModel")
+    return model, svg2_at_budget(model, reducing)
 
 
 def _token_density(model: torch.nn.Module, reducing: bool) -> tuple[torch.nn.Module, Any]:
-    # reducing: keep 0.325 at t=900 (2x2 pooling), dense at t=100, so a mixed batch has a choice
-    schedule = LinearSchedule(0.25, 1.0) if reducing else ConstantSchedule(1.0)
-    if type(model).__name__ in _POOLED_ONLY:  # Flux's timestep is in [0, 1]
-        scale = 1 if type(model).__name__ == "FluxTransformer2DModel" else 1000
-        cfg = TokenDensityConfig(schedule=schedule, sparse_blocks=None, num_train_timesteps=scale)
-        return model, apply_token_density(model, cfg)
-    return model, apply_token_density(model, TokenDensityConfig(schedule=schedule))
+    return model, token_density_at_budget(model, reducing)
 
 
 def _flexdit(model: torch.nn.Module, reducing: bool) -> tuple[torch.nn.Module, Any]:

@@ -1,0 +1,133 @@
+"""Patched-only failures of diffusers' own model tests (issue #32), as tests of ours.
+
+`scripts/diffusers_model_tests.sh` runs diffusers' transformer tests with a technique applied to
+every model they create (`mmaccel.testing.diffusers_suite`). The contracts below hold for the
+unpatched model and fail patched; each is a strict xfail until it is fixed (the cause is in its
+reason; `docs/compat.md`, "diffusers' own model tests", lists them). Tiny Wan (Flux: one test), the budgets of
+`mmaccel.testing.budgets`; compile with dynamo's ``eager`` backend (diffusers' tests use inductor:
+the guards, and so the recompiles, are the same).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+from mmaccel.testing import TINY_WAN_TRANSFORMER, tiny_flux_inputs, tiny_flux_transformer
+from mmaccel.testing.budgets import svg2_at_budget, token_density_at_budget
+
+torch.set_num_threads(1)
+
+_APPLY = {"svg2": svg2_at_budget, "token_density": token_density_at_budget}
+
+_COLD_WARM = pytest.mark.xfail(
+    strict=True,
+    raises=(
+        torch._dynamo.exc.RecompileError,
+        torch._dynamo.exc.FailOnRecompileLimitHit,
+        torch._dynamo.exc.Unsupported,
+    ),
+    reason="SVG2's first forward of a generation starts k-means from a drawn set of tokens (state.draw), "
+    "later ones from the stored centroids: two programs, so the second identical call recompiles",
+)
+
+
+def _wan(tech: str | None, budget: str = "full") -> tuple[torch.nn.Module, dict[str, Any]]:
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**{**TINY_WAN_TRANSFORMER, "num_layers": 2}).eval()
+    if tech is not None:
+        _APPLY[tech](model, budget == "reducing")
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(2, 16, 2, 8, 8, generator=g), timestep=torch.tensor([500, 300]),
+                  encoder_hidden_states=torch.randn(2, 8, TINY_WAN_TRANSFORMER["text_dim"], generator=g))  # fmt: skip
+    return model, inputs
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _params(xfail: dict[str, pytest.MarkDecorator]) -> list[Any]:
+    return [pytest.param(t, b, marks=[xfail[t]] if t in xfail else []) for t in (None, *_APPLY) for b in ("full", "reducing")
+            if t is not None or b == "full"]  # fmt: skip
+
+
+@pytest.mark.parametrize("tech, budget", _params({"svg2": _COLD_WARM}))
+@torch.no_grad()
+def test_fullgraph_compile_runs_the_same_call_twice_without_recompiling(
+    tech: str | None, budget: str
+) -> None:
+    """diffusers' ``TorchCompileTesterMixin.test_torch_compile_recompilation_and_graph_break``."""
+    model, inputs = _wan(tech, budget)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled(**inputs)
+        compiled(**inputs)
+
+
+_BLOCK_KINDS = pytest.mark.xfail(
+    strict=True,
+    raises=torch._dynamo.exc.FailOnRecompileLimitHit,
+    reason="by design: token density's pooled and sparse blocks of one class are two graphs (one per block kind, "
+    "test_model_contracts.py::test_regional_compile_compiles_one_graph_per_block_kind); a limit of 1 allows one",
+)
+
+
+@pytest.mark.parametrize("tech, budget", _params({"svg2": _COLD_WARM, "token_density": _BLOCK_KINDS}))
+@torch.no_grad()
+def test_repeated_blocks_compile_within_a_recompile_limit_of_one(tech: str | None, budget: str) -> None:
+    """diffusers' ``TorchCompileTesterMixin.test_torch_compile_repeated_blocks``."""
+    model, inputs = _wan(tech, budget)
+    model.compile_repeated_blocks(fullgraph=True, backend="eager")
+    with torch._dynamo.config.patch(recompile_limit=1):
+        model(**inputs)
+        model(**inputs)
+
+
+_EXPORT = pytest.mark.xfail(
+    strict=True,
+    raises=torch.fx.experimental.symbolic_shapes.GuardOnDataDependentSymNode,
+    reason="torch.export traces the technique's forward pre-hook (torch.compiler.disable does not keep it out): "
+    "read_timestep reads the timestep on the host, a data-dependent guard",
+)
+
+
+@pytest.mark.parametrize("tech, budget", _params({"svg2": _EXPORT, "token_density": _EXPORT}))
+def test_torch_export_of_the_model(tech: str | None, budget: str) -> None:
+    """diffusers' ``TorchCompileTesterMixin.test_compile_works_with_aot`` (its export step)."""
+    model, inputs = _wan(tech, budget)
+    torch.export.export(model, args=(), kwargs=inputs)
+
+
+@pytest.mark.parametrize(
+    "budget",
+    [
+        pytest.param(
+            "full",
+            marks=pytest.mark.xfail(
+                strict=True,
+                raises=ValueError,
+                reason="token density reads Flux's token grid from img_ids (raster order) in every forward, even "
+                "when the plan is dense (keep 1): diffusers' Flux tests pass random img_ids",
+            ),
+        ),
+    ],
+)
+@torch.no_grad()
+def test_token_density_at_full_budget_takes_any_flux_img_ids(budget: str) -> None:
+    """diffusers' Flux model tests (``img_ids = randn(h * w, 3)``): full budget computes what dense does.
+    While reducing, ids that are not a raster grid give no layout to pool: a ``ValueError`` there is the rule."""
+    model = tiny_flux_transformer()
+    inputs = {
+        **tiny_flux_inputs(model),
+        "img_ids": torch.randn(8 * 12, 3, generator=torch.Generator().manual_seed(1)),
+    }
+    dense = model(**inputs)[0]
+    token_density_at_budget(model, budget == "reducing")
+    torch.testing.assert_close(model(**inputs)[0], dense)
