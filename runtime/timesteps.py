@@ -60,6 +60,12 @@ def read_timestep(value: Any, num_train_timesteps: int = 1000, source: str = "cu
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
         raise ValueError(f"{source} must return a number or a tensor, got {type(value).__name__}")
     if isinstance(value, torch.Tensor):
+        if torch.compiler.is_exporting():
+            raise NotImplementedError(
+                f"torch.export of a model whose technique decides from {source}'s value is not implemented: "
+                "the decision is taken on the host each forward, and an exported program cannot hold it. "
+                "Export the unpatched model, or compile it with torch.compile instead"
+            )
         if value.numel() == 0:
             raise ValueError(f"{source} returned an empty tensor")
         flat = value.detach().flatten().float()
