@@ -4,7 +4,7 @@
 #   scripts/diffusers_model_tests.sh [OUT_DIR [PYTEST_ARGS...]]   (OUT_DIR default /tmp/diffusers_suite_out)
 #
 # Runs diffusers' transformer tests of the families mmaccel patches (Wan, CogVideoX, HunyuanVideo,
-# Flux, DiT, PixArt) once per setting of mmaccel.testing.diffusers_suite (none, svg2-full,
+# Flux, DiT, PixArt) once per setting of mmaccel.benchmarks.diffusers_suite (none, svg2-full,
 # svg2-reducing, token_density-full, token_density-reducing, token_density-every_step), compile tests included
 # (--mmaccel-compile-on-cpu), against the INSTALLED diffusers, and writes OUT_DIR/<setting>.xml,
 # OUT_DIR/<setting>.log and OUT_DIR/summary.md (counts per setting and every test that passes
@@ -56,10 +56,10 @@ for setting in $SETTINGS; do
   echo "== $setting"
   # a failing test is a result, not an error of this script
   MMACCEL_DIFFUSERS_SUITE="$setting" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
-    timeout "${RUN_TIMEOUT:-3600}" "$PYTHON" -m pytest -p mmaccel.testing.diffusers_suite -p no:cacheprovider \
+    timeout "${RUN_TIMEOUT:-3600}" "$PYTHON" -m pytest -p mmaccel.benchmarks.diffusers_suite -p no:cacheprovider \
     -q --timeout="${TEST_TIMEOUT:-300}" --mmaccel-compile-on-cpu --junitxml="$OUT/$setting.xml" \
     "$@" "${FILES[@]}" >"$OUT/$setting.log" 2>&1 || true
   tail -n 1 "$OUT/$setting.log"
 done
 
-"$PYTHON" -m mmaccel.testing.diffusers_suite "$OUT" | tee "$OUT/summary.md"
+"$PYTHON" -m mmaccel.benchmarks.diffusers_suite "$OUT" | tee "$OUT/summary.md"

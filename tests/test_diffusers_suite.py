@@ -1,4 +1,4 @@
-"""The diffusers-suite plugin (`mmaccel.testing.diffusers_suite`) applies its technique to every
+"""The diffusers-suite plugin (`mmaccel.benchmarks.diffusers_suite`) applies its technique to every
 transformer a test creates, and its summary finds the tests that pass unpatched only (issue #32)."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import pytest
 import torch
 from diffusers import DiTTransformer2DModel, ModelMixin, Transformer2DModel, WanTransformer3DModel
 
+from mmaccel.benchmarks.contract_budgets import token_density_at_budget
+from mmaccel.benchmarks.diffusers_suite import ENV, HANDLE_ATTR, ModelPatcher, SuiteSetting, summarize
 from mmaccel.diffusion.token_density import TokenDensityHandle
 from mmaccel.sparse_attn.svg2 import SVG2Handle
 from mmaccel.testing import TINY_WAN_TRANSFORMER
-from mmaccel.testing.budgets import token_density_at_budget
-from mmaccel.testing.diffusers_suite import ENV, HANDLE_ATTR, ModelPatcher, SuiteSetting, summarize
 
 torch.set_num_threads(1)
 

@@ -1,10 +1,10 @@
 """Patched-only failures of diffusers' own model tests (issue #32), as tests of ours.
 
 `scripts/diffusers_model_tests.sh` runs diffusers' transformer tests with a technique applied to
-every model they create (`mmaccel.testing.diffusers_suite`). The contracts below hold for the
+every model they create (`mmaccel.benchmarks.diffusers_suite`). The contracts below hold for the
 unpatched model and fail patched; each is a strict xfail until it is fixed (the cause is in its
 reason; `docs/compat.md`, "diffusers' own model tests", lists them). Tiny Wan (Flux: one test), the budgets of
-`mmaccel.testing.budgets`; compile with dynamo's ``eager`` backend (diffusers' tests use inductor:
+`mmaccel.benchmarks.contract_budgets`; compile with dynamo's ``eager`` backend (diffusers' tests use inductor:
 the guards, and so the recompiles, are the same).
 """
 
@@ -16,8 +16,8 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
+from mmaccel.benchmarks.contract_budgets import svg2_at_budget, token_density_at_budget
 from mmaccel.testing import TINY_WAN_TRANSFORMER, tiny_flux_inputs, tiny_flux_transformer
-from mmaccel.testing.budgets import svg2_at_budget, token_density_at_budget
 
 torch.set_num_threads(1)
 

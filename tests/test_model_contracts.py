@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import torch
 
+from mmaccel.benchmarks.contract_budgets import svg2_at_budget, token_density_at_budget
 from mmaccel.diffusion.dydit import DyDiTConfig, convert_to_dydit
 from mmaccel.diffusion.flexdit import FlexDiTConfig, convert_to_flexdit
 from mmaccel.diffusion.token_density import TokenDensityConfig
@@ -40,7 +41,6 @@ from mmaccel.testing import (
     tiny_hunyuan_video_transformer,
     tiny_pixart_pipeline,
 )
-from mmaccel.testing.budgets import svg2_at_budget, token_density_at_budget
 
 torch.set_num_threads(1)
 

@@ -1,18 +1,18 @@
 """Run diffusers' own model tests with a technique applied to every transformer they create (issue #32).
 
-A pytest plugin: ``pytest -p mmaccel.testing.diffusers_suite tests/models/transformers/...`` in a
+A pytest plugin: ``pytest -p mmaccel.benchmarks.diffusers_suite tests/models/transformers/...`` in a
 checkout of diffusers' test sources, with ``MMACCEL_DIFFUSERS_SUITE`` set to one of `SETTINGS`
 (``none``, ``svg2-full``, ``svg2-reducing``, ``token_density-full``, ``token_density-reducing``,
 ``token_density-every_step``).
 Every instance of a transformer class the technique supports that is built by the class itself
 (``Model(**init)``, ``from_config``) or loaded by ``Model.from_pretrained`` gets the technique at
-the budget of :mod:`mmaccel.testing.budgets`; its handle is the instance attribute `HANDLE_ATTR`.
+the budget of :mod:`mmaccel.benchmarks.contract_budgets`; its handle is the instance attribute `HANDLE_ATTR`.
 Each test's report carries the user properties ``mmaccel_setting``, ``mmaccel_models`` (models
 patched since the previous test's teardown: a class-scoped fixture's model counts for the test
 that set it up), ``mmaccel_forwards`` (forwards, or SVG2 attention calls, recorded) and
 ``mmaccel_reduced`` (of those, the ones that ran below full density), which ``--junitxml`` writes.
 
-``python -m mmaccel.testing.diffusers_suite DIR`` reads ``DIR/<setting>.xml`` (one junit file per
+``python -m mmaccel.benchmarks.diffusers_suite DIR`` reads ``DIR/<setting>.xml`` (one junit file per
 setting, ``none`` among them) and prints the summary table and every test that passes unpatched
 but not patched, with its first error line (`scripts/diffusers_model_tests.sh` runs the matrix).
 
@@ -35,9 +35,13 @@ from typing import Any
 import pytest
 import torch
 
+from mmaccel.benchmarks.contract_budgets import (
+    svg2_at_budget,
+    token_density_at_budget,
+    token_density_at_every_step,
+)
 from mmaccel.diffusion.token_density import TokenDensityHandle
 from mmaccel.runtime.patching import PatchHandle
-from mmaccel.testing.budgets import svg2_at_budget, token_density_at_budget, token_density_at_every_step
 
 __all__ = ["BUDGETS", "ENV", "HANDLE_ATTR", "SETTINGS", "ModelPatcher", "SuiteSetting", "summarize"]
 
@@ -54,7 +58,7 @@ CLASSES: dict[str, tuple[str, ...]] = {
     "token_density": ("DiTTransformer2DModel", "PixArtTransformer2DModel", "WanTransformer3DModel",
                       "CogVideoXTransformer3DModel", "FluxTransformer2DModel", "HunyuanVideoTransformer3DModel"),
 }  # fmt: skip
-#: full and reducing: `mmaccel.testing.budgets`; token density's ``every_step`` keeps 0.25 at every
+#: full and reducing: `mmaccel.benchmarks.contract_budgets`; token density's ``every_step`` keeps 0.25 at every
 #: timestep (its reducing schedule is dense below t ~ 390, where diffusers' Wan, CogVideoX and
 #: HunyuanVideo test inputs are); SVG2 reduces at every step already (no dense warm-up)
 BUDGETS: dict[str, tuple[str, ...]] = {
@@ -220,7 +224,7 @@ def pytest_configure(config: pytest.Config) -> None:
     value = os.environ.get(ENV)
     if value is None:
         raise pytest.UsageError(
-            f"-p mmaccel.testing.diffusers_suite needs {ENV} set to one of {', '.join(SETTINGS)}"
+            f"-p mmaccel.benchmarks.diffusers_suite needs {ENV} set to one of {', '.join(SETTINGS)}"
         )
     try:
         setting = SuiteSetting.parse(value)
@@ -319,5 +323,5 @@ def summarize(directory: str | os.PathLike[str]) -> str:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        raise SystemExit("usage: python -m mmaccel.testing.diffusers_suite DIR")
+        raise SystemExit("usage: python -m mmaccel.benchmarks.diffusers_suite DIR")
     print(summarize(sys.argv[1]))

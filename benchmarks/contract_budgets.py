@@ -6,7 +6,7 @@ progress (2x2 pooling at t = 900, dense at t = 100), SVG2 keeps the top 50 % of 
 Token density's ``"auto"`` block layout needs 3 blocks; a shallower model (diffusers' own test
 models have 1 or 2) pools block 0 and runs block 1 sparse (pooled only on `POOLED_ONLY`).
 `tests/test_model_contracts.py` and the diffusers-suite plugin
-(:mod:`mmaccel.testing.diffusers_suite`) share these settings.
+(:mod:`mmaccel.benchmarks.diffusers_suite`) share these settings.
 """
 
 from __future__ import annotations
