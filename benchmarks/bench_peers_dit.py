@@ -134,14 +134,14 @@ def _loop(scheduler, steps: int, noise: torch.Tensor, denoise: Callable) -> torc
     return latents
 
 
-def _dit(quick: bool) -> Setup:
+def _dit(quick: bool, seed: int = 1) -> Setup:
     from diffusers import DDIMScheduler, DiTTransformer2DModel
 
     heads, head_dim, size, steps = (2, 32, 16, 4) if quick else (16, 72, 32, 10)
     model = _seeded(lambda: DiTTransformer2DModel(
         num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=8, num_layers=8,
         sample_size=size, patch_size=2))  # fmt: skip
-    noise = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(seed))
     label = torch.tensor([207])
 
     @torch.no_grad()
@@ -158,7 +158,7 @@ def _dit(quick: bool) -> Setup:
                  f"tokens, 8 blocks, {steps} DDIM steps, class 207", forward_once)  # fmt: skip
 
 
-def _pixart(quick: bool) -> Setup:
+def _pixart(quick: bool, seed: int = 1) -> Setup:
     from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
 
     heads, head_dim, size, steps, text_w, text_n = (2, 32, 16, 4, 64, 16) if quick else (16, 72, 32, 10, 4096, 120)
@@ -167,7 +167,7 @@ def _pixart(quick: bool) -> Setup:
         sample_size=size, patch_size=2, cross_attention_dim=heads * head_dim, caption_channels=text_w,
         attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
         norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6))  # fmt: skip
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(1, 4, size, size, generator=gen)
     text = torch.randn(1, text_n, text_w, generator=gen)
     cond = {"resolution": None, "aspect_ratio": None}
@@ -185,7 +185,7 @@ def _pixart(quick: bool) -> Setup:
                  torch.no_grad()(lambda m: call(m, noise, torch.tensor(900))))  # fmt: skip
 
 
-def _wan(quick: bool) -> Setup:
+def _wan(quick: bool, seed: int = 1) -> Setup:
     from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
     dims = (dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=256, text_dim=64, freq_dim=64)
@@ -195,7 +195,7 @@ def _wan(quick: bool) -> Setup:
     model = _seeded(lambda: WanTransformer3DModel(
         patch_size=(1, 2, 2), in_channels=16, out_channels=16, cross_attn_norm=True, num_layers=3,
         qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024, **dims))  # fmt: skip
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(shape, generator=gen)
     text = torch.randn(1, text_n, dims["text_dim"], generator=gen)
 
@@ -211,7 +211,7 @@ def _wan(quick: bool) -> Setup:
                  f"{'x'.join(map(str, shape[1:]))} = {tokens} tokens, 3 blocks, {steps} flow-matching Euler steps")  # fmt: skip
 
 
-def _zoo(quick: bool) -> Setup:
+def _zoo(quick: bool, seed: int = 0) -> Setup:
     """The trained zoo Digits DiT through its own pipeline (DPM-Solver++, guidance 2): caches and token
     reduction on a model whose steps really are redundant. FlexDiT / DyDiT need fine-tuning first
     (bench_flexdit / the zoo's digits-dydit): not run here."""
@@ -226,7 +226,7 @@ def _zoo(quick: bool) -> Setup:
 
     def sample(m: torch.nn.Module) -> torch.Tensor:
         assert m is pipe.transformer
-        return digits_dit.generate(pipe, labels.tolist(), num_inference_steps=steps)
+        return digits_dit.generate(pipe, labels.tolist(), num_inference_steps=steps, seed=seed)
 
     def task_metric(out: torch.Tensor, ref: torch.Tensor) -> str:
         m = digits_dit.sample_metrics(out, labels, classifier=clf)
