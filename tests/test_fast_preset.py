@@ -88,14 +88,13 @@ def test_fast_preset_first_block_cache_and_given_token_density_equal_their_parts
 
 def test_fast_token_density_per_family():
     """PixArt / Wan: dense before progress `FAST_DENSE_UNTIL`, a quarter of the tokens after, every
-    block pooled but the top 4/28 of the depth (at least one); DiT: sparse_q at half the tokens
-    from progress 0.7, the auto layout."""
+    block pooled; DiT: sparse_q at half the tokens from progress 0.7, the auto layout."""
     for name, factor in (("pixart", (2, 2)), ("wan", (1, 2, 2))):
         model = BUILDERS[name]().transformer
         depth = len(model.blocks if name == "wan" else model.transformer_blocks)
         td = fast_token_density(model)
         assert td.factor == factor and td.reducer == "pool" and td.sparse_blocks is None
-        assert td.pooled_blocks == (0, depth - 1)
+        assert td.pooled_blocks == (0, depth)
         assert td.schedule(0.0) == 1.0 and td.schedule(FAST_DENSE_UNTIL / 2) == 1.0
         assert td.schedule(FAST_DENSE_UNTIL) == 0.25 and td.schedule(1.0) == 0.25
     td = fast_token_density(tiny_dit_pipeline().transformer)
