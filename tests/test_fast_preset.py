@@ -142,3 +142,22 @@ def test_fast_preset_needs_mag_ratios_and_a_config():
     with pytest.raises(TypeError, match="config"):
         apply_fast(model, TokenDensityConfig())  # type: ignore[arg-type]
     assert not HookRegistry.check_if_exists_or_initialize(model).hooks
+
+
+def test_bench_target_line_met_and_missed():
+    """``bench_peers_dit.target_line``: PixArt / Wan need >= 1.2x over ToMe + MagCache at equal or
+    better PSNR; the zoo needs to be ahead of MagCache at accuracy >= 0.97; other models: none."""
+    from mmaccel.benchmarks.bench_peers_dit import FAST_ROW, OURS, PEER, Scored, target_line
+
+    def rows(fast_speed: float, fast_psnr: float, peer: str) -> dict[str, Scored]:
+        return {FAST_ROW: Scored(FAST_ROW, OURS, fast_speed, fast_speed, fast_speed, fast_psnr),
+                peer: Scored(peer, PEER, 2.0, 1.9, 2.1, 60.0)}  # fmt: skip
+
+    assert "**met**" in target_line("PixArt", rows(2.5, 60.0, "ToMe + MagCache"), {})
+    assert "**missed**" in target_line("PixArt", rows(2.3, 65.0, "ToMe + MagCache"), {})  # 1.15x
+    assert "**missed**" in target_line("Wan", rows(3.0, 59.9, "ToMe + MagCache"), {})  # lower PSNR
+    zoo = rows(2.2, 20.0, "MagCache")
+    assert "**met**" in target_line("zoo Digits DiT", zoo, {FAST_ROW: 0.97, "MagCache": 0.98})
+    assert "**missed**" in target_line("zoo Digits DiT", zoo, {FAST_ROW: 0.96, "MagCache": 0.98})
+    assert "**missed**" in target_line("zoo Digits DiT", rows(2.0, 30.0, "MagCache"), {FAST_ROW: 1.0, "MagCache": 1.0})
+    assert target_line("DiT", rows(2.5, 60.0, "ToMe + MagCache"), {}) == ""
