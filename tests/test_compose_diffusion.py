@@ -15,17 +15,13 @@ from diffusers.hooks import (
     HookRegistry,
     MagCacheConfig,
     apply_first_block_cache,
-    apply_mag_cache,
 )
 from diffusers.hooks.hooks import CacheContext, _set_cache_context
 from diffusers.models.attention_dispatch import attention_backend
 
 from mmaccel.diffusion import (
-    FAST_CACHES,
-    FastConfig,
     FlexDiTConfig,
     TokenDensityConfig,
-    apply_fast,
     apply_token_density,
     convert_to_flexdit,
 )
@@ -402,52 +398,3 @@ def test_flexdit_has_no_cache_support():
     assert not hasattr(flex, "enable_cache")
     with pytest.raises(IndexError):
         apply_first_block_cache(flex, FirstBlockCacheConfig(threshold=0.1))
-
-
-# --------------------------------------------------------------------------------------------
-# 5. The fast preset: token density, then the family's cache
-# --------------------------------------------------------------------------------------------
-
-
-def test_fast_preset_is_token_density_then_magcache_and_removes_exactly():
-    """``apply_fast`` equals token density applied first and MagCache second (a cache context set
-    by hand, as PixArt's pipeline sets none), reads the timestep on the host, and ``.remove()``
-    gives the dense run back."""
-    pipe = tiny_pixart_pipeline()
-    model = pipe.transformer
-    dense = _generate(pipe, "pixart", STEPS)
-    ratios = (1.0, 1.0, 1.0)  # every step looks skippable: the cache acts after the retention steps
-    mag = MagCacheConfig(num_inference_steps=STEPS, mag_ratios=list(ratios))  # diffusers' defaults, as the preset
-    with apply_token_density(model, TokenDensityConfig()):
-        apply_mag_cache(model, mag)
-        _set_cache_context(model, CacheContext("cond"))
-        manual = _generate(pipe, "pixart", STEPS)
-        _set_cache_context(model, None)
-        registry = HookRegistry.check_if_exists_or_initialize(model)
-        for name in ("mag_cache_leader_block_hook", "mag_cache_block_hook"):
-            registry.remove_hook(name, recurse=True)
-    assert FAST_CACHES[type(model).__name__] == "mag"
-    with pytest.raises(ValueError, match="mag_ratios"):
-        apply_fast(model, FastConfig(num_inference_steps=STEPS))
-    handle = apply_fast(model, FastConfig(num_inference_steps=STEPS, mag_ratios=ratios), scheduler=pipe.scheduler)
-    fast = _generate(pipe, "pixart", STEPS)
-    torch.testing.assert_close(fast, manual, rtol=0, atol=1e-6)
-    assert handle.cache == "mag" and handle.stats.summary()["forwards"] >= 1
-    assert torch.isfinite(fast).all() and not torch.allclose(fast, dense, atol=1e-4)
-    handle.remove()
-    torch.testing.assert_close(_generate(pipe, "pixart", STEPS), dense, rtol=0, atol=1e-6)
-    assert not torch.allclose(manual, dense, atol=1e-4)
-
-
-@pytest.mark.parametrize(
-    "kwargs,error,match",
-    [(dict(num_inference_steps=1), ValueError, "num_inference_steps"),
-     (dict(num_inference_steps=2.0), TypeError, "num_inference_steps"),
-     (dict(cache="taylor"), ValueError, "cache"),
-     (dict(num_inference_steps=3, mag_ratios=(1.0, 1.0)), ValueError, "mag_ratios"),
-     (dict(token_density={"factor": (2, 2)}), TypeError, "token_density"),
-     (dict(first_block_threshold=0.0), ValueError, "first_block_threshold")],
-)  # fmt: skip
-def test_fast_config_validation(kwargs, error, match):
-    with pytest.raises(error, match=match):
-        FastConfig(**kwargs)

@@ -29,7 +29,7 @@ NOT_TECHNIQUES = {
     "apply_cfg": "classifier-free guidance on logits (tokenizers_img.sampling), a function",
     "apply_fast": "the fast preset (diffusion.presets): token density + a diffusers cache, not a technique; its "
     "MagCache needs ratios calibrated on the model, so config=None cannot run "
-    "(tests/test_compose_diffusion.py::test_fast_preset_is_token_density_then_magcache_and_removes_exactly)",
+    "(tests/test_fast_preset.py::test_fast_preset_needs_mag_ratios_and_a_config)",
     "SampleStats": "one generate() call's per-sample record (vlm.api), not a handle's statistics",
 }
 ROOT = Path(__file__).resolve().parent.parent
