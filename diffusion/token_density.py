@@ -329,11 +329,22 @@ _FAMILIES = {name: family for adapter, family in _ADAPTERS.items() for name in a
 _GRIDS = {name: adapter.token_grid for adapter in _ADAPTERS for name in adapter.TRANSFORMERS}
 
 
+_TOKEN_COUNTS = {name: adapter.token_count for adapter in _ADAPTERS if hasattr(adapter, "token_count")
+                 for name in adapter.TRANSFORMERS}  # fmt: skip
+
+
 def _token_grid(model: torch.nn.Module, arguments: dict[str, Any]) -> Grid:
     """(frames, height, width) of the transformer's image/video tokens for this forward's arguments."""
     name = type(model).__name__
     extra = (arguments[a] for a in _FAMILIES[name].grid_args)
     return _GRIDS[name](model, arguments["hidden_states"], *extra)
+
+
+def _token_count(model: torch.nn.Module, arguments: dict[str, Any]) -> int:
+    """The image/video token count of a dense forward: from ``hidden_states`` where the family's
+    grid comes from position ids (Flux: any ids, e.g. diffusers' random test ids), else the grid's."""
+    count = _TOKEN_COUNTS.get(type(model).__name__)
+    return count(arguments["hidden_states"]) if count is not None else math.prod(_token_grid(model, arguments))
 
 
 # ------------------------------------------------------------------------------------------
@@ -459,17 +470,22 @@ class _Planner:
         """Forward pre-hook (``with_kwargs=True``): this forward's plan and record."""
         self.shared.plan, self.step = None, None
         bound = self.signature.bind(*args, **kwargs)
-        grid = _token_grid(module, bound.arguments)
-        check_divides(self.config.factor3, grid, "factor")
         progress = self._progress(bound)
         keep = float(self.config.schedule(progress))
         if not 0.0 < keep <= 1.0:
             raise ValueError(
                 f"schedule returned keep ratio {keep!r} at progress {progress:.3f}; it must be in (0, 1]"
             )
-        plan = self._plan(grid, keep)
-        self.shared.plan = None if plan.dense else plan
-        self.step = DensityStep(progress, keep, plan.setting, plan.n, self._block_tokens(plan))
+        if keep == 1.0:  # dense: no token layout needed (the setting a plan at keep 1 has)
+            n = _token_count(module, bound.arguments)
+            setting: Grid | int = (1, 1, 1) if self.config.reducer == "pool" else 0
+            self.step = DensityStep(progress, keep, setting, n, [(n, n)] * self.depth)
+        else:
+            grid = _token_grid(module, bound.arguments)
+            check_divides(self.config.factor3, grid, "factor")
+            plan = self._plan(grid, keep)
+            self.shared.plan = None if plan.dense else plan
+            self.step = DensityStep(progress, keep, plan.setting, plan.n, self._block_tokens(plan))
         self.stats.steps.append(self.step)
         if self.config.count_flops:  # eager only: the forward runs under a dispatch mode
             self.counter = _flop_counter()

@@ -16,7 +16,11 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from mmaccel.benchmarks.contract_budgets import svg2_at_budget, token_density_at_budget
+from mmaccel.benchmarks.contract_budgets import (
+    svg2_at_budget,
+    token_density_at_budget,
+    token_density_at_every_step,
+)
 from mmaccel.testing import TINY_WAN_TRANSFORMER, tiny_flux_inputs, tiny_flux_transformer
 
 torch.set_num_threads(1)
@@ -104,22 +108,8 @@ def test_torch_export_of_the_model_is_refused_in_one_line(tech: str | None, budg
         torch.export.export(model, args=(), kwargs=inputs)
 
 
-@pytest.mark.parametrize(
-    "budget",
-    [
-        pytest.param(
-            "full",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=ValueError,
-                reason="token density reads Flux's token grid from img_ids (raster order) in every forward, even "
-                "when the plan is dense (keep 1): diffusers' Flux tests pass random img_ids",
-            ),
-        ),
-    ],
-)
 @torch.no_grad()
-def test_token_density_at_full_budget_takes_any_flux_img_ids(budget: str) -> None:
+def test_token_density_at_full_budget_takes_any_flux_img_ids() -> None:
     """diffusers' Flux model tests (``img_ids = randn(h * w, 3)``): full budget computes what dense does.
     While reducing, ids that are not a raster grid give no layout to pool: a ``ValueError`` there is the rule."""
     model = tiny_flux_transformer()
@@ -128,5 +118,10 @@ def test_token_density_at_full_budget_takes_any_flux_img_ids(budget: str) -> Non
         "img_ids": torch.randn(8 * 12, 3, generator=torch.Generator().manual_seed(1)),
     }
     dense = model(**inputs)[0]
-    token_density_at_budget(model, budget == "reducing")
+    handle = token_density_at_budget(model, False)
     torch.testing.assert_close(model(**inputs)[0], dense)
+    assert handle.stats.steps[-1].dense_tokens == 8 * 12 and not handle.stats.steps[-1].reduced
+    handle.remove()
+    token_density_at_every_step(model)
+    with pytest.raises(ValueError, match="raster-order img_ids"):
+        model(**inputs)

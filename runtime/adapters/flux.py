@@ -22,6 +22,7 @@ __all__ = [
     "TEXT_ARG",
     "TRANSFORMERS",
     "blocks",
+    "token_count",
     "token_grid",
 ]
 
@@ -43,6 +44,11 @@ _GRIDS: dict[int, tuple[weakref.ref, tuple[int, int, int]]] = {}
 def blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
     """Every block, bottom first: the dual-stream blocks, then the single-stream ones."""
     return [*getattr(transformer, DUAL_BLOCKS), *getattr(transformer, SINGLE_BLOCKS)]
+
+
+def token_count(hidden_states: Tensor) -> int:
+    """The image tokens of a forward: ``hidden_states`` is ``(batch, tokens, channels)``, packed."""
+    return hidden_states.shape[1]
 
 
 def token_grid(transformer: torch.nn.Module, hidden_states: Tensor, img_ids: Tensor) -> tuple[int, int, int]:
