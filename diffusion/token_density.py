@@ -623,6 +623,9 @@ class _BlockHook(ModelHook):
 
         x_r = reducer.reduce(x)
         bound.arguments[fam.hidden] = x_r
+        first = bound.arguments.get(hunyuan_video.FIRST_FRAME_ARG)
+        if isinstance(first, int) and isinstance(reducer, GridPool):  # pooled within frames (apply checks)
+            bound.arguments[hunyuan_video.FIRST_FRAME_ARG] = first // math.prod(reducer.factor)
         temb = bound.arguments[fam.temb] if fam.temb is not None else None
         per_token = temb is not None and temb.ndim == 4  # (B, N, 6, C): Wan 2.2's per-token modulation
         if per_token:  # the reduced rows take the modulation pooled like their tokens
@@ -794,8 +797,13 @@ def apply_token_density(
         raise NotImplementedError(f"sparse blocks are not implemented for {name}; use sparse_blocks=None")
     if sparse and name in wan.TRANSFORMERS:
         wan.check_self_attention(transformer, "token density's sparse blocks")
-    if name in hunyuan_video.TRANSFORMERS:
-        hunyuan_video.check_token_count_agnostic(transformer, "token density")
+    if name in hunyuan_video.TRANSFORMERS and hunyuan_video.first_frame_split(transformer):
+        if config.reducer != "pool" or config.factor3[0] != 1:
+            raise NotImplementedError(
+                "token density on HunyuanVideo image-to-video (image_condition_type='token_replace') needs "
+                f"pooling within frames (reducer='pool', factor (1, h, w)), got reducer={config.reducer!r}, "
+                f"factor={config.factor}: the first frame's tokens keep their own modulation"
+            )
     if (
         len(config.factor) == 3
         and config.factor[0] != 1

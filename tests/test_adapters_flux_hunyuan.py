@@ -225,14 +225,42 @@ def test_token_density_compiles_without_graph_breaks(family, hv, fx):
     assert counts.compiles == 1
 
 
-def test_token_density_refuses_hunyuan_token_replace_and_svg2_runs_there():
-    """Image-to-video token-replace blocks split the first frame by token count: token density
-    refuses them; SVG2 keeps the token count and runs (full budget = dense)."""
+def test_token_density_on_hunyuan_token_replace_pools_within_frames_and_svg2_runs_there():
+    """Image-to-video token-replace blocks give the first ``num_tokens`` video tokens (the first
+    latent frame) their own modulation: token density pools within frames and hands the blocks the
+    pooled first frame's count; pooling across frames or merging is refused. SVG2 keeps the token
+    count and runs (full budget = dense)."""
     from mmaccel.sparse_attn import SVG2Config, apply_svg2
 
     i2v = tiny_hunyuan_video_transformer(image_condition_type="token_replace")
-    with pytest.raises(NotImplementedError, match="token_replace"):
-        apply_token_density(i2v, TokenDensityConfig(pooled_blocks=(0, 3), sparse_blocks=None))
+    inputs = tiny_hunyuan_video_inputs(i2v, valid_text=5)
+    grid = hunyuan_video.token_grid(i2v, inputs["hidden_states"])
+    for bad in (dict(factor=(2, 2, 2)), dict(reducer="merge")):
+        with pytest.raises(NotImplementedError, match="token_replace"):
+            apply_token_density(i2v, TokenDensityConfig(pooled_blocks=(0, 3), sparse_blocks=None, **bad))
+    run = _runner(i2v, inputs)
+    dense = run()
+    seen = []  # the first-frame token count each token-replace block's norm gets, in block order
+
+    def record(module, args):
+        seen.append(args[3])
+
+    blocks = hunyuan_video.blocks(i2v)
+    hooks = [getattr(b, "norm1", None) or b.norm for b in blocks]
+    hooks = [norm.register_forward_pre_hook(record) for norm in hooks]
+    frame = grid[1] * grid[2]
+    for keep, window in ((1.0, 1), (0.25, 4)):
+        seen.clear()
+        config = TokenDensityConfig(pooled_blocks=(0, 3), sparse_blocks=None, schedule=ConstantSchedule(keep))
+        with apply_token_density(i2v, config, current_timestep_callback=lambda: 500.0):
+            out = run()
+        assert seen == [frame // window] * 3 + [frame] * (len(blocks) - 3)
+        if keep == 1.0:
+            torch.testing.assert_close(out, dense)
+        else:
+            assert torch.isfinite(out).all() and not torch.allclose(out, dense, atol=1e-4)
+    for h in hooks:
+        h.remove()
     run = _runner(i2v, tiny_hunyuan_video_inputs(i2v, valid_text=5))
     dense = run()
     with apply_svg2(i2v, SVG2Config(**SVG2_FULL)):

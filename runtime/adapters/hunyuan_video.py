@@ -20,13 +20,14 @@ from mmaccel.runtime.adapters import projections
 
 __all__ = [
     "DUAL_BLOCKS",
+    "FIRST_FRAME_ARG",
     "MASK_ARG",
     "ROTARY_ARGS",
     "SINGLE_BLOCKS",
     "TRANSFORMERS",
     "attention",
     "blocks",
-    "check_token_count_agnostic",
+    "first_frame_split",
     "project_out",
     "project_qkv",
     "token_grid",
@@ -40,6 +41,8 @@ SINGLE_BLOCKS = "single_transformer_blocks"
 #: block argument carrying the video tokens' ``(cos, sin)``, each ``(N, D)``: ``freqs_cis`` in the
 #: dual-stream blocks, ``image_rotary_emb`` in the single-stream ones
 ROTARY_ARGS = ("freqs_cis", "image_rotary_emb")
+#: token-replace blocks' argument: how many leading video tokens are the first latent frame's
+FIRST_FRAME_ARG = "num_tokens"
 #: block argument carrying the joint key mask ``(B, 1, 1, N_video + N_text)`` (bool)
 MASK_ARG = "attention_mask"
 
@@ -49,15 +52,11 @@ def blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
     return [*getattr(transformer, DUAL_BLOCKS), *getattr(transformer, SINGLE_BLOCKS)]
 
 
-def check_token_count_agnostic(transformer: torch.nn.Module, technique: str) -> None:
-    """``NotImplementedError`` for image-to-video ``image_condition_type="token_replace"``: its
-    blocks split the first frame's tokens by count (``first_frame_num_tokens``), so they cannot run
-    on a changed number of video tokens."""
-    if transformer.config.image_condition_type == "token_replace":
-        raise NotImplementedError(
-            f"{technique}: HunyuanVideo with image_condition_type='token_replace' (image-to-video) splits "
-            "the first frame's tokens by count and is not supported"
-        )
+def first_frame_split(transformer: torch.nn.Module) -> bool:
+    """Whether the blocks split the first frame's tokens by count: image-to-video
+    ``image_condition_type="token_replace"`` gives the first ``num_tokens`` video tokens (the first
+    latent frame, `FIRST_FRAME_ARG`) their own modulation."""
+    return transformer.config.image_condition_type == "token_replace"
 
 
 def token_grid(transformer: torch.nn.Module, hidden_states: Tensor) -> tuple[int, int, int]:
