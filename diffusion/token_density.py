@@ -400,10 +400,28 @@ class _Plan:
 
 
 class _Shared:
-    """State shared by the hooks of one application."""
+    """State shared by the hooks of one application: the forward's plan, and the route and
+    companion of the block running now (blocks run one after another, so one of each suffices).
+
+    Every hooked block reads this one object first, and nothing kind-specific while the plan is
+    None: a dense forward traces identically on every hooked block (one graph under regional
+    compilation, whatever the blocks' kinds).
+    """
 
     def __init__(self) -> None:
         self.plan: _Plan | None = None
+        self.companion: torch.Tensor | None = None  # sparse_q: dense tokens appended to norm1's input
+        self.route: _AttnRoute | None = None  # how the running block's self-attention mixes tokens
+        self.concat = self._concat  # one bound method: the same hook object on every hooked norm1
+
+    def _concat(self, module: torch.nn.Module, args: tuple) -> tuple | None:
+        """sparse_q's forward pre-hook on norm1: normalise (and modulate) [reduced; dense] in one call."""
+        dense = self.companion
+        if dense is None:
+            return None
+        self.companion = None
+        x = args[0]
+        return (torch.cat([x, dense.to(x.dtype)], dim=1), *args[1:])
 
 
 class _Planner:
@@ -547,24 +565,12 @@ class _Kind:
     """What the hooked blocks of one kind (pooled, sparse_q or sparse_kv, per block class) share.
 
     One object per kind, holding no block index: every block of a kind shows dynamo the same
-    objects, so regional compilation (`compile_repeated_blocks`) compiles one graph per kind.
-    Blocks run one after another, so one route and companion per kind suffice.
+    objects, so regional compilation (`compile_repeated_blocks`) compiles one graph per kind on a
+    reducing forward. Its hook reads it only there (`_BlockHook.new_forward`).
     """
 
     def __init__(self, kind: str, family: _Family, shared: _Shared, signature: inspect.Signature) -> None:
         self.kind, self.family, self.shared, self.signature = kind, family, shared, signature
-        self.companion: torch.Tensor | None = None  # dense tokens appended to norm1's input
-        self.route: _AttnRoute | None = None
-        self.concat = self._concat  # one bound method: the same hook object on every norm1 of the kind
-
-    def _concat(self, module: torch.nn.Module, args: tuple) -> tuple | None:
-        """sparse_q's forward pre-hook on norm1: normalise (and modulate) [reduced; dense] in one call."""
-        dense = self.companion
-        if dense is None:
-            return None
-        self.companion = None
-        x = args[0]
-        return (torch.cat([x, dense.to(x.dtype)], dim=1), *args[1:])
 
 
 class _BlockHook(ModelHook):
@@ -572,7 +578,7 @@ class _BlockHook(ModelHook):
 
     def __init__(self, kind: _Kind) -> None:
         super().__init__()
-        self.state = kind
+        self.shared, self.state = kind.shared, kind
 
     def _reduce_rotary(
         self, reducer: GridPool | BipartiteMerge, rope: Any
@@ -586,11 +592,10 @@ class _BlockHook(ModelHook):
         return reducer.reduce_rotary(cos, sin)
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        state = self.state
-        plan = state.shared.plan
-        original = self.fn_ref.original_forward
-        if plan is None:
+        plan, original = self.shared.plan, self.fn_ref.original_forward
+        if plan is None:  # dense: nothing kind-specific read, every hooked block traces alike
             return original(*args, **kwargs)
+        state, shared = self.state, self.shared
         fam, kind = state.family, state.kind
         bound = state.signature.bind(*args, **kwargs)
         x = bound.arguments[fam.hidden]
@@ -613,12 +618,12 @@ class _BlockHook(ModelHook):
             bound.arguments[fam.mask_arg] = mask[..., plan.n - m :]
 
         if kind == "sparse_kv":
-            state.route = _AttnRoute("sparse_kv", reducer=reducer, rope_q=rope, rope_k=rope_r)
+            shared.route = _AttnRoute("sparse_kv", reducer=reducer, rope_q=rope, rope_k=rope_r)
             try:
                 out = original(*bound.args, **bound.kwargs)
                 self._check_routed()
             finally:
-                state.route = None
+                shared.route = None
             return out
 
         x_r = reducer.reduce(x)
@@ -637,25 +642,25 @@ class _BlockHook(ModelHook):
         else:  # sparse_q: attention takes queries from the reduced tokens, keys/values from the dense ones
             if per_token:  # the dense rows keep their own modulation: norm1 runs on them here
                 kv_in = _wan_modulated_norm1(module, x, temb)
-                state.route = _AttnRoute("sparse_q", kv_in=kv_in, rope_q=rope_r, rope_k=rope)
+                shared.route = _AttnRoute("sparse_q", kv_in=kv_in, rope_q=rope_r, rope_k=rope)
             else:  # norm1 sees [reduced; dense] in one call
-                state.companion = x
-                state.route = _AttnRoute("sparse_q", n_query=m, rope_q=rope_r, rope_k=rope)
+                shared.companion = x
+                shared.route = _AttnRoute("sparse_q", n_query=m, rope_q=rope_r, rope_k=rope)
             try:
                 out = original(*bound.args, **bound.kwargs)
-                if state.companion is not None:
+                if shared.companion is not None:
                     raise RuntimeError("a sparse_q block did not call norm1, cannot run sparse_q")
                 self._check_routed()
             finally:
-                state.companion = None
-                state.route = None
+                shared.companion = None
+                shared.route = None
         i = fam.output_index
         y = out[i] if fam.tuple_output else out
         x_new = reducer.add_expanded(x, y - x_r)
         return (*out[:i], x_new, *out[i + 1 :]) if fam.tuple_output else x_new
 
     def _check_routed(self) -> None:
-        if not self.state.route.used:  # type: ignore[union-attr]
+        if not self.shared.route.used:  # type: ignore[union-attr]
             raise RuntimeError(f"a {self.state.kind} block did not call its self-attention (attn1)")
 
 
@@ -667,15 +672,18 @@ def _wan_modulated_norm1(block: torch.nn.Module, x: torch.Tensor, temb: torch.Te
 
 
 class _RoutedAttention(torch.nn.Module):
-    """A sparse block's self-attention (``attn1``), its class swapped for a subclass of its own
-    that follows its kind's route: queries and keys/values from different token sets.
+    """A hooked block's self-attention (``attn1``), its class swapped for a subclass of its own
+    that follows the running sparse block's route: queries and keys/values from different token
+    sets. Without a route (a dense forward, a pooled block) it is the original ``forward``.
 
-    A class, not a per-module hook: every routed ``attn1`` of a kind shows dynamo the same
-    ``forward``, where a hook's per-module function would be guarded by identity (one graph per
-    block under regional compilation). `_routed_class` makes one subclass per attention class.
+    A class, not a per-module hook: every routed ``attn1`` shows dynamo the same ``forward``,
+    where a hook's per-module function would be guarded by identity (one graph per block under
+    regional compilation). Where an application has sparse blocks, the pooled blocks' ``attn1``
+    is routed too, so that a dense forward traces alike on both kinds. `_routed_class` makes one
+    subclass per attention class.
     """
 
-    _mmaccel_token_density: _Kind  # set on each instance
+    _mmaccel_token_density: _Shared  # set on each instance
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         route = self._mmaccel_token_density.route
@@ -720,11 +728,11 @@ def _routed_class(cls: type) -> type:
     return routed
 
 
-def _route_attention(handle: PatchHandle, attention: torch.nn.Module, kind: _Kind) -> None:
+def _route_attention(handle: PatchHandle, attention: torch.nn.Module, shared: _Shared) -> None:
     """Swap ``attention``'s class for its routed subclass; ``handle.remove()`` swaps it back."""
     base = type(attention)
     routed = _routed_class(base)
-    handle.set_attr(attention, "_mmaccel_token_density", kind)
+    handle.set_attr(attention, "_mmaccel_token_density", shared)
     attention.__class__ = routed
 
     def undo() -> None:
@@ -825,9 +833,10 @@ def apply_token_density(
             kind = kinds[name, type(block)]
             if name != "pooled":
                 _check_sparse_block(block, i)
-                _route_attention(handle, block.attn1, kind)
-                if name == "sparse_q":
-                    handle.add_torch_hook(block.norm1.register_forward_pre_hook(kind.concat))
+            if sparse and hasattr(block, "attn1") and hasattr(block, "norm1"):  # pooled blocks too: see _Shared
+                _route_attention(handle, block.attn1, shared)
+                if config.sparse_mode == "sparse_q":
+                    handle.add_torch_hook(block.norm1.register_forward_pre_hook(shared.concat))
             handle.add_diffusers_hook(block, _BlockHook(kind), _HOOK)
         signature = inspect.signature(transformer.forward)
         planner = _Planner(
