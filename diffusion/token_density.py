@@ -45,7 +45,7 @@ from mmaccel.diffusion.token_reduce import (
     pool_factors_at_most,
 )
 from mmaccel.runtime.adapters import cogvideox, dit, flux, hunyuan_video, wan
-from mmaccel.runtime.budget import DensitySchedule, StepSchedule
+from mmaccel.runtime.budget import ConstantSchedule, DensitySchedule, StepSchedule
 from mmaccel.runtime.checkpointing import checkpointing_with_gradients
 from mmaccel.runtime.configs import resolve_config
 from mmaccel.runtime.patching import PatchHandle
@@ -195,10 +195,12 @@ class DensityStep:
     """One transformer forward: progress, scheduled and realised density, tokens per block.
 
     ``block_tokens[i] = (query_tokens, key_value_tokens)`` of block ``i``'s self-attention.
-    ``setting`` is the pooling window ``(f, h, w)`` or the number of merged tokens.
+    ``setting`` is the pooling window ``(f, h, w)`` or the number of merged tokens. ``progress``
+    is None under a `ConstantSchedule` whose timestep is a tensor: the decision does not need
+    it, so it is not read (a number, or a view of the ``scheduler``'s timesteps, is recorded).
     """
 
-    progress: float
+    progress: float | None
     keep_ratio: float
     setting: Grid | int | None
     dense_tokens: int
@@ -260,8 +262,9 @@ class TokenDensityStats(Stats):
         ]
         for i, s in enumerate(self.steps):
             gflops = "-" if s.flops is None else f"{s.flops / 1e9:.2f}"
+            progress = "-" if s.progress is None else f"{s.progress:.3f}"
             rows.append(
-                f"| {i} | {s.progress:.3f} | {s.keep_ratio:.3f} | {s.setting} | {s.token_ratio:.3f} | {gflops} |"
+                f"| {i} | {progress} | {s.keep_ratio:.3f} | {s.setting} | {s.token_ratio:.3f} | {gflops} |"
             )
         return "\n".join(rows)
 
@@ -336,7 +339,13 @@ _TOKEN_COUNTS = {name: adapter.token_count for adapter in _ADAPTERS if hasattr(a
 def _token_grid(model: torch.nn.Module, arguments: dict[str, Any]) -> Grid:
     """(frames, height, width) of the transformer's image/video tokens for this forward's arguments."""
     name = type(model).__name__
-    extra = (arguments[a] for a in _FAMILIES[name].grid_args)
+    grid_args = _FAMILIES[name].grid_args
+    if grid_args and torch.compiler.is_exporting():
+        raise NotImplementedError(
+            f"torch.export of token density on {name} below keep 1 is not implemented: the token grid is "
+            f"read from the values of {', '.join(grid_args)} on the host. Export it at keep 1, or compile it instead"
+        )
+    extra = (arguments[a] for a in grid_args)
     return _GRIDS[name](model, arguments["hidden_states"], *extra)
 
 
@@ -459,13 +468,27 @@ class _Planner:
         self.step: DensityStep | None = None  # the record of the forward running now
         self.counter: flop_counter.FlopCounterMode | None = None
 
-    def _progress(self, bound: inspect.BoundArguments) -> float:
+    def _progress(self, bound: inspect.BoundArguments) -> float | None:
+        """This forward's denoising progress. Under a `ConstantSchedule` the keep ratio does not
+        depend on it: a timestep tensor is not read there (no device read, and ``torch.export``
+        can trace the forward), None is returned; a host value (a number, or a view of the
+        scheduler's timesteps) is still validated and returned."""
         n = self.config.num_train_timesteps
         if self.timestep_callback is not None:
             value, source = self.timestep_callback(), "current_timestep_callback"
         else:
             value, source = bound.arguments.get("timestep"), "the transformer's timestep argument"
+        constant = isinstance(self.config.schedule, ConstantSchedule)
+        if not constant and torch.compiler.is_exporting():  # whatever the timestep's type
+            raise NotImplementedError(
+                "torch.export of a model whose technique decides from the timestep is not implemented: token "
+                f"density's {type(self.config.schedule).__name__} picks the keep ratio on the host each forward, "
+                "and an exported program cannot hold that decision. Use a ConstantSchedule, export the "
+                "unpatched model, or compile it with torch.compile instead"
+            )
         found = self.host.lookup(value) if self.host is not None and value is not None else None
+        if found is None and isinstance(value, torch.Tensor) and constant:
+            return None
         t = read_timestep(value if found is None else found, n, source=source)
         return timestep_progress(t, n)
 
@@ -489,22 +512,24 @@ class _Planner:
         self.shared.plan, self.step = None, None
         bound = self.signature.bind(*args, **kwargs)
         progress = self._progress(bound)
-        keep = float(self.config.schedule(progress))
+        schedule = self.config.schedule
+        keep = float(schedule.ratio if progress is None else schedule(progress))  # None: a ConstantSchedule
         if not 0.0 < keep <= 1.0:
-            raise ValueError(
-                f"schedule returned keep ratio {keep!r} at progress {progress:.3f}; it must be in (0, 1]"
-            )
+            raise ValueError(f"schedule returned keep ratio {keep!r} at progress {progress}; it must be in (0, 1]")
         if keep == 1.0:  # dense: no token layout needed (the setting a plan at keep 1 has)
             n = _token_count(module, bound.arguments)
             setting: Grid | int = (1, 1, 1) if self.config.reducer == "pool" else 0
-            self.step = DensityStep(progress, keep, setting, n, [(n, n)] * self.depth)
+            step = DensityStep(progress, keep, setting, n, [(n, n)] * self.depth)
         else:
             grid = _token_grid(module, bound.arguments)
             check_divides(self.config.factor3, grid, "factor")
             plan = self._plan(grid, keep)
             self.shared.plan = None if plan.dense else plan
-            self.step = DensityStep(progress, keep, plan.setting, plan.n, self._block_tokens(plan))
-        self.stats.steps.append(self.step)
+            step = DensityStep(progress, keep, plan.setting, plan.n, self._block_tokens(plan))
+        if torch.compiler.is_exporting():  # export traces the forward once, it runs no forward: no record
+            return
+        self.step = step
+        self.stats.steps.append(step)
         if self.config.count_flops:  # eager only: the forward runs under a dispatch mode
             self.counter = _flop_counter()
             self.counter.__enter__()

@@ -132,11 +132,17 @@ def test_density_one_is_exact_and_remove_restores(pipes, name):
         assert handle.stats.steps[-1].token_ratio == 1.0
     with apply_token_density(model, TokenDensityConfig(schedule=QUARTER, reducer="merge")):
         assert not torch.equal(_run(model, name), dense)
-    # removed: same forward, same parameters, no hooks or instance forwards left behind
+        # pooled (0) and sparse (1) blocks: one routed attn1 class, one norm1 pre-hook object
+        blocks = getattr(model, "blocks", None) or model.transformer_blocks
+        assert type(blocks[0].attn1) is type(blocks[1].attn1) and type(blocks[1].attn1) in td._ROUTED.values()
+        hooks = [list(b.norm1._forward_pre_hooks.values()) for b in blocks[:2]]
+        assert len(hooks[0]) == 1 and hooks[0] == hooks[1]
+    # removed: same forward, same parameters, no hooks, instance forwards or routed classes left behind
     assert torch.equal(_run(model, name), dense)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     for module in model.modules():
         assert "_diffusers_hook" not in module.__dict__ and "forward" not in module.__dict__
+        assert type(module) not in td._ROUTED.values() and not module._forward_pre_hooks and not module._forward_hooks
 
 
 @pytest.mark.parametrize("name", ["dit", "pixart", "wan"])
