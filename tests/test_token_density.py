@@ -322,9 +322,34 @@ def test_steady_state_compiles_without_graph_breaks(pipes):
         with torch._dynamo.config.patch(error_on_recompile=True):
             torch.testing.assert_close(_run(compiled, "wan", t=300.0), eager[300.0])
         steps = handle.stats.steps
-    assert len(steps) == 5 and [s.progress for s in steps[-2:]] == [pytest.approx(0.5), pytest.approx(0.7)]
+    assert len(steps) == 5 and [s.progress for s in steps] == [None] * 5  # a constant keep ratio reads no timestep
     assert steps[-1].token_ratio < 1
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("schedule, syncs", [(QUARTER, 0), (FULL, 0), (StepSchedule(boundaries=(0.5,), ratios=(0.25, 1.0)), 1)])
+def test_only_a_schedule_that_depends_on_the_timestep_reads_it(pipes, schedule, syncs):
+    """Issue 32: a ``ConstantSchedule`` decides without the timestep, so a timestep tensor is not
+    read (0 host-device syncs without ``scheduler=``) and its progress is recorded as None; a host
+    value (here the callback's number) is still validated and recorded. Another schedule reads
+    the tensor: one sync per forward."""
+    from mmaccel.testing.hotpath import count_hot_path
+
+    model = pipes["wan"].transformer
+    with apply_token_density(model, TokenDensityConfig(schedule=schedule)) as handle:
+        _run(model, "wan", t=300.0)  # builds the plan
+        count = count_hot_path(lambda: _run(model, "wan", t=300.0))
+        expected = schedule(0.7)
+        assert [(s.progress, s.keep_ratio) for s in handle.stats.steps] == [
+            (None if syncs == 0 else pytest.approx(0.7), expected)
+        ] * 2
+    assert count.syncs == syncs
+    with apply_token_density(model, TokenDensityConfig(schedule=schedule), current_timestep_callback=lambda: 300.0) as handle:
+        _run(model, "wan", t=300.0)
+        assert handle.stats.steps[0].progress == pytest.approx(0.7)
+    with apply_token_density(model, TokenDensityConfig(schedule=schedule), current_timestep_callback=lambda: -1.0):
+        with pytest.raises(ValueError, match="current_timestep_callback"):
+            _run(model, "wan")
 
 
 def test_scheduler_timesteps_are_read_on_the_host(pipes):
