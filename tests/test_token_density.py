@@ -343,6 +343,7 @@ def test_only_a_schedule_that_depends_on_the_timestep_reads_it(pipes, schedule, 
         assert [(s.progress, s.keep_ratio) for s in handle.stats.steps] == [
             (None if syncs == 0 else pytest.approx(0.7), expected)
         ] * 2
+        assert handle.stats.table().splitlines()[2].startswith("| 0 | - |" if syncs == 0 else "| 0 | 0.700 |")
     assert count.syncs == syncs
     with apply_token_density(model, TokenDensityConfig(schedule=schedule), current_timestep_callback=lambda: 300.0) as handle:
         _run(model, "wan", t=300.0)
