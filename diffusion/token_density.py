@@ -858,7 +858,8 @@ def apply_token_density(
             kind = kinds[name, type(block)]
             if name != "pooled":
                 _check_sparse_block(block, i)
-            if sparse and hasattr(block, "attn1") and hasattr(block, "norm1"):  # pooled blocks too: see _Shared
+            # pooled blocks too, so that a dense forward traces alike on every hooked block (_Shared)
+            if sparse and hasattr(block, "attn1") and hasattr(block, "norm1"):
                 _route_attention(handle, block.attn1, shared)
                 if config.sparse_mode == "sparse_q":
                     handle.add_torch_hook(block.norm1.register_forward_pre_hook(shared.concat))
