@@ -805,7 +805,8 @@ def apply_token_density(
     scheduler's timestep of the step being computed (``lambda: pipe.current_timestep``); without
     it the transformer's own ``timestep`` argument is read. A value that is not a timestep in
     ``[0, config.num_train_timesteps]`` (None, NaN, negative, too large) raises ``ValueError`` at
-    that forward. With ``scheduler`` (the pipeline's), a timestep tensor that is a view of
+    that forward; under a `ConstantSchedule` a timestep tensor is not read (nothing depends on it),
+    which also lets ``torch.export`` trace the model (any other schedule: ``NotImplementedError``). With ``scheduler`` (the pipeline's), a timestep tensor that is a view of
     ``scheduler.timesteps`` (what diffusers pipelines pass) is read on the host without a device
     read (`mmaccel.runtime.timesteps.HostTimesteps`). Returns a `TokenDensityHandle` whose ``stats`` records every forward;
     ``.remove()`` restores the model bit-for-bit.
