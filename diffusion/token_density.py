@@ -45,7 +45,7 @@ from mmaccel.diffusion.token_reduce import (
     pool_factors_at_most,
 )
 from mmaccel.runtime.adapters import cogvideox, dit, flux, hunyuan_video, wan
-from mmaccel.runtime.budget import DensitySchedule, StepSchedule
+from mmaccel.runtime.budget import ConstantSchedule, DensitySchedule, StepSchedule
 from mmaccel.runtime.checkpointing import checkpointing_with_gradients
 from mmaccel.runtime.configs import resolve_config
 from mmaccel.runtime.patching import PatchHandle
@@ -195,10 +195,12 @@ class DensityStep:
     """One transformer forward: progress, scheduled and realised density, tokens per block.
 
     ``block_tokens[i] = (query_tokens, key_value_tokens)`` of block ``i``'s self-attention.
-    ``setting`` is the pooling window ``(f, h, w)`` or the number of merged tokens.
+    ``setting`` is the pooling window ``(f, h, w)`` or the number of merged tokens. ``progress``
+    is None under a `ConstantSchedule` whose timestep is a tensor: the decision does not need
+    it, so it is not read (a number, or a view of the ``scheduler``'s timesteps, is recorded).
     """
 
-    progress: float
+    progress: float | None
     keep_ratio: float
     setting: Grid | int | None
     dense_tokens: int
@@ -260,8 +262,9 @@ class TokenDensityStats(Stats):
         ]
         for i, s in enumerate(self.steps):
             gflops = "-" if s.flops is None else f"{s.flops / 1e9:.2f}"
+            progress = "-" if s.progress is None else f"{s.progress:.3f}"
             rows.append(
-                f"| {i} | {s.progress:.3f} | {s.keep_ratio:.3f} | {s.setting} | {s.token_ratio:.3f} | {gflops} |"
+                f"| {i} | {progress} | {s.keep_ratio:.3f} | {s.setting} | {s.token_ratio:.3f} | {gflops} |"
             )
         return "\n".join(rows)
 
@@ -336,7 +339,13 @@ _TOKEN_COUNTS = {name: adapter.token_count for adapter in _ADAPTERS if hasattr(a
 def _token_grid(model: torch.nn.Module, arguments: dict[str, Any]) -> Grid:
     """(frames, height, width) of the transformer's image/video tokens for this forward's arguments."""
     name = type(model).__name__
-    extra = (arguments[a] for a in _FAMILIES[name].grid_args)
+    grid_args = _FAMILIES[name].grid_args
+    if grid_args and torch.compiler.is_exporting():
+        raise NotImplementedError(
+            f"torch.export of token density on {name} below keep 1 is not implemented: the token grid is "
+            f"read from the values of {', '.join(grid_args)} on the host. Export it at keep 1, or compile it instead"
+        )
+    extra = (arguments[a] for a in grid_args)
     return _GRIDS[name](model, arguments["hidden_states"], *extra)
 
 
@@ -400,10 +409,28 @@ class _Plan:
 
 
 class _Shared:
-    """State shared by the hooks of one application."""
+    """State shared by the hooks of one application: the forward's plan, and the route and
+    companion of the block running now (blocks run one after another, so one of each suffices).
+
+    Every hooked block reads this one object first, and nothing kind-specific while the plan is
+    None: a dense forward traces identically on every hooked block (one graph under regional
+    compilation, whatever the blocks' kinds).
+    """
 
     def __init__(self) -> None:
         self.plan: _Plan | None = None
+        self.companion: torch.Tensor | None = None  # sparse_q: dense tokens appended to norm1's input
+        self.route: _AttnRoute | None = None  # how the running block's self-attention mixes tokens
+        self.concat = self._concat  # one bound method: the same hook object on every hooked norm1
+
+    def _concat(self, module: torch.nn.Module, args: tuple) -> tuple | None:
+        """sparse_q's forward pre-hook on norm1: normalise (and modulate) [reduced; dense] in one call."""
+        dense = self.companion
+        if dense is None:
+            return None
+        self.companion = None
+        x = args[0]
+        return (torch.cat([x, dense.to(x.dtype)], dim=1), *args[1:])
 
 
 class _Planner:
@@ -441,13 +468,27 @@ class _Planner:
         self.step: DensityStep | None = None  # the record of the forward running now
         self.counter: flop_counter.FlopCounterMode | None = None
 
-    def _progress(self, bound: inspect.BoundArguments) -> float:
+    def _progress(self, bound: inspect.BoundArguments) -> float | None:
+        """This forward's denoising progress. Under a `ConstantSchedule` the keep ratio does not
+        depend on it: a timestep tensor is not read there (no device read, and ``torch.export``
+        can trace the forward), None is returned; a host value (a number, or a view of the
+        scheduler's timesteps) is still validated and returned."""
         n = self.config.num_train_timesteps
         if self.timestep_callback is not None:
             value, source = self.timestep_callback(), "current_timestep_callback"
         else:
             value, source = bound.arguments.get("timestep"), "the transformer's timestep argument"
+        constant = isinstance(self.config.schedule, ConstantSchedule)
+        if not constant and torch.compiler.is_exporting():  # whatever the timestep's type
+            raise NotImplementedError(
+                "torch.export of a model whose technique decides from the timestep is not implemented: token "
+                f"density's {type(self.config.schedule).__name__} picks the keep ratio on the host each forward, "
+                "and an exported program cannot hold that decision. Use a ConstantSchedule, export the "
+                "unpatched model, or compile it with torch.compile instead"
+            )
         found = self.host.lookup(value) if self.host is not None and value is not None else None
+        if found is None and isinstance(value, torch.Tensor) and constant:
+            return None
         t = read_timestep(value if found is None else found, n, source=source)
         return timestep_progress(t, n)
 
@@ -471,22 +512,24 @@ class _Planner:
         self.shared.plan, self.step = None, None
         bound = self.signature.bind(*args, **kwargs)
         progress = self._progress(bound)
-        keep = float(self.config.schedule(progress))
+        schedule = self.config.schedule
+        keep = float(schedule.ratio if progress is None else schedule(progress))  # None: a ConstantSchedule
         if not 0.0 < keep <= 1.0:
-            raise ValueError(
-                f"schedule returned keep ratio {keep!r} at progress {progress:.3f}; it must be in (0, 1]"
-            )
+            raise ValueError(f"schedule returned keep ratio {keep!r} at progress {progress}; it must be in (0, 1]")
         if keep == 1.0:  # dense: no token layout needed (the setting a plan at keep 1 has)
             n = _token_count(module, bound.arguments)
             setting: Grid | int = (1, 1, 1) if self.config.reducer == "pool" else 0
-            self.step = DensityStep(progress, keep, setting, n, [(n, n)] * self.depth)
+            step = DensityStep(progress, keep, setting, n, [(n, n)] * self.depth)
         else:
             grid = _token_grid(module, bound.arguments)
             check_divides(self.config.factor3, grid, "factor")
             plan = self._plan(grid, keep)
             self.shared.plan = None if plan.dense else plan
-            self.step = DensityStep(progress, keep, plan.setting, plan.n, self._block_tokens(plan))
-        self.stats.steps.append(self.step)
+            step = DensityStep(progress, keep, plan.setting, plan.n, self._block_tokens(plan))
+        if torch.compiler.is_exporting():  # export traces the forward once, it runs no forward: no record
+            return
+        self.step = step
+        self.stats.steps.append(step)
         if self.config.count_flops:  # eager only: the forward runs under a dispatch mode
             self.counter = _flop_counter()
             self.counter.__enter__()
@@ -547,24 +590,12 @@ class _Kind:
     """What the hooked blocks of one kind (pooled, sparse_q or sparse_kv, per block class) share.
 
     One object per kind, holding no block index: every block of a kind shows dynamo the same
-    objects, so regional compilation (`compile_repeated_blocks`) compiles one graph per kind.
-    Blocks run one after another, so one route and companion per kind suffice.
+    objects, so regional compilation (`compile_repeated_blocks`) compiles one graph per kind on a
+    reducing forward. Its hook reads it only there (`_BlockHook.new_forward`).
     """
 
     def __init__(self, kind: str, family: _Family, shared: _Shared, signature: inspect.Signature) -> None:
         self.kind, self.family, self.shared, self.signature = kind, family, shared, signature
-        self.companion: torch.Tensor | None = None  # dense tokens appended to norm1's input
-        self.route: _AttnRoute | None = None
-        self.concat = self._concat  # one bound method: the same hook object on every norm1 of the kind
-
-    def _concat(self, module: torch.nn.Module, args: tuple) -> tuple | None:
-        """sparse_q's forward pre-hook on norm1: normalise (and modulate) [reduced; dense] in one call."""
-        dense = self.companion
-        if dense is None:
-            return None
-        self.companion = None
-        x = args[0]
-        return (torch.cat([x, dense.to(x.dtype)], dim=1), *args[1:])
 
 
 class _BlockHook(ModelHook):
@@ -572,7 +603,7 @@ class _BlockHook(ModelHook):
 
     def __init__(self, kind: _Kind) -> None:
         super().__init__()
-        self.state = kind
+        self.shared, self.state = kind.shared, kind
 
     def _reduce_rotary(
         self, reducer: GridPool | BipartiteMerge, rope: Any
@@ -586,11 +617,10 @@ class _BlockHook(ModelHook):
         return reducer.reduce_rotary(cos, sin)
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        state = self.state
-        plan = state.shared.plan
-        original = self.fn_ref.original_forward
-        if plan is None:
+        plan, original = self.shared.plan, self.fn_ref.original_forward
+        if plan is None:  # dense: nothing kind-specific read, every hooked block traces alike
             return original(*args, **kwargs)
+        state, shared = self.state, self.shared
         fam, kind = state.family, state.kind
         bound = state.signature.bind(*args, **kwargs)
         x = bound.arguments[fam.hidden]
@@ -613,12 +643,12 @@ class _BlockHook(ModelHook):
             bound.arguments[fam.mask_arg] = mask[..., plan.n - m :]
 
         if kind == "sparse_kv":
-            state.route = _AttnRoute("sparse_kv", reducer=reducer, rope_q=rope, rope_k=rope_r)
+            shared.route = _AttnRoute("sparse_kv", reducer=reducer, rope_q=rope, rope_k=rope_r)
             try:
                 out = original(*bound.args, **bound.kwargs)
                 self._check_routed()
             finally:
-                state.route = None
+                shared.route = None
             return out
 
         x_r = reducer.reduce(x)
@@ -637,25 +667,25 @@ class _BlockHook(ModelHook):
         else:  # sparse_q: attention takes queries from the reduced tokens, keys/values from the dense ones
             if per_token:  # the dense rows keep their own modulation: norm1 runs on them here
                 kv_in = _wan_modulated_norm1(module, x, temb)
-                state.route = _AttnRoute("sparse_q", kv_in=kv_in, rope_q=rope_r, rope_k=rope)
+                shared.route = _AttnRoute("sparse_q", kv_in=kv_in, rope_q=rope_r, rope_k=rope)
             else:  # norm1 sees [reduced; dense] in one call
-                state.companion = x
-                state.route = _AttnRoute("sparse_q", n_query=m, rope_q=rope_r, rope_k=rope)
+                shared.companion = x
+                shared.route = _AttnRoute("sparse_q", n_query=m, rope_q=rope_r, rope_k=rope)
             try:
                 out = original(*bound.args, **bound.kwargs)
-                if state.companion is not None:
+                if shared.companion is not None:
                     raise RuntimeError("a sparse_q block did not call norm1, cannot run sparse_q")
                 self._check_routed()
             finally:
-                state.companion = None
-                state.route = None
+                shared.companion = None
+                shared.route = None
         i = fam.output_index
         y = out[i] if fam.tuple_output else out
         x_new = reducer.add_expanded(x, y - x_r)
         return (*out[:i], x_new, *out[i + 1 :]) if fam.tuple_output else x_new
 
     def _check_routed(self) -> None:
-        if not self.state.route.used:  # type: ignore[union-attr]
+        if not self.shared.route.used:  # type: ignore[union-attr]
             raise RuntimeError(f"a {self.state.kind} block did not call its self-attention (attn1)")
 
 
@@ -667,15 +697,18 @@ def _wan_modulated_norm1(block: torch.nn.Module, x: torch.Tensor, temb: torch.Te
 
 
 class _RoutedAttention(torch.nn.Module):
-    """A sparse block's self-attention (``attn1``), its class swapped for a subclass of its own
-    that follows its kind's route: queries and keys/values from different token sets.
+    """A hooked block's self-attention (``attn1``), its class swapped for a subclass of its own
+    that follows the running sparse block's route: queries and keys/values from different token
+    sets. Without a route (a dense forward, a pooled block) it is the original ``forward``.
 
-    A class, not a per-module hook: every routed ``attn1`` of a kind shows dynamo the same
-    ``forward``, where a hook's per-module function would be guarded by identity (one graph per
-    block under regional compilation). `_routed_class` makes one subclass per attention class.
+    A class, not a per-module hook: every routed ``attn1`` shows dynamo the same ``forward``,
+    where a hook's per-module function would be guarded by identity (one graph per block under
+    regional compilation). Where an application has sparse blocks, the pooled blocks' ``attn1``
+    is routed too, so that a dense forward traces alike on both kinds. `_routed_class` makes one
+    subclass per attention class.
     """
 
-    _mmaccel_token_density: _Kind  # set on each instance
+    _mmaccel_token_density: _Shared  # set on each instance
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         route = self._mmaccel_token_density.route
@@ -720,11 +753,11 @@ def _routed_class(cls: type) -> type:
     return routed
 
 
-def _route_attention(handle: PatchHandle, attention: torch.nn.Module, kind: _Kind) -> None:
+def _route_attention(handle: PatchHandle, attention: torch.nn.Module, shared: _Shared) -> None:
     """Swap ``attention``'s class for its routed subclass; ``handle.remove()`` swaps it back."""
     base = type(attention)
     routed = _routed_class(base)
-    handle.set_attr(attention, "_mmaccel_token_density", kind)
+    handle.set_attr(attention, "_mmaccel_token_density", shared)
     attention.__class__ = routed
 
     def undo() -> None:
@@ -772,7 +805,8 @@ def apply_token_density(
     scheduler's timestep of the step being computed (``lambda: pipe.current_timestep``); without
     it the transformer's own ``timestep`` argument is read. A value that is not a timestep in
     ``[0, config.num_train_timesteps]`` (None, NaN, negative, too large) raises ``ValueError`` at
-    that forward. With ``scheduler`` (the pipeline's), a timestep tensor that is a view of
+    that forward; under a `ConstantSchedule` a timestep tensor is not read (nothing depends on it),
+    which also lets ``torch.export`` trace the model (any other schedule: ``NotImplementedError``). With ``scheduler`` (the pipeline's), a timestep tensor that is a view of
     ``scheduler.timesteps`` (what diffusers pipelines pass) is read on the host without a device
     read (`mmaccel.runtime.timesteps.HostTimesteps`). Returns a `TokenDensityHandle` whose ``stats`` records every forward;
     ``.remove()`` restores the model bit-for-bit.
@@ -825,9 +859,11 @@ def apply_token_density(
             kind = kinds[name, type(block)]
             if name != "pooled":
                 _check_sparse_block(block, i)
-                _route_attention(handle, block.attn1, kind)
-                if name == "sparse_q":
-                    handle.add_torch_hook(block.norm1.register_forward_pre_hook(kind.concat))
+            # pooled blocks too, so that a dense forward traces alike on every hooked block (_Shared)
+            if sparse and hasattr(block, "attn1") and hasattr(block, "norm1"):
+                _route_attention(handle, block.attn1, shared)
+                if config.sparse_mode == "sparse_q":
+                    handle.add_torch_hook(block.norm1.register_forward_pre_hook(shared.concat))
             handle.add_diffusers_hook(block, _BlockHook(kind), _HOOK)
         signature = inspect.signature(transformer.forward)
         planner = _Planner(

@@ -3,7 +3,8 @@
 `scripts/diffusers_model_tests.sh` runs diffusers' transformer tests with a technique applied to
 every model they create (`mmaccel.benchmarks.diffusers_suite`). The contracts below hold for the
 unpatched model and fail patched; each is a strict xfail until it is fixed (the cause is in its
-reason; `docs/compat.md`, "diffusers' own model tests", lists them). Tiny Wan (Flux: one test), the budgets of
+reason; `docs/compat.md`, "diffusers' own model tests", lists them). Tiny Wan (token density's Flux and
+HunyuanVideo tests: `mmaccel.testing`'s tiny builders), the budgets of
 `mmaccel.benchmarks.contract_budgets`; compile with dynamo's ``eager`` backend (diffusers' tests use inductor:
 the guards, and so the recompiles, are the same).
 """
@@ -21,7 +22,15 @@ from mmaccel.benchmarks.contract_budgets import (
     token_density_at_budget,
     token_density_at_every_step,
 )
-from mmaccel.testing import TINY_WAN_TRANSFORMER, tiny_flux_inputs, tiny_flux_transformer
+from mmaccel.diffusion.token_density import TokenDensityConfig, apply_token_density
+from mmaccel.runtime.budget import LinearSchedule
+from mmaccel.testing import (
+    TINY_WAN_TRANSFORMER,
+    tiny_flux_inputs,
+    tiny_flux_transformer,
+    tiny_hunyuan_video_inputs,
+    tiny_hunyuan_video_transformer,
+)
 
 torch.set_num_threads(1)
 
@@ -57,9 +66,12 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def _params(xfail: dict[str, pytest.MarkDecorator]) -> list[Any]:
-    return [pytest.param(t, b, marks=[xfail[t]] if t in xfail else []) for t in (None, *_APPLY) for b in ("full", "reducing")
-            if t is not None or b == "full"]  # fmt: skip
+def _params(
+    xfail: dict[str | tuple[str, str], pytest.MarkDecorator], techs: tuple[str | None, ...] = (None, *_APPLY)
+) -> list[Any]:
+    """(technique, budget) cases; ``xfail`` keyed by technique or by (technique, budget)."""
+    return [pytest.param(t, b, marks=[xfail[k] for k in (t, (t, b)) if k in xfail]) for t in techs
+            for b in ("full", "reducing") if t is not None or b == "full"]  # fmt: skip
 
 
 @pytest.mark.parametrize("tech, budget", _params({"svg2": _COLD_WARM}))
@@ -78,12 +90,13 @@ def test_fullgraph_compile_runs_the_same_call_twice_without_recompiling(
 _BLOCK_KINDS = pytest.mark.xfail(
     strict=True,
     raises=torch._dynamo.exc.FailOnRecompileLimitHit,
-    reason="by design: token density's pooled and sparse blocks of one class are two graphs (one per block kind, "
-    "test_model_contracts.py::test_regional_compile_compiles_one_graph_per_block_kind); a limit of 1 allows one",
+    reason="by design: a reducing forward runs token density's pooled and sparse blocks of one "
+    "class as two graphs (one per block kind, test_model_contracts.py::"
+    "test_regional_compile_compiles_one_graph_per_block_kind); a limit of 1 allows one",
 )
 
 
-@pytest.mark.parametrize("tech, budget", _params({"svg2": _COLD_WARM, "token_density": _BLOCK_KINDS}))
+@pytest.mark.parametrize("tech, budget", _params({"svg2": _COLD_WARM, ("token_density", "reducing"): _BLOCK_KINDS}))
 @torch.no_grad()
 def test_repeated_blocks_compile_within_a_recompile_limit_of_one(tech: str | None, budget: str) -> None:
     """diffusers' ``TorchCompileTesterMixin.test_torch_compile_repeated_blocks``."""
@@ -94,7 +107,72 @@ def test_repeated_blocks_compile_within_a_recompile_limit_of_one(tech: str | Non
         model(**inputs)
 
 
-@pytest.mark.parametrize("tech, budget", _params({}))
+_TOKEN_DENSITY = {
+    "full": lambda model: token_density_at_budget(model, False),
+    "reducing": lambda model: token_density_at_budget(model, True),
+    "every_step": token_density_at_every_step,
+}
+
+
+@pytest.mark.parametrize("setting", ["reducing", pytest.param("every_step", marks=_BLOCK_KINDS)])
+@torch.no_grad()
+def test_token_density_repeated_blocks_compile_within_a_recompile_limit_of_one_at_diffusers_timestep(
+    setting: str,
+) -> None:
+    """diffusers' ``test_torch_compile_repeated_blocks`` draws t = 44 for Wan: the reducing schedule
+    (keep 0.97 there: no pooling window) runs dense, as full budget does, and a dense forward traces
+    alike on the pooled and the sparse block: one graph. Keep 0.25 at every step reduces: two kinds."""
+    model, inputs = _wan(None)
+    _TOKEN_DENSITY[setting](model)
+    inputs["timestep"] = torch.tensor([44, 44])
+    model.compile_repeated_blocks(fullgraph=True, backend="eager")
+    with torch._dynamo.config.patch(recompile_limit=1):
+        model(**inputs)
+        model(**inputs)
+
+
+def _token_density_family(fam: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    if fam == "wan":
+        return _wan(None)
+    model = tiny_flux_transformer() if fam == "flux" else tiny_hunyuan_video_transformer()
+    return model, (tiny_flux_inputs if fam == "flux" else tiny_hunyuan_video_inputs)(model)
+
+
+@pytest.mark.parametrize("fam, setting", [("wan", "full"), ("wan", "every_step"), ("flux", "full"),
+                                          ("hunyuan_video", "full"), ("hunyuan_video", "every_step")])  # fmt: skip
+def test_token_density_exports_at_a_constant_keep_ratio(fam: str, setting: str) -> None:
+    """diffusers' ``test_compile_works_with_aot`` (its export step) under a ``ConstantSchedule``:
+    the decision reads no timestep, so ``torch.export`` traces the forward pre-hook and the
+    exported program (its plan fixed) equals eager. An export is no forward: nothing recorded."""
+    model, inputs = _token_density_family(fam)
+    handle = _TOKEN_DENSITY[setting](model)
+    with torch.no_grad():
+        eager = model(**inputs)[0]
+    exported = torch.export.export(model, args=(), kwargs=inputs)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(**inputs)[0], eager)
+    assert [s.reduced for s in handle.stats.steps] == [setting == "every_step"]  # the eager forward only
+
+
+def test_token_density_export_is_refused_in_one_line_where_the_decision_reads_the_timestep() -> None:
+    """A schedule that depends on the timestep is refused with ``NotImplementedError`` whatever the
+    timestep's type (the callback's host number too: an exported program would keep one step's
+    decision for every step), and so is Flux below keep 1 (its token grid is read from img_ids)."""
+    model, inputs = _wan(None)
+    for apply in (_TOKEN_DENSITY["reducing"], lambda m: apply_token_density(m, TokenDensityConfig(
+            schedule=LinearSchedule(0.25, 1.0), pooled_blocks=(0, 1), sparse_blocks=(1, 2)),
+            current_timestep_callback=lambda: 500.0)):  # fmt: skip
+        handle = apply(model)
+        with pytest.raises(NotImplementedError, match="torch.export of a model whose technique decides"):
+            torch.export.export(model, args=(), kwargs=inputs)
+        handle.remove()
+    model, inputs = _token_density_family("flux")
+    token_density_at_every_step(model)
+    with pytest.raises(NotImplementedError, match="token grid is read from the values of img_ids"):
+        torch.export.export(model, args=(), kwargs=inputs)
+
+
+@pytest.mark.parametrize("tech, budget", _params({}, techs=(None, "svg2")))
 def test_torch_export_of_the_model_is_refused_in_one_line(tech: str | None, budget: str) -> None:
     """diffusers' ``TorchCompileTesterMixin.test_compile_works_with_aot`` (its export step): the
     unpatched model exports; a patched one is refused with ``NotImplementedError`` (export traces

@@ -430,6 +430,26 @@ def test_regional_compile_compiles_one_graph_per_block_kind(tech: str, fam: str)
         torch.testing.assert_close(compiled[0], eager, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("budget", ["full", "reducing"])
+def test_regional_compile_of_a_dense_token_density_forward_shares_one_graph_across_kinds(budget: str) -> None:
+    """Token density on Wan at full budget, or reducing at the low-noise timestep (keep 0.925: no
+    pooling window): a dense forward reads nothing kind-specific, so the pooled and sparse blocks
+    share one graph (the unhooked dense blocks: another) over two steps, equal to eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    family, model, _ = _build("token_density", "wan", budget)
+    kwargs = family.inputs(_timesteps(family.t_low, family.t_low))
+    pooled, sparse = TokenDensityConfig().layout(len(model.blocks))
+    assert pooled and sparse and len(pooled) + len(sparse) < len(model.blocks)
+    with torch.no_grad():
+        eager = _sample(model(**kwargs))
+        counter = CompileCounterWithBackend("eager")
+        model.compile_repeated_blocks(fullgraph=True, backend=counter)
+        compiled = [_sample(model(**kwargs)) for _ in range(2)]
+    assert counter.frame_count == 2  # hooked blocks (both kinds) + dense blocks
+    torch.testing.assert_close(compiled[1], eager, rtol=1e-4, atol=1e-5)
+
+
 # -- D. fused projections --------------------------------------------------------------------------
 
 

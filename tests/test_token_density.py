@@ -132,11 +132,17 @@ def test_density_one_is_exact_and_remove_restores(pipes, name):
         assert handle.stats.steps[-1].token_ratio == 1.0
     with apply_token_density(model, TokenDensityConfig(schedule=QUARTER, reducer="merge")):
         assert not torch.equal(_run(model, name), dense)
-    # removed: same forward, same parameters, no hooks or instance forwards left behind
+        # pooled (0) and sparse (1) blocks: one routed attn1 class, one norm1 pre-hook object
+        blocks = getattr(model, "blocks", None) or model.transformer_blocks
+        assert type(blocks[0].attn1) is type(blocks[1].attn1) and type(blocks[1].attn1) in td._ROUTED.values()
+        hooks = [list(b.norm1._forward_pre_hooks.values()) for b in blocks[:2]]
+        assert len(hooks[0]) == 1 and hooks[0] == hooks[1]
+    # removed: same forward, same parameters, no hooks, instance forwards or routed classes left behind
     assert torch.equal(_run(model, name), dense)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     for module in model.modules():
         assert "_diffusers_hook" not in module.__dict__ and "forward" not in module.__dict__
+        assert type(module) not in td._ROUTED.values() and not module._forward_pre_hooks and not module._forward_hooks
 
 
 @pytest.mark.parametrize("name", ["dit", "pixart", "wan"])
@@ -316,9 +322,35 @@ def test_steady_state_compiles_without_graph_breaks(pipes):
         with torch._dynamo.config.patch(error_on_recompile=True):
             torch.testing.assert_close(_run(compiled, "wan", t=300.0), eager[300.0])
         steps = handle.stats.steps
-    assert len(steps) == 5 and [s.progress for s in steps[-2:]] == [pytest.approx(0.5), pytest.approx(0.7)]
+    assert len(steps) == 5 and [s.progress for s in steps] == [None] * 5  # a constant keep ratio reads no timestep
     assert steps[-1].token_ratio < 1
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("schedule, syncs", [(QUARTER, 0), (FULL, 0), (StepSchedule(boundaries=(0.5,), ratios=(0.25, 1.0)), 1)])
+def test_only_a_schedule_that_depends_on_the_timestep_reads_it(pipes, schedule, syncs):
+    """Issue 32: a ``ConstantSchedule`` decides without the timestep, so a timestep tensor is not
+    read (0 host-device syncs without ``scheduler=``) and its progress is recorded as None; a host
+    value (here the callback's number) is still validated and recorded. Another schedule reads
+    the tensor: one sync per forward."""
+    from mmaccel.testing.hotpath import count_hot_path
+
+    model = pipes["wan"].transformer
+    with apply_token_density(model, TokenDensityConfig(schedule=schedule)) as handle:
+        _run(model, "wan", t=300.0)  # builds the plan
+        count = count_hot_path(lambda: _run(model, "wan", t=300.0))
+        expected = schedule(0.7)
+        assert [(s.progress, s.keep_ratio) for s in handle.stats.steps] == [
+            (None if syncs == 0 else pytest.approx(0.7), expected)
+        ] * 2
+        assert handle.stats.table().splitlines()[2].startswith("| 0 | - |" if syncs == 0 else "| 0 | 0.700 |")
+    assert count.syncs == syncs
+    with apply_token_density(model, TokenDensityConfig(schedule=schedule), current_timestep_callback=lambda: 300.0) as handle:
+        _run(model, "wan", t=300.0)
+        assert handle.stats.steps[0].progress == pytest.approx(0.7)
+    with apply_token_density(model, TokenDensityConfig(schedule=schedule), current_timestep_callback=lambda: -1.0):
+        with pytest.raises(ValueError, match="current_timestep_callback"):
+            _run(model, "wan")
 
 
 def test_scheduler_timesteps_are_read_on_the_host(pipes):
@@ -442,8 +474,9 @@ def test_sparse_blocks_refuse_a_wrapped_attention(pipes):
 
 def test_regional_compile_recompiles_each_hooked_kind_once_per_plan():
     """``compile_repeated_blocks(fullgraph=True)`` over a two-level run (reduced, then dense) on a
-    4-block Wan (pooled 1, sparse_q 2, dense 1): one graph per block kind and plan: the dense
-    kind once, the pooled and sparse kinds once per plan (reduced, dense): 1 + 2 x 2 = 5."""
+    4-block Wan (pooled 1, sparse_q 2, dense 1): the reduced steps compile one graph per block
+    kind (dense, pooled, sparse: 3); the dense steps add one graph that every hooked block shares
+    (a dense forward reads nothing kind-specific): 3 + 1 = 4 (it was 5, one per hooked kind)."""
     from diffusers import WanTransformer3DModel
     from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -460,10 +493,12 @@ def test_regional_compile_recompiles_each_hooked_kind_once_per_plan():
         with torch.no_grad():
             eager = [model(**{**inputs, "timestep": torch.full((2,), t)}).sample for t in (900.0, 100.0)]
             model.compile_repeated_blocks(fullgraph=True, backend=counter)
+            frames = []
             for t in (900.0, 800.0, 700.0, 300.0, 200.0, 100.0):
                 out = model(**{**inputs, "timestep": torch.full((2,), t)}).sample
+                frames.append(counter.frame_count)
                 if t in (900.0, 100.0):
                     torch.testing.assert_close(out, eager[t == 100.0], rtol=1e-5, atol=1e-5)
     finally:
         torch._dynamo.reset()
-    assert counter.frame_count == 5
+    assert frames == [3, 3, 3, 4, 4, 4]
