@@ -959,7 +959,7 @@ class _SVG2Processor:
         self._flags = (torch.tensor(False), torch.tensor(True))
         self._rounds = (torch.tensor(config.kmeans_iters), torch.tensor(config.kmeans_init_iters))
         self._draw: tuple[_DrawKey, list[torch.Tensor]] | None = None  # the latest draw, on its device
-        self._idle: dict[tuple[int, int, torch.device], torch.Tensor] = {}  # indices a warm job carries
+        self._idle: tuple[torch.Tensor, torch.Tensor] | None = None  # indices a warm job carries
 
     def _start(self, batch: int, tokens: int, device: torch.device, fresh: bool) -> KMeansStart | None:
         """The `KMeansStart` of this layer's next sparse call for ``batch`` samples of ``tokens``
@@ -970,22 +970,27 @@ class _SVG2Processor:
         state, config = self.state, self.config
         ulysses = _ulysses(self._parallel_config)
         local = self.heads if ulysses is None else self.heads // ulysses[1]
-        share = None if ulysses is None else (ulysses[0] * local, local, self.heads)
         rows, counts = batch * local, (config.num_q_clusters, config.num_k_clusters)
-        if any(c > tokens for c in counts):
+        if counts[0] > tokens or counts[1] > tokens:
             return None
         stored = (None, None) if fresh else (state.q_centroids, state.k_centroids)
-        shapes = [(rows, c, self.head_dim) for c in counts]
-        cold = tuple(s is None or s.shape != shape or s.device != device for s, shape in zip(stored, shapes))
-        jobs = [(rows, tokens, c) for c, is_cold in zip(counts, cold) if is_cold]
-        drawn = iter(self._drawn(_draw_key(jobs, config.seed + (0 if fresh else state.calls), share), device)
-                     if jobs else [])  # fmt: skip
-        indices = tuple(next(drawn) if is_cold else self._idle_indices(rows, c, device) for c, is_cold in zip(counts, cold))
-        centroids = tuple(
-            torch.zeros(shape, device=device) if is_cold else s for s, shape, is_cold in zip(stored, shapes, cold)
+        cold = tuple(
+            s is None or s.shape != (rows, c, self.head_dim) or s.device != device for s, c in zip(stored, counts)
         )
-        return KMeansStart(tokens, rows, cold, tuple(self._flags[int(c)] for c in cold),
-                           tuple(self._rounds[int(c)] for c in cold), indices, centroids)  # fmt: skip
+        idle = self._idle_indices(rows, device)
+        if not any(cold):  # the steady state: nothing to draw or allocate
+            return KMeansStart(tokens, rows, cold, self._flags[:1] * 2, self._rounds[:1] * 2, idle, stored)
+        share = None if ulysses is None else (ulysses[0] * local, local, self.heads)
+        jobs = [(rows, tokens, c) for c, is_cold in zip(counts, cold) if is_cold]
+        drawn = iter(self._drawn(_draw_key(jobs, config.seed + (0 if fresh else state.calls), share), device))
+        return KMeansStart(
+            tokens, rows, cold,
+            tuple(self._flags[is_cold] for is_cold in cold),
+            tuple(self._rounds[is_cold] for is_cold in cold),
+            tuple(next(drawn) if is_cold else i for i, is_cold in zip(idle, cold)),
+            tuple(torch.zeros(rows, c, self.head_dim, device=device) if is_cold else x
+                  for x, c, is_cold in zip(stored, counts, cold)),
+        )  # fmt: skip
 
     def _drawn(self, key: _DrawKey, device: torch.device) -> list[torch.Tensor]:
         """The draw of ``key`` on ``device`` (the latest one is kept: a repeated cold start draws once)."""
@@ -993,12 +998,15 @@ class _SVG2Processor:
             self._draw = key, [idx.to(device).contiguous() for idx in _draw_indices(key)]
         return self._draw[1]
 
-    def _idle_indices(self, rows: int, clusters: int, device: torch.device) -> torch.Tensor:
-        """Valid token indices (zeros) a warm job carries in place of a draw, made once per shape."""
-        key = (rows, clusters, device)
-        if key not in self._idle:
-            self._idle[key] = torch.zeros(rows, clusters, dtype=torch.long, device=device)
-        return self._idle[key]
+    def _idle_indices(self, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Valid token indices (zeros) the query and key jobs carry when warm, in place of a
+        draw (the same shapes as a draw's, so a compiled call sees one input), made once."""
+        if self._idle is None or self._idle[0].shape[0] != rows or self._idle[0].device != device:
+            self._idle = tuple(
+                torch.zeros(rows, c, dtype=torch.long, device=device)
+                for c in (self.config.num_q_clusters, self.config.num_k_clusters)
+            )
+        return self._idle
 
     def _plan(self, attention_mask: torch.Tensor | None) -> tuple[bool, Clustering | None]:
         """(dense, clustering) of this call. A forward decides (dense warm-up by step and layer;
