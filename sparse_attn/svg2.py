@@ -660,7 +660,9 @@ def semantic_sparse_attention(
         q, k, v, config, clustering, dense_prefix, prefix_attention, prefix_mask
     )
     t2 = _clock(q.device, config.profile)
-    state.start = None  # a start serves one call
+    # a start serves one call. Every state write comes after k-means: under torch 2.13's dynamo,
+    # an attribute written before a while_loop loses the object's writes after it
+    state.start = None
     if torch.compiler.is_exporting():
         return out
     state.density, state.backend = density, backend

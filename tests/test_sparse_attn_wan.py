@@ -314,13 +314,16 @@ def test_cold_and_warm_steps_are_one_fullgraph_program(family):
 
     def run(m) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
         handle.reset_state()
+        handle.stats.reset()
         steps = []
         with torch.no_grad():
             for step in range(4):
                 if step == 3:
                     handle.reset_state()  # a new generation
                 out = m(**{**kw, "hidden_states": kw["hidden_states"] + 0.1 * step, "return_dict": False})[0]
-                steps.append((out, [p.state.q_centroids for p in handle.processors]))
+                memory = [x for p in handle.processors for x in (p.state.q_centroids, p.state.k_labels, p.state.density)]
+                steps.append((out, memory))
+        steps.append((torch.tensor(0.0), [torch.tensor(list(handle.stats.summary().values())[:6])]))  # call counts
         return steps
 
     eager = run(model)
@@ -330,6 +333,7 @@ def test_cold_and_warm_steps_are_one_fullgraph_program(family):
     torch._dynamo.reset()
     handle.remove()
     assert not torch.equal(eager[1][1][0], eager[2][1][0])  # the warm steps moved the centroids
+    assert eager[-1][1][0][1] == 4 * len(handle.processors)  # sparse calls
     for (out, memory), (want, want_memory) in zip(compiled, eager, strict=True):
         torch.testing.assert_close(out, want)
         for got, ref in zip(memory, want_memory, strict=True):
