@@ -158,7 +158,10 @@ def kmeans_rounds(
     and ``-1`` under compile (the count is data there)."""
     if x.ndim != 3 or init.ndim != 3 or init.shape[0] != x.shape[0] or init.shape[2] != x.shape[2]:
         raise ValueError(f"x must be (N, S, D) and init (N, C, D), got {tuple(x.shape)}, {tuple(init.shape)}")
-    if not isinstance(iterations, torch.Tensor) or iterations.ndim or iterations.is_floating_point():
+    integer = isinstance(iterations, torch.Tensor) and not (
+        iterations.is_floating_point() or iterations.is_complex() or iterations.dtype == torch.bool
+    )
+    if not integer or iterations.ndim:
         raise TypeError(f"iterations must be a 0-d integer tensor, got {iterations!r}")
     xf, centroids = x.float(), init.to(device=x.device, dtype=torch.float32)
     if not torch.compiler.is_compiling():

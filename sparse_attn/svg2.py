@@ -517,7 +517,9 @@ def _initial_centroids(
     if not jobs:
         return []
     key = _draw_key([(x.shape[0], x.shape[1], c) for x, c in jobs], seed, heads)
-    return [_gather(x, idx) for (x, _), idx in zip(jobs, _draw_indices(key))]
+    with _outside_the_trace() if torch.compiler.is_exporting() else contextlib.nullcontext():
+        indices = _draw_indices(key)  # under export: constants of the program, not a traced generator
+    return [_gather(x, idx) for (x, _), idx in zip(jobs, indices)]
 
 
 def _clustered_attention(

@@ -212,6 +212,8 @@ def test_kmeans_rounds_bad_inputs():
         kmeans_rounds(x, x[:, :3], 2)
     with pytest.raises(TypeError, match="iterations must be a 0-d integer tensor"):
         kmeans_rounds(x, x[:, :3], torch.tensor(2.0))
+    with pytest.raises(TypeError, match="iterations must be a 0-d integer tensor"):
+        kmeans_rounds(x, x[:, :3], torch.tensor([2]))
     with pytest.raises(ValueError, match="init"):
         kmeans_rounds(x, x[:1, :3], torch.tensor(2))
 
@@ -542,6 +544,26 @@ def test_cold_start_draw_is_the_seeded_random_tokens_drawn_in_the_call_or_ahead(
     # one rank's share of the heads draws those heads' rows of the one-process draw
     share = _initial_centroids([(xq[1::3].contiguous(), 4)], 7, (1, 1, 3))[0]
     assert torch.equal(share, want[0][1::3])
+
+
+def test_export_of_a_direct_call_takes_its_cold_start_draw_as_constants():
+    """``torch.export`` of a module calling `semantic_sparse_attention` itself (no pre-forward
+    hook, a fresh state: a cold start): the draw is made outside the trace, so it enters the
+    program as constants and every call equals the eager call; the state is not written."""
+    cfg = SVG2Config(num_q_clusters=4, num_k_clusters=6, top_p=0.5, min_kc_ratio=0.0, backend="masked",
+                     kmeans_init_iters=5)  # fmt: skip
+    state = SparseAttentionState()
+
+    class Attention(torch.nn.Module):
+        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return semantic_sparse_attention(q, k, v, cfg, state)
+
+    q, k, v = _clustered(s=96)
+    program = torch.export.export(Attention(), (q, k, v)).module()
+    assert state.q_centroids is None and state.calls == 0
+    want = semantic_sparse_attention(q, k, v, cfg, SparseAttentionState())
+    for _ in range(2):
+        torch.testing.assert_close(program(q, k, v), want)
 
 
 def test_given_clustering_replaces_kmeans_and_leaves_the_state_alone():
