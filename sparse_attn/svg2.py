@@ -45,7 +45,7 @@ from mmaccel.sparse_attn.backends import (
     masked_block_sparse,
     reference_block_sparse,
 )
-from mmaccel.sparse_attn.kmeans import KMEANS_BACKENDS, kmeans, kmeans_rounds
+from mmaccel.sparse_attn.kmeans import KMEANS_BACKENDS, KMeansResult, kmeans, kmeans_rounds
 
 __all__ = [
     "PRESETS",
@@ -652,7 +652,8 @@ def semantic_sparse_attention(
         )
         warm = None  # data here
     else:
-        kq, kk, warm = _host_kmeans(qf, kf, config, state, start, None if heads is None else (heads[0], h, heads[1]))
+        share = None if heads is None else (heads[0], h, heads[1])
+        kq, kk, warm = _host_kmeans(qf, kf, config, state, start, share)
     if not torch.compiler.is_exporting():  # an exported program keeps no k-means memory
         state.q_centroids, state.k_centroids = kq.centroids, kk.centroids
     selected = select_clusters(kq.centroids, kk.centroids, kk.counts, config.top_p, config.min_kc_ratio)
@@ -696,17 +697,21 @@ def _host_kmeans(
     state: SparseAttentionState,
     start: KMeansStart | None,
     share: tuple[int, int, int] | None,
-) -> tuple[Any, Any, tuple[bool, bool]]:
+) -> tuple[KMeansResult, KMeansResult, tuple[bool, bool]]:
     """k-means of the queries and the keys with host-decided starts: a given `KMeansStart`'s, or
     (without one) warm from the state's centroids of this shape and device, else cold from a
     draw made here (`_initial_centroids`). Returns both results and whether each started warm."""
     jobs = ((qf, config.num_q_clusters, state.q_centroids), (kf, config.num_k_clusters, state.k_centroids))
     if start is not None:
         warm = tuple(not c for c in start.cold)
-        inits = [stored if w else _gather(x, idx) for x, w, idx, stored in zip((qf, kf), warm, start.indices, start.centroids)]
+        pairs = zip((qf, kf), warm, start.indices, start.centroids)
+        inits = [stored if w else _gather(x, idx) for x, w, idx, stored in pairs]
     else:
-        warm = tuple(s is not None and s.shape == (*x.shape[:1], c, x.shape[2]) and s.device == x.device for x, c, s in jobs)
-        drawn = iter(_initial_centroids([(x, c) for (x, c, _), w in zip(jobs, warm) if not w], config.seed + state.calls, share))
+        warm = tuple(
+            s is not None and s.shape == (x.shape[0], c, x.shape[2]) and s.device == x.device for x, c, s in jobs
+        )
+        cold = [(x, c) for (x, c, _), w in zip(jobs, warm) if not w]
+        drawn = iter(_initial_centroids(cold, config.seed + state.calls, share))
         inits = [s if w else next(drawn) for (_, _, s), w in zip(jobs, warm)]
     kq, kk = (
         kmeans(x, c, init=init, iterations=config.kmeans_iters if w else config.kmeans_init_iters,
