@@ -6,6 +6,8 @@ previous step's centroids for a few iterations. Everything here is vectorised ov
 batch dimension (batch x heads); empty clusters keep their centroid. By default every call runs
 its iterations in full and reads nothing back to the host; an early-stop tolerance is an option.
 On CUDA the authors' Triton k-means (PyPI ``flash-kmeans``) can run instead (``backend``).
+`kmeans_rounds` takes the round count as data (a 0-d tensor), so that one compiled program runs
+any count (SVG2's cold and warm starts).
 """
 
 from __future__ import annotations
@@ -16,7 +18,16 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["KMEANS_BACKENDS", "KMeansResult", "assign", "flash_kmeans_available", "inertia", "kmeans", "random_init"]
+__all__ = [
+    "KMEANS_BACKENDS",
+    "KMeansResult",
+    "assign",
+    "flash_kmeans_available",
+    "inertia",
+    "kmeans",
+    "kmeans_rounds",
+    "random_init",
+]
 
 KMEANS_BACKENDS = ("torch", "flash_kmeans")
 
@@ -57,9 +68,8 @@ def _update(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n, c, d = centroids.shape
     rows = (labels + torch.arange(n, device=x.device).unsqueeze(1) * c).view(-1)  # one flat row per cluster
-    sums = torch.zeros(n * c, d, dtype=x.dtype, device=x.device).index_add_(0, rows, x.reshape(-1, d)).view(n, c, d)
-    counts = torch.zeros(n, c, dtype=torch.long, device=x.device)
-    counts.scatter_add_(1, labels, torch.ones_like(labels))
+    sums = torch.zeros(n * c, d, dtype=x.dtype, device=x.device).index_add(0, rows, x.reshape(-1, d)).view(n, c, d)
+    counts = torch.zeros(n, c, dtype=torch.long, device=x.device).scatter_add(1, labels, torch.ones_like(labels))
     means = sums / counts.clamp_min(1).unsqueeze(-1).to(x.dtype)
     return torch.where((counts > 0).unsqueeze(-1), means, centroids), counts
 
@@ -131,6 +141,67 @@ def kmeans(
         if shift.sqrt().item() <= tol:
             break
     return KMeansResult(labels=labels, centroids=centroids, counts=counts, iterations=done)
+
+
+def kmeans_rounds(
+    x: torch.Tensor, init: torch.Tensor, iterations: torch.Tensor, *, tol: float | None = None
+) -> KMeansResult:
+    """Lloyd's k-means on ``x`` (N, S, D) from ``init`` (N, C, D), for ``iterations`` rounds given
+    as data: a 0-d integer CPU tensor (>= 1; its value is not checked, that would read it).
+
+    Eager: the same rounds as `kmeans` (``int(iterations)`` reads a CPU value, no device sync).
+    Under ``torch.compile`` / ``torch.export`` the rounds are a
+    ``torch._higher_order_ops.while_loop`` whose counter and predicate stay on the CPU, so one
+    program serves every count and its loop test reads no device value; with ``tol`` the loop
+    also stops once no centroid moves more than ``tol``, as `kmeans` does (that predicate is on
+    ``x``'s device: one read per round). ``iterations`` of the result is the eager round count,
+    and ``-1`` under compile (the count is data there)."""
+    if x.ndim != 3 or init.ndim != 3 or init.shape[0] != x.shape[0] or init.shape[2] != x.shape[2]:
+        raise ValueError(f"x must be (N, S, D) and init (N, C, D), got {tuple(x.shape)}, {tuple(init.shape)}")
+    integer = isinstance(iterations, torch.Tensor) and not (
+        iterations.is_floating_point() or iterations.is_complex() or iterations.dtype == torch.bool
+    )
+    if not integer or iterations.ndim:
+        raise TypeError(f"iterations must be a 0-d integer tensor, got {iterations!r}")
+    xf, centroids = x.float(), init.to(device=x.device, dtype=torch.float32)
+    if not torch.compiler.is_compiling():
+        return kmeans(xf, centroids.shape[1], init=centroids, iterations=int(iterations), tol=tol)
+    from torch._higher_order_ops.while_loop import while_loop
+
+    zero = torch.zeros((), dtype=torch.long)  # the counter and its bound stay on the CPU
+    labels = torch.zeros(xf.shape[:2], dtype=torch.long, device=xf.device)
+    counts = torch.zeros(centroids.shape[:2], dtype=torch.long, device=xf.device)
+    bound = iterations.to(device="cpu", dtype=torch.long)
+    if tol is None:
+
+        def go(c: torch.Tensor, lab: torch.Tensor, cnt: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+            return i < bound
+
+        def step(c: torch.Tensor, lab: torch.Tensor, cnt: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return (*_round(xf, c), i + 1)
+
+        centroids, labels, counts, _ = while_loop(go, step, (centroids, labels, counts, zero))
+        return KMeansResult(labels=labels, centroids=centroids, counts=counts, iterations=-1)
+    done = torch.zeros((), dtype=torch.bool, device=xf.device)
+
+    def go_tol(c: torch.Tensor, lab: torch.Tensor, cnt: torch.Tensor, stop: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        return (i < bound).to(stop.device) & ~stop
+
+    def step_tol(
+        c: torch.Tensor, lab: torch.Tensor, cnt: torch.Tensor, stop: torch.Tensor, i: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        new, lab, cnt = _round(xf, c)
+        return new, lab, cnt, (new - c).square().sum(-1).max().sqrt() <= tol, i + 1
+
+    centroids, labels, counts, _, _ = while_loop(go_tol, step_tol, (centroids, labels, counts, done, zero))
+    return KMeansResult(labels=labels, centroids=centroids, counts=counts, iterations=-1)
+
+
+def _round(xf: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One Lloyd round: the new centroids, the labels and the counts."""
+    labels = assign(xf, centroids)
+    new, counts = _update(xf, labels, centroids)
+    return new, labels, counts
 
 
 def _flash_kmeans(x: torch.Tensor, centroids: torch.Tensor, iterations: int, tol: float | None) -> KMeansResult:

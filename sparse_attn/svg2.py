@@ -19,6 +19,7 @@ scheduler's timesteps) and the first ``floor(dense_layers * layers)`` blocks run
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import time
@@ -44,13 +45,14 @@ from mmaccel.sparse_attn.backends import (
     masked_block_sparse,
     reference_block_sparse,
 )
-from mmaccel.sparse_attn.kmeans import KMEANS_BACKENDS, kmeans
+from mmaccel.sparse_attn.kmeans import KMEANS_BACKENDS, KMeansResult, kmeans, kmeans_rounds
 
 __all__ = [
     "PRESETS",
     "SUPPORTED_TRANSFORMERS",
     "AttentionInfo",
     "Clustering",
+    "KMeansStart",
     "Preset",
     "SVG2CogVideoXAttnProcessor",
     "SVG2Config",
@@ -287,6 +289,35 @@ class Clustering:
     selected: torch.Tensor
 
 
+@dataclass(frozen=True, eq=False)
+class KMeansStart:
+    """How a layer's next sparse call starts k-means of its queries and of its keys (each field a
+    ``(queries, keys)`` pair), made ahead by `apply_svg2`'s pre-forward hook, outside any
+    compiled region, for ``tokens`` video tokens in ``rows`` (batch x heads) rows.
+
+    ``cold``: whether the job cold-starts, as host values (eager calls branch on them) and as
+    0-d bool CPU tensors ``cold_flags``; ``iterations``: its Lloyd rounds (``kmeans_init_iters``
+    cold, ``kmeans_iters`` warm) as 0-d long CPU tensors; ``indices`` (rows, C) long: the cold
+    start's random tokens (`_draw_indices`; any valid tokens when warm); ``centroids`` (rows, C,
+    D) float32: the stored centroids to warm-start from (zeros when cold). A compiled call reads
+    only the tensors, ``init = where(cold_flag, x[indices], centroids)`` and ``iterations`` Lloyd
+    rounds as data (`kmeans_rounds`), so a cold and a warm call are one program."""
+
+    tokens: int
+    rows: int
+    cold: tuple[bool, bool]
+    cold_flags: tuple[torch.Tensor, torch.Tensor]
+    iterations: tuple[torch.Tensor, torch.Tensor]
+    indices: tuple[torch.Tensor, torch.Tensor]
+    centroids: tuple[torch.Tensor, torch.Tensor]
+
+    def fits(self, rows: int, tokens: int, head_dim: int, device: torch.device) -> bool:
+        """Whether it was made for a call of these rows, video tokens, head dim and device."""
+        return (self.rows, self.tokens) == (rows, tokens) and all(
+            c.shape[2] == head_dim and c.device == device for c in self.centroids
+        )
+
+
 @dataclass
 class SparseAttentionState:
     """Per-layer k-means memory: the last Q / K centroids (B*H, C, D), reused as warm start.
@@ -296,9 +327,9 @@ class SparseAttentionState:
     ``selected`` (B*H, Cq, Ck) are the latest call's clustering and selection (`clustering`),
     ``density`` (0-dim tensor) and ``backend`` its mask-weighted density and kernel. ``last`` (an
     `AttentionInfo`; its densities are read lazily, its timings filled only with
-    ``profile=True``) and ``calls`` are updated by eager calls only. ``draw`` is a cold start's
-    random draw made ahead (`apply_svg2`'s pre-forward hook), used when a call's cold start
-    matches it.
+    ``profile=True``) and ``calls`` are updated by eager calls only. ``start`` is how the next
+    call's k-means starts (`KMeansStart`), made ahead by `apply_svg2`'s pre-forward hook and
+    taken by the call it fits.
     """
 
     q_centroids: torch.Tensor | None = None
@@ -312,13 +343,13 @@ class SparseAttentionState:
     calls: int = field(default=0)
     density: torch.Tensor | None = None
     backend: str | None = None
-    draw: tuple[_DrawKey, list[torch.Tensor]] | None = None
+    start: KMeansStart | None = None
 
     def reset(self) -> None:
         """Forget everything (the next call cold-starts), e.g. before a new video."""
         self.q_centroids = self.k_centroids = self.last = None
         self.q_labels = self.k_labels = self.q_counts = self.k_counts = self.selected = None
-        self.density = self.backend = self.draw = None
+        self.density = self.backend = self.start = None
         self.calls = 0
 
     def clustering(self) -> Clustering | None:
@@ -477,23 +508,18 @@ def _draw_indices(key: _DrawKey) -> list[torch.Tensor]:
 
 
 def _initial_centroids(
-    jobs: list[tuple[torch.Tensor, int]],
-    seed: int,
-    heads: tuple[int, int, int] | None = None,
-    draw: tuple[_DrawKey, list[torch.Tensor]] | None = None,
+    jobs: list[tuple[torch.Tensor, int]], seed: int, heads: tuple[int, int, int] | None = None
 ) -> list[torch.Tensor]:
     """Cold-start centroids (random distinct tokens, `_draw_indices`) for each ``(tokens,
     clusters)`` job, in order, seeded with ``seed``; ``heads = (first, local, total)`` as there.
-
-    ``draw``: a ``(key, indices)`` drawn ahead (`_Clock`, the transformer's forward pre-hook,
-    outside a compiled region); used when its key is this call's, so the call itself only gathers. Otherwise the
-    indices are drawn here (the same ones: the draw depends on the key only)."""
+    A call without a `KMeansStart` draws here; `apply_svg2`'s pre-forward hook draws the same
+    tokens ahead (the draw depends on its key only)."""
+    if not jobs:
+        return []
     key = _draw_key([(x.shape[0], x.shape[1], c) for x, c in jobs], seed, heads)
-    indices = draw[1] if draw is not None and draw[0] == key else _draw_indices(key)
-    return [
-        torch.gather(x.float(), 1, idx.to(x.device).unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        for (x, _), idx in zip(jobs, indices)
-    ]
+    with _outside_the_trace() if torch.compiler.is_exporting() else contextlib.nullcontext():
+        indices = _draw_indices(key)  # under export: constants of the program, not a traced generator
+    return [_gather(x, idx) for (x, _), idx in zip(jobs, indices)]
 
 
 def _clustered_attention(
@@ -613,28 +639,23 @@ def semantic_sparse_attention(
     qf, kf = (x[:, :, n:].detach().reshape(b * h, x.shape[2] - n, d) for x in (q, k))
 
     t0 = _clock(q.device, config.profile)
-    jobs = (("q", qf, config.num_q_clusters), ("k", kf, config.num_k_clusters))
-    warm = {}
-    for name, _x, c in jobs:
-        init = getattr(state, f"{name}_centroids")
-        warm[name] = init is not None and init.shape == (b * h, c, d) and init.device == q.device
-    cold = [(x, c) for name, x, c in jobs if not warm[name]]
-    share = None if heads is None else (heads[0], h, heads[1])
-    inits = iter(_initial_centroids(cold, config.seed + state.calls, share, state.draw) if cold else [])
-    results = []
-    for name, x, c in jobs:
-        results.append(
-            kmeans(
-                x,
-                c,
-                init=getattr(state, f"{name}_centroids") if warm[name] else next(inits),
-                iterations=config.kmeans_iters if warm[name] else config.kmeans_init_iters,
-                tol=config.kmeans_tol,
-                backend=config.kmeans_backend,
+    start = state.start
+    if start is not None and not start.fits(b * h, sq - n, d, q.device):
+        start = None
+    if start is not None and torch.compiler.is_compiling() and config.kmeans_backend == "torch":
+        # one program for cold and warm: the start's tensors decide (`KMeansStart`)
+        kq, kk = (
+            kmeans_rounds(x, torch.where(cold, _gather(x, idx), stored), rounds, tol=config.kmeans_tol)
+            for x, cold, idx, stored, rounds in zip(
+                (qf, kf), start.cold_flags, start.indices, start.centroids, start.iterations
             )
         )
-    kq, kk = results
-    state.q_centroids, state.k_centroids = kq.centroids, kk.centroids
+        warm = None  # data here
+    else:
+        share = None if heads is None else (heads[0], h, heads[1])
+        kq, kk, warm = _host_kmeans(qf, kf, config, state, start, share)
+    if not torch.compiler.is_exporting():  # an exported program keeps no k-means memory
+        state.q_centroids, state.k_centroids = kq.centroids, kk.centroids
     selected = select_clusters(kq.centroids, kk.centroids, kk.counts, config.top_p, config.min_kc_ratio)
     t1 = _clock(q.device, config.profile)
     clustering = Clustering(kq.labels, kq.counts, kk.labels, kk.counts, selected)
@@ -642,7 +663,11 @@ def semantic_sparse_attention(
         q, k, v, config, clustering, dense_prefix, prefix_attention, prefix_mask
     )
     t2 = _clock(q.device, config.profile)
-
+    # a start serves one call. Every state write comes after k-means: under torch 2.13's dynamo,
+    # an attribute written before a while_loop loses the object's writes after it
+    state.start = None
+    if torch.compiler.is_exporting():
+        return out
     state.density, state.backend = density, backend
     state.q_labels, state.k_labels, state.selected = kq.labels, kk.labels, selected
     state.q_counts, state.k_counts = kq.counts, kk.counts
@@ -655,9 +680,45 @@ def semantic_sparse_attention(
             kmeans_s=None if t0 is None else t1 - t0,
             attention_s=None if t0 is None else t2 - t1,
             kmeans_iterations=(kq.iterations, kk.iterations),
-            warm_start=warm["q"] and warm["k"],
+            warm_start=warm[0] and warm[1],
         )
     return out
+
+
+def _gather(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The tokens ``indices`` (N, C) of ``x`` (N, S, D), as float32 centroids (N, C, D)."""
+    return torch.gather(x.float(), 1, indices.to(x.device).unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _host_kmeans(
+    qf: torch.Tensor,
+    kf: torch.Tensor,
+    config: SVG2Config,
+    state: SparseAttentionState,
+    start: KMeansStart | None,
+    share: tuple[int, int, int] | None,
+) -> tuple[KMeansResult, KMeansResult, tuple[bool, bool]]:
+    """k-means of the queries and the keys with host-decided starts: a given `KMeansStart`'s, or
+    (without one) warm from the state's centroids of this shape and device, else cold from a
+    draw made here (`_initial_centroids`). Returns both results and whether each started warm."""
+    jobs = ((qf, config.num_q_clusters, state.q_centroids), (kf, config.num_k_clusters, state.k_centroids))
+    if start is not None:
+        warm = tuple(not c for c in start.cold)
+        pairs = zip((qf, kf), warm, start.indices, start.centroids)
+        inits = [stored if w else _gather(x, idx) for x, w, idx, stored in pairs]
+    else:
+        warm = tuple(
+            s is not None and s.shape == (x.shape[0], c, x.shape[2]) and s.device == x.device for x, c, s in jobs
+        )
+        cold = [(x, c) for (x, c, _), w in zip(jobs, warm) if not w]
+        drawn = iter(_initial_centroids(cold, config.seed + state.calls, share))
+        inits = [s if w else next(drawn) for (_, _, s), w in zip(jobs, warm)]
+    kq, kk = (
+        kmeans(x, c, init=init, iterations=config.kmeans_iters if w else config.kmeans_init_iters,
+               tol=config.kmeans_tol, backend=config.kmeans_backend)
+        for (x, c, _), init, w in zip(jobs, inits, warm)
+    )  # fmt: skip
+    return kq, kk, warm
 
 
 def _check_clustering(clustering: Clustering, rows: int, sq: int, sk: int, config: SVG2Config) -> None:
@@ -750,6 +811,8 @@ class SVG2Stats(Stats):
         self._density.zero_()
 
     def _count(self, backend: str, density: torch.Tensor | float) -> None:
+        if torch.compiler.is_exporting():  # an exported program is a pure function: it counts nothing
+            return
         i = _BACKEND_NAMES.index(backend)
         if isinstance(density, torch.Tensor) and not torch.compiler.is_compiling():
             if density.device != self._density.device:  # once: the counters follow the model's device
@@ -779,9 +842,16 @@ class _Clock:
     ``scheduler.timesteps``. A timestep above the previous one starts a new generation: every
     layer's k-means memory is dropped so its first sparse call cold-starts.
 
-    It also makes the random draw of every cold start this forward will make (`_draw_indices`,
-    a host CPU generator), from the latents' token grid: the attention processors then only
-    gather, so a cold step compiles with ``fullgraph=True``.
+    It also makes every sparse layer's `KMeansStart` for this forward (the random draw of a cold
+    start from a host CPU generator, `_draw_indices`, from the latents' token grid; the stored
+    centroids of a warm one): the attention processors then only gather, and a cold and a warm
+    step are one compiled program.
+
+    Under ``torch.export`` the exported program is a pure function: every call of it cold-starts
+    k-means from the seed's draw (as the first forward after `apply_svg2`), keeps no k-means
+    memory and counts no stats; the timestep is not read (nothing depends on it) and the model's
+    state is left as it was. With ``dense_steps > 0`` the dense-or-sparse choice depends on the
+    timestep's value, which an exported program cannot decide on the host: ``NotImplementedError``.
     """
 
     def __init__(
@@ -802,8 +872,18 @@ class _Clock:
 
     @torch.compiler.disable  # host-side decision, before the forward's first tensor op
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:  # forward pre-hook
-        n = self.num_train_timesteps
         bound = self.signature.bind(*args, **kwargs)
+        if torch.compiler.is_exporting():
+            if self.config.dense_steps > 0:
+                raise NotImplementedError(
+                    "torch.export of a model whose technique decides from the timestep's value is not implemented: "
+                    f"SVG2's dense warm-up (dense_steps={self.config.dense_steps}) picks dense or sparse steps on the "
+                    "host each forward. Export with dense_steps=0 (each call then cold-starts k-means) or compile "
+                    "with torch.compile"
+                )
+            self._prepare_starts(module, bound.arguments.get("hidden_states"), fresh=True)
+            return
+        n = self.num_train_timesteps
         if self.callback is not None:
             t = read_timestep(self.callback(), n)
         else:
@@ -818,12 +898,29 @@ class _Clock:
                 raise ValueError("scheduler has no timesteps yet: call scheduler.set_timesteps(num_steps) first")
             index, count = step_position(t, timesteps)
             self.dense_step = index < dense_step_count(self.config.dense_steps, count)
-        latents = bound.arguments.get("hidden_states")
-        if isinstance(latents, torch.Tensor) and latents.ndim == 5:
-            tokens = math.prod(self.token_grid(module, latents))
+        self._prepare_starts(module, bound.arguments.get("hidden_states"), fresh=False)
+
+    def _prepare_starts(self, module: torch.nn.Module, latents: Any, fresh: bool) -> None:
+        """Every sparse layer's `KMeansStart` for a forward of ``latents`` (B, C, F, H, W);
+        ``fresh``: as after a reset, the state left as it is (export: made outside the trace's
+        modes, so the draw is a constant of the exported program)."""
+        for proc in self.handle.processors:
+            proc.state.start = None
+        if not (isinstance(latents, torch.Tensor) and latents.ndim == 5) or self.dense_step:
+            return
+        tokens = math.prod(self.token_grid(module, latents))
+        with _outside_the_trace() if fresh else contextlib.nullcontext():
             for proc in self.handle.processors:
-                if not (self.dense_step or proc.dense_layer):
-                    proc.state.draw = proc._cold_start_draw(latents.shape[0], tokens, latents.device)
+                if not proc.dense_layer:
+                    proc.state.start = proc._start(latents.shape[0], tokens, latents.device, fresh)
+
+
+def _outside_the_trace() -> contextlib.AbstractContextManager:
+    """Run real tensor ops while ``torch.export`` traces (its fake and proxy modes off): what is
+    made there enters the exported program as constants."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    return _disable_current_modes()
 
 
 def _recomputing() -> bool:
@@ -849,10 +946,17 @@ class _SVG2Processor:
     _parallel_config = None
 
     def __init__(
-        self, layer_idx: int, num_layers: int, heads: int, config: SVG2Config, clock: _Clock, stats: SVG2Stats
+        self,
+        layer_idx: int,
+        num_layers: int,
+        heads: int,
+        head_dim: int,
+        config: SVG2Config,
+        clock: _Clock,
+        stats: SVG2Stats,
     ) -> None:
         self.layer_idx = layer_idx
-        self.heads = heads
+        self.heads, self.head_dim = heads, head_dim
         self.config = config
         self.clock = clock
         self.stats = stats
@@ -860,27 +964,58 @@ class _SVG2Processor:
         self.dense_layer = layer_idx < dense_layer_count(config.dense_layers, num_layers)
         self.kept: Clustering | str | None = None
         self.kept_forwards = 0  # forwards with gradients since this layer's last recompute
+        # the start's host constants: (warm, cold) flags and Lloyd rounds, made once
+        self._flags = (torch.tensor(False), torch.tensor(True))
+        self._rounds = (torch.tensor(config.kmeans_iters), torch.tensor(config.kmeans_init_iters))
+        self._draw: tuple[_DrawKey, list[torch.Tensor]] | None = None  # the latest draw, on its device
+        self._idle: tuple[torch.Tensor, torch.Tensor] | None = None  # indices a warm job carries
 
-    def _cold_start_draw(
-        self, batch: int, tokens: int, device: torch.device
-    ) -> tuple[_DrawKey, list[torch.Tensor]] | None:
-        """The random draw (key, indices on ``device``) of the cold start this layer's next sparse
-        call makes for ``batch`` samples of ``tokens`` video tokens, None when it warm-starts.
-        The same test as `semantic_sparse_attention`'s (centroids of this shape on this device)."""
+    def _start(self, batch: int, tokens: int, device: torch.device, fresh: bool) -> KMeansStart | None:
+        """The `KMeansStart` of this layer's next sparse call for ``batch`` samples of ``tokens``
+        video tokens on ``device``: a job warm-starts from the state's centroids of its shape on
+        this device, else cold from the draw of seed ``seed + calls`` (`_draw_indices`; the same
+        test and draw as `semantic_sparse_attention` without a start). ``fresh``: every job cold,
+        seed ``seed`` (as after a reset). None when the call will raise its own error."""
         state, config = self.state, self.config
         ulysses = _ulysses(self._parallel_config)
         local = self.heads if ulysses is None else self.heads // ulysses[1]
-        share = None if ulysses is None else (ulysses[0] * local, local, self.heads)
-        jobs = []
-        for init, c in ((state.q_centroids, config.num_q_clusters), (state.k_centroids, config.num_k_clusters)):
-            if init is None or init.shape[:2] != (batch * local, c) or init.device != device:
-                jobs.append((batch * local, tokens, c))
-        if not jobs or any(c > tokens for _, _, c in jobs):  # warm, or the call raises its own error
+        rows, counts = batch * local, (config.num_q_clusters, config.num_k_clusters)
+        if counts[0] > tokens or counts[1] > tokens:
             return None
-        key = _draw_key(jobs, config.seed + state.calls, share)
-        if state.draw is not None and state.draw[0] == key:
-            return state.draw
-        return key, [idx.to(device) for idx in _draw_indices(key)]
+        stored = (None, None) if fresh else (state.q_centroids, state.k_centroids)
+        cold = tuple(
+            s is None or s.shape != (rows, c, self.head_dim) or s.device != device for s, c in zip(stored, counts)
+        )
+        idle = self._idle_indices(rows, device)
+        if not any(cold):  # the steady state: nothing to draw or allocate
+            return KMeansStart(tokens, rows, cold, self._flags[:1] * 2, self._rounds[:1] * 2, idle, stored)
+        share = None if ulysses is None else (ulysses[0] * local, local, self.heads)
+        jobs = [(rows, tokens, c) for c, is_cold in zip(counts, cold) if is_cold]
+        drawn = iter(self._drawn(_draw_key(jobs, config.seed + (0 if fresh else state.calls), share), device))
+        return KMeansStart(
+            tokens, rows, cold,
+            tuple(self._flags[is_cold] for is_cold in cold),
+            tuple(self._rounds[is_cold] for is_cold in cold),
+            tuple(next(drawn) if is_cold else i for i, is_cold in zip(idle, cold)),
+            tuple(torch.zeros(rows, c, self.head_dim, device=device) if is_cold else x
+                  for x, c, is_cold in zip(stored, counts, cold)),
+        )  # fmt: skip
+
+    def _drawn(self, key: _DrawKey, device: torch.device) -> list[torch.Tensor]:
+        """The draw of ``key`` on ``device`` (the latest one is kept: a repeated cold start draws once)."""
+        if self._draw is None or self._draw[0] != key or self._draw[1][0].device != device:
+            self._draw = key, [idx.to(device).contiguous() for idx in _draw_indices(key)]
+        return self._draw[1]
+
+    def _idle_indices(self, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Valid token indices (zeros) the query and key jobs carry when warm, in place of a
+        draw (the same shapes as a draw's, so a compiled call sees one input), made once."""
+        if self._idle is None or self._idle[0].shape[0] != rows or self._idle[0].device != device:
+            self._idle = tuple(
+                torch.zeros(rows, c, dtype=torch.long, device=device)
+                for c in (self.config.num_q_clusters, self.config.num_k_clusters)
+            )
+        return self._idle
 
     def _plan(self, attention_mask: torch.Tensor | None) -> tuple[bool, Clustering | None]:
         """(dense, clustering) of this call. A forward decides (dense warm-up by step and layer;
@@ -1153,7 +1288,8 @@ def apply_svg2(
             cogvideox.keep_processors_on_fusion(handle, transformer)
         originals = [getattr(block, attention).processor for block in blocks]
         for i, block in enumerate(blocks):
-            proc = cls(i, len(blocks), getattr(block, attention).heads, config, clock, handle.stats)
+            attn = getattr(block, attention)
+            proc = cls(i, len(blocks), attn.heads, attn.inner_dim // attn.heads, config, clock, handle.stats)
             # what set_attention_backend / enable_parallelism put on the processor we replace
             for attr in ("_attention_backend", "_parallel_config"):
                 if getattr(getattr(block, attention).processor, attr, None) is not None:

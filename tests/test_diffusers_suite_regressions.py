@@ -24,6 +24,7 @@ from mmaccel.benchmarks.contract_budgets import (
 )
 from mmaccel.diffusion.token_density import TokenDensityConfig, apply_token_density
 from mmaccel.runtime.budget import LinearSchedule
+from mmaccel.sparse_attn.svg2 import SVG2Config, apply_svg2
 from mmaccel.testing import (
     TINY_WAN_TRANSFORMER,
     tiny_flux_inputs,
@@ -35,18 +36,6 @@ from mmaccel.testing import (
 torch.set_num_threads(1)
 
 _APPLY = {"svg2": svg2_at_budget, "token_density": token_density_at_budget}
-
-_COLD_WARM = pytest.mark.xfail(
-    strict=True,
-    raises=(
-        torch._dynamo.exc.RecompileError,
-        torch._dynamo.exc.FailOnRecompileLimitHit,
-        torch._dynamo.exc.Unsupported,
-    ),
-    reason="SVG2's first forward of a generation starts k-means from a drawn set of tokens (state.draw), "
-    "later ones from the stored centroids: two programs, so the second identical call recompiles",
-)
-
 
 def _wan(tech: str | None, budget: str = "full") -> tuple[torch.nn.Module, dict[str, Any]]:
     torch.manual_seed(0)
@@ -74,7 +63,7 @@ def _params(
             for b in ("full", "reducing") if t is not None or b == "full"]  # fmt: skip
 
 
-@pytest.mark.parametrize("tech, budget", _params({"svg2": _COLD_WARM}))
+@pytest.mark.parametrize("tech, budget", _params({}))
 @torch.no_grad()
 def test_fullgraph_compile_runs_the_same_call_twice_without_recompiling(
     tech: str | None, budget: str
@@ -96,7 +85,7 @@ _BLOCK_KINDS = pytest.mark.xfail(
 )
 
 
-@pytest.mark.parametrize("tech, budget", _params({"svg2": _COLD_WARM, ("token_density", "reducing"): _BLOCK_KINDS}))
+@pytest.mark.parametrize("tech, budget", _params({("token_density", "reducing"): _BLOCK_KINDS}))
 @torch.no_grad()
 def test_repeated_blocks_compile_within_a_recompile_limit_of_one(tech: str | None, budget: str) -> None:
     """diffusers' ``TorchCompileTesterMixin.test_torch_compile_repeated_blocks``."""
@@ -172,17 +161,59 @@ def test_token_density_export_is_refused_in_one_line_where_the_decision_reads_th
         torch.export.export(model, args=(), kwargs=inputs)
 
 
-@pytest.mark.parametrize("tech, budget", _params({}, techs=(None, "svg2")))
-def test_torch_export_of_the_model_is_refused_in_one_line(tech: str | None, budget: str) -> None:
-    """diffusers' ``TorchCompileTesterMixin.test_compile_works_with_aot`` (its export step): the
-    unpatched model exports; a patched one is refused with ``NotImplementedError`` (export traces
-    the forward pre-hook, whose decision reads the timestep's value), not a data-dependent guard
-    error from deep inside torch."""
-    model, inputs = _wan(tech, budget)
-    if tech is None:
-        torch.export.export(model, args=(), kwargs=inputs)
-        return
-    with pytest.raises(NotImplementedError, match="torch.export of a model whose technique decides"):
+def test_torch_export_of_the_unpatched_model() -> None:
+    """diffusers' ``TorchCompileTesterMixin.test_compile_works_with_aot`` (its export step) on the
+    unpatched model: the baseline of the patched cases (token density above, SVG2 below)."""
+    model, inputs = _wan(None)
+    torch.export.export(model, args=(), kwargs=inputs)
+
+
+def _svg2_wan(cfg: SVG2Config, **apply: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
+    model, inputs = _wan(None)
+    apply_svg2(model, cfg, **apply)
+    return model, inputs
+
+
+_SVG2_EXPORTS = {  # the contract budgets (no dense warm-up), and a dense first layer
+    "full": lambda: _wan("svg2", "full"),
+    "reducing": lambda: _wan("svg2", "reducing"),
+    "dense-layer": lambda: _svg2_wan(SVG2Config(num_q_clusters=4, num_k_clusters=6, top_p=0.5, min_kc_ratio=0.0,
+                                                dense_steps=0.0, dense_layers=0.5, backend="masked")),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(_SVG2_EXPORTS))
+def test_torch_export_of_svg2_without_dense_steps_cold_starts_every_call(case: str) -> None:
+    """SVG2 with ``dense_steps=0`` decides nothing from the timestep, so the model exports: the
+    exported program is a pure function whose every call cold-starts k-means from the seed's draw,
+    i.e. equals a freshly patched model's first call, whatever the live model's k-means memory
+    was at export time; export reads no timestep and leaves that memory and the stats as they were."""
+    model, inputs = _SVG2_EXPORTS[case]()
+    procs = [b.attn1.processor for b in model.blocks]
+    other = {**inputs, "hidden_states": inputs["hidden_states"].flip(-1)}
+    with torch.no_grad():
+        model(**other)  # the live model is warm: the exported program must not start from its centroids
+    memory = [(p.state.q_centroids, p.state.k_centroids, p.state.calls) for p in procs]
+    stats = procs[0].stats.summary()
+    exported = torch.export.export(model, args=(), kwargs=inputs).module()
+    assert [(p.state.q_centroids, p.state.k_centroids, p.state.calls) for p in procs] == memory
+    assert procs[0].stats.summary() == stats
+    with torch.no_grad():
+        for x in (inputs, other, inputs):
+            fresh, _ = _SVG2_EXPORTS[case]()
+            torch.testing.assert_close(exported(**x)[0], fresh(**x)[0])
+
+
+def test_torch_export_of_svg2_with_dense_steps_is_refused_in_one_line() -> None:
+    """With ``dense_steps > 0`` the dense-or-sparse step is chosen from the timestep's value on the
+    host each forward, which an exported program cannot hold: ``NotImplementedError``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    scheduler.set_timesteps(10)
+    cfg = SVG2Config(num_q_clusters=4, num_k_clusters=6, dense_steps=0.2, dense_layers=0.0, backend="masked")
+    model, inputs = _svg2_wan(cfg, scheduler=scheduler)
+    with pytest.raises(NotImplementedError, match="torch.export of a model whose technique decides from the timestep"):
         torch.export.export(model, args=(), kwargs=inputs)
 
 

@@ -31,7 +31,7 @@ from mmaccel.sparse_attn.backends import (
     reference_block_sparse,
     tile_selection,
 )
-from mmaccel.sparse_attn.kmeans import assign, inertia, random_init
+from mmaccel.sparse_attn.kmeans import assign, inertia, kmeans_rounds, random_init
 from mmaccel.sparse_attn.svg2 import _top_p_on_device
 
 
@@ -169,6 +169,53 @@ def test_kmeans_early_stop_and_bad_init():
         kmeans(x, 3, init=converged[:, :2])
     with pytest.raises(ValueError, match="num_clusters"):
         kmeans(x, 41)
+
+
+def _start_and_run(x, cold, idx, stored, rounds, tol):
+    """What a compiled SVG2 call does with a `KMeansStart`'s tensors."""
+    init = torch.where(cold, torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])), stored)
+    res = kmeans_rounds(x, init, rounds, tol=tol)
+    return res.labels, res.centroids, res.counts
+
+
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("tol", [None, 1e-6])
+def test_kmeans_rounds_is_one_compiled_program_for_cold_and_warm_starts(backend, tol):
+    """`kmeans_rounds` takes the round count as data: under ``torch.compile(fullgraph=True)`` a
+    cold start (50 rounds from drawn tokens) and a warm one (2 rounds from the stored centroids)
+    are one program (no recompile) and equal eager `kmeans` with those host counts; with ``tol``
+    the loop stops where eager's stops. Eager `kmeans_rounds` is `kmeans`."""
+    g = torch.Generator().manual_seed(0)
+    x, x2 = torch.randn(4, 64, 8, generator=g), torch.randn(4, 64, 8, generator=g)
+    idx = torch.rand(4, 64, generator=g).argsort(1)[:, :6].contiguous()
+    drawn = torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, 8))
+    cold = kmeans(x, 6, init=drawn, iterations=50, tol=tol)
+    warm = kmeans(x2, 6, init=cold.centroids, iterations=2, tol=tol)
+    assert cold.iterations < 50 if tol else cold.iterations == 50  # the early stop is exercised
+    again = kmeans_rounds(x, drawn, torch.tensor(50), tol=tol)
+    assert torch.equal(again.labels, cold.labels) and again.iterations == cold.iterations
+    torch._dynamo.reset()
+    compiled = torch.compile(_start_and_run, fullgraph=True, backend=backend)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for got, want in (
+            (compiled(x, torch.tensor(True), idx, torch.zeros(4, 6, 8), torch.tensor(50), tol), cold),
+            (compiled(x2, torch.tensor(False), idx, cold.centroids, torch.tensor(2), tol), warm),
+        ):
+            assert torch.equal(got[0], want.labels) and torch.equal(got[2], want.counts)
+            torch.testing.assert_close(got[1], want.centroids)
+    torch._dynamo.reset()
+
+
+def test_kmeans_rounds_bad_inputs():
+    x = torch.randn(2, 10, 4)
+    with pytest.raises(TypeError, match="iterations must be a 0-d integer tensor"):
+        kmeans_rounds(x, x[:, :3], 2)
+    with pytest.raises(TypeError, match="iterations must be a 0-d integer tensor"):
+        kmeans_rounds(x, x[:, :3], torch.tensor(2.0))
+    with pytest.raises(TypeError, match="iterations must be a 0-d integer tensor"):
+        kmeans_rounds(x, x[:, :3], torch.tensor([2]))
+    with pytest.raises(ValueError, match="init"):
+        kmeans_rounds(x, x[:1, :3], torch.tensor(2))
 
 
 # -- selection -----------------------------------------------------------------------------
@@ -478,24 +525,45 @@ def test_tile_sized_preset_computes_at_most_one_and_a_half_times_the_density():
     assert 0.05 < density < computed <= 1.5 * density
 
 
-def test_cold_start_draw_is_the_seeded_random_tokens_and_can_be_made_ahead():
+def test_cold_start_draw_is_the_seeded_random_tokens_drawn_in_the_call_or_ahead():
     """A cold start's centroids are the seeded random tokens (`random_init` with the generator
-    seeded once, the query draw first); a draw made ahead with the same key gives them through
-    a gather only, and a draw for another key is not used."""
-    from mmaccel.sparse_attn.svg2 import _draw_indices, _draw_key, _initial_centroids
+    seeded once, the query draw first): drawn in the call (`_initial_centroids`) or ahead from
+    the draw's key (`_draw_indices`, what `apply_svg2`'s pre-forward hook puts in a `KMeansStart`)."""
+    from mmaccel.sparse_attn.svg2 import _draw_indices, _draw_key, _gather, _initial_centroids
 
     q, k, _ = _qkv(b=2, h=3, s=40)
     xq, xk = q.reshape(6, 40, -1), k.reshape(6, 40, -1)
     gen = torch.Generator().manual_seed(7)
     want = [random_init(xq, 4, gen), random_init(xk, 5, gen)]
-    jobs = [(xq, 4), (xk, 5)]
-    key = _draw_key([(6, 40, 4), (6, 40, 5)], 7, None)
-    for draw in (None, (key, _draw_indices(key)), (_draw_key([(6, 40, 4), (6, 40, 5)], 8, None), [])):
-        for got, ref in zip(_initial_centroids(jobs, 7, None, draw), want):
-            assert torch.equal(got, ref)
+    for got, ref in zip(_initial_centroids([(xq, 4), (xk, 5)], 7), want, strict=True):
+        assert torch.equal(got, ref)
+    ahead = _draw_indices(_draw_key([(6, 40, 4), (6, 40, 5)], 7, None))
+    for x, idx, ref in zip((xq, xk), ahead, want, strict=True):
+        assert torch.equal(_gather(x, idx), ref)
+    assert not torch.equal(_draw_indices(_draw_key([(6, 40, 4)], 8, None))[0], ahead[0])
     # one rank's share of the heads draws those heads' rows of the one-process draw
     share = _initial_centroids([(xq[1::3].contiguous(), 4)], 7, (1, 1, 3))[0]
     assert torch.equal(share, want[0][1::3])
+
+
+def test_export_of_a_direct_call_takes_its_cold_start_draw_as_constants():
+    """``torch.export`` of a module calling `semantic_sparse_attention` itself (no pre-forward
+    hook, a fresh state: a cold start): the draw is made outside the trace, so it enters the
+    program as constants and every call equals the eager call; the state is not written."""
+    cfg = SVG2Config(num_q_clusters=4, num_k_clusters=6, top_p=0.5, min_kc_ratio=0.0, backend="masked",
+                     kmeans_init_iters=5)  # fmt: skip
+    state = SparseAttentionState()
+
+    class Attention(torch.nn.Module):
+        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return semantic_sparse_attention(q, k, v, cfg, state)
+
+    q, k, v = _clustered(s=96)
+    program = torch.export.export(Attention(), (q, k, v)).module()
+    assert state.q_centroids is None and state.calls == 0
+    want = semantic_sparse_attention(q, k, v, cfg, SparseAttentionState())
+    for _ in range(2):
+        torch.testing.assert_close(program(q, k, v), want)
 
 
 def test_given_clustering_replaces_kmeans_and_leaves_the_state_alone():

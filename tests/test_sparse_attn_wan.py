@@ -275,8 +275,8 @@ def test_warm_sparse_forward_reads_nothing_back(pipe):
         assert count_hot_path(lambda: _forward(model, *x)).sync_counts == {"item": 1}
 
 
-def _family_forward(family: str):
-    """A tiny model of ``family`` and a forward of it on fixed inputs (gradients as the caller's)."""
+def _family_inputs(family: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A tiny model of ``family`` and fixed keyword inputs of a forward."""
     from mmaccel.testing import (
         tiny_cogvideox_pipeline,
         tiny_hunyuan_video_inputs,
@@ -284,16 +284,60 @@ def _family_forward(family: str):
     )
 
     if family == "wan":
-        model, x = tiny_wan_pipeline().transformer, _inputs()
-        return model, lambda: model(*x, return_dict=False)[0]
+        latents, t, text = _inputs()
+        return tiny_wan_pipeline().transformer, dict(hidden_states=latents, timestep=t, encoder_hidden_states=text)
     if family == "cogvideox":
-        model, g = tiny_cogvideox_pipeline().transformer, torch.Generator().manual_seed(0)
+        g = torch.Generator().manual_seed(0)
         kw = dict(hidden_states=torch.randn(1, 3, 4, 8, 12, generator=g),
                   encoder_hidden_states=torch.randn(1, 32, 32, generator=g), timestep=torch.tensor([500]))  # fmt: skip
-        return model, lambda: model(**kw, return_dict=False)[0]
+        return tiny_cogvideox_pipeline().transformer, kw
     model = tiny_hunyuan_video_transformer()
-    kw = {**tiny_hunyuan_video_inputs(model, valid_text=5), "return_dict": False}
-    return model, lambda: model(**kw)[0]
+    return model, tiny_hunyuan_video_inputs(model, valid_text=5)
+
+
+def _family_forward(family: str):
+    """A tiny model of ``family`` and a forward of it on fixed inputs (gradients as the caller's)."""
+    model, kw = _family_inputs(family)
+    return model, lambda: model(**{**kw, "return_dict": False})[0]
+
+
+@pytest.mark.parametrize("family", ["wan", "cogvideox", "hunyuan_video"])
+def test_cold_and_warm_steps_are_one_fullgraph_program(family):
+    """A generation's cold step (k-means from the pre-forward hook's draw, ``kmeans_init_iters``
+    rounds) and its warm steps (the stored centroids, ``kmeans_iters`` rounds) are one program
+    under ``torch.compile(fullgraph=True)``: no recompile over cold, warm, warm and a new
+    generation's cold step, each equal to eager with the same k-means memory after it."""
+    model, kw = _family_inputs(family)
+    cfg = SVG2Config(num_q_clusters=4, num_k_clusters=6, top_p=0.5, min_kc_ratio=0.0, dense_steps=0.0,
+                     dense_layers=0.0, backend="masked", kmeans_init_iters=5)  # fmt: skip
+    handle = apply_svg2(model, cfg)
+
+    def run(m) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+        handle.reset_state()
+        handle.stats.reset()
+        steps = []
+        with torch.no_grad():
+            for step in range(4):
+                if step == 3:
+                    handle.reset_state()  # a new generation
+                out = m(**{**kw, "hidden_states": kw["hidden_states"] + 0.1 * step, "return_dict": False})[0]
+                memory = [x for p in handle.processors for x in (p.state.q_centroids, p.state.k_labels, p.state.density)]
+                steps.append((out, memory))
+        steps.append((torch.tensor(0.0), [torch.tensor(list(handle.stats.summary().values())[:6])]))  # call counts
+        return steps
+
+    eager = run(model)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = run(torch.compile(model, fullgraph=True, backend="eager"))
+    torch._dynamo.reset()
+    handle.remove()
+    assert not torch.equal(eager[1][1][0], eager[2][1][0])  # the warm steps moved the centroids
+    assert eager[-1][1][0][1] == 4 * len(handle.processors)  # sparse calls
+    for (out, memory), (want, want_memory) in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(out, want)
+        for got, ref in zip(memory, want_memory, strict=True):
+            torch.testing.assert_close(got, ref)
 
 
 @pytest.mark.parametrize("family", ["wan", "cogvideox", "hunyuan_video"])
@@ -318,14 +362,14 @@ def test_cold_start_draw_is_made_before_the_forward(family, monkeypatch):
                      dense_layers=0.0, backend="masked", kmeans_init_iters=2)  # fmt: skip
     with apply_svg2(model, cfg) as handle, torch.no_grad():
         forward()
-        assert callers == ["_cold_start_draw"] * len(handle.processors)
+        assert callers == ["_drawn"] * len(handle.processors)
         centroids = [(p.state.q_centroids, p.state.k_centroids) for p in handle.processors]
         forward()  # warm: nothing drawn
         assert len(callers) == len(handle.processors)
     monkeypatch.setattr(svg2, "_draw_indices", draw)
     with apply_svg2(model, cfg) as handle, torch.no_grad():
         for p in handle.processors:  # drop the hook's draws: each call draws itself
-            p._cold_start_draw = lambda *args: None
+            p._start = lambda *args: None
         forward()
         for p, (cq, ck) in zip(handle.processors, centroids):
             assert torch.equal(p.state.q_centroids, cq) and torch.equal(p.state.k_centroids, ck)
