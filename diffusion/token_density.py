@@ -26,9 +26,10 @@ only; their dual- and single-stream blocks count as one stack, the text stream i
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -374,6 +375,20 @@ def _setting(config: TokenDensityConfig, n: int, keep: float) -> Grid | int:
     return n - max(cells, round(keep * n))
 
 
+@contextlib.contextmanager
+def _host_constants() -> Iterator[None]:
+    """Tensors made inside run on the host, untraced, also while ``torch.export`` traces: a plan's
+    constants, which the plan's ``cond`` branches (`token_density_export`) close over as real tensors."""
+    if not torch.compiler.is_exporting():
+        yield
+        return
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+
+    with unset_fake_temporarily(), disable_proxy_modes_tracing():
+        yield
+
+
 class _Plan:
     """What every reduced block of a transformer forward does at one grid and keep ratio.
 
@@ -396,7 +411,8 @@ class _Plan:
             self.num_merge = self.setting  # type: ignore[assignment]
             generator = None if config.merge_seed is None else torch.Generator().manual_seed(config.merge_seed)
             # re-seeded each forward, the destinations never change: draw them once per plan
-            self.positions = merge_positions(grid, config.factor3, generator)
+            with _host_constants():  # under torch.export: constants of the program, not traced values
+                self.positions = merge_positions(grid, config.factor3, generator)
 
     @property
     def dense(self) -> bool:
