@@ -593,3 +593,35 @@ def test_progress_tensor_asserts_a_timestep_in_graph():
         progress_tensor(500.0, 1000, "timestep")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="empty"):
         progress_tensor(torch.tensor([]), 1000, "timestep")
+
+
+_EXPORTS = {  # (model, config, timesteps spanning its plans)
+    "wan-sparse_kv-linear": ("wan", dict(sparse_mode="sparse_kv", schedule=LinearSchedule(0.25, 1.0)), (900, 500, 100)),
+    "wan-merge-step": ("wan", dict(reducer="merge", schedule=StepSchedule((0.5,), (0.25, 1.0))), (900, 100)),
+    "wan-per_token-linear": ("wan", dict(schedule=LinearSchedule(0.25, 1.0)), (900, 500, 100)),
+    "cog-pooled-step3": ("cog", dict(sparse_blocks=None, pooled_blocks=(0, 3), factor=(1, 2, 2),
+                                     schedule=StepSchedule((0.3, 0.6), (0.25, 0.5, 1.0))), (900, 500, 100)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(_EXPORTS))
+def test_export_under_a_timestep_schedule_equals_eager_per_kind_and_reducer(pipes, case):
+    """The exported program selects each block's plan from its timestep input (nested ``cond`` for
+    three plans), equal to eager at timesteps spanning the plans: sparse_kv, merging (the merge
+    positions are constants of the program), Wan 2.2 TI2V's per-token timestep (the noisiest token
+    decides, per-token modulation pooled in the branch) and CogVideoX's tuple-output blocks."""
+    name, cfg, timesteps = _EXPORTS[case]
+    model = tiny_cogvideox_pipeline().transformer if name == "cog" else pipes["wan"].transformer
+    layout = {} if name == "cog" else dict(pooled_blocks=(0, 1), sparse_blocks=(1, 2))
+    per_token = _per_token if "per_token" in case else (lambda t: t)
+    inputs = {**_inputs(name), "return_dict": False}
+    inputs["timestep"] = per_token(inputs["timestep"])
+    with apply_token_density(model, TokenDensityConfig(**{**layout, **cfg})) as handle:
+        exported = torch.export.export(model, args=(), kwargs=inputs).module()
+        settings = []
+        with torch.no_grad():
+            for t in timesteps:
+                x = {**inputs, "timestep": per_token(torch.full_like(_inputs(name)["timestep"], t))}
+                torch.testing.assert_close(exported(**x)[0], model(**x)[0], rtol=0, atol=0)
+                settings.append(handle.stats.steps[-1].setting)
+    assert len(set(settings)) == len(timesteps)  # every plan ran
