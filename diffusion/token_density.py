@@ -871,8 +871,10 @@ def apply_token_density(
     it the transformer's own ``timestep`` argument is read. A value that is not a timestep in
     ``[0, config.num_train_timesteps]`` (None, NaN, negative, too large) raises ``ValueError`` at
     that forward; under a `ConstantSchedule` a timestep tensor is not read (nothing depends on it),
-    which also lets ``torch.export`` trace the model (any other schedule: ``NotImplementedError``). With ``scheduler`` (the pipeline's), a timestep tensor that is a view of
-    ``scheduler.timesteps`` (what diffusers pipelines pass) is read on the host without a device
+    which also lets ``torch.export`` trace the model; under a `LinearSchedule` or `StepSchedule` the
+    exported program selects each block's plan from its timestep input
+    (`mmaccel.diffusion.token_density_export`; any other schedule: ``NotImplementedError``). With
+    ``scheduler`` (the pipeline's), a timestep tensor that is a view of ``scheduler.timesteps`` (what diffusers pipelines pass) is read on the host without a device
     read (`mmaccel.runtime.timesteps.HostTimesteps`). Returns a `TokenDensityHandle` whose ``stats`` records every forward;
     ``.remove()`` restores the model bit-for-bit.
     """
