@@ -26,9 +26,10 @@ only; their dual- and single-stream blocks count as one stack, the text stream i
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,7 @@ import torch
 from diffusers.hooks import ModelHook
 from torch.utils import flop_counter
 
+from mmaccel.diffusion.token_density_export import PlanChoice, plan_starts, progress_tensor
 from mmaccel.diffusion.token_reduce import (
     BipartiteMerge,
     Grid,
@@ -45,7 +47,7 @@ from mmaccel.diffusion.token_reduce import (
     pool_factors_at_most,
 )
 from mmaccel.runtime.adapters import cogvideox, dit, flux, hunyuan_video, wan
-from mmaccel.runtime.budget import ConstantSchedule, DensitySchedule, StepSchedule
+from mmaccel.runtime.budget import ConstantSchedule, DensitySchedule, StepSchedule, monotone_pieces
 from mmaccel.runtime.checkpointing import checkpointing_with_gradients
 from mmaccel.runtime.configs import resolve_config
 from mmaccel.runtime.patching import PatchHandle
@@ -361,6 +363,32 @@ def _token_count(model: torch.nn.Module, arguments: dict[str, Any]) -> int:
 # ------------------------------------------------------------------------------------------
 
 
+def _setting(config: TokenDensityConfig, n: int, keep: float) -> Grid | int:
+    """The reduction at keep ratio ``keep`` of ``n`` tokens: the pooling window whose keep ratio is
+    nearest in log scale (ties to the denser), or the number of tokens merged away."""
+    if config.reducer == "pool":
+        target = math.log(keep)
+        return min(
+            pool_factors_at_most(config.factor3), key=lambda c: abs(-math.log(math.prod(c)) - target)
+        )  # densest first, so ties go to the denser window
+    cells = n // math.prod(config.factor3)
+    return n - max(cells, round(keep * n))
+
+
+@contextlib.contextmanager
+def _host_constants() -> Iterator[None]:
+    """Tensors made inside run on the host, untraced, also while ``torch.export`` traces: a plan's
+    constants, which the plan's ``cond`` branches (`token_density_export`) close over as real tensors."""
+    if not torch.compiler.is_exporting():
+        yield
+        return
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+
+    with unset_fake_temporarily(), disable_proxy_modes_tracing():
+        yield
+
+
 class _Plan:
     """What every reduced block of a transformer forward does at one grid and keep ratio.
 
@@ -375,21 +403,16 @@ class _Plan:
         self.pool: GridPool | None = None
         self.num_merge = 0
         self.positions: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.setting = _setting(config, self.n, keep)
         if config.reducer == "pool":
-            target = math.log(keep)
-            window = min(
-                pool_factors_at_most(config.factor3), key=lambda c: abs(-math.log(math.prod(c)) - target)
-            )  # densest first, so ties go to the denser window
-            if math.prod(window) > 1:
-                self.pool = GridPool(grid, window, config.expand)
-            self.setting: Grid | int = window
+            if math.prod(self.setting) > 1:  # type: ignore[arg-type]
+                self.pool = GridPool(grid, self.setting, config.expand)  # type: ignore[arg-type]
         else:
-            cells = self.n // math.prod(config.factor3)
-            self.num_merge = self.n - max(cells, round(keep * self.n))
-            self.setting = self.num_merge
+            self.num_merge = self.setting  # type: ignore[assignment]
             generator = None if config.merge_seed is None else torch.Generator().manual_seed(config.merge_seed)
             # re-seeded each forward, the destinations never change: draw them once per plan
-            self.positions = merge_positions(grid, config.factor3, generator)
+            with _host_constants():  # under torch.export: constants of the program, not traced values
+                self.positions = merge_positions(grid, config.factor3, generator)
 
     @property
     def dense(self) -> bool:
@@ -419,6 +442,7 @@ class _Shared:
 
     def __init__(self) -> None:
         self.plan: _Plan | None = None
+        self.choice: PlanChoice | None = None  # torch.export under a schedule that reads the timestep
         self.companion: torch.Tensor | None = None  # sparse_q: dense tokens appended to norm1's input
         self.route: _AttnRoute | None = None  # how the running block's self-attention mixes tokens
         self.concat = self._concat  # one bound method: the same hook object on every hooked norm1
@@ -479,18 +503,48 @@ class _Planner:
         else:
             value, source = bound.arguments.get("timestep"), "the transformer's timestep argument"
         constant = isinstance(self.config.schedule, ConstantSchedule)
-        if not constant and torch.compiler.is_exporting():  # whatever the timestep's type
-            raise NotImplementedError(
-                "torch.export of a model whose technique decides from the timestep is not implemented: token "
-                f"density's {type(self.config.schedule).__name__} picks the keep ratio on the host each forward, "
-                "and an exported program cannot hold that decision. Use a ConstantSchedule, export the "
-                "unpatched model, or compile it with torch.compile instead"
-            )
         found = self.host.lookup(value) if self.host is not None and value is not None else None
         if found is None and isinstance(value, torch.Tensor) and constant:
             return None
         t = read_timestep(value if found is None else found, n, source=source)
         return timestep_progress(t, n)
+
+    def _export(self, module: torch.nn.Module, bound: inspect.BoundArguments) -> None:
+        """``torch.export`` under a schedule that reads the timestep: the plan of every progress
+        interval, selected in the traced forward from the timestep input (`token_density_export`)."""
+        schedule = self.config.schedule
+        if self.timestep_callback is not None:
+            raise NotImplementedError(
+                "torch.export of token density under a schedule that reads the timestep takes it from the "
+                "transformer's timestep argument, an input of the exported program: a current_timestep_callback's "
+                "value would be fixed at export time. Apply token density without the callback to export"
+            )
+        try:
+            pieces = monotone_pieces(schedule)
+        except TypeError:
+            raise NotImplementedError(
+                f"torch.export of token density under a {type(schedule).__name__} is not implemented: the exported "
+                "program selects its plan exactly under a ConstantSchedule, LinearSchedule or StepSchedule only. "
+                "Use one of these, or compile with torch.compile instead"
+            ) from None
+        source = "the transformer's timestep argument"
+        progress = progress_tensor(bound.arguments.get("timestep"), self.config.num_train_timesteps, source)
+        n = _token_count(module, bound.arguments)
+        starts = plan_starts(lambda p: _setting(self.config, n, float(schedule(p))), pieces)
+        plans = tuple(self._plan_at(module, bound, float(schedule(s))) for s in starts)
+        if len(plans) == 1:
+            self.shared.plan = plans[0]
+        else:
+            self.shared.choice = PlanChoice.build(progress, starts, plans)
+
+    def _plan_at(self, module: torch.nn.Module, bound: inspect.BoundArguments, keep: float) -> _Plan | None:
+        """The plan at keep ratio ``keep`` (None: dense), as `before` picks it."""
+        if keep == 1.0:
+            return None
+        grid = _token_grid(module, bound.arguments)
+        check_divides(self.config.factor3, grid, "factor")
+        plan = self._plan(grid, keep)
+        return None if plan.dense else plan
 
     def _plan(self, grid: Grid, keep: float) -> _Plan:
         plan = self.by_keep.get((grid, keep))
@@ -509,8 +563,11 @@ class _Planner:
     @torch.compiler.disable
     def before(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook (``with_kwargs=True``): this forward's plan and record."""
-        self.shared.plan, self.step = None, None
+        self.shared.plan, self.shared.choice, self.step = None, None, None
         bound = self.signature.bind(*args, **kwargs)
+        if torch.compiler.is_exporting() and not isinstance(self.config.schedule, ConstantSchedule):
+            self._export(module, bound)  # export traces the forward once, it runs no forward: no record
+            return
         progress = self._progress(bound)
         schedule = self.config.schedule
         keep = float(schedule.ratio if progress is None else schedule(progress))  # None: a ConstantSchedule
@@ -539,6 +596,7 @@ class _Planner:
         """Forward hook (``always_call=True``; ``output`` is None when the forward or `before`
         raised): FLOPs, and the checkpointed backward's plan; a failed forward is not recorded."""
         step, self.step = self.step, None
+        self.shared.choice = None  # an export's selection ends with its trace
         counter, self.counter = self.counter, None
         if counter is not None:
             counter.__exit__(None, None, None)
@@ -617,7 +675,14 @@ class _BlockHook(ModelHook):
         return reducer.reduce_rotary(cos, sin)
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        plan, original = self.shared.plan, self.fn_ref.original_forward
+        choice = self.shared.choice
+        if choice is not None:  # torch.export under a schedule that reads the timestep: cond over the plans
+            return choice.run(module, lambda plan, a, k: self._forward(module, plan, a, k), args, kwargs)
+        return self._forward(module, self.shared.plan, args, kwargs)
+
+    def _forward(self, module: torch.nn.Module, plan: _Plan | None, args: tuple, kwargs: dict) -> Any:
+        """The block's forward under ``plan`` (None: the original block, untouched)."""
+        original = self.fn_ref.original_forward
         if plan is None:  # dense: nothing kind-specific read, every hooked block traces alike
             return original(*args, **kwargs)
         state, shared = self.state, self.shared
@@ -806,8 +871,10 @@ def apply_token_density(
     it the transformer's own ``timestep`` argument is read. A value that is not a timestep in
     ``[0, config.num_train_timesteps]`` (None, NaN, negative, too large) raises ``ValueError`` at
     that forward; under a `ConstantSchedule` a timestep tensor is not read (nothing depends on it),
-    which also lets ``torch.export`` trace the model (any other schedule: ``NotImplementedError``). With ``scheduler`` (the pipeline's), a timestep tensor that is a view of
-    ``scheduler.timesteps`` (what diffusers pipelines pass) is read on the host without a device
+    which also lets ``torch.export`` trace the model; under a `LinearSchedule` or `StepSchedule` the
+    exported program selects each block's plan from its timestep input
+    (`mmaccel.diffusion.token_density_export`; any other schedule: ``NotImplementedError``). With
+    ``scheduler`` (the pipeline's), a timestep tensor that is a view of ``scheduler.timesteps`` (what diffusers pipelines pass) is read on the host without a device
     read (`mmaccel.runtime.timesteps.HostTimesteps`). Returns a `TokenDensityHandle` whose ``stats`` records every forward;
     ``.remove()`` restores the model bit-for-bit.
     """

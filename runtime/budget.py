@@ -23,6 +23,7 @@ __all__ = [
     "LinearSchedule",
     "StepSchedule",
     "CosineSchedule",
+    "monotone_pieces",
 ]
 
 
@@ -255,3 +256,24 @@ class StepSchedule:
         t = _check_progress(progress)
         idx = sum(1 for b in self.boundaries if t >= b)
         return self.ratios[idx]
+
+
+def monotone_pieces(schedule: DensitySchedule) -> tuple[float, ...]:
+    """Where ``schedule`` is monotone in floating point: the starts ``s_0 = 0 < s_1 < ...`` of the
+    progress intervals ``[s_i, s_{i+1})`` (the last one closed at 1) on each of which the keep ratio,
+    as the schedule computes it, never changes direction. A monotone function of the keep ratio is
+    then a step function on each piece, whose steps a bisection over floats finds exactly.
+
+    Exact for `ConstantSchedule` (one constant piece), `LinearSchedule` (one piece: a correctly
+    rounded affine map is monotone) and `StepSchedule` (one constant piece per ratio, a boundary
+    belonging to the piece it starts, as ``__call__`` does). Any other schedule (`CosineSchedule`:
+    ``math.cos`` is not correctly rounded, so not monotone to the last bit) raises ``TypeError``.
+    """
+    if type(schedule) in (ConstantSchedule, LinearSchedule):  # a subclass may compute otherwise
+        return (0.0,)
+    if type(schedule) is StepSchedule:
+        return (0.0, *(float(b) for b in schedule.boundaries))
+    raise TypeError(
+        "schedule must be a ConstantSchedule, LinearSchedule or StepSchedule to have exact monotone pieces, "
+        f"got {type(schedule).__name__}"
+    )

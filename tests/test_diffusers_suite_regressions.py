@@ -23,7 +23,7 @@ from mmaccel.benchmarks.contract_budgets import (
     token_density_at_every_step,
 )
 from mmaccel.diffusion.token_density import TokenDensityConfig, apply_token_density
-from mmaccel.runtime.budget import LinearSchedule
+from mmaccel.runtime.budget import CosineSchedule, LinearSchedule
 from mmaccel.sparse_attn.svg2 import SVG2Config, apply_svg2
 from mmaccel.testing import (
     TINY_WAN_TRANSFORMER,
@@ -143,22 +143,87 @@ def test_token_density_exports_at_a_constant_keep_ratio(fam: str, setting: str) 
     assert [s.reduced for s in handle.stats.steps] == [setting == "every_step"]  # the eager forward only
 
 
-def test_token_density_export_is_refused_in_one_line_where_the_decision_reads_the_timestep() -> None:
-    """A schedule that depends on the timestep is refused with ``NotImplementedError`` whatever the
-    timestep's type (the callback's host number too: an exported program would keep one step's
-    decision for every step), and so is Flux below keep 1 (its token grid is read from img_ids)."""
+def _timestep(inputs: dict[str, Any], *values: float) -> dict[str, Any]:
+    """``inputs`` with a timestep of ``values`` (one per sample), in the inputs' timestep dtype."""
+    return {**inputs, "timestep": torch.tensor(values, dtype=inputs["timestep"].dtype)}
+
+
+@pytest.mark.parametrize("fam", ["wan", "hunyuan_video"])
+def test_token_density_exports_a_schedule_that_reads_the_timestep(fam: str) -> None:
+    """The contract budget while reducing (``LinearSchedule(0.25, 1.0)``; Wan: a pooled and a
+    sparse_q block, HunyuanVideo: a pooled block): the exported program takes each call's plan
+    from its timestep input, equal to eager at t = 900 (2x2 pooling), 500 (1x2) and 100 (dense),
+    and the noisiest sample of a batch decides (Wan: [100, 900] pools 2x2, as eager does)."""
+    model, inputs = _token_density_family(fam)
+    handle = _TOKEN_DENSITY["reducing"](model)
+    exported = torch.export.export(model, args=(), kwargs=inputs).module()
+    assert handle.stats.steps == []  # an export runs no forward
+    batch = inputs["timestep"].numel()
+    cases = [(900.0,) * batch, (500.0,) * batch, (100.0,) * batch] + ([(100.0, 900.0)] if batch == 2 else [])
+    settings = []
+    with torch.no_grad():
+        for t in cases:
+            x = _timestep(inputs, *t)
+            torch.testing.assert_close(exported(**x)[0], model(**x)[0], rtol=0, atol=0)
+            settings.append(handle.stats.steps[-1].setting)
+    assert settings[:3] == [(1, 2, 2), (1, 1, 2), (1, 1, 1)] and settings[3:] in ([], [(1, 2, 2)])
+
+
+def test_token_density_export_selects_the_plan_exactly_at_its_boundaries() -> None:
+    """On either side of each progress where the plan changes (the float32 timesteps next to it),
+    the exported program runs the plan eager does: the traced progress is the host's double."""
+    from mmaccel.diffusion.token_density_export import plan_starts
+    from mmaccel.runtime.budget import monotone_pieces
+
     model, inputs = _wan(None)
-    for apply in (_TOKEN_DENSITY["reducing"], lambda m: apply_token_density(m, TokenDensityConfig(
-            schedule=LinearSchedule(0.25, 1.0), pooled_blocks=(0, 1), sparse_blocks=(1, 2)),
-            current_timestep_callback=lambda: 500.0)):  # fmt: skip
+    inputs["timestep"] = inputs["timestep"].float()  # the program takes the timestep's dtype at export
+    handle = _TOKEN_DENSITY["reducing"](model)
+    exported = torch.export.export(model, args=(), kwargs=inputs).module()
+    schedule = LinearSchedule(0.25, 1.0)
+    starts = plan_starts(lambda p: _pool_window(schedule(p)), monotone_pieces(schedule))
+    assert len(starts) == 3
+    with torch.no_grad():
+        for start in starts[1:]:
+            t = torch.tensor((1.0 - start) * 1000, dtype=torch.float32)
+            sides = [torch.nextafter(t, torch.tensor(inf)) for inf in (float("inf"), -float("inf"))]
+            settings = []
+            for side in sides:
+                x = {**inputs, "timestep": side.expand(2).clone()}
+                torch.testing.assert_close(exported(**x)[0], model(**x)[0], rtol=0, atol=0)
+                settings.append(handle.stats.steps[-1].setting)
+            assert settings[0] != settings[1]  # the two timesteps straddle the boundary
+
+
+def _pool_window(keep: float) -> tuple[int, int, int]:
+    from mmaccel.diffusion.token_density import _setting
+
+    return _setting(TokenDensityConfig(), 128, keep)  # type: ignore[return-value]
+
+
+def test_token_density_export_is_refused_in_one_line_where_it_cannot_select_exactly() -> None:
+    """Refused with ``NotImplementedError``: a schedule other than Constant/Linear/Step (its plan
+    intervals are not exact), a ``current_timestep_callback`` (its value would be fixed at export),
+    and Flux below keep 1 (its token grid is read from img_ids' values)."""
+    model, inputs = _wan(None)
+    refused = {
+        "under a CosineSchedule is not implemented.*ConstantSchedule, LinearSchedule or StepSchedule":
+            lambda m: apply_token_density(m, TokenDensityConfig(
+                schedule=CosineSchedule(0.25, 1.0), pooled_blocks=(0, 1), sparse_blocks=(1, 2))),
+        "a current_timestep_callback's value would be fixed at export": lambda m: apply_token_density(
+            m, TokenDensityConfig(schedule=LinearSchedule(0.25, 1.0), pooled_blocks=(0, 1), sparse_blocks=(1, 2)),
+            current_timestep_callback=lambda: 500.0),
+    }  # fmt: skip
+    for match, apply in refused.items():
         handle = apply(model)
-        with pytest.raises(NotImplementedError, match="torch.export of a model whose technique decides"):
+        with pytest.raises(NotImplementedError, match=match):
             torch.export.export(model, args=(), kwargs=inputs)
         handle.remove()
     model, inputs = _token_density_family("flux")
-    token_density_at_every_step(model)
-    with pytest.raises(NotImplementedError, match="token grid is read from the values of img_ids"):
-        torch.export.export(model, args=(), kwargs=inputs)
+    for apply in (token_density_at_every_step, _TOKEN_DENSITY["reducing"]):
+        handle = apply(model)
+        with pytest.raises(NotImplementedError, match="token grid is read from the values of img_ids"):
+            torch.export.export(model, args=(), kwargs=inputs)
+        handle.remove()
 
 
 def test_torch_export_of_the_unpatched_model() -> None:

@@ -8,7 +8,7 @@ import torch
 import mmaccel.diffusion.token_density as td
 from mmaccel.diffusion.token_density import TokenDensityConfig, apply_token_density
 from mmaccel.diffusion.token_reduce import GridPool
-from mmaccel.runtime.budget import ConstantSchedule, StepSchedule
+from mmaccel.runtime.budget import ConstantSchedule, LinearSchedule, StepSchedule
 from mmaccel.testing import (
     call_kwargs,
     tiny_cogvideox_pipeline,
@@ -502,3 +502,126 @@ def test_regional_compile_recompiles_each_hooked_kind_once_per_plan():
     finally:
         torch._dynamo.reset()
     assert frames == [3, 3, 3, 4, 4, 4]
+
+
+# --------------------------------------------------------------------------------------------
+# torch.export under a schedule that reads the timestep (issue 32): the host side, exactly
+# --------------------------------------------------------------------------------------------
+
+
+def _pool_key(schedule, factor=(1, 2, 2)):
+    """The plan identity at a progress: the pooling window `_Plan` takes at the schedule's keep ratio."""
+    cfg = TokenDensityConfig(factor=factor, schedule=schedule)
+    return lambda p: td._setting(cfg, 96, float(schedule(p)))
+
+
+def _next_below(p: float) -> float:
+    return math.nextafter(p, -math.inf)
+
+
+@pytest.mark.parametrize(
+    "schedule, windows",
+    [
+        (LinearSchedule(0.25, 1.0), [(1, 2, 2), (1, 1, 2), (1, 1, 1)]),
+        (LinearSchedule(1.0, 0.25), [(1, 1, 1), (1, 1, 2), (1, 2, 2)]),
+        (StepSchedule((0.3, 0.6), (0.25, 1.0, 0.25)), [(1, 2, 2), (1, 1, 1), (1, 2, 2)]),
+        (StepSchedule((0.5,), (0.3, 0.25)), [(1, 2, 2)]),  # two ratios, one window: one interval
+        (ConstantSchedule(0.5), [(1, 1, 2)]),
+    ],
+)
+def test_plan_intervals_are_exact_to_the_last_double(schedule, windows):
+    """`plan_starts` finds where the plan changes by bisection over doubles: the plan at every
+    start holds up to the next, the double just below a start has the previous plan, and a dense
+    sweep of progress agrees with the interval lookup."""
+    import bisect
+
+    from mmaccel.diffusion.token_density_export import plan_starts
+    from mmaccel.runtime.budget import monotone_pieces
+
+    key = _pool_key(schedule)
+    starts = plan_starts(key, monotone_pieces(schedule))
+    assert [key(s) for s in starts] == windows and starts[0] == 0.0
+    for prev, s in zip(starts, starts[1:]):
+        assert key(_next_below(s)) == key(prev) != key(s)
+    for i in range(10001):
+        p = i / 10000
+        assert key(p) == key(starts[bisect.bisect_right(starts, p) - 1])
+
+
+def test_plan_intervals_are_capped_and_other_schedules_refused():
+    from mmaccel.diffusion.token_density_export import MAX_PLANS, plan_starts
+    from mmaccel.runtime.budget import CosineSchedule, monotone_pieces
+
+    merge = TokenDensityConfig(reducer="merge", schedule=LinearSchedule(0.25, 1.0))
+    with pytest.raises(NotImplementedError, match=f"more than {MAX_PLANS} different plans"):
+        plan_starts(lambda p: td._setting(merge, 96, merge.schedule(p)), (0.0,))
+    with pytest.raises(TypeError, match="ConstantSchedule, LinearSchedule or StepSchedule.*CosineSchedule"):
+        monotone_pieces(CosineSchedule(0.25, 1.0))
+
+    class Shifted(LinearSchedule):  # a subclass may compute otherwise: not trusted to be monotone
+        def __call__(self, progress: float) -> float:
+            return super().__call__(1.0 - progress)
+
+    with pytest.raises(TypeError, match="Shifted"):
+        monotone_pieces(Shifted())
+    with pytest.raises(ValueError, match="pieces must start at progress 0.0"):
+        plan_starts(lambda p: 0, (0.5,))
+
+
+@pytest.mark.parametrize(
+    "timestep",
+    [torch.tensor([500.0, 300.0]), torch.tensor([137.25]), torch.tensor(999), torch.tensor([[0.0] * 3 + [861.9] * 5]),
+     torch.tensor([0, 1000])],
+)  # fmt: skip
+def test_progress_tensor_is_the_hosts_progress_bit_for_bit(timestep):
+    """The traced progress is the host's double: the largest element (the noisiest sample or token)."""
+    from mmaccel.diffusion.token_density_export import progress_tensor
+    from mmaccel.runtime.timesteps import read_timestep, timestep_progress
+
+    traced = progress_tensor(timestep, 1000, "timestep")
+    assert traced.dtype == torch.float64 and traced.ndim == 0
+    assert traced.item() == timestep_progress(read_timestep(timestep, 1000), 1000)
+
+
+def test_progress_tensor_asserts_a_timestep_in_graph():
+    from mmaccel.diffusion.token_density_export import progress_tensor
+
+    for bad in (torch.tensor([-1.0, 5.0]), torch.tensor([1000.5]), torch.tensor([float("nan"), 5.0])):
+        with pytest.raises(RuntimeError, match=r"not a timestep in \[0, 1000\]"):
+            progress_tensor(bad, 1000, "timestep")
+    with pytest.raises(NotImplementedError, match="needs timestep to be a tensor input"):
+        progress_tensor(500.0, 1000, "timestep")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="empty"):
+        progress_tensor(torch.tensor([]), 1000, "timestep")
+
+
+_EXPORTS = {  # (model, config, timesteps spanning its plans)
+    "wan-sparse_kv-linear": ("wan", dict(sparse_mode="sparse_kv", schedule=LinearSchedule(0.25, 1.0)), (900, 500, 100)),
+    "wan-merge-step": ("wan", dict(reducer="merge", schedule=StepSchedule((0.5,), (0.25, 1.0))), (900, 100)),
+    "wan-per_token-linear": ("wan", dict(schedule=LinearSchedule(0.25, 1.0)), (900, 500, 100)),
+    "cog-pooled-step3": ("cog", dict(sparse_blocks=None, pooled_blocks=(0, 3), factor=(1, 2, 2),
+                                     schedule=StepSchedule((0.3, 0.6), (0.25, 0.5, 1.0))), (900, 500, 100)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(_EXPORTS))
+def test_export_under_a_timestep_schedule_equals_eager_per_kind_and_reducer(pipes, case):
+    """The exported program selects each block's plan from its timestep input (nested ``cond`` for
+    three plans), equal to eager at timesteps spanning the plans: sparse_kv, merging (the merge
+    positions are constants of the program), Wan 2.2 TI2V's per-token timestep (the noisiest token
+    decides, per-token modulation pooled in the branch) and CogVideoX's tuple-output blocks."""
+    name, cfg, timesteps = _EXPORTS[case]
+    model = tiny_cogvideox_pipeline().transformer if name == "cog" else pipes["wan"].transformer
+    layout = {} if name == "cog" else dict(pooled_blocks=(0, 1), sparse_blocks=(1, 2))
+    per_token = _per_token if "per_token" in case else (lambda t: t)
+    inputs = {**_inputs(name), "return_dict": False}
+    inputs["timestep"] = per_token(inputs["timestep"])
+    with apply_token_density(model, TokenDensityConfig(**{**layout, **cfg})) as handle:
+        exported = torch.export.export(model, args=(), kwargs=inputs).module()
+        settings = []
+        with torch.no_grad():
+            for t in timesteps:
+                x = {**inputs, "timestep": per_token(torch.full_like(_inputs(name)["timestep"], t))}
+                torch.testing.assert_close(exported(**x)[0], model(**x)[0], rtol=0, atol=0)
+                settings.append(handle.stats.steps[-1].setting)
+    assert len(set(settings)) == len(timesteps)  # every plan ran
