@@ -17,7 +17,9 @@ cluster attends to. A query whose row selects no non-empty key cluster outputs z
   *full* when all its cluster pairs are selected, else *partial* with the token-label mask
   ``selected[label_q, label_k]``) and ``"padded"`` (every cluster padded to whole tiles, so a tile
   holds one cluster; only a key tile with padding is partial, and its mask only drops the
-  padding).
+  padding). The ``"tiles"`` layout of `SVG2Config` is the unpadded kernel run on tile groups
+  (`mmaccel.sparse_attn.tile_select`): one group per tile, so every tile is full but a short
+  last one.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "flex", "masked", "reference")
-LAYOUTS = ("unpadded", "padded")
+LAYOUTS = ("unpadded", "padded", "tiles")
 FLEX_KERNELS = ("triton", "flash")
 
 

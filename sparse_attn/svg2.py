@@ -45,6 +45,7 @@ from mmaccel.sparse_attn.backends import (
     reference_block_sparse,
 )
 from mmaccel.sparse_attn.kmeans import KMEANS_BACKENDS, kmeans
+from mmaccel.sparse_attn.tile_select import num_tiles, tile_groups
 
 __all__ = [
     "PRESETS",
@@ -116,7 +117,9 @@ class SVG2Config:
         default, inductor's Triton tiles on Hopper; 128 x 128 for the FLASH kernel.
     layout: flex token layout, "padded" (each cluster padded to whole tiles; measured faster
         on the CPU) or "unpadded" (clusters contiguous, no padding; a tile spanning several
-        clusters takes a token-label mask).
+        clusters takes a token-label mask) or "tiles" (our option: the cluster-sorted tokens cut
+        into tiles that become the selection units, `mmaccel.sparse_attn.tile_select`; no padding,
+        no element mask but a short last tile's; the selection and the state's labels are the tiles').
     flex_kernel: "triton" (inductor's flex kernel) or "flash" (flex's FLASH backend, the
         ``flash-attn-4`` wheel; CUDA, 128 x 128 tiles).
     profile: record timings and per-call host numbers (``SVG2Stats.records``, the seconds in
@@ -556,8 +559,13 @@ def cluster_sparse_attention(
         raise ValueError(f"labels must be {(b, h, sq)} and {(b, h, sk)}, got {tuple(q_labels.shape)}, "
                          f"{tuple(k_labels.shape)}")  # fmt: skip
     ql, kl = q_labels.reshape(b * h, sq), k_labels.reshape(b * h, sk)
-    cq, nq = cluster_means(q.reshape(b * h, sq, d), ql, config.num_q_clusters)
-    ck, nk = cluster_means(k.reshape(b * h, sk, d), kl, config.num_k_clusters)
+    if config.layout == "tiles":  # the given clusters order the tokens; their tiles are the units
+        tq, tk = tile_groups(q.reshape(b * h, sq, d), ql, config.q_block_size), tile_groups(
+            k.reshape(b * h, sk, d), kl, config.kv_block_size)  # fmt: skip
+        (ql, nq, cq), (kl, nk, ck) = (tq.labels, tq.counts, tq.centroids), (tk.labels, tk.counts, tk.centroids)
+    else:
+        cq, nq = cluster_means(q.reshape(b * h, sq, d), ql, config.num_q_clusters)
+        ck, nk = cluster_means(k.reshape(b * h, sk, d), kl, config.num_k_clusters)
     selected = select_clusters(cq, ck, nk, config.top_p, config.min_kc_ratio)
     t0 = _clock(q.device, config.profile)
     out, backend, block_density = _clustered_attention(q, k, v, ql, kl, nq, nk, selected, config)
@@ -635,17 +643,21 @@ def semantic_sparse_attention(
         )
     kq, kk = results
     state.q_centroids, state.k_centroids = kq.centroids, kk.centroids
-    selected = select_clusters(kq.centroids, kk.centroids, kk.counts, config.top_p, config.min_kc_ratio)
+    units = (kq, kk)
+    if config.layout == "tiles":  # the tiles of the cluster-sorted tokens are the selection units
+        units = (tile_groups(qf, kq.labels, config.q_block_size), tile_groups(kf, kk.labels, config.kv_block_size))
+    uq, uk = units
+    selected = select_clusters(uq.centroids, uk.centroids, uk.counts, config.top_p, config.min_kc_ratio)
     t1 = _clock(q.device, config.profile)
-    clustering = Clustering(kq.labels, kq.counts, kk.labels, kk.counts, selected)
+    clustering = Clustering(uq.labels, uq.counts, uk.labels, uk.counts, selected)
     out, backend, block_density, density = _attend(
         q, k, v, config, clustering, dense_prefix, prefix_attention, prefix_mask
     )
     t2 = _clock(q.device, config.profile)
 
     state.density, state.backend = density, backend
-    state.q_labels, state.k_labels, state.selected = kq.labels, kk.labels, selected
-    state.q_counts, state.k_counts = kq.counts, kk.counts
+    state.q_labels, state.k_labels, state.selected = uq.labels, uk.labels, selected
+    state.q_counts, state.k_counts = uq.counts, uk.counts
     if not torch.compiler.is_compiling():  # eager: the call's info, densities still on the device
         state.calls += 1
         state.last = AttentionInfo(
@@ -665,6 +677,8 @@ def _check_clustering(clustering: Clustering, rows: int, sq: int, sk: int, confi
     if not isinstance(clustering, Clustering):
         raise TypeError(f"clustering must be a Clustering, got {type(clustering).__name__}")
     cq, ck = config.num_q_clusters, config.num_k_clusters
+    if config.layout == "tiles":
+        cq, ck = num_tiles(sq, config.q_block_size), num_tiles(sk, config.kv_block_size)
     want = dict(q_labels=(rows, sq), q_counts=(rows, cq), k_labels=(rows, sk), k_counts=(rows, ck),
                 selected=(rows, cq, ck))  # fmt: skip
     got = {name: tuple(getattr(clustering, name).shape) for name in want}
@@ -689,7 +703,7 @@ def _attend(
     sk, n = k.shape[2], dense_prefix
     c = clustering
     if n:  # the prefix is one more key cluster (label Ck), selected by every query cluster
-        ck = config.num_k_clusters
+        ck = c.k_counts.shape[1]
         prefix = c.k_labels.new_full((b * h, n), ck)
         counts = c.k_counts.new_full((b * h, 1), n)
         chosen = F.pad(c.selected, (0, 1), value=True)
@@ -709,9 +723,9 @@ def _attend(
         out, backend, block_density = _clustered_attention(
             q, k, v, c.q_labels, c.k_labels, c.q_counts, c.k_counts, c.selected, config
         )
-    sv = sq - n
-    video_pairs = _mask_density(c.selected, c.q_counts, c.k_counts) * (sv * sv)
-    return out, backend, block_density, (video_pairs + (sq * sk - sv * sv)) / (sq * sk)
+    sv, kv = sq - n, sk - n  # video queries, video keys (Sq != Sk without a prefix)
+    video_pairs = _mask_density(c.selected, c.q_counts, c.k_counts) * (sv * kv)
+    return out, backend, block_density, (video_pairs + (sq * sk - sv * kv)) / (sq * sk)
 
 
 # ------------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ def _clustered(s=128, h=2, d=16, groups=4, seed=0):
         (dict(backend="cuda"), ValueError, "backend"),
         (dict(q_block_size=48), ValueError, "q_block_size"),
         (dict(kv_block_size=8), ValueError, "kv_block_size"),
-        (dict(layout="tiles"), ValueError, "layout"),
+        (dict(layout="tile"), ValueError, "layout"),
         (dict(flex_kernel="cudnn"), ValueError, "flex_kernel"),
         (dict(flex_kernel="flash", kv_block_size=64), ValueError, "flex_kernel='flash' needs"),
         (dict(kmeans_backend="faiss"), ValueError, "kmeans_backend"),
