@@ -49,7 +49,9 @@ def tile_groups(x: torch.Tensor, cluster_labels: torch.Tensor, block: int) -> Ti
     """Tiles of ``x`` (N, S, D) sorted by ``cluster_labels`` (N, S): the tokens of a row in
     cluster order (stable: ties keep their token order) cut into consecutive groups of ``block``."""
     if not isinstance(x, torch.Tensor) or x.ndim != 3:
-        raise ValueError(f"x must be a (rows, tokens, dim) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+        raise ValueError(
+            f"x must be a (rows, tokens, dim) tensor, got {getattr(x, 'shape', type(x).__name__)}"
+        )
     if not isinstance(cluster_labels, torch.Tensor) or cluster_labels.shape != x.shape[:2]:
         raise ValueError(
             f"cluster_labels must be a {tuple(x.shape[:2])} tensor, got {getattr(cluster_labels, 'shape', None)}"

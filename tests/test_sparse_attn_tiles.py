@@ -86,7 +86,12 @@ def test_config_accepts_the_tiles_layout():
 @needs_flex
 @pytest.mark.parametrize(
     "b, h, sq, sk, blocks",
-    [(1, 2, 256, 256, (128, 64)), (2, 2, 300, 260, (128, 64)), (1, 3, 200, 330, (32, 16)), (2, 1, 384, 384, (128, 128))],
+    [
+        (1, 2, 256, 256, (128, 64)),
+        (2, 2, 300, 260, (128, 64)),
+        (1, 3, 200, 330, (32, 16)),
+        (2, 1, 384, 384, (128, 128)),
+    ],
 )
 def test_tiles_equal_masked_sdpa_of_the_tile_selection(b, h, sq, sk, blocks):
     """S divisible by the tiles and not, batch x heads > 1, Sq != Sk: the flex output equals the
@@ -146,7 +151,9 @@ def test_given_clusters_and_recompute_with_tiles():
     assert 0 < float(info.density_tensor) < 1
     state = SparseAttentionState()
     first = semantic_sparse_attention(q, k, v, replace(cfg, kmeans_init_iters=3), state)
-    again = semantic_sparse_attention(q, k, v, replace(cfg, kmeans_init_iters=3), state, clustering=state.clustering())
+    again = semantic_sparse_attention(
+        q, k, v, replace(cfg, kmeans_init_iters=3), state, clustering=state.clustering()
+    )
     assert torch.equal(first, again)
 
 
@@ -158,13 +165,17 @@ def test_dense_prefix_with_tiles():
     base = dict(num_q_clusters=4, num_k_clusters=6, layout="tiles", q_block_size=32, kv_block_size=16,
                 kmeans_init_iters=3)  # fmt: skip
     full = SVG2Config(top_p=1.0, min_kc_ratio=1.0, backend="masked", **base)
-    torch.testing.assert_close(semantic_sparse_attention(q, k, v, full, dense_prefix=n), dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        semantic_sparse_attention(q, k, v, full, dense_prefix=n), dense, atol=1e-5, rtol=1e-5
+    )
     state = SparseAttentionState()
     sparse = SVG2Config(top_p=0.4, min_kc_ratio=0.0, backend="reference", **base)
     out = semantic_sparse_attention(q, k, v, sparse, state, dense_prefix=n)
     torch.testing.assert_close(out[:, :, :n], dense[:, :, :n])
     i = n + 7  # a video query: every text key plus the tokens of its selected video key tiles
-    keys = torch.cat([torch.ones(n, dtype=torch.bool), state.selected[0, state.q_labels[0, i - n]][state.k_labels[0]]])
+    keys = torch.cat(
+        [torch.ones(n, dtype=torch.bool), state.selected[0, state.q_labels[0, i - n]][state.k_labels[0]]]
+    )
     torch.testing.assert_close(out[0, 0, i], F.scaled_dot_product_attention(q[0, 0, i : i + 1], k[0, 0, keys],
                                                                             v[0, 0, keys])[0])  # fmt: skip
     if flex_attention_available():
@@ -189,7 +200,9 @@ def test_warm_tiles_step_reads_nothing_back(monkeypatch):
 
     monkeypatch.setattr(backends, "compiled_flex", lambda: outside_the_counter)
     q, k, v = _clustered(1, 2, 300, 300)
-    config = SVG2Config(num_q_clusters=8, num_k_clusters=16, backend="flex", layout="tiles", kmeans_init_iters=3)
+    config = SVG2Config(
+        num_q_clusters=8, num_k_clusters=16, backend="flex", layout="tiles", kmeans_init_iters=3
+    )
     state = SparseAttentionState()
     semantic_sparse_attention(q, k, v, config, state)  # cold start
     semantic_sparse_attention(q, k, v, config, state)  # warm-up of the warm path
