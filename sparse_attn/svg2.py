@@ -45,7 +45,7 @@ from mmaccel.sparse_attn.backends import (
     reference_block_sparse,
 )
 from mmaccel.sparse_attn.kmeans import KMEANS_BACKENDS, kmeans
-from mmaccel.sparse_attn.tile_select import num_tiles, tile_groups
+from mmaccel.sparse_attn.tile_select import num_tiles, query_tile_union, tile_groups
 
 __all__ = [
     "PRESETS",
@@ -117,9 +117,10 @@ class SVG2Config:
         default, inductor's Triton tiles on Hopper; 128 x 128 for the FLASH kernel.
     layout: flex token layout, "padded" (each cluster padded to whole tiles; measured faster
         on the CPU) or "unpadded" (clusters contiguous, no padding; a tile spanning several
-        clusters takes a token-label mask) or "tiles" (our option: the cluster-sorted tokens cut
-        into tiles that become the selection units, `mmaccel.sparse_attn.tile_select`; no padding,
-        no element mask but a short last tile's; the selection and the state's labels are the tiles').
+        clusters takes a token-label mask) or "tiles" (our option, `mmaccel.sparse_attn.tile_select`:
+        the cluster-sorted tokens cut into tiles; key tiles are the selection units, a query tile
+        takes its clusters' union; no padding, no element mask but a short last tile's; the
+        selection and the state's labels / counts are the tiles').
     flex_kernel: "triton" (inductor's flex kernel) or "flash" (flex's FLASH backend, the
         ``flash-attn-4`` wheel; CUDA, 128 x 128 tiles).
     profile: record timings and per-call host numbers (``SVG2Stats.records``, the seconds in
@@ -559,14 +560,16 @@ def cluster_sparse_attention(
         raise ValueError(f"labels must be {(b, h, sq)} and {(b, h, sk)}, got {tuple(q_labels.shape)}, "
                          f"{tuple(k_labels.shape)}")  # fmt: skip
     ql, kl = q_labels.reshape(b * h, sq), k_labels.reshape(b * h, sk)
-    if config.layout == "tiles":  # the given clusters order the tokens; their tiles are the units
+    cq, nq = cluster_means(q.reshape(b * h, sq, d), ql, config.num_q_clusters)
+    if config.layout == "tiles":  # the given clusters order the tokens, key tiles are the units
         tq, tk = tile_groups(q.reshape(b * h, sq, d), ql, config.q_block_size), tile_groups(
             k.reshape(b * h, sk, d), kl, config.kv_block_size)  # fmt: skip
-        (ql, nq, cq), (kl, nk, ck) = (tq.labels, tq.counts, tq.centroids), (tk.labels, tk.counts, tk.centroids)
+        selected = query_tile_union(select_clusters(cq, tk.centroids, tk.counts, config.top_p, config.min_kc_ratio),
+                                    tq, nq)  # fmt: skip
+        ql, nq, kl, nk = tq.labels, tq.counts, tk.labels, tk.counts
     else:
-        cq, nq = cluster_means(q.reshape(b * h, sq, d), ql, config.num_q_clusters)
         ck, nk = cluster_means(k.reshape(b * h, sk, d), kl, config.num_k_clusters)
-    selected = select_clusters(cq, ck, nk, config.top_p, config.min_kc_ratio)
+        selected = select_clusters(cq, ck, nk, config.top_p, config.min_kc_ratio)
     t0 = _clock(q.device, config.profile)
     out, backend, block_density = _clustered_attention(q, k, v, ql, kl, nq, nk, selected, config)
     t1 = _clock(q.device, config.profile)
@@ -643,11 +646,12 @@ def semantic_sparse_attention(
         )
     kq, kk = results
     state.q_centroids, state.k_centroids = kq.centroids, kk.centroids
-    units = (kq, kk)
-    if config.layout == "tiles":  # the tiles of the cluster-sorted tokens are the selection units
-        units = (tile_groups(qf, kq.labels, config.q_block_size), tile_groups(kf, kk.labels, config.kv_block_size))
-    uq, uk = units
-    selected = select_clusters(uq.centroids, uk.centroids, uk.counts, config.top_p, config.min_kc_ratio)
+    uq, uk = kq, kk
+    if config.layout == "tiles":  # key tiles are the selection units, a query tile its clusters' union
+        uq, uk = tile_groups(qf, kq.labels, config.q_block_size), tile_groups(kf, kk.labels, config.kv_block_size)
+    selected = select_clusters(kq.centroids, uk.centroids, uk.counts, config.top_p, config.min_kc_ratio)
+    if config.layout == "tiles":
+        selected = query_tile_union(selected, uq, kq.counts)
     t1 = _clock(q.device, config.profile)
     clustering = Clustering(uq.labels, uq.counts, uk.labels, uk.counts, selected)
     out, backend, block_density, density = _attend(

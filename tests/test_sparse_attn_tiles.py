@@ -18,7 +18,7 @@ from mmaccel.sparse_attn import (
     select_clusters,
     semantic_sparse_attention,
 )
-from mmaccel.sparse_attn.tile_select import num_tiles, tile_groups
+from mmaccel.sparse_attn.tile_select import num_tiles, query_tile_union, tile_groups
 
 needs_flex = pytest.mark.skipif(not flex_attention_available(), reason="flex_attention not in this torch")
 
@@ -36,21 +36,34 @@ def _clustered(b=1, h=2, sq=256, sk=256, d=16, groups=5, seed=0):
 
 
 def _brute_tiles(x: torch.Tensor, labels: torch.Tensor, block: int):
-    """Independent transcription: per row, tokens sorted by (cluster, token index), tile j // block."""
+    """Independent transcription: per row, tokens sorted by (cluster, token index), tile j // block;
+    also the set of clusters of each tile."""
     n, s, d = x.shape
     t = math.ceil(s / block)
     tiles = torch.empty(n, s, dtype=torch.long)
     counts = torch.zeros(n, t, dtype=torch.long)
     centroids = torch.zeros(n, t, d)
+    clusters = [[set() for _ in range(t)] for _ in range(n)]
     for r in range(n):
         order = sorted(range(s), key=lambda i: (int(labels[r, i]), i))
         for j, i in enumerate(order):
             tiles[r, i] = j // block
+            clusters[r][j // block].add(int(labels[r, i]))
         for tile in range(t):
             members = [order[j] for j in range(tile * block, min(s, (tile + 1) * block))]
             counts[r, tile] = len(members)
             centroids[r, tile] = x[r, members].mean(0)
-    return tiles, counts, centroids
+    return tiles, counts, centroids, clusters
+
+
+def _brute_union(selected: torch.Tensor, clusters: list[list[set[int]]]) -> torch.Tensor:
+    """Per query tile: OR of the selection rows of the clusters it holds."""
+    out = torch.zeros(selected.shape[0], len(clusters[0]), selected.shape[2], dtype=torch.bool)
+    for r, row in enumerate(clusters):
+        for t, members in enumerate(row):
+            for c in members:
+                out[r, t] |= selected[r, c]
+    return out
 
 
 def _masked_sdpa(q, k, v, q_tiles, k_tiles, selected):
@@ -67,10 +80,15 @@ def test_tile_groups_equal_the_brute_force_tiles():
     for s, block in ((200, 64), (256, 128), (37, 16)):
         x = torch.randn(3, s, 8, generator=g)
         labels = torch.randint(0, 6, (3, s), generator=g)
+        labels[labels == 3] = 4  # cluster 3 is empty, between non-empty ones
         got = tile_groups(x, labels, block)
-        tiles, counts, centroids = _brute_tiles(x, labels, block)
+        tiles, counts, centroids, clusters = _brute_tiles(x, labels, block)
         assert torch.equal(got.labels, tiles) and torch.equal(got.counts, counts)
         torch.testing.assert_close(got.centroids, centroids, atol=1e-5, rtol=1e-5)
+        sel = torch.rand(3, 7, 5, generator=g) < 0.3  # empty clusters' rows must not count
+        sel[:, 3] = True
+        cluster_counts = torch.stack([torch.bincount(row, minlength=7) for row in labels])
+        assert torch.equal(query_tile_union(sel, got, cluster_counts), _brute_union(sel, clusters))
     assert num_tiles(300, 128) == 3 and num_tiles(256, 128) == 2
     with pytest.raises(ValueError, match="block"):
         num_tiles(10, 0)
@@ -96,7 +114,8 @@ def test_config_accepts_the_tiles_layout():
 def test_tiles_equal_masked_sdpa_of_the_tile_selection(b, h, sq, sk, blocks):
     """S divisible by the tiles and not, batch x heads > 1, Sq != Sk: the flex output equals the
     masked SDPA of the tile-level selection (independent transcription of the tiles from the
-    k-means labels) and the `reference` backend; the selection follows SVG2's rule on the tiles."""
+    k-means labels) and the `reference` backend; the selection is SVG2's rule for query clusters
+    against key tiles, united over each query tile's clusters."""
     q, k, v = _clustered(b, h, sq, sk)
     qb, kb = blocks
     cfg = SVG2Config(num_q_clusters=5, num_k_clusters=7, top_p=0.6, min_kc_ratio=0.1, backend="flex", layout="tiles",
@@ -107,11 +126,13 @@ def test_tiles_equal_masked_sdpa_of_the_tile_selection(b, h, sq, sk, blocks):
     clusters = SparseAttentionState()
     semantic_sparse_attention(q, k, v, replace(cfg, layout="unpadded", backend="masked"), clusters)
     n, d = b * h, q.shape[-1]
-    qt, nq, cq = _brute_tiles(q.reshape(n, sq, d), clusters.q_labels, qb)
-    kt, nk, ck = _brute_tiles(k.reshape(n, sk, d), clusters.k_labels, kb)
+    qt, nq, _, members = _brute_tiles(q.reshape(n, sq, d), clusters.q_labels, qb)
+    kt, nk, ck, _ = _brute_tiles(k.reshape(n, sk, d), clusters.k_labels, kb)
     assert torch.equal(state.q_labels, qt) and torch.equal(state.k_labels, kt)
     assert torch.equal(state.q_counts, nq) and torch.equal(state.k_counts, nk)
-    assert torch.equal(state.selected, select_clusters(cq, ck, nk, cfg.top_p, cfg.min_kc_ratio))
+    assert torch.equal(state.q_centroids, clusters.q_centroids)  # the warm start keeps the k-means centroids
+    by_cluster = select_clusters(clusters.q_centroids, ck, nk, cfg.top_p, cfg.min_kc_ratio)
+    assert torch.equal(state.selected, _brute_union(by_cluster, members))
     assert state.last.density == pytest.approx(mask_density(state.selected, nq, nk))  # Sq != Sk too
     assert 0 < state.last.density < 1 and state.selected.shape == (n, num_tiles(sq, qb), num_tiles(sk, kb))
     torch.testing.assert_close(out, _masked_sdpa(q, k, v, qt, kt, state.selected), atol=1e-5, rtol=1e-5)
@@ -144,9 +165,11 @@ def test_given_clusters_and_recompute_with_tiles():
     cfg = SVG2Config(num_q_clusters=4, num_k_clusters=6, top_p=0.5, min_kc_ratio=0.0, backend="masked", layout="tiles",
                      q_block_size=32, kv_block_size=16)  # fmt: skip
     out, info = cluster_sparse_attention(q, k, v, ql, kl, cfg)
-    qt, _, cq = _brute_tiles(q.reshape(2, 200, -1), ql.reshape(2, 200), 32)
-    kt, nk, ck = _brute_tiles(k.reshape(2, 200, -1), kl.reshape(2, 200), 16)
-    sel = select_clusters(cq, ck, nk, 0.5, 0.0)
+    qt, _, _, members = _brute_tiles(q.reshape(2, 200, -1), ql.reshape(2, 200), 32)
+    kt, nk, ck, _ = _brute_tiles(k.reshape(2, 200, -1), kl.reshape(2, 200), 16)
+    cq = torch.stack([torch.stack([q.reshape(2, 200, -1)[r, ql.reshape(2, 200)[r] == c].mean(0) for c in range(4)])
+                      for r in range(2)])  # fmt: skip
+    sel = _brute_union(select_clusters(cq, ck, nk, 0.5, 0.0), members)
     torch.testing.assert_close(out, _masked_sdpa(q, k, v, qt, kt, sel), atol=1e-5, rtol=1e-5)
     assert 0 < float(info.density_tensor) < 1
     state = SparseAttentionState()
