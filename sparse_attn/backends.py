@@ -223,16 +223,19 @@ class TileSide:
         return x.reshape(n * length, d).index_select(0, self.rows_out).view(n, -1, d)
 
 
-def tile_selection(selected: torch.Tensor, qs: TileSide, ks: TileSide) -> tuple[torch.Tensor, torch.Tensor]:
+def tile_selection(
+    selected: torch.Tensor, qs: TileSide, ks: TileSide, one_group_per_tile: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(partial, full)`` (N, q tiles, k tiles) bool from ``selected`` (N, Cq, Ck).
 
     A tile is computed when any (query cluster, key cluster) pair of its cluster ranges is
     selected, and *full* (no token mask) when every pair is and neither side holds an empty
     slot. The pair counts come from a 2-D prefix sum over ``selected``: O(1) per tile, no loop.
-    When both sides are padded every tile holds one cluster: a single lookup of its pair.
+    When every tile holds one cluster (both sides padded, or ``one_group_per_tile``: the caller
+    guarantees it, as the tiles layout's groups do) a single lookup of its pair.
     """
     n, cq, ck = selected.shape
-    if qs.padded and ks.padded:
+    if (qs.padded and ks.padded) or one_group_per_tile:
         table = F.pad(selected, (0, 1, 0, 1)).view(n, -1)  # the tail cluster C: never selected
         pair = qs.lo.unsqueeze(-1) * (ck + 1) + ks.lo.unsqueeze(-2)
         computed = table.gather(1, pair.view(n, -1)).view(pair.shape)
@@ -296,9 +299,13 @@ def flex_block_sparse(
     kv_block: int = 64,
     padded: bool = False,
     kernel: str = "triton",
+    one_group_per_tile: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse attention with compiled ``flex_attention`` on ``q_block`` x ``kv_block`` tiles.
 
+    ``one_group_per_tile`` (unpadded layout only): the labels are tile groups of exactly
+    ``q_block`` / ``kv_block`` tokens but the last (`mmaccel.sparse_attn.tile_select`), so a tile's
+    selection is one lookup and, when both lengths are multiples of the blocks, no tile is partial.
     Returns the output and the computed tile fraction ``(tiles x q_block x kv_block) / (Sq Sk)``
     as a 0-dim tensor (empty slots and unselected token pairs inside computed tiles included;
     no host read). Exact: each query attends to exactly the keys of its selected clusters.
@@ -312,7 +319,9 @@ def flex_block_sparse(
     qs = TileSide(layout.q_labels.reshape(n, sq), layout.q_counts.reshape(n, cq), q_block, padded, pad_mask=False)
     ks = TileSide(layout.k_labels.reshape(n, sk), layout.k_counts.reshape(n, ck), kv_block, padded)
     sel = selected.reshape(n, cq, ck)
-    partial, full = tile_selection(sel, qs, ks)
+    if one_group_per_tile and padded:
+        raise ValueError("one_group_per_tile needs the unpadded layout (padded=False)")
+    partial, full = tile_selection(sel, qs, ks, one_group_per_tile)
     if padded:  # a computed tile is one selected cluster pair: the mask only drops key padding
         kvalid = ks.valid.view(b, h, -1)  # a per-slot lookup: ~10% less kernel time than kv_idx < fill_end[tile]
 
@@ -327,7 +336,10 @@ def flex_block_sparse(
             return table[b, h, qml[b, h, q_idx], kml[b, h, kv_idx]]
 
     shape = (b, h, *partial.shape[1:])
-    num, idx = _to_kv_blocks(partial.view(shape))
+    if one_group_per_tile and sq % q_block == 0 and sk % kv_block == 0:  # every tile full: no partial list
+        num, idx = partial.new_zeros(shape[:-1], dtype=torch.int32), partial.new_zeros(shape, dtype=torch.int32)
+    else:
+        num, idx = _to_kv_blocks(partial.view(shape))
     full_num, full_idx = _to_kv_blocks(full.view(shape))
     block_mask = BlockMask.from_kv_blocks(
         num, idx, full_num, full_idx, BLOCK_SIZE=(q_block, kv_block), mask_mod=mask_mod,

@@ -520,9 +520,11 @@ def _clustered_attention(
     sel = selected.view(b, h, *selected.shape[1:])
     backend = _choose_backend(config, q.shape[2])
     if backend == "flex":
+        tiles = (q_counts.shape[-1], k_counts.shape[-1]) == (  # tile groups (no dense prefix group)
+            num_tiles(q.shape[2], config.q_block_size), num_tiles(k.shape[2], config.kv_block_size))
         out, block_density = flex_block_sparse(
             q, k, v, layout, sel, config.q_block_size, config.kv_block_size, config.layout == "padded",
-            config.flex_kernel,
+            config.flex_kernel, one_group_per_tile=config.layout == "tiles" and tiles,
         )  # fmt: skip
         return out, backend, block_density
     fn = masked_block_sparse if backend == "masked" else reference_block_sparse
@@ -562,7 +564,7 @@ def cluster_sparse_attention(
     ql, kl = q_labels.reshape(b * h, sq), k_labels.reshape(b * h, sk)
     cq, nq = cluster_means(q.reshape(b * h, sq, d), ql, config.num_q_clusters)
     if config.layout == "tiles":  # the given clusters order the tokens, key tiles are the units
-        tq, tk = tile_groups(q.reshape(b * h, sq, d), ql, config.q_block_size), tile_groups(
+        tq, tk = tile_groups(q.reshape(b * h, sq, d), ql, config.q_block_size, centroids=False), tile_groups(
             k.reshape(b * h, sk, d), kl, config.kv_block_size)  # fmt: skip
         selected = query_tile_union(select_clusters(cq, tk.centroids, tk.counts, config.top_p, config.min_kc_ratio),
                                     tq, nq)  # fmt: skip
@@ -648,7 +650,8 @@ def semantic_sparse_attention(
     state.q_centroids, state.k_centroids = kq.centroids, kk.centroids
     uq, uk = kq, kk
     if config.layout == "tiles":  # key tiles are the selection units, a query tile its clusters' union
-        uq, uk = tile_groups(qf, kq.labels, config.q_block_size), tile_groups(kf, kk.labels, config.kv_block_size)
+        uq = tile_groups(qf, kq.labels, config.q_block_size, centroids=False)
+        uk = tile_groups(kf, kk.labels, config.kv_block_size)
     selected = select_clusters(kq.centroids, uk.centroids, uk.counts, config.top_p, config.min_kc_ratio)
     if config.layout == "tiles":
         selected = query_tile_union(selected, uq, kq.counts)

@@ -44,20 +44,23 @@ def num_tiles(tokens: int, block: int) -> int:
 class TileGroups:
     """One side's tiles: ``labels`` (N, S) long, the tile of every token (in its original
     order); ``counts`` (N, T) long, tokens per tile (``block``, the last ``S - (T - 1) block``);
-    ``centroids`` (N, T, D) float32, the mean of each tile's tokens; ``first`` / ``last`` (N, T)
-    long, the clusters of a tile's first and last token (its tokens' clusters are the non-empty
-    ones from ``first`` to ``last``: the tokens are in cluster order)."""
+    ``centroids`` (N, T, D) float32, the mean of each tile's tokens (None when not asked for);
+    ``first`` / ``last`` (N, T) long, the clusters of a tile's first and last token (its tokens'
+    clusters are the non-empty ones from ``first`` to ``last``: the tokens are in cluster order)."""
 
     labels: torch.Tensor
     counts: torch.Tensor
-    centroids: torch.Tensor
+    centroids: torch.Tensor | None
     first: torch.Tensor
     last: torch.Tensor
 
 
-def tile_groups(x: torch.Tensor, cluster_labels: torch.Tensor, block: int) -> TileGroups:
+def tile_groups(
+    x: torch.Tensor, cluster_labels: torch.Tensor, block: int, centroids: bool = True
+) -> TileGroups:
     """Tiles of ``x`` (N, S, D) sorted by ``cluster_labels`` (N, S): the tokens of a row in
-    cluster order (stable: ties keep their token order) cut into consecutive groups of ``block``."""
+    cluster order (stable: ties keep their token order) cut into consecutive groups of ``block``;
+    ``centroids=False`` skips the tile means (the query side, selected by its clusters)."""
     if not isinstance(x, torch.Tensor) or x.ndim != 3:
         raise ValueError(
             f"x must be a (rows, tokens, dim) tensor, got {getattr(x, 'shape', type(x).__name__)}"
@@ -73,11 +76,14 @@ def tile_groups(x: torch.Tensor, cluster_labels: torch.Tensor, block: int) -> Ti
     slot_tile = (torch.arange(s, device=dev) // block).expand(n, s)
     labels = torch.empty_like(order).scatter_(1, order, slot_tile)
     counts = (s - torch.arange(t, device=dev) * block).clamp(max=block).expand(n, t).contiguous()
-    rows = (labels + torch.arange(n, device=dev).unsqueeze(1) * t).view(-1)  # one flat row per tile
-    sums = torch.zeros(n * t, d, device=dev).index_add_(0, rows, x.reshape(n * s, d).float())
+    means = None
+    if centroids:
+        rows = (labels + torch.arange(n, device=dev).unsqueeze(1) * t).view(-1)  # one flat row per tile
+        sums = torch.zeros(n * t, d, device=dev).index_add_(0, rows, x.reshape(n * s, d).float())
+        means = sums.view(n, t, d) / counts.unsqueeze(-1)
     ends = ((torch.arange(t, device=dev) + 1) * block).clamp(max=s) - 1  # each tile's last slot
     first, last = sorted_labels[:, ::block], sorted_labels.index_select(1, ends)
-    return TileGroups(labels, counts, sums.view(n, t, d) / counts.unsqueeze(-1), first, last)
+    return TileGroups(labels, counts, means, first, last)
 
 
 def query_tile_union(selected: torch.Tensor, tiles: TileGroups, cluster_counts: torch.Tensor) -> torch.Tensor:

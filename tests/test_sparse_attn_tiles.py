@@ -89,6 +89,7 @@ def test_tile_groups_equal_the_brute_force_tiles():
         sel[:, 3] = True
         cluster_counts = torch.stack([torch.bincount(row, minlength=7) for row in labels])
         assert torch.equal(query_tile_union(sel, got, cluster_counts), _brute_union(sel, clusters))
+        assert tile_groups(x, labels, block, centroids=False).centroids is None
     assert num_tiles(300, 128) == 3 and num_tiles(256, 128) == 2
     with pytest.raises(ValueError, match="block"):
         num_tiles(10, 0)
@@ -232,3 +233,27 @@ def test_warm_tiles_step_reads_nothing_back(monkeypatch):
     counter = count_hot_path(lambda: semantic_sparse_attention(q + 0.01, k, v, config, state))
     assert counter.syncs == 0, counter.sync_counts
     assert state.last.warm_start
+
+
+@needs_flex
+@pytest.mark.parametrize("s", [256, 200])
+def test_one_group_per_tile_kernel_path_equals_the_general_one(s):
+    """The tiles' lookup selection (and no partial tiles when the lengths are multiples of the
+    blocks) gives the general unpadded path's output and computed fraction on tile labels."""
+    from mmaccel.sparse_attn.backends import ClusterLayout, flex_block_sparse
+
+    q, k, v = _clustered(2, 2, s, s)
+    g = torch.Generator().manual_seed(5)
+    n = 4
+    tq = tile_groups(q.reshape(n, s, -1), torch.randint(0, 5, (n, s), generator=g), 32, centroids=False)
+    tk = tile_groups(k.reshape(n, s, -1), torch.randint(0, 5, (n, s), generator=g), 16)
+    sel = torch.rand(n, tq.counts.shape[1], tk.counts.shape[1], generator=g) < 0.3
+    layout = ClusterLayout(*(x.view(2, 2, -1) for x in (tq.labels, tk.labels, tq.counts, tk.counts)))
+    sel4 = sel.view(2, 2, *sel.shape[1:])
+    general, computed = flex_block_sparse(q, k, v, layout, sel4, 32, 16)
+    fast, fast_computed = flex_block_sparse(q, k, v, layout, sel4, 32, 16, one_group_per_tile=True)
+    torch.testing.assert_close(fast, general, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(fast, _masked_sdpa(q, k, v, tq.labels, tk.labels, sel).nan_to_num(0.0))
+    assert torch.equal(fast_computed, computed)
+    with pytest.raises(ValueError, match="one_group_per_tile"):
+        flex_block_sparse(q, k, v, layout, sel4, 32, 16, padded=True, one_group_per_tile=True)
