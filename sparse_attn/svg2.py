@@ -510,9 +510,11 @@ def _clustered_attention(
     k_counts: torch.Tensor,
     selected: torch.Tensor,
     config: SVG2Config,
+    one_group_per_tile: bool = False,
 ) -> tuple[torch.Tensor, str, torch.Tensor | None]:
     """Run the chosen block-sparse backend over the selected cluster pairs; the computed tile
-    fraction (a 0-dim tensor) for flex, None otherwise."""
+    fraction (a 0-dim tensor) for flex, None otherwise. ``one_group_per_tile``: the labels are
+    the tiles layout's groups alone (no dense prefix group), `flex_block_sparse`'s fast path."""
     b, h = q.shape[:2]
     layout = ClusterLayout(
         q_labels.view(b, h, -1), k_labels.view(b, h, -1), q_counts.view(b, h, -1), k_counts.view(b, h, -1)
@@ -520,11 +522,9 @@ def _clustered_attention(
     sel = selected.view(b, h, *selected.shape[1:])
     backend = _choose_backend(config, q.shape[2])
     if backend == "flex":
-        tiles = (q_counts.shape[-1], k_counts.shape[-1]) == (  # tile groups (no dense prefix group)
-            num_tiles(q.shape[2], config.q_block_size), num_tiles(k.shape[2], config.kv_block_size))
         out, block_density = flex_block_sparse(
             q, k, v, layout, sel, config.q_block_size, config.kv_block_size, config.layout == "padded",
-            config.flex_kernel, one_group_per_tile=config.layout == "tiles" and tiles,
+            config.flex_kernel, one_group_per_tile=one_group_per_tile,
         )  # fmt: skip
         return out, backend, block_density
     fn = masked_block_sparse if backend == "masked" else reference_block_sparse
@@ -573,7 +573,9 @@ def cluster_sparse_attention(
         ck, nk = cluster_means(k.reshape(b * h, sk, d), kl, config.num_k_clusters)
         selected = select_clusters(cq, ck, nk, config.top_p, config.min_kc_ratio)
     t0 = _clock(q.device, config.profile)
-    out, backend, block_density = _clustered_attention(q, k, v, ql, kl, nq, nk, selected, config)
+    out, backend, block_density = _clustered_attention(
+        q, k, v, ql, kl, nq, nk, selected, config, one_group_per_tile=config.layout == "tiles"
+    )
     t1 = _clock(q.device, config.profile)
     seconds = None if t0 is None else t1 - t0
     info = AttentionInfo(backend, _mask_density(selected, nq, nk), block_density, None, seconds, (0, 0), False)
@@ -728,8 +730,9 @@ def _attend(
         out = torch.cat([prefix, video], 2)
     else:
         out, backend, block_density = _clustered_attention(
-            q, k, v, c.q_labels, c.k_labels, c.q_counts, c.k_counts, c.selected, config
-        )
+            q, k, v, c.q_labels, c.k_labels, c.q_counts, c.k_counts, c.selected, config,
+            one_group_per_tile=config.layout == "tiles",
+        )  # fmt: skip
     sv, kv = sq - n, sk - n  # video queries, video keys (Sq != Sk without a prefix)
     video_pairs = _mask_density(c.selected, c.q_counts, c.k_counts) * (sv * kv)
     return out, backend, block_density, (video_pairs + (sq * sk - sv * kv)) / (sq * sk)

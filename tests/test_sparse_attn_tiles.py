@@ -182,8 +182,9 @@ def test_given_clusters_and_recompute_with_tiles():
 
 
 def test_dense_prefix_with_tiles():
-    """Joint text + video attention: text rows and columns dense, the video tiles sparse."""
-    q, k, v = _clustered(1, 2, 140, 140)
+    """Joint text + video attention: text rows and columns dense, the video tiles sparse (138 video
+    keys: the last video key tile is short, the text group follows it)."""
+    q, k, v = _clustered(1, 2, 150, 150)
     n = 12
     dense = F.scaled_dot_product_attention(q, k, v)
     base = dict(num_q_clusters=4, num_k_clusters=6, layout="tiles", q_block_size=32, kv_block_size=16,
