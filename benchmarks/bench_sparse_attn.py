@@ -4,10 +4,11 @@ Part 1, attention alone (Wan 1.3B heads: 128 wide; head count per size on the co
 video-like inputs (`local_qkv`): tokens of a ``frames x rows x cols`` grid belong to 3-D blob
 "objects" (Q and K = the object's mean plus noise, so semantics exist but are scattered in raster
 order) and Q/K also carry spatial-temporal locality (random Fourier features of the position).
-SVG2 (a warm-started step) and its peers at SVG2's measured density (benchmarks/static_masks.py:
-positional blocks, sliding tile (STA), radial (Radial Attention), SVG1 spatial/temporal heads),
-all through compiled flex_attention block masks: density, relative L2 vs SDPA and time vs SDPA
-from `harness.compare`; then SVG2's verdict against its best peer (lowest error).
+SVG2 (a warm-started step; the default padded layout and the padding-free ``layout="tiles"``)
+and its peers at SVG2 tiles' measured density (benchmarks/static_masks.py: positional blocks,
+sliding tile (STA), radial (Radial Attention), SVG1 spatial/temporal heads), all through compiled
+flex_attention block masks: density, relative L2 vs SDPA and time vs SDPA from
+`harness.compare`; then SVG2 tiles' verdict against its best peer (lowest error).
 
 Part 2, end to end: a Wan-shaped ``WanTransformer3DModel`` (random weights, a few blocks) over
 a few denoising steps on object-structured latents, dense vs sparse: time ratio and PSNR.
@@ -194,6 +195,7 @@ class StageClock:
     the step is the remainder."""
 
     STAGES = (("k-means (q and k, warm)", svg2_module, "kmeans"), ("top-p selection", svg2_module, "select_clusters"),
+              ("tile groups (tiles layout)", svg2_module, "tile_groups"),
               ("tile layout (both sides)", sparse_backends, "TileSide"),
               ("tile selection", sparse_backends, "tile_selection"),
               ("BlockMask indices", sparse_backends, "_to_kv_blocks"),
@@ -232,12 +234,12 @@ class StageClock:
 
 def bench_breakdown(cases: list[tuple[tuple[int, int, int], int]], config: SVG2Config, rounds: int) -> tuple[str, list]:
     """Where a warm SVG2 step's time goes (`StageClock`), on the attention benchmark's inputs and
-    tile-sized clusters, median (min-max) of ``rounds`` steps per size."""
+    tile-sized clusters, median (min-max) of ``rounds`` steps per size and layout (padded, tiles)."""
     columns, headers = {}, ["stage"]
-    for (frames, rows, cols), heads in cases:
+    for ((frames, rows, cols), heads), layout in ((case, layout) for case in cases for layout in ("padded", "tiles")):
         s = frames * rows * cols
         cq, ck = tile_cluster_counts(s, config.q_block_size, config.kv_block_size)
-        case_config = replace(config, num_q_clusters=cq, num_k_clusters=ck)
+        case_config = replace(config, num_q_clusters=cq, num_k_clusters=ck, layout=layout)
         q, k, v = local_qkv(frames, rows, cols, heads, 128, num_objects=64)
         gen = torch.Generator().manual_seed(7)
         q_prev, k_prev = (t + 0.3 * torch.randn(t.shape, generator=gen) for t in (q, k))
@@ -254,9 +256,9 @@ def bench_breakdown(cases: list[tuple[tuple[int, int, int], int]], config: SVG2C
             for name, sec in stages.items():
                 per.setdefault(name, []).append(sec)
         total = statistics.median(per["total"])
-        columns[s] = {name: f"{statistics.median(v) * 1e3:.1f} ({min(v) * 1e3:.1f}-{max(v) * 1e3:.1f}), "
+        columns[s, layout] = {name: f"{statistics.median(v) * 1e3:.1f} ({min(v) * 1e3:.1f}-{max(v) * 1e3:.1f}), "
                       f"{statistics.median(v) / total:.0%}" for name, v in per.items()}  # fmt: skip
-        headers.append(f"S={s}, {heads} head(s), {cq}/{ck} clusters: ms, median (min-max) of {rounds}, share")
+        headers.append(f"S={s}, {heads} head(s), {cq}/{ck} clusters, {layout}: ms, median (min-max) of {rounds}, share")
     names = next(iter(columns.values()))
     rows_out = [[name, *(col[name] for col in columns.values())] for name in names]
     return markdown_table(headers, rows_out), rows_out
@@ -275,14 +277,17 @@ def _attention_case(
     gen = torch.Generator().manual_seed(7)
     q_prev, k_prev = (t + 0.3 * torch.randn(t.shape, generator=gen) for t in (q, k))
     ref = F.scaled_dot_product_attention(q, k, v)
-    state = SparseAttentionState()
-    cold_start = time.perf_counter()
+    state, tiles_state = SparseAttentionState(), SparseAttentionState()
+    tiles_config = replace(config, layout="tiles")
     semantic_sparse_attention(q_prev, k_prev, v, config, state)  # cold k-means + compile
+    cold_start = time.perf_counter()
+    semantic_sparse_attention(q_prev, k_prev, v, tiles_config, tiles_state)
     cold_s = time.perf_counter() - cold_start
     svg2 = lambda: semantic_sparse_attention(q, k, v, config, state)  # noqa: E731 (warm k-means)
-    svg2_out = svg2()
-    info = state.last
-    density = info.density
+    svg2_tiles = lambda: semantic_sparse_attention(q, k, v, tiles_config, tiles_state)  # noqa: E731
+    svg2_out, tiles_out = svg2(), svg2_tiles()
+    info, tiles_info = state.last, tiles_state.last
+    density = tiles_info.density  # the peers run at SVG2 tiles' density
     positional, p_density = positional_fn(q, k, v, config, density)
     sta = sliding_tile_mask(grid, density, heads, STA_TILE)
     radial = radial_mask(grid, density, heads, PEER_BLOCK)
@@ -296,21 +301,24 @@ def _attention_case(
     fns = {
         "SDPA (dense)": lambda: F.scaled_dot_product_attention(q, k, v),
         "SVG2": svg2,
+        "SVG2 tiles": svg2_tiles,
         "positional blocks (top-p)": positional,
         f"sliding tile {STA_TILE}": lambda: run_block_mask(q, k, v, sta),
         "radial": lambda: run_block_mask(q, k, v, radial),
         "SVG1 spatial/temporal": svg1,
     }
-    outs = {name: fn() for name, fn in fns.items() if name != "SVG2"}  # also compiles each shape once
-    outs["SVG2"] = svg2_out
+    outs = {name: fn() for name, fn in fns.items() if not name.startswith("SVG2")}  # compiles each shape once
+    outs["SVG2"], outs["SVG2 tiles"] = svg2_out, tiles_out
     timed = repeats > 0  # repeats=0: accuracy only (one call of each method, no timing)
     result = compare(fns, repeats=repeats, warmup=1) if timed else {}
-    dens = {"SDPA (dense)": 1.0, "SVG2": density, "positional blocks (top-p)": p_density,
+    dens = {"SDPA (dense)": 1.0, "SVG2": info.density, "SVG2 tiles": density, "positional blocks (top-p)": p_density,
             f"sliding tile {STA_TILE}": sta.density, "radial": radial.density,
             "SVG1 spatial/temporal": svg1_static.density}  # fmt: skip
     params = {"SDPA (dense)": "-", "SVG2": f"{config.num_q_clusters}/{config.num_k_clusters} clusters, top_p "
               f"{config.top_p:g}, {config.layout} {config.q_block_size}x{config.kv_block_size} tiles, computed "
               f"tiles {info.block_density:.3f}",
+              "SVG2 tiles": f"same k-means, tiles {config.q_block_size}x{config.kv_block_size} as the selection "
+              f"units, computed tiles {tiles_info.block_density:.3f}",
               "positional blocks (top-p)": "contiguous blocks, top_p bisected",
               f"sliding tile {STA_TILE}": f"window {sta.param} tiles",
               "radial": f"decay {radial.param:.3g}",
@@ -321,26 +329,27 @@ def _attention_case(
         times = (result[name].time_text(), result[name].ratio_text()) if timed else ("-", "-")
         rows_out.append([s, f"{frames}x{rows}x{cols}", heads, name, f"{dens[name]:.3f}", params[name],
                          f"{errors[name]:.3f}", *times])  # fmt: skip
-    peers = [n for n in fns if n not in ("SDPA (dense)", "SVG2")]
+    lead = "SVG2 tiles"  # the verdict: the variant at whose density the peers run
+    peers = [n for n in fns if n not in ("SDPA (dense)", "SVG2", lead)]
     best = min(peers, key=lambda n: errors[n])
-    err_ratio = errors[best] / errors["SVG2"]
-    accuracy = [s, heads, best, f"{errors['SVG2']:.3f} vs {errors[best]:.3f}",
+    err_ratio = errors[best] / errors[lead]
+    accuracy = [s, heads, best, f"{errors[lead]:.3f} vs {errors[best]:.3f}",
                 f"{'ahead' if err_ratio > 1 else 'behind'} by {max(err_ratio, 1 / err_ratio):.2f}x"]  # fmt: skip
     if not timed:
         return rows_out, [*accuracy, "-", "-", "-", "-", "-", "-", f"{cold_s:.1f}"]
     fastest = min(peers, key=lambda n: statistics.median(result[n].times_s))
 
     def versus(peer: str) -> tuple[str, str]:  # per-round peer / SVG2 ratio: round i of each is the same round
-        peer_t, svg2_t = result[peer].times_s, result["SVG2"].times_s
+        peer_t, svg2_t = result[peer].times_s, result[lead].times_s
         ratios = [p / t for p, t in zip(peer_t, svg2_t)]
         speed, low, high = statistics.median(ratios), min(ratios), max(ratios)
         overlaps = min(peer_t) <= max(svg2_t) and min(svg2_t) <= max(peer_t)
         return (f"{speed:.2f}x ({low:.2f}-{high:.2f})" + (" ~noise" if overlaps else ""),
                 f"{'ahead' if speed > 1 else 'behind'} by {max(speed, 1 / speed):.2f}x")  # fmt: skip
 
-    _, outside, svg2_kernel = kernel_share(svg2)
+    _, outside, svg2_kernel = kernel_share(svg2_tiles)
     peer_kernel = kernel_share(fns[fastest])[2]
-    kernels = (f"{svg2_kernel:.2f} / {peer_kernel:.2f} s (computed {info.block_density:.3f} / "
+    kernels = (f"{svg2_kernel:.2f} / {peer_kernel:.2f} s (computed {tiles_info.block_density:.3f} / "
                f"{dens[fastest]:.3f})")  # fmt: skip
     verdict = [*accuracy, *versus(best), fastest, *versus(fastest), kernels, f"{outside:.0%}", f"{cold_s:.1f}"]
     return rows_out, verdict
@@ -349,8 +358,9 @@ def _attention_case(
 def bench_attention(
     cases: list[tuple[tuple[int, int, int], int]], config: SVG2Config, repeats: int, max_padding: float = 0.25
 ) -> tuple[str, list, list]:
-    """For each video grid and head count: SDPA (baseline), SVG2 (a warm-started step, cluster
-    counts sized to its tiles by `tile_cluster_counts`) and the peers at SVG2's measured density,
+    """For each video grid and head count: SDPA (baseline), SVG2 padded and SVG2 tiles (a
+    warm-started step each, cluster counts sized to the tiles by `tile_cluster_counts`) and the
+    peers at SVG2 tiles' measured density,
     timed with `harness.compare`; relative L2 vs SDPA."""
     rows_out, verdicts = [], []
     for (frames, rows, cols), heads in tqdm(cases, desc="attention sizes"):
@@ -361,15 +371,15 @@ def bench_attention(
         verdicts.append(verdict)
     headers = ["S", "grid", "heads", "method", "density", "setting", "rel L2 vs SDPA", f"time, median (min-max) of {repeats}",
                "speed vs SDPA, median (min-max)"]  # fmt: skip
-    vheaders = ["S", "heads", "best peer (lowest rel L2)", "rel L2: SVG2 vs peer", "SVG2 accuracy",
-                "SVG2 speed vs that peer, median (min-max)", "SVG2 speed", "fastest peer",
-                "SVG2 speed vs fastest peer, median (min-max)", "SVG2 speed vs fastest",
-                "kernel s: SVG2 / fastest peer (computed tiles / density)", "SVG2 time outside the kernel",
-                "SVG2 cold start + compile s"]  # fmt: skip
+    vheaders = ["S", "heads", "best peer (lowest rel L2)", "rel L2: SVG2 tiles vs peer", "SVG2 tiles accuracy",
+                "SVG2 tiles speed vs that peer, median (min-max)", "SVG2 tiles speed", "fastest peer",
+                "SVG2 tiles speed vs fastest peer, median (min-max)", "SVG2 tiles speed vs fastest",
+                "kernel s: SVG2 tiles / fastest peer (computed tiles / density)",
+                "SVG2 tiles time outside the kernel", "SVG2 tiles cold start + compile s"]  # fmt: skip
     return markdown_table(headers, rows_out) + "\n\n" + markdown_table(vheaders, verdicts), rows_out, verdicts
 
 
-LAYOUTS = (("padded", 128, 64), ("unpadded", 128, 64), ("unpadded", 128, 128), ("padded", 128, 128))
+LAYOUTS = (("padded", 128, 64), ("unpadded", 128, 64), ("unpadded", 128, 128), ("padded", 128, 128), ("tiles", 128, 64))
 
 
 def bench_layouts(grid: tuple[int, int, int], heads: int, clusters: tuple[int, int], repeats: int) -> tuple[str, list]:
@@ -581,12 +591,13 @@ def attention_and_e2e_tables(
         "length scales 1.5 frames / 3 rows / 3 cols: +~4 logit at distance 0, Gaussian decay). Head dim 128; "
         f"heads per size {[h for _, h in cases]} (Wan 1.3B has 12: cut to fit the shared 2-core CPU). "
         f"SVG2: {config.layout} layout, {config.q_block_size} x {config.kv_block_size} tiles, cluster counts "
-        f"from `tile_cluster_counts(max_padding={args.max_padding:g})` (counts in the setting column); the share "
-        "of its step spent outside the "
-        "flex kernel is timed by wrapping the kernel call (3 extra steps, median). "
+        f"from `tile_cluster_counts(max_padding={args.max_padding:g})` (counts in the setting column); SVG2 tiles: "
+        "the same k-means clusters and settings with `layout='tiles'` (the cluster-sorted tokens cut into "
+        "tiles, which are the selection units: no padding, computed tiles = density); the share of SVG2 tiles' "
+        "step spent outside the flex kernel is timed by wrapping the kernel call (3 extra steps, median). "
         "SVG2 = a warm-started step (k-means from the previous step's centroids; the previous step = the same "
-        "inputs + 0.3 noise). Every peer at SVG2's measured density (fraction of query-key pairs; SVG2's "
-        "computed blocks, padding included, are in its setting). Peers (benchmarks/static_masks.py): "
+        "inputs + 0.3 noise). Every peer at SVG2 tiles' measured density (fraction of query-key pairs; SVG2's "
+        "computed blocks, padding included, are in its setting; padded SVG2 runs at its own density). Peers (benchmarks/static_masks.py): "
         "positional = contiguous token blocks as clusters, top_p bisected; sliding tile = STA, 3-D tiles of "
         f"{STA_TILE} tokens = one block, window of tiles centred and clamped; radial = Radial Attention's "
         "energy-decay mask (same frame and sink frame 0 dense, in-frame band halving with each doubling of "

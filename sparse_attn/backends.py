@@ -17,14 +17,18 @@ cluster attends to. A query whose row selects no non-empty key cluster outputs z
   *full* when all its cluster pairs are selected, else *partial* with the token-label mask
   ``selected[label_q, label_k]``) and ``"padded"`` (every cluster padded to whole tiles, so a tile
   holds one cluster; only a key tile with padding is partial, and its mask only drops the
-  padding).
+  padding). The ``"tiles"`` layout of `SVG2Config` is the unpadded kernel run on tile groups
+  (`mmaccel.sparse_attn.tile_select`): one group per tile, so every tile is full but a short
+  last one.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +36,7 @@ import torch.nn.functional as F
 __all__ = [
     "BACKENDS",
     "FLEX_KERNELS",
+    "FLEX_RECOMPILE_LIMIT",
     "LAYOUTS",
     "ClusterLayout",
     "TileSide",
@@ -46,7 +51,7 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "flex", "masked", "reference")
-LAYOUTS = ("unpadded", "padded")
+LAYOUTS = ("unpadded", "padded", "tiles")
 FLEX_KERNELS = ("triton", "flash")
 
 
@@ -110,12 +115,38 @@ def flash_kernel_available() -> bool:
     return found and torch.cuda.is_available()
 
 
+#: compiled variants of ``flex_attention`` (shapes, tiles, mask functions) a process may hold
+FLEX_RECOMPILE_LIMIT = 64
+
+
 @functools.cache
-def compiled_flex():
-    """``flex_attention`` under ``torch.compile(dynamic=False)``, built once per process."""
+def compiled_flex() -> Callable[..., torch.Tensor]:
+    """``flex_attention`` under ``torch.compile(dynamic=False)``, built once per process.
+
+    Never falls back to eager ``flex_attention`` silently: that one applies only ``mask_mod`` and
+    ignores the BlockMask's block selection, where the padded layout keeps SVG2's cluster
+    selection. A call outside a compiled region may compile up to `FLEX_RECOMPILE_LIMIT` variants
+    (or dynamo's ``recompile_limit`` if higher); one more raises ``RuntimeError``. Inside a compiled
+    region the kernel is part of the caller's graph."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def call(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return compiled(*args, **kwargs)
+        limit = max(torch._dynamo.config.recompile_limit, FLEX_RECOMPILE_LIMIT)
+        try:
+            with torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
+                return compiled(*args, **kwargs)
+        except torch._dynamo.exc.FailOnRecompileLimitHit as err:
+            raise RuntimeError(
+                f"flex_attention has been compiled for {limit} different shapes or masks in this process, "
+                "dynamo's recompile limit; eager flex_attention would ignore the block selection. Raise "
+                "torch._dynamo.config.recompile_limit, or torch._dynamo.reset() between unrelated models"
+            ) from err
+
+    return call
 
 
 class TileSide:
@@ -221,16 +252,19 @@ class TileSide:
         return x.reshape(n * length, d).index_select(0, self.rows_out).view(n, -1, d)
 
 
-def tile_selection(selected: torch.Tensor, qs: TileSide, ks: TileSide) -> tuple[torch.Tensor, torch.Tensor]:
+def tile_selection(
+    selected: torch.Tensor, qs: TileSide, ks: TileSide, one_group_per_tile: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(partial, full)`` (N, q tiles, k tiles) bool from ``selected`` (N, Cq, Ck).
 
     A tile is computed when any (query cluster, key cluster) pair of its cluster ranges is
     selected, and *full* (no token mask) when every pair is and neither side holds an empty
     slot. The pair counts come from a 2-D prefix sum over ``selected``: O(1) per tile, no loop.
-    When both sides are padded every tile holds one cluster: a single lookup of its pair.
+    When every tile holds one cluster (both sides padded, or ``one_group_per_tile``: the caller
+    guarantees it, as the tiles layout's groups do) a single lookup of its pair.
     """
     n, cq, ck = selected.shape
-    if qs.padded and ks.padded:
+    if (qs.padded and ks.padded) or one_group_per_tile:
         table = F.pad(selected, (0, 1, 0, 1)).view(n, -1)  # the tail cluster C: never selected
         pair = qs.lo.unsqueeze(-1) * (ck + 1) + ks.lo.unsqueeze(-2)
         computed = table.gather(1, pair.view(n, -1)).view(pair.shape)
@@ -294,9 +328,13 @@ def flex_block_sparse(
     kv_block: int = 64,
     padded: bool = False,
     kernel: str = "triton",
+    one_group_per_tile: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse attention with compiled ``flex_attention`` on ``q_block`` x ``kv_block`` tiles.
 
+    ``one_group_per_tile`` (unpadded layout only): the labels are tile groups of exactly
+    ``q_block`` / ``kv_block`` tokens but the last (`mmaccel.sparse_attn.tile_select`), so a tile's
+    selection is one lookup and, when both lengths are multiples of the blocks, no tile is partial.
     Returns the output and the computed tile fraction ``(tiles x q_block x kv_block) / (Sq Sk)``
     as a 0-dim tensor (empty slots and unselected token pairs inside computed tiles included;
     no host read). Exact: each query attends to exactly the keys of its selected clusters.
@@ -310,7 +348,9 @@ def flex_block_sparse(
     qs = TileSide(layout.q_labels.reshape(n, sq), layout.q_counts.reshape(n, cq), q_block, padded, pad_mask=False)
     ks = TileSide(layout.k_labels.reshape(n, sk), layout.k_counts.reshape(n, ck), kv_block, padded)
     sel = selected.reshape(n, cq, ck)
-    partial, full = tile_selection(sel, qs, ks)
+    if one_group_per_tile and padded:
+        raise ValueError("one_group_per_tile needs the unpadded layout (padded=False)")
+    partial, full = tile_selection(sel, qs, ks, one_group_per_tile)
     if padded:  # a computed tile is one selected cluster pair: the mask only drops key padding
         kvalid = ks.valid.view(b, h, -1)  # a per-slot lookup: ~10% less kernel time than kv_idx < fill_end[tile]
 
@@ -325,7 +365,10 @@ def flex_block_sparse(
             return table[b, h, qml[b, h, q_idx], kml[b, h, kv_idx]]
 
     shape = (b, h, *partial.shape[1:])
-    num, idx = _to_kv_blocks(partial.view(shape))
+    if one_group_per_tile and sq % q_block == 0 and sk % kv_block == 0:  # every tile full: no partial list
+        num, idx = partial.new_zeros(shape[:-1], dtype=torch.int32), partial.new_zeros(shape, dtype=torch.int32)
+    else:
+        num, idx = _to_kv_blocks(partial.view(shape))
     full_num, full_idx = _to_kv_blocks(full.view(shape))
     block_mask = BlockMask.from_kv_blocks(
         num, idx, full_num, full_idx, BLOCK_SIZE=(q_block, kv_block), mask_mod=mask_mod,

@@ -46,6 +46,7 @@ from mmaccel.sparse_attn.backends import (
     reference_block_sparse,
 )
 from mmaccel.sparse_attn.kmeans import KMEANS_BACKENDS, KMeansResult, kmeans, kmeans_rounds
+from mmaccel.sparse_attn.tile_select import num_tiles, query_tile_union, tile_groups
 
 __all__ = [
     "PRESETS",
@@ -118,7 +119,10 @@ class SVG2Config:
         default, inductor's Triton tiles on Hopper; 128 x 128 for the FLASH kernel.
     layout: flex token layout, "padded" (each cluster padded to whole tiles; measured faster
         on the CPU) or "unpadded" (clusters contiguous, no padding; a tile spanning several
-        clusters takes a token-label mask).
+        clusters takes a token-label mask) or "tiles" (our option, `mmaccel.sparse_attn.tile_select`:
+        the cluster-sorted tokens cut into tiles; key tiles are the selection units, a query tile
+        takes its clusters' union; no padding, no element mask but a short last tile's; the
+        selection and the state's labels / counts are the tiles').
     flex_kernel: "triton" (inductor's flex kernel) or "flash" (flex's FLASH backend, the
         ``flash-attn-4`` wheel; CUDA, 128 x 128 tiles).
     profile: record timings and per-call host numbers (``SVG2Stats.records``, the seconds in
@@ -532,9 +536,11 @@ def _clustered_attention(
     k_counts: torch.Tensor,
     selected: torch.Tensor,
     config: SVG2Config,
+    one_group_per_tile: bool = False,
 ) -> tuple[torch.Tensor, str, torch.Tensor | None]:
     """Run the chosen block-sparse backend over the selected cluster pairs; the computed tile
-    fraction (a 0-dim tensor) for flex, None otherwise."""
+    fraction (a 0-dim tensor) for flex, None otherwise. ``one_group_per_tile``: the labels are
+    the tiles layout's groups alone (no dense prefix group), `flex_block_sparse`'s fast path."""
     b, h = q.shape[:2]
     layout = ClusterLayout(
         q_labels.view(b, h, -1), k_labels.view(b, h, -1), q_counts.view(b, h, -1), k_counts.view(b, h, -1)
@@ -544,7 +550,7 @@ def _clustered_attention(
     if backend == "flex":
         out, block_density = flex_block_sparse(
             q, k, v, layout, sel, config.q_block_size, config.kv_block_size, config.layout == "padded",
-            config.flex_kernel,
+            config.flex_kernel, one_group_per_tile=one_group_per_tile,
         )  # fmt: skip
         return out, backend, block_density
     fn = masked_block_sparse if backend == "masked" else reference_block_sparse
@@ -583,10 +589,19 @@ def cluster_sparse_attention(
                          f"{tuple(k_labels.shape)}")  # fmt: skip
     ql, kl = q_labels.reshape(b * h, sq), k_labels.reshape(b * h, sk)
     cq, nq = cluster_means(q.reshape(b * h, sq, d), ql, config.num_q_clusters)
-    ck, nk = cluster_means(k.reshape(b * h, sk, d), kl, config.num_k_clusters)
-    selected = select_clusters(cq, ck, nk, config.top_p, config.min_kc_ratio)
+    if config.layout == "tiles":  # the given clusters order the tokens, key tiles are the units
+        tq, tk = tile_groups(q.reshape(b * h, sq, d), ql, config.q_block_size, centroids=False), tile_groups(
+            k.reshape(b * h, sk, d), kl, config.kv_block_size)  # fmt: skip
+        selected = query_tile_union(select_clusters(cq, tk.centroids, tk.counts, config.top_p, config.min_kc_ratio),
+                                    tq, nq)  # fmt: skip
+        ql, nq, kl, nk = tq.labels, tq.counts, tk.labels, tk.counts
+    else:
+        ck, nk = cluster_means(k.reshape(b * h, sk, d), kl, config.num_k_clusters)
+        selected = select_clusters(cq, ck, nk, config.top_p, config.min_kc_ratio)
     t0 = _clock(q.device, config.profile)
-    out, backend, block_density = _clustered_attention(q, k, v, ql, kl, nq, nk, selected, config)
+    out, backend, block_density = _clustered_attention(
+        q, k, v, ql, kl, nq, nk, selected, config, one_group_per_tile=config.layout == "tiles"
+    )
     t1 = _clock(q.device, config.profile)
     seconds = None if t0 is None else t1 - t0
     info = AttentionInfo(backend, _mask_density(selected, nq, nk), block_density, None, seconds, (0, 0), False)
@@ -656,9 +671,15 @@ def semantic_sparse_attention(
         kq, kk, warm = _host_kmeans(qf, kf, config, state, start, share)
     if not torch.compiler.is_exporting():  # an exported program keeps no k-means memory
         state.q_centroids, state.k_centroids = kq.centroids, kk.centroids
-    selected = select_clusters(kq.centroids, kk.centroids, kk.counts, config.top_p, config.min_kc_ratio)
+    uq, uk = kq, kk
+    if config.layout == "tiles":  # key tiles are the selection units, a query tile its clusters' union
+        uq = tile_groups(qf, kq.labels, config.q_block_size, centroids=False)
+        uk = tile_groups(kf, kk.labels, config.kv_block_size)
+    selected = select_clusters(kq.centroids, uk.centroids, uk.counts, config.top_p, config.min_kc_ratio)
+    if config.layout == "tiles":
+        selected = query_tile_union(selected, uq, kq.counts)
     t1 = _clock(q.device, config.profile)
-    clustering = Clustering(kq.labels, kq.counts, kk.labels, kk.counts, selected)
+    clustering = Clustering(uq.labels, uq.counts, uk.labels, uk.counts, selected)
     out, backend, block_density, density = _attend(
         q, k, v, config, clustering, dense_prefix, prefix_attention, prefix_mask
     )
@@ -669,8 +690,8 @@ def semantic_sparse_attention(
     if torch.compiler.is_exporting():
         return out
     state.density, state.backend = density, backend
-    state.q_labels, state.k_labels, state.selected = kq.labels, kk.labels, selected
-    state.q_counts, state.k_counts = kq.counts, kk.counts
+    state.q_labels, state.k_labels, state.selected = uq.labels, uk.labels, selected
+    state.q_counts, state.k_counts = uq.counts, uk.counts
     if not torch.compiler.is_compiling():  # eager: the call's info, densities still on the device
         state.calls += 1
         state.last = AttentionInfo(
@@ -726,6 +747,8 @@ def _check_clustering(clustering: Clustering, rows: int, sq: int, sk: int, confi
     if not isinstance(clustering, Clustering):
         raise TypeError(f"clustering must be a Clustering, got {type(clustering).__name__}")
     cq, ck = config.num_q_clusters, config.num_k_clusters
+    if config.layout == "tiles":
+        cq, ck = num_tiles(sq, config.q_block_size), num_tiles(sk, config.kv_block_size)
     want = dict(q_labels=(rows, sq), q_counts=(rows, cq), k_labels=(rows, sk), k_counts=(rows, ck),
                 selected=(rows, cq, ck))  # fmt: skip
     got = {name: tuple(getattr(clustering, name).shape) for name in want}
@@ -750,7 +773,7 @@ def _attend(
     sk, n = k.shape[2], dense_prefix
     c = clustering
     if n:  # the prefix is one more key cluster (label Ck), selected by every query cluster
-        ck = config.num_k_clusters
+        ck = c.k_counts.shape[1]
         prefix = c.k_labels.new_full((b * h, n), ck)
         counts = c.k_counts.new_full((b * h, 1), n)
         chosen = F.pad(c.selected, (0, 1), value=True)
@@ -768,11 +791,12 @@ def _attend(
         out = torch.cat([prefix, video], 2)
     else:
         out, backend, block_density = _clustered_attention(
-            q, k, v, c.q_labels, c.k_labels, c.q_counts, c.k_counts, c.selected, config
-        )
-    sv = sq - n
-    video_pairs = _mask_density(c.selected, c.q_counts, c.k_counts) * (sv * sv)
-    return out, backend, block_density, (video_pairs + (sq * sk - sv * sv)) / (sq * sk)
+            q, k, v, c.q_labels, c.k_labels, c.q_counts, c.k_counts, c.selected, config,
+            one_group_per_tile=config.layout == "tiles",
+        )  # fmt: skip
+    sv, kv = sq - n, sk - n  # video queries, video keys (Sq != Sk without a prefix)
+    video_pairs = _mask_density(c.selected, c.q_counts, c.k_counts) * (sv * kv)
+    return out, backend, block_density, (video_pairs + (sq * sk - sv * kv)) / (sq * sk)
 
 
 # ------------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ def _clustered(s=128, h=2, d=16, groups=4, seed=0):
         (dict(backend="cuda"), ValueError, "backend"),
         (dict(q_block_size=48), ValueError, "q_block_size"),
         (dict(kv_block_size=8), ValueError, "kv_block_size"),
-        (dict(layout="tiles"), ValueError, "layout"),
+        (dict(layout="tile"), ValueError, "layout"),
         (dict(flex_kernel="cudnn"), ValueError, "flex_kernel"),
         (dict(flex_kernel="flash", kv_block_size=64), ValueError, "flex_kernel='flash' needs"),
         (dict(kmeans_backend="faiss"), ValueError, "kmeans_backend"),
@@ -353,6 +353,29 @@ def test_flex_backend_matches_reference(padded, tiles):
         out, computed = flex_block_sparse(q, k, v, layout, sel, *tiles, padded)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         assert computed.ndim == 0 and computed > 0
+
+
+@pytest.mark.skipif(not flex_attention_available(), reason="flex_attention not in this torch")
+def test_flex_kernel_never_falls_back_to_eager_at_the_recompile_limit(monkeypatch):
+    """Eager flex_attention ignores the BlockMask's block selection (the padded layout's cluster
+    selection): a process that has compiled the kernel for as many shapes as dynamo allows raises
+    instead of returning unselected clusters' attention (it did, past 8 variants)."""
+    from mmaccel.sparse_attn import backends
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(backends, "FLEX_RECOMPILE_LIMIT", 2)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1):
+            for i, sq in enumerate((300, 280, 260)):
+                q, k, v, layout, sel = _random_problem(0, sq=sq, sk=260, cq=5, ck=9)
+                if i < 2:  # two variants compile
+                    out, _ = flex_block_sparse(q, k, v, layout, sel, 32, 16, True)
+                    torch.testing.assert_close(out, reference_block_sparse(q, k, v, layout, sel), atol=1e-5, rtol=1e-5)
+                    continue
+                with pytest.raises(RuntimeError, match="eager flex_attention would ignore the block selection"):
+                    flex_block_sparse(q, k, v, layout, sel, 32, 16, True)
+    finally:
+        torch._dynamo.reset()
 
 
 @pytest.mark.skipif(not flex_attention_available(), reason="flex_attention not in this torch")
