@@ -72,3 +72,29 @@ def test_quick_run_prints_spreads_fidelity_and_verdicts(only):
     assert ("FlexDiT" in rows) == (only != "wan")
     assert rows[bench.FAST_ROW][1] == OURS  # the fast preset, in the same run as ToMe + MagCache and MagCache
     assert "ToMe + MagCache" in rows and "MagCache" in rows
+
+
+def test_breakdown_sorts_forwards_into_dense_reduced_and_skipped():
+    """``--breakdown``: every forward of a row is timed and sorted; the dense row runs the blocks at
+    every step on all tokens, ToMe at every step on half, MagCache skips (a skipped-forward time)
+    and the fast preset's first forward is dense."""
+    text = bench.main(["--quick", "--breakdown", "--only", "dit"])
+    rows = _rows(text)
+    assert set(rows) == set(bench.BREAKDOWN_ROWS)
+    assert rows["dense"][1] == "4/4: steps 0, 1, 2, 3" and rows["dense"][4] == "-" and rows["dense"][5] == "-" and "(" in rows["dense"][3]
+    assert rows["dense"][7] == "inf"
+    assert rows["ToMe (tomesd rule)"][2] == "0.50, 0.50, 0.50, 0.50" and rows["ToMe (tomesd rule)"][3] == "-"
+    for name in ("MagCache", "ToMe + MagCache", bench.FAST_ROW):
+        n = int(rows[name][1].split("/")[0])
+        assert 1 <= n < 4 and rows[name][5] != "-", rows[name]  # the cache skipped at least one forward
+        assert rows[name][1].split(": ")[1].startswith("steps 0")  # MagCache's retention: the first step runs
+    assert rows[bench.FAST_ROW][2].startswith("1.00")  # DiT's preset: dense until progress 0.7
+
+
+def test_wan_large_setting_has_the_480p_aspect_and_more_tokens():
+    """``--only wan-large``: the Wan 480p latent aspect at 4,032 tokens, 6 steps, with the issue #28 target."""
+    assert bench.WAN_LARGE_LATENT[2:] == (4, 48, 84) and abs(84 / 48 - 104 / 60) < 0.05
+    tokens = bench.WAN_LARGE_LATENT[2] * bench.WAN_LARGE_LATENT[3] * bench.WAN_LARGE_LATENT[4] // 4
+    assert tokens == 4032 and "Wan large" in bench.TARGETS
+    setup = bench._wan_large(quick=True)
+    assert setup.name == "Wan large" and setup.factor == (1, 2, 2) and "16x2x16x24 = 192 tokens" in setup.shape
