@@ -12,6 +12,11 @@ sampling runs are timed, never single forwards):
 - **Wan**: Wan 2.1 1.3B-shaped ``WanTransformer3DModel`` (width 1536, 12 heads x 128, FFN 8960,
   512 text tokens of width 4096) on a 16 x 2 x 32 x 32 latent (2 x 16 x 16 = 512 tokens), 3 of
   its 30 blocks, 6 flow-matching Euler steps (shift 3).
+- **Wan large** (``--only wan-large``, issue #28: where token reduction pays): the same Wan 2.1
+  block on the 480p latent aspect of Wan-1.3B (21 x 60 x 104, 32,760 tokens) scaled to 4 x 48 x 84
+  (4 x 24 x 42 = 4,032 tokens), width scaled with it (2 heads x 128 = 256, FFN 1536; tokens over
+  width 16 against 21 at 480p, so attention keeps most of a forward), 512 text tokens of width
+  4096, 3 blocks, 6 steps as above.
 
 All batch 1, fp32, no classifier-free guidance, random weights. A fourth section runs the same rows
 (less FlexDiT / DyDiT, which need fine-tuning first) on the trained zoo model `digits-dit` (6 blocks,
@@ -60,7 +65,12 @@ zoo: ahead at classifier accuracy >= 0.97) and prints met / missed.
 ``seed`` of the builders sets the noise (and text) of a run; the preset was chosen on seed 7
 (PixArt, Wan) and 1000 (zoo), the benchmark runs the defaults (1, 1, 0).
 
-    .venv/bin/python -m mmaccel.benchmarks.bench_peers_dit [--quick] [--write] [--threads 2] [--only dit|pixart|wan]
+``--breakdown`` prints, instead of the tables, where the whole-run time of the issue #28 rows goes:
+each transformer forward timed and sorted into full dense, full reduced and cache-skipped, with the
+steps the cache ran and the PSNR (`breakdown`).
+
+    .venv/bin/python -m mmaccel.benchmarks.bench_peers_dit [--quick] [--write] [--threads 2]
+        [--only dit|zoo|wan|pixart|wan-large] [--breakdown]
 """
 
 from __future__ import annotations

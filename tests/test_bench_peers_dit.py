@@ -55,7 +55,8 @@ def _rows(section: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize("only", ["dit", pytest.param("pixart", marks=pytest.mark.slow),
-                                  pytest.param("wan", marks=pytest.mark.slow)])  # fmt: skip
+                                  pytest.param("wan", marks=pytest.mark.slow),
+                                  pytest.param("wan-large", marks=pytest.mark.slow)])  # fmt: skip
 def test_quick_run_prints_spreads_fidelity_and_verdicts(only):
     text = bench.main(["--quick", "--only", only])
     assert re.search(r"Machine: .*torch threads \d+, load average at start [\d.]+ / ", text)
@@ -69,7 +70,7 @@ def test_quick_run_prints_spreads_fidelity_and_verdicts(only):
     assert rows["ToMe (tomesd rule)"][6] == "0.50"  # ratio 0.5 in every block, every step
     assert float(rows["token density"][6]) < 1
     assert rows["FirstBlockCache"][5].endswith(f"/{4}")
-    assert ("FlexDiT" in rows) == (only != "wan")
+    assert ("FlexDiT" in rows) == (only not in ("wan", "wan-large"))
     assert rows[bench.FAST_ROW][1] == OURS  # the fast preset, in the same run as ToMe + MagCache and MagCache
     assert "ToMe + MagCache" in rows and "MagCache" in rows
 
