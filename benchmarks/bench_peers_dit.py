@@ -95,13 +95,14 @@ from diffusers.hooks import (
     apply_mag_cache,
 )
 from diffusers.hooks.hooks import CacheContext, _set_cache_context
+from torch.utils.flop_counter import FlopCounterMode
 
 from mmaccel.benchmarks.bench_dydit import _fix_decisions, _operating_point
 from mmaccel.benchmarks.harness import RESULTS_DIR, Comparison, compare, parse_timing_args, timing_parser
 from mmaccel.diffusion.dydit import DyDiTConfig, convert_to_dydit
 from mmaccel.diffusion.flexdit import FlexDiTConfig, convert_to_flexdit
 from mmaccel.diffusion.presets import FastConfig, apply_fast, fast_token_density
-from mmaccel.diffusion.token_density import TokenDensityConfig, apply_token_density
+from mmaccel.diffusion.token_density import TokenDensityConfig, _flop_counter, apply_token_density
 from mmaccel.runtime.budget import ConstantSchedule
 from mmaccel.runtime.environment import machine_description
 from mmaccel.runtime.metrics import psnr
@@ -565,13 +566,44 @@ def _median_ms(times: list[float]) -> str:
     return f"{statistics.median(times) * 1e3:.0f} ({min(times) * 1e3:.0f})" if times else "-"
 
 
+def _gflops_per_forward(setup: Setup, rows: list[Variant], forwards: list[tuple[float, bool]]) -> dict[str, list[float]]:
+    """GFLOPs of each transformer forward of one (untimed) run per row, counted by a
+    ``FlopCounterMode`` entered and left by forward hooks on the model (CPU flash attention
+    included, as token density counts it). ``forwards`` is the timing hooks' list, cleared after."""
+    counters: list[FlopCounterMode] = []
+    counts: list[float] = []
+
+    def pre(*_: object) -> None:
+        counters.append(_flop_counter())
+        counters[-1].__enter__()
+
+    def post(*_: object) -> None:
+        counter = counters.pop()
+        counter.__exit__(None, None, None)
+        counts.append(counter.get_total_flops() / 1e9)
+
+    handles = [setup.model.register_forward_pre_hook(pre), setup.model.register_forward_hook(post)]
+    out = {}
+    try:
+        for v in rows:
+            counts.clear()
+            v.run()
+            out[v.name] = list(counts)
+    finally:
+        for h in handles:
+            h.remove()
+        forwards.clear()
+    return out
+
+
 def breakdown(setup: Setup, repeats: int) -> str:
     """Where a whole run's time goes, per row of `BREAKDOWN_ROWS`: every transformer forward timed
     (forward pre/post hooks on the model, around the cache's and token density's own hooks) and
     sorted into *full dense* (the last block ran on every token), *full reduced* (it ran, on fewer
     query tokens) and *skipped* (the cache skipped the blocks). ``repeats`` interleaved rounds,
-    order rotated, after one warm-up run per row; medians per kind, the whole run's sum of forwards
-    and the PSNR of the last round's output against the dense row's."""
+    order rotated, after one FLOPs-counting run and one warm-up run per row; medians per kind, the
+    whole run's sum of forwards, its FLOPs and time ratios against dense side by side, and the PSNR
+    of the last round's output against the dense row's."""
     mag_ratios = calibrate_mag_ratios(setup)
     rows = [v for v in variants(setup, mag_ratios) if v.name in BREAKDOWN_ROWS]
     calls, start = {"n": 0}, {"t": 0.0}
@@ -590,6 +622,7 @@ def breakdown(setup: Setup, repeats: int) -> str:
     tokens: dict[str, list[float]] = {}
     outputs: dict[str, torch.Tensor] = {}
     try:
+        gflops = _gflops_per_forward(setup, rows, forwards)
         for v in rows:  # warm-up
             v.run()
         for r in range(repeats):
@@ -608,17 +641,22 @@ def breakdown(setup: Setup, repeats: int) -> str:
         for h in handles:
             h.remove()
     table = []
+    dense_run, dense_flops = statistics.median(kinds["dense"]["run"]), sum(gflops["dense"])
     for v in rows:
         k = kinds[v.name]
+        run = statistics.median(k["run"])
         table.append([
             v.name, f"{len(full[v.name])}/{setup.steps}: steps {', '.join(map(str, full[v.name]))}",
-            ", ".join(f"{tokens[v.name][i]:.2f}" for i in full[v.name]), _median_ms(k["dense"]),
-            _median_ms(k["reduced"]), _median_ms(k["skipped"]), f"{statistics.median(k['run']):.2f} ({min(k['run']):.2f})",
+            ", ".join(f"{tokens[v.name][i]:.2f}" for i in full[v.name]),
+            ", ".join(f"{g:.1f}" for g in gflops[v.name]), _median_ms(k["dense"]),
+            _median_ms(k["reduced"]), _median_ms(k["skipped"]), f"{run:.2f} ({min(k['run']):.2f})",
+            f"{dense_flops / sum(gflops[v.name]):.2f}x", f"{dense_run / run:.2f}x",
             _fmt_db(psnr(outputs[v.name], outputs["dense"])),
         ])  # fmt: skip
-    headers = ["variant", "forwards that ran the blocks", "token ratio at those forwards",
+    headers = ["variant", "forwards that ran the blocks", "token ratio at those forwards", "GFLOPs per forward",
                "ms per full dense forward (median (min))", "ms per full reduced forward", "ms per skipped forward",
-               "sum of forwards s (median (min))", "PSNR dB vs dense"]  # fmt: skip
+               "sum of forwards s (median (min))", "FLOPs ratio vs dense", "time ratio vs dense (medians)",
+               "PSNR dB vs dense"]  # fmt: skip
     return markdown_table(headers, table) + f"\n\nMagCache ratios calibrated in this run: {[round(r, 3) for r in mag_ratios]}"
 
 

@@ -76,20 +76,23 @@ def test_quick_run_prints_spreads_fidelity_and_verdicts(only):
 
 
 def test_breakdown_sorts_forwards_into_dense_reduced_and_skipped():
-    """``--breakdown``: every forward of a row is timed and sorted; the dense row runs the blocks at
-    every step on all tokens, ToMe at every step on half, MagCache skips (a skipped-forward time)
-    and the fast preset's first forward is dense."""
+    """``--breakdown``: every forward of a row is timed, its FLOPs counted, and sorted; the dense
+    row runs the blocks at every step on all tokens, ToMe at every step on half, MagCache skips
+    (a skipped-forward time, fewer FLOPs) and the fast preset's first forward is dense."""
     text = bench.main(["--quick", "--breakdown", "--only", "dit"])
     rows = _rows(text)
     assert set(rows) == set(bench.BREAKDOWN_ROWS)
-    assert rows["dense"][1] == "4/4: steps 0, 1, 2, 3" and rows["dense"][4] == "-" and rows["dense"][5] == "-" and "(" in rows["dense"][3]
-    assert rows["dense"][7] == "inf"
-    assert rows["ToMe (tomesd rule)"][2] == "0.50, 0.50, 0.50, 0.50" and rows["ToMe (tomesd rule)"][3] == "-"
+    dense = rows["dense"]
+    assert dense[1] == "4/4: steps 0, 1, 2, 3" and dense[5] == "-" and dense[6] == "-" and "(" in dense[4]
+    assert dense[8] == "1.00x" and dense[9] == "1.00x" and dense[10] == "inf"
+    assert rows["ToMe (tomesd rule)"][2] == "0.50, 0.50, 0.50, 0.50" and rows["ToMe (tomesd rule)"][4] == "-"
     for name in ("MagCache", "ToMe + MagCache", bench.FAST_ROW):
         n = int(rows[name][1].split("/")[0])
-        assert 1 <= n < 4 and rows[name][5] != "-", rows[name]  # the cache skipped at least one forward
+        assert 1 <= n < 4 and rows[name][6] != "-", rows[name]  # the cache skipped at least one forward
         assert rows[name][1].split(": ")[1].startswith("steps 0")  # MagCache's retention: the first step runs
+        assert float(rows[name][8].rstrip("x")) > 1.5  # skipped forwards count (almost) no FLOPs
     assert rows[bench.FAST_ROW][2].startswith("1.00")  # DiT's preset: dense until progress 0.7
+    assert float(rows["ToMe (tomesd rule)"][8].rstrip("x")) > 1.0
 
 
 def test_wan_large_setting_has_the_480p_aspect_and_more_tokens():
