@@ -90,7 +90,7 @@ def test_breakdown_sorts_forwards_into_dense_reduced_and_skipped():
         n = int(rows[name][1].split("/")[0])
         assert 1 <= n < 4 and rows[name][6] != "-", rows[name]  # the cache skipped at least one forward
         assert rows[name][1].split(": ")[1].startswith("steps 0")  # MagCache's retention: the first step runs
-        assert float(rows[name][8].rstrip("x")) > 1.5  # skipped forwards count (almost) no FLOPs
+        assert float(rows[name][8].rstrip("x")) > 1.0  # a skipped forward counts (almost) no FLOPs
     assert rows[bench.FAST_ROW][2].startswith("1.00")  # DiT's preset: dense until progress 0.7
     assert float(rows["ToMe (tomesd rule)"][8].rstrip("x")) > 1.0
 
