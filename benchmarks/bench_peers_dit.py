@@ -66,8 +66,8 @@ zoo: ahead at classifier accuracy >= 0.97) and prints met / missed.
 (PixArt, Wan) and 1000 (zoo), the benchmark runs the defaults (1, 1, 0).
 
 ``--breakdown`` prints, instead of the tables, where the whole-run time of the issue #28 rows goes:
-each transformer forward timed and sorted into full dense, full reduced and cache-skipped, with the
-steps the cache ran and the PSNR (`breakdown`).
+each transformer forward timed, its FLOPs counted, and sorted into full dense, full reduced and
+cache-skipped, with the steps the cache ran, FLOPs and time ratios vs dense, and the PSNR (`breakdown`).
 
     .venv/bin/python -m mmaccel.benchmarks.bench_peers_dit [--quick] [--write] [--threads 2]
         [--only dit|zoo|wan|pixart|wan-large] [--breakdown]
