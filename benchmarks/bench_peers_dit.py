@@ -12,6 +12,11 @@ sampling runs are timed, never single forwards):
 - **Wan**: Wan 2.1 1.3B-shaped ``WanTransformer3DModel`` (width 1536, 12 heads x 128, FFN 8960,
   512 text tokens of width 4096) on a 16 x 2 x 32 x 32 latent (2 x 16 x 16 = 512 tokens), 3 of
   its 30 blocks, 6 flow-matching Euler steps (shift 3).
+- **Wan large** (``--only wan-large``, issue #28: where token reduction pays): the same Wan 2.1
+  block on the 480p latent aspect of Wan-1.3B (21 x 60 x 104, 32,760 tokens) scaled to 4 x 48 x 84
+  (4 x 24 x 42 = 4,032 tokens), width scaled with it (2 heads x 128 = 256, FFN 1536; tokens over
+  width 16 against 21 at 480p, so attention keeps most of a forward), 512 text tokens of width
+  4096, 3 blocks, 6 steps as above.
 
 All batch 1, fp32, no classifier-free guidance, random weights. A fourth section runs the same rows
 (less FlexDiT / DyDiT, which need fine-tuning first) on the trained zoo model `digits-dit` (6 blocks,
@@ -60,7 +65,12 @@ zoo: ahead at classifier accuracy >= 0.97) and prints met / missed.
 ``seed`` of the builders sets the noise (and text) of a run; the preset was chosen on seed 7
 (PixArt, Wan) and 1000 (zoo), the benchmark runs the defaults (1, 1, 0).
 
-    .venv/bin/python -m mmaccel.benchmarks.bench_peers_dit [--quick] [--write] [--threads 2] [--only dit|pixart|wan]
+``--breakdown`` prints, instead of the tables, where the whole-run time of the issue #28 rows goes:
+each transformer forward timed, its FLOPs counted, and sorted into full dense, full reduced and
+cache-skipped, with the steps the cache ran, FLOPs and time ratios vs dense, and the PSNR (`breakdown`).
+
+    .venv/bin/python -m mmaccel.benchmarks.bench_peers_dit [--quick] [--write] [--threads 2]
+        [--only dit|zoo|wan|pixart|wan-large] [--breakdown]
 """
 
 from __future__ import annotations
@@ -70,6 +80,8 @@ import gc
 import io
 import math
 import os
+import statistics
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -83,13 +95,14 @@ from diffusers.hooks import (
     apply_mag_cache,
 )
 from diffusers.hooks.hooks import CacheContext, _set_cache_context
+from torch.utils.flop_counter import FlopCounterMode
 
 from mmaccel.benchmarks.bench_dydit import _fix_decisions, _operating_point
 from mmaccel.benchmarks.harness import RESULTS_DIR, Comparison, compare, parse_timing_args, timing_parser
 from mmaccel.diffusion.dydit import DyDiTConfig, convert_to_dydit
 from mmaccel.diffusion.flexdit import FlexDiTConfig, convert_to_flexdit
 from mmaccel.diffusion.presets import FastConfig, apply_fast, fast_token_density
-from mmaccel.diffusion.token_density import TokenDensityConfig, apply_token_density
+from mmaccel.diffusion.token_density import TokenDensityConfig, _flop_counter, apply_token_density
 from mmaccel.runtime.budget import ConstantSchedule
 from mmaccel.runtime.environment import machine_description
 from mmaccel.runtime.metrics import psnr
@@ -101,7 +114,7 @@ FAST_ROW = "fast preset (token density + MagCache)"
 OLD_FAST_ROW = "token density + MagCache"
 #: issue #28: model -> (peer row, speed ratio the fast preset must exceed or reach, quality rule)
 TARGETS = {"PixArt": ("ToMe + MagCache", 1.2, "psnr"), "Wan": ("ToMe + MagCache", 1.2, "psnr"),
-           "zoo Digits DiT": ("MagCache", 1.0, "accuracy")}  # fmt: skip
+           "Wan large": ("ToMe + MagCache", 1.2, "psnr"), "zoo Digits DiT": ("MagCache", 1.0, "accuracy")}  # fmt: skip
 MIN_ACCURACY = 0.97
 PEERS_MATCH_DB = 0.5  # a peer matches our quality if its PSNR is at most this far below ours
 DYDIT_TARGET = 0.7
@@ -198,13 +211,25 @@ def _pixart(quick: bool, seed: int = 1) -> Setup:
                  torch.no_grad()(lambda m: call(m, noise, torch.tensor(900))))  # fmt: skip
 
 
-def _wan(quick: bool, seed: int = 1) -> Setup:
+#: ``--only wan-large``: the Wan-1.3B 480p latent aspect (60 x 104, 21 frames) scaled to 4 x 48 x 84
+#: (4 x 24 x 42 = 4,032 tokens) at a width scaled with it (2 heads x 128, FFN 6x), so that tokens
+#: over width (16) and attention's share of a forward stay near the real 480p model's (32,760 tokens
+#: over width 1,536: 21) and a whole 6-step run of every row fits minutes on 2 CPU threads
+WAN_LARGE = dict(num_attention_heads=2, attention_head_dim=128, ffn_dim=1536, text_dim=4096, freq_dim=256)
+WAN_LARGE_LATENT = (1, 16, 4, 48, 84)
+
+
+def _wan(quick: bool, seed: int = 1, large: bool = False) -> Setup:
     from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
-    dims = (dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=256, text_dim=64, freq_dim=64)
-            if quick else
-            dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, text_dim=4096, freq_dim=256))  # fmt: skip
-    steps, text_n, shape = (4, 16, (1, 16, 2, 16, 16)) if quick else (6, 512, (1, 16, 2, 32, 32))
+    if quick:
+        dims = dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=256, text_dim=64, freq_dim=64)
+        steps, text_n, shape = 4, 16, ((1, 16, 2, 16, 24) if large else (1, 16, 2, 16, 16))
+    elif large:
+        dims, steps, text_n, shape = WAN_LARGE, 6, 512, WAN_LARGE_LATENT
+    else:
+        dims = dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, text_dim=4096, freq_dim=256)
+        steps, text_n, shape = 6, 512, (1, 16, 2, 32, 32)
     model = _seeded(lambda: WanTransformer3DModel(
         patch_size=(1, 2, 2), in_channels=16, out_channels=16, cross_attn_norm=True, num_layers=3,
         qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024, **dims))  # fmt: skip
@@ -218,10 +243,17 @@ def _wan(quick: bool, seed: int = 1) -> Setup:
         return _loop(sched, steps, noise, lambda x, t: m(x, timestep=t.reshape(1), encoder_hidden_states=text).sample)
 
     tokens = shape[2] * shape[3] * shape[4] // 4
-    width = dims["num_attention_heads"] * dims["attention_head_dim"]
-    return Setup("Wan", model, sample, model.blocks, (1, 2, 2), steps,
-                 f"Wan 2.1 1.3B-shaped (width {width}, FFN {dims['ffn_dim']}, {text_n} text tokens), latent "
-                 f"{'x'.join(map(str, shape[1:]))} = {tokens} tokens, 3 blocks, {steps} flow-matching Euler steps")  # fmt: skip
+    heads = dims["num_attention_heads"]
+    width = heads * dims["attention_head_dim"]
+    kind = "Wan 2.1 1.3B 480p aspect, narrow" if large else "Wan 2.1 1.3B-shaped"
+    return Setup("Wan large" if large else "Wan", model, sample, model.blocks, (1, 2, 2), steps,
+                 f"{kind} (width {width}{f', {heads} heads' if large else ''}, FFN {dims['ffn_dim']}, {text_n} text "
+                 f"tokens), latent {'x'.join(map(str, shape[1:]))} = {tokens} tokens, 3 blocks, {steps} "
+                 "flow-matching Euler steps")  # fmt: skip
+
+
+def _wan_large(quick: bool, seed: int = 1) -> Setup:
+    return _wan(quick, seed, large=True)
 
 
 def _zoo(quick: bool, seed: int = 0) -> Setup:
@@ -254,7 +286,7 @@ def _zoo(quick: bool, seed: int = 0) -> Setup:
                      "sample accuracy"], threads=1)  # fmt: skip
 
 
-BUILDERS = {"dit": _dit, "zoo": _zoo, "wan": _wan, "pixart": _pixart}
+BUILDERS = {"dit": _dit, "zoo": _zoo, "wan": _wan, "pixart": _pixart, "wan-large": _wan_large}
 
 
 # ------------------------------------------------------------------------------------------
@@ -267,6 +299,7 @@ def _token_density(model: torch.nn.Module, config: TokenDensityConfig, record: d
     with apply_token_density(model, config) as handle:
         yield
         record["tokens"] = handle.stats.token_ratio
+        record["step_tokens"] = [step.token_ratio for step in handle.stats.steps]
 
 
 @contextlib.contextmanager
@@ -295,6 +328,7 @@ def _fast(model: torch.nn.Module, steps: int, mag_ratios: list[float], record: d
     with apply_fast(model, FastConfig(num_inference_steps=steps, mag_ratios=tuple(mag_ratios))) as handle:
         yield
         record["tokens"] = handle.stats.token_ratio
+        record["step_tokens"] = [step.token_ratio for step in handle.stats.steps]
 
 
 def calibrate_mag_ratios(setup: Setup) -> list[float]:
@@ -523,12 +557,117 @@ def bench(setup: Setup, repeats: int) -> str:
             + (f"\n\n{target}" if target else ""))  # fmt: skip
 
 
+#: ``--breakdown``: the rows whose whole-run gap issue #28 asks about
+BREAKDOWN_ROWS = ("dense", "MagCache", "ToMe + MagCache", FAST_ROW, OLD_FAST_ROW, "token density", "ToMe (tomesd rule)")
+
+
+def _median_ms(times: list[float]) -> str:
+    """``"median (min)"`` in ms; the min is the least disturbed by a shared machine's load."""
+    return f"{statistics.median(times) * 1e3:.0f} ({min(times) * 1e3:.0f})" if times else "-"
+
+
+def _gflops_per_forward(setup: Setup, rows: list[Variant], forwards: list[tuple[float, bool]]) -> dict[str, list[float]]:
+    """GFLOPs of each transformer forward of one (untimed) run per row, counted by a
+    ``FlopCounterMode`` entered and left by forward hooks on the model (CPU flash attention
+    included, as token density counts it). ``forwards`` is the timing hooks' list, cleared after."""
+    counters: list[FlopCounterMode] = []
+    counts: list[float] = []
+
+    def pre(*_: object) -> None:
+        counters.append(_flop_counter())
+        counters[-1].__enter__()
+
+    def post(*_: object) -> None:
+        counter = counters.pop()
+        counter.__exit__(None, None, None)
+        counts.append(counter.get_total_flops() / 1e9)
+
+    handles = [setup.model.register_forward_pre_hook(pre), setup.model.register_forward_hook(post)]
+    out = {}
+    try:
+        for v in rows:
+            counts.clear()
+            v.run()
+            out[v.name] = list(counts)
+    finally:
+        for h in handles:
+            h.remove()
+        forwards.clear()
+    return out
+
+
+def breakdown(setup: Setup, repeats: int) -> str:
+    """Where a whole run's time goes, per row of `BREAKDOWN_ROWS`: every transformer forward timed
+    (forward pre/post hooks on the model, around the cache's and token density's own hooks) and
+    sorted into *full dense* (the last block ran on every token), *full reduced* (it ran, on fewer
+    query tokens) and *skipped* (the cache skipped the blocks). ``repeats`` interleaved rounds,
+    order rotated, after one FLOPs-counting run and one warm-up run per row; medians per kind, the
+    whole run's sum of forwards, its FLOPs and time ratios against dense side by side, and the PSNR
+    of the last round's output against the dense row's."""
+    mag_ratios = calibrate_mag_ratios(setup)
+    rows = [v for v in variants(setup, mag_ratios) if v.name in BREAKDOWN_ROWS]
+    calls, start = {"n": 0}, {"t": 0.0}
+    forwards: list[tuple[float, bool]] = []  # (seconds, last block ran) per forward of one run
+
+    def pre(*_: object) -> None:
+        calls["n"], start["t"] = 0, time.perf_counter()
+
+    def post(*_: object) -> None:
+        forwards.append((time.perf_counter() - start["t"], calls["n"] > 0))
+
+    handles = [setup.model.register_forward_pre_hook(pre), setup.model.register_forward_hook(post),
+               setup.blocks[-1].attn1.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))]  # fmt: skip
+    kinds: dict[str, dict[str, list[float]]] = {v.name: {"dense": [], "reduced": [], "skipped": [], "run": []} for v in rows}
+    full: dict[str, list[int]] = {}
+    tokens: dict[str, list[float]] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    try:
+        gflops = _gflops_per_forward(setup, rows, forwards)
+        for v in rows:  # warm-up
+            v.run()
+        for r in range(repeats):
+            for v in rows[r % len(rows) :] + rows[: r % len(rows)]:
+                forwards.clear()
+                outputs[v.name] = v.run()
+                step_tokens = v.record.get("step_tokens") or [1.0] * len(forwards)
+                if len(step_tokens) != len(forwards):
+                    raise RuntimeError(f"{v.name}: {len(forwards)} forwards timed, {len(step_tokens)} recorded")
+                full[v.name] = [i for i, (_, ran) in enumerate(forwards) if ran]
+                tokens[v.name] = step_tokens
+                for (dt, ran), tok in zip(forwards, step_tokens):
+                    kinds[v.name]["skipped" if not ran else "dense" if tok == 1.0 else "reduced"].append(dt)
+                kinds[v.name]["run"].append(sum(dt for dt, _ in forwards))
+    finally:
+        for h in handles:
+            h.remove()
+    table = []
+    dense_run, dense_flops = statistics.median(kinds["dense"]["run"]), sum(gflops["dense"])
+    for v in rows:
+        k = kinds[v.name]
+        run = statistics.median(k["run"])
+        table.append([
+            v.name, f"{len(full[v.name])}/{setup.steps}: steps {', '.join(map(str, full[v.name]))}",
+            ", ".join(f"{tokens[v.name][i]:.2f}" for i in full[v.name]),
+            ", ".join(f"{g:.1f}" for g in gflops[v.name]), _median_ms(k["dense"]),
+            _median_ms(k["reduced"]), _median_ms(k["skipped"]), f"{run:.2f} ({min(k['run']):.2f})",
+            f"{dense_flops / sum(gflops[v.name]):.2f}x", f"{dense_run / run:.2f}x",
+            _fmt_db(psnr(outputs[v.name], outputs["dense"])),
+        ])  # fmt: skip
+    headers = ["variant", "forwards that ran the blocks", "token ratio at those forwards", "GFLOPs per forward",
+               "ms per full dense forward (median (min))", "ms per full reduced forward", "ms per skipped forward",
+               "sum of forwards s (median (min))", "FLOPs ratio vs dense", "time ratio vs dense (medians)",
+               "PSNR dB vs dense"]  # fmt: skip
+    return markdown_table(headers, table) + f"\n\nMagCache ratios calibrated in this run: {[round(r, 3) for r in mag_ratios]}"
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = timing_parser(__doc__.splitlines()[0], "tiny widths, 4 steps (a smoke test, seconds)", RESULTS)
     parser.add_argument("--only", choices=tuple(BUILDERS), help="one model only")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="per-forward times (full dense / full reduced / skipped) of the issue #28 rows instead")  # fmt: skip
     args = parse_timing_args(parser, argv)
     load = " / ".join(f"{v:.2f}" for v in os.getloadavg())
-    head = (f"### Peers, {'--quick' if args.quick else 'full'}: random weights, batch 1, fp32, no CFG, "
+    head = (f"### Peers{', per-forward breakdown' if args.breakdown else ''}, {'--quick' if args.quick else 'full'}: random weights, batch 1, fp32, no CFG, "
             f"{args.repeats} interleaved rounds\n\nMachine: {machine_description()}, torch threads "
             f"{torch.get_num_threads()}, load average at start {load} (1 / 5 / 15 min; machine shared)\n")  # fmt: skip
     print(head, flush=True)
@@ -552,7 +691,7 @@ def main(argv: list[str] | None = None) -> str:
         threads = torch.get_num_threads()
         torch.set_num_threads(setup.threads or threads)
         try:
-            table = bench(setup, args.repeats)
+            table = (breakdown if args.breakdown else bench)(setup, args.repeats)
         finally:
             torch.set_num_threads(threads)
         load_now = " / ".join(f"{v:.2f}" for v in os.getloadavg())

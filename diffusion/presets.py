@@ -25,7 +25,10 @@ than the benchmark's; issue #28):
   MagCache 68.4 dB vs 69.1 dB; keeping the top block dense: 0.40x, 68.8 dB). On the Wan shape a
   dense first step leaves the preset behind ToMe + MagCache (MagCache runs 2 of its 6 steps, one
   of them the dense first), but every setting that reduced the first step fell below the peer's
-  PSNR (56.3-57.9 dB vs 58.4 dB): the same rule is kept there (59.3 dB).
+  PSNR (56.3-57.9 dB vs 58.4 dB): the same rule is kept there (59.3 dB). By FLOPs the dense first
+  step puts the preset at 0.86x of ToMe + MagCache at 512 tokens and 0.74x at 4,032; a ToMe-merged
+  first step (keep 0.75) followed by pooling reaches the peer's PSNR only at the peer's cost
+  (``bench_peers_dit --breakdown``, benchmarks/results/cpu_fast_preset_wan_2026-12-07.md).
 - DiT (chosen on the trained zoo ``digits-dit``, 64 tokens, classifier accuracy): every token
   reduction cost accuracy there; the mildest that kept it within 0.01 of dense (with MagCache:
   accuracy 0.94 vs 0.95, FD 21.7 vs 23.8) is sparse_q at half the tokens from progress 0.7 on,

@@ -55,7 +55,8 @@ def _rows(section: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize("only", ["dit", pytest.param("pixart", marks=pytest.mark.slow),
-                                  pytest.param("wan", marks=pytest.mark.slow)])  # fmt: skip
+                                  pytest.param("wan", marks=pytest.mark.slow),
+                                  pytest.param("wan-large", marks=pytest.mark.slow)])  # fmt: skip
 def test_quick_run_prints_spreads_fidelity_and_verdicts(only):
     text = bench.main(["--quick", "--only", only])
     assert re.search(r"Machine: .*torch threads \d+, load average at start [\d.]+ / ", text)
@@ -69,6 +70,35 @@ def test_quick_run_prints_spreads_fidelity_and_verdicts(only):
     assert rows["ToMe (tomesd rule)"][6] == "0.50"  # ratio 0.5 in every block, every step
     assert float(rows["token density"][6]) < 1
     assert rows["FirstBlockCache"][5].endswith(f"/{4}")
-    assert ("FlexDiT" in rows) == (only != "wan")
+    assert ("FlexDiT" in rows) == (only not in ("wan", "wan-large"))
     assert rows[bench.FAST_ROW][1] == OURS  # the fast preset, in the same run as ToMe + MagCache and MagCache
     assert "ToMe + MagCache" in rows and "MagCache" in rows
+
+
+def test_breakdown_sorts_forwards_into_dense_reduced_and_skipped():
+    """``--breakdown``: every forward of a row is timed, its FLOPs counted, and sorted; the dense
+    row runs the blocks at every step on all tokens, ToMe at every step on half, MagCache skips
+    (a skipped-forward time, fewer FLOPs) and the fast preset's first forward is dense."""
+    text = bench.main(["--quick", "--breakdown", "--only", "dit"])
+    rows = _rows(text)
+    assert set(rows) == set(bench.BREAKDOWN_ROWS)
+    dense = rows["dense"]
+    assert dense[1] == "4/4: steps 0, 1, 2, 3" and dense[5] == "-" and dense[6] == "-" and "(" in dense[4]
+    assert dense[8] == "1.00x" and dense[9] == "1.00x" and dense[10] == "inf"
+    assert rows["ToMe (tomesd rule)"][2] == "0.50, 0.50, 0.50, 0.50" and rows["ToMe (tomesd rule)"][4] == "-"
+    for name in ("MagCache", "ToMe + MagCache", bench.FAST_ROW):
+        n = int(rows[name][1].split("/")[0])
+        assert 1 <= n < 4 and rows[name][6] != "-", rows[name]  # the cache skipped at least one forward
+        assert rows[name][1].split(": ")[1].startswith("steps 0")  # MagCache's retention: the first step runs
+        assert float(rows[name][8].rstrip("x")) > 1.0  # a skipped forward counts (almost) no FLOPs
+    assert rows[bench.FAST_ROW][2].startswith("1.00")  # DiT's preset: dense until progress 0.7
+    assert float(rows["ToMe (tomesd rule)"][8].rstrip("x")) > 1.0
+
+
+def test_wan_large_setting_has_the_480p_aspect_and_more_tokens():
+    """``--only wan-large``: the Wan 480p latent aspect at 4,032 tokens, 6 steps, with the issue #28 target."""
+    assert bench.WAN_LARGE_LATENT[2:] == (4, 48, 84) and abs(84 / 48 - 104 / 60) < 0.05
+    tokens = bench.WAN_LARGE_LATENT[2] * bench.WAN_LARGE_LATENT[3] * bench.WAN_LARGE_LATENT[4] // 4
+    assert tokens == 4032 and "Wan large" in bench.TARGETS
+    setup = bench._wan_large(quick=True)
+    assert setup.name == "Wan large" and setup.factor == (1, 2, 2) and "16x2x16x24 = 192 tokens" in setup.shape
