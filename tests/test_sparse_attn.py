@@ -494,7 +494,7 @@ def test_presets_are_the_authors_settings():
 
 
 @pytest.mark.skipif(not flex_attention_available(), reason="flex_attention not in this torch")
-@pytest.mark.parametrize("layout", ["unpadded", "padded"])
+@pytest.mark.parametrize("layout", ["unpadded", "padded", "tiles"])
 def test_warm_sparse_step_reads_nothing_back(layout, monkeypatch):
     """A warm SVG2 step (k-means, selection, tile layout, BlockMask, kernel, un-permute, density)
     makes 0 host-device syncs by the hot-path counter. The compiled flex kernel itself runs

@@ -209,34 +209,6 @@ def test_dense_prefix_with_tiles():
 
 
 @needs_flex
-def test_warm_tiles_step_reads_nothing_back(monkeypatch):
-    """A warm step of the tiles layout makes 0 host-device syncs by the hot-path counter (the
-    compiled kernel runs outside the counter, as in `test_warm_sparse_step_reads_nothing_back`)."""
-    from torch.utils._python_dispatch import _disable_current_modes
-
-    from mmaccel.sparse_attn import backends
-    from mmaccel.testing.hotpath import count_hot_path
-
-    kernel = backends.compiled_flex()
-
-    def outside_the_counter(*args, **kwargs):
-        with _disable_current_modes():
-            return kernel(*args, **kwargs)
-
-    monkeypatch.setattr(backends, "compiled_flex", lambda: outside_the_counter)
-    q, k, v = _clustered(1, 2, 300, 300)
-    config = SVG2Config(
-        num_q_clusters=8, num_k_clusters=16, backend="flex", layout="tiles", kmeans_init_iters=3
-    )
-    state = SparseAttentionState()
-    semantic_sparse_attention(q, k, v, config, state)  # cold start
-    semantic_sparse_attention(q, k, v, config, state)  # warm-up of the warm path
-    counter = count_hot_path(lambda: semantic_sparse_attention(q + 0.01, k, v, config, state))
-    assert counter.syncs == 0, counter.sync_counts
-    assert state.last.warm_start
-
-
-@needs_flex
 @pytest.mark.parametrize("s", [256, 200])
 def test_one_group_per_tile_kernel_path_equals_the_general_one(s):
     """The tiles' lookup selection (and no partial tiles when the lengths are multiples of the
