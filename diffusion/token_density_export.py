@@ -27,8 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch._higher_order_ops.cond import cond_op
-from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils import _pytree as pytree
 
 __all__ = ["MAX_PLANS", "PlanChoice", "plan_starts", "progress_tensor"]
@@ -135,6 +133,9 @@ class PlanChoice:
     ) -> Any:
         """``forward(plan, args, kwargs)`` of ``module`` under the plan that holds, as nested
         ``cond``s. Every branch must return the same structure of tensors (the block's full-size output)."""
+        from torch._higher_order_ops.cond import cond_op  # private: imported only where an export needs it
+        from torch.nn.utils.stateless import _reparametrize_module
+
         state = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
         names = [name for name, _ in state]
         leaves, spec = pytree.tree_flatten((args, kwargs))
