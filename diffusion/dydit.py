@@ -656,13 +656,13 @@ class DyDiTTransformer2DModel(ModelMixin, ConfigMixin):
         return FlexDiTTransformer2DModel._unpatchify(self, out, grid)
 
     def _mask_record(self) -> dict[str, list]:
-        """Mean widths and tokens of the last masked pass, read from its masks."""
-        record: dict[str, list] = {"heads": [], "channels": [], "tokens": []}
-        for masks in self._last_masks:
-            record["heads"].append(masks["heads"].sum(-1).mean().item() * (self.heads // self.head_groups))
-            record["channels"].append(masks["channels"].sum(-1).mean().item() * (self.ff_dim // self.mlp_groups))
-            record["tokens"].append(masks["tokens"].sum(-1).mean().item())
-        return record
+        """Mean widths and tokens of the last masked pass, read from its masks in one host read."""
+        keys, scale = ("heads", "channels", "tokens"), (self.heads // self.head_groups, self.ff_dim // self.mlp_groups, 1)
+        if not self._last_masks:
+            return {key: [] for key in keys}
+        means = torch.stack([torch.stack([m[key].float().sum(-1).mean() for key in keys]) for m in self._last_masks])
+        per_key = zip(*means.tolist())  # (blocks, 3) -> 3 rows of per-block means
+        return {key: [v * c for v in row] for key, c, row in zip(keys, scale, per_key)}
 
     @torch.compiler.disable  # a forward hook, after the (compiled) forward
     def _record(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
